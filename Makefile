@@ -1,0 +1,43 @@
+# One-command workflows: `make install`, `make run`, `make test`. See README.md.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+CONFIG ?= aliases.yaml
+HOST   ?= 127.0.0.1
+PORT   ?= 3025
+
+.PHONY: install run test lint format demo bench check clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+install: $(BIN)/python  ## venv + editable install with test extras
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+
+run:  ## serve the shipped aliases.yaml on $(HOST):$(PORT)
+	$(BIN)/manaproxy serve --config $(CONFIG) --host $(HOST) --port $(PORT)
+
+check:  ## validate $(CONFIG) without serving
+	$(BIN)/manaproxy check --config $(CONFIG)
+
+test:  ## the whole suite
+	$(BIN)/python -m pytest
+
+lint:  ## ruff (lint + format check) and mypy --strict
+	$(BIN)/ruff check manaproxy tests bench
+	$(BIN)/ruff format --check manaproxy tests bench
+	$(BIN)/mypy
+
+format:
+	$(BIN)/ruff check --fix manaproxy tests bench
+	$(BIN)/ruff format manaproxy tests bench
+
+demo:  ## a fake upstream + manaproxy in front of it, and a streamed answer through curl
+	bash docs/demo.sh
+
+bench:  ## throughput and latency: manaproxy vs direct (and LiteLLM when installed)
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,5 @@
+"""`python -m manaproxy` is the `manaproxy` command."""
+
+from .cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,61 @@
+"""Client authentication: `Authorization: Bearer <key>` (what the OpenAI SDKs send) or `X-API-Key`.
+
+Keys come from `MANAPROXY_API_KEYS`; when it is unset, auth is off (and startup warns). Every key is
+compared in constant time, and all of them are always compared, so timing reveals nothing.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Iterable
+
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+
+from .errors import ProxyError
+
+# Liveness and scraping stay open: load balancers and Prometheus carry no client key.
+OPEN_PATHS = frozenset({"/health", "/metrics"})
+
+
+def parse_keys(value: str | None) -> tuple[bytes, ...]:
+    """Comma-separated keys from the environment; blanks ignored."""
+    if not value:
+        return ()
+    return tuple(key.strip().encode() for key in value.split(",") if key.strip())
+
+
+def presented_key(request: web.Request) -> bytes | None:
+    header = request.headers.get("Authorization")
+    if header:
+        scheme, _, credentials = header.partition(" ")
+        if scheme.lower() == "bearer" and credentials.strip():
+            return credentials.strip().encode("utf-8", "surrogateescape")
+    api_key = request.headers.get("X-API-Key")
+    if api_key:
+        return api_key.strip().encode("utf-8", "surrogateescape")
+    return None
+
+
+def key_matches(presented: bytes, keys: Iterable[bytes]) -> bool:
+    matched = False
+    for key in keys:
+        matched |= hmac.compare_digest(presented, key)
+    return matched
+
+
+def auth_middleware(keys: tuple[bytes, ...]) -> Middleware:
+    @web.middleware
+    async def check_key(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path in OPEN_PATHS or request.method == "OPTIONS":
+            return await handler(request)
+        presented = presented_key(request)
+        if presented is None:
+            raise ProxyError(
+                401, "missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key'", code="missing_api_key"
+            )
+        if not key_matches(presented, keys):
+            raise ProxyError(401, "invalid API key", code="invalid_api_key")
+        return await handler(request)
+
+    return check_key

@@ -1,0 +1,168 @@
+"""Read-only views: `/v1/models`, `/v1/models/{id}`, `/v1/aliases`, `/health`, `/v1/health`.
+
+Provider model lists are fetched from each configured provider's `/models` in parallel, each bounded
+by the probe timeout, and cached for `server.models_cache_seconds`; a provider that fails to list is
+left out, not an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from .config import Config
+from .errors import ProxyError
+from .state import GATEWAY, Gateway, Runtime
+from .upstream import Provider
+
+logger = logging.getLogger(__name__)
+
+
+def json_response(data: Any, status: int = 200) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps(data), content_type="application/json")
+
+
+class ModelsCache:
+    """Per-provider model lists with a short time-to-live."""
+
+    def __init__(self, clock: Any = time.monotonic) -> None:
+        self._clock = clock
+        self._lists: dict[str, tuple[float, Provider, list[str]]] = {}
+        self._lock = asyncio.Lock()
+
+    def __repr__(self) -> str:
+        return f"<ModelsCache {sorted(self._lists)}>"
+
+    async def models(self, runtime: Runtime, gateway: Gateway) -> dict[str, list[str]]:
+        config = runtime.config
+        ttl = config.server.models_cache_seconds
+        now = self._clock()
+        async with self._lock:  # one refresh at a time; concurrent callers share its result
+            stale = [
+                name
+                for name, spec in config.providers.items()
+                if spec.configured
+                and (
+                    name not in self._lists
+                    or now - self._lists[name][0] > ttl
+                    or self._lists[name][1] is not runtime.providers[name]  # changed by a reload
+                )
+            ]
+            if stale:
+                timeout = config.health.probe_timeout_seconds
+                results = await asyncio.gather(
+                    *(runtime.providers[name].list_models(timeout) for name in stale), return_exceptions=True
+                )
+                for name, result in zip(stale, results, strict=True):
+                    if isinstance(result, BaseException):
+                        logger.info("provider %s did not list its models: %s", name, result)
+                        self._lists.pop(name, None)
+                    else:
+                        self._lists[name] = (now, runtime.providers[name], result)
+        return {
+            name: self._lists[name][2]
+            for name, spec in config.providers.items()
+            if spec.configured and name in self._lists
+        }
+
+
+MODELS_CACHE = web.AppKey("models_cache", ModelsCache)
+
+
+def _model_object(model_id: str, owned_by: str, **extra: Any) -> dict[str, Any]:
+    return {"id": model_id, "object": "model", "created": 0, "owned_by": owned_by, **extra}
+
+
+async def _all_models(request: web.Request) -> list[dict[str, Any]]:
+    gateway = request.app[GATEWAY]
+    runtime = gateway.runtime
+    config = runtime.config
+    data = [_model_object(alias.name, "manaproxy", description=alias.description) for alias in config.aliases.values()]
+    lists = await request.app[MODELS_CACHE].models(runtime, gateway)
+    for provider, ids in lists.items():
+        data.extend(_model_object(f"{provider}/{model_id}", provider) for model_id in ids)
+    return data
+
+
+async def list_models(request: web.Request) -> web.Response:
+    return json_response({"object": "list", "data": await _all_models(request)})
+
+
+async def get_model(request: web.Request) -> web.Response:
+    model_id = request.match_info["model"]
+    config = request.app[GATEWAY].config
+    alias = config.aliases.get(model_id)
+    if alias is not None:
+        return json_response(_model_object(alias.name, "manaproxy", description=alias.description))
+    for item in await _all_models(request):
+        if item["id"] == model_id:
+            return json_response(item)
+    raise ProxyError(404, f"The model '{model_id[:200]}' does not exist", code="model_not_found", param="model")
+
+
+def alias_view(config: Config, gateway: Gateway) -> dict[str, Any]:
+    """Aliases with, for each chain entry, whether it would be tried right now and why not."""
+    health = gateway.health
+    aliases = []
+    for alias in config.aliases.values():
+        chain = []
+        serving = None
+        for target in alias.chain:
+            provider = config.providers[target.provider]
+            skip = health.skip_reason(provider)
+            entry: dict[str, Any] = {"target": str(target), "available": skip is None, "reason": skip}
+            if skip is not None:
+                entry["until_unix"] = health.unavailable_until(target.provider)
+            elif serving is None:
+                serving = str(target)
+            chain.append(entry)
+        aliases.append(
+            {
+                "name": alias.name,
+                "description": alias.description,
+                "chain": [str(target) for target in alias.chain],
+                "serving": serving,
+                "entries": chain,
+            }
+        )
+    return {"default": config.default, "aliases": aliases}
+
+
+async def list_aliases(request: web.Request) -> web.Response:
+    gateway = request.app[GATEWAY]
+    return json_response(alias_view(gateway.config, gateway))
+
+
+def overall_status(statuses: list[str]) -> str:
+    """healthy: every configured provider healthy; unhealthy: none is; degraded: in between."""
+    configured = [status for status in statuses if status != "unconfigured"]
+    healthy = sum(1 for status in configured if status == "healthy")
+    if configured and healthy == len(configured):
+        return "healthy"
+    return "unhealthy" if healthy == 0 else "degraded"
+
+
+async def liveness(request: web.Request) -> web.Response:
+    gateway = request.app[GATEWAY]
+    config = gateway.config
+    snapshot = gateway.health.snapshot(config.providers.values())
+    providers = {
+        name: "healthy" if view["status"] == "healthy" else "unhealthy"
+        for name, view in snapshot.items()
+        if view["configured"]
+    }
+    statuses = [str(view["status"]) for view in snapshot.values()]
+    return json_response({"status": overall_status(statuses), "providers": providers})
+
+
+async def health_detail(request: web.Request) -> web.Response:
+    gateway = request.app[GATEWAY]
+    config = gateway.config
+    snapshot = gateway.health.snapshot(config.providers.values())
+    statuses = [str(view["status"]) for view in snapshot.values()]
+    return json_response({"status": overall_status(statuses), "providers": snapshot})

@@ -1,0 +1,314 @@
+"""Configuration: `aliases.yaml` + environment → frozen dataclasses.
+
+Rule of this module: nothing past it touches raw YAML. `load_config` either returns a complete,
+validated `Config` or raises `ConfigError` whose message names the offending place
+(`aliases.mana/fast-text.chain[1]`, `providers.groq.timeouts.idle` ...). A `Config` is immutable;
+a reload builds a new one and swaps a single reference (see `app.ConfigHolder`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+ALIAS_PREFIX = "mana/"
+PROVIDER_KINDS = ("openai", "google")
+_PROVIDER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the offending place."""
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One concrete chain entry: a provider name and the model name that provider knows."""
+
+    provider: str
+    model: str
+
+    def __str__(self) -> str:
+        return f"{self.provider}/{self.model}"
+
+    @classmethod
+    def parse(cls, text: str) -> Target:
+        """Split `provider/model`; the model part may itself contain `/`."""
+        provider, sep, model = text.partition("/")
+        if not sep or not provider or not model:
+            raise ValueError(f"{text!r} is not of the form provider/model")
+        return cls(provider, model)
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Per-provider timeouts in seconds."""
+
+    connect: float = 5.0
+    first_byte: float = 30.0
+    idle: float = 60.0
+    total: float = 600.0
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderConfig:
+    name: str
+    kind: str
+    base_url: str
+    # None: the provider needs no key (local Ollama). "": a key is declared but empty → unconfigured.
+    api_key: str | None = field(default=None, repr=False)
+    headers: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), repr=False)
+    timeouts: Timeouts = Timeouts()
+    max_concurrent: int = 0
+    probe: str | None = None
+
+    @property
+    def configured(self) -> bool:
+        """False when the provider declares an `api_key` that expanded to nothing."""
+        return self.api_key != ""
+
+
+@dataclass(frozen=True, slots=True)
+class Alias:
+    name: str
+    description: str
+    chain: tuple[Target, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class HealthSettings:
+    failure_threshold: int = 2
+    backoff_seconds: float = 60.0
+    probe_interval_seconds: float = 30.0
+    probe_timeout_seconds: float = 3.0
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    max_body_bytes: int = 32 * 1024 * 1024
+    shutdown_timeout_seconds: float = 30.0
+    models_cache_seconds: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    providers: Mapping[str, ProviderConfig]
+    aliases: Mapping[str, Alias]
+    default: str | None = None
+    health: HealthSettings = HealthSettings()
+    server: ServerSettings = ServerSettings()
+    source: str = "<memory>"
+
+    def summary(self) -> str:
+        configured = sum(1 for p in self.providers.values() if p.configured)
+        return (
+            f"{self.source}: {len(self.providers)} providers ({configured} configured), "
+            f"{len(self.aliases)} aliases, default {self.default or '-'}"
+        )
+
+
+def expand_env(text: str, env: Mapping[str, str]) -> str:
+    """Expand `${VAR}` and `${VAR:-default}`; an unset (or, with `:-`, empty) variable → default or ""."""
+
+    def repl(match: re.Match[str]) -> str:
+        value = env.get(match.group(1), "")
+        if value == "" and match.group(2) is not None:
+            return match.group(2)
+        return value
+
+    return _ENV_RE.sub(repl, text)
+
+
+def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
+    """Read, expand and validate a config file. Raises `ConfigError` (never anything else)."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{source}: not UTF-8 text") from None
+    return parse_config(text, env=os.environ if env is None else env, source=source)
+
+
+def parse_config(text: str, *, env: Mapping[str, str], source: str = "<memory>") -> Config:
+    """Parse YAML text into a validated `Config`."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{source}:{where}: {problem}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping with 'providers' and 'aliases'")
+    return _Parser(env, source).config(raw)
+
+
+class _Parser:
+    def __init__(self, env: Mapping[str, str], source: str) -> None:
+        self.env = env
+        self.source = source
+
+    def fail(self, where: str, message: str) -> ConfigError:
+        return ConfigError(f"{self.source}: {where}: {message}")
+
+    # -- generic helpers -------------------------------------------------------------------
+    def mapping(self, value: Any, where: str, allowed: tuple[str, ...] | None = None) -> dict[str, Any]:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise self.fail(where, f"expected a mapping, got {type(value).__name__}")
+        for key in value:
+            if not isinstance(key, str):
+                raise self.fail(where, f"key {key!r} is not a string")
+            if allowed is not None and key not in allowed:
+                raise self.fail(where, f"unknown key {key!r} (allowed: {', '.join(allowed)})")
+        return value
+
+    def string(self, value: Any, where: str, *, expand: bool = True) -> str:
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            raise self.fail(where, f"expected a string, got {type(value).__name__}")
+        text = str(value)
+        return expand_env(text, self.env) if expand else text
+
+    def number(self, value: Any, where: str, *, minimum: float = 0.0, integer: bool = False) -> float:
+        if isinstance(value, str):
+            value = self.string(value, where).strip()
+            try:
+                value = int(value) if integer else float(value)
+            except ValueError:
+                raise self.fail(where, f"expected a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self.fail(where, f"expected a number, got {type(value).__name__}")
+        if integer and not float(value).is_integer():
+            raise self.fail(where, f"expected a whole number, got {value}")
+        if value < minimum or value != value:  # NaN check
+            raise self.fail(where, f"must be >= {minimum:g}, got {value}")
+        return value
+
+    # -- sections -----------------------------------------------------------------------------
+    def config(self, raw: dict[str, Any]) -> Config:
+        top = self.mapping(raw, "top level", ("providers", "aliases", "default", "health", "server"))
+        providers_raw = self.mapping(top.get("providers"), "providers")
+        if not providers_raw:
+            raise self.fail("providers", "at least one provider is required")
+        providers = {name: self.provider(name, spec) for name, spec in providers_raw.items()}
+
+        aliases_raw = self.mapping(top.get("aliases"), "aliases")
+        aliases = {name: self.alias(name, spec, providers) for name, spec in aliases_raw.items()}
+
+        default = top.get("default")
+        if default is not None:
+            default = self.string(default, "default")
+            if default not in aliases:
+                raise self.fail("default", f"{default!r} is not a declared alias")
+
+        return Config(
+            providers=MappingProxyType(providers),
+            aliases=MappingProxyType(aliases),
+            default=default,
+            health=self.health(top.get("health")),
+            server=self.server(top.get("server")),
+            source=self.source,
+        )
+
+    def provider(self, name: str, spec: Any) -> ProviderConfig:
+        where = f"providers.{name}"
+        if not _PROVIDER_NAME_RE.match(name) or name == ALIAS_PREFIX.rstrip("/"):
+            raise self.fail(where, "provider names are letters, digits, '_', '.', '-' and not 'mana'")
+        allowed = ("kind", "base_url", "api_key", "headers", "timeouts", "max_concurrent", "probe")
+        spec = self.mapping(spec, where, allowed)
+        kind = self.string(spec.get("kind", "openai"), f"{where}.kind")
+        if kind not in PROVIDER_KINDS:
+            raise self.fail(f"{where}.kind", f"unknown kind {kind!r} (known: {', '.join(PROVIDER_KINDS)})")
+
+        base_url = ""
+        if "base_url" in spec:
+            base_url = self.string(spec["base_url"], f"{where}.base_url").rstrip("/")
+            parts = urlsplit(base_url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise self.fail(f"{where}.base_url", f"{base_url!r} is not an http(s) URL")
+        elif kind == "openai":
+            raise self.fail(where, "base_url is required for kind openai")
+
+        api_key = None
+        if "api_key" in spec:
+            api_key = "" if spec["api_key"] is None else self.string(spec["api_key"], f"{where}.api_key").strip()
+
+        headers_raw = self.mapping(spec.get("headers"), f"{where}.headers")
+        headers = {k: self.string(v, f"{where}.headers.{k}") for k, v in headers_raw.items()}
+
+        timeouts_raw = self.mapping(
+            spec.get("timeouts"), f"{where}.timeouts", ("connect", "first_byte", "idle", "total")
+        )
+        timeouts = Timeouts(
+            **{k: float(self.number(v, f"{where}.timeouts.{k}", minimum=0.001)) for k, v in timeouts_raw.items()}
+        )
+        max_concurrent = int(self.number(spec.get("max_concurrent", 0), f"{where}.max_concurrent", integer=True))
+        probe = None
+        if spec.get("probe") is not None:
+            probe = self.string(spec["probe"], f"{where}.probe")
+            if not probe.startswith("/"):
+                raise self.fail(f"{where}.probe", "must be a path starting with '/' (relative to base_url)")
+        return ProviderConfig(
+            name=name,
+            kind=kind,
+            base_url=base_url,
+            api_key=api_key,
+            headers=MappingProxyType(headers),
+            timeouts=timeouts,
+            max_concurrent=max_concurrent,
+            probe=probe,
+        )
+
+    def alias(self, name: str, spec: Any, providers: Mapping[str, ProviderConfig]) -> Alias:
+        where = f"aliases.{name}"
+        if not name.startswith(ALIAS_PREFIX) or len(name) == len(ALIAS_PREFIX):
+            raise self.fail(where, f"alias names must start with {ALIAS_PREFIX!r} and name a class")
+        spec = self.mapping(spec, where, ("description", "chain"))
+        chain_raw = spec.get("chain")
+        if not isinstance(chain_raw, list) or not chain_raw:
+            raise self.fail(f"{where}.chain", "must be a non-empty list of provider/model entries")
+        chain = []
+        for index, entry in enumerate(chain_raw):
+            entry_where = f"{where}.chain[{index}]"
+            text = self.string(entry, entry_where)
+            try:
+                target = Target.parse(text)
+            except ValueError as exc:
+                raise self.fail(entry_where, str(exc)) from None
+            if target.provider not in providers:
+                raise self.fail(entry_where, f"{text!r} names undeclared provider {target.provider!r}")
+            chain.append(target)
+        description = self.string(spec.get("description", ""), f"{where}.description", expand=False)
+        return Alias(name=name, description=description, chain=tuple(chain))
+
+    def health(self, raw: Any) -> HealthSettings:
+        fields = ("failure_threshold", "backoff_seconds", "probe_interval_seconds", "probe_timeout_seconds")
+        spec = self.mapping(raw, "health", fields)
+        values: dict[str, Any] = {}
+        for key, value in spec.items():
+            if key == "failure_threshold":
+                values[key] = int(self.number(value, f"health.{key}", minimum=1, integer=True))
+            else:
+                values[key] = float(self.number(value, f"health.{key}", minimum=0.001))
+        return HealthSettings(**values)
+
+    def server(self, raw: Any) -> ServerSettings:
+        spec = self.mapping(raw, "server", ("max_body_bytes", "shutdown_timeout_seconds", "models_cache_seconds"))
+        values: dict[str, Any] = {}
+        for key, value in spec.items():
+            if key == "max_body_bytes":
+                values[key] = int(self.number(value, f"server.{key}", minimum=1, integer=True))
+            else:
+                values[key] = float(self.number(value, f"server.{key}"))
+        return ServerSettings(**values)

@@ -1,0 +1,66 @@
+"""The errors manaproxy itself emits, all in the OpenAI shape with a truthful status.
+
+`{"error": {"message": ..., "type": ..., "param": ..., "code": ...}}` is what every OpenAI SDK parses
+into `openai.APIStatusError` subclasses, so clients see our errors the way they see OpenAI's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import orjson
+from aiohttp import web
+
+JSON_CONTENT_TYPE = "application/json"
+
+_TYPE_BY_STATUS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    408: "timeout_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    429: "rate_limit_error",
+}
+
+
+def error_type_for(status: int) -> str:
+    """The OpenAI `type` for an HTTP status."""
+    return _TYPE_BY_STATUS.get(status, "server_error" if status >= 500 else "invalid_request_error")
+
+
+def error_body(message: str, *, status: int, code: str | None = None, param: str | None = None) -> bytes:
+    """Encode an OpenAI-shaped error object."""
+    return orjson.dumps({"error": {"message": message, "type": error_type_for(status), "param": param, "code": code}})
+
+
+class ProxyError(Exception):
+    """An error answered to the client by manaproxy itself (not relayed from an upstream)."""
+
+    def __init__(self, status: int, message: str, *, code: str | None = None, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.param = param
+
+    def __repr__(self) -> str:
+        return f"ProxyError({self.status}, {self.code!r}, {self.message!r})"
+
+    @property
+    def error_type(self) -> str:
+        return error_type_for(self.status)
+
+    def response(self, headers: Mapping[str, str] | None = None) -> web.Response:
+        return web.Response(
+            status=self.status,
+            body=error_body(self.message, status=self.status, code=self.code, param=self.param),
+            content_type=JSON_CONTENT_TYPE,
+            headers=headers,
+        )
+
+
+def bad_request(message: str, *, code: str = "invalid_request", param: str | None = None) -> ProxyError:
+    return ProxyError(400, message, code=code, param=param)

@@ -1,0 +1,144 @@
+"""A small OpenAI-compatible server that answers without any LLM: for `make demo` and `make bench`.
+
+`python -m manaproxy.fake_upstream --port 3100 [--tokens 20] [--delay-ms 0]` serves
+`POST /v1/chat/completions` (streamed or not), `POST /v1/embeddings` and `GET /v1/models`.
+It echoes the requested `model`, so the proxy's rewrite is visible. Not for production.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+import uuid
+from typing import Any
+
+import orjson
+from aiohttp import web
+from aiohttp_sse import sse_response
+
+WORDS = [
+    "manaproxy",
+    "relays",
+    "this",
+    "answer",
+    "from",
+    "a",
+    "fake",
+    "upstream:",
+    "each",
+    "word",
+    "arrives",
+    "as",
+    "one",
+    "server-sent",
+    "event,",
+    "with",
+    "only",
+    "the",
+    "model",
+    "field",
+    "rewritten",
+    "on",
+    "the",
+    "way",
+]
+
+DELAY_MS = web.AppKey("delay_ms", float)
+TOKENS = web.AppKey("tokens", int)
+
+
+def _words(count: int) -> list[str]:
+    return [WORDS[i % len(WORDS)] for i in range(count)]
+
+
+async def chat(request: web.Request) -> web.StreamResponse:
+    payload: Any = orjson.loads(await request.read())
+    model = payload.get("model", "fake")
+    words = _words(request.app[TOKENS])
+    delay = request.app[DELAY_MS] / 1000
+    created = int(time.time())
+    ident = f"chatcmpl-{uuid.uuid4().hex[:12]}"
+    usage = {"prompt_tokens": 9, "completion_tokens": len(words), "total_tokens": 9 + len(words)}
+    if not payload.get("stream"):
+        if delay:
+            await asyncio.sleep(delay * len(words))
+        message = {"role": "assistant", "content": " ".join(words)}
+        body = {
+            "id": ident,
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+            "usage": usage,
+        }
+        return web.json_response(body, dumps=lambda o: orjson.dumps(o).decode())
+    include_usage = bool((payload.get("stream_options") or {}).get("include_usage"))
+    async with sse_response(request, ping_interval=3600, allow_all_methods=True) as sse:
+        head = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model}
+        first = {
+            **head,
+            "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}],
+        }
+        await sse.send(orjson.dumps(first).decode())
+        for index, word in enumerate(words):
+            if delay:
+                await asyncio.sleep(delay)
+            text = word if index == 0 else " " + word
+            chunk = {**head, "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}]}
+            await sse.send(orjson.dumps(chunk).decode())
+        last = {**head, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+        await sse.send(orjson.dumps(last).decode())
+        if include_usage:
+            await sse.send(orjson.dumps({**head, "choices": [], "usage": usage}).decode())
+        await sse.send("[DONE]")
+    return sse
+
+
+async def embeddings(request: web.Request) -> web.Response:
+    payload: Any = orjson.loads(await request.read())
+    inputs = payload.get("input")
+    items = inputs if isinstance(inputs, list) else [inputs]
+    data = [{"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3]} for i in range(len(items))]
+    body = {
+        "object": "list",
+        "data": data,
+        "model": payload.get("model"),
+        "usage": {"prompt_tokens": len(items), "total_tokens": len(items)},
+    }
+    return web.Response(body=orjson.dumps(body), content_type="application/json")
+
+
+async def models(request: web.Request) -> web.Response:
+    body = {"object": "list", "data": [{"id": "fake-model", "object": "model", "created": 0, "owned_by": "fake"}]}
+    return web.Response(body=orjson.dumps(body), content_type="application/json")
+
+
+def create_fake_app(*, tokens: int = 20, delay_ms: float = 0.0) -> web.Application:
+    app = web.Application()
+    app[TOKENS] = tokens
+    app[DELAY_MS] = delay_ms
+    app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_post("/v1/embeddings", embeddings)
+    app.router.add_get("/v1/models", models)
+    return app
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=3100)
+    parser.add_argument("--tokens", type=int, default=20, help="words per answer")
+    parser.add_argument("--delay-ms", type=float, default=0.0, help="pause before each streamed word")
+    args = parser.parse_args()
+    web.run_app(
+        create_fake_app(tokens=args.tokens, delay_ms=args.delay_ms),
+        host=args.host,
+        port=args.port,
+        access_log=None,
+        print=None,
+    )
+
+
+if __name__ == "__main__":
+    main()

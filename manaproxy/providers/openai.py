@@ -1,0 +1,181 @@
+"""Passthrough to any OpenAI-compatible server (Ollama, Groq, OpenRouter, Together, vLLM, llama.cpp ...).
+
+The request body goes upstream with only `model` replaced; the answer comes back as bytes. Timeouts:
+`connect` bounds the TCP/TLS set-up; for streams, `first_byte` bounds the wait for the first data event
+and `idle` every later gap between chunks; `total` bounds the whole exchange. An unstreamed answer
+arrives only once the upstream has generated all of it, so its wait is bounded by `total` alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import zlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import orjson
+
+from ..config import ProviderConfig
+from ..sse import EventBuffer, error_of, has_done
+from ..upstream import Call, MidStreamFailure, Reply, UpstreamFailure, translate_errors
+
+_ERROR_BODY_LIMIT = 1 << 20
+
+
+def _decode_body(body: bytes, encoding: str) -> bytes:
+    """Undo gzip/deflate should an upstream compress despite `Accept-Encoding: identity`."""
+    encoding = encoding.strip().lower()
+    if encoding in ("", "identity"):
+        return body
+    if encoding in ("gzip", "x-gzip", "deflate"):
+        try:
+            return zlib.decompress(body, wbits=47)  # 32 + 15: auto-detect gzip or zlib header
+        except zlib.error:
+            raise UpstreamFailure("bad_response", "undecodable compressed body") from None
+    raise UpstreamFailure("bad_response", f"unsupported Content-Encoding {encoding!r}")
+
+
+class OpenAIStream:
+    """An upstream SSE stream past its first data event."""
+
+    __slots__ = ("_buffer", "_idle", "_resp", "_rest", "done", "first", "status")
+
+    def __init__(
+        self, resp: aiohttp.ClientResponse, first: bytes, rest: bytes, buffer: EventBuffer, idle: float
+    ) -> None:
+        self.status = resp.status
+        self.first = first
+        self._resp = resp
+        self._buffer = buffer
+        self._rest = rest
+        self._idle = idle
+
+    async def events(self) -> AsyncIterator[bytes]:
+        if self._rest:
+            yield self._rest
+        content = self._resp.content
+        buffer = self._buffer
+        idle = self._idle
+        while True:
+            idle_timer = asyncio.timeout(idle)
+            try:
+                async with idle_timer:
+                    chunk = await content.readany()
+            except TimeoutError:
+                if idle_timer.expired():
+                    raise MidStreamFailure("idle_timeout", f"no data from upstream for {idle:g}s") from None
+                raise MidStreamFailure("upstream_error", "upstream exceeded its total timeout") from None
+            except (aiohttp.ClientError, ConnectionError) as exc:
+                raise MidStreamFailure(
+                    "upstream_error", f"upstream connection failed mid-stream ({type(exc).__name__})"
+                ) from None
+            if not chunk:
+                tail = buffer.pending.strip()
+                # Tolerate a final `data: [DONE]` without its blank line; drop any other half event.
+                if tail and has_done(tail):
+                    yield tail + b"\n\n"
+                return
+            released = buffer.feed(chunk)
+            if released:
+                yield released
+
+    def close(self, *, complete: bool) -> None:
+        if complete:
+            self._resp.release()
+        else:
+            self._resp.close()
+
+
+class OpenAIProvider:
+    """Provider of kind `openai`."""
+
+    def __init__(self, config: ProviderConfig, session: aiohttp.ClientSession) -> None:
+        self.config = config
+        self._session = session
+        headers = {"Accept-Encoding": "identity", **config.headers}
+        if config.api_key:
+            headers["Authorization"] = f"Bearer {config.api_key}"
+        self._headers = headers
+        t = config.timeouts
+        self._timeout = aiohttp.ClientTimeout(total=t.total, connect=t.connect, sock_connect=t.connect)
+
+    def __repr__(self) -> str:
+        return f"<OpenAIProvider {self.config.name} {self.config.base_url}>"
+
+    async def send(self, call: Call) -> Reply | OpenAIStream:
+        body = orjson.dumps({**call.payload, "model": call.model})
+        headers = {
+            **self._headers,
+            "Content-Type": "application/json",
+            "Accept": call.accept or ("text/event-stream" if call.stream else "application/json"),
+            "X-Request-ID": call.request_id,
+        }
+        url = self.config.base_url + call.path
+        if call.stream:
+            with translate_errors("before the first byte"):
+                async with asyncio.timeout(self.config.timeouts.first_byte):
+                    return await self._open_stream(url, body, headers)
+        with translate_errors("waiting for the answer"):
+            return await self._exchange(url, body, headers)
+
+    async def _exchange(self, url: str, body: bytes, headers: dict[str, str]) -> Reply:
+        async with self._session.post(url, data=body, headers=headers, timeout=self._timeout) as resp:
+            data = await resp.read()
+            await self._check_status(resp, data)
+            content_type = resp.headers.get("Content-Type", "application/json")
+            data = _decode_body(data, resp.headers.get("Content-Encoding", ""))
+            return Reply(resp.status, data, content_type)
+
+    async def _open_stream(self, url: str, body: bytes, headers: dict[str, str]) -> Reply | OpenAIStream:
+        resp = await self._session.post(url, data=body, headers=headers, timeout=self._timeout)
+        try:
+            if resp.status >= 300:
+                await self._check_status(resp, await resp.content.read(_ERROR_BODY_LIMIT))
+            content_type = resp.headers.get("Content-Type", "")
+            if not content_type.startswith("text/event-stream"):
+                # Some servers answer a stream request with one JSON document: relay it unstreamed.
+                data = _decode_body(await resp.read(), resp.headers.get("Content-Encoding", ""))
+                resp.release()
+                return Reply(resp.status, data, content_type or "application/json")
+            buffer = EventBuffer()
+            while True:
+                chunk = await resp.content.readany()
+                if not chunk:
+                    raise UpstreamFailure("closed", "upstream ended the stream before its first event")
+                first, rest = buffer.first_event(chunk)
+                if first:
+                    break
+            error = error_of(first)
+            if error is not None:
+                message = str(error.get("message", "error event"))[:120]
+                raise UpstreamFailure("error_event", f"first event was an error: {message}")
+            return OpenAIStream(resp, first, rest, buffer, self.config.timeouts.idle)
+        except BaseException:
+            resp.close()
+            raise
+
+    async def _check_status(self, resp: aiohttp.ClientResponse, data: bytes) -> None:
+        if resp.status >= 300:
+            raise UpstreamFailure.from_status(resp.status, resp.headers, data, resp.headers.get("Content-Type"))
+
+    async def list_models(self, timeout: float) -> list[str]:
+        data = await self._get_json("/models", timeout)
+        items = data.get("data") if isinstance(data, dict) else None
+        if not isinstance(items, list):
+            raise UpstreamFailure("bad_response", "models list has no 'data' array")
+        return [item["id"] for item in items if isinstance(item, dict) and isinstance(item.get("id"), str)]
+
+    async def probe(self, timeout: float) -> None:
+        await self._get_json(self.config.probe or "/models", timeout)
+
+    async def _get_json(self, path: str, timeout: float) -> Any:
+        with translate_errors("while probing"):
+            async with asyncio.timeout(timeout):
+                async with self._session.get(self.config.base_url + path, headers=self._headers) as resp:
+                    data = await resp.read()
+                    await self._check_status(resp, data)
+        try:
+            return orjson.loads(_decode_body(data, resp.headers.get("Content-Encoding", "")))
+        except orjson.JSONDecodeError:
+            return None

@@ -1,0 +1,327 @@
+"""The request path: read and parse once, resolve, walk the chain, commit, relay.
+
+The commit point is the first byte sent to the client. Before it, any chain entry may fail and the
+next is tried. After it the answer belongs to one provider: an upstream failure ends the stream with an
+error event and no `[DONE]`, so a truncated answer never looks complete; the proxy never switches
+provider mid-answer. A client that goes away gets its upstream connection closed at once (the server
+runs with `handler_cancellation`, so the handler is cancelled even while it waits on the upstream).
+
+Per-request work happens once; per-chunk work is a regex splice and a write — no logging, no metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from time import perf_counter
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from .config import Target
+from .errors import JSON_CONTENT_TYPE, ProxyError, bad_request, error_body
+from .record import CLIENT_DISCONNECTED, COMPLETED, UPSTREAM_ERROR, Attempt, RequestRecord
+from .routing import resolve
+from .sse import ModelRewriter, error_event, has_done, usage_from, usage_of
+from .state import GATEWAY, REQUEST_ID, Gateway, Runtime
+from .upstream import Call, MidStreamFailure, Reply, StreamReply, UpstreamFailure
+
+logger = logging.getLogger(__name__)
+
+RESOLVED_HEADER = "X-Mana-LLM-Resolved"
+_STREAM_HEADERS = {
+    "Content-Type": "text/event-stream",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",
+}
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The request body, or 413 once it exceeds `limit` bytes (checked before reading when declared)."""
+    declared = request.content_length
+    if declared is not None and declared > limit:
+        raise ProxyError(
+            413, f"request body of {declared} bytes exceeds the limit of {limit} bytes", code="request_too_large"
+        )
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            raise ProxyError(413, f"request body exceeds the limit of {limit} bytes", code="request_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_payload(body: bytes) -> dict[str, Any]:
+    """Decode the JSON request object and check the fields the proxy itself relies on."""
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise bad_request(f"request body is not valid JSON: {exc.msg}", code="invalid_json") from None
+    if not isinstance(payload, dict):
+        raise bad_request("request body must be a JSON object", code="invalid_json")
+    model = payload.get("model")
+    if model is not None and not isinstance(model, str):
+        raise bad_request("'model' must be a string", code="invalid_model", param="model")
+    stream = payload.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise bad_request("'stream' must be a boolean", code="invalid_stream", param="stream")
+    return payload
+
+
+async def forward(request: web.Request) -> web.StreamResponse:
+    """Handler for every forwarded `POST /v1/...` endpoint."""
+    gateway = request.app[GATEWAY]
+    # One config per request: a reload swaps `gateway.runtime`; this request keeps the one it started with.
+    runtime = gateway.runtime
+    record = RequestRecord(
+        request_id=request[REQUEST_ID],
+        endpoint=request.match_info.route.resource.canonical if request.match_info.route.resource else request.path,
+        started=perf_counter(),
+    )
+    try:
+        return await _Forwarder(request, gateway, runtime, record).run()
+    except ProxyError as err:
+        record.status = err.status
+        record.error_type = record.error_type or err.code or "error"
+        return err.response()
+    except asyncio.CancelledError:
+        # The client went away (handler cancellation); nothing more can be sent.
+        # Not an error of ours nor of the provider's: no error_type, status 499 as nginx logs it.
+        if record.outcome is None and record.streaming and record.first_byte is not None:
+            record.outcome = CLIENT_DISCONNECTED
+        if record.first_byte is None:
+            record.status = 499
+        raise
+    finally:
+        record.duration = perf_counter() - record.started
+        gateway.observe(record)
+
+
+class _Forwarder:
+    """One request's walk down its chain."""
+
+    __slots__ = ("gateway", "record", "request", "runtime")
+
+    def __init__(self, request: web.Request, gateway: Gateway, runtime: Runtime, record: RequestRecord) -> None:
+        self.request = request
+        self.gateway = gateway
+        self.runtime = runtime
+        self.record = record
+
+    async def run(self) -> web.StreamResponse:
+        config = self.runtime.config
+        record = self.record
+        started = perf_counter()
+        body = await read_body(self.request, config.server.max_body_bytes)
+        record.client_wait += perf_counter() - started
+        payload = parse_payload(body)
+        record.streaming = payload.get("stream") is True
+        model = payload.get("model")
+        record.requested = model or ""
+        route = resolve(model, config)
+        record.alias = route.alias
+        if route.alias is None:
+            record.requested_provider = route.chain[0].provider
+
+        path = self.request.path[len("/v1") :]
+        accept = self.request.headers.get("Accept")
+        failures: list[str] = []
+        for target in route.chain:
+            provider_config = config.providers[target.provider]
+            skip = self.gateway.health.skip_reason(provider_config)
+            if skip is not None:
+                record.attempts.append(Attempt(str(target), target.provider, skip, tried=False))
+                failures.append(f"{target}={skip}")
+                continue
+            call = Call(path, payload, target.model, record.streaming, record.request_id, accept)
+            response = await self._try(target, call)
+            if response is not None:
+                return response
+            failures.append(f"{target}={record.attempts[-1].summary}")
+        record.error_type = "all_failed"
+        raise ProxyError(
+            503,
+            "no chain entry could answer: " + ", ".join(failures),
+            code="all_targets_failed",
+        )
+
+    async def _try(self, target: Target, call: Call) -> web.StreamResponse | None:
+        """Try one target. A response means the request is answered; None means fall back."""
+        health = self.gateway.health
+        provider = self.runtime.providers[target.provider]
+        record = self.record
+        health.acquire(target.provider)
+        released = False
+        started = perf_counter()
+        try:
+            try:
+                reply = await provider.send(call)
+            finally:
+                record.upstream_wait += perf_counter() - started
+            if isinstance(reply, Reply):
+                body, usage = _rewrite_reply(reply, str(target))
+        except UpstreamFailure as failure:
+            health.release(target.provider)
+            released = True
+            return self._failed(target, failure)
+        try:
+            health.record_success(target.provider, perf_counter() - started)
+            record.provider = target.provider
+            record.target = str(target)
+            record.status = reply.status
+            if isinstance(reply, Reply):
+                if usage is not None:
+                    record.prompt_tokens, record.completion_tokens = usage
+                response = web.Response(
+                    status=reply.status,
+                    body=body,
+                    content_type=None,
+                    headers={
+                        "Content-Type": reply.content_type,
+                        RESOLVED_HEADER: str(target),
+                    },
+                )
+                record.first_byte = perf_counter() - record.started
+                return response
+            return await self._relay(target, reply)
+        finally:
+            if not released:
+                health.release(target.provider)
+
+    def _failed(self, target: Target, failure: UpstreamFailure) -> web.StreamResponse | None:
+        health = self.gateway.health
+        record = self.record
+        if failure.retry_after is not None:
+            health.record_rate_limited(target.provider, failure.retry_after, failure.detail)
+        elif failure.provider_fault:
+            health.record_failure(target.provider, failure.detail)
+        else:
+            health.record_neutral(target.provider, failure.detail)
+        if failure.fallback:
+            record.attempts.append(
+                Attempt(str(target), target.provider, failure.reason, failure.detail, status=failure.status)
+            )
+            return None
+        # The caller's request is wrong (400, 413, 422 ...): its error goes back as the upstream sent it.
+        record.status = failure.status or 502
+        record.error_type = failure.reason
+        record.provider = target.provider
+        record.target = str(target)
+        return _caller_error(failure, target)
+
+    async def _relay(self, target: Target, reply: StreamReply) -> web.StreamResponse:
+        """Commit to `target` and relay its stream to the client."""
+        record = self.record
+        rewriter = ModelRewriter(str(target))
+        response = web.StreamResponse(status=reply.status, headers={**_STREAM_HEADERS, RESOLVED_HEADER: str(target)})
+        complete = False
+        try:
+            first = reply.first
+            done = has_done(first)
+            usage = usage_of(first)
+            try:
+                # COMMIT: from here on this answer belongs to `target`.
+                await response.prepare(self.request)
+                await response.write(rewriter.rewrite(first))
+                record.first_byte = perf_counter() - record.started
+                events = reply.events()
+                upstream_wait = client_wait = 0.0
+                try:
+                    while True:
+                        waited = perf_counter()
+                        try:
+                            chunk = await anext(events)
+                        except StopAsyncIteration:
+                            break
+                        processing = perf_counter()
+                        upstream_wait += processing - waited
+                        if not done and has_done(chunk):
+                            done = True
+                        if b'"prompt_tokens"' in chunk:
+                            usage = usage_of(chunk) or usage
+                        chunk = rewriter.rewrite(chunk)
+                        writing = perf_counter()
+                        await response.write(chunk)
+                        client_wait += perf_counter() - writing
+                finally:
+                    record.upstream_wait += upstream_wait
+                    record.client_wait += client_wait
+            except MidStreamFailure as failure:
+                self._end_with_error(target, failure.reason, failure.detail)
+                await response.write(
+                    error_event(f"upstream {target} failed mid-stream: {failure.detail}", code=failure.reason)
+                )
+            except ConnectionError:
+                record.outcome = CLIENT_DISCONNECTED
+                return response
+            else:
+                if done:
+                    record.outcome = COMPLETED
+                    complete = True
+                else:
+                    detail = "upstream ended the stream without [DONE]"
+                    self._end_with_error(target, UPSTREAM_ERROR, detail)
+                    await response.write(
+                        error_event(f"upstream {target} failed mid-stream: {detail}", code=UPSTREAM_ERROR)
+                    )
+            if usage is not None:
+                record.prompt_tokens, record.completion_tokens = usage
+            await response.write_eof()
+        except ConnectionError:
+            record.outcome = record.outcome or CLIENT_DISCONNECTED
+        finally:
+            reply.close(complete=complete)
+        return response
+
+    def _end_with_error(self, target: Target, outcome: str, detail: str) -> None:
+        self.record.outcome = outcome
+        self.record.error_type = outcome
+        self.gateway.health.record_failure(target.provider, detail)
+        logger.warning("request %s: %s failed after commit: %s", self.record.request_id, target, detail)
+
+
+def _rewrite_reply(reply: Reply, resolved: str) -> tuple[bytes, tuple[int, int] | None]:
+    """Set `model` to the resolved target in an unstreamed JSON answer; read its usage."""
+    body = reply.body
+    if "json" not in reply.content_type and not body.lstrip().startswith(b"{"):
+        return body, None  # not JSON (audio, ...): relay untouched
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise UpstreamFailure("bad_response", "upstream answered 2xx with invalid JSON") from None
+    if not isinstance(data, dict):
+        return body, None
+    if data.get("error"):
+        message = data["error"].get("message") if isinstance(data["error"], dict) else data["error"]
+        raise UpstreamFailure("error_event", f"upstream answered 2xx with an error: {str(message)[:120]}")
+    if "model" in data:
+        data["model"] = resolved
+        body = orjson.dumps(data)
+    return body, usage_from(data)
+
+
+def _caller_error(failure: UpstreamFailure, target: Target) -> web.Response:
+    """The upstream's own 4xx, relayed; wrapped in the OpenAI shape if it is not already in it."""
+    status = failure.status or 502
+    body = failure.body or b""
+    try:
+        data = orjson.loads(body)
+        shaped = isinstance(data, dict) and isinstance(data.get("error"), dict)
+    except orjson.JSONDecodeError:
+        shaped = False
+    if not shaped:
+        body = error_body(
+            f"upstream {target} rejected the request: {failure.detail}", status=status, code=failure.reason
+        )
+    return web.Response(
+        status=status,
+        body=body,
+        content_type=None,
+        headers={
+            "Content-Type": JSON_CONTENT_TYPE,
+            RESOLVED_HEADER: str(target),
+        },
+    )

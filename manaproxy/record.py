@@ -1,0 +1,64 @@
+"""What one proxied request did, recorded once when it ends.
+
+The request path fills a `RequestRecord` as it goes and hands it, once, to every observer: the request
+log line (`reqlog.py`) and the metrics (`metrics.py`). Observers never run per chunk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+# Stream outcomes (also metric label values).
+COMPLETED = "completed"
+CLIENT_DISCONNECTED = "client_disconnected"
+UPSTREAM_ERROR = "upstream_error"
+IDLE_TIMEOUT = "idle_timeout"
+
+
+@dataclass(slots=True)
+class Attempt:
+    """One chain entry that was skipped or tried and failed (the one that answered is `record.target`)."""
+
+    target: str  # provider/model
+    provider: str
+    reason: str  # short stable word: unhealthy, unconfigured, saturated, rate_limited, timeout, connect, http_503 ...
+    detail: str = ""
+    tried: bool = True  # False when skipped without a call
+    status: int | None = None  # the upstream's HTTP status, when it answered one
+
+    @property
+    def summary(self) -> str:
+        """How the attempt reads in a 503's entry list: `HTTP 500`, `timeout`, `unhealthy` ..."""
+        return f"HTTP {self.status}" if self.status is not None else self.reason
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    request_id: str
+    endpoint: str  # the route path, e.g. /v1/chat/completions
+    requested: str = ""  # the model the client asked for (unbounded: never a metric label as is)
+    alias: str | None = None  # configured alias used, if any
+    provider: str | None = None  # provider that answered
+    target: str | None = None  # provider/model that answered
+    requested_provider: str | None = None  # configured provider named by the request (for error labels)
+    streaming: bool = False
+    status: int = 0
+    attempts: list[Attempt] = field(default_factory=list)
+    error_type: str | None = None  # short word when the request failed: all_failed, upstream_4xx, bad_request ...
+    outcome: str | None = None  # for committed streams: completed / client_disconnected / upstream_error / idle_timeout
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    started: float = 0.0  # perf_counter
+    first_byte: float | None = None  # seconds from start to the first byte sent to the client
+    duration: float = 0.0
+    upstream_wait: float = 0.0  # seconds spent waiting on upstreams
+    client_wait: float = 0.0  # seconds spent reading the client's body and writing to a slow client
+
+    @property
+    def overhead(self) -> float:
+        """Time spent in manaproxy itself: everything but waiting on the upstream or the client."""
+        return max(0.0, self.duration - self.upstream_wait - self.client_wait)
+
+
+Observer = Callable[[RequestRecord], None]

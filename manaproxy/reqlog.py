@@ -1,0 +1,47 @@
+"""The request log: one logfmt line per proxied request, written once when it ends.
+
+logfmt (`key=value`, values quoted when needed) reads well in journald and parses with any logfmt
+tool (Loki, `lnav`, `hl`). Never a key or a body: only ids, model names, reasons and numbers.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from .record import RequestRecord
+
+logger = logging.getLogger("manaproxy.request")
+
+
+def _value(value: object) -> str:
+    text = "-" if value is None or value == "" else str(value)
+    if any(c in text for c in ' ="\\') or not text.isprintable():
+        text = '"' + text.replace("\\", "\\\\").replace('"', '\\"').encode("unicode_escape").decode("ascii") + '"'
+    return text
+
+
+def format_record(record: RequestRecord) -> str:
+    attempts = ",".join(f"{a.target}:{a.reason}" for a in record.attempts)
+    fields: list[tuple[str, object]] = [
+        ("request_id", record.request_id),
+        ("endpoint", record.endpoint),
+        ("model", record.requested[:200]),
+        ("resolved", record.target),
+        ("attempts", attempts),
+        ("status", record.status),
+        ("stream", "true" if record.streaming else "false"),
+        ("outcome", record.outcome),
+        ("ttfb_ms", None if record.first_byte is None else round(record.first_byte * 1000, 1)),
+        ("duration_ms", round(record.duration * 1000, 1)),
+        ("prompt_tokens", record.prompt_tokens),
+        ("completion_tokens", record.completion_tokens),
+        ("error", record.error_type),
+    ]
+    return " ".join(f"{key}={_value(value)}" for key, value in fields)
+
+
+def log_request(record: RequestRecord) -> None:
+    """Observer: write the request's line (warning level when it failed)."""
+    level = logging.WARNING if record.status >= 500 or record.outcome not in (None, "completed") else logging.INFO
+    if logger.isEnabledFor(level):
+        logger.log(level, "%s", format_record(record))

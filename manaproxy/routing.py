@@ -1,0 +1,72 @@
+"""Model string → chain of targets.
+
+Rule of this module: pure. No I/O, no clock, no health state: `resolve` depends only on the model
+string and the config, so it is table-tested. Which chain entries are usable *right now* is the
+health tracker's business (`health.HealthTracker.skip_reason`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .config import ALIAS_PREFIX, Config, Target
+from .errors import ProxyError
+
+# A bare model name (no "/") is served by this provider, as in the seed service.
+BARE_MODEL_PROVIDER = "ollama"
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """What a request's `model` resolved to."""
+
+    requested: str  # what the caller sent ("" when it sent no model)
+    alias: str | None  # the alias used, if any (including the default alias)
+    chain: tuple[Target, ...]
+
+
+def _shown(model: str) -> str:
+    # Client-supplied text goes back in the error message; keep it short.
+    return model if len(model) <= 200 else model[:200] + "..."
+
+
+def resolve(model: str | None, config: Config) -> Route:
+    """Resolve a request's `model` to an ordered chain, or raise a `ProxyError` (400/404)."""
+    if model is None or model == "":
+        if config.default is None:
+            raise ProxyError(
+                400, "request has no 'model' and no default alias is configured", code="model_required", param="model"
+            )
+        return Route("", config.default, config.aliases[config.default].chain)
+
+    if model.startswith(ALIAS_PREFIX):
+        alias = config.aliases.get(model)
+        if alias is None:
+            raise ProxyError(
+                404,
+                f"The model '{_shown(model)}' does not exist; see GET /v1/aliases",
+                code="model_not_found",
+                param="model",
+            )
+        return Route(model, model, alias.chain)
+
+    if "/" not in model:
+        target = Target(BARE_MODEL_PROVIDER, model)
+    else:
+        try:
+            target = Target.parse(model)
+        except ValueError:
+            raise ProxyError(
+                400,
+                f"model '{_shown(model)}' is not an alias, provider/model or a bare model name",
+                code="invalid_model",
+                param="model",
+            ) from None
+    if target.provider not in config.providers:
+        raise ProxyError(
+            400,
+            f"model '{_shown(model)}' names unknown provider '{target.provider}'",
+            code="unknown_provider",
+            param="model",
+        )
+    return Route(model, None, (target,))

@@ -1,0 +1,94 @@
+"""The application's long-lived state and the one reference a reload swaps.
+
+A `Runtime` is everything derived from one `Config` (the config itself and a provider object per
+provider). `Gateway.runtime` is replaced as a whole by `Gateway.apply`; a request reads it once when
+it starts and keeps that runtime to its end, so a reload never changes a request half-way.
+Health state lives in the `Gateway` (not the runtime) so it survives reloads.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+import aiohttp
+from aiohttp import web
+
+from .config import Config, ConfigError, load_config
+from .health import HealthTracker
+from .providers import build_provider
+from .record import Observer, RequestRecord
+from .upstream import Provider
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Runtime:
+    config: Config
+    providers: Mapping[str, Provider]
+
+
+def build_runtime(config: Config, session: aiohttp.ClientSession) -> Runtime:
+    providers = {name: build_provider(spec, session) for name, spec in config.providers.items()}
+    return Runtime(config, MappingProxyType(providers))
+
+
+@dataclass(eq=False)
+class Gateway:
+    """Holder of the current runtime, the health tracker, the upstream session and request observers."""
+
+    runtime: Runtime
+    health: HealthTracker
+    session: aiohttp.ClientSession
+    observers: list[Observer] = field(default_factory=list)
+    # Called with "success" or "failure" after each reload attempt (metrics count them).
+    reload_listeners: list[Callable[[str], None]] = field(default_factory=list)
+
+    def __repr__(self) -> str:
+        return f"<Gateway {self.runtime.config.summary()}>"
+
+    @property
+    def config(self) -> Config:
+        return self.runtime.config
+
+    def apply(self, config: Config) -> None:
+        """Swap in a new, already validated config (the reload's single atomic step)."""
+        runtime = build_runtime(config, self.session)
+        self.health.reconfigure(config.health, config.providers)
+        self.runtime = runtime
+
+    def reload(self, path: str) -> bool:
+        """Re-read `path`; swap it in if valid, else keep the current config. Never raises."""
+        try:
+            config = load_config(path)
+            self.apply(config)
+        except ConfigError as exc:
+            logger.error("reload rejected, keeping the previous config: %s", exc)
+            result = "failure"
+        except Exception:
+            logger.exception("reload failed, keeping the previous config")
+            result = "failure"
+        else:
+            logger.info("reloaded %s", config.summary())
+            result = "success"
+        for listener in self.reload_listeners:
+            try:
+                listener(result)
+            except Exception:
+                logger.exception("reload listener %r failed", listener)
+        return result == "success"
+
+    def observe(self, record: RequestRecord) -> None:
+        """Hand a finished request's record to every observer; an observer's bug never fails a request."""
+        for observer in self.observers:
+            try:
+                observer(record)
+            except Exception:
+                logger.exception("request observer %r failed", observer)
+
+
+GATEWAY = web.AppKey("gateway", Gateway)
+REQUEST_ID = web.RequestKey("request_id", str)

@@ -1,0 +1,253 @@
+"""Fake upstreams: real aiohttp servers on loopback that script replies and record what they received.
+
+Usage (see conftest.py for the fixtures that start them):
+
+    up = await make_upstream()
+    up.queue(sse_reply(chat_chunks("m", ["Hel", "lo"])))      # next request gets this SSE stream
+    up.queue(json_reply({"error": {...}}, status=500))        # the one after gets a 500
+    up.default = json_reply(chat_completion("m"))             # every request after that
+    ... after the request ...
+    up.requests[0].json["model"], up.requests[0].headers["Authorization"]
+
+A behavior is `async def (request, recorded) -> web.StreamResponse`; the factories below cover JSON,
+SSE (with pauses, mid-stream cuts and missing [DONE]), bare statuses, hangs and dropped connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+
+@dataclass
+class Recorded:
+    method: str
+    path: str
+    headers: Mapping[str, str]
+    body: bytes
+    json: Any = None
+    disconnected: asyncio.Event = field(default_factory=asyncio.Event)  # set when the proxy hung up on us
+
+
+Behavior = Callable[[web.Request, Recorded], Awaitable[web.StreamResponse]]
+
+
+class FakeUpstream:
+    """An OpenAI-compatible server whose answers the test scripts."""
+
+    def __init__(self, name: str = "fake") -> None:
+        self.name = name
+        self.requests: list[Recorded] = []
+        self.script: deque[Behavior] = deque()
+        self.default: Behavior = json_reply(chat_completion("fake-model"))
+        self.models: list[str] = ["fake-model"]
+        self.models_status = 200
+        self.models_delay = 0.0
+        self.models_calls = 0
+        app = web.Application()
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._server = TestServer(app, host="127.0.0.1")
+
+    def __repr__(self) -> str:
+        return f"<FakeUpstream {self.name} {self.base_url} requests={len(self.requests)}>"
+
+    async def start(self) -> FakeUpstream:
+        await self._server.start_server()
+        return self
+
+    async def close(self) -> None:
+        await self._server.close()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self._server.port}/v1"
+
+    @property
+    def port(self) -> int:
+        assert self._server.port is not None
+        return self._server.port
+
+    def queue(self, *behaviors: Behavior) -> None:
+        self.script.extend(behaviors)
+
+    @property
+    def calls(self) -> int:
+        """Requests received other than GET /v1/models."""
+        return len(self.requests)
+
+    async def _models(self, request: web.Request) -> web.StreamResponse:
+        self.models_calls += 1
+        if self.models_delay:
+            await asyncio.sleep(self.models_delay)
+        if self.models_status != 200:
+            return web.json_response({"error": {"message": "models failed"}}, status=self.models_status)
+        data = [{"id": model, "object": "model", "created": 0, "owned_by": self.name} for model in self.models]
+        return web.json_response({"object": "list", "data": data})
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        try:
+            parsed = orjson.loads(body) if body else None
+        except orjson.JSONDecodeError:
+            parsed = None
+        recorded = Recorded(request.method, request.path, dict(request.headers), body, parsed)
+        self.requests.append(recorded)
+        behavior = self.script.popleft() if self.script else self.default
+        try:
+            return await behavior(request, recorded)
+        except (asyncio.CancelledError, ConnectionError):
+            recorded.disconnected.set()
+            raise
+
+
+# -- bodies ------------------------------------------------------------------------------------------
+
+
+def chat_completion(model: str, content: str = "Hello!", *, usage: tuple[int, int] | None = (5, 2)) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "created": 1700000000,
+        "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+    }
+    if usage is not None:
+        body["usage"] = {"prompt_tokens": usage[0], "completion_tokens": usage[1], "total_tokens": sum(usage)}
+    return body
+
+
+def chat_chunks(model: str, words: Iterable[str], *, usage: tuple[int, int] | None = None) -> list[dict[str, Any]]:
+    """OpenAI-style chunks: a role chunk, one per word, a finish chunk and an optional usage chunk."""
+    head = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1700000000, "model": model}
+    chunks = [{**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}]
+    chunks += [{**head, "choices": [{"index": 0, "delta": {"content": w}, "finish_reason": None}]} for w in words]
+    chunks.append({**head, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+    if usage is not None:
+        chunks.append(
+            {
+                **head,
+                "choices": [],
+                "usage": {"prompt_tokens": usage[0], "completion_tokens": usage[1], "total_tokens": sum(usage)},
+            }
+        )
+    return chunks
+
+
+def error_body(message: str = "boom", code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": "server_error", "param": None, "code": code}}
+
+
+# -- behaviors ---------------------------------------------------------------------------------------
+
+
+def json_reply(body: Any, status: int = 200, headers: Mapping[str, str] | None = None, delay: float = 0.0) -> Behavior:
+    async def behave(request: web.Request, recorded: Recorded) -> web.StreamResponse:
+        if delay:
+            await asyncio.sleep(delay)
+        return web.Response(status=status, body=orjson.dumps(body), content_type="application/json", headers=headers)
+
+    return behave
+
+
+def raw_reply(
+    body: bytes, status: int = 200, content_type: str = "text/plain", headers: Mapping[str, str] | None = None
+) -> Behavior:
+    async def behave(request: web.Request, recorded: Recorded) -> web.StreamResponse:
+        return web.Response(status=status, body=body, content_type=content_type, headers=headers)
+
+    return behave
+
+
+def sse_event(item: Any) -> bytes:
+    """`data: <json>\\n\\n` for dicts, the text as given for bytes/str (e.g. comments, `[DONE]`)."""
+    if isinstance(item, bytes):
+        return item
+    if isinstance(item, str):
+        return item.encode()
+    return b"data: " + orjson.dumps(item) + b"\n\n"
+
+
+def sse_reply(
+    events: Iterable[Any],
+    *,
+    done: bool = True,
+    delay: float = 0.0,
+    first_delay: float = 0.0,
+    cut_after: int | None = None,
+    hang_after: int | None = None,
+    status: int = 200,
+) -> Behavior:
+    """Stream `events` (dicts → `data:` JSON events; bytes/str sent verbatim).
+
+    `cut_after=n`: drop the connection after n events (a mid-stream cut, no terminating chunk).
+    `hang_after=n`: stop sending after n events and keep the connection open.
+    `done`: send `data: [DONE]` at the end.
+    """
+    payloads = [sse_event(item) for item in events]
+    if done:
+        payloads.append(b"data: [DONE]\n\n")
+
+    async def behave(request: web.Request, recorded: Recorded) -> web.StreamResponse:
+        response = web.StreamResponse(
+            status=status, headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+        await response.prepare(request)
+        if first_delay:
+            await asyncio.sleep(first_delay)
+        for index, payload in enumerate(payloads):
+            if cut_after is not None and index == cut_after:
+                assert request.transport is not None
+                request.transport.abort()
+                return response
+            if hang_after is not None and index == hang_after:
+                await asyncio.sleep(3600)
+            if delay and index:
+                await asyncio.sleep(delay)
+            await response.write(payload)
+        await response.write_eof()
+        return response
+
+    return behave
+
+
+def hang(seconds: float = 3600.0) -> Behavior:
+    """Accept the request and answer nothing (not even headers) for `seconds`."""
+
+    async def behave(request: web.Request, recorded: Recorded) -> web.StreamResponse:
+        await asyncio.sleep(seconds)
+        return web.Response(status=504)
+
+    return behave
+
+
+def drop_connection() -> Behavior:
+    """Close the connection without any response."""
+
+    async def behave(request: web.Request, recorded: Recorded) -> web.StreamResponse:
+        assert request.transport is not None
+        request.transport.abort()
+        return web.Response(status=500)  # never sent
+
+    return behave
+
+
+def status_reply(status: int, message: str = "upstream error", headers: Mapping[str, str] | None = None) -> Behavior:
+    return json_reply(error_body(message, code=str(status)), status=status, headers=headers)
+
+
+async def wait_for(predicate: Callable[[], bool], timeout: float = 5.0, interval: float = 0.01) -> None:
+    """Poll `predicate` until true (for effects that happen after a response, like a closed upstream)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met within %.1fs" % timeout)
+        await asyncio.sleep(interval)

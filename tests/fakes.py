@@ -249,5 +249,5 @@ async def wait_for(predicate: Callable[[], bool], timeout: float = 5.0, interval
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
-            raise AssertionError("condition not met within %.1fs" % timeout)
+            raise AssertionError(f"condition not met within {timeout:.1f}s")
         await asyncio.sleep(interval)

@@ -8,6 +8,7 @@ a reload builds a new one and swaps a single reference (see `app.ConfigHolder`).
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -145,9 +146,11 @@ def parse_config(text: str, *, env: Mapping[str, str], source: str = "<memory>")
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or "invalid YAML"
-        raise ConfigError(f"{source}:{where}: {problem}") from None
+        where = f" line {mark.line + 1}:" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or getattr(exc, "reason", None) or "invalid YAML"
+        raise ConfigError(f"{source}:{where} {problem}") from None
+    except (RecursionError, ValueError):  # PyYAML on absurd nesting or a 4300+ digit integer
+        raise ConfigError(f"{source}: document nested too deeply or holds a number too large") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping with 'providers' and 'aliases'")
     return _Parser(env, source).config(raw)
@@ -189,9 +192,15 @@ class _Parser:
                 raise self.fail(where, f"expected a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise self.fail(where, f"expected a number, got {type(value).__name__}")
-        if integer and not float(value).is_integer():
+        try:
+            as_float = float(value)
+        except OverflowError:
+            raise self.fail(where, "number too large") from None
+        if not math.isfinite(as_float):
+            raise self.fail(where, f"must be a finite number, got {value}")
+        if integer and not as_float.is_integer():
             raise self.fail(where, f"expected a whole number, got {value}")
-        if value < minimum or value != value:  # NaN check
+        if as_float < minimum:
             raise self.fail(where, f"must be >= {minimum:g}, got {value}")
         return value
 
@@ -234,8 +243,13 @@ class _Parser:
         base_url = ""
         if "base_url" in spec:
             base_url = self.string(spec["base_url"], f"{where}.base_url").rstrip("/")
-            parts = urlsplit(base_url)
-            if parts.scheme not in ("http", "https") or not parts.hostname:
+            try:
+                parts = urlsplit(base_url)
+                valid = parts.scheme in ("http", "https") and bool(parts.hostname)
+                parts.port  # noqa: B018 - raises ValueError for a port that is not 0-65535
+            except ValueError:
+                valid = False
+            if not valid:
                 raise self.fail(f"{where}.base_url", f"{base_url!r} is not an http(s) URL")
         elif kind == "openai":
             raise self.fail(where, "base_url is required for kind openai")

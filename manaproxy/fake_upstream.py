@@ -74,8 +74,22 @@ async def chat(request: web.Request) -> web.StreamResponse:
         }
         return web.json_response(body, dumps=lambda o: orjson.dumps(o).decode())
     include_usage = bool((payload.get("stream_options") or {}).get("include_usage"))
+    try:
+        return await _stream(
+            request,
+            head={"id": ident, "object": "chat.completion.chunk", "created": created, "model": model},
+            words=words,
+            delay=delay,
+            usage=usage if include_usage else None,
+        )
+    except ConnectionError:  # the client hung up: nothing to do
+        raise web.HTTPException() from None
+
+
+async def _stream(
+    request: web.Request, *, head: dict[str, Any], words: list[str], delay: float, usage: dict[str, int] | None
+) -> web.StreamResponse:
     async with sse_response(request, ping_interval=3600, allow_all_methods=True) as sse:
-        head = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model}
         first = {
             **head,
             "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}],
@@ -89,7 +103,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
             await sse.send(orjson.dumps(chunk).decode())
         last = {**head, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
         await sse.send(orjson.dumps(last).decode())
-        if include_usage:
+        if usage is not None:
             await sse.send(orjson.dumps({**head, "choices": [], "usage": usage}).decode())
         await sse.send("[DONE]")
     return sse

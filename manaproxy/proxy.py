@@ -87,6 +87,10 @@ async def forward(request: web.Request) -> web.StreamResponse:
         record.status = err.status
         record.error_type = record.error_type or err.code or "error"
         return err.response()
+    except Exception:
+        record.status = 500
+        record.error_type = "internal_error"
+        raise
     except asyncio.CancelledError:
         # The client went away (handler cancellation); nothing more can be sent.
         # Not an error of ours nor of the provider's: no error_type, status 499 as nginx logs it.
@@ -126,7 +130,7 @@ class _Forwarder:
         if route.alias is None:
             record.requested_provider = route.chain[0].provider
 
-        path = self.request.path[len("/v1") :]
+        path = self.request.raw_path[len("/v1") :]  # raw: percent-encoding and query string kept as sent
         accept = self.request.headers.get("Accept")
         failures: list[str] = []
         for target in route.chain:
@@ -167,6 +171,12 @@ class _Forwarder:
             health.release(target.provider)
             released = True
             return self._failed(target, failure)
+        except Exception as exc:
+            # A bug in a provider module must not cost the client its answer: log it, try the next entry.
+            logger.exception("request %s: provider %s raised", record.request_id, target.provider)
+            health.release(target.provider)
+            released = True
+            return self._failed(target, UpstreamFailure("internal", f"provider error: {type(exc).__name__}"))
         try:
             health.record_success(target.provider, perf_counter() - started)
             record.provider = target.provider

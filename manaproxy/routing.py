@@ -27,7 +27,7 @@ class Route:
 
 def _shown(model: str) -> str:
     # Client-supplied text goes back in the error message; keep it short.
-    return model if len(model) <= 200 else model[:200] + "..."
+    return model if len(model) <= 150 else model[:150] + "..."
 
 
 def resolve(model: str | None, config: Config) -> Route:
@@ -65,7 +65,7 @@ def resolve(model: str | None, config: Config) -> Route:
     if target.provider not in config.providers:
         raise ProxyError(
             400,
-            f"model '{_shown(model)}' names unknown provider '{target.provider}'",
+            f"model '{_shown(model)}' names unknown provider '{_shown(target.provider)}'",
             code="unknown_provider",
             param="model",
         )

@@ -190,8 +190,12 @@ def usage_from(data: Any) -> tuple[int, int] | None:
     return None
 
 
+_DONE_LINE = re.compile(rb"(?m)^data: ?\[DONE\]\r?$")
+
+
 def has_done(events: bytes) -> bool:
-    return b"data: [DONE]" in events or b"data:[DONE]" in events
+    """True when a `data: [DONE]` line is among `events` (as a line of its own, not inside some text)."""
+    return b"[DONE]" in events and _DONE_LINE.search(events) is not None
 
 
 def error_event(message: str, *, error_type: str = "server_error", code: str | None = None) -> bytes:

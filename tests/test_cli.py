@@ -1,0 +1,204 @@
+"""The real `manaproxy` command in a subprocess: `check` (like `nginx -t`), `serve` refusing a bad config, help."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = ROOT / "aliases.yaml"
+PROVIDER_KEYS = ("GROQ_API_KEY", "OPENROUTER_API_KEY", "TOGETHER_API_KEY", "GOOGLE_API_KEY", "OLLAMA_URL")
+
+VALID = """
+providers:
+  local: {base_url: "http://127.0.0.1:9/v1"}
+  cloud: {base_url: "http://127.0.0.1:9/v1", api_key: "${CLOUD_KEY}"}
+aliases:
+  mana/x: {chain: [local/m1, cloud/m2]}
+default: mana/x
+"""
+
+
+def run(
+    *args: str, env: dict[str, str] | None = None, cwd: Path = ROOT, timeout: float = 15
+) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if k not in PROVIDER_KEYS and k != "NOTIFY_SOCKET"}
+    return subprocess.run(
+        [sys.executable, "-m", "manaproxy", *args],
+        env={**base, **(env or {})},
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def run_many(
+    commands: list[list[str]], *, env: dict[str, str] | None = None, timeout: float = 15
+) -> list[subprocess.CompletedProcess[str]]:
+    """Run several invocations at once: each pays ~0.25 s of imports, so the table stays fast."""
+    base = {k: v for k, v in os.environ.items() if k not in PROVIDER_KEYS and k != "NOTIFY_SOCKET"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "manaproxy", *args],
+            env={**base, **(env or {})},
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for args in commands
+    ]
+    results = []
+    for args, proc in zip(commands, procs, strict=True):
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise
+        results.append(subprocess.CompletedProcess(args, proc.returncode, stdout, stderr))
+    return results
+
+
+def write(tmp_path: Path, text: str, name: str = "aliases.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+# -- check: valid ---------------------------------------------------------------------------------
+
+
+def test_check_valid_config_prints_one_line_summary(tmp_path: Path) -> None:
+    path = write(tmp_path, VALID)
+    result = run("check", "--config", str(path))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 1
+    assert str(path) in lines[0]
+    assert "2 providers (1 configured)" in lines[0]
+    assert "1 aliases" in lines[0]
+    assert "mana/x" in lines[0]
+    assert "cloud" in lines[0]  # named as unconfigured: its key is not in the environment
+    assert "Traceback" not in result.stderr
+
+
+def test_check_counts_provider_whose_key_is_in_env(tmp_path: Path) -> None:
+    path = write(tmp_path, VALID)
+    result = run("check", "--config", str(path), env={"CLOUD_KEY": "test-key-cli-1"})
+    assert result.returncode == 0, result.stderr
+    assert "2 providers (2 configured)" in result.stdout
+    assert "test-key-cli-1" not in result.stdout + result.stderr
+
+
+def test_check_shipped_config() -> None:
+    result = run("check", "--config", str(SHIPPED), env={"GROQ_API_KEY": "test-key-groq"})
+    assert result.returncode == 0, result.stderr
+    assert "5 providers (2 configured), 5 aliases, default mana/fast-text" in result.stdout
+    assert "test-key-groq" not in result.stdout + result.stderr
+
+
+def test_check_defaults_to_aliases_yaml_in_cwd(tmp_path: Path) -> None:
+    write(tmp_path, VALID)
+    result = run("check", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "aliases.yaml" in result.stdout
+
+
+# -- check: invalid -------------------------------------------------------------------------------
+
+
+INVALID = [
+    # (case, config text, what the one-line message must name); test_config.py holds the full table
+    ("undeclared-provider", VALID.replace("cloud/m2", "ghost/m2"), ["aliases.mana/x.chain[1]", "ghost"]),
+    ("unknown-top-level-key", VALID + "colour: red\n", ["unknown key 'colour'"]),
+    (
+        "unknown-provider-key",
+        VALID.replace('local: {base_url: "http://127.0.0.1:9/v1"}', 'local: {base_url: "http://h", timeout: 3}'),
+        ["providers.local", "unknown key 'timeout'"],
+    ),
+    ("yaml-syntax", "providers:\n  a: [\n", ["line 3"]),
+    ("binary", "\x00\x01\x02\ufffe", []),
+]
+
+
+def test_check_invalid_config_names_the_place(tmp_path: Path) -> None:
+    paths = [write(tmp_path, text, f"{case}.yaml") for case, text, _ in INVALID]
+    results = run_many([["check", "--config", str(path)] for path in paths])
+    for (case, _, names), path, result in zip(INVALID, paths, results, strict=True):
+        message = result.stderr.strip()
+        assert result.returncode != 0, case
+        assert result.stdout == "", case
+        assert "Traceback" not in message, (case, message)
+        assert len(message.splitlines()) == 1, (case, message)
+        assert str(path) in message, (case, message)
+        for name in names:
+            assert name in message, (case, message)
+
+
+def test_check_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "missing.yaml"
+    result = run("check", "--config", str(path))
+    assert result.returncode != 0
+    assert str(path) in result.stderr
+    assert "cannot read" in result.stderr
+    assert "No such file" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_check_unparseable_base_url_gives_a_clear_message(tmp_path: Path) -> None:
+    path = write(tmp_path, VALID.replace("http://127.0.0.1:9/v1", "http://[::1/v1", 1))
+    result = run("check", "--config", str(path))
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert "providers.local.base_url" in result.stderr
+
+
+# -- serve with a bad config ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text", [pytest.param(VALID.replace("cloud/m2", "ghost/m2"), id="invalid"), pytest.param(None, id="missing")]
+)
+def test_serve_with_bad_config_exits_quickly(tmp_path: Path, text: str | None) -> None:
+    path = write(tmp_path, text) if text is not None else tmp_path / "missing.yaml"
+    started = time.monotonic()
+    result = run("serve", "--config", str(path), "--host", "127.0.0.1", "--port", "0", timeout=10)
+    assert time.monotonic() - started < 5
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if "ERROR" in line]
+    assert len(errors) == 1, result.stderr
+    assert "invalid config" in errors[0]
+    assert str(path) in errors[0]
+    if text is not None:
+        assert "aliases.mana/x.chain[1]" in errors[0]
+    assert "Traceback" not in result.stderr
+    assert "listening" not in result.stderr
+
+
+# -- help -----------------------------------------------------------------------------------------
+
+
+def test_help_version_and_usage() -> None:
+    top, serve, check, version, bare = run_many(
+        [["--help"], ["serve", "--help"], ["check", "--help"], ["--version"], []]
+    )
+    assert top.returncode == 0
+    assert "serve" in top.stdout
+    assert "check" in top.stdout
+    assert serve.returncode == 0
+    for option in ("--config", "--host", "--port"):
+        assert option in serve.stdout
+    assert check.returncode == 0
+    assert "--config" in check.stdout
+    assert version.returncode == 0
+    assert version.stdout.startswith("manaproxy ")
+    assert bare.returncode == 2  # argparse usage error: a command is required
+    assert "usage: manaproxy" in bare.stderr

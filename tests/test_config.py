@@ -1,0 +1,449 @@
+"""`config.parse_config` / `load_config`: env expansion, defaults, and validation errors that name their place.
+
+Table-driven: each bad document is a small YAML text plus the place (`aliases.mana/x.chain[1]` ...) its
+error message must name. `ConfigError` must be the only exception a document can ever produce.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from manaproxy.config import (
+    Alias,
+    ConfigError,
+    HealthSettings,
+    ServerSettings,
+    Target,
+    Timeouts,
+    expand_env,
+    load_config,
+    parse_config,
+)
+
+SHIPPED = Path(__file__).resolve().parent.parent / "aliases.yaml"
+
+MINIMAL = """
+providers:
+  a:
+    base_url: http://127.0.0.1:9/v1
+aliases:
+  mana/x:
+    chain: [a/m1]
+"""
+
+
+def doc(providers: dict[str, Any] | None = None, aliases: dict[str, Any] | None = None, **top: Any) -> str:
+    """YAML text: one provider `a` and one alias `mana/x` unless overridden, plus any other top-level keys."""
+    raw: dict[str, Any] = {
+        "providers": {"a": {"base_url": "http://127.0.0.1:9/v1"}} if providers is None else providers,
+        "aliases": {"mana/x": {"chain": ["a/m1"]}} if aliases is None else aliases,
+        **top,
+    }
+    return yaml.safe_dump(raw, sort_keys=False)
+
+
+def provider_doc(**spec: Any) -> str:
+    """A document whose provider `a` has `spec` (base_url filled in unless given)."""
+    return doc(providers={"a": {"base_url": "http://127.0.0.1:9/v1", **spec}})
+
+
+def config_error(text: str, env: dict[str, str] | None = None) -> str:
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, env=env or {}, source="t.yaml")
+    return str(info.value)
+
+
+# -- environment expansion ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "expected"),
+    [
+        ("${V}", {"V": "x"}, "x"),
+        ("${V}", {}, ""),
+        ("${V}", {"V": ""}, ""),
+        ("${V:-d}", {"V": "x"}, "x"),
+        ("${V:-d}", {}, "d"),
+        ("${V:-d}", {"V": ""}, "d"),
+        ("${V:-}", {}, ""),
+        ("${V:-http://h:1/p}/v1", {}, "http://h:1/p/v1"),
+        ("a${V}b${W:-w}c", {"V": "1"}, "a1bwc"),
+        ("$V ${ not a var} $${V}", {"V": "x"}, "$V ${ not a var} $x"),
+        ("${V}", {"V": "${W}"}, "${W}"),  # one pass: a value is never expanded again
+    ],
+)
+def test_expand_env(text: str, env: dict[str, str], expected: str) -> None:
+    assert expand_env(text, env) == expected
+
+
+@pytest.mark.parametrize(
+    ("base_url", "env", "expected"),
+    [
+        ("${URL:-http://localhost:11434}/v1", {}, "http://localhost:11434/v1"),
+        ("${URL:-http://localhost:11434}/v1", {"URL": ""}, "http://localhost:11434/v1"),
+        ("${URL:-http://localhost:11434}/v1", {"URL": "http://10.0.0.1:8080"}, "http://10.0.0.1:8080/v1"),
+        ("${URL}", {"URL": "https://api.example.test/v1/"}, "https://api.example.test/v1"),
+    ],
+)
+def test_base_url_is_expanded_from_env(base_url: str, env: dict[str, str], expected: str) -> None:
+    config = parse_config(provider_doc(base_url=base_url), env=env)
+    assert config.providers["a"].base_url == expected
+
+
+@pytest.mark.parametrize(
+    ("api_key", "env", "key", "configured"),
+    [
+        ("${KEY}", {"KEY": "test-key-1"}, "test-key-1", True),
+        ("${KEY}", {}, "", False),
+        ("${KEY}", {"KEY": ""}, "", False),
+        ("${KEY}", {"KEY": "   "}, "", False),
+        ("${KEY:-test-key-2}", {}, "test-key-2", True),
+        (None, {}, "", False),  # `api_key:` with no value: declared but empty
+        ("", {}, "", False),
+    ],
+)
+def test_api_key_expansion_and_configured(api_key: Any, env: dict[str, str], key: str, configured: bool) -> None:
+    provider = parse_config(provider_doc(api_key=api_key), env=env).providers["a"]
+    assert provider.api_key == key
+    assert provider.configured is configured
+
+
+def test_provider_without_api_key_is_configured() -> None:
+    provider = parse_config(MINIMAL, env={}).providers["a"]
+    assert provider.api_key is None
+    assert provider.configured is True
+
+
+def test_header_values_are_expanded_and_description_is_not() -> None:
+    text = doc(
+        providers={"a": {"base_url": "http://h/v1", "headers": {"X-Title": "${TITLE:-mp}", "X-Ref": "${REF}"}}},
+        aliases={"mana/x": {"description": "costs ${PRICE}", "chain": ["a/m"]}},
+    )
+    config = parse_config(text, env={"REF": "https://example.test"})
+    assert dict(config.providers["a"].headers) == {"X-Title": "mp", "X-Ref": "https://example.test"}
+    assert config.aliases["mana/x"].description == "costs ${PRICE}"
+
+
+def test_numbers_may_come_from_env() -> None:
+    text = provider_doc(timeouts={"connect": "${CONNECT:-2.5}"}, max_concurrent="${MAXC}")
+    provider = parse_config(text, env={"MAXC": "4"}).providers["a"]
+    assert provider.timeouts.connect == 2.5
+    assert provider.max_concurrent == 4
+
+
+# -- defaults and parsed shape --------------------------------------------------------------------
+
+
+def test_defaults() -> None:
+    config = parse_config(MINIMAL, env={}, source="min.yaml")
+    provider = config.providers["a"]
+    assert provider.kind == "openai"
+    assert provider.timeouts == Timeouts(connect=5.0, first_byte=30.0, idle=60.0, total=600.0)
+    assert provider.max_concurrent == 0
+    assert provider.probe is None
+    assert dict(provider.headers) == {}
+    assert config.health == HealthSettings(
+        failure_threshold=2, backoff_seconds=60.0, probe_interval_seconds=30.0, probe_timeout_seconds=3.0
+    )
+    assert config.server == ServerSettings(
+        max_body_bytes=32 * 1024 * 1024, shutdown_timeout_seconds=30.0, models_cache_seconds=60.0
+    )
+    assert config.default is None
+    assert config.source == "min.yaml"
+    assert config.aliases["mana/x"] == Alias(name="mana/x", description="", chain=(Target("a", "m1"),))
+
+
+def test_partial_sections_keep_other_defaults() -> None:
+    text = doc(
+        providers={"a": {"base_url": "http://h/v1", "timeouts": {"idle": 7}}},
+        health={"failure_threshold": 5},
+        server={"max_body_bytes": 1024},
+    )
+    config = parse_config(text, env={})
+    assert config.providers["a"].timeouts == Timeouts(idle=7.0)
+    assert config.health == HealthSettings(failure_threshold=5)
+    assert config.server == ServerSettings(max_body_bytes=1024)
+
+
+def test_chain_entries_keep_slashes_in_model_part() -> None:
+    text = doc(aliases={"mana/x": {"chain": ["a/anthropic/claude-3-haiku", "a/qwen2.5:7b"]}}, default="mana/x")
+    config = parse_config(text, env={})
+    assert config.aliases["mana/x"].chain == (Target("a", "anthropic/claude-3-haiku"), Target("a", "qwen2.5:7b"))
+    assert config.default == "mana/x"
+
+
+def test_config_is_immutable() -> None:
+    config = parse_config(MINIMAL, env={})
+    with pytest.raises(TypeError):
+        config.providers["b"] = config.providers["a"]  # type: ignore[index]
+    with pytest.raises(AttributeError):
+        config.default = "mana/x"  # type: ignore[misc]
+
+
+def test_summary_counts_configured_providers() -> None:
+    text = doc(providers={"a": {"base_url": "http://h/v1"}, "b": {"base_url": "http://h/v1", "api_key": "${K}"}})
+    summary = parse_config(text, env={}, source="s.yaml").summary()
+    assert summary == "s.yaml: 2 providers (1 configured), 1 aliases, default -"
+
+
+def test_repr_never_contains_the_api_key() -> None:
+    text = provider_doc(api_key="${KEY}", headers={"X-Secret": "${KEY}"})
+    config = parse_config(text, env={"KEY": "test-key-secret-1"})
+    assert config.providers["a"].api_key == "test-key-secret-1"
+    assert "test-key-secret-1" not in repr(config.providers["a"])
+    assert "test-key-secret-1" not in repr(config)
+    assert "test-key-secret-1" not in str(config.providers["a"])
+
+
+# -- validation errors name their place -----------------------------------------------------------
+
+BAD_DOCUMENTS = [
+    pytest.param(doc(extra=1), ["top level", "unknown key 'extra'"], id="unknown-top-level-key"),
+    pytest.param(provider_doc(colour="red"), ["providers.a", "unknown key 'colour'"], id="unknown-provider-key"),
+    pytest.param(
+        provider_doc(timeouts={"read": 1}), ["providers.a.timeouts", "unknown key 'read'"], id="unknown-timeouts-key"
+    ),
+    pytest.param(
+        doc(aliases={"mana/x": {"chain": ["a/m1", "nope/m2"]}}),
+        ["aliases.mana/x.chain[1]", "'nope'"],
+        id="chain-names-undeclared-provider",
+    ),
+    pytest.param(
+        doc(aliases={"mana/x": {"chain": ["a/m1", "a/m2", "a"]}}),
+        ["aliases.mana/x.chain[2]"],
+        id="chain-entry-no-slash",
+    ),
+    pytest.param(doc(aliases={"mana/x": {"chain": ["a/"]}}), ["aliases.mana/x.chain[0]"], id="chain-entry-no-model"),
+    pytest.param(
+        doc(aliases={"mana/x": {"chain": ["a/m", {"a": "m"}]}}), ["aliases.mana/x.chain[1]"], id="chain-entry-mapping"
+    ),
+    pytest.param(doc(aliases={"mana/x": {"chain": []}}), ["aliases.mana/x.chain", "non-empty"], id="empty-chain"),
+    pytest.param(doc(aliases={"mana/x": {"chain": "a/m1"}}), ["aliases.mana/x.chain"], id="chain-not-a-list"),
+    pytest.param(doc(aliases={"mana/x": {"description": "d"}}), ["aliases.mana/x.chain"], id="chain-missing"),
+    pytest.param(
+        doc(aliases={"mana/x": {"chain": ["a/m"], "fallback": []}}),
+        ["aliases.mana/x", "unknown key 'fallback'"],
+        id="unknown-alias-key",
+    ),
+    pytest.param(doc(aliases={"fast": {"chain": ["a/m1"]}}), ["aliases.fast", "mana/"], id="alias-outside-mana"),
+    pytest.param(doc(aliases={"mana/": {"chain": ["a/m1"]}}), ["aliases.mana/", "mana/"], id="alias-without-class"),
+    pytest.param(doc(default="mana/nope"), ["default", "'mana/nope'"], id="default-not-an-alias"),
+    pytest.param(doc(default=["mana/x"]), ["default"], id="default-not-a-string"),
+    pytest.param(provider_doc(base_url="localhost:11434/v1"), ["providers.a.base_url"], id="base-url-no-scheme"),
+    pytest.param(provider_doc(base_url="ftp://h/v1"), ["providers.a.base_url"], id="base-url-ftp"),
+    pytest.param(provider_doc(base_url="http://"), ["providers.a.base_url"], id="base-url-no-host"),
+    pytest.param(provider_doc(base_url="${UNSET}"), ["providers.a.base_url"], id="base-url-unset-env"),
+    pytest.param(doc(providers={"a": {"kind": "openai"}}), ["providers.a", "base_url"], id="base-url-missing"),
+    pytest.param(provider_doc(timeouts={"connect": -1}), ["providers.a.timeouts.connect"], id="timeout-negative"),
+    pytest.param(provider_doc(timeouts={"idle": 0}), ["providers.a.timeouts.idle"], id="timeout-zero"),
+    pytest.param(provider_doc(timeouts={"total": math.nan}), ["providers.a.timeouts.total"], id="timeout-nan"),
+    pytest.param(provider_doc(timeouts={"total": "nan"}), ["providers.a.timeouts.total"], id="timeout-nan-text"),
+    pytest.param(
+        provider_doc(timeouts={"first_byte": "soon"}),
+        ["providers.a.timeouts.first_byte", "expected a number"],
+        id="timeout-not-numeric",
+    ),
+    pytest.param(provider_doc(timeouts={"connect": True}), ["providers.a.timeouts.connect"], id="timeout-bool"),
+    pytest.param(provider_doc(timeouts={"connect": [1]}), ["providers.a.timeouts.connect"], id="timeout-list"),
+    pytest.param(provider_doc(timeouts=[1, 2]), ["providers.a.timeouts", "mapping"], id="timeouts-not-mapping"),
+    pytest.param(provider_doc(kind="anthropic"), ["providers.a.kind", "'anthropic'"], id="bad-kind"),
+    pytest.param(provider_doc(max_concurrent=-1), ["providers.a.max_concurrent"], id="max-concurrent-negative"),
+    pytest.param(provider_doc(max_concurrent=1.5), ["providers.a.max_concurrent"], id="max-concurrent-fraction"),
+    pytest.param(provider_doc(probe="models"), ["providers.a.probe", "'/'"], id="probe-not-a-path"),
+    pytest.param(provider_doc(headers=["X: y"]), ["providers.a.headers"], id="headers-not-mapping"),
+    pytest.param(provider_doc(headers={"X-A": None}), ["providers.a.headers.X-A"], id="header-value-null"),
+    pytest.param(provider_doc(api_key=["k"]), ["providers.a.api_key"], id="api-key-list"),
+    pytest.param(doc(providers={"mana": {"base_url": "http://h"}}), ["providers.mana"], id="provider-named-mana"),
+    pytest.param(doc(providers={"a b": {"base_url": "http://h"}}), ["providers.a b"], id="provider-name-space"),
+    pytest.param(doc(providers={"a": "http://h"}), ["providers.a", "mapping"], id="provider-not-mapping"),
+    pytest.param(doc(providers={}), ["providers", "at least one"], id="no-providers-empty"),
+    pytest.param("aliases: {}\n", ["providers", "at least one"], id="no-providers-missing"),
+    pytest.param(doc(providers=["a"]), ["providers", "mapping"], id="providers-a-list"),
+    pytest.param(doc(aliases=["mana/x"]), ["aliases", "mapping"], id="aliases-a-list"),
+    pytest.param(doc(health={"failure_threshold": 0}), ["health.failure_threshold"], id="threshold-zero"),
+    pytest.param(doc(health={"failure_threshold": 2.5}), ["health.failure_threshold"], id="threshold-fraction"),
+    pytest.param(doc(health={"backoff_seconds": -5}), ["health.backoff_seconds"], id="backoff-negative"),
+    pytest.param(doc(health={"probe": 1}), ["health", "unknown key 'probe'"], id="unknown-health-key"),
+    pytest.param(doc(server={"max_body_bytes": 0}), ["server.max_body_bytes"], id="body-limit-zero"),
+    pytest.param(doc(server={"port": 1}), ["server", "unknown key 'port'"], id="unknown-server-key"),
+]
+
+
+@pytest.mark.parametrize(("text", "places"), BAD_DOCUMENTS)
+def test_validation_error_names_its_place(text: str, places: list[str]) -> None:
+    message = config_error(text)
+    assert message.startswith("t.yaml: ")
+    for place in places:
+        assert place in message
+
+
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [
+        ("providers:\n  a: [\n", 3),
+        ("providers:\n  a:\n    base_url: http://h\n  b: {x: 1\naliases: {}\n", 5),
+        ("a: b: c\n", 1),
+        ("providers:\n\tb: 1\n", 2),
+    ],
+)
+def test_yaml_syntax_error_names_the_line(text: str, line: int) -> None:
+    assert f"t.yaml: line {line}: " in config_error(text)
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "- a\n- b\n", "just a scalar", "42", "null", "[]"])
+def test_top_level_must_be_a_mapping(text: str) -> None:
+    assert "expected a mapping" in config_error(text)
+
+
+HOSTILE_DOCUMENTS = [
+    pytest.param("- providers\n- aliases\n", id="list"),
+    pytest.param("providers: 1\n", id="providers-scalar"),
+    pytest.param("providers: !!set {a, b}\n", id="set"),
+    pytest.param("providers:\n  a:\n    base_url: !!binary aGVsbG8=\n", id="binary-tag"),
+    pytest.param("!!python/object/apply:os.system [echo hi]\n", id="python-tag"),
+    pytest.param("providers:\n  1: {base_url: http://h}\n", id="int-provider-name"),
+    pytest.param("providers:\n  ? [a, b]\n  : {base_url: http://h}\n", id="list-as-key"),
+    pytest.param("providers:\n  a:\n    base_url: 2020-01-01\n", id="date-base-url"),
+    pytest.param("providers:\n  a:\n    base_url: {x: {y: [1, 2, {z: null}]}}\n", id="nested-junk"),
+    pytest.param("providers: &p\n  a: {base_url: http://h}\naliases: *p\n", id="yaml-alias-reuse"),
+    pytest.param("providers:\n  a:\n    base_url: http://h\n    timeouts: {yes: 1}\n", id="bool-key"),
+    pytest.param("providers:\n  a: {base_url: \x00}\n", id="nul-byte"),
+    pytest.param("\ufeffproviders: [\x85\x07\x1b]\n", id="control-chars"),
+    pytest.param("%YAML 9.9\n---\na: 1\n", id="bad-directive"),
+    pytest.param("a: 1\n---\nb: 2\n", id="two-documents"),
+    pytest.param("a: *undefined\n", id="undefined-anchor"),
+    pytest.param(
+        "[" * 700 + "]" * 700,
+        id="deeply-nested-list",
+    ),
+    pytest.param(
+        "providers: 1" + "0" * 5000 + "\n",
+        id="int-over-4300-digits",
+    ),
+    pytest.param(
+        provider_doc(timeouts={"connect": 10**400}),
+        id="huge-int-timeout",
+    ),
+    pytest.param(
+        provider_doc(max_concurrent=10**400),
+        id="huge-int-max-concurrent",
+    ),
+    pytest.param(
+        provider_doc(base_url="http://[::1/v1"),
+        id="base-url-bad-ipv6",
+    ),
+]
+
+
+@pytest.mark.parametrize("text", HOSTILE_DOCUMENTS)
+def test_hostile_documents_raise_only_config_error(text: str) -> None:
+    try:
+        parse_config(text, env={}, source="t.yaml")
+    except ConfigError as exc:
+        problem = "" if str(exc).startswith("t.yaml:") else f"ConfigError without its source: {exc}"
+    except BaseException as exc:  # the point is that nothing else escapes
+        # Fail outside the handler: a chained RecursionError traceback takes pytest a second to render.
+        problem = f"{type(exc).__name__} escaped parse_config: {str(exc)[:200]}"
+    else:
+        problem = "a hostile document was accepted"
+    if problem:
+        pytest.fail(problem)
+
+
+@pytest.mark.parametrize("value", [math.inf, "inf", "${T:-inf}"])
+def test_infinite_timeout_is_rejected(value: Any) -> None:
+    assert "providers.a.timeouts.total" in config_error(provider_doc(timeouts={"total": value}))
+
+
+@pytest.mark.parametrize("base_url", ["http://h:abc/v1", "http://h:99999/v1"])
+def test_base_url_with_bad_port_is_rejected(base_url: str) -> None:
+    assert "providers.a.base_url" in config_error(provider_doc(base_url=base_url))
+
+
+# -- load_config ----------------------------------------------------------------------------------
+
+
+def test_load_config_reads_and_expands(tmp_path: Path) -> None:
+    path = tmp_path / "aliases.yaml"
+    path.write_text(provider_doc(api_key="${KEY}"), encoding="utf-8")
+    config = load_config(path, env={"KEY": "test-key-1"})
+    assert config.source == str(path)
+    assert config.providers["a"].api_key == "test-key-1"
+
+
+def test_load_config_defaults_to_os_environ(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "aliases.yaml"
+    path.write_text(provider_doc(api_key="${MANAPROXY_TEST_KEY}"), encoding="utf-8")
+    monkeypatch.setenv("MANAPROXY_TEST_KEY", "test-key-env")
+    assert load_config(path).providers["a"].api_key == "test-key-env"
+
+
+def test_load_config_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    assert str(path) in str(info.value)
+    assert "cannot read" in str(info.value)
+
+
+def test_load_config_directory(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path, env={})
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"\xff\xfe\x00\x01garbage\x80\x81", bytes(range(256)), b"providers:\n  a: {base_url: \xc3\x28}\n"],
+)
+def test_load_config_binary_file(tmp_path: Path, data: bytes) -> None:
+    path = tmp_path / "binary.yaml"
+    path.write_bytes(data)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    assert str(info.value).startswith(str(path))
+
+
+def test_load_config_error_names_the_file_and_place(tmp_path: Path) -> None:
+    path = tmp_path / "aliases.yaml"
+    path.write_text(doc(aliases={"mana/x": {"chain": ["a/m", "ghost/m"]}}), encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    assert str(info.value).startswith(f"{path}: aliases.mana/x.chain[1]: ")
+
+
+# -- the shipped aliases.yaml ---------------------------------------------------------------------
+
+SHIPPED_PROVIDERS = {"ollama", "openrouter", "groq", "together", "google"}
+SHIPPED_ALIASES = {"mana/fast-text", "mana/long-form", "mana/structured", "mana/reasoning", "mana/vision"}
+
+
+def test_shipped_config_parses_with_empty_env() -> None:
+    config = load_config(SHIPPED, env={})
+    assert set(config.providers) == SHIPPED_PROVIDERS
+    assert set(config.aliases) == SHIPPED_ALIASES
+    assert config.default in config.aliases
+    assert config.providers["ollama"].base_url == "http://localhost:11434/v1"
+    assert config.providers["google"].kind == "google"
+    # Without keys in the environment only the keyless local provider is usable.
+    assert {name for name, p in config.providers.items() if p.configured} == {"ollama"}
+    for alias in config.aliases.values():
+        assert alias.chain
+        assert all(target.provider in config.providers for target in alias.chain)
+
+
+def test_shipped_config_groq_is_configured_with_key_in_env() -> None:
+    config = load_config(SHIPPED, env={"GROQ_API_KEY": "test-key-1"})
+    assert config.providers["groq"].configured
+    assert config.providers["groq"].api_key == "test-key-1"
+    assert not config.providers["together"].configured
+    assert "test-key-1" not in repr(config)
+
+
+def test_shipped_config_env_overrides_base_url() -> None:
+    config = load_config(SHIPPED, env={"OLLAMA_URL": "http://127.0.0.1:9999"})
+    assert config.providers["ollama"].base_url == "http://127.0.0.1:9999/v1"

@@ -1,0 +1,496 @@
+"""`sse.py`: event splitting across arbitrary chunk boundaries, the bytes-level `model` rewrite, helpers.
+
+The rewrite is checked two ways: a table of hand-written events (key orders of real servers, escapes,
+things that must stay byte-identical), and a seeded property test over random chunks built with orjson.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+import pytest
+
+from manaproxy.sse import (
+    DONE_EVENT,
+    EventBuffer,
+    ModelRewriter,
+    data_json,
+    error_event,
+    error_of,
+    has_done,
+    is_data_event,
+    usage_of,
+)
+
+RESOLVED = "groq/llama-3.3-70b-versatile"
+
+
+def chunk(model: str = "m", content: str = "hi", **extra: Any) -> dict[str, Any]:
+    """An OpenAI chat.completion.chunk object (OpenAI key order: model before choices)."""
+    return {
+        "id": "chatcmpl-1",
+        "object": "chat.completion.chunk",
+        "created": 1700000000,
+        "model": model,
+        "choices": [{"index": 0, "delta": {"content": content}, "finish_reason": None}],
+        **extra,
+    }
+
+
+def data(obj: Any, *, sep: bytes = b"\n\n") -> bytes:
+    return b"data: " + orjson.dumps(obj) + sep
+
+
+def events_of(line_end: bytes) -> list[bytes]:
+    """A realistic stream as a list of complete events, every line ended with `line_end`."""
+    blank = line_end
+    raw = [
+        [b": OPENROUTER PROCESSING"],
+        [b"retry: 3000"],
+        [b"data: " + orjson.dumps(chunk(content="Hel"))],
+        [b"event: message", b"id: 7", b"data: " + orjson.dumps(chunk(content='lo "model" \\ \n'))],
+        [b"data: " + orjson.dumps(chunk(content="", usage={"prompt_tokens": 3, "completion_tokens": 2}))],
+        [b"data: [DONE]"],
+    ]
+    return [line_end.join(lines) + line_end + blank for lines in raw]
+
+
+LINE_ENDS = [pytest.param(b"\n", id="lf"), pytest.param(b"\r\n", id="crlf"), pytest.param(b"\r", id="cr")]
+
+
+def feed_all(buffer: EventBuffer, pieces: Iterator[bytes], boundaries: set[int]) -> bytes:
+    """Feed pieces; after every feed the released total must sit on an event boundary."""
+    out = b""
+    for piece in pieces:
+        released = buffer.feed(piece)
+        out += released
+        assert len(out) in boundaries, f"released {len(out)} bytes: not an event boundary"
+    return out
+
+
+def boundaries_of(events: list[bytes]) -> set[int]:
+    offsets, total = {0}, 0
+    for event in events:
+        total += len(event)
+        offsets.add(total)
+    return offsets
+
+
+def random_splits(stream: bytes, rng: random.Random) -> Iterator[bytes]:
+    pos = 0
+    while pos < len(stream):
+        size = rng.choice([1, 1, 2, 3, 5, 8, 13, 64, 500])
+        yield stream[pos : pos + size]
+        pos += size
+
+
+# -- EventBuffer ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("line_end", LINE_ENDS)
+def test_feed_byte_by_byte_releases_only_complete_events(line_end: bytes) -> None:
+    events = events_of(line_end)
+    stream = b"".join(events)
+    buffer = EventBuffer()
+    out = feed_all(buffer, (stream[i : i + 1] for i in range(len(stream))), boundaries_of(events))
+    assert out == stream
+    assert buffer.pending == b""
+
+
+@pytest.mark.parametrize("line_end", LINE_ENDS)
+def test_feed_random_splits(line_end: bytes) -> None:
+    events = events_of(line_end) * 3
+    stream = b"".join(events)
+    boundaries = boundaries_of(events)
+    rng = random.Random(1234)
+    for _ in range(200):
+        buffer = EventBuffer()
+        out = feed_all(buffer, random_splits(stream, rng), boundaries)
+        assert out == stream
+        assert buffer.pending == b""
+
+
+@pytest.mark.parametrize("line_end", LINE_ENDS)
+def test_feed_keeps_incomplete_tail_pending(line_end: bytes) -> None:
+    events = events_of(line_end)
+    stream = b"".join(events)
+    cut = len(events[0]) + len(events[1]) + 10  # ten bytes into the third event
+    buffer = EventBuffer()
+    assert buffer.feed(stream[:cut]) == events[0] + events[1]
+    assert buffer.pending == stream[len(events[0]) + len(events[1]) : cut]
+    assert buffer.feed(b"") == b""
+    assert buffer.feed(stream[cut:]) == stream[len(events[0]) + len(events[1]) :]
+
+
+@pytest.mark.parametrize(
+    ("pieces", "released"),
+    [
+        ([b"data: a\n\n"], [b"data: a\n\n"]),
+        ([b"data: a\n", b"\n"], [b"", b"data: a\n\n"]),
+        ([b"data: a\r\n", b"\r\n"], [b"", b"data: a\r\n\r\n"]),
+        ([b"data: a\r\n\r", b"\n"], [b"", b"data: a\r\n\r\n"]),
+        ([b"data: a\r\n\r\nda", b"ta: b\r\n\r\n"], [b"data: a\r\n\r\n", b"data: b\r\n\r\n"]),
+        ([b"data: a\n\ndata: b\n\ndata: c"], [b"data: a\n\ndata: b\n\n"]),
+        ([b"data: a"], [b""]),
+        ([b""], [b""]),
+    ],
+)
+def test_feed_table(pieces: list[bytes], released: list[bytes]) -> None:
+    buffer = EventBuffer()
+    assert [buffer.feed(piece) for piece in pieces] == released
+
+
+@pytest.mark.parametrize("line_end", LINE_ENDS)
+def test_first_event_skips_leading_comments(line_end: bytes) -> None:
+    events = events_of(line_end)
+    stream = b"".join(events)
+    buffer = EventBuffer()
+    released, rest = buffer.first_event(stream)
+    # comment, retry, first data event; the complete events after it come back as `rest`
+    assert released == b"".join(events[:3])
+    assert rest == b"".join(events[3:])
+    assert buffer.pending == b""
+    assert data_json(released.split(line_end * 2)[-2]) == chunk(content="Hel")
+
+
+@pytest.mark.parametrize("line_end", LINE_ENDS)
+def test_first_event_byte_by_byte(line_end: bytes) -> None:
+    events = events_of(line_end)
+    stream = b"".join(events)
+    head = b"".join(events[:3])
+    buffer = EventBuffer()
+    for i in range(len(head) - 1):
+        assert buffer.first_event(stream[i : i + 1]) == (b"", b"")
+    # The last byte of the first data event completes it; nothing after it has arrived yet.
+    assert buffer.first_event(head[-1:]) == (head, b"")
+    assert buffer.pending == b""
+    assert buffer.feed(stream[len(head) :]) == stream[len(head) :]
+
+
+def test_first_event_leaves_incomplete_tail_pending() -> None:
+    buffer = EventBuffer()
+    released, rest = buffer.first_event(b": ping\n\ndata: 1\n\ndata: 2\n\ndata: 3")
+    assert (released, rest, buffer.pending) == (b": ping\n\ndata: 1\n\n", b"data: 2\n\n", b"data: 3")
+    assert buffer.feed(b"\n\n") == b"data: 3\n\n"
+
+
+@pytest.mark.parametrize(
+    ("event", "expected"),
+    [
+        (b"data: x\n\n", True),
+        (b"data:x\n\n", True),
+        (b"event: message\ndata: x\n\n", True),
+        (b"id: 1\r\ndata: x\r\n\r\n", True),
+        (b"id: 1\rdata: x\r\r", True),
+        (b": data: x\n\n", False),
+        (b"event: ping\n\n", False),
+        (b"retry: 10\n\n", False),
+    ],
+)
+def test_is_data_event(event: bytes, expected: bool) -> None:
+    assert is_data_event(event) is expected
+
+
+# -- ModelRewriter: table -------------------------------------------------------------------------
+
+
+def rewritten(events: bytes, model: str = RESOLVED) -> bytes:
+    return ModelRewriter(model).rewrite(events)
+
+
+def test_rewrites_top_level_model_in_place() -> None:
+    before = b'data: {"id":"c1","object":"chat.completion.chunk","created":1,"model":"llama","choices":[]}\n\n'
+    after = before.replace(b'"llama"', b'"' + RESOLVED.encode() + b'"')
+    assert rewritten(before) == after
+
+
+def test_rewrite_keeps_spacing_and_line_endings() -> None:
+    before = b'data:{ "id" : "c1" ,\t"model" :  "llama" , "choices": [] }\r\n\r\n'
+    assert rewritten(before) == before.replace(b'"llama"', b'"' + RESOLVED.encode() + b'"')
+
+
+def test_nested_model_keys_and_content_text_are_left_alone() -> None:
+    obj = {
+        "id": "c1",
+        "model": "llama",
+        "choices": [{"delta": {"content": 'the "model" field; "model": "x"', "model": "inner"}}],
+        "meta": {"model": "nested"},
+    }
+    out = rewritten(data(obj))
+    assert orjson.loads(out[6:]) == {**obj, "model": RESOLVED}
+
+
+def test_content_that_is_just_the_word_model() -> None:
+    obj = {"id": "c1", "object": "model", "model": "llama", "choices": [{"delta": {"content": "model"}}]}
+    assert orjson.loads(rewritten(data(obj))[6:]) == {**obj, "model": RESOLVED}
+
+
+def test_escaped_quotes_before_model() -> None:
+    before = b'data: {"id":"a\\"b\\\\","note":"\\",\\"model\\":\\"fake","model":"llama"}\n\n'
+    out = rewritten(before)
+    assert orjson.loads(out[6:]) == {"id": 'a"b\\', "note": '","model":"fake', "model": RESOLVED}
+    assert out == before.replace(b'"llama"', b'"' + RESOLVED.encode() + b'"')
+
+
+def test_model_after_nested_objects_llama_cpp_order() -> None:
+    # llama.cpp sorts keys: choices (nested) comes before model.
+    obj = {
+        "choices": [{"delta": {"content": "hi"}, "finish_reason": None, "index": 0}],
+        "created": 1,
+        "id": "c1",
+        "model": "gemma",
+        "object": "chat.completion.chunk",
+    }
+    out = rewritten(data(obj))
+    assert orjson.loads(out[6:]) == {**obj, "model": RESOLVED}
+    assert out.endswith(b"\n\n")
+
+
+def test_mixed_fast_and_slow_lines_in_one_write() -> None:
+    fast = chunk(model="a")
+    slow = {"choices": [{"model": "x"}], "model": "b"}
+    events = data(fast) + b": keepalive\n\n" + data(slow) + DONE_EVENT
+    out = rewritten(events).split(b"\n\n")
+    assert orjson.loads(out[0][6:]) == {**fast, "model": RESOLVED}
+    assert out[1] == b": keepalive"
+    assert orjson.loads(out[2][6:]) == {**slow, "model": RESOLVED}
+    assert out[3] + b"\n\n" == DONE_EVENT
+
+
+@pytest.mark.parametrize(
+    "events",
+    [
+        pytest.param(DONE_EVENT, id="done"),
+        pytest.param(b"data:[DONE]\r\n\r\n", id="done-crlf"),
+        pytest.param(b': {"model": "x"}\n\n', id="comment-with-model"),
+        pytest.param(b'event: model\ndata: "model" is not JSON\n\n', id="non-json-data"),
+        pytest.param(b'data: {"choices": [}, "model": "x"\n\n', id="broken-json"),
+        pytest.param(b'data: ["model", "x"]\n\n', id="json-array"),
+        pytest.param(b'data: {"choices": [{"model": "x"}]}\n\n', id="only-nested-model"),
+        pytest.param(b'data: {"id": "x", "choices": []}\n\n', id="no-model"),
+        pytest.param(b'id: 1\r\nretry: 5\r\n: "model"\r\n\r\n', id="fields-crlf"),
+        pytest.param(b'data: {"id":"1","model":"' + RESOLVED.encode() + b'"}\n\n', id="already-resolved"),
+    ],
+)
+def test_leaves_other_events_byte_identical(events: bytes) -> None:
+    assert rewritten(events) == events
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        "openrouter/anthropic/claude-3-haiku",
+        'p/quote"d',
+        "p/back\\slash",
+        'p/both\\"\\\\',
+        "p/\\g<0>\\1",  # regex template syntax must come out literally
+        "p/ünï\u2028cödé",
+        "p/tab\tnl\n",
+    ],
+)
+def test_model_names_with_special_characters(model: str) -> None:
+    fast = chunk(model="m")
+    slow = {"choices": [], "model": "m"}
+    for obj in (fast, slow):
+        out = rewritten(data(obj), model)
+        assert orjson.loads(out[6:]) == {**obj, "model": model}
+        assert out.endswith(b"\n\n")
+
+
+def test_non_string_model_value_is_replaced() -> None:
+    obj = {"id": "1", "model": None, "choices": []}
+    assert orjson.loads(rewritten(data(obj))[6:]) == {**obj, "model": RESOLVED}
+
+
+# -- ModelRewriter: property test ------------------------------------------------------------------
+
+_TEXT_ATOMS = ["model", '"model"', '"model": "x"', "\\", '"', "/", "\n", "é", "😀", "{", "}", ",", ":", " ", "a"]
+
+
+def random_text(rng: random.Random) -> str:
+    return "".join(rng.choice(_TEXT_ATOMS) for _ in range(rng.randint(0, 6)))
+
+
+def random_value(rng: random.Random, depth: int) -> Any:
+    kind = rng.randint(0, 7 if depth < 3 else 4)
+    if kind == 0:
+        return random_text(rng)
+    if kind == 1:
+        return rng.randint(-(2**40), 2**40)
+    if kind == 2:
+        return rng.choice([True, False, None])
+    if kind == 3:
+        return rng.uniform(-1e6, 1e6)
+    if kind == 4:
+        return random_text(rng)
+    if kind == 5:
+        return [random_value(rng, depth + 1) for _ in range(rng.randint(0, 3))]
+    return random_object(rng, depth + 1)
+
+
+def random_object(rng: random.Random, depth: int) -> dict[str, Any]:
+    keys = ["id", "object", "created", "choices", "usage", "x_groq", "model", random_text(rng)]
+    return {key: random_value(rng, depth) for key in rng.sample(keys, rng.randint(0, len(keys)))}
+
+
+def random_chunk(rng: random.Random) -> dict[str, Any]:
+    obj = random_object(rng, 0)
+    obj["model"] = rng.choice(["llama", random_text(rng), None, 7]) if rng.random() < 0.9 else random_text(rng)
+    items = list(obj.items())
+    rng.shuffle(items)  # top-level model before, between or after nested values
+    return dict(items)
+
+
+def test_property_rewrite_changes_only_top_level_model() -> None:
+    rng = random.Random(20240607)
+    for _ in range(400):
+        model = rng.choice([RESOLVED, "openrouter/a/b", 'p/"q\\', "p/" + random_text(rng)])
+        rewriter = ModelRewriter(model)
+        objects = [random_chunk(rng) for _ in range(rng.randint(1, 4))]
+        line_end = rng.choice([b"\n", b"\r\n"])
+        events = b""
+        for obj in objects:
+            if rng.random() < 0.3:
+                events += b": ping" + line_end * 2
+            events += b"data: " + orjson.dumps(obj) + line_end * 2
+        events += b"data: [DONE]" + line_end * 2
+
+        out = rewriter.rewrite(events)
+
+        lines = [line for line in out.split(line_end) if line]
+        data_lines = [line for line in lines if line.startswith(b"data: {")]
+        assert len(data_lines) == len(objects)
+        for line, obj in zip(data_lines, objects, strict=True):
+            expected = {**obj, "model": model}
+            assert orjson.loads(line[6:]) == expected, (events, out)
+            # Both paths keep key order and orjson's compact encoding: whole line is predictable.
+            assert line == b"data: " + orjson.dumps(expected)
+        assert [line for line in lines if not line.startswith(b"data: {")] == [
+            line for line in events.split(line_end) if line and not line.startswith(b"data: {")
+        ]
+
+
+def test_property_rewrite_of_split_streams() -> None:
+    """Released pieces of a random split, rewritten one by one, decode to the same objects."""
+    rng = random.Random(77)
+    for _ in range(50):
+        objects = [random_chunk(rng) for _ in range(5)]
+        stream = b"".join(data(obj) for obj in objects) + DONE_EVENT
+        buffer = EventBuffer()
+        rewriter = ModelRewriter(RESOLVED)
+        out = b"".join(rewriter.rewrite(buffer.feed(piece)) for piece in random_splits(stream, rng))
+        decoded = [orjson.loads(line[6:]) for line in out.split(b"\n\n") if line.startswith(b"data: {")]
+        assert decoded == [{**obj, "model": RESOLVED} for obj in objects]
+        assert out.endswith(DONE_EVENT)
+
+
+# -- helpers --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("event", "expected"),
+    [
+        (
+            b'data: {"error": {"message": "overloaded", "type": "server_error"}}\n\n',
+            {
+                "message": "overloaded",
+                "type": "server_error",
+            },
+        ),
+        (b'data: {"error": "boom"}\n\n', {"message": "boom"}),
+        (b'data: {"error": 5}\r\n\r\n', {"message": "5"}),
+        (b'event: error\ndata: {"error": {"message": "x"}}\n\n', {"message": "x"}),
+        (b'data: {"choices": [], "error": null}\n\n', None),
+        (b'data: {"meta": {"error": {"message": "x"}}}\n\n', None),
+        (b': "error"\n\n', None),
+        (b'data: "error" not json\n\n', None),
+        (data(chunk(content="error")), None),
+        (DONE_EVENT, None),
+    ],
+)
+def test_error_of(event: bytes, expected: dict[str, Any] | None) -> None:
+    assert error_of(event) == expected
+
+
+GROQ_USAGE_CHUNK = {
+    "id": "c1",
+    "model": "llama",
+    "choices": [{"delta": {}, "finish_reason": "stop"}],
+    "x_groq": {"id": "req_1", "usage": {"prompt_tokens": 10, "completion_tokens": 4, "total_tokens": 14}},
+}
+
+
+@pytest.mark.parametrize(
+    ("events", "expected"),
+    [
+        (data(chunk(usage={"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5})), (3, 2)),
+        (data(GROQ_USAGE_CHUNK), (10, 4)),
+        (data({**GROQ_USAGE_CHUNK, "usage": None}), (10, 4)),
+        (data(chunk(usage={"prompt_tokens": 7})), (7, 0)),
+        (data(chunk(usage={"prompt_tokens": 3, "completion_tokens": 2}), sep=b"\r\n\r\n"), (3, 2)),
+        (
+            data(chunk(usage={"prompt_tokens": 1, "completion_tokens": 1}))
+            + data(chunk(usage={"prompt_tokens": 9, "completion_tokens": 8}))
+            + DONE_EVENT,
+            (9, 8),
+        ),
+        (data(chunk()) + DONE_EVENT, None),
+        (data(chunk(content='"prompt_tokens": 3')), None),
+        (data(chunk(usage={"prompt_tokens": True, "completion_tokens": 1})), None),
+        (data(chunk(usage={"prompt_tokens": "3", "completion_tokens": 1})), None),
+        (b': "prompt_tokens": 3\n\n', None),
+        (b'data: {"usage": {"prompt_tokens": 3,\n\n', None),
+    ],
+)
+def test_usage_of(events: bytes, expected: tuple[int, int] | None) -> None:
+    assert usage_of(events) == expected
+
+
+@pytest.mark.parametrize(
+    ("events", "expected"),
+    [
+        (DONE_EVENT, True),
+        (b"data:[DONE]\n\n", True),
+        (b"data: [DONE]\r\n\r\n", True),
+        (data(chunk()) + DONE_EVENT, True),
+        (data(chunk()), False),
+        (b": [DONE]\n\n", False),
+        (b"data: [DON", False),
+    ],
+)
+def test_has_done(events: bytes, expected: bool) -> None:
+    assert has_done(events) is expected
+
+
+def test_has_done_ignores_done_text_inside_content() -> None:
+    # A model explaining OpenAI streaming writes exactly this text; a stream cut after it must not
+    # count as complete (proxy.py would then end it without an error event).
+    assert has_done(data(chunk(content="the stream ends with data: [DONE] and a blank line"))) is False
+
+
+def test_error_event_shape() -> None:
+    event = error_event("upstream x/y failed mid-stream: boom", code="upstream_error")
+    assert event.startswith(b"data: ")
+    assert event.endswith(b"\n\n")
+    assert event.count(b"\n") == 2
+    assert orjson.loads(event[6:]) == {
+        "error": {
+            "message": "upstream x/y failed mid-stream: boom",
+            "type": "server_error",
+            "param": None,
+            "code": "upstream_error",
+        }
+    }
+    assert error_of(event) == orjson.loads(event[6:])["error"]
+    assert not has_done(event)
+
+
+def test_error_event_escapes_hostile_message() -> None:
+    event = error_event('a\n\ndata: [DONE]\n\n"}', error_type="timeout_error")
+    assert event.count(b"\n") == 2  # newlines in the message cannot end the event early
+    assert orjson.loads(event[6:])["error"]["message"] == 'a\n\ndata: [DONE]\n\n"}'
+    assert orjson.loads(event[6:])["error"]["type"] == "timeout_error"
+    assert orjson.loads(event[6:])["error"]["code"] is None

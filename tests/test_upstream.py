@@ -1,0 +1,187 @@
+"""`upstream.py`: the fall-back table, Retry-After parsing and `UpstreamFailure.from_status`."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+
+import orjson
+import pytest
+from multidict import CIMultiDict
+
+from manaproxy.upstream import UpstreamFailure, Verdict, classify_status, parse_retry_after
+
+FALLBACK_AND_FAULT = Verdict(fallback=True, provider_fault=True)
+FALLBACK_ONLY = Verdict(fallback=True, provider_fault=False)
+CALLER_ERROR = Verdict(fallback=False, provider_fault=False)
+
+
+def expected_verdict(status: int) -> Verdict:
+    """The rule of the core issue, written independently of the implementation."""
+    if status == 404:
+        return FALLBACK_ONLY
+    if status in (401, 403, 408, 425, 429) or 500 <= status <= 599:
+        return FALLBACK_AND_FAULT
+    return CALLER_ERROR
+
+
+@pytest.mark.parametrize("status", range(200, 600))
+def test_classify_status_table(status: int) -> None:
+    assert classify_status(status) == expected_verdict(status)
+
+
+@pytest.mark.parametrize(
+    ("status", "verdict"),
+    [
+        (400, CALLER_ERROR),
+        (401, FALLBACK_AND_FAULT),
+        (403, FALLBACK_AND_FAULT),
+        (404, FALLBACK_ONLY),
+        (408, FALLBACK_AND_FAULT),
+        (413, CALLER_ERROR),
+        (422, CALLER_ERROR),
+        (425, FALLBACK_AND_FAULT),
+        (429, FALLBACK_AND_FAULT),
+        (500, FALLBACK_AND_FAULT),
+        (502, FALLBACK_AND_FAULT),
+        (503, FALLBACK_AND_FAULT),
+        (504, FALLBACK_AND_FAULT),
+        (529, FALLBACK_AND_FAULT),
+    ],
+)
+def test_classify_status_named_cases(status: int, verdict: Verdict) -> None:
+    assert classify_status(status) == verdict
+
+
+def http_date(offset_seconds: float) -> str:
+    moment = datetime.now(UTC) + timedelta(seconds=offset_seconds)
+    return format_datetime(moment, usegmt=True)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("5", 5.0),
+        (" 5 ", 5.0),
+        ("0.5", 0.5),
+        ("120", 120.0),
+        ("3600", 3600.0),
+        ("86400", 3600.0),  # capped
+        ("1e9", 3600.0),
+        ("inf", 3600.0),
+        ("0", None),
+        ("-5", None),
+        ("-inf", None),
+        ("nan", None),
+        ("", None),
+        (None, None),
+        ("soon", None),
+        ("5 seconds", None),
+        ("Wed, 32 Oct 2015 07:28:00 GMT", None),
+        ("Wed, 21 Oct 2015 07:28:00 GMT", None),  # in the past
+        ("\x00\xff", None),
+    ],
+)
+def test_parse_retry_after(value: str | None, expected: float | None) -> None:
+    assert parse_retry_after(value) == expected
+
+
+def test_parse_retry_after_http_date_in_the_future() -> None:
+    seconds = parse_retry_after(http_date(90))
+    assert seconds is not None
+    assert 85 <= seconds <= 90  # HTTP dates have whole-second resolution
+
+
+def test_parse_retry_after_far_future_date_is_capped() -> None:
+    assert parse_retry_after(http_date(10 * 86400)) == 3600.0
+
+
+def test_parse_retry_after_never_raises_on_garbage() -> None:
+    samples = ["Mon, 99 Foo 99999 99:99:99 XYZ", "Thu, 01 Jan 1970 00:00:00 +9999", "1" * 5000, "0x10", "1_0"]
+    for value in samples:
+        result = parse_retry_after(value)
+        assert result is None or 0 < result <= 3600.0
+
+
+def headers(**values: str) -> CIMultiDict[str]:
+    return CIMultiDict({key.replace("_", "-"): value for key, value in values.items()})
+
+
+def test_from_status_500() -> None:
+    body = orjson.dumps({"error": {"message": "The server had an error", "type": "server_error"}})
+    failure = UpstreamFailure.from_status(500, headers(), body, "application/json")
+    assert failure.summary == "HTTP 500"
+    assert failure.reason == "http_500"
+    assert failure.status == 500
+    assert failure.detail == "HTTP 500: The server had an error"
+    assert (failure.fallback, failure.provider_fault) == (True, True)
+    assert failure.retry_after is None
+    assert failure.body == body  # kept for relaying when we do not fall back
+    assert failure.content_type == "application/json"
+    assert str(failure) == failure.detail
+    assert repr(failure) == "UpstreamFailure('http_500', 'HTTP 500: The server had an error', fallback=True)"
+
+
+def test_from_status_429_reads_retry_after_case_insensitively() -> None:
+    failure = UpstreamFailure.from_status(429, headers(retry_after="7"), b"{}", "application/json")
+    assert failure.retry_after == 7.0
+    assert failure.summary == "HTTP 429"
+    assert (failure.fallback, failure.provider_fault) == (True, True)
+
+
+@pytest.mark.parametrize("status", [500, 503, 408, 401])
+def test_retry_after_only_for_429(status: int) -> None:
+    failure = UpstreamFailure.from_status(status, headers(Retry_After="30"), b"", None)
+    assert failure.retry_after is None
+
+
+@pytest.mark.parametrize(
+    ("status", "fallback", "fault"), [(400, False, False), (404, True, False), (422, False, False), (403, True, True)]
+)
+def test_from_status_carries_the_verdict(status: int, fallback: bool, fault: bool) -> None:
+    failure = UpstreamFailure.from_status(status, headers(), b'{"error": {"message": "m"}}', "application/json")
+    assert (failure.fallback, failure.provider_fault) == (fallback, fault)
+    assert failure.detail == f"HTTP {status}: m"
+
+
+@pytest.mark.parametrize(
+    ("body", "detail"),
+    [
+        (b"", "HTTP 502"),
+        (b"<html>Bad Gateway</html>", "HTTP 502"),
+        (b"\xff\xfe not utf-8", "HTTP 502"),
+        (b'{"error": "plain string error"}', "HTTP 502: plain string error"),
+        (b'{"message": "top-level message"}', "HTTP 502: top-level message"),
+        (b'{"error": {"message": "multi\\n  line\\t\\tmessage"}}', "HTTP 502: multi line message"),
+        (b'{"error": {"message": ""}}', "HTTP 502"),
+        (b'{"error": {"message": 5}}', "HTTP 502"),
+        (b'{"error": ["x"]}', "HTTP 502"),
+        (b"[1, 2]", "HTTP 502"),
+        (b"[" * 5000 + b"]" * 5000, "HTTP 502"),
+    ],
+)
+def test_from_status_detail_excerpt(body: bytes, detail: str) -> None:
+    assert UpstreamFailure.from_status(502, headers(), body, None).detail == detail
+
+
+def test_from_status_detail_is_a_short_excerpt_of_a_huge_body() -> None:
+    message = "overloaded " + "x" * 100_000
+    body = orjson.dumps({"error": {"message": message, "details": "y" * 100_000}})
+    failure = UpstreamFailure.from_status(503, headers(), body, "application/json")
+    assert failure.detail.startswith("HTTP 503: overloaded xxx")
+    assert failure.detail.endswith("...")
+    assert len(failure.detail) <= len("HTTP 503: ") + 120
+    assert "y" * 50 not in failure.detail
+
+
+def test_from_status_detail_ignores_non_json_body_content() -> None:
+    body = b"Traceback (most recent call last): secret internals " * 1000
+    failure = UpstreamFailure.from_status(500, headers(), body, "text/plain")
+    assert failure.detail == "HTTP 500"
+
+
+def test_summary_without_status_is_the_reason() -> None:
+    failure = UpstreamFailure("timeout", "timed out before the first byte")
+    assert failure.summary == "timeout"
+    assert failure.status is None
+    assert (failure.fallback, failure.provider_fault) == (True, True)

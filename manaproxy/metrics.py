@@ -2,15 +2,18 @@
 
 The `mana_llm_*` names and labels are a contract with an existing Grafana dashboard: do not rename.
 Everything is recorded once per request from its `RequestRecord` (never per chunk), plus health
-transitions (listener) and reloads (listener); in-flight counts are read from the health tracker at
-scrape time.
+transitions (listener) and reloads (listener); in-flight counts and per-alias health are read from the
+health tracker at scrape time. docs/metrics.md is the reference for every name, label and value.
 
-Labels stay bounded: a client-supplied string becomes a label value only when it names a configured
-alias, provider or chain target; anything else is reported as `other`.
+Rule of this module: labels stay bounded. A client-supplied string becomes a label value only when it
+names a configured alias, a configured provider or a `provider/model` entry of a configured alias chain;
+anything else is reported as `other`. Words made by manaproxy itself (fallback reasons, error types,
+stream outcomes) are checked against a short-word pattern all the same.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from time import perf_counter
 
@@ -33,7 +36,7 @@ from .record import RequestRecord
 from .state import Gateway
 
 OTHER = "other"
-ALIAS_PROVIDER = "mana"  # provider label of errors on alias requests: what the caller asked for
+ALIAS_PROVIDER = "mana"  # `provider` label of an alias request that no target answered: what the caller asked for
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 TTFB_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 20.0, 30.0, 60.0)
@@ -42,21 +45,29 @@ OVERHEAD_BUCKETS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 
 
 METRICS_REGISTRY = web.AppKey("metrics_registry", CollectorRegistry)
 
+# Reasons, error types and outcomes are short words of our own (`http_503`, `all_failed` ...).
+_WORD_RE = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
+_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
+
+
+def _word(value: str | None) -> str:
+    return value if value is not None and _WORD_RE.match(value) else OTHER
+
 
 class Metrics:
-    """Every metric object manaproxy exports."""
+    """Every metric object manaproxy exports (the scrape-time gauges live in `StateCollector`)."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
         self.llm_requests = Counter(
             "mana_llm_llm_requests",
-            "LLM requests answered, by resolved provider/model",
+            "LLM requests: answered ones by resolved provider/model, the others by what the caller asked for",
             ["provider", "model", "streaming"],
             registry=registry,
         )
         self.llm_latency = Histogram(
             "mana_llm_llm_latency_seconds",
-            "Duration of answered LLM requests",
+            "Duration of answered LLM requests, to the last byte",
             ["provider", "model"],
             buckets=LATENCY_BUCKETS,
             registry=registry,
@@ -78,26 +89,29 @@ class Metrics:
         )
         self.fallbacks = Counter(
             "mana_llm_fallback",
-            "Chain entries skipped or failed, and where the request went next",
+            "Chain entries skipped or failed, and the entry tried next (empty: the chain ran out)",
             ["from_model", "to_model", "reason"],
             registry=registry,
         )
         self.provider_healthy = Gauge(
-            "mana_llm_provider_healthy", "1 when the provider's breaker is closed", ["provider"], registry=registry
+            "mana_llm_provider_healthy",
+            "1 while the provider's breaker is closed, 0 while it is open or half-open",
+            ["provider"],
+            registry=registry,
         )
         self.http_requests = Counter(
-            "mana_llm_requests", "HTTP requests", ["method", "endpoint", "status"], registry=registry
+            "mana_llm_requests", "HTTP requests by route pattern", ["method", "endpoint", "status"], registry=registry
         )
         self.http_latency = Histogram(
             "mana_llm_request_latency_seconds",
-            "HTTP request duration",
+            "HTTP request duration by route pattern",
             ["method", "endpoint"],
             buckets=HTTP_BUCKETS,
             registry=registry,
         )
         self.ttfb = Histogram(
             "mana_llm_time_to_first_byte_seconds",
-            "Time from request to the first byte sent to the client",
+            "Streamed answers: time from the request to the first byte sent to the client",
             ["provider", "model"],
             buckets=TTFB_BUCKETS,
             registry=registry,
@@ -107,25 +121,42 @@ class Metrics:
         )
         self.overhead = Histogram(
             "mana_llm_proxy_overhead_seconds",
-            "Time spent in manaproxy itself per request, excluding upstream and client waits",
+            "Time spent in manaproxy itself per LLM request, excluding upstream and client waits",
             buckets=OVERHEAD_BUCKETS,
             registry=registry,
         )
         self.reloads = Counter("mana_llm_config_reloads", "Config reload attempts", ["result"], registry=registry)
 
 
-class InFlightCollector(Collector):
-    """`mana_llm_requests_in_flight{provider}`, read from the health tracker at scrape time."""
+class StateCollector(Collector):
+    """Gauges read from the health tracker at scrape time, so the hot path never updates them.
+
+    `mana_llm_requests_in_flight{provider}`: upstream calls in flight.
+    `mana_llm_alias_healthy_targets{alias}`: chain entries whose provider is configured and healthy;
+    0 means every entry of the alias is down (the `ManaLLMAliasAllEntriesUnhealthy` alert).
+    """
 
     def __init__(self, gateway: Gateway) -> None:
         self._gateway = gateway
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        family = GaugeMetricFamily("mana_llm_requests_in_flight", "Upstream requests in flight", labels=["provider"])
+        config = self._gateway.config
         health = self._gateway.health
-        for name in self._gateway.config.providers:
-            family.add_metric([name], health.get(name).in_flight)
-        yield family
+        in_flight = GaugeMetricFamily("mana_llm_requests_in_flight", "Upstream calls in flight", labels=["provider"])
+        for name in config.providers:
+            in_flight.add_metric([name], health.get(name).in_flight)
+        yield in_flight
+        healthy = {
+            name for name, spec in config.providers.items() if spec.configured and health.status(name) == "healthy"
+        }
+        aliases = GaugeMetricFamily(
+            "mana_llm_alias_healthy_targets",
+            "Chain entries of the alias whose provider is configured and healthy",
+            labels=["alias"],
+        )
+        for name, alias in config.aliases.items():
+            aliases.add_metric([name], sum(1 for target in alias.chain if target.provider in healthy))
+        yield aliases
 
 
 def _configured_targets(config: Config) -> frozenset[str]:
@@ -139,6 +170,10 @@ class Recorder:
         self.metrics = metrics
         self.gateway = gateway
         self._targets_of: tuple[Config, frozenset[str]] | None = None
+        self._gauged: set[str] = set()  # providers that have a `provider_healthy` series
+
+    def __repr__(self) -> str:
+        return f"<Recorder gauged={sorted(self._gauged)}>"
 
     def _targets(self) -> frozenset[str]:
         config = self.gateway.config
@@ -146,41 +181,18 @@ class Recorder:
             self._targets_of = (config, _configured_targets(config))
         return self._targets_of[1]
 
-    def _target_labels(self, target: str | None) -> tuple[str, str]:
-        """(provider, model) labels of a target; `other` for targets not named in the config."""
-        if not target:
-            return OTHER, OTHER
+    def _bounded_target(self, target: str) -> str:
+        return target if target in self._targets() else OTHER
+
+    def _target_labels(self, target: str) -> tuple[str, str]:
+        """(provider, model) labels of the target that answered; `other` for what the config does not name."""
         parsed = Target.parse(target)
         provider = parsed.provider if parsed.provider in self.gateway.config.providers else OTHER
         model = parsed.model if target in self._targets() else OTHER
         return provider, model
 
-    def _bounded_target(self, target: str) -> str:
-        return target if target in self._targets() else OTHER
-
-    def on_request(self, record: RequestRecord) -> None:
-        m = self.metrics
-        m.overhead.observe(record.overhead)
-        self._fallbacks(record)
-        answered = record.target is not None and record.status < 400 and record.error_type is None
-        if answered or (record.outcome is not None and record.target is not None):
-            provider, model = self._target_labels(record.target)
-            m.llm_requests.labels(provider, model, "true" if record.streaming else "false").inc()
-            m.llm_latency.labels(provider, model).observe(record.duration)
-            if record.first_byte is not None:
-                m.ttfb.labels(provider, model).observe(record.first_byte)
-            if record.prompt_tokens is not None:
-                m.tokens.labels(provider, model, "prompt").inc(record.prompt_tokens)
-            if record.completion_tokens is not None:
-                m.tokens.labels(provider, model, "completion").inc(record.completion_tokens)
-            if record.alias is not None and record.alias in self.gateway.config.aliases:
-                m.alias_resolved.labels(record.alias, self._bounded_target(record.target or "")).inc()
-            if record.outcome is not None:
-                m.stream_outcomes.labels(provider, record.outcome).inc()
-        if record.error_type is not None:
-            m.llm_errors.labels(*self._requested_labels(record), record.error_type).inc()
-
     def _requested_labels(self, record: RequestRecord) -> tuple[str, str]:
+        """(provider, model) labels of what the caller asked for, bounded."""
         config = self.gateway.config
         if record.alias is not None or record.requested.startswith(ALIAS_PREFIX):
             alias = record.alias or record.requested
@@ -191,45 +203,86 @@ class Recorder:
             return provider, Target.parse(target).model if target in self._targets() else OTHER
         return OTHER, OTHER
 
+    def on_request(self, record: RequestRecord) -> None:
+        m = self.metrics
+        m.overhead.observe(record.overhead)
+        self._fallbacks(record)
+        streaming = "true" if record.streaming else "false"
+        target = record.target
+        # Answered: a 2xx reply, or a committed stream however it ended (the answer was that target's).
+        # A relayed caller 4xx has a target too, but counts on the error side: what the caller asked for.
+        if target is not None and (record.outcome is not None or record.status < 400):
+            provider, model = self._target_labels(target)
+            m.llm_requests.labels(provider, model, streaming).inc()
+            m.llm_latency.labels(provider, model).observe(record.duration)
+            if record.streaming and record.first_byte is not None:
+                m.ttfb.labels(provider, model).observe(record.first_byte)
+            if record.prompt_tokens is not None:
+                m.tokens.labels(provider, model, "prompt").inc(record.prompt_tokens)
+            if record.completion_tokens is not None:
+                m.tokens.labels(provider, model, "completion").inc(record.completion_tokens)
+            if record.outcome is not None:
+                m.stream_outcomes.labels(provider, _word(record.outcome)).inc()
+        else:
+            m.llm_requests.labels(*self._requested_labels(record), streaming).inc()
+        if target is not None and record.alias is not None and record.alias in self.gateway.config.aliases:
+            m.alias_resolved.labels(record.alias, self._bounded_target(target)).inc()
+        if record.error_type is not None:
+            m.llm_errors.labels(*self._requested_labels(record), _word(record.error_type)).inc()
+
     def _fallbacks(self, record: RequestRecord) -> None:
+        """One count per skipped or failed chain entry, naming the entry the request went to next."""
         attempts = record.attempts
         if not attempts:
             return
-        answered = record.target if record.status < 400 or record.outcome is not None else None
+        if record.target is not None:
+            last_next = record.target  # answered, or relayed the caller's 4xx
+        elif record.error_type is not None:
+            last_next = ""  # the chain ran out
+        else:
+            last_next = self._next_in_chain(record)  # the client left while the next entry was being tried
         for index, attempt in enumerate(attempts):
-            to_model = attempts[index + 1].target if index + 1 < len(attempts) else answered or ""
+            to_model = attempts[index + 1].target if index + 1 < len(attempts) else last_next
             self.metrics.fallbacks.labels(
-                self._bounded_target(attempt.target), self._bounded_target(to_model) if to_model else "", attempt.reason
+                self._bounded_target(attempt.target),
+                self._bounded_target(to_model) if to_model else "",
+                _word(attempt.reason),
             ).inc()
 
+    def _next_in_chain(self, record: RequestRecord) -> str:
+        alias = self.gateway.config.aliases.get(record.alias or "")
+        if alias is None:
+            return ""
+        chain = [str(target) for target in alias.chain]
+        position = len(record.attempts)
+        return chain[position] if position < len(chain) else ""
+
     def on_health(self, provider: str, healthy: bool) -> None:
-        self.metrics.provider_healthy.labels(provider).set(1 if healthy else 0)
+        spec = self.gateway.config.providers.get(provider)
+        if spec is not None and spec.configured:
+            self.metrics.provider_healthy.labels(provider).set(1 if healthy else 0)
+            self._gauged.add(provider)
 
     def on_reload(self, result: str) -> None:
-        self.metrics.reloads.labels(result).inc()
+        self.metrics.reloads.labels(_word(result)).inc()
         self.sync_providers()
 
     def sync_providers(self) -> None:
-        """Set the health gauge for every configured provider; drop removed ones."""
+        """Set the health gauge of every configured provider; drop the series of removed ones."""
         config = self.gateway.config
+        health = self.gateway.health
         gauge = self.metrics.provider_healthy
-        for name, spec in config.providers.items():
-            if spec.configured:
-                gauge.labels(name).set(1 if self.gateway.health.status(name) == "healthy" else 0)
-        known = {labels[0] for labels in _label_sets(gauge)}
-        for name in known - {n for n, s in config.providers.items() if s.configured}:
+        wanted = {name for name, spec in config.providers.items() if spec.configured}
+        for name in wanted:
+            gauge.labels(name).set(1 if health.status(name) == "healthy" else 0)
+        for name in self._gauged - wanted:
             gauge.remove(name)
-
-
-def _label_sets(metric: Gauge) -> list[tuple[str, ...]]:
-    return [
-        tuple(sample.labels[label] for label in ("provider",))
-        for family in metric.collect()
-        for sample in family.samples
-    ]
+        self._gauged = wanted
 
 
 def http_metrics_middleware(metrics: Metrics) -> Middleware:
+    """`mana_llm_requests_total` / `mana_llm_request_latency_seconds`, labelled with the route pattern."""
+
     @web.middleware
     async def measure(request: web.Request, handler: Handler) -> web.StreamResponse:
         started = perf_counter()
@@ -242,22 +295,17 @@ def http_metrics_middleware(metrics: Metrics) -> Middleware:
             status = exc.status
             raise
         except BaseException:
-            status = 499  # cancelled: the client went away
+            status = 499  # cancelled: the client went away (as nginx logs it)
             raise
         finally:
+            # The pattern (`/v1/models/{model}`), never the path; unmatched paths (404/405) share one value.
             resource = request.match_info.route.resource
             endpoint = resource.canonical if resource is not None else OTHER
-            metrics.http_requests.labels(
-                request.method if request.method in _METHODS else OTHER, endpoint, str(status)
-            ).inc()
-            metrics.http_latency.labels(request.method if request.method in _METHODS else OTHER, endpoint).observe(
-                perf_counter() - started
-            )
+            method = request.method if request.method in _METHODS else OTHER
+            metrics.http_requests.labels(method, endpoint, str(status)).inc()
+            metrics.http_latency.labels(method, endpoint).observe(perf_counter() - started)
 
     return measure
-
-
-_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
 
 
 async def metrics_view(request: web.Request) -> web.Response:
@@ -284,7 +332,7 @@ def install_metrics(app: web.Application, gateway: Gateway, registry: object | N
     disable_created_metrics()  # type: ignore[no-untyped-call]
     reg = registry if isinstance(registry, CollectorRegistry) else default_registry()
     metrics = Metrics(reg)
-    reg.register(InFlightCollector(gateway))
+    reg.register(StateCollector(gateway))
     recorder = Recorder(metrics, gateway)
     gateway.observers.append(recorder.on_request)
     gateway.health.add_listener(recorder.on_health)

@@ -155,51 +155,39 @@ class _Forwarder:
     async def _try(self, target: Target, call: Call) -> web.StreamResponse | None:
         """Try one target. A response means the request is answered; None means fall back."""
         health = self.gateway.health
-        provider = self.runtime.providers[target.provider]
-        record = self.record
         health.acquire(target.provider)
-        released = False
+        try:
+            return await self._attempt(target, call)
+        finally:  # also on cancellation: a client that left must not hold a `max_concurrent` slot
+            health.release(target.provider)
+
+    async def _attempt(self, target: Target, call: Call) -> web.StreamResponse | None:
+        record = self.record
         started = perf_counter()
         try:
             try:
-                reply = await provider.send(call)
+                reply = await self.runtime.providers[target.provider].send(call)
             finally:
                 record.upstream_wait += perf_counter() - started
             if isinstance(reply, Reply):
                 body, usage = _rewrite_reply(reply, str(target))
         except UpstreamFailure as failure:
-            health.release(target.provider)
-            released = True
             return self._failed(target, failure)
         except Exception as exc:
             # A bug in a provider module must not cost the client its answer: log it, try the next entry.
             logger.exception("request %s: provider %s raised", record.request_id, target.provider)
-            health.release(target.provider)
-            released = True
             return self._failed(target, UpstreamFailure("internal", f"provider error: {type(exc).__name__}"))
-        try:
-            health.record_success(target.provider, perf_counter() - started)
-            record.provider = target.provider
-            record.target = str(target)
-            record.status = reply.status
-            if isinstance(reply, Reply):
-                if usage is not None:
-                    record.prompt_tokens, record.completion_tokens = usage
-                response = web.Response(
-                    status=reply.status,
-                    body=body,
-                    content_type=None,
-                    headers={
-                        "Content-Type": reply.content_type,
-                        RESOLVED_HEADER: str(target),
-                    },
-                )
-                record.first_byte = perf_counter() - record.started
-                return response
-            return await self._relay(target, reply)
-        finally:
-            if not released:
-                health.release(target.provider)
+        self.gateway.health.record_success(target.provider, perf_counter() - started)
+        record.provider = target.provider
+        record.target = str(target)
+        record.status = reply.status
+        if isinstance(reply, Reply):
+            if usage is not None:
+                record.prompt_tokens, record.completion_tokens = usage
+            headers = {"Content-Type": reply.content_type, RESOLVED_HEADER: str(target)}
+            record.first_byte = perf_counter() - record.started
+            return web.Response(status=reply.status, body=body, content_type=None, headers=headers)
+        return await self._relay(target, reply)
 
     def _failed(self, target: Target, failure: UpstreamFailure) -> web.StreamResponse | None:
         health = self.gateway.health

@@ -14,6 +14,8 @@ from .errors import ProxyError
 
 # A bare model name (no "/") is served by this provider, as in the seed service.
 BARE_MODEL_PROVIDER = "ollama"
+# Longer names are no real model's; they would also make the X-Mana-LLM-Resolved header unreadable.
+MAX_MODEL_LENGTH = 512
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +41,13 @@ def resolve(model: str | None, config: Config) -> Route:
             )
         return Route("", config.default, config.aliases[config.default].chain)
 
+    if len(model) > MAX_MODEL_LENGTH:
+        raise ProxyError(
+            400, f"model name is longer than {MAX_MODEL_LENGTH} characters", code="invalid_model", param="model"
+        )
+    if not model.isprintable():
+        # It would end up in a response header (X-Mana-LLM-Resolved) and in upstream requests.
+        raise ProxyError(400, "model name contains control characters", code="invalid_model", param="model")
     if model.startswith(ALIAS_PREFIX):
         alias = config.aliases.get(model)
         if alias is None:

@@ -16,6 +16,9 @@ SSE (with pauses, mid-stream cuts and missing [DONE]), bare statuses, hangs and 
 from __future__ import annotations
 
 import asyncio
+import base64
+import socket
+import struct
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -35,6 +38,7 @@ class Recorded:
     body: bytes
     json: Any = None
     disconnected: asyncio.Event = field(default_factory=asyncio.Event)  # set when the proxy hung up on us
+    raw_path: str = ""  # the path as sent on the wire (percent-escapes and dot segments intact)
 
 
 Behavior = Callable[[web.Request, Recorded], Awaitable[web.StreamResponse]]
@@ -99,7 +103,9 @@ class FakeUpstream:
             parsed = orjson.loads(body) if body else None
         except orjson.JSONDecodeError:
             parsed = None
-        recorded = Recorded(request.method, request.path, dict(request.headers), body, parsed)
+        recorded = Recorded(
+            request.method, request.path, dict(request.headers), body, parsed, raw_path=request.raw_path
+        )
         self.requests.append(recorded)
         behavior = self.script.popleft() if self.script else self.default
         try:
@@ -140,6 +146,24 @@ def chat_chunks(model: str, words: Iterable[str], *, usage: tuple[int, int] | No
             }
         )
     return chunks
+
+
+def text_completion(model: str, text: str = "Hello!") -> dict[str, Any]:
+    """A legacy `/v1/completions` answer."""
+    return {
+        "id": "cmpl-1",
+        "object": "text_completion",
+        "created": 1700000000,
+        "model": model,
+        "choices": [{"index": 0, "text": text, "finish_reason": "stop", "logprobs": None}],
+        "usage": {"prompt_tokens": 2, "completion_tokens": 2, "total_tokens": 4},
+    }
+
+
+def text_completion_chunks(model: str, words: Iterable[str]) -> list[dict[str, Any]]:
+    """Legacy `/v1/completions` stream chunks, one per word."""
+    head = {"id": "cmpl-1", "object": "text_completion", "created": 1700000000, "model": model}
+    return [{**head, "choices": [{"index": 0, "text": w, "finish_reason": None, "logprobs": None}]} for w in words]
 
 
 def error_body(message: str = "boom", code: str | None = None) -> dict[str, Any]:
@@ -229,6 +253,16 @@ def hang(seconds: float = 3600.0) -> Behavior:
     return behave
 
 
+def after(event: asyncio.Event, then: Behavior) -> Behavior:
+    """Hold the request (no headers sent) until the test sets `event`, then behave as `then`."""
+
+    async def behave(request: web.Request, recorded: Recorded) -> web.StreamResponse:
+        await event.wait()
+        return await then(request, recorded)
+
+    return behave
+
+
 def drop_connection() -> Behavior:
     """Close the connection without any response."""
 
@@ -242,6 +276,68 @@ def drop_connection() -> Behavior:
 
 def status_reply(status: int, message: str = "upstream error", headers: Mapping[str, str] | None = None) -> Behavior:
     return json_reply(error_body(message, code=str(status)), status=status, headers=headers)
+
+
+def stream_bytes(
+    pieces: Iterable[bytes],
+    *,
+    pause: float = 0.02,
+    status: int = 200,
+    content_type: str = "text/event-stream",
+    cut: bool = False,
+) -> Behavior:
+    """Send `pieces` verbatim, one write each with a pause between, so each tends to be its own TCP segment.
+
+    `cut`: drop the connection after the last piece instead of ending the body cleanly.
+    """
+    parts = list(pieces)
+
+    async def behave(request: web.Request, recorded: Recorded) -> web.StreamResponse:
+        response = web.StreamResponse(status=status, headers={"Content-Type": content_type})
+        await response.prepare(request)
+        for index, part in enumerate(parts):
+            if index and pause:
+                await asyncio.sleep(pause)
+            await response.write(part)
+        if cut:
+            await asyncio.sleep(pause)  # let the last piece leave before the reset
+            assert request.transport is not None
+            request.transport.abort()
+            return response
+        await response.write_eof()
+        return response
+
+    return behave
+
+
+def embedding_reply(vectors: list[list[float]]) -> Behavior:
+    """An embeddings answer that honours `encoding_format` (the openai SDK asks for base64 by default)."""
+
+    async def behave(request: web.Request, recorded: Recorded) -> web.StreamResponse:
+        as_base64 = isinstance(recorded.json, dict) and recorded.json.get("encoding_format") == "base64"
+        data = [
+            {
+                "object": "embedding",
+                "index": index,
+                "embedding": base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+                if as_base64
+                else vector,
+            }
+            for index, vector in enumerate(vectors)
+        ]
+        model = recorded.json.get("model") if isinstance(recorded.json, dict) else None
+        body = {"object": "list", "data": data, "model": model, "usage": {"prompt_tokens": 1, "total_tokens": 1}}
+        return web.Response(body=orjson.dumps(body), content_type="application/json")
+
+    return behave
+
+
+def closed_port_url() -> str:
+    """A loopback base URL where nothing listens (connection refused)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}/v1"
 
 
 async def wait_for(predicate: Callable[[], bool], timeout: float = 5.0, interval: float = 0.01) -> None:

@@ -6,7 +6,7 @@ import pytest
 
 from manaproxy.config import Config, Target, parse_config
 from manaproxy.errors import ProxyError
-from manaproxy.routing import Route, resolve
+from manaproxy.routing import MAX_MODEL_LENGTH, Route, resolve
 
 CONFIG_TEXT = """
 providers:
@@ -143,6 +143,13 @@ def test_error_messages_for_long_models_stay_short(config: Config, model: str) -
     assert len(info.value.message) < 400
 
 
-def test_long_bare_name_resolves_to_ollama(config: Config) -> None:
-    model = "m" * LONG
+def test_bare_name_up_to_the_length_limit_resolves_to_ollama(config: Config) -> None:
+    model = "m" * MAX_MODEL_LENGTH
     assert resolve(model, config).chain == (Target("ollama", model),)
+
+
+@pytest.mark.parametrize("model", ["m" * (MAX_MODEL_LENGTH + 1), "ollama/x\r\nSet-Cookie: a=b", "gemma\nx", "a/m\x00"])
+def test_overlong_or_control_character_models_are_rejected(config: Config, model: str) -> None:
+    with pytest.raises(ProxyError) as info:
+        resolve(model, config)
+    assert (info.value.status, info.value.code, info.value.param) == (400, "invalid_model", "model")

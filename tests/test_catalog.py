@@ -1,0 +1,197 @@
+"""Read-only views: `/v1/models` (aliases + provider models, cached, failures left out), `/v1/models/{id}`,
+`/v1/aliases` and `/health`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from .conftest import build_config
+from .fakes import status_reply, wait_for
+
+
+@pytest.fixture
+async def catalog(make_upstream, make_proxy):
+    """Providers: `a` lists two models, `b` one, `off` is unconfigured; two aliases, default mana/x."""
+    a = await make_upstream("a")
+    b = await make_upstream("b")
+    off = await make_upstream("off")
+    a.models = ["m1", "vendor/m2"]
+    b.models = ["m3"]
+    providers = {"a": a, "b": b, "off": {"base_url": off, "api_key": "${UNSET_VAR}"}}
+    aliases = {
+        "mana/x": {"description": "Short answers", "chain": ["a/m1", "b/m3", "off/z"]},
+        "mana/y": ["b/m3"],
+    }
+    proxy = await make_proxy(build_config(providers, aliases, default="mana/x", health={"probe_timeout_seconds": 0.3}))
+    return a, b, off, proxy
+
+
+async def test_models_lists_aliases_and_each_configured_providers_models(catalog):
+    a, b, off, proxy = catalog
+
+    resp = await proxy.client.get("/v1/models")
+
+    assert resp.status == 200
+    body = await resp.json()
+    assert body["object"] == "list"
+    by_id = {item["id"]: item for item in body["data"]}
+    assert list(by_id) == ["mana/x", "mana/y", "a/m1", "a/vendor/m2", "b/m3"]
+    assert all(item["object"] == "model" and isinstance(item["created"], int) for item in body["data"])
+    assert by_id["mana/x"]["owned_by"] == "manaproxy"
+    assert by_id["mana/x"]["description"] == "Short answers"
+    assert by_id["a/vendor/m2"]["owned_by"] == "a"
+    assert off.models_calls == 0  # an unconfigured provider is never asked
+    assert (a.models_calls, b.models_calls) == (1, 1)
+
+
+async def test_models_are_cached(catalog):
+    a, b, _off, proxy = catalog
+
+    first = await (await proxy.client.get("/v1/models")).json()
+    second = await (await proxy.client.get("/v1/models")).json()
+
+    assert first == second
+    assert (a.models_calls, b.models_calls) == (1, 1)
+
+
+async def test_models_cache_expires(make_upstream, make_proxy):
+    a = await make_upstream("a")
+    proxy = await make_proxy(build_config({"a": a}, {"mana/x": ["a/m1"]}, server={"models_cache_seconds": 0.05}))
+
+    await proxy.client.get("/v1/models")
+    a.models = ["fresh"]
+    await asyncio.sleep(0.1)  # the TTL has to pass; there is nothing to poll for
+    body = await (await proxy.client.get("/v1/models")).json()
+
+    assert a.models_calls == 2
+    assert "a/fresh" in {item["id"] for item in body["data"]}
+
+
+@pytest.mark.parametrize("failure", ["status", "hang"])
+async def test_a_provider_that_cannot_list_is_left_out_and_the_call_stays_fast(catalog, failure):
+    a, b, _off, proxy = catalog
+    if failure == "status":
+        b.models_status = 500
+    else:
+        b.models_delay = 30
+    loop = asyncio.get_running_loop()
+
+    started = loop.time()
+    resp = await proxy.client.get("/v1/models")
+
+    assert resp.status == 200
+    assert loop.time() - started < 1.0  # bounded by probe_timeout_seconds (0.3 s), not by the hang
+    ids = [item["id"] for item in (await resp.json())["data"]]
+    assert ids == ["mana/x", "mana/y", "a/m1", "a/vendor/m2"]
+
+    assert a.models_calls == 1
+
+
+async def test_concurrent_model_lists_share_one_upstream_fetch(catalog):
+    a, b, _off, proxy = catalog
+    b.models_delay = 0.1
+
+    responses = await asyncio.gather(*(proxy.client.get("/v1/models") for _ in range(5)))
+
+    assert all(resp.status == 200 for resp in responses)
+    assert (a.models_calls, b.models_calls) == (1, 1)
+
+
+# -- one model ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("model_id", "owned_by"),
+    [("mana/x", "manaproxy"), ("a/m1", "a"), ("a/vendor/m2", "a"), ("b/m3", "b")],
+)
+async def test_get_one_model(catalog, model_id, owned_by):
+    _a, _b, _off, proxy = catalog
+
+    resp = await proxy.client.get(f"/v1/models/{model_id}")
+
+    assert resp.status == 200
+    body = await resp.json()
+    assert body["id"] == model_id
+    assert body["object"] == "model"
+    assert body["owned_by"] == owned_by
+
+
+@pytest.mark.parametrize("model_id", ["mana/nope", "a/nope", "nope/m1", "off/z"])
+async def test_get_unknown_model_is_404(catalog, model_id):
+    _a, _b, _off, proxy = catalog
+
+    resp = await proxy.client.get(f"/v1/models/{model_id}")
+
+    assert resp.status == 404
+    error = (await resp.json())["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["code"] == "model_not_found"
+
+
+async def test_get_alias_model_does_not_need_providers(catalog):
+    a, b, _off, proxy = catalog
+    b.models_delay = 30
+
+    resp = await proxy.client.get("/v1/models/mana/y")
+
+    assert resp.status == 200
+    assert (a.models_calls, b.models_calls) == (0, 0)
+
+
+# -- aliases and health ---------------------------------------------------------------------------
+
+
+async def test_aliases_shape(catalog):
+    _a, _b, _off, proxy = catalog
+
+    resp = await proxy.client.get("/v1/aliases")
+
+    assert resp.status == 200
+    body = await resp.json()
+    assert body["default"] == "mana/x"
+    assert [alias["name"] for alias in body["aliases"]] == ["mana/x", "mana/y"]
+    first = body["aliases"][0]
+    assert {"name", "description", "chain"} <= set(first)
+    assert first["description"] == "Short answers"
+    assert first["chain"] == ["a/m1", "b/m3", "off/z"]
+    assert body["aliases"][1]["description"] == ""
+    assert body["aliases"][1]["chain"] == ["b/m3"]
+
+
+async def test_aliases_default_is_null_without_one(make_upstream, make_proxy):
+    a = await make_upstream("a")
+    proxy = await make_proxy(build_config({"a": a}, {"mana/x": ["a/m1"]}))
+
+    body = await (await proxy.client.get("/v1/aliases")).json()
+
+    assert body["default"] is None
+    assert body["aliases"][0]["chain"] == ["a/m1"]
+
+
+async def test_health_answers_200_with_json_status(catalog):
+    a, b, _off, proxy = catalog
+
+    resp = await proxy.client.get("/health")
+
+    assert resp.status == 200
+    assert resp.headers["Content-Type"].startswith("application/json")
+    assert (await resp.json())["status"] == "healthy"
+    assert a.calls == b.calls == 0  # a liveness check sends nothing upstream
+
+
+async def test_health_stays_200_when_a_provider_is_down(make_upstream, make_proxy):
+    a = await make_upstream("a")
+    b = await make_upstream("b")
+    a.default = status_reply(500)
+    proxy = await make_proxy(build_config({"a": a, "b": b}, {"mana/x": ["a/m1"]}, health={"failure_threshold": 1}))
+    await proxy.client.post("/v1/chat/completions", json={"model": "mana/x"})
+    await wait_for(lambda: proxy.gateway.health.status("a") == "unhealthy")
+
+    resp = await proxy.client.get("/health")
+
+    # Liveness: the process answers; a provider outage shows in the status, not as a failed check.
+    assert resp.status == 200
+    assert (await resp.json())["status"] != "healthy"

@@ -1,0 +1,394 @@
+"""The SSE relay and the commit point, byte for byte.
+
+What an upstream streams reaches the client unchanged except for each event's top-level `model`;
+status and headers leave only once the first upstream event is in hand; a failure after that ends the
+stream with an error event and no `[DONE]`; a client that leaves gets its upstream hung up on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+from typing import Any
+
+import orjson
+import pytest
+
+from .conftest import build_config
+from .fakes import (
+    chat_chunks,
+    chat_completion,
+    json_reply,
+    raw_reply,
+    sse_event,
+    sse_reply,
+    status_reply,
+    stream_bytes,
+    wait_for,
+)
+
+CHAT = "/v1/chat/completions"
+DONE = b"data: [DONE]\n\n"
+
+
+def chat(model: str = "mana/x", *, stream: bool = True) -> dict[str, Any]:
+    return {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": stream}
+
+
+async def single(make_upstream, make_proxy, timeouts: dict[str, float] | None = None):
+    """Alias mana/x = [a/m1, b/m2]: b stands by to prove it is (not) called."""
+    a = await make_upstream("a")
+    b = await make_upstream("b")
+    b.default = sse_reply(chat_chunks("m2", ["from", " b"]))
+    providers = {"a": {"base_url": a, "timeouts": timeouts or {}}, "b": b}
+    proxy = await make_proxy(build_config(providers, {"mana/x": ["a/m1", "b/m2"]}))
+    return a, b, proxy
+
+
+def events_of(body: bytes) -> list[bytes]:
+    return [event for event in body.split(b"\n\n") if event]
+
+
+def error_event_of(body: bytes) -> dict[str, Any]:
+    """The final event must be our error event; return its `error` object."""
+    last = events_of(body)[-1]
+    assert last.startswith(b"data: "), last
+    error = orjson.loads(last[len(b"data: ") :])["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    return error
+
+
+# -- bytes through unchanged except `model` -------------------------------------------------------
+
+VARIED_STREAM = (
+    b": keepalive\n\n"
+    b'data: {"id":"c1","object":"chat.completion.chunk","created":1,"model":"m1","system_fingerprint":"fp_1",'
+    b'"x_vendor":{"trace":[1,2,{"model":"inner"}]},"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}\n\n'
+    b"event: message\nid: 7\n"
+    b'data: {"model": "m1", "choices": [{"index": 0, "delta": {"content": "H\xc3\xa9 \\"q\\" \xf0\x9f\x99\x82"}}]}\n\n'
+    b"retry: 1000\n\n"
+    b": another comment\n\n"
+    b'data:{"id":"c1","model":"m1","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n'
+    b'data: {"id":"c1","object":"chat.completion.chunk","model":"m1","choices":[],'
+    b'"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}\n\n'
+    b"data: [DONE]\n\n"
+)
+
+
+def relabelled(raw: bytes, old: bytes = b"m1", new: bytes = b"a/m1") -> bytes:
+    """`raw` with exactly the top-level model values replaced, as the client must see it."""
+    return raw.replace(b'"model":"' + old + b'"', b'"model":"' + new + b'"').replace(
+        b'"model": "' + old + b'"', b'"model": "' + new + b'"'
+    )
+
+
+async def test_stream_passes_through_byte_for_byte_except_model(make_upstream, make_proxy):
+    a, _b, proxy = await single(make_upstream, make_proxy)
+    a.default = stream_bytes([VARIED_STREAM], pause=0)
+
+    resp = await proxy.client.post(CHAT, json=chat())
+
+    assert resp.status == 200
+    body = await resp.read()
+    assert body == relabelled(VARIED_STREAM)
+    assert b'"model":"inner"' in body  # a nested `model` is not the answer's model
+
+
+async def test_crlf_line_endings_pass_through(make_upstream, make_proxy):
+    a, _b, proxy = await single(make_upstream, make_proxy)
+    raw = VARIED_STREAM.replace(b"\n", b"\r\n")
+    a.default = stream_bytes([raw], pause=0)
+
+    resp = await proxy.client.post(CHAT, json=chat())
+
+    body = await resp.read()
+    assert body == relabelled(raw)
+    assert body.endswith(b"data: [DONE]\r\n\r\n")
+    assert b"error" not in body
+
+
+@pytest.mark.parametrize("separator", [b"\n", b"\r\n"])
+async def test_event_split_across_tcp_writes_is_reassembled(make_upstream, make_proxy, separator):
+    a, _b, proxy = await single(make_upstream, make_proxy)
+    raw = VARIED_STREAM.replace(b"\n", separator)
+    # Cut everywhere it hurts: inside `"model"`, inside its value, between the two newlines of a
+    # boundary, inside a multi-byte UTF-8 character, inside `[DONE]`.
+    cuts = sorted(
+        {
+            raw.index(b'"mod') + 3,
+            raw.index(b'"m1"') + 2,
+            raw.index(b"}" + separator + separator) + 1 + len(separator),
+            raw.index(b"\xf0\x9f") + 1,
+            raw.index(b'"model": "m1"') + 10,
+            raw.index(b"[DO") + 3,
+            len(raw) - 1,
+        }
+    )
+    pieces = [raw[start:end] for start, end in zip([0, *cuts], [*cuts, len(raw)], strict=True)]
+    a.default = stream_bytes(pieces, pause=0.01)
+
+    resp = await proxy.client.post(CHAT, json=chat())
+
+    assert await resp.read() == relabelled(raw)
+
+
+async def test_llama_cpp_chunk_with_model_after_nested_choices(make_upstream, make_proxy):
+    a, _b, proxy = await single(make_upstream, make_proxy)
+    llama = {
+        "choices": [{"finish_reason": None, "index": 0, "delta": {"content": "Hi"}}],
+        "created": 1700000000,
+        "id": "chatcmpl-x",
+        "model": "gemma",
+        "system_fingerprint": "b4000",
+        "object": "chat.completion.chunk",
+        "timings": {"predicted_ms": 1.5},
+    }
+    head = b": comment\n\n"
+    a.default = stream_bytes([head + sse_event(llama) + DONE], pause=0)
+
+    resp = await proxy.client.post(CHAT, json=chat())
+
+    body = await resp.read()
+    assert body.startswith(head)
+    assert body.endswith(DONE)
+    event = events_of(body)[1]
+    assert orjson.loads(event[len(b"data: ") :]) == {**llama, "model": "a/m1"}
+
+
+async def test_stream_response_headers(make_upstream, make_proxy):
+    a, _b, proxy = await single(make_upstream, make_proxy)
+    a.default = sse_reply(chat_chunks("m1", ["x"]))
+
+    resp = await proxy.client.post(CHAT, json=chat(), headers={"X-Request-ID": "stream-1"})
+
+    assert resp.status == 200
+    assert resp.headers["Content-Type"].startswith("text/event-stream")
+    assert resp.headers["Cache-Control"] == "no-cache"
+    assert resp.headers["X-Accel-Buffering"] == "no"
+    assert resp.headers["X-Mana-LLM-Resolved"] == "a/m1"
+    assert resp.headers["X-Request-ID"] == "stream-1"
+    assert "Content-Length" not in resp.headers
+    body = await resp.read()
+    assert {orjson.loads(e[6:])["model"] for e in events_of(body)[:-1]} == {"a/m1"}
+
+
+# -- the commit point -----------------------------------------------------------------------------
+
+
+async def test_headers_wait_for_the_first_upstream_event(make_upstream, make_proxy):
+    a, _b, proxy = await single(make_upstream, make_proxy)
+    a.default = sse_reply(chat_chunks("m1", ["late"]), first_delay=0.3)
+    loop = asyncio.get_running_loop()
+
+    started = loop.time()
+    resp = await proxy.client.post(CHAT, json=chat())  # returns once status and headers arrive
+
+    assert loop.time() - started >= 0.25
+    assert resp.headers["X-Mana-LLM-Resolved"] == "a/m1"
+    assert (await resp.read()).endswith(DONE)
+
+
+@pytest.mark.parametrize(
+    "behavior",
+    [
+        pytest.param(lambda: sse_reply(chat_chunks("m1", ["x"]), first_delay=0.1, cut_after=0), id="delay-then-cut"),
+        pytest.param(
+            lambda: stream_bytes([b": keepalive\n\n", b'data: {"id":"c1","model":"m1","cho'], cut=True),
+            id="comment-and-half-event-then-cut",
+        ),
+        pytest.param(
+            lambda: sse_reply([b": keepalive\n\n", {"error": {"message": "overloaded"}}], first_delay=0.1, done=False),
+            id="delay-then-error-event",
+        ),
+    ],
+)
+async def test_failure_before_first_event_gives_the_fallbacks_clean_answer(make_upstream, make_proxy, behavior):
+    a, b, proxy = await single(make_upstream, make_proxy)
+    a.default = behavior()
+
+    resp = await proxy.client.post(CHAT, json=chat())
+
+    assert resp.status == 200
+    assert resp.headers["X-Mana-LLM-Resolved"] == "b/m2"
+    body = await resp.read()
+    assert body.endswith(DONE)
+    assert b"keepalive" not in body
+    assert b"error" not in body
+    assert b'"model":"a/' not in body
+    assert (a.calls, b.calls) == (1, 1)
+
+
+async def test_mid_stream_cut_ends_with_error_event_and_never_calls_the_next_entry(make_upstream, make_proxy):
+    a, b, proxy = await single(make_upstream, make_proxy)
+    a.default = sse_reply(chat_chunks("m1", ["Hel", "lo", " world"]), cut_after=2)
+
+    resp = await proxy.client.post(CHAT, json=chat())
+
+    assert resp.status == 200
+    assert resp.headers["X-Mana-LLM-Resolved"] == "a/m1"
+    body = await resp.read()
+    events = events_of(body)
+    assert len(events) == 3  # the two relayed events, then ours
+    assert [orjson.loads(e[6:])["model"] for e in events[:2]] == ["a/m1", "a/m1"]
+    error = error_event_of(body)
+    assert "a/m1" in error["message"]
+    assert error["code"] == "upstream_error"
+    assert b"[DONE]" not in body
+    assert b.calls == 0
+
+
+async def test_mid_stream_cut_inside_an_event_never_relays_the_half_event(make_upstream, make_proxy):
+    a, b, proxy = await single(make_upstream, make_proxy)
+    first = sse_event(chat_chunks("m1", ["Hel"])[1])
+    a.default = stream_bytes([first, b'data: {"id":"half-event","model":"m1","choices":[{"index":0,"del'], cut=True)
+
+    resp = await proxy.client.post(CHAT, json=chat())
+
+    body = await resp.read()
+    assert body.startswith(relabelled(first))
+    assert len(events_of(body)) == 2
+    assert error_event_of(body)["code"] == "upstream_error"
+    assert b"half-event" not in body
+    assert b.calls == 0
+
+
+async def test_idle_timeout_mid_stream_ends_with_error_event(make_upstream, make_proxy):
+    a, b, proxy = await single(make_upstream, make_proxy, timeouts={"idle": 0.3})
+    a.default = sse_reply(chat_chunks("m1", ["Hel", "lo", " world"]), hang_after=2)
+    loop = asyncio.get_running_loop()
+
+    started = loop.time()
+    resp = await proxy.client.post(CHAT, json=chat())
+    body = await resp.read()
+
+    assert 0.25 <= loop.time() - started < 1.5
+    assert len(events_of(body)) == 3
+    error = error_event_of(body)
+    assert error["code"] == "idle_timeout"
+    assert b"[DONE]" not in body
+    assert b.calls == 0
+    await wait_for(a.requests[0].disconnected.is_set, timeout=2)  # the silent upstream was hung up on
+
+
+async def test_total_timeout_mid_stream_ends_with_error_event(make_upstream, make_proxy):
+    a, b, proxy = await single(make_upstream, make_proxy, timeouts={"total": 0.4, "idle": 5})
+    a.default = sse_reply(chat_chunks("m1", [str(n) for n in range(20)]), delay=0.1)
+
+    resp = await proxy.client.post(CHAT, json=chat())
+    body = await resp.read()
+
+    assert resp.status == 200
+    assert 2 <= len(events_of(body)) < 20
+    assert error_event_of(body)["code"] == "upstream_error"
+    assert b"[DONE]" not in body
+    assert b.calls == 0
+
+
+async def test_clean_end_without_done_is_reported_as_an_error(make_upstream, make_proxy):
+    a, b, proxy = await single(make_upstream, make_proxy)
+    a.default = sse_reply(chat_chunks("m1", ["Hel", "lo"]), done=False)
+
+    resp = await proxy.client.post(CHAT, json=chat())
+
+    body = await resp.read()
+    assert len(events_of(body)) == len(chat_chunks("m1", ["Hel", "lo"])) + 1
+    assert "[DONE]" in error_event_of(body)["message"]
+    assert b"data: [DONE]" not in body
+    assert b.calls == 0
+
+
+async def test_final_done_without_blank_line_is_a_complete_stream(make_upstream, make_proxy):
+    a, _b, proxy = await single(make_upstream, make_proxy)
+    chunks = b"".join(sse_event(c) for c in chat_chunks("m1", ["Hel", "lo"]))
+    a.default = stream_bytes([chunks, b"data: [DONE]"])
+
+    resp = await proxy.client.post(CHAT, json=chat())
+
+    body = await resp.read()
+    assert body == relabelled(chunks) + DONE
+    assert proxy.gateway.health.get("a").consecutive_failures == 0
+
+
+@pytest.mark.parametrize("upstream_state", ["streaming", "silent"])
+async def test_client_disconnect_closes_the_upstream_promptly(make_upstream, make_proxy, upstream_state):
+    a, _b, proxy = await single(make_upstream, make_proxy)
+    words = [f"w{n} " for n in range(200)]
+    if upstream_state == "streaming":
+        a.default = sse_reply(chat_chunks("m1", words), delay=0.05)
+    else:
+        a.default = sse_reply(chat_chunks("m1", words), hang_after=2)
+
+    resp = await proxy.client.post(CHAT, json=chat())
+    assert resp.status == 200
+    assert await resp.content.readany()
+    resp.close()  # the client goes away mid-answer
+    loop = asyncio.get_running_loop()
+    gone = loop.time()
+
+    await wait_for(a.requests[0].disconnected.is_set, timeout=2)
+    assert loop.time() - gone < 1.0
+    await wait_for(lambda: proxy.gateway.health.get("a").in_flight == 0, timeout=1)
+    assert proxy.gateway.health.get("a").consecutive_failures == 0  # the client's leaving is no provider fault
+
+
+# -- unstreamed answers ---------------------------------------------------------------------------
+
+
+async def test_unstreamed_json_gets_model_rewritten(make_upstream, make_proxy):
+    a, _b, proxy = await single(make_upstream, make_proxy)
+    answer = {**chat_completion("m1", "Hi there"), "x_vendor": {"model": "inner"}, "service_tier": None}
+    a.default = json_reply(answer)
+
+    resp = await proxy.client.post(CHAT, json=chat(stream=False))
+
+    assert resp.status == 200
+    assert resp.headers["X-Mana-LLM-Resolved"] == "a/m1"
+    assert resp.headers["Content-Type"].startswith("application/json")
+    assert await resp.json() == {**answer, "model": "a/m1"}
+
+
+async def test_unstreamed_answer_to_a_stream_request_is_relayed_as_json(make_upstream, make_proxy):
+    a, _b, proxy = await single(make_upstream, make_proxy)
+    a.default = json_reply(chat_completion("m1"))
+
+    resp = await proxy.client.post(CHAT, json=chat(stream=True))
+
+    assert resp.status == 200
+    assert resp.headers["X-Mana-LLM-Resolved"] == "a/m1"
+    assert (await resp.json())["model"] == "a/m1"
+
+
+async def test_compressed_upstream_answer_is_decoded(make_upstream, make_proxy):
+    a, _b, proxy = await single(make_upstream, make_proxy)
+    compressed = gzip.compress(orjson.dumps(chat_completion("m1")))
+    a.default = raw_reply(compressed, content_type="application/json", headers={"Content-Encoding": "gzip"})
+
+    resp = await proxy.client.post(CHAT, json=chat(stream=False))
+
+    assert resp.status == 200
+    assert (await resp.json())["model"] == "a/m1"
+
+
+async def test_non_json_answer_is_relayed_untouched(make_upstream, make_proxy):
+    a, _b, proxy = await single(make_upstream, make_proxy)
+    audio = b"ID3\x04\x00\x00binary-audio\xff\xfb"
+    a.default = raw_reply(audio, content_type="audio/mpeg")
+
+    resp = await proxy.client.post("/v1/audio/speech", json={"model": "mana/x", "input": "hi", "voice": "v"})
+
+    assert resp.status == 200
+    assert resp.headers["Content-Type"] == "audio/mpeg"
+    assert resp.headers["X-Mana-LLM-Resolved"] == "a/m1"
+    assert await resp.read() == audio
+
+
+async def test_unstreamed_invalid_json_falls_back(make_upstream, make_proxy):
+    a, b, proxy = await single(make_upstream, make_proxy)
+    a.default = raw_reply(b'{"id": "x", "model": "m1", "choi', content_type="application/json")
+    b.default = status_reply(500)
+
+    resp = await proxy.client.post(CHAT, json=chat(stream=False))
+
+    # Neither answer is usable: a's is truncated JSON, b's is a 500.
+    assert resp.status == 503
+    assert b.calls == 1

@@ -14,5 +14,5 @@ def build_provider(config: ProviderConfig, session: aiohttp.ClientSession) -> Pr
     if config.kind == "google":
         from .google import GoogleProvider
 
-        return GoogleProvider(config)
+        return GoogleProvider(config, session)
     return OpenAIProvider(config, session)

@@ -1,7 +1,8 @@
 """The `manaproxy` command: `serve` and `check`.
 
 Signals only schedule work (STYLE 8): SIGHUP sets off a reload task, SIGTERM/SIGINT set the stop event;
-the reload and the drain run in the event loop and log there.
+the reload and the drain run in the event loop and log there. systemd hears about each phase through
+sd_notify (`READY=1` once listening, `RELOADING=1` … `READY=1` around a reload, `STOPPING=1`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Sequence
 
 from aiohttp import web
@@ -28,16 +30,48 @@ logger = logging.getLogger("manaproxy")
 DEFAULT_CONFIG = "./aliases.yaml"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 3025
+# `serve` with an invalid config at start; the systemd unit does not restart on it (RestartPreventExitStatus).
+EXIT_INVALID_CONFIG = 2
+
+
+class JournalFormatter(logging.Formatter):
+    """`<priority>message`: journald reads the prefix as the syslog level (`journalctl -p warning`)
+    and stamps the time itself, so the line carries no timestamp of its own."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"<{_syslog_priority(record.levelno)}>{super().format(record)}"
+
+
+def _syslog_priority(levelno: int) -> int:
+    if levelno >= logging.CRITICAL:
+        return 2
+    if levelno >= logging.ERROR:
+        return 3
+    if levelno >= logging.WARNING:
+        return 4
+    return 6 if levelno >= logging.INFO else 7
+
+
+def _stderr_is_journal() -> bool:
+    """True when systemd connected stderr to the journal ($JOURNAL_STREAM names its device:inode)."""
+    device, _, inode = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    try:
+        stat = os.fstat(sys.stderr.fileno())
+        return bool(inode) and (stat.st_dev, stat.st_ino) == (int(device), int(inode))
+    except (OSError, ValueError):
+        return False
 
 
 def setup_logging(level_name: str | None) -> None:
+    """Log to stderr: `time LEVEL logger: message`, or journald's `<priority>` form under systemd."""
     name = (level_name or "info").upper()
     level = logging.getLevelNamesMapping().get(name)
-    logging.basicConfig(
-        level=level if level is not None else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    if _stderr_is_journal():
+        handler.setFormatter(JournalFormatter("%(levelname)s %(name)s: %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level if level is not None else logging.INFO, handlers=[handler])
     if level is None:
         logger.warning("LOG_LEVEL=%r is not a level; using INFO", level_name)
     # aiohttp's access log would duplicate our one line per request.
@@ -77,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         load_config(args.config)  # fail fast, before the event loop starts
     except ConfigError as exc:
         logger.error("invalid config, not starting: %s", exc)
-        return 2
+        return EXIT_INVALID_CONFIG
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency, but optional in spirit
@@ -98,51 +132,71 @@ def check(path: str) -> int:
 
 
 async def serve(config_path: str, host: str, port: int) -> int:
+    """Serve until SIGTERM/SIGINT, then drain; SIGHUP reloads `config_path`. Returns the exit code."""
     config = load_config(config_path)
     api_keys = parse_keys(os.environ.get("MANAPROXY_API_KEYS"))
     if not api_keys:
         logger.warning("MANAPROXY_API_KEYS is not set: client authentication is OFF")
     cors = [origin.strip() for origin in os.environ.get("CORS_ORIGINS", "").split(",") if origin.strip()]
     app = create_app(config, api_keys=api_keys, cors_origins=cors)
+    gateway = app[GATEWAY]
+    # aiohttp takes the drain bound once, here: a reload cannot change it (a restart does).
+    drain_timeout = config.server.shutdown_timeout_seconds
     runner = web.AppRunner(
         app,
         handler_cancellation=True,  # a client that disconnects cancels its handler → upstream closed at once
         access_log=None,
-        shutdown_timeout=config.server.shutdown_timeout_seconds,
+        shutdown_timeout=drain_timeout,
     )
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, host, port, reuse_address=True)
-        await site.start()
-    except OSError as exc:
-        logger.error("cannot listen on %s:%s: %s", host, port, exc.strerror or exc)
-        await runner.cleanup()
-        return 1
-    gateway = app[GATEWAY]
-    logger.info("manaproxy %s listening on http://%s:%s (%s)", __version__, host, port, config.summary())
-    notify("READY=1")
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     reloads: set[asyncio.Task[None]] = set()
 
     async def reload() -> None:
-        notify("RELOADING=1")
+        notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
         logger.info("SIGHUP: reloading %s", config_path)
-        gateway.reload(config_path)
-        notify("READY=1")
+        # Gateway.reload logs the outcome itself: "reloaded ..." or "reload rejected, keeping ...: why".
+        ok = gateway.reload(config_path)
+        status = f"serving {gateway.config.summary()}" if ok else "reload rejected; serving the previous config"
+        notify(f"READY=1\nSTATUS={status}")
 
     def on_hup() -> None:
+        if stop.is_set():
+            logger.info("SIGHUP ignored: stopping")
+            return
         task = loop.create_task(reload())
         reloads.add(task)
         task.add_done_callback(reloads.discard)
 
+    # Before listening: from the first accepted connection on, a signal must never hit its default
+    # action (SIGHUP's would kill the process).
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    await stop.wait()
-    notify("STOPPING=1")
-    logger.info("stopping: draining in-flight requests (up to %gs)", gateway.config.server.shutdown_timeout_seconds)
-    await runner.cleanup()
-    logger.info("stopped")
-    return 0
+    try:
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, host, port, reuse_address=True)
+            await site.start()
+        except OSError as exc:
+            logger.error("cannot listen on %s:%s: %s", host, port, exc.strerror or exc)
+            await runner.cleanup()
+            return 1
+        logger.info("manaproxy %s listening on http://%s:%s (%s)", __version__, host, port, config.summary())
+        notify(f"READY=1\nSTATUS=serving {config.summary()}")
+
+        await stop.wait()
+        notify("STOPPING=1")
+        logger.info("stopping: no new connections; draining in-flight requests (up to %gs)", drain_timeout)
+        started = loop.time()
+        # Closes the listening socket first, then waits for running handlers (streams included) up to
+        # `drain_timeout`, cancels what is left, and only then closes the upstream session and probes.
+        await runner.cleanup()
+        logger.info("stopped after draining for %.1fs", loop.time() - started)
+        return 0
+    finally:
+        for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+        # A late `systemctl reload` while the process exits must not turn a clean exit into a kill.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)

@@ -5,17 +5,24 @@ of real requests (`proxy.py`) and active probes (`probe.py`). Time comes from an
 clock so tests can drive it. Listeners hear each healthy⇄unhealthy transition; a listener that raises
 is logged and ignored, never allowed to break the state machine.
 
-Breaker: `failure_threshold` consecutive failures open it for `backoff_seconds`; after the window the
-provider is half-open — requests may go, and the next outcome decides: success closes it, failure
-re-opens it at once. A 429 with `Retry-After` keeps the provider out for that long without counting as
-an outage.
+Breaker (closed → open → half-open):
+- closed: requests go; `failure_threshold` consecutive failures open it for `backoff_seconds`.
+- open: the provider is skipped for the whole window. A probe success does not close it early
+  (`GET /models` answering says little about completions failing; closing on it would make the
+  breaker flap with every probe), and a failure does not stretch it. A real request that succeeds
+  (one sent before the breaker opened) does close it: that is proof enough.
+- half-open (the window has ended): one trial may go — the next real request or probe decides.
+  Success closes the breaker, failure re-opens it at once. While a trial request is in flight the
+  others skip the provider (`half_open`), so a recovering provider is not hit by a whole burst.
+A 429 with `Retry-After` keeps the provider out for that long without counting as an outage.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 from .config import HealthSettings, ProviderConfig
 
@@ -29,13 +36,52 @@ UNCONFIGURED = "unconfigured"
 UNHEALTHY = "unhealthy"
 RATE_LIMITED = "rate_limited"
 SATURATED = "saturated"
+HALF_OPEN = "half_open"  # the breaker's window is over and a trial request is deciding
+
+# Breaker states, as `/v1/health` shows them.
+CLOSED = "closed"
+OPEN = "open"
 
 _MAX_ERROR_LEN = 200
 
 
-def _sanitize(text: str) -> str:
-    text = " ".join(text.split())
+# Key shapes of common providers (OpenAI/OpenRouter/Anthropic `sk-`, Groq `gsk_`, Google `AIza`) and
+# bearer tokens: redacted from error text even when an upstream echoes a key we did not configure.
+_KEY_RE = re.compile(r"\b(?:sk-|gsk_|AIza|xai-)[A-Za-z0-9_\-]{8,}|(?i:bearer)\s+[A-Za-z0-9._~+/=\-]{8,}")
+_SECRET_HEADER_WORDS = ("auth", "key", "token", "secret")
+REDACTED = "[redacted]"
+_MIN_SECRET_LEN = 8
+
+
+def _sanitize(text: str, secrets: Iterable[str] = ()) -> str:
+    """One short line of error text with no secret in it (an upstream may echo the key it got)."""
+    for secret in secrets:
+        text = text.replace(secret, REDACTED)
+    text = _KEY_RE.sub(REDACTED, " ".join(text.split()))
     return text if len(text) <= _MAX_ERROR_LEN else text[: _MAX_ERROR_LEN - 3] + "..."
+
+
+def _secrets_of(providers: Iterable[str]) -> tuple[str, ...]:
+    """The configured keys and secret-looking header values, longest first (so none is left half-redacted)."""
+    if not isinstance(providers, Mapping):
+        return ()
+    found: set[str] = set()
+    for spec in providers.values():
+        if not isinstance(spec, ProviderConfig):
+            continue
+        if spec.api_key:
+            found.add(spec.api_key)
+        for header, value in spec.headers.items():
+            if any(word in header.lower() for word in _SECRET_HEADER_WORDS):
+                found.add(value)
+    # A value too short to be a real key would only mangle ordinary words ("y" in "byte").
+    found = {secret for secret in found if len(secret) >= _MIN_SECRET_LEN}
+    return tuple(sorted(found, key=len, reverse=True))
+
+
+def _identity(provider: ProviderConfig) -> tuple[object, ...]:
+    """What makes a provider the same upstream across a reload (its health history then still applies)."""
+    return (provider.kind, provider.base_url, provider.api_key, tuple(sorted(provider.headers.items())))
 
 
 class ProviderHealth:
@@ -86,7 +132,10 @@ class HealthTracker:
         self.settings = settings
         self._clock = clock
         self._wall_clock = wall_clock
-        self._providers: dict[str, ProviderHealth] = {name: ProviderHealth(name) for name in providers}
+        names = list(providers)
+        self._providers: dict[str, ProviderHealth] = {name: ProviderHealth(name) for name in names}
+        self._identities = _identities(providers)
+        self._secrets = _secrets_of(providers)
         self._listeners: list[Listener] = []
 
     def __repr__(self) -> str:
@@ -98,18 +147,49 @@ class HealthTracker:
         self._listeners.append(listener)
 
     def reconfigure(self, settings: HealthSettings, providers: Iterable[str]) -> None:
-        """After a reload: keep state of providers that still exist, add new ones, drop removed ones."""
+        """After a reload: keep state of providers that still exist, add new ones, drop removed ones.
+
+        Given the `{name: ProviderConfig}` mapping, a provider whose upstream changed (kind, base_url,
+        key, headers) starts afresh: an operator who points a failing provider elsewhere and reloads
+        wants it tried now, not after the old breaker window. Its in-flight count carries over, since
+        requests still running on the old config will release it.
+        """
         self.settings = settings
-        names = list(providers)
-        self._providers = {name: self._providers.get(name) or ProviderHealth(name) for name in names}
+        identities = _identities(providers)
+        old_identities = self._identities or {}
+        previous = self._providers
+        fresh: dict[str, ProviderHealth] = {}
+        recovered: list[str] = []
+        for name in list(identities) if identities is not None else list(providers):
+            record = previous.get(name)
+            if (
+                record is not None
+                and identities is not None
+                and old_identities.get(name, identities[name]) != identities[name]
+            ):
+                logger.info("provider %s changed upstream: health state reset", name)
+                if not record.healthy:
+                    recovered.append(name)
+                in_flight = record.in_flight
+                record = ProviderHealth(name)
+                record.in_flight = in_flight
+            fresh[name] = record or ProviderHealth(name)
+        self._providers = fresh
+        self._identities = identities
+        # Keep the old keys too: requests still running on the old config may echo them.
+        self._secrets = tuple(sorted({*_secrets_of(providers), *self._secrets}, key=len, reverse=True))
+        for name in recovered:
+            self._notify(name, True)
 
     def get(self, provider: str) -> ProviderHealth:
+        """The provider's record (created on first use for a provider no config declared yet)."""
         record = self._providers.get(provider)
         if record is None:  # a provider added by a reload that raced a request
             record = self._providers[provider] = ProviderHealth(provider)
         return record
 
     def names(self) -> list[str]:
+        """Names of the providers tracked now (those of the current config)."""
         return list(self._providers)
 
     # -- decisions -------------------------------------------------------------------------------
@@ -123,71 +203,105 @@ class HealthTracker:
             return UNHEALTHY
         if record.rate_limited_until > now:
             return RATE_LIMITED
+        if not record.healthy and record.in_flight:
+            return HALF_OPEN  # one request is already deciding; do not pile onto a suspect provider
         if provider.max_concurrent and record.in_flight >= provider.max_concurrent:
             return SATURATED
         return None
+
+    def breaker(self, provider: str) -> str:
+        """`closed`, `open` (inside the backoff window) or `half_open` (window over, next outcome decides)."""
+        record = self.get(provider)
+        if record.healthy:
+            return CLOSED
+        return OPEN if record.unhealthy_until > self._clock() else HALF_OPEN
 
     def unavailable_until(self, provider: str) -> float | None:
         """Unix time until which the provider is kept out (breaker or rate limit), if it is."""
         record = self.get(provider)
         until = max(record.unhealthy_until, record.rate_limited_until)
         now = self._clock()
-        return self._to_unix(until, now) if until > now else None
+        return round(self._to_unix(until, now), 3) if until > now else None
 
     # -- outcomes --------------------------------------------------------------------------------
     def acquire(self, provider: str) -> None:
+        """A request to `provider` starts (counted until `release`)."""
         self.get(provider).in_flight += 1
 
     def release(self, provider: str) -> None:
+        """A request to `provider` ends, whatever its outcome."""
         record = self.get(provider)
         record.in_flight = max(0, record.in_flight - 1)
 
     def record_success(self, provider: str, latency: float | None = None) -> None:
+        """A real request got its answer from `provider`: closes the breaker whatever its state."""
         record = self.get(provider)
         record.last_check = self._clock()
-        record.consecutive_failures = 0
-        record.unhealthy_until = 0.0
         if latency is not None:
             record.last_latency = latency
+        self._close(record, "a request succeeded")
+
+    def record_probe_success(self, provider: str) -> None:
+        """A probe succeeded: closes a half-open breaker, but not an open one (see the module rule)."""
+        record = self.get(provider)
+        now = self._clock()
+        record.last_check = now
+        if record.unhealthy_until > now:
+            return
+        self._close(record, "a probe succeeded")
+
+    def _close(self, record: ProviderHealth, why: str) -> None:
+        record.consecutive_failures = 0
+        record.unhealthy_until = 0.0
         if not record.healthy:
             record.healthy = True
-            logger.warning("provider %s recovered: breaker closed", provider)
-            self._notify(provider, True)
+            logger.warning("provider %s recovered (%s): breaker closed", record.name, why)
+            self._notify(record.name, True)
 
     def record_failure(self, provider: str, error: str) -> None:
         """Count a provider fault (connect error, timeout, 5xx, bad credentials ...)."""
         record = self.get(provider)
         now = self._clock()
         record.last_check = now
-        record.last_error = _sanitize(error)
+        record.last_error = _sanitize(error, self._secrets)
         record.consecutive_failures += 1
-        half_open = not record.healthy
-        if half_open or record.consecutive_failures >= self.settings.failure_threshold:
-            record.unhealthy_until = now + self.settings.backoff_seconds
-            if record.healthy:
-                record.healthy = False
+        if not record.healthy:
+            # Inside the window (a probe, or a request started before the breaker opened) a failure
+            # changes nothing: the window is not stretched, so recovery is noticed once it ends.
+            # After it (half-open) the failure decides: out again for a whole window.
+            if record.unhealthy_until <= now:
+                record.unhealthy_until = now + self.settings.backoff_seconds
                 logger.warning(
-                    "provider %s unhealthy after %d consecutive failures, out for %gs: %s",
+                    "provider %s still failing, out again for %gs: %s",
                     provider,
-                    record.consecutive_failures,
                     self.settings.backoff_seconds,
                     record.last_error,
                 )
-                self._notify(provider, False)
+        elif record.consecutive_failures >= self.settings.failure_threshold:
+            record.unhealthy_until = now + self.settings.backoff_seconds
+            record.healthy = False
+            logger.warning(
+                "provider %s unhealthy after %d consecutive failures, out for %gs: %s",
+                provider,
+                record.consecutive_failures,
+                self.settings.backoff_seconds,
+                record.last_error,
+            )
+            self._notify(provider, False)
 
     def record_rate_limited(self, provider: str, retry_after: float, error: str) -> None:
         """A 429 with Retry-After: keep the provider out for that long, without counting an outage."""
         record = self.get(provider)
         now = self._clock()
         record.last_check = now
-        record.last_error = _sanitize(error)
+        record.last_error = _sanitize(error, self._secrets)
         record.rate_limited_until = max(record.rate_limited_until, now + retry_after)
 
     def record_neutral(self, provider: str, error: str) -> None:
         """An answer that says nothing about the provider's health (e.g. 404 model not served)."""
         record = self.get(provider)
         record.last_check = self._clock()
-        record.last_error = _sanitize(error)
+        record.last_error = _sanitize(error, self._secrets)
 
     def _notify(self, provider: str, healthy: bool) -> None:
         for listener in self._listeners:
@@ -222,6 +336,7 @@ class HealthTracker:
                 status = "healthy"
             view[provider.name] = {
                 "status": status,
+                "breaker": CLOSED if record.healthy else (OPEN if record.unhealthy_until > now else HALF_OPEN),
                 "kind": provider.kind,
                 "configured": provider.configured,
                 "consecutive_failures": record.consecutive_failures,
@@ -235,3 +350,15 @@ class HealthTracker:
                 "last_latency_seconds": None if record.last_latency is None else round(record.last_latency, 4),
             }
         return view
+
+
+def _identities(providers: Iterable[str]) -> dict[str, tuple[object, ...]] | None:
+    """Upstream identity per provider when given `{name: ProviderConfig}`; None for bare names."""
+    if not isinstance(providers, Mapping):
+        return None
+    identities: dict[str, tuple[object, ...]] = {}
+    for name, spec in providers.items():
+        if not isinstance(spec, ProviderConfig):
+            return None
+        identities[name] = _identity(spec)
+    return identities

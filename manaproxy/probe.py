@@ -2,8 +2,10 @@
 
 Each probe is bounded by `probe_timeout_seconds` and spends no tokens (`GET {base_url}/models`, or the
 provider's configured `probe` path). One failing or hanging probe never stalls the others or the loop:
-each runs under its own timeout and its exceptions are translated, never propagated. The first round
-runs right at startup.
+every probe is its own task under its own timeout, a round starts them and does not wait for them, and
+a provider whose previous probe is still running is simply left out of the next round. Exceptions are
+translated into health outcomes, never propagated. The first round runs right at startup, and a
+successful reload starts a round at once so new or changed providers do not wait a whole interval.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from time import perf_counter
+from functools import partial
 
 from aiohttp import web
 
@@ -23,13 +25,15 @@ logger = logging.getLogger(__name__)
 
 
 async def probe_one(gateway: Gateway, provider: Provider, timeout: float) -> None:
-    """Probe one provider and feed the outcome to the health tracker."""
+    """Probe one provider and feed the outcome to the health tracker. Never raises (but cancellation)."""
     name = provider.config.name
-    started = perf_counter()
+    failure_detail: str | None = None
     try:
         async with asyncio.timeout(timeout):
             await provider.probe(timeout)
     except UpstreamFailure as failure:
+        if not _still_current(gateway, provider):
+            return
         detail = f"probe: {failure.detail}"
         if failure.retry_after is not None:
             gateway.health.record_rate_limited(name, failure.retry_after, detail)
@@ -37,22 +41,29 @@ async def probe_one(gateway: Gateway, provider: Provider, timeout: float) -> Non
         if not failure.provider_fault:
             gateway.health.record_neutral(name, detail)
             return
-        outcome: str | None = detail
+        failure_detail = detail
     except TimeoutError:
-        outcome = f"probe: timed out after {timeout:g}s"
+        failure_detail = f"probe: timed out after {timeout:g}s"
     except Exception as exc:  # a provider bug must not stop the loop
-        outcome = f"probe: {type(exc).__name__}"
+        failure_detail = f"probe: {type(exc).__name__}"
         logger.debug("probe of %s raised", name, exc_info=True)
+    if not _still_current(gateway, provider):
+        return
+    if failure_detail is None:
+        gateway.health.record_probe_success(name)
     else:
-        outcome = None
-    if outcome is None:
-        gateway.health.record_success(name, perf_counter() - started)
-    else:
-        gateway.health.record_failure(name, outcome)
+        gateway.health.record_failure(name, failure_detail)
+
+
+def _still_current(gateway: Gateway, provider: Provider) -> bool:
+    # A reload during the probe may have removed the provider or pointed it elsewhere: then this
+    # outcome is about an upstream the config no longer names, and must not be recorded.
+    current = gateway.runtime.providers.get(provider.config.name)
+    return current is not None and current.config == provider.config
 
 
 async def probe_round(gateway: Gateway) -> None:
-    """Probe every configured provider once, in parallel."""
+    """Probe every configured provider once, in parallel, and wait for all of them."""
     runtime = gateway.runtime
     timeout = runtime.config.health.probe_timeout_seconds
     probes = [
@@ -63,22 +74,83 @@ async def probe_round(gateway: Gateway) -> None:
     await asyncio.gather(*probes, return_exceptions=True)
 
 
+class Prober:
+    """Starts a round of probes every interval; at most one probe per provider runs at a time."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self._running: dict[str, asyncio.Task[None]] = {}
+        self._wake = asyncio.Event()
+
+    def __repr__(self) -> str:
+        return f"<Prober running={sorted(self._running)}>"
+
+    def start_round(self) -> list[asyncio.Task[None]]:
+        """Start a probe for every configured provider that has none running; return the new tasks."""
+        runtime = self.gateway.runtime
+        timeout = runtime.config.health.probe_timeout_seconds
+        started = []
+        for name, spec in runtime.config.providers.items():
+            if not spec.configured or name in self._running:
+                continue
+            task = asyncio.create_task(
+                probe_one(self.gateway, runtime.providers[name], timeout), name=f"manaproxy-probe-{name}"
+            )
+            self._running[name] = task
+            task.add_done_callback(partial(self._finished, name))
+            started.append(task)
+        return started
+
+    def _finished(self, name: str, task: asyncio.Task[None]) -> None:
+        if self._running.get(name) is task:
+            del self._running[name]
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("probe of %s failed", name, exc_info=task.exception())
+
+    def wake(self, result: str = "success") -> None:
+        """Reload listener: after a successful reload, probe right away."""
+        if result == "success":
+            self._wake.set()
+
+    async def run(self) -> None:
+        """Probe forever: a round at once, then one every `probe_interval_seconds` (read each time)."""
+        while True:
+            self._wake.clear()
+            try:
+                self.start_round()
+            except Exception:
+                logger.exception("probe round failed")
+            interval = self.gateway.config.health.probe_interval_seconds
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(interval):
+                    await self._wake.wait()
+
+    async def close(self) -> None:
+        """Cancel the probes still running."""
+        tasks = list(self._running.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 async def probe_loop(gateway: Gateway) -> None:
-    while True:
-        started = asyncio.get_running_loop().time()
-        try:
-            await probe_round(gateway)
-        except Exception:
-            logger.exception("probe round failed")
-        interval = gateway.runtime.config.health.probe_interval_seconds
-        elapsed = asyncio.get_running_loop().time() - started
-        await asyncio.sleep(max(0.0, interval - elapsed))
+    """Run the probe loop until cancelled."""
+    prober = Prober(gateway)
+    try:
+        await prober.run()
+    finally:
+        await prober.close()
 
 
 async def probe_loop_ctx(app: web.Application) -> AsyncIterator[None]:
     """cleanup_ctx: run the probe loop for the application's lifetime."""
-    task = asyncio.create_task(probe_loop(app[GATEWAY]), name="manaproxy-probes")
+    gateway = app[GATEWAY]
+    prober = Prober(gateway)
+    gateway.reload_listeners.append(prober.wake)
+    task = asyncio.create_task(prober.run(), name="manaproxy-probes")
     yield
+    gateway.reload_listeners.remove(prober.wake)
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+    await prober.close()

@@ -13,14 +13,31 @@ from .record import RequestRecord
 logger = logging.getLogger("manaproxy.request")
 
 
+_ESCAPES = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+_NEEDS_QUOTES = frozenset(' ="\\')
+
+
+def _escape(char: str) -> str:
+    escaped = _ESCAPES.get(char)
+    if escaped is not None:
+        return escaped
+    if char.isprintable():
+        return char
+    code = ord(char)
+    return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
+
+
 def _value(value: object) -> str:
+    """One logfmt value: bare when it can be, else double-quoted with `\\` escapes; `-` for none."""
     text = "-" if value is None or value == "" else str(value)
-    if any(c in text for c in ' ="\\') or not text.isprintable():
-        text = '"' + text.replace("\\", "\\\\").replace('"', '\\"').encode("unicode_escape").decode("ascii") + '"'
-    return text
+    if text.isprintable() and _NEEDS_QUOTES.isdisjoint(text):
+        return text
+    # Escaping every control character keeps a client-chosen string from forging a second log line.
+    return '"' + "".join(_escape(char) for char in text) + '"'
 
 
 def format_record(record: RequestRecord) -> str:
+    """The request's log line: `key=value` pairs in a fixed order (documented in deploy/README.md)."""
     attempts = ",".join(f"{a.target}:{a.reason}" for a in record.attempts)
     fields: list[tuple[str, object]] = [
         ("request_id", record.request_id),

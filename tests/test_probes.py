@@ -1,0 +1,178 @@
+"""Active probes against real servers on loopback: dead and recovered providers, hanging probes,
+no tokens spent, the first round at startup, and every provider in `/v1/health` from the start."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+from aiohttp import web
+
+from .conftest import build_config
+from .fakes import chat_completion, json_reply, status_reply, wait_for
+
+FAST = {"probe_interval_seconds": 0.05, "probe_timeout_seconds": 0.3, "failure_threshold": 2, "backoff_seconds": 0.2}
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on (connections to it are refused)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def provider_view(proxy, name: str):
+    resp = await proxy.client.get("/v1/health")
+    assert resp.status == 200
+    return (await resp.json())["providers"][name]
+
+
+async def test_a_probe_marks_a_dead_provider_unhealthy_with_no_traffic(make_upstream, make_proxy):
+    live = await make_upstream("live")
+    dead_url = f"http://127.0.0.1:{free_port()}/v1"
+    proxy = await make_proxy(
+        build_config({"dead": dead_url, "live": live}, {"mana/x": ["dead/m1", "live/m2"]}, health=FAST), probes=True
+    )
+    health = proxy.gateway.health
+    await wait_for(lambda: health.status("dead") == "unhealthy", timeout=2)
+
+    dead = await provider_view(proxy, "dead")
+    assert dead["status"] == "unhealthy"
+    assert dead["consecutive_failures"] >= 2
+    assert dead["last_error"].startswith("probe: cannot connect to 127.0.0.1:")
+    assert dead["unhealthy_until_unix"] > time.time()
+    (alias,) = (await (await proxy.client.get("/v1/aliases")).json())["aliases"]
+    assert (alias["entries"][0]["reason"], alias["serving"]) == ("unhealthy", "live/m2")
+
+    await wait_for(lambda: live.models_calls >= 3, timeout=2)
+    assert (await provider_view(proxy, "live"))["status"] == "healthy"
+    assert live.requests == []  # probes only GET /v1/models: no POST, no tokens
+
+
+async def test_a_recovered_provider_is_marked_healthy_again(make_proxy):
+    port = free_port()
+    proxy = await make_proxy(
+        build_config({"p": f"http://127.0.0.1:{port}/v1"}, {"mana/x": ["p/m"]}, health=FAST), probes=True
+    )
+    health = proxy.gateway.health
+    await wait_for(lambda: health.status("p") == "unhealthy", timeout=2)
+
+    # The provider comes back on the same port.
+    posts = []
+
+    async def models(request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": "m", "object": "model"}]})
+
+    async def anything_else(request: web.Request) -> web.Response:
+        posts.append(request.path)
+        return web.json_response({}, status=500)
+
+    app = web.Application()
+    app.router.add_get("/v1/models", models)
+    app.router.add_route("*", "/{tail:.*}", anything_else)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        await wait_for(lambda: health.status("p") == "healthy", timeout=2)
+        view = await provider_view(proxy, "p")
+        assert (view["status"], view["breaker"], view["consecutive_failures"]) == ("healthy", "closed", 0)
+        assert view["unhealthy_until_unix"] is None
+        assert posts == []
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_hanging_probe_does_not_delay_the_others(make_upstream, make_proxy):
+    slow = await make_upstream("slow")
+    fast = await make_upstream("fast")
+    slow.models_delay = 5.0  # answers long after the probe timeout
+    health_settings = {**FAST, "failure_threshold": 1, "probe_timeout_seconds": 0.8}
+    proxy = await make_proxy(build_config({"slow": slow, "fast": fast}, health=health_settings), probes=True)
+    health = proxy.gateway.health
+
+    await wait_for(lambda: fast.models_calls >= 1)
+    first_check = health.get("fast").last_check
+    # Several rounds of the fast provider go by while the slow one's first probe is still hanging.
+    await wait_for(lambda: fast.models_calls >= 4, timeout=0.6)
+    assert health.get("fast").last_check > first_check
+    assert health.get("slow").last_check is None
+    assert slow.models_calls == 1  # no second probe piles onto the hanging one
+
+    await wait_for(lambda: health.status("slow") == "unhealthy", timeout=2)
+    assert health.get("slow").last_error == "probe: timed out after 0.8s"
+    assert health.status("fast") == "healthy"
+
+
+async def test_the_first_probe_runs_at_startup_and_every_provider_is_listed_at_once(make_upstream, make_proxy):
+    up = await make_upstream("up")
+    hanging = await make_upstream("hanging")
+    nokey = await make_upstream("nokey")
+    hanging.models_delay = 5.0
+    config = build_config(
+        {"up": up, "hanging": hanging, "nokey": {"base_url": nokey, "api_key": "${NOKEY_API_KEY}"}},
+        {"mana/x": ["nokey/m", "hanging/m", "up/m"]},
+        health={"probe_interval_seconds": 60, "probe_timeout_seconds": 10},
+    )
+    proxy = await make_proxy(config, probes=True)
+
+    # From the first moment: every configured provider is there, even before any probe answered.
+    detail = await (await proxy.client.get("/v1/health")).json()
+    assert set(detail["providers"]) == {"up", "hanging", "nokey"}
+    assert detail["providers"]["hanging"]["last_check_unix"] is None
+    assert detail["providers"]["nokey"]["status"] == "unconfigured"
+    liveness = await (await proxy.client.get("/health")).json()
+    assert set(liveness["providers"]) == {"up", "hanging"}
+
+    # The first round started right away, not after the 60 s interval.
+    await wait_for(lambda: up.models_calls == 1, timeout=1)
+    await wait_for(lambda: proxy.gateway.health.get("up").last_check is not None, timeout=1)
+    assert hanging.models_calls == 1
+    assert nokey.models_calls == 0  # an unconfigured provider is never called
+    assert up.requests == hanging.requests == nokey.requests == []
+
+
+async def test_a_configured_probe_path_is_used_and_is_a_get(make_upstream, make_proxy):
+    up = await make_upstream("up")
+    up.default = json_reply({"status": "ok"})
+    config = build_config({"up": {"base_url": up, "probe": "/ping"}}, health=FAST)
+    proxy = await make_proxy(config, probes=True)
+    await wait_for(lambda: len(up.requests) >= 2, timeout=2)
+    assert {(r.method, r.path, r.body) for r in up.requests} == {("GET", "/v1/ping", b"")}
+    assert up.models_calls == 0
+    assert proxy.gateway.health.status("up") == "healthy"
+
+
+async def test_probe_success_waits_for_the_window_then_closes_the_breaker(make_upstream, make_proxy):
+    """/models answering does not cut an outage short; once the window is over a probe decides."""
+    a = await make_upstream("a")
+    b = await make_upstream("b")
+    a.default = status_reply(503)
+    b.default = json_reply(chat_completion("m2"))
+    settings = {**FAST, "backoff_seconds": 0.5}
+    proxy = await make_proxy(build_config({"a": a, "b": b}, {"mana/x": ["a/m1", "b/m2"]}, health=settings), probes=True)
+    health = proxy.gateway.health
+    for _ in range(2):
+        resp = await proxy.client.post("/v1/chat/completions", json={"model": "mana/x", "messages": []})
+        assert resp.headers["X-Mana-LLM-Resolved"] == "b/m2"
+    assert health.breaker("a") == "open"
+    opened_at_calls = a.models_calls
+
+    await wait_for(lambda: a.models_calls >= opened_at_calls + 2, timeout=1)
+    assert health.breaker("a") == "open"  # successful probes inside the window changed nothing
+    await wait_for(lambda: health.breaker("a") == "closed", timeout=2)  # a probe after the window closed it
+    assert a.calls == 2  # no real request was needed
+
+
+async def test_a_reload_probes_new_providers_at_once(make_upstream, make_proxy, tmp_path):
+    a = await make_upstream("a")
+    c = await make_upstream("c")
+    config = {"probe_interval_seconds": 60, "probe_timeout_seconds": 1}
+    proxy = await make_proxy(build_config({"a": a}, health=config), probes=True)
+    await wait_for(lambda: a.models_calls == 1, timeout=1)
+
+    path = tmp_path / "aliases.yaml"
+    path.write_text(build_config({"a": a, "c": c}, health=config))
+    assert proxy.gateway.reload(str(path))
+    await wait_for(lambda: c.models_calls == 1, timeout=1)
+    await wait_for(lambda: proxy.gateway.health.get("c").last_check is not None, timeout=1)

@@ -1,0 +1,495 @@
+"""The real process: `python -m manaproxy serve`, signalled like systemd would.
+
+Fake upstreams run in the test's own loop; the process talks to them over loopback. Each test waits on
+events (a `/health` answer, a log line, a datagram, a refused connection), never on fixed sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from .conftest import build_config
+from .fakes import (
+    FakeUpstream,
+    Recorded,
+    chat_chunks,
+    chat_completion,
+    json_reply,
+    sse_event,
+    sse_reply,
+    status_reply,
+    wait_for,
+)
+from .test_reqlog import FIELDS, parse_logfmt
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+
+ROOT = Path(__file__).resolve().parent.parent
+CHAT = {"messages": [{"role": "user", "content": "hi"}]}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class ServeProcess:
+    """One `manaproxy serve` child process, its stderr collected line by line."""
+
+    def __init__(self, config_path: Path, env: dict[str, str]) -> None:
+        self.config_path = config_path
+        self.port = free_port()
+        self.env = env
+        self.lines: list[str] = []
+        self._new_line = asyncio.Condition()
+        self.proc: asyncio.subprocess.Process | None = None
+        self._reader: asyncio.Task[None] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self, *, wait: bool = True) -> ServeProcess:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "manaproxy",
+            "serve",
+            "--config",
+            str(self.config_path),
+            "--port",
+            str(self.port),
+            cwd=ROOT,
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        self._reader = asyncio.create_task(self._read_stderr())
+        if wait:
+            await self.wait_healthy()
+        return self
+
+    async def _read_stderr(self) -> None:
+        assert self.proc is not None
+        assert self.proc.stderr is not None
+        async for raw in self.proc.stderr:
+            async with self._new_line:
+                self.lines.append(raw.decode(errors="replace").rstrip("\n"))
+                self._new_line.notify_all()
+
+    async def wait_healthy(self, timeout: float = 10.0) -> None:
+        """Poll GET /health until the process answers."""
+        deadline = time.monotonic() + timeout
+        async with aiohttp.ClientSession() as session:
+            while True:
+                assert self.proc is not None
+                if self.proc.returncode is not None:
+                    raise AssertionError(f"manaproxy exited with {self.proc.returncode}:\n{self.stderr}")
+                try:
+                    async with session.get(self.url + "/health") as resp:
+                        if resp.status == 200:
+                            return
+                except aiohttp.ClientConnectionError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"manaproxy did not start:\n{self.stderr}")
+                await asyncio.sleep(0.02)
+
+    async def wait_line(self, predicate: Callable[[str], bool], timeout: float = 5.0) -> str:
+        """The first stderr line (seen so far or to come) matching `predicate`."""
+        async with asyncio.timeout(timeout), self._new_line:
+            while True:
+                for line in self.lines:
+                    if predicate(line):
+                        return line
+                await self._new_line.wait()
+
+    def lines_with(self, text: str) -> list[str]:
+        return [line for line in self.lines if text in line]
+
+    @property
+    def stderr(self) -> str:
+        return "\n".join(self.lines)
+
+    def signal(self, signum: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signum)
+
+    async def reload(self, config_text: str) -> None:
+        """Write a new config and SIGHUP; return once the process logged the reload's outcome."""
+        done = len(self.lines_with("reloaded ")) + len(self.lines_with("reload rejected"))
+        self.config_path.write_text(config_text)
+        self.signal(signal.SIGHUP)
+        async with asyncio.timeout(5), self._new_line:
+            while len(self.lines_with("reloaded ")) + len(self.lines_with("reload rejected")) == done:
+                await self._new_line.wait()
+
+    async def wait_exit(self, timeout: float = 10.0) -> int:
+        assert self.proc is not None
+        assert self._reader is not None
+        async with asyncio.timeout(timeout):
+            code = await self.proc.wait()
+            await self._reader
+        return code
+
+    async def stop(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+        if self._reader is not None:
+            await asyncio.gather(self._reader, return_exceptions=True)
+
+
+@pytest.fixture
+async def serve(tmp_path: Path) -> AsyncIterator[Callable[..., object]]:
+    started: list[ServeProcess] = []
+
+    async def start(config_text: str, *, wait: bool = True, **extra_env: str) -> ServeProcess:
+        path = tmp_path / "aliases.yaml"
+        path.write_text(config_text)
+        env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "MANAPROXY_API_KEYS", "PORT")}
+        env.update({"LOG_LEVEL": "info", "PYTHONUNBUFFERED": "1", **extra_env})
+        process = ServeProcess(path, env)
+        started.append(process)
+        return await process.start(wait=wait)
+
+    yield start
+    for process in started:
+        await process.stop()
+
+
+async def post(session: aiohttp.ClientSession, url: str, model: str, **extra: object) -> aiohttp.ClientResponse:
+    resp = await session.post(url + "/v1/chat/completions", json={"model": model, **CHAT, **extra})
+    await resp.read()
+    return resp
+
+
+async def test_sighup_adds_an_alias_and_each_request_is_logged(make_upstream, serve):
+    down = await make_upstream("down")
+    up = await make_upstream("up")
+    down.default = status_reply(503)
+    up.default = sse_reply(chat_chunks("m1", ["Hel", "lo"], usage=(3, 2)))
+    proxy = await serve(build_config({"down": down, "up": up}, {"mana/a": ["down/m0", "up/m1"]}))
+
+    async with aiohttp.ClientSession() as session:
+        resp = await session.post(
+            proxy.url + "/v1/chat/completions",
+            json={"model": "mana/a", "stream": True, **CHAT},
+            headers={"X-Request-ID": "req-process-1"},
+        )
+        body = await resp.read()
+        assert resp.status == 200
+        assert body.endswith(b"data: [DONE]\n\n")
+        assert (await post(session, proxy.url, "mana/b")).status == 404
+
+        await proxy.reload(build_config({"down": down, "up": up}, {"mana/a": ["up/m1"], "mana/b": ["up/m2"]}))
+        up.default = json_reply(chat_completion("m2"))
+        resp = await post(session, proxy.url, "mana/b")
+        assert resp.status == 200
+        assert resp.headers["X-Mana-LLM-Resolved"] == "up/m2"
+    assert up.requests[-1].json["model"] == "m2"
+    assert len(proxy.lines_with("reloaded ")) == 1
+
+    line = await proxy.wait_line(lambda text: "request_id=req-process-1 " in text)
+    fields = parse_logfmt(line[line.index("request_id=") :])
+    assert list(fields) == FIELDS
+    assert fields["model"] == "mana/a"
+    assert fields["resolved"] == "up/m1"
+    assert fields["attempts"] == "down/m0:http_503"
+    assert (fields["status"], fields["stream"], fields["outcome"]) == ("200", "true", "completed")
+    assert float(fields["ttfb_ms"]) <= float(fields["duration_ms"])
+    assert (fields["prompt_tokens"], fields["completion_tokens"]) == ("3", "2")
+
+
+@pytest.mark.parametrize(
+    ("bad_config", "reason"),
+    [
+        pytest.param("providers: [unclosed\naliases: {}\n", "line 2", id="broken-yaml"),
+        pytest.param(None, "names undeclared provider 'nope'", id="unknown-provider"),
+    ],
+)
+async def test_a_bad_reload_keeps_the_old_config_and_the_process(make_upstream, serve, bad_config, reason):
+    up = await make_upstream("up")
+    good = build_config({"up": up}, {"mana/a": ["up/m1"]})
+    proxy = await serve(good)
+    if bad_config is None:
+        bad_config = build_config({"up": up}, {"mana/a": ["up/m1"], "mana/b": ["nope/m9"]})
+
+    await proxy.reload(bad_config)
+    (rejected,) = proxy.lines_with("reload rejected")
+    assert "ERROR" in rejected
+    assert "keeping the previous config" in rejected
+    assert str(proxy.config_path) in rejected
+    assert reason in rejected
+    assert proxy.proc is not None
+    assert proxy.proc.returncode is None
+
+    async with aiohttp.ClientSession() as session:
+        resp = await post(session, proxy.url, "mana/a")
+        assert resp.status == 200
+        assert resp.headers["X-Mana-LLM-Resolved"] == "up/m1"
+        assert (await post(session, proxy.url, "mana/b")).status == 404
+        aliases = await (await session.get(proxy.url + "/v1/aliases")).json()
+        assert [alias["name"] for alias in aliases["aliases"]] == ["mana/a"]
+
+    # Fixing the file and reloading again works: the process is fully alive.
+    await proxy.reload(build_config({"up": up}, {"mana/a": ["up/m1"], "mana/b": ["up/m2"]}))
+    async with aiohttp.ClientSession() as session:
+        assert (await post(session, proxy.url, "mana/b")).status == 200
+
+
+def gated_stream(gate: asyncio.Event, model: str = "m1") -> object:
+    """An SSE answer that sends its first event, waits for `gate`, then finishes with [DONE]."""
+
+    async def behave(request: web.Request, recorded: Recorded) -> web.StreamResponse:
+        chunks = chat_chunks(model, ["one", "two"])
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(sse_event(chunks[0]))
+        await gate.wait()
+        for chunk in chunks[1:]:
+            await response.write(sse_event(chunk))
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    return behave
+
+
+async def connection_refused(port: int) -> bool:
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+    except ConnectionRefusedError:
+        return True
+    writer.close()
+    await writer.wait_closed()
+    return False
+
+
+async def wait_refused(port: int, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if await connection_refused(port):
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"port {port} still accepts connections")
+        await asyncio.sleep(0.01)
+
+
+async def test_sigterm_lets_a_stream_in_flight_finish_and_exits_0(make_upstream, serve):
+    up = await make_upstream("up")
+    gate = asyncio.Event()
+    up.default = gated_stream(gate)
+    proxy = await serve(build_config({"up": up}, {"mana/a": ["up/m1"]}))
+
+    async with aiohttp.ClientSession() as session:
+        resp = await session.post(proxy.url + "/v1/chat/completions", json={"model": "mana/a", "stream": True, **CHAT})
+        assert resp.status == 200
+        first = await resp.content.readuntil(b"\n\n")
+        assert b'"model":"up/m1"' in first
+
+        proxy.signal(signal.SIGTERM)
+        await proxy.wait_line(lambda text: "stopping" in text)
+        # New connections are refused while the stream is still being served.
+        await wait_refused(proxy.port)
+        assert proxy.proc is not None
+        assert proxy.proc.returncode is None
+
+        gate.set()
+        rest = await resp.content.read()
+    assert rest.endswith(b"data: [DONE]\n\n")
+    assert rest.count(b'"model":"up/m1"') == 3
+    assert await proxy.wait_exit() == 0
+    assert proxy.lines_with("stopped after draining")
+    (line,) = proxy.lines_with("request_id=")
+    assert "outcome=completed" in line
+
+
+async def test_the_drain_is_bounded_by_server_shutdown_timeout_seconds(make_upstream, serve):
+    up = await make_upstream("up")
+    up.default = gated_stream(asyncio.Event())  # never released: the stream would run forever
+    proxy = await serve(build_config({"up": up}, {"mana/a": ["up/m1"]}, server={"shutdown_timeout_seconds": 0.3}))
+
+    rest = b""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(proxy.url + "/v1/chat/completions", json={"model": "mana/a", "stream": True, **CHAT}) as resp,
+    ):
+        await resp.content.readuntil(b"\n\n")
+        signalled = time.monotonic()
+        proxy.signal(signal.SIGTERM)
+        assert await proxy.wait_exit() == 0
+        took = time.monotonic() - signalled
+        with contextlib.suppress(aiohttp.ClientPayloadError):
+            rest = await resp.content.read()
+    assert b"[DONE]" not in rest  # cut by the drain bound: the stream does not look complete
+    assert 0.3 <= took < 3
+    assert proxy.lines_with("draining in-flight requests (up to 0.3s)")
+
+
+async def test_a_request_in_flight_finishes_on_the_config_it_started_with(make_upstream, serve):
+    a = await make_upstream("a")
+    b = await make_upstream("b")
+    c = await make_upstream("c")
+    gate = asyncio.Event()
+
+    async def held_then_503(request: web.Request, recorded: Recorded) -> web.StreamResponse:
+        await gate.wait()
+        return await status_reply(503)(request, recorded)
+
+    a.default = held_then_503
+    b.default = json_reply(chat_completion("m2"))
+    c.default = json_reply(chat_completion("m3"))
+    proxy = await serve(build_config({"a": a, "b": b, "c": c}, {"mana/x": ["a/m1", "b/m2"]}))
+
+    async with aiohttp.ClientSession() as session:
+        in_flight = asyncio.create_task(post(session, proxy.url, "mana/x"))
+        await wait_for(lambda: len(a.requests) == 1)
+        await proxy.reload(build_config({"a": a, "b": b, "c": c}, {"mana/x": ["a/m1", "c/m3"]}))
+        gate.set()
+        resp = await in_flight
+        assert resp.headers["X-Mana-LLM-Resolved"] == "b/m2"  # the old chain's fallback, not the new one's
+        resp = await post(session, proxy.url, "mana/x")
+        assert resp.headers["X-Mana-LLM-Resolved"] == "c/m3"
+    assert b.calls == 1
+
+
+def read_datagrams(sock: socket.socket) -> list[str]:
+    messages = []
+    while True:
+        try:
+            messages.append(sock.recv(4096).decode())
+        except BlockingIOError:
+            return messages
+
+
+async def next_datagram(sock: socket.socket, timeout: float = 5.0) -> str:
+    async with asyncio.timeout(timeout):
+        while True:
+            try:
+                return sock.recv(4096).decode()
+            except BlockingIOError:
+                await asyncio.sleep(0.01)
+
+
+async def test_readiness_notifications_reach_notify_socket(make_upstream, serve, tmp_path):
+    up = await make_upstream("up")
+    path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.setblocking(False)
+    try:
+        good = build_config({"up": up}, {"mana/a": ["up/m1"]})
+        proxy = await serve(good, wait=False, NOTIFY_SOCKET=str(path))
+        ready = await next_datagram(sock)
+        assert ready.splitlines()[0] == "READY=1"
+        assert "STATUS=serving" in ready
+        assert not await connection_refused(proxy.port)  # READY came once it was listening, not before
+        await proxy.wait_healthy()
+        assert read_datagrams(sock) == []
+
+        await proxy.reload(build_config({"up": up}, {"mana/a": ["up/m1"], "mana/b": ["up/m2"]}))
+        reloading = (await next_datagram(sock)).splitlines()
+        assert reloading[0] == "RELOADING=1"
+        assert reloading[1].startswith("MONOTONIC_USEC=")
+        assert int(reloading[1].split("=")[1]) <= time.monotonic_ns() // 1000
+        assert (await next_datagram(sock)).splitlines()[0] == "READY=1"
+
+        await proxy.reload("providers: {")
+        assert (await next_datagram(sock)).startswith("RELOADING=1\n")
+        assert await next_datagram(sock) == "READY=1\nSTATUS=reload rejected; serving the previous config"
+
+        proxy.signal(signal.SIGTERM)
+        assert await next_datagram(sock) == "STOPPING=1"
+        assert await proxy.wait_exit() == 0
+        assert read_datagrams(sock) == []
+    finally:
+        sock.close()
+
+
+async def test_without_notify_socket_nothing_is_sent_and_sigint_also_stops(make_upstream, serve):
+    up: FakeUpstream = await make_upstream("up")
+    proxy = await serve(build_config({"up": up}, {"mana/a": ["up/m1"]}))
+    proxy.signal(signal.SIGINT)
+    assert await proxy.wait_exit() == 0
+    assert not proxy.lines_with("sd_notify")
+
+
+def run_check(config_path: Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
+    return subprocess.run(
+        [sys.executable, "-m", "manaproxy", "check", "--config", str(config_path)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=20,
+        check=False,
+    )
+
+
+def test_check_is_what_an_operator_runs_before_a_reload(tmp_path):
+    good = tmp_path / "good.yaml"
+    good.write_text(build_config({"up": "http://127.0.0.1:9/v1"}, {"mana/a": ["up/m1"]}))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(build_config({"up": "http://127.0.0.1:9/v1"}, {"mana/a": ["nope/m1"]}))
+
+    ok = run_check(good)
+    assert ok.returncode == 0
+    assert ok.stdout.startswith("manaproxy: config ok:")
+    failed = run_check(bad)
+    assert failed.returncode == 1
+    assert "names undeclared provider 'nope'" in failed.stderr
+
+
+def test_serve_with_an_invalid_config_exits_2_at_once(tmp_path):
+    """Exit status 2 is what the unit's RestartPreventExitStatus= expects: no restart loop on a bad file."""
+    bad = tmp_path / "aliases.yaml"
+    bad.write_text(build_config({"up": "http://127.0.0.1:9/v1"}, {"mana/a": ["nope/m1"]}))
+    result = subprocess.run(
+        [sys.executable, "-m", "manaproxy", "serve", "--config", str(bad), "--port", str(free_port())],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=20,
+        check=False,
+    )
+    assert result.returncode == 2
+    (line,) = result.stderr.splitlines()
+    assert "ERROR manaproxy: invalid config, not starting:" in line
+    assert "names undeclared provider 'nope'" in line
+
+
+def test_under_journald_lines_carry_their_syslog_priority_and_no_timestamp(tmp_path):
+    """systemd sets $JOURNAL_STREAM to the device:inode of the stream it gave as stderr."""
+    bad = tmp_path / "aliases.yaml"
+    bad.write_text("providers: {}\n")
+    log = tmp_path / "stderr.log"
+    with log.open("w") as stderr:
+        stat = os.fstat(stderr.fileno())
+        env = {**os.environ, "JOURNAL_STREAM": f"{stat.st_dev}:{stat.st_ino}", "LOG_LEVEL": "info"}
+        code = subprocess.call(
+            [sys.executable, "-m", "manaproxy", "serve", "--config", str(bad)],
+            stderr=stderr,
+            cwd=ROOT,
+            env=env,
+            timeout=20,
+        )
+    assert code == 2
+    (line,) = log.read_text().splitlines()
+    assert line.startswith("<3>ERROR manaproxy: invalid config, not starting: ")

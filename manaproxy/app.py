@@ -135,10 +135,10 @@ def create_app(
     app[catalog.MODELS_CACHE] = catalog.ModelsCache()
     app.on_response_prepare.append(_on_response_prepare)
 
-    owned_session = session is None
-    upstream_session = session if session is not None else make_session()
     health = HealthTracker(config.health, config.providers)
-    gateway = Gateway(runtime=build_runtime(config, upstream_session), health=health, session=upstream_session)
+    gateway = Gateway(runtime=build_runtime(config, None), health=health)
+    if session is not None:
+        gateway.attach(session)
     app[GATEWAY] = gateway
 
     from .metrics import install_metrics
@@ -148,9 +148,13 @@ def create_app(
     install_metrics(app, gateway, registry)
 
     async def upstream_session_ctx(app: web.Application) -> AsyncIterator[None]:
+        # Created here, in the running loop, and closed once at cleanup (unless the caller owns it).
+        owned = session is None
+        if owned:
+            gateway.attach(make_session())
         yield
-        if owned_session:
-            await upstream_session.close()
+        if owned and gateway.session is not None:
+            await gateway.session.close()
 
     app.cleanup_ctx.append(upstream_session_ctx)
     if probes:

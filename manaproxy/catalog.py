@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -18,7 +19,7 @@ from aiohttp import web
 from .config import Config
 from .errors import ProxyError
 from .state import GATEWAY, Gateway, Runtime
-from .upstream import Provider
+from .upstream import Provider, UpstreamFailure
 
 logger = logging.getLogger(__name__)
 
@@ -28,28 +29,33 @@ def json_response(data: Any, status: int = 200) -> web.Response:
 
 
 class ModelsCache:
-    """Per-provider model lists with a short time-to-live."""
+    """Per-provider model lists with a short time-to-live; a failed listing is remembered briefly too."""
 
-    def __init__(self, clock: Any = time.monotonic) -> None:
+    # A provider that failed to list is asked again after this long (or the cache TTL, if shorter),
+    # so a hanging provider does not make every /v1/models call wait for its timeout.
+    FAILED_RETRY_SECONDS = 10.0
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
-        self._lists: dict[str, tuple[float, Provider, list[str]]] = {}
+        self._lists: dict[str, tuple[float, Provider, list[str]]] = {}  # name -> (expires, provider, ids)
         self._lock = asyncio.Lock()
 
     def __repr__(self) -> str:
         return f"<ModelsCache {sorted(self._lists)}>"
 
-    async def models(self, runtime: Runtime, gateway: Gateway) -> dict[str, list[str]]:
+    async def models(self, runtime: Runtime) -> dict[str, list[str]]:
+        """Model ids per configured provider; providers that failed to list are left out."""
         config = runtime.config
         ttl = config.server.models_cache_seconds
-        now = self._clock()
         async with self._lock:  # one refresh at a time; concurrent callers share its result
+            now = self._clock()
             stale = [
                 name
                 for name, spec in config.providers.items()
                 if spec.configured
                 and (
                     name not in self._lists
-                    or now - self._lists[name][0] > ttl
+                    or now >= self._lists[name][0]
                     or self._lists[name][1] is not runtime.providers[name]  # changed by a reload
                 )
             ]
@@ -60,10 +66,13 @@ class ModelsCache:
                 )
                 for name, result in zip(stale, results, strict=True):
                     if isinstance(result, BaseException):
-                        logger.info("provider %s did not list its models: %s", name, result)
-                        self._lists.pop(name, None)
+                        # The reason word only: an upstream's error text may echo our key back.
+                        reason = result.reason if isinstance(result, UpstreamFailure) else type(result).__name__
+                        logger.info("provider %s did not list its models (%s)", name, reason)
+                        expires, ids = now + min(ttl, self.FAILED_RETRY_SECONDS), []
                     else:
-                        self._lists[name] = (now, runtime.providers[name], result)
+                        expires, ids = now + ttl, result
+                    self._lists[name] = (expires, runtime.providers[name], ids)
         return {
             name: self._lists[name][2]
             for name, spec in config.providers.items()
@@ -83,7 +92,7 @@ async def _all_models(request: web.Request) -> list[dict[str, Any]]:
     runtime = gateway.runtime
     config = runtime.config
     data = [_model_object(alias.name, "manaproxy", description=alias.description) for alias in config.aliases.values()]
-    lists = await request.app[MODELS_CACHE].models(runtime, gateway)
+    lists = await request.app[MODELS_CACHE].models(runtime)
     for provider, ids in lists.items():
         data.extend(_model_object(f"{provider}/{model_id}", provider) for model_id in ids)
     return data

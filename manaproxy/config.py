@@ -3,7 +3,7 @@
 Rule of this module: nothing past it touches raw YAML. `load_config` either returns a complete,
 validated `Config` or raises `ConfigError` whose message names the offending place
 (`aliases.mana/fast-text.chain[1]`, `providers.groq.timeouts.idle` ...). A `Config` is immutable;
-a reload builds a new one and swaps a single reference (see `app.ConfigHolder`).
+a reload builds a new one and swaps a single reference (see `state.Gateway.apply`).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import yaml
 ALIAS_PREFIX = "mana/"
 PROVIDER_KINDS = ("openai", "google")
 _PROVIDER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_HEADER_NAME_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # RFC 9110 token
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -260,6 +261,11 @@ class _Parser:
 
         headers_raw = self.mapping(spec.get("headers"), f"{where}.headers")
         headers = {k: self.string(v, f"{where}.headers.{k}") for k, v in headers_raw.items()}
+        for name, value in headers.items():
+            if not _HEADER_NAME_RE.match(name):
+                raise self.fail(f"{where}.headers", f"{name!r} is not a valid HTTP header name")
+            if any(c in value for c in "\r\n\0"):
+                raise self.fail(f"{where}.headers.{name}", "header values cannot contain line breaks or NUL")
 
         timeouts_raw = self.mapping(
             spec.get("timeouts"), f"{where}.timeouts", ("connect", "first_byte", "idle", "total")

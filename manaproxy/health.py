@@ -96,6 +96,7 @@ class ProviderHealth:
         "last_latency",
         "name",
         "rate_limited_until",
+        "trial_in_flight",
         "unhealthy_until",
     )
 
@@ -109,6 +110,7 @@ class ProviderHealth:
         self.rate_limited_until = 0.0  # monotonic
         self.in_flight = 0
         self.last_latency: float | None = None
+        self.trial_in_flight = False  # the one half-open trial request is under way
 
     def __repr__(self) -> str:
         state = "healthy" if self.healthy else "unhealthy"
@@ -203,7 +205,7 @@ class HealthTracker:
             return UNHEALTHY
         if record.rate_limited_until > now:
             return RATE_LIMITED
-        if not record.healthy and record.in_flight:
+        if not record.healthy and record.trial_in_flight:
             return HALF_OPEN  # one request is already deciding; do not pile onto a suspect provider
         if provider.max_concurrent and record.in_flight >= provider.max_concurrent:
             return SATURATED
@@ -224,14 +226,27 @@ class HealthTracker:
         return round(self._to_unix(until, now), 3) if until > now else None
 
     # -- outcomes --------------------------------------------------------------------------------
-    def acquire(self, provider: str) -> None:
-        """A request to `provider` starts (counted until `release`)."""
-        self.get(provider).in_flight += 1
+    def acquire(self, provider: str) -> bool:
+        """A request to `provider` starts (counted until `release`).
 
-    def release(self, provider: str) -> None:
-        """A request to `provider` ends, whatever its outcome."""
+        Returns True when this request is the half-open trial: the breaker's window is over and no other
+        trial is under way. Requests that were already in flight when the breaker opened are not trials.
+        """
         record = self.get(provider)
+        record.in_flight += 1
+        if not record.healthy and not record.trial_in_flight and record.unhealthy_until <= self._clock():
+            record.trial_in_flight = True
+            return True
+        return False
+
+    def release(self, provider: str, *, trial: bool = False) -> None:
+        """A request to `provider` ends, whatever its outcome (`trial`: what `acquire` returned)."""
+        record = self._providers.get(provider)
+        if record is None:  # removed by a reload while the request ran
+            return
         record.in_flight = max(0, record.in_flight - 1)
+        if trial:
+            record.trial_in_flight = False
 
     def record_success(self, provider: str, latency: float | None = None) -> None:
         """A real request got its answer from `provider`: closes the breaker whatever its state."""

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from contextlib import aclosing
 from time import perf_counter
 from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from .config import Target
 from .errors import JSON_CONTENT_TYPE, ProxyError, bad_request, error_body
@@ -46,11 +48,14 @@ async def read_body(request: web.Request, limit: int) -> bytes:
         )
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.content.iter_any():
-        size += len(chunk)
-        if size > limit:
-            raise ProxyError(413, f"request body exceeds the limit of {limit} bytes", code="request_too_large")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.content.iter_any():
+            size += len(chunk)
+            if size > limit:
+                raise ProxyError(413, f"request body exceeds the limit of {limit} bytes", code="request_too_large")
+            chunks.append(chunk)
+    except RequestPayloadError:  # e.g. `Content-Encoding: gzip` on a body that is not gzip
+        raise bad_request("request body could not be decoded", code="invalid_body") from None
     return b"".join(chunks)
 
 
@@ -130,6 +135,11 @@ class _Forwarder:
         if route.alias is None:
             record.requested_provider = route.chain[0].provider
 
+        # Encoded once for every attempt; each provider only splices its own `model` in front.
+        try:
+            body_without_model = orjson.dumps({key: value for key, value in payload.items() if key != "model"})
+        except orjson.JSONEncodeError:  # orjson reads deeper nesting than it writes
+            raise bad_request("request body is nested too deeply", code="invalid_json") from None
         path = self.request.raw_path[len("/v1") :]  # raw: percent-encoding and query string kept as sent
         accept = self.request.headers.get("Accept")
         failures: list[str] = []
@@ -140,7 +150,7 @@ class _Forwarder:
                 record.attempts.append(Attempt(str(target), target.provider, skip, tried=False))
                 failures.append(f"{target}={skip}")
                 continue
-            call = Call(path, payload, target.model, record.streaming, record.request_id, accept)
+            call = Call(path, payload, target.model, record.streaming, record.request_id, accept, body_without_model)
             response = await self._try(target, call)
             if response is not None:
                 return response
@@ -155,11 +165,11 @@ class _Forwarder:
     async def _try(self, target: Target, call: Call) -> web.StreamResponse | None:
         """Try one target. A response means the request is answered; None means fall back."""
         health = self.gateway.health
-        health.acquire(target.provider)
+        trial = health.acquire(target.provider)
         try:
             return await self._attempt(target, call)
         finally:  # also on cancellation: a client that left must not hold a `max_concurrent` slot
-            health.release(target.provider)
+            health.release(target.provider, trial=trial)
 
     async def _attempt(self, target: Target, call: Call) -> web.StreamResponse | None:
         record = self.record
@@ -176,7 +186,8 @@ class _Forwarder:
         except Exception as exc:
             # A bug in a provider module must not cost the client its answer: log it, try the next entry.
             logger.exception("request %s: provider %s raised", record.request_id, target.provider)
-            return self._failed(target, UpstreamFailure("internal", f"provider error: {type(exc).__name__}"))
+            internal = UpstreamFailure("internal", f"provider error: {type(exc).__name__}", provider_fault=False)
+            return self._failed(target, internal)
         self.gateway.health.record_success(target.provider, perf_counter() - started)
         record.provider = target.provider
         record.target = str(target)
@@ -196,8 +207,9 @@ class _Forwarder:
             health.record_rate_limited(target.provider, failure.retry_after, failure.detail)
         elif failure.provider_fault:
             health.record_failure(target.provider, failure.detail)
-        else:
+        elif failure.fallback:
             health.record_neutral(target.provider, failure.detail)
+        # A caller error (400, 422 ...) says nothing about the provider: its health record is left alone.
         if failure.fallback:
             record.attempts.append(
                 Attempt(str(target), target.provider, failure.reason, failure.detail, status=failure.status)
@@ -211,74 +223,90 @@ class _Forwarder:
         return _caller_error(failure, target)
 
     async def _relay(self, target: Target, reply: StreamReply) -> web.StreamResponse:
-        """Commit to `target` and relay its stream to the client."""
+        """Commit to `target` and relay its stream; a failure from here on ends it with an error event."""
         record = self.record
-        rewriter = ModelRewriter(str(target))
         response = web.StreamResponse(status=reply.status, headers={**_STREAM_HEADERS, RESOLVED_HEADER: str(target)})
-        complete = False
+        progress = _Progress()
         try:
-            first = reply.first
-            done = has_done(first)
-            usage = usage_of(first)
+            # COMMIT: from here on this answer belongs to `target`.
+            await response.prepare(self.request)
+            failure: MidStreamFailure | None = None
+            provider_fault = True
             try:
-                # COMMIT: from here on this answer belongs to `target`.
-                await response.prepare(self.request)
-                await response.write(rewriter.rewrite(first))
-                record.first_byte = perf_counter() - record.started
-                events = reply.events()
-                upstream_wait = client_wait = 0.0
-                try:
-                    while True:
-                        waited = perf_counter()
-                        try:
-                            chunk = await anext(events)
-                        except StopAsyncIteration:
-                            break
-                        processing = perf_counter()
-                        upstream_wait += processing - waited
-                        if not done and has_done(chunk):
-                            done = True
-                        if b'"prompt_tokens"' in chunk:
-                            usage = usage_of(chunk) or usage
-                        chunk = rewriter.rewrite(chunk)
-                        writing = perf_counter()
-                        await response.write(chunk)
-                        client_wait += perf_counter() - writing
-                finally:
-                    record.upstream_wait += upstream_wait
-                    record.client_wait += client_wait
-            except MidStreamFailure as failure:
-                self._end_with_error(target, failure.reason, failure.detail)
-                await response.write(
-                    error_event(f"upstream {target} failed mid-stream: {failure.detail}", code=failure.reason)
-                )
+                await self._pump(reply, response, progress, ModelRewriter(str(target)))
+            except MidStreamFailure as exc:
+                failure = exc
             except ConnectionError:
-                record.outcome = CLIENT_DISCONNECTED
-                return response
+                raise
+            except Exception:
+                logger.exception("request %s: relaying %s failed", record.request_id, target)
+                failure, provider_fault = MidStreamFailure(UPSTREAM_ERROR, "internal error while relaying"), False
+            if failure is None and not progress.done:
+                failure = MidStreamFailure(UPSTREAM_ERROR, "upstream ended the stream without [DONE]")
+            if failure is None or progress.done:  # a cut after [DONE] loses nothing
+                record.outcome = COMPLETED
             else:
-                if done:
-                    record.outcome = COMPLETED
-                    complete = True
-                else:
-                    detail = "upstream ended the stream without [DONE]"
-                    self._end_with_error(target, UPSTREAM_ERROR, detail)
-                    await response.write(
-                        error_event(f"upstream {target} failed mid-stream: {detail}", code=UPSTREAM_ERROR)
-                    )
-            if usage is not None:
-                record.prompt_tokens, record.completion_tokens = usage
+                self._end_with_error(target, failure, provider_fault=provider_fault)
+                message = f"upstream {target} failed mid-stream: {failure.detail}"
+                await response.write(error_event(message, code=failure.reason))
+            if progress.usage is not None:
+                record.prompt_tokens, record.completion_tokens = progress.usage
             await response.write_eof()
         except ConnectionError:
             record.outcome = record.outcome or CLIENT_DISCONNECTED
         finally:
-            reply.close(complete=complete)
+            # Back to the pool only after a clean end; otherwise torn down so the provider stops generating.
+            reply.close(complete=progress.clean_end)
         return response
 
-    def _end_with_error(self, target: Target, outcome: str, detail: str) -> None:
-        self.record.outcome = outcome
-        self.record.error_type = outcome
-        self.gateway.health.record_failure(target.provider, detail)
-        logger.warning("request %s: %s failed after commit: %s", self.record.request_id, target, detail)
+    async def _pump(
+        self, reply: StreamReply, response: web.StreamResponse, progress: _Progress, rewriter: ModelRewriter
+    ) -> None:
+        """Relay events as they arrive. Per chunk: two substring checks, the `model` splice, one write."""
+        record = self.record
+        first = reply.first
+        progress.done = has_done(first)
+        progress.usage = usage_of(first)
+        await response.write(rewriter.rewrite(first))
+        record.first_byte = perf_counter() - record.started
+        upstream_wait = client_wait = 0.0
+        mark = perf_counter()
+        try:
+            async with aclosing(reply.events()) as events:
+                async for chunk in events:
+                    arrived = perf_counter()
+                    upstream_wait += arrived - mark
+                    if not progress.done and has_done(chunk):
+                        progress.done = True
+                    if b'"prompt_tokens"' in chunk:
+                        progress.usage = usage_of(chunk) or progress.usage
+                    chunk = rewriter.rewrite(chunk)
+                    writing = perf_counter()
+                    await response.write(chunk)
+                    mark = perf_counter()
+                    client_wait += mark - writing
+            progress.clean_end = True
+        finally:
+            record.upstream_wait += upstream_wait
+            record.client_wait += client_wait
+
+    def _end_with_error(self, target: Target, failure: MidStreamFailure, *, provider_fault: bool) -> None:
+        self.record.outcome = failure.reason
+        self.record.error_type = failure.reason
+        if provider_fault:
+            self.gateway.health.record_failure(target.provider, failure.detail)
+        logger.warning("request %s: %s failed after commit: %s", self.record.request_id, target, failure.detail)
+
+
+class _Progress:
+    """What the relay has seen of a committed stream."""
+
+    __slots__ = ("clean_end", "done", "usage")
+
+    def __init__(self) -> None:
+        self.done = False  # a `data: [DONE]` line went to the client
+        self.clean_end = False  # the upstream ended its body normally
+        self.usage: tuple[int, int] | None = None
 
 
 def _rewrite_reply(reply: Reply, resolved: str) -> tuple[bytes, tuple[int, int] | None]:

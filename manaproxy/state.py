@@ -31,7 +31,10 @@ class Runtime:
     providers: Mapping[str, Provider]
 
 
-def build_runtime(config: Config, session: aiohttp.ClientSession) -> Runtime:
+def build_runtime(config: Config, session: aiohttp.ClientSession | None) -> Runtime:
+    """The runtime for `config`; without a session yet (before startup) it has no provider objects."""
+    if session is None:
+        return Runtime(config, MappingProxyType({}))
     providers = {name: build_provider(spec, session) for name, spec in config.providers.items()}
     return Runtime(config, MappingProxyType(providers))
 
@@ -42,7 +45,7 @@ class Gateway:
 
     runtime: Runtime
     health: HealthTracker
-    session: aiohttp.ClientSession
+    session: aiohttp.ClientSession | None = None  # attached at startup (see app.upstream_session_ctx)
     observers: list[Observer] = field(default_factory=list)
     # Called with "success" or "failure" after each reload attempt (metrics count them).
     reload_listeners: list[Callable[[str], None]] = field(default_factory=list)
@@ -53,6 +56,11 @@ class Gateway:
     @property
     def config(self) -> Config:
         return self.runtime.config
+
+    def attach(self, session: aiohttp.ClientSession) -> None:
+        """Give the gateway its upstream session and build the provider objects that use it."""
+        self.session = session
+        self.runtime = build_runtime(self.runtime.config, session)
 
     def apply(self, config: Config) -> None:
         """Swap in a new, already validated config (the reload's single atomic step)."""

@@ -9,13 +9,14 @@ pure function `classify_status` / the constructors below — table-tested, nowhe
 from __future__ import annotations
 
 import ssl
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncGenerator, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Any, Protocol
 
 import aiohttp
+import orjson
 
 from .config import ProviderConfig
 
@@ -29,12 +30,13 @@ class Verdict:
 
 
 def classify_status(status: int) -> Verdict:
-    """Fall back on 401/403/404/408/425/429/5xx; other 4xx are the caller's fault and go back as is.
+    """Fall back on 3xx/401/403/404/408/425/429/5xx; other 4xx are the caller's fault and go back as is.
 
     401/403 mean *our* provider credentials are wrong: a provider failure. 404 means the model is not
     served there: fall back, but the provider itself is fine.
     """
-    if status >= 500 or status in (401, 403, 408, 425, 429):
+    if status >= 500 or status in (401, 403, 408, 425, 429) or 300 <= status < 400:
+        # 3xx: redirects are never followed (they would carry our provider headers elsewhere).
         return Verdict(fallback=True, provider_fault=True)
     if status == 404:
         return Verdict(fallback=True, provider_fault=False)
@@ -103,8 +105,6 @@ class MidStreamFailure(Exception):
 
 def _error_message(body: bytes) -> str:
     """A short excerpt of an upstream error body's message, for logs and our own 503 text."""
-    import orjson
-
     try:
         data: Any = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -171,6 +171,16 @@ class Call:
     stream: bool
     request_id: str
     accept: str | None
+    # `payload` without `model`, JSON-encoded once per request (None: encode `payload` here).
+    body_without_model: bytes | None = None
+
+    def body_for(self, model: str) -> bytes:
+        """The JSON body to send upstream: the client's, with `model` replaced."""
+        rest = self.body_without_model
+        if rest is None:
+            return orjson.dumps({**self.payload, "model": model})
+        head = b'{"model":' + orjson.dumps(model)
+        return head + b"}" if rest == b"{}" else head + b"," + rest[1:]
 
 
 @dataclass(slots=True)
@@ -189,7 +199,7 @@ class StreamReply(Protocol):
     status: int
     first: bytes  # complete SSE events up to and including the first data event
 
-    def events(self) -> AsyncIterator[bytes]:
+    def events(self) -> AsyncGenerator[bytes, None]:
         """Remaining raw bytes, cut at event boundaries; raises `MidStreamFailure` on failure."""
         ...
 

@@ -393,10 +393,20 @@ def test_half_open_lets_one_trial_through(tracker: HealthTracker, clock: FakeClo
     open_breaker(tracker)
     clock.advance(SETTINGS.backoff_seconds)
     assert tracker.skip_reason(provider()) is None
-    tracker.acquire("a")  # the trial request
-    assert tracker.skip_reason(provider()) not in (None, "unhealthy")
-    tracker.release("a")
+    trial = tracker.acquire("a")  # the trial request
+    assert trial is True
+    assert tracker.skip_reason(provider()) == "half_open"
+    tracker.release("a", trial=trial)
     assert tracker.skip_reason(provider()) is None
+
+
+def test_a_request_from_before_the_breaker_opened_is_not_the_trial(tracker: HealthTracker, clock: FakeClock) -> None:
+    assert tracker.acquire("a") is False  # a long stream, started while the provider was healthy
+    open_breaker(tracker)
+    clock.advance(SETTINGS.backoff_seconds)
+    assert tracker.skip_reason(provider()) is None  # half-open: the old stream does not block the trial
+    assert tracker.acquire("a") is True
+    assert tracker.acquire("a") is False  # only one trial at a time
 
 
 # -- secrets --------------------------------------------------------------------------------------

@@ -22,6 +22,8 @@ def expected_verdict(status: int) -> Verdict:
         return FALLBACK_ONLY
     if status in (401, 403, 408, 425, 429) or 500 <= status <= 599:
         return FALLBACK_AND_FAULT
+    if 300 <= status <= 399:  # redirects are never followed: a provider that redirects is misconfigured
+        return FALLBACK_AND_FAULT
     return CALLER_ERROR
 
 

@@ -25,7 +25,7 @@ import os
 import ssl
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlsplit
@@ -163,7 +163,7 @@ class GoogleStream:
         self._idle = idle
         self._ended = False
 
-    async def events(self) -> AsyncIterator[bytes]:
+    async def events(self) -> AsyncGenerator[bytes, None]:
         stream = self._stream
         translator = self._translator
         idle = self._idle

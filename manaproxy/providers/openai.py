@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import aiohttp
@@ -21,6 +21,19 @@ from ..sse import EventBuffer, error_of, has_done
 from ..upstream import Call, MidStreamFailure, Reply, UpstreamFailure, translate_errors
 
 _ERROR_BODY_LIMIT = 1 << 20
+# An SSE event bigger than this is no chat chunk: the upstream is broken (or never sends a blank line).
+_MAX_EVENT_BYTES = 8 << 20
+
+
+async def _read_limited(resp: aiohttp.ClientResponse, limit: int = _ERROR_BODY_LIMIT) -> bytes:
+    """The body up to EOF or `limit` bytes (`content.read(n)` alone returns only what has arrived)."""
+    data = bytearray()
+    while len(data) < limit:
+        piece = await resp.content.read(limit - len(data))
+        if not piece:
+            break
+        data += piece
+    return bytes(data)
 
 
 def _decode_body(body: bytes, encoding: str) -> bytes:
@@ -51,7 +64,7 @@ class OpenAIStream:
         self._rest = rest
         self._idle = idle
 
-    async def events(self) -> AsyncIterator[bytes]:
+    async def events(self) -> AsyncGenerator[bytes, None]:
         if self._rest:
             yield self._rest
         content = self._resp.content
@@ -79,6 +92,8 @@ class OpenAIStream:
             released = buffer.feed(chunk)
             if released:
                 yield released
+            elif len(buffer.pending) > _MAX_EVENT_BYTES:
+                raise MidStreamFailure("upstream_error", f"upstream event larger than {_MAX_EVENT_BYTES} bytes")
 
     def close(self, *, complete: bool) -> None:
         if complete:
@@ -104,7 +119,7 @@ class OpenAIProvider:
         return f"<OpenAIProvider {self.config.name} {self.config.base_url}>"
 
     async def send(self, call: Call) -> Reply | OpenAIStream:
-        body = orjson.dumps({**call.payload, "model": call.model})
+        body = call.body_for(call.model)
         headers = {
             **self._headers,
             "Content-Type": "application/json",
@@ -120,18 +135,20 @@ class OpenAIProvider:
             return await self._exchange(url, body, headers)
 
     async def _exchange(self, url: str, body: bytes, headers: dict[str, str]) -> Reply:
-        async with self._session.post(url, data=body, headers=headers, timeout=self._timeout) as resp:
-            data = await resp.read()
-            await self._check_status(resp, data)
-            content_type = resp.headers.get("Content-Type", "application/json")
-            data = _decode_body(data, resp.headers.get("Content-Encoding", ""))
-            return Reply(resp.status, data, content_type)
+        async with self._session.post(
+            url, data=body, headers=headers, timeout=self._timeout, allow_redirects=False
+        ) as resp:
+            data = _decode_body(await resp.read(), resp.headers.get("Content-Encoding", ""))
+            self._check_status(resp, data)
+            return Reply(resp.status, data, resp.headers.get("Content-Type", "application/json"))
 
     async def _open_stream(self, url: str, body: bytes, headers: dict[str, str]) -> Reply | OpenAIStream:
-        resp = await self._session.post(url, data=body, headers=headers, timeout=self._timeout)
+        resp = await self._session.post(url, data=body, headers=headers, timeout=self._timeout, allow_redirects=False)
         try:
             if resp.status >= 300:
-                await self._check_status(resp, await resp.content.read(_ERROR_BODY_LIMIT))
+                self._check_status(
+                    resp, _decode_body(await _read_limited(resp), resp.headers.get("Content-Encoding", ""))
+                )
             content_type = resp.headers.get("Content-Type", "")
             if not content_type.startswith("text/event-stream"):
                 # Some servers answer a stream request with one JSON document: relay it unstreamed.
@@ -146,6 +163,8 @@ class OpenAIProvider:
                 first, rest = buffer.first_event(chunk)
                 if first:
                     break
+                if len(buffer.pending) > _MAX_EVENT_BYTES:
+                    raise UpstreamFailure("bad_response", f"no complete event in the first {_MAX_EVENT_BYTES} bytes")
             error = error_of(first)
             if error is not None:
                 message = str(error.get("message", "error event"))[:120]
@@ -155,7 +174,7 @@ class OpenAIProvider:
             resp.close()
             raise
 
-    async def _check_status(self, resp: aiohttp.ClientResponse, data: bytes) -> None:
+    def _check_status(self, resp: aiohttp.ClientResponse, data: bytes) -> None:
         if resp.status >= 300:
             raise UpstreamFailure.from_status(resp.status, resp.headers, data, resp.headers.get("Content-Type"))
 
@@ -172,10 +191,12 @@ class OpenAIProvider:
     async def _get_json(self, path: str, timeout: float) -> Any:
         with translate_errors("while probing"):
             async with asyncio.timeout(timeout):
-                async with self._session.get(self.config.base_url + path, headers=self._headers) as resp:
-                    data = await resp.read()
-                    await self._check_status(resp, data)
+                async with self._session.get(
+                    self.config.base_url + path, headers=self._headers, allow_redirects=False
+                ) as resp:
+                    data = _decode_body(await resp.read(), resp.headers.get("Content-Encoding", ""))
+                    self._check_status(resp, data)
         try:
-            return orjson.loads(_decode_body(data, resp.headers.get("Content-Encoding", "")))
+            return orjson.loads(data)
         except orjson.JSONDecodeError:
             return None

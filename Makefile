@@ -36,8 +36,8 @@ format:
 demo:  ## a fake upstream + manaproxy in front of it, and a streamed answer through curl
 	bash docs/demo.sh
 
-bench:  ## throughput and latency: manaproxy vs direct (and LiteLLM when installed)
-	$(BIN)/python bench/run.py
+bench:  ## throughput and latency: manaproxy vs direct (and LiteLLM when installed); BENCH_ARGS=--with-litellm
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache

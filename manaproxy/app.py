@@ -7,8 +7,8 @@ once, before startup, under typed `AppKey`s; a reload swaps `Gateway.runtime`, n
 from __future__ import annotations
 
 import logging
+import os
 import re
-import uuid
 from collections.abc import AsyncIterator, Sequence
 
 import aiohttp
@@ -49,7 +49,7 @@ def make_session(*, limit: int = 0) -> aiohttp.ClientSession:
 async def request_id_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Take the client's X-Request-ID if it is sane, else make one; `on_response_prepare` echoes it."""
     supplied = request.headers.get(REQUEST_ID_HEADER, "")
-    request[REQUEST_ID] = supplied if _REQUEST_ID_RE.match(supplied) else uuid.uuid4().hex
+    request[REQUEST_ID] = supplied if _REQUEST_ID_RE.match(supplied) else os.urandom(16).hex()
     return await handler(request)
 
 

@@ -270,12 +270,13 @@ class _Forwarder:
         await response.write(rewriter.rewrite(first))
         record.first_byte = perf_counter() - record.started
         upstream_wait = client_wait = 0.0
-        mark = perf_counter()
+        waiting_since: float | None = perf_counter()  # set while waiting on the upstream
         try:
             async with aclosing(reply.events()) as events:
                 async for chunk in events:
                     arrived = perf_counter()
-                    upstream_wait += arrived - mark
+                    upstream_wait += arrived - waiting_since  # type: ignore[operator]
+                    waiting_since = None
                     if not progress.done and has_done(chunk):
                         progress.done = True
                     if b'"prompt_tokens"' in chunk:
@@ -283,10 +284,13 @@ class _Forwarder:
                     chunk = rewriter.rewrite(chunk)
                     writing = perf_counter()
                     await response.write(chunk)
-                    mark = perf_counter()
-                    client_wait += mark - writing
+                    waiting_since = perf_counter()
+                    client_wait += waiting_since - writing
             progress.clean_end = True
         finally:
+            # The last wait (for the end of the body, or one that failed) is the upstream's too.
+            if waiting_since is not None:
+                upstream_wait += perf_counter() - waiting_since
             record.upstream_wait += upstream_wait
             record.client_wait += client_wait
 

@@ -21,7 +21,7 @@ _STRING = rb'"(?:[^"\\\n]|\\.)*"'
 _SCALAR = rb"(?:" + _STRING + rb"|-?[0-9][0-9.eE+-]*|true|false|null)"
 # `data: {` followed by any number of top-level scalar members, then the "model" member's string value.
 _MODEL_VALUE = re.compile(
-    rb"(?m)(^data: ?\{\s*(?:" + _STRING + rb"\s*:\s*" + _SCALAR + rb"\s*,\s*)*\"model\"\s*:\s*)" + _STRING
+    rb"(?m)(^data: ?\{\s*(?:" + _STRING + rb"\s*:\s*" + _SCALAR + rb"\s*,\s*)*)(\"model\"\s*:\s*)(" + _STRING + rb")"
 )
 _BOUNDARY = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 _LINE_END = re.compile(rb"\r\n|\n|\r")
@@ -92,21 +92,37 @@ def is_data_event(event: bytes) -> bool:
 
 
 class ModelRewriter:
-    """Rewrites the top-level `model` of every `data:` JSON line to one fixed value."""
+    """Rewrites the top-level `model` of every `data:` JSON line to one fixed value.
 
-    __slots__ = ("_template", "_value")
+    A stream repeats the same `"model": "<upstream name>"` member in every chunk, so once the regex has
+    found it, later chunks are fixed with one `bytes.replace` — as long as every `"model"` in the chunk is
+    exactly that member; otherwise the regex runs again (and learns the new member).
+    """
+
+    __slots__ = ("_known", "_replacement", "_template", "_value", "_value_json")
 
     def __init__(self, model: str) -> None:
         self._value = model
+        self._value_json = orjson.dumps(model)
         # A `re` template: escape backslashes so JSON escapes in the model name survive.
-        self._template = b"\\g<1>" + orjson.dumps(model).replace(b"\\", b"\\\\")
+        self._template = b"\\g<1>\\g<2>" + self._value_json.replace(b"\\", b"\\\\")
+        self._known: bytes | None = None  # the upstream's `"model": "..."` member, as last seen
+        self._replacement = b""
 
     def rewrite(self, events: bytes) -> bytes:
         """Rewrite complete events; lines without a top-level `model` are left untouched."""
-        if b'"model"' not in events:
+        members = events.count(b'"model"')
+        if not members:
             return events
+        known = self._known
+        if known is not None and events.count(known) == members:
+            return events.replace(known, self._replacement)
         rewritten, count = _MODEL_VALUE.subn(self._template, events)
-        if count >= events.count(b'"model"'):
+        if count >= members:
+            match = _MODEL_VALUE.search(events)
+            if match is not None and match.group(3) != self._value_json:
+                self._known = match.group(2) + match.group(3)
+                self._replacement = match.group(2) + self._value_json
             return rewritten
         # Some data line carries a `model` the fast path did not reach: fix those lines one by one.
         return self._rewrite_slow(rewritten)

@@ -96,6 +96,7 @@ class ProviderHealth:
         "last_latency",
         "name",
         "rate_limited_until",
+        "trial",
         "trial_in_flight",
         "unhealthy_until",
     )
@@ -111,6 +112,7 @@ class ProviderHealth:
         self.in_flight = 0
         self.last_latency: float | None = None
         self.trial_in_flight = False  # the one half-open trial request is under way
+        self.trial = 0  # number of the latest trial, so a stale trial's release clears nothing
 
     def __repr__(self) -> str:
         state = "healthy" if self.healthy else "unhealthy"
@@ -164,11 +166,7 @@ class HealthTracker:
         recovered: list[str] = []
         for name in list(identities) if identities is not None else list(providers):
             record = previous.get(name)
-            if (
-                record is not None
-                and identities is not None
-                and old_identities.get(name, identities[name]) != identities[name]
-            ):
+            if record is not None and identities is not None and old_identities.get(name) != identities[name]:
                 logger.info("provider %s changed upstream: health state reset", name)
                 if not record.healthy:
                     recovered.append(name)
@@ -184,11 +182,20 @@ class HealthTracker:
             self._notify(name, True)
 
     def get(self, provider: str) -> ProviderHealth:
-        """The provider's record (created on first use for a provider no config declared yet)."""
+        """The provider's record; a detached blank one for a provider the current config does not declare
+        (an outcome recorded there, by a request still running on an old config, changes nothing)."""
         record = self._providers.get(provider)
-        if record is None:  # a provider added by a reload that raced a request
-            record = self._providers[provider] = ProviderHealth(provider)
-        return record
+        return record if record is not None else ProviderHealth(provider)
+
+    def is_current(self, provider: ProviderConfig) -> bool:
+        """Whether `provider` (from the config a request started with) is the upstream tracked now.
+
+        After a reload repointed or removed it, a request still running on the old config must not
+        record its outcome against the new upstream's clean record.
+        """
+        if self._identities is None:
+            return provider.name in self._providers
+        return self._identities.get(provider.name) == _identity(provider)
 
     def names(self) -> list[str]:
         """Names of the providers tracked now (those of the current config)."""
@@ -226,26 +233,30 @@ class HealthTracker:
         return round(self._to_unix(until, now), 3) if until > now else None
 
     # -- outcomes --------------------------------------------------------------------------------
-    def acquire(self, provider: str) -> bool:
+    def acquire(self, provider: str) -> int:
         """A request to `provider` starts (counted until `release`).
 
-        Returns True when this request is the half-open trial: the breaker's window is over and no other
-        trial is under way. Requests that were already in flight when the breaker opened are not trials.
+        Returns a trial number (> 0) when this request is the half-open trial: the breaker's window is
+        over and no other trial is under way; else 0. Requests that were already in flight when the
+        breaker opened are not trials.
         """
-        record = self.get(provider)
+        record = self._providers.get(provider)
+        if record is None:  # removed by a reload that raced this request
+            return 0
         record.in_flight += 1
         if not record.healthy and not record.trial_in_flight and record.unhealthy_until <= self._clock():
+            record.trial += 1
             record.trial_in_flight = True
-            return True
-        return False
+            return record.trial
+        return 0
 
-    def release(self, provider: str, *, trial: bool = False) -> None:
+    def release(self, provider: str, *, trial: int = 0) -> None:
         """A request to `provider` ends, whatever its outcome (`trial`: what `acquire` returned)."""
         record = self._providers.get(provider)
         if record is None:  # removed by a reload while the request ran
             return
         record.in_flight = max(0, record.in_flight - 1)
-        if trial:
+        if trial and trial == record.trial:
             record.trial_in_flight = False
 
     def record_success(self, provider: str, latency: float | None = None) -> None:
@@ -261,13 +272,16 @@ class HealthTracker:
         record = self.get(provider)
         now = self._clock()
         record.last_check = now
-        if record.unhealthy_until > now:
+        if record.healthy or record.unhealthy_until > now:
+            # Closed: `/models` answering says nothing of the completions that failed, so the count of
+            # consecutive request failures stands. Open: the window runs its course.
             return
         self._close(record, "a probe succeeded")
 
     def _close(self, record: ProviderHealth, why: str) -> None:
         record.consecutive_failures = 0
         record.unhealthy_until = 0.0
+        record.trial_in_flight = False  # decided (a streamed trial may run on; it holds no claim)
         if not record.healthy:
             record.healthy = True
             logger.warning("provider %s recovered (%s): breaker closed", record.name, why)
@@ -286,6 +300,7 @@ class HealthTracker:
             # After it (half-open) the failure decides: out again for a whole window.
             if record.unhealthy_until <= now:
                 record.unhealthy_until = now + self.settings.backoff_seconds
+                record.trial_in_flight = False  # decided: the next window ends in a new trial
                 logger.warning(
                     "provider %s still failing, out again for %gs: %s",
                     provider,

@@ -62,18 +62,6 @@ def _still_current(gateway: Gateway, provider: Provider) -> bool:
     return current is not None and current.config == provider.config
 
 
-async def probe_round(gateway: Gateway) -> None:
-    """Probe every configured provider once, in parallel, and wait for all of them."""
-    runtime = gateway.runtime
-    timeout = runtime.config.health.probe_timeout_seconds
-    probes = [
-        probe_one(gateway, runtime.providers[name], timeout)
-        for name, spec in runtime.config.providers.items()
-        if spec.configured
-    ]
-    await asyncio.gather(*probes, return_exceptions=True)
-
-
 class Prober:
     """Starts a round of probes every interval; at most one probe per provider runs at a time."""
 
@@ -131,15 +119,6 @@ class Prober:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-
-
-async def probe_loop(gateway: Gateway) -> None:
-    """Run the probe loop until cancelled."""
-    prober = Prober(gateway)
-    try:
-        await prober.run()
-    finally:
-        await prober.close()
 
 
 async def probe_loop_ctx(app: web.Application) -> AsyncIterator[None]:

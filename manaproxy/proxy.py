@@ -188,7 +188,8 @@ class _Forwarder:
             logger.exception("request %s: provider %s raised", record.request_id, target.provider)
             internal = UpstreamFailure("internal", f"provider error: {type(exc).__name__}", provider_fault=False)
             return self._failed(target, internal)
-        self.gateway.health.record_success(target.provider, perf_counter() - started)
+        if self._tracked(target):
+            self.gateway.health.record_success(target.provider, perf_counter() - started)
         record.provider = target.provider
         record.target = str(target)
         record.status = reply.status
@@ -200,15 +201,21 @@ class _Forwarder:
             return web.Response(status=reply.status, body=body, content_type=None, headers=headers)
         return await self._relay(target, reply)
 
+    def _tracked(self, target: Target) -> bool:
+        """Whether this request's outcome may feed health: not if a reload has since repointed or
+        removed the provider (the new upstream's record starts clean)."""
+        return self.gateway.health.is_current(self.runtime.config.providers[target.provider])
+
     def _failed(self, target: Target, failure: UpstreamFailure) -> web.StreamResponse | None:
         health = self.gateway.health
         record = self.record
-        if failure.retry_after is not None:
-            health.record_rate_limited(target.provider, failure.retry_after, failure.detail)
-        elif failure.provider_fault:
-            health.record_failure(target.provider, failure.detail)
-        elif failure.fallback:
-            health.record_neutral(target.provider, failure.detail)
+        if self._tracked(target):
+            if failure.retry_after is not None:
+                health.record_rate_limited(target.provider, failure.retry_after, failure.detail)
+            elif failure.provider_fault:
+                health.record_failure(target.provider, failure.detail)
+            elif failure.fallback:
+                health.record_neutral(target.provider, failure.detail)
         # A caller error (400, 422 ...) says nothing about the provider: its health record is left alone.
         if failure.fallback:
             record.attempts.append(
@@ -297,7 +304,7 @@ class _Forwarder:
     def _end_with_error(self, target: Target, failure: MidStreamFailure, *, provider_fault: bool) -> None:
         self.record.outcome = failure.reason
         self.record.error_type = failure.reason
-        if provider_fault:
+        if provider_fault and self._tracked(target):
             self.gateway.health.record_failure(target.provider, failure.detail)
         logger.warning("request %s: %s failed after commit: %s", self.record.request_id, target, failure.detail)
 

@@ -296,9 +296,11 @@ def test_reconfigure_keeps_surviving_adds_new_drops_removed(tracker: HealthTrack
     assert tracker.get("b").last_error is None
 
 
-def test_get_unknown_provider_creates_a_clean_record(tracker: HealthTracker) -> None:
-    assert tracker.get("late").healthy is True
-    assert "late" in tracker.names()
+def test_get_unknown_provider_gives_a_detached_clean_record(tracker: HealthTracker) -> None:
+    tracker.record_failure("gone", "HTTP 500")  # e.g. a request still running on a config a reload replaced
+    assert tracker.get("gone").healthy is True
+    assert tracker.get("gone").consecutive_failures == 0
+    assert "gone" not in tracker.names()
 
 
 # -- snapshot and repr ----------------------------------------------------------------------------
@@ -394,19 +396,19 @@ def test_half_open_lets_one_trial_through(tracker: HealthTracker, clock: FakeClo
     clock.advance(SETTINGS.backoff_seconds)
     assert tracker.skip_reason(provider()) is None
     trial = tracker.acquire("a")  # the trial request
-    assert trial is True
+    assert trial
     assert tracker.skip_reason(provider()) == "half_open"
     tracker.release("a", trial=trial)
     assert tracker.skip_reason(provider()) is None
 
 
 def test_a_request_from_before_the_breaker_opened_is_not_the_trial(tracker: HealthTracker, clock: FakeClock) -> None:
-    assert tracker.acquire("a") is False  # a long stream, started while the provider was healthy
+    assert not tracker.acquire("a")  # a long stream, started while the provider was healthy
     open_breaker(tracker)
     clock.advance(SETTINGS.backoff_seconds)
     assert tracker.skip_reason(provider()) is None  # half-open: the old stream does not block the trial
-    assert tracker.acquire("a") is True
-    assert tracker.acquire("a") is False  # only one trial at a time
+    assert tracker.acquire("a")
+    assert not tracker.acquire("a")  # only one trial at a time
 
 
 # -- secrets --------------------------------------------------------------------------------------

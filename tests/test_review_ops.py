@@ -51,14 +51,6 @@ def reload_to(proxy: Any, tmp_path: Path, text: str) -> None:
 # -- health: half-open trial accounting ------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    reason=(
-        "BUG health.py:249/113: trial_in_flight is cleared only by release() of the trial; a trial "
-        "stream that closed the breaker keeps it set, so after the breaker re-opens and its window "
-        'ends every request skips "half_open" until that stream ends'
-    ),
-    strict=True,
-)
 async def test_a_trial_stream_outliving_a_reopened_breaker_does_not_block_the_next_trial(make_upstream, make_proxy):
     a = await make_upstream("a")
     b = await make_upstream("b")
@@ -91,14 +83,6 @@ async def test_a_trial_stream_outliving_a_reopened_breaker_does_not_block_the_ne
 # -- health across a reload ------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    reason=(
-        "BUG proxy.py:191/209/297 record outcomes by provider name only: a request still running on "
-        "the old upstream after a reload re-pointed the provider fails against the fresh record and "
-        "opens the new upstream's breaker"
-    ),
-    strict=True,
-)
 async def test_a_request_to_the_old_upstream_cannot_open_the_breaker_of_the_new_one(
     make_upstream, make_proxy, tmp_path
 ):
@@ -122,14 +106,6 @@ async def test_a_request_to_the_old_upstream_cannot_open_the_breaker_of_the_new_
     assert await ask(proxy) == "a/m1"  # the new upstream has a clean slate and answers
 
 
-@pytest.mark.xfail(
-    reason=(
-        "BUG health.py:190 get() recreates the record of a provider a reload removed when a request "
-        "in flight records its outcome; reconfigure() (line 170) then keeps that stale record for a "
-        "provider re-added elsewhere"
-    ),
-    strict=True,
-)
 async def test_a_removed_provider_re_added_elsewhere_starts_with_a_clean_slate(make_upstream, make_proxy, tmp_path):
     old = await make_upstream("old")
     new = await make_upstream("new")
@@ -197,14 +173,6 @@ KEY_INVALID_INFO = [
 ]
 
 
-@pytest.mark.xfail(
-    reason=(
-        "BUG providers/google.py:104: Google answers a wrong/expired key with 400 INVALID_ARGUMENT + "
-        "ErrorInfo API_KEY_INVALID; it is relayed as the caller's 400: no fallback, no provider "
-        "failure"
-    ),
-    strict=True,
-)
 async def test_a_rejected_google_api_key_falls_back_and_counts_against_google(google_proxy, fake_gemini, make_upstream):
     backup = await make_upstream("backup")
     backup.default = json_reply(chat_completion("m2"))
@@ -222,13 +190,6 @@ class KeyRejectingGemini(FakeGemini):
         return google_error(400, KEY_NOT_VALID, "INVALID_ARGUMENT", details=KEY_INVALID_INFO)
 
 
-@pytest.mark.xfail(
-    reason=(
-        "BUG providers/google.py:104 + probe.py:41: a probe rejected with 400 API_KEY_INVALID is "
-        "recorded as neutral, so /v1/health shows google healthy while every call fails"
-    ),
-    strict=True,
-)
 async def test_a_probe_rejected_for_its_api_key_marks_google_unhealthy(make_proxy):
     fake = await KeyRejectingGemini().start()
     spec = {"kind": "google", "base_url": fake.base_url, "api_key": KEY}
@@ -250,14 +211,6 @@ async def test_a_probe_rejected_for_its_api_key_marks_google_unhealthy(make_prox
 REFUSED_MODELS = [f"{MODEL}?alt=json", "../../v1/files", f"{MODEL}/.."]  # the SDK raises "invalid model parameter"
 
 
-@pytest.mark.xfail(
-    reason=(
-        'BUG providers/google.py:244: the SDK\'s ValueError("invalid model parameter") for a '
-        "client's model name is mapped to bad_response with provider_fault=True, so two such requests"
-        " open google's breaker for everyone"
-    ),
-    strict=True,
-)
 async def test_a_client_cannot_open_googles_breaker_with_a_model_name_google_refuses(google_proxy, fake_gemini):
     proxy = await google_proxy(health={"failure_threshold": 2})
     for model in REFUSED_MODELS[:2]:
@@ -268,13 +221,6 @@ async def test_a_client_cannot_open_googles_breaker_with_a_model_name_google_ref
     assert await ask(proxy, {"model": "mana/g", "messages": USER}) == f"google/{MODEL}"
 
 
-@pytest.mark.xfail(
-    reason=(
-        "BUG providers/google.py:244: a model name the SDK refuses is reported as a google failure "
-        "(503 all_failed), not as the caller's 400"
-    ),
-    strict=True,
-)
 @pytest.mark.parametrize("model", REFUSED_MODELS)
 async def test_a_model_name_google_refuses_is_a_400(google_proxy, fake_gemini, model):
     proxy = await google_proxy()
@@ -285,13 +231,6 @@ async def test_a_model_name_google_refuses_is_a_400(google_proxy, fake_gemini, m
     assert fake_gemini.requests == []
 
 
-@pytest.mark.xfail(
-    reason=(
-        'BUG providers/google_translate.py:345: urlsplit() raises ValueError("Invalid IPv6 URL") '
-        "outside TranslationError; the proxy logs a traceback and answers 503 all_failed"
-    ),
-    strict=True,
-)
 async def test_an_unparseable_image_url_is_a_400(google_proxy, fake_gemini):
     proxy = await google_proxy()
     image = {"type": "image_url", "image_url": {"url": "http://[::1/cat.png"}}
@@ -304,13 +243,6 @@ async def test_an_unparseable_image_url_is_a_400(google_proxy, fake_gemini):
     assert fake_gemini.requests == []
 
 
-@pytest.mark.xfail(
-    reason=(
-        "BUG providers/google.py:253/264: call.path keeps the query string, so /chat/completions?x=1 "
-        'is "unsupported" for google (503) while openai-kind providers serve it'
-    ),
-    strict=True,
-)
 @pytest.mark.parametrize("stream", [False, True])
 async def test_a_chat_request_with_a_query_string_reaches_google(google_proxy, fake_gemini, stream):
     proxy = await google_proxy()
@@ -346,14 +278,6 @@ def series_lines(text: str, name: str) -> list[str]:
     return out
 
 
-@pytest.mark.xfail(
-    reason=(
-        'BUG deploy/prometheus/alerts.yml ManaLLMFallbackRatioHigh counts reason="unconfigured" '
-        "skips: a provider without a key (normal with the shipped chains) makes the alert fire "
-        "forever"
-    ),
-    strict=True,
-)
 async def test_a_provider_without_a_key_does_not_fire_the_fallback_ratio_alert(make_upstream, make_proxy, tmp_path):
     """Leaving a provider's key unset is a normal deployment (the shipped chains name five providers):
     skipping it on every request is no sign that first choices are failing."""

@@ -22,6 +22,7 @@ import contextlib
 import functools
 import logging
 import os
+import re
 import ssl
 import time
 import uuid
@@ -111,9 +112,24 @@ def _api_failure(exc: errors.APIError, secret: str | None) -> UpstreamFailure:
         message = message.replace(secret, "***")
     status_name = exc.status if isinstance(exc.status, str) else None
     body = error_body(message, status=code, code=status_name)
+    if code == 400 and "API_KEY_INVALID" in _error_reasons(exc):
+        # Google answers a wrong or expired key with 400, not 401: our credentials, not the caller's request.
+        return UpstreamFailure("api_key_invalid", f"HTTP 400: {message[:120]}", status=400, body=body)
     retry_after = _retry_after(exc) if code == 429 else None
     headers = {"Retry-After": retry_after} if retry_after else {}
     return UpstreamFailure.from_status(code, headers, body, "application/json")
+
+
+def _error_reasons(exc: errors.APIError) -> set[str]:
+    """The `reason`s of a Google error's `details` (google.rpc.ErrorInfo), e.g. API_KEY_INVALID."""
+    details = exc.details.get("error", exc.details) if isinstance(exc.details, dict) else None
+    items = details.get("details") if isinstance(details, dict) else None
+    if not isinstance(items, list):
+        return set()
+    return {item["reason"] for item in items if isinstance(item, dict) and isinstance(item.get("reason"), str)}
+
+
+_MODEL_NAME_RE = re.compile(r"^(?:models/|tunedModels/)?[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 def _bad_request(error: translate.TranslationError) -> UpstreamFailure:
@@ -250,7 +266,14 @@ class GoogleProvider:
             raise UpstreamFailure("sdk_error", f"google-genai failed {phase} ({type(exc).__name__})") from None
 
     async def send(self, call: Call) -> Reply | GoogleStream:
-        if call.path == "/chat/completions":
+        path = call.path.partition("?")[0]  # a query string (e.g. api-version=) means nothing to Gemini
+        if not _MODEL_NAME_RE.match(call.model):
+            # The SDK refuses such names with a ValueError; it is the caller's request, not Google, at fault.
+            error = translate.TranslationError(
+                f"invalid google model name {call.model[:100]!r}", param="model", code="invalid_model"
+            )
+            raise _bad_request(error)
+        if path == "/chat/completions":
             try:
                 request = translate.chat_request(call.payload)
             except translate.TranslationError as error:
@@ -261,7 +284,7 @@ class GoogleProvider:
             if call.stream:
                 return await self._open_stream(call, request, config)
             return await self._complete(call, request, config)
-        if call.path == "/embeddings":
+        if path == "/embeddings":
             return await self._embed(call)
         raise UpstreamFailure(
             "unsupported", f"the google provider does not serve {call.path[:100]}", fallback=True, provider_fault=False

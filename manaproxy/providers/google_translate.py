@@ -342,8 +342,12 @@ def _user_parts(content: Any, where: str) -> list[dict[str, Any]]:
 def _image_part(url: str, where: str) -> dict[str, Any]:
     if url.startswith("data:"):
         return _data_url_part(url, where)
-    parts = urlsplit(url)
-    if parts.scheme in ("http", "https") and parts.hostname:
+    try:
+        parts = urlsplit(url)
+        hostname = parts.hostname
+    except ValueError:  # e.g. an unclosed IPv6 bracket
+        raise TranslationError("invalid image URL", param=where) from None
+    if parts.scheme in ("http", "https") and hostname:
         # Google fetches the URL itself (public URLs and Files API URIs); we never fetch for the client.
         mime_type, _ = mimetypes.guess_type(parts.path)
         if mime_type is None or not mime_type.startswith("image/"):

@@ -7,12 +7,16 @@ compared in constant time, and all of them are always compared, so timing reveal
 from __future__ import annotations
 
 import hmac
+import logging
 from collections.abc import Iterable
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from .errors import ProxyError
+from .state import REQUEST_ID
+
+logger = logging.getLogger(__name__)
 
 # Liveness and scraping stay open: load balancers and Prometheus carry no client key.
 OPEN_PATHS = frozenset({"/health", "/metrics"})
@@ -51,11 +55,20 @@ def auth_middleware(keys: tuple[bytes, ...]) -> Middleware:
             return await handler(request)
         presented = presented_key(request)
         if presented is None:
-            raise ProxyError(
-                401, "missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key'", code="missing_api_key"
-            )
-        if not key_matches(presented, keys):
-            raise ProxyError(401, "invalid API key", code="invalid_api_key")
-        return await handler(request)
+            message, code = "missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key'", "missing_api_key"
+        elif not key_matches(presented, keys):
+            message, code = "invalid API key", "invalid_api_key"
+        else:
+            return await handler(request)
+        # One line, so rejected clients show up in the journal; never the presented key itself.
+        logger.info(
+            "request %s: %s %s rejected (%s) from %s",
+            request.get(REQUEST_ID, "-"),
+            request.method,
+            request.path[:200],
+            code,
+            request.remote,
+        )
+        raise ProxyError(401, message, code=code)
 
     return check_key

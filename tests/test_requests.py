@@ -7,6 +7,7 @@ Every error manaproxy emits is `{"error": {"message", "type", "param", "code"}}`
 from __future__ import annotations
 
 import json
+import logging
 import random
 from collections.abc import AsyncIterator
 from typing import Any
@@ -307,6 +308,22 @@ async def test_auth_rejects_missing_and_wrong_keys(authed, headers, code):
     assert error["type"] == "authentication_error"
     assert "wrong-key-xyz" not in error["message"]
     assert up.calls == 0
+
+
+async def test_a_rejected_key_is_logged_once_without_the_key(authed, caplog):
+    _up, proxy = authed
+    caplog.set_level(logging.INFO, logger="manaproxy.auth")
+
+    resp = await proxy.client.post(
+        CHAT, json={"model": "mana/x"}, headers={"Authorization": "Bearer wrong-key-xyz", "X-Request-ID": "rid-401"}
+    )
+
+    assert resp.status == 401
+    lines = [r.getMessage() for r in caplog.records if r.name == "manaproxy.auth"]
+    assert len(lines) == 1
+    assert "rid-401" in lines[0]
+    assert "invalid_api_key" in lines[0]
+    assert "wrong-key-xyz" not in caplog.text
 
 
 @pytest.mark.parametrize("path", ["/v1/models", "/v1/aliases", "/v1/health", "/v1/models/mana/x"])

@@ -8,17 +8,20 @@ pure function `classify_status` / the constructors below — table-tested, nowhe
 
 from __future__ import annotations
 
+import asyncio
 import ssl
-from collections.abc import AsyncGenerator, Iterator, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import aiohttp
 import orjson
 
 from .config import ProviderConfig
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +104,21 @@ class MidStreamFailure(Exception):
         super().__init__(detail)
         self.reason = reason  # "upstream_error" | "idle_timeout"
         self.detail = detail
+
+
+async def within_idle(read: Awaitable[T], idle: float, upstream: str) -> T:
+    """One read from a committed stream, bounded by the idle gap; timeouts become `MidStreamFailure`.
+
+    A `TimeoutError` that is not ours comes from the client's total timeout (aiohttp's ClientTimeout).
+    """
+    idle_timer = asyncio.timeout(idle)
+    try:
+        async with idle_timer:
+            return await read
+    except TimeoutError:
+        if idle_timer.expired():
+            raise MidStreamFailure("idle_timeout", f"no data from {upstream} for {idle:g}s") from None
+        raise MidStreamFailure("upstream_error", f"{upstream} exceeded its total timeout") from None
 
 
 def _error_message(body: bytes) -> str:

@@ -10,8 +10,10 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,6 +27,7 @@ from manaproxy.config import Config, parse_config
 from manaproxy.state import GATEWAY, Gateway
 
 from .fakes import FakeUpstream
+from .processes import ServeProcess
 
 
 def build_config(
@@ -111,3 +114,21 @@ def make_proxy(aiohttp_client: Any) -> Callable[..., Awaitable[Proxy]]:
         return Proxy(client=client, app=app, registry=registry, config=config)
 
     return make
+
+
+@pytest.fixture
+async def serve(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[ServeProcess]]]:
+    started: list[ServeProcess] = []
+
+    async def start(config_text: str, *, wait: bool = True, **extra_env: str) -> ServeProcess:
+        path = tmp_path / "aliases.yaml"
+        path.write_text(config_text)
+        env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "MANAPROXY_API_KEYS", "PORT")}
+        env.update({"LOG_LEVEL": "info", "PYTHONUNBUFFERED": "1", **extra_env})
+        process = ServeProcess(path, env)
+        started.append(process)
+        return await process.start(wait=wait)
+
+    yield start
+    for process in started:
+        await process.stop()

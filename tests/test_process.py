@@ -14,7 +14,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import aiohttp
@@ -28,149 +27,16 @@ from .fakes import (
     chat_chunks,
     chat_completion,
     json_reply,
-    sse_event,
     sse_reply,
     status_reply,
     wait_for,
 )
+from .processes import ROOT, free_port, gated_stream, next_datagram, read_datagrams
 from .test_reqlog import FIELDS, parse_logfmt
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
-ROOT = Path(__file__).resolve().parent.parent
 CHAT = {"messages": [{"role": "user", "content": "hi"}]}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class ServeProcess:
-    """One `manaproxy serve` child process, its stderr collected line by line."""
-
-    def __init__(self, config_path: Path, env: dict[str, str]) -> None:
-        self.config_path = config_path
-        self.port = free_port()
-        self.env = env
-        self.lines: list[str] = []
-        self._new_line = asyncio.Condition()
-        self.proc: asyncio.subprocess.Process | None = None
-        self._reader: asyncio.Task[None] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def start(self, *, wait: bool = True) -> ServeProcess:
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "manaproxy",
-            "serve",
-            "--config",
-            str(self.config_path),
-            "--port",
-            str(self.port),
-            cwd=ROOT,
-            env=self.env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        self._reader = asyncio.create_task(self._read_stderr())
-        if wait:
-            await self.wait_healthy()
-        return self
-
-    async def _read_stderr(self) -> None:
-        assert self.proc is not None
-        assert self.proc.stderr is not None
-        async for raw in self.proc.stderr:
-            async with self._new_line:
-                self.lines.append(raw.decode(errors="replace").rstrip("\n"))
-                self._new_line.notify_all()
-
-    async def wait_healthy(self, timeout: float = 10.0) -> None:
-        """Poll GET /health until the process answers."""
-        deadline = time.monotonic() + timeout
-        async with aiohttp.ClientSession() as session:
-            while True:
-                assert self.proc is not None
-                if self.proc.returncode is not None:
-                    raise AssertionError(f"manaproxy exited with {self.proc.returncode}:\n{self.stderr}")
-                try:
-                    async with session.get(self.url + "/health") as resp:
-                        if resp.status == 200:
-                            return
-                except aiohttp.ClientConnectionError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"manaproxy did not start:\n{self.stderr}")
-                await asyncio.sleep(0.02)
-
-    async def wait_line(self, predicate: Callable[[str], bool], timeout: float = 5.0) -> str:
-        """The first stderr line (seen so far or to come) matching `predicate`."""
-        async with asyncio.timeout(timeout), self._new_line:
-            while True:
-                for line in self.lines:
-                    if predicate(line):
-                        return line
-                await self._new_line.wait()
-
-    def lines_with(self, text: str) -> list[str]:
-        return [line for line in self.lines if text in line]
-
-    @property
-    def stderr(self) -> str:
-        return "\n".join(self.lines)
-
-    def signal(self, signum: int) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signum)
-
-    async def reload(self, config_text: str) -> None:
-        """Write a new config and SIGHUP; return once the process logged the reload's outcome."""
-        done = len(self.lines_with("reloaded ")) + len(self.lines_with("reload rejected"))
-        self.config_path.write_text(config_text)
-        self.signal(signal.SIGHUP)
-        async with asyncio.timeout(5), self._new_line:
-            while len(self.lines_with("reloaded ")) + len(self.lines_with("reload rejected")) == done:
-                await self._new_line.wait()
-
-    async def wait_exit(self, timeout: float = 10.0) -> int:
-        assert self.proc is not None
-        assert self._reader is not None
-        async with asyncio.timeout(timeout):
-            code = await self.proc.wait()
-            await self._reader
-        return code
-
-    async def stop(self) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.kill()
-            await self.proc.wait()
-        if self._reader is not None:
-            await asyncio.gather(self._reader, return_exceptions=True)
-
-
-@pytest.fixture
-async def serve(tmp_path: Path) -> AsyncIterator[Callable[..., object]]:
-    started: list[ServeProcess] = []
-
-    async def start(config_text: str, *, wait: bool = True, **extra_env: str) -> ServeProcess:
-        path = tmp_path / "aliases.yaml"
-        path.write_text(config_text)
-        env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "MANAPROXY_API_KEYS", "PORT")}
-        env.update({"LOG_LEVEL": "info", "PYTHONUNBUFFERED": "1", **extra_env})
-        process = ServeProcess(path, env)
-        started.append(process)
-        return await process.start(wait=wait)
-
-    yield start
-    for process in started:
-        await process.stop()
 
 
 async def post(session: aiohttp.ClientSession, url: str, model: str, **extra: object) -> aiohttp.ClientResponse:
@@ -251,24 +117,6 @@ async def test_a_bad_reload_keeps_the_old_config_and_the_process(make_upstream, 
     await proxy.reload(build_config({"up": up}, {"mana/a": ["up/m1"], "mana/b": ["up/m2"]}))
     async with aiohttp.ClientSession() as session:
         assert (await post(session, proxy.url, "mana/b")).status == 200
-
-
-def gated_stream(gate: asyncio.Event, model: str = "m1") -> object:
-    """An SSE answer that sends its first event, waits for `gate`, then finishes with [DONE]."""
-
-    async def behave(request: web.Request, recorded: Recorded) -> web.StreamResponse:
-        chunks = chat_chunks(model, ["one", "two"])
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        await response.write(sse_event(chunks[0]))
-        await gate.wait()
-        for chunk in chunks[1:]:
-            await response.write(sse_event(chunk))
-        await response.write(b"data: [DONE]\n\n")
-        await response.write_eof()
-        return response
-
-    return behave
 
 
 async def connection_refused(port: int) -> bool:
@@ -367,24 +215,6 @@ async def test_a_request_in_flight_finishes_on_the_config_it_started_with(make_u
         resp = await post(session, proxy.url, "mana/x")
         assert resp.headers["X-Mana-LLM-Resolved"] == "c/m3"
     assert b.calls == 1
-
-
-def read_datagrams(sock: socket.socket) -> list[str]:
-    messages = []
-    while True:
-        try:
-            messages.append(sock.recv(4096).decode())
-        except BlockingIOError:
-            return messages
-
-
-async def next_datagram(sock: socket.socket, timeout: float = 5.0) -> str:
-    async with asyncio.timeout(timeout):
-        while True:
-            try:
-                return sock.recv(4096).decode()
-            except BlockingIOError:
-                await asyncio.sleep(0.01)
 
 
 async def test_readiness_notifications_reach_notify_socket(make_upstream, serve, tmp_path):

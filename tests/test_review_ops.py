@@ -8,7 +8,6 @@ risky behaviour that was verified to work and that no other test covered.
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import signal
 import socket
@@ -29,8 +28,8 @@ from manaproxy.systemd import notify
 
 from .conftest import Proxy, build_config
 from .fakes import FakeUpstream, after, chat_completion, json_reply, status_reply, wait_for
+from .processes import gated_stream, next_datagram, read_datagrams
 from .test_google import KEY, MODEL, FakeGemini, error_reply, google_error
-from .test_process import ServeProcess, gated_stream, next_datagram, read_datagrams
 
 CHAT = {"model": "mana/x", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -314,25 +313,7 @@ async def test_a_provider_without_a_key_does_not_fire_the_fallback_ratio_alert(m
 # -- the process: signals while draining -----------------------------------------------------------------
 
 
-@pytest.fixture
-async def serve_process(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[ServeProcess]]]:
-    started: list[ServeProcess] = []
-
-    async def start(config_text: str, **extra_env: str) -> ServeProcess:
-        path = tmp_path / "aliases.yaml"
-        path.write_text(config_text)
-        env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "MANAPROXY_API_KEYS", "PORT")}
-        env.update({"LOG_LEVEL": "info", "PYTHONUNBUFFERED": "1", **extra_env})
-        process = ServeProcess(path, env)
-        started.append(process)
-        return await process.start(wait=False)
-
-    yield start
-    for process in started:
-        await process.stop()
-
-
-async def test_sighup_and_a_second_sigterm_while_draining_change_nothing(make_upstream, serve_process, tmp_path):
+async def test_sighup_and_a_second_sigterm_while_draining_change_nothing(make_upstream, serve, tmp_path):
     up = await make_upstream("up")
     gate = asyncio.Event()
     up.default = gated_stream(gate)
@@ -341,7 +322,7 @@ async def test_sighup_and_a_second_sigterm_while_draining_change_nothing(make_up
     sock.bind(str(notify_path))
     sock.setblocking(False)
     try:
-        proxy = await serve_process(build_config({"up": up}, {"mana/x": ["up/m1"]}), NOTIFY_SOCKET=str(notify_path))
+        proxy = await serve(build_config({"up": up}, {"mana/x": ["up/m1"]}), wait=False, NOTIFY_SOCKET=str(notify_path))
         assert (await next_datagram(sock)).startswith("READY=1\n")
         async with aiohttp.ClientSession() as session:
             resp = await session.post(proxy.url + "/v1/chat/completions", json={**CHAT, "stream": True})

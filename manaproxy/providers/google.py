@@ -40,7 +40,7 @@ from google.genai.models import AsyncModels
 
 from ..config import ProviderConfig
 from ..errors import error_body
-from ..upstream import Call, MidStreamFailure, Reply, UpstreamFailure, translate_errors
+from ..upstream import Call, MidStreamFailure, Reply, UpstreamFailure, translate_errors, within_idle
 from . import google_translate as translate
 
 logger = logging.getLogger(__name__)
@@ -184,16 +184,12 @@ class GoogleStream:
         translator = self._translator
         idle = self._idle
         while True:
-            idle_timer = asyncio.timeout(idle)
             try:
-                async with idle_timer:
-                    response = await anext(stream)
+                response = await within_idle(anext(stream), idle, "google")
             except StopAsyncIteration:
                 break
-            except TimeoutError:
-                if idle_timer.expired():
-                    raise MidStreamFailure("idle_timeout", f"no data from google for {idle:g}s") from None
-                raise MidStreamFailure("upstream_error", "google exceeded its total timeout") from None
+            except MidStreamFailure:
+                raise
             except errors.APIError as exc:
                 raise MidStreamFailure(
                     "upstream_error", f"google sent an error mid-stream: HTTP {exc.code} {exc.status or ''}".rstrip()

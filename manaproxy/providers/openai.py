@@ -18,7 +18,7 @@ import orjson
 
 from ..config import ProviderConfig
 from ..sse import EventBuffer, error_of, has_done
-from ..upstream import Call, MidStreamFailure, Reply, UpstreamFailure, translate_errors
+from ..upstream import Call, MidStreamFailure, Reply, UpstreamFailure, translate_errors, within_idle
 
 _ERROR_BODY_LIMIT = 1 << 20
 # An SSE event bigger than this is no chat chunk: the upstream is broken (or never sends a blank line).
@@ -71,14 +71,8 @@ class OpenAIStream:
         buffer = self._buffer
         idle = self._idle
         while True:
-            idle_timer = asyncio.timeout(idle)
             try:
-                async with idle_timer:
-                    chunk = await content.readany()
-            except TimeoutError:
-                if idle_timer.expired():
-                    raise MidStreamFailure("idle_timeout", f"no data from upstream for {idle:g}s") from None
-                raise MidStreamFailure("upstream_error", "upstream exceeded its total timeout") from None
+                chunk = await within_idle(content.readany(), idle, "upstream")
             except (aiohttp.ClientError, ConnectionError) as exc:
                 raise MidStreamFailure(
                     "upstream_error", f"upstream connection failed mid-stream ({type(exc).__name__})"

@@ -27,6 +27,7 @@ _BOUNDARY = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 _LINE_END = re.compile(rb"\r\n|\n|\r")
 
 DONE_EVENT = b"data: [DONE]\n\n"
+_EVENT_ENDS = (b"\n\n", b"\r\n\r\n", b"\r\r")
 
 
 class EventBuffer:
@@ -41,7 +42,7 @@ class EventBuffer:
         """Add `chunk`; return every complete event now available (possibly b"")."""
         data = self._pending + chunk if self._pending else chunk
         # Fast path: providers end every write with a blank line.
-        if data.endswith(b"\n\n"):
+        if data.endswith(_EVENT_ENDS):
             self._pending = b""
             return data
         end = _last_boundary(data)

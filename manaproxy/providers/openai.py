@@ -18,7 +18,7 @@ import orjson
 
 from ..config import ProviderConfig
 from ..sse import EventBuffer, error_of, has_done
-from ..upstream import Call, MidStreamFailure, Reply, UpstreamFailure, translate_errors, within_idle
+from ..upstream import Call, MidStreamFailure, Reply, UpstreamFailure, translate_errors
 
 _ERROR_BODY_LIMIT = 1 << 20
 # An SSE event bigger than this is no chat chunk: the upstream is broken (or never sends a blank line).
@@ -72,7 +72,11 @@ class OpenAIStream:
         idle = self._idle
         while True:
             try:
-                chunk = await within_idle(content.readany(), idle, "upstream")
+                chunk = await content.readany()
+            except aiohttp.SocketTimeoutError:  # sock_read, armed with `idle` at the commit (see below)
+                raise MidStreamFailure("idle_timeout", f"no data from upstream for {idle:g}s") from None
+            except TimeoutError:
+                raise MidStreamFailure("upstream_error", "upstream exceeded its total timeout") from None
             except (aiohttp.ClientError, ConnectionError) as exc:
                 raise MidStreamFailure(
                     "upstream_error", f"upstream connection failed mid-stream ({type(exc).__name__})"
@@ -163,7 +167,14 @@ class OpenAIProvider:
             if error is not None:
                 message = str(error.get("message", "error event"))[:120]
                 raise UpstreamFailure("error_event", f"first event was an error: {message}")
-            return OpenAIStream(resp, first, rest, buffer, self.config.timeouts.idle)
+            idle = self.config.timeouts.idle
+            protocol = resp.connection.protocol if resp.connection is not None else None
+            if protocol is not None:
+                # From here on, gaps between chunks are bounded by aiohttp's own read timer: it is re-armed
+                # as bytes arrive and paused while a slow client holds reading back, at no per-chunk cost.
+                protocol.read_timeout = idle
+                protocol.start_timeout()
+            return OpenAIStream(resp, first, rest, buffer, idle)
         except BaseException:
             resp.close()
             raise

@@ -6,7 +6,8 @@ error event and no `[DONE]`, so a truncated answer never looks complete; the pro
 provider mid-answer. A client that goes away gets its upstream connection closed at once (the server
 runs with `handler_cancellation`, so the handler is cancelled even while it waits on the upstream).
 
-Per-request work happens once; per-chunk work is a regex splice and a write — no logging, no metrics.
+Per-request work happens once (parse, resolve, encode the body); per-chunk work is a `bytes.replace` of
+the `model` member (sse.ModelRewriter), two substring checks and a write — no logging, no metrics.
 """
 
 from __future__ import annotations
@@ -142,25 +143,18 @@ class _Forwarder:
             raise bad_request("request body is nested too deeply", code="invalid_json") from None
         path = self.request.raw_path[len("/v1") :]  # raw: percent-encoding and query string kept as sent
         accept = self.request.headers.get("Accept")
-        failures: list[str] = []
         for target in route.chain:
-            provider_config = config.providers[target.provider]
-            skip = self.gateway.health.skip_reason(provider_config)
+            skip = self.gateway.health.skip_reason(config.providers[target.provider])
             if skip is not None:
                 record.attempts.append(Attempt(str(target), target.provider, skip, tried=False))
-                failures.append(f"{target}={skip}")
                 continue
             call = Call(path, payload, target.model, record.streaming, record.request_id, accept, body_without_model)
             response = await self._try(target, call)
             if response is not None:
                 return response
-            failures.append(f"{target}={record.attempts[-1].summary}")
         record.error_type = "all_failed"
-        raise ProxyError(
-            503,
-            "no chain entry could answer: " + ", ".join(failures),
-            code="all_targets_failed",
-        )
+        reasons = ", ".join(f"{attempt.target}={attempt.summary}" for attempt in record.attempts)
+        raise ProxyError(503, f"no chain entry could answer: {reasons}", code="all_targets_failed")
 
     async def _try(self, target: Target, call: Call) -> web.StreamResponse | None:
         """Try one target. A response means the request is answered; None means fall back."""

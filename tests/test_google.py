@@ -581,6 +581,7 @@ async def fallback_proxy(make_google_proxy, gemini, make_upstream) -> tuple[Prox
         (503, "UNAVAILABLE"),
         (401, "UNAUTHENTICATED"),
         (404, "NOT_FOUND"),
+        (400, "FAILED_PRECONDITION"),  # e.g. "User location is not supported": not the caller's fault
     ],
 )
 async def test_fallback_statuses_move_to_the_next_provider(

@@ -115,6 +115,10 @@ def _api_failure(exc: errors.APIError, secret: str | None) -> UpstreamFailure:
     if code == 400 and "API_KEY_INVALID" in _error_reasons(exc):
         # Google answers a wrong or expired key with 400, not 401: our credentials, not the caller's request.
         return UpstreamFailure("api_key_invalid", f"HTTP 400: {message[:120]}", status=400, body=body)
+    if code == 400 and status_name == "FAILED_PRECONDITION":
+        # e.g. "User location is not supported for the API use", free tier unavailable: the provider
+        # cannot serve anyone from here, whatever the request; another chain entry may.
+        return UpstreamFailure("failed_precondition", f"HTTP 400: {message[:120]}", status=400, body=body)
     retry_after = _retry_after(exc) if code == 429 else None
     headers = {"Retry-After": retry_after} if retry_after else {}
     return UpstreamFailure.from_status(code, headers, body, "application/json")

@@ -61,14 +61,10 @@ def _sanitize(text: str, secrets: Iterable[str] = ()) -> str:
     return text if len(text) <= _MAX_ERROR_LEN else text[: _MAX_ERROR_LEN - 3] + "..."
 
 
-def _secrets_of(providers: Iterable[str]) -> tuple[str, ...]:
+def _secrets_of(providers: Mapping[str, ProviderConfig]) -> tuple[str, ...]:
     """The configured keys and secret-looking header values, longest first (so none is left half-redacted)."""
-    if not isinstance(providers, Mapping):
-        return ()
     found: set[str] = set()
     for spec in providers.values():
-        if not isinstance(spec, ProviderConfig):
-            continue
         if spec.api_key:
             found.add(spec.api_key)
         for header, value in spec.headers.items():
@@ -128,7 +124,7 @@ class HealthTracker:
     def __init__(
         self,
         settings: HealthSettings,
-        providers: Iterable[str],
+        providers: Mapping[str, ProviderConfig],
         *,
         clock: Clock = time.monotonic,
         wall_clock: Clock = time.time,
@@ -136,9 +132,8 @@ class HealthTracker:
         self.settings = settings
         self._clock = clock
         self._wall_clock = wall_clock
-        names = list(providers)
-        self._providers: dict[str, ProviderHealth] = {name: ProviderHealth(name) for name in names}
-        self._identities = _identities(providers)
+        self._providers: dict[str, ProviderHealth] = {name: ProviderHealth(name) for name in providers}
+        self._identities = {name: _identity(spec) for name, spec in providers.items()}
         self._secrets = _secrets_of(providers)
         self._listeners: list[Listener] = []
 
@@ -150,23 +145,21 @@ class HealthTracker:
         """Call `listener(provider, healthy)` on every transition."""
         self._listeners.append(listener)
 
-    def reconfigure(self, settings: HealthSettings, providers: Iterable[str]) -> None:
+    def reconfigure(self, settings: HealthSettings, providers: Mapping[str, ProviderConfig]) -> None:
         """After a reload: keep state of providers that still exist, add new ones, drop removed ones.
 
-        Given the `{name: ProviderConfig}` mapping, a provider whose upstream changed (kind, base_url,
-        key, headers) starts afresh: an operator who points a failing provider elsewhere and reloads
+        A provider whose upstream changed (kind, base_url, key, headers) starts afresh: an operator who points a failing provider elsewhere and reloads
         wants it tried now, not after the old breaker window. Its in-flight count carries over, since
         requests still running on the old config will release it.
         """
         self.settings = settings
-        identities = _identities(providers)
-        old_identities = self._identities or {}
+        identities = {name: _identity(spec) for name, spec in providers.items()}
         previous = self._providers
         fresh: dict[str, ProviderHealth] = {}
         recovered: list[str] = []
-        for name in list(identities) if identities is not None else list(providers):
+        for name, identity in identities.items():
             record = previous.get(name)
-            if record is not None and identities is not None and old_identities.get(name) != identities[name]:
+            if record is not None and self._identities.get(name) != identity:
                 logger.info("provider %s changed upstream: health state reset", name)
                 if not record.healthy:
                     recovered.append(name)
@@ -193,8 +186,6 @@ class HealthTracker:
         After a reload repointed or removed it, a request still running on the old config must not
         record its outcome against the new upstream's clean record.
         """
-        if self._identities is None:
-            return provider.name in self._providers
         return self._identities.get(provider.name) == _identity(provider)
 
     def names(self) -> list[str]:
@@ -220,10 +211,7 @@ class HealthTracker:
 
     def breaker(self, provider: str) -> str:
         """`closed`, `open` (inside the backoff window) or `half_open` (window over, next outcome decides)."""
-        record = self.get(provider)
-        if record.healthy:
-            return CLOSED
-        return OPEN if record.unhealthy_until > self._clock() else HALF_OPEN
+        return _breaker_state(self.get(provider), self._clock())
 
     def unavailable_until(self, provider: str) -> float | None:
         """Unix time until which the provider is kept out (breaker or rate limit), if it is."""
@@ -366,7 +354,7 @@ class HealthTracker:
                 status = "healthy"
             view[provider.name] = {
                 "status": status,
-                "breaker": CLOSED if record.healthy else (OPEN if record.unhealthy_until > now else HALF_OPEN),
+                "breaker": _breaker_state(record, now),
                 "kind": provider.kind,
                 "configured": provider.configured,
                 "consecutive_failures": record.consecutive_failures,
@@ -382,13 +370,7 @@ class HealthTracker:
         return view
 
 
-def _identities(providers: Iterable[str]) -> dict[str, tuple[object, ...]] | None:
-    """Upstream identity per provider when given `{name: ProviderConfig}`; None for bare names."""
-    if not isinstance(providers, Mapping):
-        return None
-    identities: dict[str, tuple[object, ...]] = {}
-    for name, spec in providers.items():
-        if not isinstance(spec, ProviderConfig):
-            return None
-        identities[name] = _identity(spec)
-    return identities
+def _breaker_state(record: ProviderHealth, now: float) -> str:
+    if record.healthy:
+        return CLOSED
+    return OPEN if record.unhealthy_until > now else HALF_OPEN

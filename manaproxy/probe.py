@@ -27,39 +27,30 @@ logger = logging.getLogger(__name__)
 async def probe_one(gateway: Gateway, provider: Provider, timeout: float) -> None:
     """Probe one provider and feed the outcome to the health tracker. Never raises (but cancellation)."""
     name = provider.config.name
-    failure_detail: str | None = None
+    failure: UpstreamFailure | None = None
     try:
         async with asyncio.timeout(timeout):
             await provider.probe(timeout)
-    except UpstreamFailure as failure:
-        if not _still_current(gateway, provider):
-            return
-        detail = f"probe: {failure.detail}"
-        if failure.retry_after is not None:
-            gateway.health.record_rate_limited(name, failure.retry_after, detail)
-            return
-        if not failure.provider_fault:
-            gateway.health.record_neutral(name, detail)
-            return
-        failure_detail = detail
+    except UpstreamFailure as exc:
+        failure = exc
     except TimeoutError:
-        failure_detail = f"probe: timed out after {timeout:g}s"
+        failure = UpstreamFailure("timeout", f"timed out after {timeout:g}s")
     except Exception as exc:  # a provider bug must not stop the loop
-        failure_detail = f"probe: {type(exc).__name__}"
+        failure = UpstreamFailure("internal", type(exc).__name__)
         logger.debug("probe of %s raised", name, exc_info=True)
-    if not _still_current(gateway, provider):
-        return
-    if failure_detail is None:
-        gateway.health.record_probe_success(name)
-    else:
-        gateway.health.record_failure(name, failure_detail)
-
-
-def _still_current(gateway: Gateway, provider: Provider) -> bool:
+    health = gateway.health
     # A reload during the probe may have removed the provider or pointed it elsewhere: then this
     # outcome is about an upstream the config no longer names, and must not be recorded.
-    current = gateway.runtime.providers.get(provider.config.name)
-    return current is not None and current.config == provider.config
+    if not health.is_current(provider.config):
+        return
+    if failure is None:
+        health.record_probe_success(name)
+    elif failure.retry_after is not None:
+        health.record_rate_limited(name, failure.retry_after, f"probe: {failure.detail}")
+    elif failure.provider_fault:
+        health.record_failure(name, f"probe: {failure.detail}")
+    else:
+        health.record_neutral(name, f"probe: {failure.detail}")
 
 
 class Prober:

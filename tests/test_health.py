@@ -35,6 +35,10 @@ def provider(name: str = "a", *, api_key: str | None = None, max_concurrent: int
     )
 
 
+def providers(*names: str) -> dict[str, ProviderConfig]:
+    return {name: provider(name) for name in names}
+
+
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()
@@ -42,7 +46,7 @@ def clock() -> FakeClock:
 
 @pytest.fixture
 def tracker(clock: FakeClock) -> HealthTracker:
-    return HealthTracker(SETTINGS, ["a", "b"], clock=clock, wall_clock=clock.wall)
+    return HealthTracker(SETTINGS, providers("a", "b"), clock=clock, wall_clock=clock.wall)
 
 
 @pytest.fixture
@@ -157,7 +161,7 @@ def test_success_while_open_closes(tracker: HealthTracker, transitions: list[tup
 
 def test_threshold_one() -> None:
     clock = FakeClock()
-    tracker = HealthTracker(HealthSettings(failure_threshold=1, backoff_seconds=5), ["a"], clock=clock)
+    tracker = HealthTracker(HealthSettings(failure_threshold=1, backoff_seconds=5), providers("a"), clock=clock)
     tracker.record_failure("a", "HTTP 500")
     assert tracker.skip_reason(provider()) == "unhealthy"
 
@@ -222,7 +226,7 @@ def test_breaker_wins_over_rate_limit_and_saturation(tracker: HealthTracker) -> 
 
 
 def test_listeners_hear_each_transition_once(clock: FakeClock) -> None:
-    tracker = HealthTracker(SETTINGS, ["a", "b"], clock=clock)
+    tracker = HealthTracker(SETTINGS, providers("a", "b"), clock=clock)
     first: list[tuple[str, bool]] = []
     second: list[tuple[str, bool]] = []
     tracker.add_listener(lambda name, healthy: first.append((name, healthy)))
@@ -278,7 +282,7 @@ def test_reconfigure_keeps_surviving_adds_new_drops_removed(tracker: HealthTrack
     open_breaker(tracker, "a")
     tracker.record_failure("b", "HTTP 502")
     new_settings = HealthSettings(failure_threshold=1, backoff_seconds=5.0)
-    tracker.reconfigure(new_settings, ["a", "c"])
+    tracker.reconfigure(new_settings, providers("a", "c"))
     assert tracker.names() == ["a", "c"]
     assert tracker.settings == new_settings
     assert tracker.skip_reason(provider("a")) == "unhealthy"  # state kept
@@ -291,7 +295,7 @@ def test_reconfigure_keeps_surviving_adds_new_drops_removed(tracker: HealthTrack
     clock.advance(5)
     assert tracker.skip_reason(provider("c")) is None
     # b is gone; if it comes back it starts clean
-    tracker.reconfigure(new_settings, ["a", "b", "c"])
+    tracker.reconfigure(new_settings, providers("a", "b", "c"))
     assert tracker.get("b").consecutive_failures == 0
     assert tracker.get("b").last_error is None
 

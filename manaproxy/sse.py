@@ -215,7 +215,11 @@ def has_done(events: bytes) -> bool:
     return b"[DONE]" in events and _DONE_LINE.search(events) is not None
 
 
+def data_event(data: Any) -> bytes:
+    """One `data: <json>` event of our own."""
+    return b"data: " + orjson.dumps(data) + b"\n\n"
+
+
 def error_event(message: str, *, error_type: str = "server_error", code: str | None = None) -> bytes:
     """Our own terminal error event, in the shape the OpenAI SDKs raise on."""
-    body = orjson.dumps({"error": {"message": message, "type": error_type, "param": None, "code": code}})
-    return b"data: " + body + b"\n\n"
+    return data_event({"error": {"message": message, "type": error_type, "param": None, "code": code}})

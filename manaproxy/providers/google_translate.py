@@ -24,6 +24,8 @@ import orjson
 import pydantic
 from google.genai import types
 
+from ..sse import DONE_EVENT, data_event
+
 # Gemini finish reasons that mean "stopped by a content policy"; MAX_TOKENS is `length`; the rest `stop`.
 _CONTENT_FILTER = frozenset(
     {
@@ -558,13 +560,6 @@ def chat_completion(
     return body
 
 
-def sse(data: Mapping[str, Any]) -> bytes:
-    return b"data: " + orjson.dumps(data) + b"\n\n"
-
-
-DONE = b"data: [DONE]\n\n"
-
-
 @dataclass(slots=True)
 class ChunkTranslator:
     """Turns a Gemini stream into OpenAI `chat.completion.chunk` events, one Gemini chunk at a time.
@@ -588,7 +583,7 @@ class ChunkTranslator:
         return self._blocked or (bool(self._started) and self._started <= self._finished)
 
     def _chunk(self, index: int, delta: dict[str, Any], reason: str | None = None) -> bytes:
-        return sse(
+        return data_event(
             {
                 "id": self.completion_id,
                 "object": "chat.completion.chunk",
@@ -641,7 +636,7 @@ class ChunkTranslator:
         """The usage chunk (when asked for) and `[DONE]`."""
         tail = b""
         if self.include_usage and self._usage is not None:
-            tail = sse(
+            tail = data_event(
                 {
                     "id": self.completion_id,
                     "object": "chat.completion.chunk",
@@ -651,7 +646,7 @@ class ChunkTranslator:
                     "usage": self._usage,
                 }
             )
-        return tail + DONE
+        return tail + DONE_EVENT
 
 
 def embeddings(response: types.EmbedContentResponse, *, model: str, as_base64: bool) -> dict[str, Any]:

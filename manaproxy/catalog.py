@@ -156,22 +156,23 @@ def overall_status(statuses: list[str]) -> str:
     return "unhealthy" if healthy == 0 else "degraded"
 
 
-async def liveness(request: web.Request) -> web.Response:
+def _health_snapshot(request: web.Request) -> tuple[str, dict[str, dict[str, object]]]:
+    """(overall status, per-provider snapshot) of the current config."""
     gateway = request.app[GATEWAY]
-    config = gateway.config
-    snapshot = gateway.health.snapshot(config.providers.values())
+    snapshot = gateway.health.snapshot(gateway.config.providers.values())
+    return overall_status([str(view["status"]) for view in snapshot.values()]), snapshot
+
+
+async def liveness(request: web.Request) -> web.Response:
+    status, snapshot = _health_snapshot(request)
     providers = {
         name: "healthy" if view["status"] == "healthy" else "unhealthy"
         for name, view in snapshot.items()
         if view["configured"]
     }
-    statuses = [str(view["status"]) for view in snapshot.values()]
-    return json_response({"status": overall_status(statuses), "providers": providers})
+    return json_response({"status": status, "providers": providers})
 
 
 async def health_detail(request: web.Request) -> web.Response:
-    gateway = request.app[GATEWAY]
-    config = gateway.config
-    snapshot = gateway.health.snapshot(config.providers.values())
-    statuses = [str(view["status"]) for view in snapshot.values()]
-    return json_response({"status": overall_status(statuses), "providers": snapshot})
+    status, snapshot = _health_snapshot(request)
+    return json_response({"status": status, "providers": snapshot})

@@ -242,11 +242,10 @@ class _Forwarder:
             except Exception:
                 logger.exception("request %s: relaying %s failed", record.request_id, target)
                 failure, provider_fault = MidStreamFailure(UPSTREAM_ERROR, "internal error while relaying"), False
-            if failure is None and not progress.done:
-                failure = MidStreamFailure(UPSTREAM_ERROR, "upstream ended the stream without [DONE]")
-            if failure is None or progress.done:  # a cut after [DONE] loses nothing
+            if progress.done:  # a cut after [DONE] loses nothing
                 record.outcome = COMPLETED
             else:
+                failure = failure or MidStreamFailure(UPSTREAM_ERROR, "upstream ended the stream without [DONE]")
                 self._end_with_error(target, failure, provider_fault=provider_fault)
                 message = f"upstream {target} failed mid-stream: {failure.detail}"
                 await response.write(error_event(message, code=failure.reason))

@@ -208,7 +208,6 @@ class Reply:
     status: int
     body: bytes
     content_type: str
-    usage: tuple[int, int] | None = None  # (prompt, completion) tokens when the upstream reported them
 
 
 class StreamReply(Protocol):

@@ -301,9 +301,7 @@ class GoogleProvider:
             body = translate.chat_completion(
                 response, completion_id=self._completion_id(call), model=call.model, created=int(time.time())
             )
-        counted = body.get("usage")
-        usage = (counted["prompt_tokens"], counted["completion_tokens"]) if counted else None
-        return Reply(200, orjson.dumps(body), "application/json", usage)
+        return Reply(200, orjson.dumps(body), "application/json")
 
     async def _open_stream(
         self, call: Call, request: translate.ChatRequest, config: types.GenerateContentConfig

@@ -25,15 +25,19 @@ _ERROR_BODY_LIMIT = 1 << 20
 _MAX_EVENT_BYTES = 8 << 20
 
 
-async def _read_limited(resp: aiohttp.ClientResponse, limit: int = _ERROR_BODY_LIMIT) -> bytes:
-    """The body up to EOF or `limit` bytes (`content.read(n)` alone returns only what has arrived)."""
-    data = bytearray()
-    while len(data) < limit:
-        piece = await resp.content.read(limit - len(data))
-        if not piece:
-            break
-        data += piece
-    return bytes(data)
+async def _read_body(resp: aiohttp.ClientResponse, limit: int | None = None) -> bytes:
+    """The whole body (or its first `limit` bytes), decoded should it be compressed after all."""
+    if limit is None:
+        data = await resp.read()
+    else:  # `content.read(n)` alone returns only what has arrived so far
+        buffer = bytearray()
+        while len(buffer) < limit:
+            piece = await resp.content.read(limit - len(buffer))
+            if not piece:
+                break
+            buffer += piece
+        data = bytes(buffer)
+    return _decode_body(data, resp.headers.get("Content-Encoding", ""))
 
 
 def _decode_body(body: bytes, encoding: str) -> bytes:
@@ -52,7 +56,7 @@ def _decode_body(body: bytes, encoding: str) -> bytes:
 class OpenAIStream:
     """An upstream SSE stream past its first data event."""
 
-    __slots__ = ("_buffer", "_idle", "_resp", "_rest", "done", "first", "status")
+    __slots__ = ("_buffer", "_idle", "_resp", "_rest", "first", "status")
 
     def __init__(
         self, resp: aiohttp.ClientResponse, first: bytes, rest: bytes, buffer: EventBuffer, idle: float
@@ -136,7 +140,7 @@ class OpenAIProvider:
         async with self._session.post(
             url, data=body, headers=headers, timeout=self._timeout, allow_redirects=False
         ) as resp:
-            data = _decode_body(await resp.read(), resp.headers.get("Content-Encoding", ""))
+            data = await _read_body(resp)
             self._check_status(resp, data)
             return Reply(resp.status, data, resp.headers.get("Content-Type", "application/json"))
 
@@ -144,13 +148,11 @@ class OpenAIProvider:
         resp = await self._session.post(url, data=body, headers=headers, timeout=self._timeout, allow_redirects=False)
         try:
             if resp.status >= 300:
-                self._check_status(
-                    resp, _decode_body(await _read_limited(resp), resp.headers.get("Content-Encoding", ""))
-                )
+                self._check_status(resp, await _read_body(resp, _ERROR_BODY_LIMIT))
             content_type = resp.headers.get("Content-Type", "")
             if not content_type.startswith("text/event-stream"):
                 # Some servers answer a stream request with one JSON document: relay it unstreamed.
-                data = _decode_body(await resp.read(), resp.headers.get("Content-Encoding", ""))
+                data = await _read_body(resp)
                 resp.release()
                 return Reply(resp.status, data, content_type or "application/json")
             buffer = EventBuffer()
@@ -199,7 +201,7 @@ class OpenAIProvider:
                 async with self._session.get(
                     self.config.base_url + path, headers=self._headers, allow_redirects=False
                 ) as resp:
-                    data = _decode_body(await resp.read(), resp.headers.get("Content-Encoding", ""))
+                    data = await _read_body(resp)
                     self._check_status(resp, data)
         try:
             return orjson.loads(data)

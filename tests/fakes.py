@@ -23,7 +23,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 import orjson
 from aiohttp import web
@@ -44,36 +44,22 @@ class Recorded:
 Behavior = Callable[[web.Request, Recorded], Awaitable[web.StreamResponse]]
 
 
-class FakeUpstream:
-    """An OpenAI-compatible server whose answers the test scripts."""
+class ScriptedServer:
+    """A real aiohttp server on 127.0.0.1: records each request and answers with the next scripted behavior
+    (`queue`), or `default` once the script is used up."""
 
-    def __init__(self, name: str = "fake") -> None:
-        self.name = name
+    def __init__(self, app: web.Application, default: Behavior) -> None:
         self.requests: list[Recorded] = []
         self.script: deque[Behavior] = deque()
-        self.default: Behavior = json_reply(chat_completion("fake-model"))
-        self.models: list[str] = ["fake-model"]
-        self.models_status = 200
-        self.models_delay = 0.0
-        self.models_calls = 0
-        app = web.Application()
-        app.router.add_get("/v1/models", self._models)
-        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self.default = default
         self._server = TestServer(app, host="127.0.0.1")
 
-    def __repr__(self) -> str:
-        return f"<FakeUpstream {self.name} {self.base_url} requests={len(self.requests)}>"
-
-    async def start(self) -> FakeUpstream:
+    async def start(self) -> Self:
         await self._server.start_server()
         return self
 
     async def close(self) -> None:
         await self._server.close()
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self._server.port}/v1"
 
     @property
     def port(self) -> int:
@@ -82,6 +68,38 @@ class FakeUpstream:
 
     def queue(self, *behaviors: Behavior) -> None:
         self.script.extend(behaviors)
+
+    async def answer(self, request: web.Request, recorded: Recorded) -> web.StreamResponse:
+        """Record `recorded` and play the next behavior; note when the proxy hangs up on it."""
+        self.requests.append(recorded)
+        behavior = self.script.popleft() if self.script else self.default
+        try:
+            return await behavior(request, recorded)
+        except (asyncio.CancelledError, ConnectionError):
+            recorded.disconnected.set()
+            raise
+
+
+class FakeUpstream(ScriptedServer):
+    """An OpenAI-compatible server whose answers the test scripts."""
+
+    def __init__(self, name: str = "fake") -> None:
+        self.name = name
+        self.models: list[str] = ["fake-model"]
+        self.models_status = 200
+        self.models_delay = 0.0
+        self.models_calls = 0
+        app = web.Application()
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        super().__init__(app, json_reply(chat_completion("fake-model")))
+
+    def __repr__(self) -> str:
+        return f"<FakeUpstream {self.name} {self.base_url} requests={len(self.requests)}>"
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
 
     @property
     def calls(self) -> int:
@@ -106,13 +124,7 @@ class FakeUpstream:
         recorded = Recorded(
             request.method, request.path, dict(request.headers), body, parsed, raw_path=request.raw_path
         )
-        self.requests.append(recorded)
-        behavior = self.script.popleft() if self.script else self.default
-        try:
-            return await behavior(request, recorded)
-        except (asyncio.CancelledError, ConnectionError):
-            recorded.disconnected.set()
-            raise
+        return await self.answer(request, recorded)
 
 
 # -- bodies ------------------------------------------------------------------------------------------

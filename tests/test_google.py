@@ -13,7 +13,6 @@ import base64
 import gc
 import logging
 import struct
-from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
@@ -21,7 +20,6 @@ import openai
 import orjson
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 from google.genai import types
 
 from manaproxy.app import make_session
@@ -32,10 +30,8 @@ from manaproxy.providers.google import GoogleProvider
 from manaproxy.upstream import Call, UpstreamFailure
 
 from .conftest import Proxy, build_config
-from .fakes import Recorded, chat_completion, json_reply, status_reply, wait_for
+from .fakes import Recorded, ScriptedServer, chat_completion, json_reply, status_reply, wait_for
 
-# google-genai subclasses aiohttp.ClientSession for the session it owns, which aiohttp deprecates; it owns
-# one whenever the provider is built without the application's session (see test_build_provider_...).
 KEY = "test-key-1"
 MODEL = "gemini-2.5-flash"
 
@@ -45,13 +41,10 @@ Behavior = Callable[[web.Request, Recorded], Awaitable[web.StreamResponse]]
 # -- the fake Gemini server ----------------------------------------------------------------------------
 
 
-class FakeGemini:
+class FakeGemini(ScriptedServer):
     """A scriptable Gemini API on 127.0.0.1."""
 
     def __init__(self) -> None:
-        self.requests: list[Recorded] = []
-        self.script: deque[Behavior] = deque()
-        self.default: Behavior = reply(answer("Hello!"))
         self.models: list[dict[str, Any]] = [
             {"name": "models/gemini-2.5-flash", "supportedGenerationMethods": ["generateContent", "countTokens"]},
             {"name": "models/text-embedding-004", "supportedGenerationMethods": ["embedContent"]},
@@ -61,21 +54,11 @@ class FakeGemini:
         app = web.Application()
         app.router.add_get("/v1beta/models", self._list)
         app.router.add_post("/v1beta/models/{target}", self._call)
-        self._server = TestServer(app, host="127.0.0.1")
-
-    async def start(self) -> FakeGemini:
-        await self._server.start_server()
-        return self
-
-    async def close(self) -> None:
-        await self._server.close()
+        super().__init__(app, reply(answer("Hello!")))
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self._server.port}"
-
-    def queue(self, *behaviors: Behavior) -> None:
-        self.script.extend(behaviors)
+        return f"http://127.0.0.1:{self.port}"
 
     @property
     def last(self) -> Recorded:
@@ -90,13 +73,7 @@ class FakeGemini:
     async def _call(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         recorded = Recorded(request.method, request.path_qs, dict(request.headers), body, orjson.loads(body))
-        self.requests.append(recorded)
-        behavior = self.script.popleft() if self.script else self.default
-        try:
-            return await behavior(request, recorded)
-        except (asyncio.CancelledError, ConnectionError):
-            recorded.disconnected.set()
-            raise
+        return await self.answer(request, recorded)
 
 
 def answer(

@@ -24,6 +24,7 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from .config import Target
 from .errors import JSON_CONTENT_TYPE, ProxyError, bad_request, error_body
+from .paths import upstream_path
 from .record import CLIENT_DISCONNECTED, COMPLETED, UPSTREAM_ERROR, Attempt, RequestRecord
 from .routing import resolve
 from .sse import ModelRewriter, error_event, has_done, usage_from, usage_of
@@ -124,6 +125,9 @@ class _Forwarder:
     async def run(self) -> web.StreamResponse:
         config = self.runtime.config
         record = self.record
+        # Checked before anything else: the provider's key goes wherever this path points.
+        url = self.request.rel_url
+        path = upstream_path(url.raw_path, url.raw_query_string)
         started = perf_counter()
         body = await read_body(self.request, config.server.max_body_bytes)
         record.client_wait += perf_counter() - started
@@ -141,7 +145,6 @@ class _Forwarder:
             body_without_model = orjson.dumps({key: value for key, value in payload.items() if key != "model"})
         except orjson.JSONEncodeError:  # orjson reads deeper nesting than it writes
             raise bad_request("request body is nested too deeply", code="invalid_json") from None
-        path = self.request.raw_path[len("/v1") :]  # raw: percent-encoding and query string kept as sent
         accept = self.request.headers.get("Accept")
         for target in route.chain:
             skip = self.gateway.health.skip_reason(config.providers[target.provider])

@@ -531,21 +531,6 @@ async def test_hostile_headers_never_yield_500(setup):
         assert resp.status < 500, headers
 
 
-@pytest.mark.parametrize(
-    "path", ["/v1/..%2Fadmin", "/v1/x/..%2F..%2F..%2Fadmin", "/v1/%2e%2e%2fadmin", "/v1/%2e%2e/admin"]
-)
-async def test_encoded_dot_segments_cannot_escape_the_providers_base_path(setup, path):
-    """The provider's key goes with every forwarded request: its path must stay under base_url."""
-    up, proxy = setup
-
-    resp = await proxy.client.post(path, json={"model": "a/m1"})
-
-    assert resp.status < 500
-    for recorded in up.requests:
-        assert recorded.raw_path.startswith("/v1/")
-        assert ".." not in recorded.raw_path.split("?")[0].split("/")
-
-
 @pytest.fixture
 async def unlimited(make_upstream, make_proxy):
     """Providers a and ollama with the default body limit: requests reach the router and the upstream."""

@@ -15,6 +15,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+from yarl import URL
 
 from ..config import ProviderConfig
 from ..sse import EventBuffer, error_of, has_done
@@ -116,6 +117,12 @@ class OpenAIProvider:
         self._headers = headers
         t = config.timeouts
         self._timeout = aiohttp.ClientTimeout(total=t.total, connect=t.connect, sock_connect=t.connect)
+        # Encoded once; request paths (already checked by `paths.upstream_path`) are appended verbatim.
+        self._base = str(URL(config.base_url))
+
+    def _url(self, path: str) -> URL:
+        """`base_url` + `path` as sent: `encoded=True`, so the client library resolves no dot segment."""
+        return URL(self._base + path, encoded=True)
 
     def __repr__(self) -> str:
         return f"<OpenAIProvider {self.config.name} {self.config.base_url}>"
@@ -128,7 +135,7 @@ class OpenAIProvider:
             "Accept": call.accept or ("text/event-stream" if call.stream else "application/json"),
             "X-Request-ID": call.request_id,
         }
-        url = self.config.base_url + call.path
+        url = self._url(call.path)
         if call.stream:
             with translate_errors("before the first byte"):
                 async with asyncio.timeout(self.config.timeouts.first_byte):
@@ -136,7 +143,7 @@ class OpenAIProvider:
         with translate_errors("waiting for the answer"):
             return await self._exchange(url, body, headers)
 
-    async def _exchange(self, url: str, body: bytes, headers: dict[str, str]) -> Reply:
+    async def _exchange(self, url: URL, body: bytes, headers: dict[str, str]) -> Reply:
         async with self._session.post(
             url, data=body, headers=headers, timeout=self._timeout, allow_redirects=False
         ) as resp:
@@ -144,7 +151,7 @@ class OpenAIProvider:
             self._check_status(resp, data)
             return Reply(resp.status, data, resp.headers.get("Content-Type", "application/json"))
 
-    async def _open_stream(self, url: str, body: bytes, headers: dict[str, str]) -> Reply | OpenAIStream:
+    async def _open_stream(self, url: URL, body: bytes, headers: dict[str, str]) -> Reply | OpenAIStream:
         resp = await self._session.post(url, data=body, headers=headers, timeout=self._timeout, allow_redirects=False)
         try:
             if resp.status >= 300:
@@ -198,9 +205,7 @@ class OpenAIProvider:
     async def _get_json(self, path: str, timeout: float) -> Any:
         with translate_errors("while probing"):
             async with asyncio.timeout(timeout):
-                async with self._session.get(
-                    self.config.base_url + path, headers=self._headers, allow_redirects=False
-                ) as resp:
+                async with self._session.get(self._url(path), headers=self._headers, allow_redirects=False) as resp:
                     data = await _read_body(resp)
                     self._check_status(resp, data)
         try:

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
+from . import logfmt
 from .errors import ProxyError
 from .state import REQUEST_ID
 
@@ -60,12 +61,13 @@ def auth_middleware(keys: tuple[bytes, ...]) -> Middleware:
             message, code = "invalid API key", "invalid_api_key"
         else:
             return await handler(request)
-        # One line, so rejected clients show up in the journal; never the presented key itself.
+        # One line, so rejected clients show up in the journal; never the presented key itself, and the
+        # path escaped: it is the client's (`/v1/health%0a<2>FORGED` must not start a line of its own).
         logger.info(
             "request %s: %s %s rejected (%s) from %s",
             request.get(REQUEST_ID, "-"),
-            request.method,
-            request.path[:200],
+            logfmt.value(request.method),
+            logfmt.value(request.path[:200]),
             code,
             request.remote,
         )

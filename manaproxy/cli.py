@@ -22,6 +22,8 @@ from . import __version__
 from .app import create_app
 from .auth import parse_keys
 from .config import ConfigError, load_config
+from .logfmt import OneLineFormatter
+from .server import Runner
 from .state import GATEWAY
 from .systemd import notify
 
@@ -34,7 +36,7 @@ DEFAULT_PORT = 3025
 EXIT_INVALID_CONFIG = 2
 
 
-class JournalFormatter(logging.Formatter):
+class JournalFormatter(OneLineFormatter):
     """`<priority>message`: journald reads the prefix as the syslog level (`journalctl -p warning`)
     and stamps the time itself, so the line carries no timestamp of its own."""
 
@@ -70,7 +72,7 @@ def setup_logging(level_name: str | None) -> None:
     if _stderr_is_journal():
         handler.setFormatter(JournalFormatter("%(levelname)s %(name)s: %(message)s"))
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=level if level is not None else logging.INFO, handlers=[handler])
     if level is None:
         logger.warning("LOG_LEVEL=%r is not a level; using INFO", level_name)
@@ -148,12 +150,7 @@ async def serve(config_path: str, host: str, port: int) -> int:
     gateway = app[GATEWAY]
     # aiohttp takes the drain bound once, here: a reload cannot change it (a restart does).
     drain_timeout = config.server.shutdown_timeout_seconds
-    runner = web.AppRunner(
-        app,
-        handler_cancellation=True,  # a client that disconnects cancels its handler → upstream closed at once
-        access_log=None,
-        shutdown_timeout=drain_timeout,
-    )
+    runner = Runner(app, shutdown_timeout=drain_timeout)
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

@@ -24,6 +24,7 @@ import re
 import time
 from collections.abc import Callable, Iterable, Mapping
 
+from . import logfmt
 from .config import HealthSettings, ProviderConfig
 
 logger = logging.getLogger(__name__)
@@ -293,7 +294,7 @@ class HealthTracker:
                     "provider %s still failing, out again for %gs: %s",
                     provider,
                     self.settings.backoff_seconds,
-                    record.last_error,
+                    logfmt.value(record.last_error),
                 )
         elif record.consecutive_failures >= self.settings.failure_threshold:
             record.unhealthy_until = now + self.settings.backoff_seconds
@@ -303,7 +304,7 @@ class HealthTracker:
                 provider,
                 record.consecutive_failures,
                 self.settings.backoff_seconds,
-                record.last_error,
+                logfmt.value(record.last_error),
             )
             self._notify(provider, False)
 

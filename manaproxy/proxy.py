@@ -22,6 +22,7 @@ import orjson
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
+from . import logfmt
 from .config import Target
 from .errors import JSON_CONTENT_TYPE, ProxyError, bad_request, error_body
 from .paths import upstream_path
@@ -34,6 +35,8 @@ from .upstream import Call, MidStreamFailure, Reply, StreamReply, UpstreamFailur
 logger = logging.getLogger(__name__)
 
 RESOLVED_HEADER = "X-Mana-LLM-Resolved"
+# Request Content-Encodings aiohttp decodes before the body reaches us (br/zstd only with their libraries).
+_DECODED_ENCODINGS = frozenset({"", "identity", "gzip", "deflate", "br", "zstd"})
 _STREAM_HEADERS = {
     "Content-Type": "text/event-stream",
     "Cache-Control": "no-cache",
@@ -43,6 +46,10 @@ _STREAM_HEADERS = {
 
 async def read_body(request: web.Request, limit: int) -> bytes:
     """The request body, or 413 once it exceeds `limit` bytes (checked before reading when declared)."""
+    encoding = request.headers.get("Content-Encoding", "").strip().lower()
+    if encoding not in _DECODED_ENCODINGS:
+        # aiohttp decodes the ones it knows (or refuses them, see server.py) and passes others on raw.
+        raise ProxyError(415, "request Content-Encoding is not supported", code="unsupported_content_encoding")
     declared = request.content_length
     if declared is not None and declared > limit:
         raise ProxyError(
@@ -243,7 +250,7 @@ class _Forwarder:
             except ConnectionError:
                 raise
             except Exception:
-                logger.exception("request %s: relaying %s failed", record.request_id, target)
+                logger.exception("request %s: relaying %s failed", record.request_id, logfmt.value(target))
                 failure, provider_fault = MidStreamFailure(UPSTREAM_ERROR, "internal error while relaying"), False
             if progress.done:  # a cut after [DONE] loses nothing
                 record.outcome = COMPLETED
@@ -302,7 +309,12 @@ class _Forwarder:
         self.record.error_type = failure.reason
         if provider_fault and self._tracked(target):
             self.gateway.health.record_failure(target.provider, failure.detail)
-        logger.warning("request %s: %s failed after commit: %s", self.record.request_id, target, failure.detail)
+        logger.warning(
+            "request %s: %s failed after commit: %s",
+            self.record.request_id,
+            logfmt.value(target),
+            logfmt.value(failure.detail),
+        )
 
 
 class _Progress:

@@ -1,39 +1,17 @@
 """The request log: one logfmt line per proxied request, written once when it ends.
 
-logfmt (`key=value`, values quoted when needed) reads well in journald and parses with any logfmt
-tool (Loki, `lnav`, `hl`). Never a key or a body: only ids, model names, reasons and numbers.
+logfmt (`key=value`, values quoted and escaped when needed: `logfmt.value`) reads well in journald and
+parses with any logfmt tool. Never a key or a body: only ids, model names, reasons and numbers.
 """
 
 from __future__ import annotations
 
 import logging
 
+from . import logfmt
 from .record import RequestRecord
 
 logger = logging.getLogger("manaproxy.request")
-
-
-_ESCAPES = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
-_NEEDS_QUOTES = frozenset(' ="\\')
-
-
-def _escape(char: str) -> str:
-    escaped = _ESCAPES.get(char)
-    if escaped is not None:
-        return escaped
-    if char.isprintable():
-        return char
-    code = ord(char)
-    return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
-
-
-def _value(value: object) -> str:
-    """One logfmt value: bare when it can be, else double-quoted with `\\` escapes; `-` for none."""
-    text = "-" if value is None or value == "" else str(value)
-    if text.isprintable() and _NEEDS_QUOTES.isdisjoint(text):
-        return text
-    # Escaping every control character keeps a client-chosen string from forging a second log line.
-    return '"' + "".join(_escape(char) for char in text) + '"'
 
 
 def format_record(record: RequestRecord) -> str:
@@ -54,7 +32,7 @@ def format_record(record: RequestRecord) -> str:
         ("completion_tokens", record.completion_tokens),
         ("error", record.error_type),
     ]
-    return " ".join(f"{key}={_value(value)}" for key, value in fields)
+    return logfmt.pairs(fields)
 
 
 def log_request(record: RequestRecord) -> None:

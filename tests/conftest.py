@@ -19,11 +19,12 @@ from typing import Any
 import pytest
 import yaml
 from aiohttp import web
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import CollectorRegistry
 
 from manaproxy.app import create_app
 from manaproxy.config import Config, parse_config
+from manaproxy.server import Runner
 from manaproxy.state import GATEWAY, Gateway
 
 from .fakes import FakeUpstream
@@ -61,6 +62,13 @@ def build_config(
     if server is not None:
         raw["server"] = dict(server)
     return yaml.safe_dump(raw, sort_keys=False)
+
+
+class ProxyTestServer(TestServer):
+    """aiohttp's test server running the app on manaproxy's own `Runner`, as `manaproxy serve` does."""
+
+    async def _make_runner(self, **kwargs: Any) -> web.BaseRunner:
+        return Runner(self.app, **kwargs)
 
 
 @dataclass
@@ -110,7 +118,7 @@ def make_proxy(aiohttp_client: Any) -> Callable[..., Awaitable[Proxy]]:
         config = parse_config(config_text, env=dict(env or {}), source="test.yaml")
         registry = CollectorRegistry()
         app = create_app(config, api_keys=api_keys, cors_origins=cors_origins, registry=registry, probes=probes)
-        client = await aiohttp_client(app, server_kwargs={"handler_cancellation": True})
+        client = await aiohttp_client(ProxyTestServer(app))
         return Proxy(client=client, app=app, registry=registry, config=config)
 
     return make

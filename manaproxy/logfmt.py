@@ -1,0 +1,56 @@
+"""Log-line values: the one escaping for every client- or upstream-controlled value we log.
+
+Rule of this module: a value that came from outside (a path, a model name, an upstream's message)
+enters a log line only through `value()`. It is written bare when that is unambiguous, else
+double-quoted with `\\` escapes — logfmt's convention, so a line parses with any logfmt tool (Loki,
+`lnav`, `hl`) and no value can end the line early and forge a second one (journald would even take a
+`<N>` at the start of a forged line as its priority).
+"""
+
+from __future__ import annotations
+
+import logging
+
+_ESCAPES = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+_NEEDS_QUOTES = frozenset(' ="\\')
+
+
+def _escape(char: str) -> str:
+    escaped = _ESCAPES.get(char)
+    if escaped is not None:
+        return escaped
+    if char.isprintable():
+        return char
+    code = ord(char)
+    return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
+
+
+def escape(text: str) -> str:
+    """`text` with every quote, backslash and non-printable character escaped (no surrounding quotes)."""
+    return "".join(_escape(char) for char in text)
+
+
+def value(item: object) -> str:
+    """One logfmt value: bare when it can be, else double-quoted with `\\` escapes; `-` for none."""
+    text = "-" if item is None or item == "" else str(item)
+    if text.isprintable() and _NEEDS_QUOTES.isdisjoint(text):
+        return text
+    return '"' + escape(text) + '"'
+
+
+def pairs(fields: list[tuple[str, object]]) -> str:
+    """`key=value key=value ...` in the given order."""
+    return " ".join(f"{key}={value(item)}" for key, item in fields)
+
+
+class OneLineFormatter(logging.Formatter):
+    """A formatter whose message part is always one line, whatever a log call passed in.
+
+    The safety net behind `value()`: should a call site ever log an outside value raw, its control
+    characters are escaped here. A traceback (`exc_info`) still follows on lines of its own.
+    """
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        if not record.message.isprintable():
+            record.message = "".join(char if char.isprintable() else _escape(char) for char in record.message)
+        return super().formatMessage(record)

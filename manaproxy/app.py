@@ -21,6 +21,7 @@ from .auth import auth_middleware
 from .config import Config
 from .errors import ProxyError
 from .health import HealthTracker
+from .redact import Redactor
 from .state import GATEWAY, REQUEST_ID, Gateway, build_runtime
 
 logger = logging.getLogger(__name__)
@@ -135,8 +136,9 @@ def create_app(
     app[catalog.MODELS_CACHE] = catalog.ModelsCache()
     app.on_response_prepare.append(_on_response_prepare)
 
-    health = HealthTracker(config.health, config.providers)
-    gateway = Gateway(runtime=build_runtime(config, None), health=health)
+    redactor = Redactor(config.providers.values())
+    health = HealthTracker(config.health, config.providers, redactor=redactor)
+    gateway = Gateway(runtime=build_runtime(config, None, redactor), health=health, redactor=redactor)
     if session is not None:
         gateway.attach(session)
     app[GATEWAY] = gateway

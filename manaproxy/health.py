@@ -20,12 +20,12 @@ A 429 with `Retry-After` keeps the provider out for that long without counting a
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Callable, Iterable, Mapping
 
 from . import logfmt
 from .config import HealthSettings, ProviderConfig
+from .redact import Redactor
 
 logger = logging.getLogger(__name__)
 
@@ -42,38 +42,6 @@ HALF_OPEN = "half_open"  # the breaker's window is over and a trial request is d
 # Breaker states, as `/v1/health` shows them.
 CLOSED = "closed"
 OPEN = "open"
-
-_MAX_ERROR_LEN = 200
-
-
-# Key shapes of common providers (OpenAI/OpenRouter/Anthropic `sk-`, Groq `gsk_`, Google `AIza`) and
-# bearer tokens: redacted from error text even when an upstream echoes a key we did not configure.
-_KEY_RE = re.compile(r"\b(?:sk-|gsk_|AIza|xai-)[A-Za-z0-9_\-]{8,}|(?i:bearer)\s+[A-Za-z0-9._~+/=\-]{8,}")
-_SECRET_HEADER_WORDS = ("auth", "key", "token", "secret")
-REDACTED = "[redacted]"
-_MIN_SECRET_LEN = 8
-
-
-def _sanitize(text: str, secrets: Iterable[str] = ()) -> str:
-    """One short line of error text with no secret in it (an upstream may echo the key it got)."""
-    for secret in secrets:
-        text = text.replace(secret, REDACTED)
-    text = _KEY_RE.sub(REDACTED, " ".join(text.split()))
-    return text if len(text) <= _MAX_ERROR_LEN else text[: _MAX_ERROR_LEN - 3] + "..."
-
-
-def _secrets_of(providers: Mapping[str, ProviderConfig]) -> tuple[str, ...]:
-    """The configured keys and secret-looking header values, longest first (so none is left half-redacted)."""
-    found: set[str] = set()
-    for spec in providers.values():
-        if spec.api_key:
-            found.add(spec.api_key)
-        for header, value in spec.headers.items():
-            if any(word in header.lower() for word in _SECRET_HEADER_WORDS):
-                found.add(value)
-    # A value too short to be a real key would only mangle ordinary words ("y" in "byte").
-    found = {secret for secret in found if len(secret) >= _MIN_SECRET_LEN}
-    return tuple(sorted(found, key=len, reverse=True))
 
 
 def _identity(provider: ProviderConfig) -> tuple[object, ...]:
@@ -127,15 +95,17 @@ class HealthTracker:
         settings: HealthSettings,
         providers: Mapping[str, ProviderConfig],
         *,
+        redactor: Redactor | None = None,
         clock: Clock = time.monotonic,
         wall_clock: Clock = time.time,
     ) -> None:
         self.settings = settings
+        # The application's one redactor (it learns each reloaded config's keys); last errors go through it.
+        self._redactor = redactor if redactor is not None else Redactor(providers.values())
         self._clock = clock
         self._wall_clock = wall_clock
         self._providers: dict[str, ProviderHealth] = {name: ProviderHealth(name) for name in providers}
         self._identities = {name: _identity(spec) for name, spec in providers.items()}
-        self._secrets = _secrets_of(providers)
         self._listeners: list[Listener] = []
 
     def __repr__(self) -> str:
@@ -170,8 +140,6 @@ class HealthTracker:
             fresh[name] = record or ProviderHealth(name)
         self._providers = fresh
         self._identities = identities
-        # Keep the old keys too: requests still running on the old config may echo them.
-        self._secrets = tuple(sorted({*_secrets_of(providers), *self._secrets}, key=len, reverse=True))
         for name in recovered:
             self._notify(name, True)
 
@@ -281,7 +249,7 @@ class HealthTracker:
         record = self.get(provider)
         now = self._clock()
         record.last_check = now
-        record.last_error = _sanitize(error, self._secrets)
+        record.last_error = self._redactor.line(error)
         record.consecutive_failures += 1
         if not record.healthy:
             # Inside the window (a probe, or a request started before the breaker opened) a failure
@@ -313,14 +281,14 @@ class HealthTracker:
         record = self.get(provider)
         now = self._clock()
         record.last_check = now
-        record.last_error = _sanitize(error, self._secrets)
+        record.last_error = self._redactor.line(error)
         record.rate_limited_until = max(record.rate_limited_until, now + retry_after)
 
     def record_neutral(self, provider: str, error: str) -> None:
         """An answer that says nothing about the provider's health (e.g. 404 model not served)."""
         record = self.get(provider)
         record.last_check = self._clock()
-        record.last_error = _sanitize(error, self._secrets)
+        record.last_error = self._redactor.line(error)
 
     def _notify(self, provider: str, healthy: bool) -> None:
         for listener in self._listeners:

@@ -27,6 +27,7 @@ from .config import Target
 from .errors import JSON_CONTENT_TYPE, ProxyError, bad_request, error_body
 from .paths import upstream_path
 from .record import CLIENT_DISCONNECTED, COMPLETED, UPSTREAM_ERROR, Attempt, RequestRecord
+from .redact import Redactor
 from .routing import resolve
 from .sse import ModelRewriter, error_event, has_done, usage_from, usage_of
 from .state import GATEWAY, REQUEST_ID, Gateway, Runtime
@@ -184,7 +185,7 @@ class _Forwarder:
             finally:
                 record.upstream_wait += perf_counter() - started
             if isinstance(reply, Reply):
-                body, usage = _rewrite_reply(reply, str(target))
+                body, usage = _rewrite_reply(reply, str(target), self.gateway.redactor)
         except UpstreamFailure as failure:
             return self._failed(target, failure)
         except Exception as exc:
@@ -328,7 +329,7 @@ class _Progress:
         self.usage: tuple[int, int] | None = None
 
 
-def _rewrite_reply(reply: Reply, resolved: str) -> tuple[bytes, tuple[int, int] | None]:
+def _rewrite_reply(reply: Reply, resolved: str, redactor: Redactor) -> tuple[bytes, tuple[int, int] | None]:
     """Set `model` to the resolved target in an unstreamed JSON answer; read its usage."""
     body = reply.body
     if "json" not in reply.content_type and not body.lstrip().startswith(b"{"):
@@ -341,7 +342,7 @@ def _rewrite_reply(reply: Reply, resolved: str) -> tuple[bytes, tuple[int, int] 
         return body, None
     if data.get("error"):
         message = data["error"].get("message") if isinstance(data["error"], dict) else data["error"]
-        raise UpstreamFailure("error_event", f"upstream answered 2xx with an error: {str(message)[:120]}")
+        raise UpstreamFailure("error_event", f"upstream answered 2xx with an error: {redactor.line(str(message), 120)}")
     if "model" in data:
         data["model"] = resolved
         body = orjson.dumps(data)

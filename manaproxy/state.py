@@ -20,6 +20,7 @@ from .config import Config, ConfigError, load_config
 from .health import HealthTracker
 from .providers import build_provider
 from .record import Observer, RequestRecord
+from .redact import Redactor
 from .upstream import Provider
 
 logger = logging.getLogger(__name__)
@@ -31,11 +32,11 @@ class Runtime:
     providers: Mapping[str, Provider]
 
 
-def build_runtime(config: Config, session: aiohttp.ClientSession | None) -> Runtime:
+def build_runtime(config: Config, session: aiohttp.ClientSession | None, redactor: Redactor) -> Runtime:
     """The runtime for `config`; without a session yet (before startup) it has no provider objects."""
     if session is None:
         return Runtime(config, MappingProxyType({}))
-    providers = {name: build_provider(spec, session) for name, spec in config.providers.items()}
+    providers = {name: build_provider(spec, session, redactor) for name, spec in config.providers.items()}
     return Runtime(config, MappingProxyType(providers))
 
 
@@ -45,6 +46,7 @@ class Gateway:
 
     runtime: Runtime
     health: HealthTracker
+    redactor: Redactor  # knows every provider key of every config loaded so far
     session: aiohttp.ClientSession | None = None  # attached at startup (see app.upstream_session_ctx)
     observers: list[Observer] = field(default_factory=list)
     # Called with "success" or "failure" after each reload attempt (metrics count them).
@@ -60,11 +62,12 @@ class Gateway:
     def attach(self, session: aiohttp.ClientSession) -> None:
         """Give the gateway its upstream session and build the provider objects that use it."""
         self.session = session
-        self.runtime = build_runtime(self.runtime.config, session)
+        self.runtime = build_runtime(self.runtime.config, session, self.redactor)
 
     def apply(self, config: Config) -> None:
         """Swap in a new, already validated config (the reload's single atomic step)."""
-        runtime = build_runtime(config, self.session)
+        self.redactor.learn(config.providers.values())
+        runtime = build_runtime(config, self.session, self.redactor)
         self.health.reconfigure(config.health, config.providers)
         self.runtime = runtime
 

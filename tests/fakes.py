@@ -359,3 +359,20 @@ async def wait_for(predicate: Callable[[], bool], timeout: float = 5.0, interval
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout:.1f}s")
         await asyncio.sleep(interval)
+
+
+def echo_credentials(status: int = 400, *, shape: str = "openai") -> Behavior:
+    """An error that quotes the `Authorization` header it received, as careless upstreams do.
+
+    `shape`: `openai` (an OpenAI-shaped JSON error), `json` (`{"message": ...}`, which the proxy wraps in
+    an error of its own quoting the message) or `text` (text/plain).
+    """
+
+    async def behave(request: web.Request, recorded: Recorded) -> web.StreamResponse:
+        echoed = f"rejected request with Authorization: {request.headers.get('Authorization', '')}"
+        if shape == "text":
+            return web.Response(status=status, text=echoed)
+        body = error_body(echoed) if shape == "openai" else {"message": echoed}
+        return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
+
+    return behave

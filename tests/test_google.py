@@ -27,6 +27,7 @@ from manaproxy.config import ProviderConfig
 from manaproxy.providers import build_provider
 from manaproxy.providers import google_translate as translate
 from manaproxy.providers.google import GoogleProvider
+from manaproxy.redact import Redactor
 from manaproxy.upstream import Call, UpstreamFailure
 
 from .conftest import Proxy, build_config
@@ -878,7 +879,7 @@ async def test_build_provider_hands_the_application_session_to_google(gemini):
     session = make_session()
     try:
         config = ProviderConfig(name="g", kind="google", base_url=gemini.base_url, api_key=KEY)
-        provider = build_provider(config, session)
+        provider = build_provider(config, session, Redactor([config]))
         assert isinstance(provider, GoogleProvider)
         assert provider.session is session
     finally:

@@ -40,6 +40,7 @@ from google.genai.models import AsyncModels
 
 from ..config import ProviderConfig
 from ..errors import error_body
+from ..redact import Redactor
 from ..upstream import Call, MidStreamFailure, Reply, UpstreamFailure, translate_errors, within_idle
 from . import google_translate as translate
 
@@ -102,14 +103,12 @@ def _retry_after(exc: errors.APIError) -> str | None:
     return None
 
 
-def _api_failure(exc: errors.APIError, secret: str | None) -> UpstreamFailure:
+def _api_failure(exc: errors.APIError, redactor: Redactor) -> UpstreamFailure:
     """An HTTP error from Google, classified like any upstream status, with an OpenAI-shaped body."""
     code = exc.code if isinstance(exc.code, int) else 0
     if not 400 <= code <= 599:
         return UpstreamFailure("bad_response", f"unexpected HTTP {code} from google")
-    message = " ".join(str(exc.message or exc.status or f"HTTP {code}").split())[:1000]
-    if secret:
-        message = message.replace(secret, "***")
+    message = redactor.line(str(exc.message or exc.status or f"HTTP {code}"), limit=1000)
     status_name = exc.status if isinstance(exc.status, str) else None
     body = error_body(message, status=code, code=status_name)
     if code == 400 and "API_KEY_INVALID" in _error_reasons(exc):
@@ -217,8 +216,11 @@ class GoogleStream:
 class GoogleProvider:
     """Provider of kind `google`."""
 
-    def __init__(self, config: ProviderConfig, session: aiohttp.ClientSession) -> None:
+    def __init__(
+        self, config: ProviderConfig, session: aiohttp.ClientSession, redactor: Redactor | None = None
+    ) -> None:
         self.config = config
+        self._redactor = redactor if redactor is not None else Redactor([config])
         # The application's upstream session: the SDK pools its connections there (and, without one, would
         # open a session of its own that nothing closes). Never closed here.
         self.session = session
@@ -256,7 +258,7 @@ class GoogleProvider:
         except UpstreamFailure:
             raise
         except errors.APIError as exc:
-            raise _api_failure(exc, self.config.api_key) from None
+            raise _api_failure(exc, self._redactor) from None
         except ValueError as exc:  # unparseable JSON, unexpected response shapes
             raise UpstreamFailure(
                 "bad_response", f"unusable answer from google {phase} ({type(exc).__name__})"

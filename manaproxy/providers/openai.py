@@ -18,6 +18,7 @@ import orjson
 from yarl import URL
 
 from ..config import ProviderConfig
+from ..redact import Redactor
 from ..sse import EventBuffer, error_of, has_done
 from ..upstream import Call, MidStreamFailure, Reply, UpstreamFailure, translate_errors
 
@@ -108,8 +109,12 @@ class OpenAIStream:
 class OpenAIProvider:
     """Provider of kind `openai`."""
 
-    def __init__(self, config: ProviderConfig, session: aiohttp.ClientSession) -> None:
+    def __init__(
+        self, config: ProviderConfig, session: aiohttp.ClientSession, redactor: Redactor | None = None
+    ) -> None:
         self.config = config
+        # Whatever the upstream says in an error goes through it before anyone sees it.
+        self._redactor = redactor if redactor is not None else Redactor([config])
         self._session = session
         headers = {"Accept-Encoding": "identity", **config.headers}
         if config.api_key:
@@ -174,7 +179,7 @@ class OpenAIProvider:
                     raise UpstreamFailure("bad_response", f"no complete event in the first {_MAX_EVENT_BYTES} bytes")
             error = error_of(first)
             if error is not None:
-                message = str(error.get("message", "error event"))[:120]
+                message = self._redactor.line(str(error.get("message", "error event")), limit=120)
                 raise UpstreamFailure("error_event", f"first event was an error: {message}")
             idle = self.config.timeouts.idle
             protocol = resp.connection.protocol if resp.connection is not None else None
@@ -190,6 +195,8 @@ class OpenAIProvider:
 
     def _check_status(self, resp: aiohttp.ClientResponse, data: bytes) -> None:
         if resp.status >= 300:
+            # Redacted here, at the source: the body may be relayed to the client, its text logged and shown.
+            data = self._redactor.bytes(data)
             raise UpstreamFailure.from_status(resp.status, resp.headers, data, resp.headers.get("Content-Type"))
 
     async def list_models(self, timeout: float) -> list[str]:

@@ -1,0 +1,71 @@
+"""`redact.Redactor`: every configured secret and anything key-shaped becomes `[redacted]`."""
+
+from __future__ import annotations
+
+import orjson
+
+from manaproxy.config import ProviderConfig
+from manaproxy.redact import REDACTED, Redactor
+
+
+def provider(name: str, api_key: str | None = None, **headers: str) -> ProviderConfig:
+    return ProviderConfig(name=name, kind="openai", base_url="http://127.0.0.1:9/v1", api_key=api_key, headers=headers)
+
+
+def test_keys_and_secret_header_values_are_redacted_and_other_headers_are_not():
+    redactor = Redactor(
+        [provider("a", "test-key-aaaa-1111", **{"X-Api-Key": "hdr-secret-22222", "X-Title": "manaproxy-title"})]
+    )
+
+    text = redactor.text("got test-key-aaaa-1111 and hdr-secret-22222 for manaproxy-title")
+
+    assert text == f"got {REDACTED} and {REDACTED} for manaproxy-title"
+
+
+def test_a_key_inside_a_longer_key_is_never_left_half_redacted():
+    redactor = Redactor([provider("a", "test-key-12345678"), provider("b", "test-key-12345678-longer")])
+
+    assert redactor.text("x test-key-12345678-longer y") == f"x {REDACTED} y"
+
+
+def test_values_too_short_to_be_keys_are_left_alone():
+    redactor = Redactor([provider("a", "y"), provider("b", "abc1234")])
+
+    assert redactor.text("byte abc1234") == "byte abc1234"
+
+
+def test_key_shapes_are_redacted_configured_or_not():
+    for fake in ["sk-proj-" + "T" * 24, "gsk_" + "t" * 40, "AIza" + "x" * 30, "xai-" + "k" * 20]:
+        assert fake not in Redactor().text(f"bad credentials {fake} rejected")
+    assert Redactor().text("Authorization: bearer abc.def_ghi") == f"Authorization: {REDACTED}"
+
+
+def test_bytes_stay_valid_json_and_lose_escaped_forms_too():
+    key = "test/key+with/slashes-0123"
+    redactor = Redactor([provider("a", key)])
+    body = orjson.dumps({"error": {"message": f"key {key}"}}).replace(b"/", b"\\/")
+
+    redacted = redactor.bytes(body)
+
+    assert orjson.loads(redacted) == {"error": {"message": f"key {REDACTED}"}}
+
+
+def test_old_keys_stay_known_after_learning_new_ones():
+    redactor = Redactor([provider("a", "test-old-key-0000")])
+    redactor.learn([provider("a", "test-new-key-1111")])
+
+    assert redactor.text("test-old-key-0000 test-new-key-1111") == f"{REDACTED} {REDACTED}"
+
+
+def test_line_is_one_short_line():
+    redactor = Redactor([provider("a", "test-key-aaaa-1111")])
+
+    line = redactor.line("HTTP 401:\n  bad\r\n\ttest-key-aaaa-1111 " + "x" * 500, limit=60)
+
+    assert line.startswith(f"HTTP 401: bad {REDACTED} xxx")
+    assert len(line) == 60
+    assert line.endswith("...")
+
+
+def test_repr_never_shows_a_secret():
+    assert repr(Redactor([provider("a", "test-key-aaaa-1111")])) == "<Redactor 1 secrets>"

@@ -5,7 +5,7 @@ cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
 PORT=${DEMO_PORT:-3026}
 
-"$BIN/python" -m manaproxy.fake_upstream --port 3100 --delay-ms 60 &
+"$BIN/python" bench/fake_upstream.py --port 3100 --delay-ms 60 &
 upstream=$!
 "$BIN/manaproxy" serve --config docs/demo.yaml --port "$PORT" 2>demo-manaproxy.log &
 proxy=$!

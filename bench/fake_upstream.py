@@ -1,19 +1,22 @@
 """A small OpenAI-compatible server that answers without any LLM: for `make demo` and `make bench`.
 
-`python -m manaproxy.fake_upstream --port 3100 [--tokens 20] [--delay-ms 0]` serves
-`POST /v1/chat/completions` (streamed or not), `POST /v1/embeddings` and `GET /v1/models`.
-It echoes the requested `model`, so the proxy's rewrite is visible. Not for production.
+`python bench/fake_upstream.py --port 3100 [--tokens 20] [--delay-ms 0]` serves
+`POST /v1/chat/completions` (streamed or not), `POST /v1/embeddings` and `GET /v1/models` on uvloop, so
+it spends as little CPU per request as it can and the benchmark's figures show the proxy's cost.
+It echoes the requested `model`, so the proxy's rewrite is visible. Not part of manaproxy: a test tool.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 import time
 import uuid
 from typing import Any
 
 import orjson
+import uvloop
 from aiohttp import web
 from aiohttp_sse import sse_response
 
@@ -138,20 +141,26 @@ def create_fake_app(*, tokens: int = 20, delay_ms: float = 0.0) -> web.Applicati
     return app
 
 
+async def serve(host: str, port: int, tokens: int, delay_ms: float) -> None:
+    runner = web.AppRunner(create_fake_app(tokens=tokens, delay_ms=delay_ms), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port, reuse_address=True).start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    await stop.wait()
+    await runner.cleanup()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=3100)
-    parser.add_argument("--tokens", type=int, default=20, help="words per answer")
+    parser.add_argument("--tokens", type=int, default=20, help="words per answer (one SSE event each)")
     parser.add_argument("--delay-ms", type=float, default=0.0, help="pause before each streamed word")
     args = parser.parse_args()
-    web.run_app(
-        create_fake_app(tokens=args.tokens, delay_ms=args.delay_ms),
-        host=args.host,
-        port=args.port,
-        access_log=None,
-        print=None,
-    )
+    uvloop.run(serve(args.host, args.port, args.tokens, args.delay_ms))
 
 
 if __name__ == "__main__":

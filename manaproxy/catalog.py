@@ -18,8 +18,8 @@ from aiohttp import web
 
 from .config import Config
 from .errors import ProxyError
+from .providers.base import Provider, UpstreamFailure
 from .state import GATEWAY, Gateway, Runtime
-from .upstream import Provider, UpstreamFailure
 
 logger = logging.getLogger(__name__)
 

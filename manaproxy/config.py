@@ -20,8 +20,9 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from .providers import KINDS
+
 ALIAS_PREFIX = "mana/"
-PROVIDER_KINDS = ("openai", "google")
 _PROVIDER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _HEADER_NAME_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # RFC 9110 token
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -238,8 +239,8 @@ class _Parser:
         allowed = ("kind", "base_url", "api_key", "headers", "timeouts", "max_concurrent", "probe")
         spec = self.mapping(spec, where, allowed)
         kind = self.string(spec.get("kind", "openai"), f"{where}.kind")
-        if kind not in PROVIDER_KINDS:
-            raise self.fail(f"{where}.kind", f"unknown kind {kind!r} (known: {', '.join(PROVIDER_KINDS)})")
+        if kind not in KINDS:
+            raise self.fail(f"{where}.kind", f"unknown kind {kind!r} (known: {', '.join(KINDS)})")
 
         base_url = ""
         if "base_url" in spec:

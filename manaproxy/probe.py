@@ -18,8 +18,8 @@ from functools import partial
 
 from aiohttp import web
 
+from .providers.base import Provider, UpstreamFailure
 from .state import GATEWAY, Gateway
-from .upstream import Provider, UpstreamFailure
 
 logger = logging.getLogger(__name__)
 

@@ -6,8 +6,9 @@ error event and no `[DONE]`, so a truncated answer never looks complete; the pro
 provider mid-answer. A client that goes away gets its upstream connection closed at once (the server
 runs with `handler_cancellation`, so the handler is cancelled even while it waits on the upstream).
 
-Per-request work happens once (parse, resolve, encode the body); per-chunk work is a `bytes.replace` of
-the `model` member (sse.ModelRewriter), two substring checks and a write — no logging, no metrics.
+Providers answer with client-ready bytes (`providers.base`): this module never parses an answer. Per
+request it parses the body once (`body.py`) and resolves the chain; per chunk it only writes what the
+provider hands it and times the waits — no logging, no metrics.
 """
 
 from __future__ import annotations
@@ -16,74 +17,28 @@ import asyncio
 import logging
 from contextlib import aclosing
 from time import perf_counter
-from typing import Any
 
-import orjson
 from aiohttp import web
-from aiohttp.web_protocol import RequestPayloadError
 
 from . import logfmt
+from .body import parse_body, read_body
 from .config import Target
-from .errors import JSON_CONTENT_TYPE, ProxyError, bad_request, error_body
+from .errors import JSON_CONTENT_TYPE, ProxyError, error_body
 from .paths import upstream_path
+from .providers.base import Call, MidStreamFailure, Reply, StreamReply, UpstreamFailure
 from .record import CLIENT_DISCONNECTED, COMPLETED, UPSTREAM_ERROR, Attempt, RequestRecord
-from .redact import Redactor
 from .routing import resolve
-from .sse import ModelRewriter, error_event, has_done, usage_from, usage_of
+from .sse import error_event
 from .state import GATEWAY, REQUEST_ID, Gateway, Runtime
-from .upstream import Call, MidStreamFailure, Reply, StreamReply, UpstreamFailure
 
 logger = logging.getLogger(__name__)
 
 RESOLVED_HEADER = "X-Mana-LLM-Resolved"
-# Request Content-Encodings aiohttp decodes before the body reaches us (br/zstd only with their libraries).
-_DECODED_ENCODINGS = frozenset({"", "identity", "gzip", "deflate", "br", "zstd"})
 _STREAM_HEADERS = {
     "Content-Type": "text/event-stream",
     "Cache-Control": "no-cache",
     "X-Accel-Buffering": "no",
 }
-
-
-async def read_body(request: web.Request, limit: int) -> bytes:
-    """The request body, or 413 once it exceeds `limit` bytes (checked before reading when declared)."""
-    encoding = request.headers.get("Content-Encoding", "").strip().lower()
-    if encoding not in _DECODED_ENCODINGS:
-        # aiohttp decodes the ones it knows (or refuses them, see server.py) and passes others on raw.
-        raise ProxyError(415, "request Content-Encoding is not supported", code="unsupported_content_encoding")
-    declared = request.content_length
-    if declared is not None and declared > limit:
-        raise ProxyError(
-            413, f"request body of {declared} bytes exceeds the limit of {limit} bytes", code="request_too_large"
-        )
-    chunks: list[bytes] = []
-    size = 0
-    try:
-        async for chunk in request.content.iter_any():
-            size += len(chunk)
-            if size > limit:
-                raise ProxyError(413, f"request body exceeds the limit of {limit} bytes", code="request_too_large")
-            chunks.append(chunk)
-    except RequestPayloadError:  # e.g. `Content-Encoding: gzip` on a body that is not gzip
-        raise bad_request("request body could not be decoded", code="invalid_body") from None
-    return b"".join(chunks)
-
-
-def parse_payload(body: bytes) -> dict[str, Any]:
-    """Decode the JSON request object and check the fields the proxy itself relies on."""
-    try:
-        payload = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise bad_request(f"request body is not valid JSON: {exc.msg}", code="invalid_json") from None
-    if not isinstance(payload, dict):
-        raise bad_request("request body must be a JSON object", code="invalid_json")
-    model = payload.get("model")
-    if model is not None and not isinstance(model, str):
-        raise bad_request("'model' must be a string", code="invalid_model", param="model")
-    stream = payload.get("stream")
-    if stream is not None and not isinstance(stream, bool):
-        raise bad_request("'stream' must be a boolean", code="invalid_stream", param="stream")
-    return payload
 
 
 async def forward(request: web.Request) -> web.StreamResponse:
@@ -137,29 +92,22 @@ class _Forwarder:
         url = self.request.rel_url
         path = upstream_path(url.raw_path, url.raw_query_string)
         started = perf_counter()
-        body = await read_body(self.request, config.server.max_body_bytes)
+        raw = await read_body(self.request, config.server.max_body_bytes)
         record.client_wait += perf_counter() - started
-        payload = parse_payload(body)
-        record.streaming = payload.get("stream") is True
-        model = payload.get("model")
-        record.requested = model or ""
-        route = resolve(model, config)
+        body = parse_body(raw)
+        record.streaming = body.stream
+        record.requested = body.model or ""
+        route = resolve(body.model, config)
         record.alias = route.alias
         if route.alias is None:
             record.requested_provider = route.chain[0].provider
-
-        # Encoded once for every attempt; each provider only splices its own `model` in front.
-        try:
-            body_without_model = orjson.dumps({key: value for key, value in payload.items() if key != "model"})
-        except orjson.JSONEncodeError:  # orjson reads deeper nesting than it writes
-            raise bad_request("request body is nested too deeply", code="invalid_json") from None
         accept = self.request.headers.get("Accept")
         for target in route.chain:
             skip = self.gateway.health.skip_reason(config.providers[target.provider])
             if skip is not None:
                 record.attempts.append(Attempt(str(target), target.provider, skip, tried=False))
                 continue
-            call = Call(path, payload, target.model, record.streaming, record.request_id, accept, body_without_model)
+            call = Call(path, body, target, record.request_id, accept)
             response = await self._try(target, call)
             if response is not None:
                 return response
@@ -184,8 +132,6 @@ class _Forwarder:
                 reply = await self.runtime.providers[target.provider].send(call)
             finally:
                 record.upstream_wait += perf_counter() - started
-            if isinstance(reply, Reply):
-                body, usage = _rewrite_reply(reply, str(target), self.gateway.redactor)
         except UpstreamFailure as failure:
             return self._failed(target, failure)
         except Exception as exc:
@@ -199,11 +145,11 @@ class _Forwarder:
         record.target = str(target)
         record.status = reply.status
         if isinstance(reply, Reply):
-            if usage is not None:
-                record.prompt_tokens, record.completion_tokens = usage
+            if reply.usage is not None:
+                record.prompt_tokens, record.completion_tokens = reply.usage
             headers = {"Content-Type": reply.content_type, RESOLVED_HEADER: str(target)}
             record.first_byte = perf_counter() - record.started
-            return web.Response(status=reply.status, body=body, content_type=None, headers=headers)
+            return web.Response(status=reply.status, body=reply.body, content_type=None, headers=headers)
         return await self._relay(target, reply)
 
     def _tracked(self, target: Target) -> bool:
@@ -238,14 +184,15 @@ class _Forwarder:
         """Commit to `target` and relay its stream; a failure from here on ends it with an error event."""
         record = self.record
         response = web.StreamResponse(status=reply.status, headers={**_STREAM_HEADERS, RESOLVED_HEADER: str(target)})
-        progress = _Progress()
+        clean_end = False
         try:
             # COMMIT: from here on this answer belongs to `target`.
             await response.prepare(self.request)
             failure: MidStreamFailure | None = None
             provider_fault = True
             try:
-                await self._pump(reply, response, progress, ModelRewriter(str(target)))
+                await self._pump(reply, response)
+                clean_end = True
             except MidStreamFailure as exc:
                 failure = exc
             except ConnectionError:
@@ -253,51 +200,39 @@ class _Forwarder:
             except Exception:
                 logger.exception("request %s: relaying %s failed", record.request_id, logfmt.value(target))
                 failure, provider_fault = MidStreamFailure(UPSTREAM_ERROR, "internal error while relaying"), False
-            if progress.done:  # a cut after [DONE] loses nothing
+            if reply.complete:  # a cut after the protocol's end loses nothing
                 record.outcome = COMPLETED
             else:
                 failure = failure or MidStreamFailure(UPSTREAM_ERROR, "upstream ended the stream without [DONE]")
                 self._end_with_error(target, failure, provider_fault=provider_fault)
                 message = f"upstream {target} failed mid-stream: {failure.detail}"
                 await response.write(error_event(message, code=failure.reason))
-            if progress.usage is not None:
-                record.prompt_tokens, record.completion_tokens = progress.usage
+            if reply.usage is not None:
+                record.prompt_tokens, record.completion_tokens = reply.usage
             await response.write_eof()
         except ConnectionError:
             record.outcome = record.outcome or CLIENT_DISCONNECTED
         finally:
             # Back to the pool only after a clean end; otherwise torn down so the provider stops generating.
-            reply.close(complete=progress.clean_end)
+            reply.close(reuse=clean_end)
         return response
 
-    async def _pump(
-        self, reply: StreamReply, response: web.StreamResponse, progress: _Progress, rewriter: ModelRewriter
-    ) -> None:
-        """Relay events as they arrive. Per chunk: two substring checks, the `model` splice, one write."""
+    async def _pump(self, reply: StreamReply, response: web.StreamResponse) -> None:
+        """Relay the provider's client-ready events as they arrive, timing who the relay waits on."""
         record = self.record
-        first = reply.first
-        progress.done = has_done(first)
-        progress.usage = usage_of(first)
-        await response.write(rewriter.rewrite(first))
+        await response.write(reply.first)
         record.first_byte = perf_counter() - record.started
         upstream_wait = client_wait = 0.0
         waiting_since: float | None = perf_counter()  # set while waiting on the upstream
         try:
             async with aclosing(reply.events()) as events:
                 async for chunk in events:
-                    arrived = perf_counter()
-                    upstream_wait += arrived - waiting_since  # type: ignore[operator]
-                    waiting_since = None
-                    if not progress.done and has_done(chunk):
-                        progress.done = True
-                    if b'"prompt_tokens"' in chunk:
-                        progress.usage = usage_of(chunk) or progress.usage
-                    chunk = rewriter.rewrite(chunk)
                     writing = perf_counter()
+                    upstream_wait += writing - waiting_since  # type: ignore[operator]
+                    waiting_since = None
                     await response.write(chunk)
                     waiting_since = perf_counter()
                     client_wait += waiting_since - writing
-            progress.clean_end = True
         finally:
             # The last wait (for the end of the body, or one that failed) is the upstream's too.
             if waiting_since is not None:
@@ -318,47 +253,11 @@ class _Forwarder:
         )
 
 
-class _Progress:
-    """What the relay has seen of a committed stream."""
-
-    __slots__ = ("clean_end", "done", "usage")
-
-    def __init__(self) -> None:
-        self.done = False  # a `data: [DONE]` line went to the client
-        self.clean_end = False  # the upstream ended its body normally
-        self.usage: tuple[int, int] | None = None
-
-
-def _rewrite_reply(reply: Reply, resolved: str, redactor: Redactor) -> tuple[bytes, tuple[int, int] | None]:
-    """Set `model` to the resolved target in an unstreamed JSON answer; read its usage."""
-    body = reply.body
-    if "json" not in reply.content_type and not body.lstrip().startswith(b"{"):
-        return body, None  # not JSON (audio, ...): relay untouched
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        raise UpstreamFailure("bad_response", "upstream answered 2xx with invalid JSON") from None
-    if not isinstance(data, dict):
-        return body, None
-    if data.get("error"):
-        message = data["error"].get("message") if isinstance(data["error"], dict) else data["error"]
-        raise UpstreamFailure("error_event", f"upstream answered 2xx with an error: {redactor.line(str(message), 120)}")
-    if "model" in data:
-        data["model"] = resolved
-        body = orjson.dumps(data)
-    return body, usage_from(data)
-
-
 def _caller_error(failure: UpstreamFailure, target: Target) -> web.Response:
     """The upstream's own 4xx, relayed; wrapped in the OpenAI shape if it is not already in it."""
     status = failure.status or 502
     body = failure.body or b""
-    try:
-        data = orjson.loads(body)
-        shaped = isinstance(data, dict) and isinstance(data.get("error"), dict)
-    except orjson.JSONDecodeError:
-        shaped = False
-    if not shaped:
+    if not failure.shaped:
         body = error_body(
             f"upstream {target} rejected the request: {failure.detail}", status=status, code=failure.reason
         )

@@ -19,9 +19,9 @@ from aiohttp import web
 from .config import Config, ConfigError, load_config
 from .health import HealthTracker
 from .providers import build_provider
+from .providers.base import Provider
 from .record import Observer, RequestRecord
 from .redact import Redactor
-from .upstream import Provider
 
 logger = logging.getLogger(__name__)
 

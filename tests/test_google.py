@@ -23,12 +23,14 @@ from aiohttp import web
 from google.genai import types
 
 from manaproxy.app import make_session
-from manaproxy.config import ProviderConfig
+from manaproxy.body import parse_body
+from manaproxy.config import ProviderConfig, Target
 from manaproxy.providers import build_provider
-from manaproxy.providers import google_translate as translate
+from manaproxy.providers.base import Call, UpstreamFailure
 from manaproxy.providers.google import GoogleProvider
+from manaproxy.providers.google import answer as google_answer
+from manaproxy.providers.google import request as google_request
 from manaproxy.redact import Redactor
-from manaproxy.upstream import Call, UpstreamFailure
 
 from .conftest import Proxy, build_config
 from .fakes import Recorded, ScriptedServer, chat_completion, json_reply, status_reply, wait_for
@@ -195,6 +197,12 @@ async def google_only(make_google_proxy: Any, gemini: FakeGemini, **extra: Any) 
     return await make_google_proxy(
         build_config({"google": google_spec(gemini, **extra)}, {"mana/g": [f"google/{MODEL}"]})
     )
+
+
+def chat_call(*, stream: bool) -> Call:
+    """A chat call to google/MODEL, as the proxy hands it to the provider."""
+    body = parse_body(orjson.dumps({"messages": USER, "stream": stream}))
+    return Call("/chat/completions", body, Target("google", MODEL), "rid-1", None)
 
 
 def sdk(proxy: Proxy) -> openai.AsyncOpenAI:
@@ -535,7 +543,7 @@ async def test_embeddings_through_openai_sdk(make_google_proxy, gemini):
 
 def test_base64_embeddings_are_little_endian_float32():
     response = types.EmbedContentResponse(embeddings=[types.ContentEmbedding(values=[1.5, -2.0])])
-    body = translate.embeddings(response, model="m", as_base64=True)
+    body = google_answer.embeddings(response, model="m", as_base64=True)
     assert struct.unpack("<2f", base64.b64decode(body["data"][0]["embedding"])) == (1.5, -2.0)
 
 
@@ -818,7 +826,7 @@ async def test_unconfigured_google_provider_is_skipped(make_google_proxy, make_u
     assert resp.headers["X-Mana-LLM-Resolved"] == "backup/m2"
     provider = proxy.gateway.runtime.providers["google"]
     with pytest.raises(UpstreamFailure) as caught:
-        await provider.send(Call("/chat/completions", {"messages": USER}, MODEL, False, "rid-1", None))
+        await provider.send(chat_call(stream=False))
     assert caught.value.reason == "unconfigured"
 
 
@@ -826,7 +834,7 @@ async def test_aclose_leaves_the_shared_application_session_open(gemini, app_ses
     provider = GoogleProvider(
         ProviderConfig(name="g", kind="google", base_url=gemini.base_url, api_key=KEY), app_session
     )
-    answered = await provider.send(Call("/chat/completions", {"messages": USER}, MODEL, False, "rid-1", None))
+    answered = await provider.send(chat_call(stream=False))
     assert orjson.loads(answered.body)["choices"][0]["message"]["content"] == "Hello!"
     await provider.aclose()
     assert not app_session.closed
@@ -850,7 +858,7 @@ async def test_aclose_leaves_the_shared_application_session_open(gemini, app_ses
 )
 def test_finish_reason_table(reason, tools, expected):
     value = types.FinishReason(reason) if reason else None
-    assert translate.finish_reason(value, tools) == expected
+    assert google_answer.finish_reason(value, tools) == expected
 
 
 # -- connections and lifecycle -----------------------------------------------------------------------------
@@ -861,10 +869,10 @@ async def test_provider_on_the_application_session(gemini):
     provider = GoogleProvider(ProviderConfig(name="g", kind="google", base_url=gemini.base_url, api_key=KEY), session)
     try:
         gemini.default = stream_reply(chunks(["shared ", "pool"]))
-        call = Call("/chat/completions", {"messages": USER}, MODEL, True, "rid-2", None)
+        call = chat_call(stream=True)
         stream = await provider.send(call)
         body = stream.first + b"".join([events async for events in stream.events()])
-        stream.close(complete=True)
+        stream.close(reuse=True)
         assert b"data: [DONE]" in body
         # The application session hands bodies over undecoded, so the provider asks for none.
         assert gemini.last.headers["Accept-Encoding"] == "identity"
@@ -927,7 +935,7 @@ def gemini_chunk(body: dict[str, Any]) -> types.GenerateContentResponse:
 
 
 def test_chunk_translator_waits_for_every_candidate_to_finish():
-    translator = translate.ChunkTranslator("chatcmpl-x", "m", 1, include_usage=True)
+    translator = google_answer.ChunkTranslator("chatcmpl-x", "m", 1, include_usage=True)
     first = translator.translate(gemini_chunk({"candidates": [{"index": 0, "content": {"parts": [{"text": "a"}]}}]}))
     events = sse_data(first.decode())
     assert events == [
@@ -966,7 +974,7 @@ def test_chunk_translator_waits_for_every_candidate_to_finish():
 
 
 def test_tool_message_may_name_its_function_instead_of_matching_an_id():
-    request = translate.chat_request(
+    request = google_request.chat_request(
         {"messages": [*USER, {"role": "tool", "tool_call_id": "elsewhere", "name": "lookup", "content": "[1, 2]"}]}
     )
     response = request.contents[-1].parts[-1].function_response

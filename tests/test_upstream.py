@@ -9,7 +9,7 @@ import orjson
 import pytest
 from multidict import CIMultiDict
 
-from manaproxy.upstream import UpstreamFailure, Verdict, classify_status, parse_retry_after
+from manaproxy.providers.base import UpstreamFailure, Verdict, classify_status, parse_retry_after
 
 FALLBACK_AND_FAULT = Verdict(fallback=True, provider_fault=True)
 FALLBACK_ONLY = Verdict(fallback=True, provider_fault=False)

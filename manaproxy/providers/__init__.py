@@ -1,19 +1,35 @@
-"""Provider kinds: `openai` (passthrough) and `google` (translation through google-genai)."""
+"""Provider kinds: the registry `KINDS` (kind → the class that serves it) and `build_provider`.
+
+Config validation reads `KINDS`, so a kind that is not registered here is an error in `aliases.yaml`,
+never a silent default. A kind's module is imported only when a provider of that kind is built:
+google-genai alone takes about half a second and tens of MB to import.
+"""
 
 from __future__ import annotations
 
-import aiohttp
+import importlib
+from typing import TYPE_CHECKING
 
-from ..config import ProviderConfig
-from ..redact import Redactor
-from ..upstream import Provider
-from .openai import OpenAIProvider
+if TYPE_CHECKING:
+    import aiohttp
+
+    from ..config import ProviderConfig
+    from ..redact import Redactor
+    from .base import Provider
+
+# kind → "module:Class" (the module relative to this package). Tests may register kinds of their own.
+KINDS: dict[str, str] = {
+    "openai": ".openai:OpenAIProvider",
+    "google": ".google:GoogleProvider",
+}
 
 
 def build_provider(config: ProviderConfig, session: aiohttp.ClientSession, redactor: Redactor) -> Provider:
     """The provider object for one configured provider."""
-    if config.kind == "google":
-        from .google import GoogleProvider
-
-        return GoogleProvider(config, session, redactor)
-    return OpenAIProvider(config, session, redactor)
+    try:
+        module_name, class_name = KINDS[config.kind].split(":")
+    except KeyError:
+        raise ValueError(f"provider {config.name}: unknown kind {config.kind!r}") from None
+    module = importlib.import_module(module_name, __package__)
+    provider: Provider = getattr(module, class_name)(config, session, redactor)
+    return provider

@@ -1,6 +1,8 @@
 """Passthrough to any OpenAI-compatible server (Ollama, Groq, OpenRouter, Together, vLLM, llama.cpp ...).
 
-The request body goes upstream with only `model` replaced; the answer comes back as bytes. Timeouts:
+The request body goes upstream with only `model` replaced; the answer comes back as bytes, with only its
+`model` rewritten to the resolved target (`sse.ModelRewriter`), its usage read and, for streams, the
+`[DONE]` that makes it complete noted as it passes. Timeouts:
 `connect` bounds the TCP/TLS set-up; for streams, `first_byte` bounds the wait for the first data event
 and `idle` every later gap between chunks; `total` bounds the whole exchange. An unstreamed answer
 arrives only once the upstream has generated all of it, so its wait is bounded by `total` alone.
@@ -19,8 +21,8 @@ from yarl import URL
 
 from ..config import ProviderConfig
 from ..redact import Redactor
-from ..sse import EventBuffer, error_of, has_done
-from ..upstream import Call, MidStreamFailure, Reply, UpstreamFailure, translate_errors
+from ..sse import EventBuffer, ModelRewriter, error_of, has_done, usage_from, usage_of
+from .base import Call, MidStreamFailure, Reply, UpstreamFailure, Usage, translate_errors
 
 _ERROR_BODY_LIMIT = 1 << 20
 # An SSE event bigger than this is no chat chunk: the upstream is broken (or never sends a blank line).
@@ -56,23 +58,44 @@ def _decode_body(body: bytes, encoding: str) -> bytes:
 
 
 class OpenAIStream:
-    """An upstream SSE stream past its first data event."""
+    """An upstream SSE stream past its first data event, relayed with `model` rewritten.
 
-    __slots__ = ("_buffer", "_idle", "_resp", "_rest", "first", "status")
+    Per chunk: two substring checks (`[DONE]`, usage) and the `model` splice; nothing is parsed unless a
+    usage chunk goes by.
+    """
+
+    __slots__ = ("_buffer", "_idle", "_resp", "_rest", "_rewriter", "complete", "first", "status", "usage")
 
     def __init__(
-        self, resp: aiohttp.ClientResponse, first: bytes, rest: bytes, buffer: EventBuffer, idle: float
+        self,
+        resp: aiohttp.ClientResponse,
+        first: bytes,
+        rest: bytes,
+        buffer: EventBuffer,
+        idle: float,
+        rewriter: ModelRewriter,
     ) -> None:
         self.status = resp.status
-        self.first = first
+        self.complete = has_done(first)
+        self.usage: Usage | None = usage_of(first)
+        self.first = rewriter.rewrite(first)
         self._resp = resp
         self._buffer = buffer
         self._rest = rest
         self._idle = idle
+        self._rewriter = rewriter
+
+    def _ready(self, events: bytes) -> bytes:
+        """Note what the client-bound `events` complete or count, and rewrite their `model`."""
+        if not self.complete and has_done(events):
+            self.complete = True
+        if b'"prompt_tokens"' in events:
+            self.usage = usage_of(events) or self.usage
+        return self._rewriter.rewrite(events)
 
     async def events(self) -> AsyncGenerator[bytes, None]:
         if self._rest:
-            yield self._rest
+            yield self._ready(self._rest)
         content = self._resp.content
         buffer = self._buffer
         idle = self._idle
@@ -91,16 +114,16 @@ class OpenAIStream:
                 tail = buffer.pending.strip()
                 # Tolerate a final `data: [DONE]` without its blank line; drop any other half event.
                 if tail and has_done(tail):
-                    yield tail + b"\n\n"
+                    yield self._ready(tail + b"\n\n")
                 return
             released = buffer.feed(chunk)
             if released:
-                yield released
+                yield self._ready(released)
             elif len(buffer.pending) > _MAX_EVENT_BYTES:
                 raise MidStreamFailure("upstream_error", f"upstream event larger than {_MAX_EVENT_BYTES} bytes")
 
-    def close(self, *, complete: bool) -> None:
-        if complete:
+    def close(self, *, reuse: bool) -> None:
+        if reuse:
             self._resp.release()
         else:
             self._resp.close()
@@ -133,7 +156,7 @@ class OpenAIProvider:
         return f"<OpenAIProvider {self.config.name} {self.config.base_url}>"
 
     async def send(self, call: Call) -> Reply | OpenAIStream:
-        body = call.body_for(call.model)
+        body = call.body.with_model(call.target.model)
         headers = {
             **self._headers,
             "Content-Type": "application/json",
@@ -141,22 +164,44 @@ class OpenAIProvider:
             "X-Request-ID": call.request_id,
         }
         url = self._url(call.path)
+        resolved = str(call.target)
         if call.stream:
             with translate_errors("before the first byte"):
                 async with asyncio.timeout(self.config.timeouts.first_byte):
-                    return await self._open_stream(url, body, headers)
+                    return await self._open_stream(url, body, headers, resolved)
         with translate_errors("waiting for the answer"):
-            return await self._exchange(url, body, headers)
+            return await self._exchange(url, body, headers, resolved)
 
-    async def _exchange(self, url: URL, body: bytes, headers: dict[str, str]) -> Reply:
+    async def _exchange(self, url: URL, body: bytes, headers: dict[str, str], resolved: str) -> Reply:
         async with self._session.post(
             url, data=body, headers=headers, timeout=self._timeout, allow_redirects=False
         ) as resp:
             data = await _read_body(resp)
             self._check_status(resp, data)
-            return Reply(resp.status, data, resp.headers.get("Content-Type", "application/json"))
+            return self._reply(resp.status, data, resp.headers.get("Content-Type", "application/json"), resolved)
 
-    async def _open_stream(self, url: URL, body: bytes, headers: dict[str, str]) -> Reply | OpenAIStream:
+    def _reply(self, status: int, body: bytes, content_type: str, resolved: str) -> Reply:
+        """The unstreamed answer ready for the client: `model` set to the resolved target, usage read."""
+        if "json" not in content_type and not body.lstrip().startswith(b"{"):
+            return Reply(status, body, content_type)  # not JSON (audio, ...): relayed untouched
+        try:
+            data = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise UpstreamFailure("bad_response", "upstream answered 2xx with invalid JSON") from None
+        if not isinstance(data, dict):
+            return Reply(status, body, content_type)
+        if data.get("error"):
+            error = data["error"]
+            message = error.get("message") if isinstance(error, dict) else error
+            raise UpstreamFailure(
+                "error_event", f"upstream answered 2xx with an error: {self._redactor.line(str(message), 120)}"
+            )
+        if "model" in data:
+            data["model"] = resolved
+            body = orjson.dumps(data)
+        return Reply(status, body, content_type, usage_from(data))
+
+    async def _open_stream(self, url: URL, body: bytes, headers: dict[str, str], resolved: str) -> Reply | OpenAIStream:
         resp = await self._session.post(url, data=body, headers=headers, timeout=self._timeout, allow_redirects=False)
         try:
             if resp.status >= 300:
@@ -166,7 +211,7 @@ class OpenAIProvider:
                 # Some servers answer a stream request with one JSON document: relay it unstreamed.
                 data = await _read_body(resp)
                 resp.release()
-                return Reply(resp.status, data, content_type or "application/json")
+                return self._reply(resp.status, data, content_type or "application/json", resolved)
             buffer = EventBuffer()
             while True:
                 chunk = await resp.content.readany()
@@ -188,7 +233,7 @@ class OpenAIProvider:
                 # as bytes arrive and paused while a slow client holds reading back, at no per-chunk cost.
                 protocol.read_timeout = idle
                 protocol.start_timeout()
-            return OpenAIStream(resp, first, rest, buffer, idle)
+            return OpenAIStream(resp, first, rest, buffer, idle, ModelRewriter(resolved))
         except BaseException:
             resp.close()
             raise

@@ -1,10 +1,10 @@
 """Gemini through the google-genai SDK: the one provider kind that translates instead of passing through.
 
-`/chat/completions` (streamed or not) and `/embeddings` are translated (google_translate.py holds the
-mappings); any other path is `unsupported` and the chain moves on. Every SDK exception is translated
-once, in `_google_errors`, into the same `UpstreamFailure` taxonomy the openai kind uses, so fallback
-rules are identical: an HTTP error from Google goes through `UpstreamFailure.from_status` with an
-OpenAI-shaped body.
+`/chat/completions` (streamed or not) and `/embeddings` are translated (`request.py` out, `answer.py`
+back, both pure); any other path is `unsupported` and the chain moves on. Every SDK exception is
+translated once (`failures.py`) into the same `UpstreamFailure` taxonomy the openai kind uses, so
+fallback rules are identical. Answers leave here client-ready: the translation writes the resolved
+target as `model` and counts usage, so nothing downstream parses them again.
 
 Timeouts: for streams `first_byte` bounds the wait for Gemini's first chunk and `idle` every later gap;
 for unstreamed answers `total` bounds the exchange. `total` is also the SDK's own per-request timeout, so
@@ -20,14 +20,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import logging
 import os
 import re
 import ssl
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -38,13 +36,11 @@ from google import genai
 from google.genai import errors, types
 from google.genai.models import AsyncModels
 
-from ..config import ProviderConfig
-from ..errors import error_body
-from ..redact import Redactor
-from ..upstream import Call, MidStreamFailure, Reply, UpstreamFailure, translate_errors, within_idle
-from . import google_translate as translate
-
-logger = logging.getLogger(__name__)
+from ...config import ProviderConfig
+from ...redact import Redactor
+from ..base import Call, MidStreamFailure, Reply, UpstreamFailure, Usage, within_idle
+from . import answer, request
+from .failures import bad_request, google_errors
 
 _API_VERSIONS = ("v1", "v1beta", "v1alpha")
 _SERVABLE_ACTIONS = frozenset({"generateContent", "streamGenerateContent", "embedContent", "batchEmbedContents"})
@@ -89,63 +85,7 @@ def _http_options(config: ProviderConfig, session: aiohttp.ClientSession | None)
     )
 
 
-def _retry_after(exc: errors.APIError) -> str | None:
-    """Retry-After from the response headers, else from Google's RetryInfo detail (`"retryDelay": "37s"`)."""
-    headers = getattr(exc.response, "headers", None)
-    if headers is not None and headers.get("Retry-After"):
-        return str(headers["Retry-After"])
-    details = exc.details.get("error", exc.details) if isinstance(exc.details, dict) else None
-    items = details.get("details") if isinstance(details, dict) else None
-    for item in items if isinstance(items, list) else ():
-        delay = item.get("retryDelay") if isinstance(item, dict) else None
-        if isinstance(delay, str) and delay.endswith("s"):
-            return delay[:-1]
-    return None
-
-
-def _api_failure(exc: errors.APIError, redactor: Redactor) -> UpstreamFailure:
-    """An HTTP error from Google, classified like any upstream status, with an OpenAI-shaped body."""
-    code = exc.code if isinstance(exc.code, int) else 0
-    if not 400 <= code <= 599:
-        return UpstreamFailure("bad_response", f"unexpected HTTP {code} from google")
-    message = redactor.line(str(exc.message or exc.status or f"HTTP {code}"), limit=1000)
-    status_name = exc.status if isinstance(exc.status, str) else None
-    body = error_body(message, status=code, code=status_name)
-    if code == 400 and "API_KEY_INVALID" in _error_reasons(exc):
-        # Google answers a wrong or expired key with 400, not 401: our credentials, not the caller's request.
-        return UpstreamFailure("api_key_invalid", f"HTTP 400: {message[:120]}", status=400, body=body)
-    if code == 400 and status_name == "FAILED_PRECONDITION":
-        # e.g. "User location is not supported for the API use", free tier unavailable: the provider
-        # cannot serve anyone from here, whatever the request; another chain entry may.
-        return UpstreamFailure("failed_precondition", f"HTTP 400: {message[:120]}", status=400, body=body)
-    retry_after = _retry_after(exc) if code == 429 else None
-    headers = {"Retry-After": retry_after} if retry_after else {}
-    return UpstreamFailure.from_status(code, headers, body, "application/json")
-
-
-def _error_reasons(exc: errors.APIError) -> set[str]:
-    """The `reason`s of a Google error's `details` (google.rpc.ErrorInfo), e.g. API_KEY_INVALID."""
-    details = exc.details.get("error", exc.details) if isinstance(exc.details, dict) else None
-    items = details.get("details") if isinstance(details, dict) else None
-    if not isinstance(items, list):
-        return set()
-    return {item["reason"] for item in items if isinstance(item, dict) and isinstance(item.get("reason"), str)}
-
-
 _MODEL_NAME_RE = re.compile(r"^(?:models/|tunedModels/)?[A-Za-z0-9][A-Za-z0-9._-]*$")
-
-
-def _bad_request(error: translate.TranslationError) -> UpstreamFailure:
-    body = error_body(error.message, status=400, code=error.code, param=error.param)
-    return UpstreamFailure(
-        "bad_request",
-        error.message,
-        fallback=False,
-        provider_fault=False,
-        status=400,
-        body=body,
-        content_type="application/json",
-    )
 
 
 async def _aclose(stream: Any) -> None:
@@ -166,17 +106,19 @@ def _close_later(stream: Any) -> None:
 class GoogleStream:
     """A Gemini stream past its first chunk, relayed as OpenAI chunk events."""
 
-    __slots__ = ("_ended", "_idle", "_stream", "_translator", "first", "status")
+    __slots__ = ("_ended", "_idle", "_stream", "_translator", "complete", "first", "status", "usage")
 
     def __init__(
         self,
         stream: AsyncIterator[types.GenerateContentResponse],
-        translator: translate.ChunkTranslator,
+        translator: answer.ChunkTranslator,
         first: bytes,
         idle: float,
     ) -> None:
         self.status = 200
         self.first = first
+        self.complete = False  # `[DONE]` is written only once Gemini finished every candidate
+        self.usage: Usage | None = None
         self._stream = stream
         self._translator = translator
         self._idle = idle
@@ -205,9 +147,12 @@ class GoogleStream:
         self._ended = True
         if not translator.complete:
             raise MidStreamFailure("upstream_error", "google ended the stream without a finish reason")
+        # Counted when the client asked for the usage chunk, as for a passthrough stream.
+        self.usage = translator.usage if translator.include_usage else None
+        self.complete = True
         yield translator.finish()
 
-    def close(self, *, complete: bool) -> None:
+    def close(self, *, reuse: bool) -> None:
         if not self._ended:
             self._ended = True
             _close_later(self._stream)
@@ -249,43 +194,25 @@ class GoogleProvider:
             raise UpstreamFailure("unconfigured", self._client_error, provider_fault=self.config.configured)
         return self._client.aio.models
 
-    @contextmanager
-    def _google_errors(self, phase: str) -> Iterator[None]:
-        """Map every SDK exception to an `UpstreamFailure` (connection errors via `translate_errors`)."""
-        try:
-            with translate_errors(phase):
-                yield
-        except UpstreamFailure:
-            raise
-        except errors.APIError as exc:
-            raise _api_failure(exc, self._redactor) from None
-        except ValueError as exc:  # unparseable JSON, unexpected response shapes
-            raise UpstreamFailure(
-                "bad_response", f"unusable answer from google {phase} ({type(exc).__name__})"
-            ) from None
-        except Exception as exc:  # an SDK bug must read as this provider failing, not as a proxy crash
-            logger.debug("google-genai raised %s %s", type(exc).__name__, phase, exc_info=True)
-            raise UpstreamFailure("sdk_error", f"google-genai failed {phase} ({type(exc).__name__})") from None
-
     async def send(self, call: Call) -> Reply | GoogleStream:
         path = call.path.partition("?")[0]  # a query string (e.g. api-version=) means nothing to Gemini
-        if not _MODEL_NAME_RE.match(call.model):
+        if not _MODEL_NAME_RE.match(call.target.model):
             # The SDK refuses such names with a ValueError; it is the caller's request, not Google, at fault.
-            error = translate.TranslationError(
-                f"invalid google model name {call.model[:100]!r}", param="model", code="invalid_model"
+            error = request.TranslationError(
+                f"invalid google model name {call.target.model[:100]!r}", param="model", code="invalid_model"
             )
-            raise _bad_request(error)
+            raise bad_request(error)
         if path == "/chat/completions":
             try:
-                request = translate.chat_request(call.payload)
-            except translate.TranslationError as error:
-                raise _bad_request(error) from None
-            config = request.config.model_copy(
+                chat = request.chat_request(call.body.payload)
+            except request.TranslationError as error:
+                raise bad_request(error) from None
+            config = chat.config.model_copy(
                 update={"http_options": types.HttpOptions(headers={"X-Request-ID": call.request_id})}
             )
             if call.stream:
-                return await self._open_stream(call, request, config)
-            return await self._complete(call, request, config)
+                return await self._open_stream(call, chat, config)
+            return await self._complete(call, chat, config)
         if path == "/embeddings":
             return await self._embed(call)
         raise UpstreamFailure(
@@ -295,33 +222,33 @@ class GoogleProvider:
     def _completion_id(self, call: Call) -> str:
         return f"chatcmpl-{call.request_id if len(call.request_id) <= 64 else uuid.uuid4().hex}"
 
-    async def _complete(self, call: Call, request: translate.ChatRequest, config: types.GenerateContentConfig) -> Reply:
+    async def _complete(self, call: Call, chat: request.ChatRequest, config: types.GenerateContentConfig) -> Reply:
         models = self._models()
-        with self._google_errors("waiting for the answer"):
+        with google_errors("waiting for the answer", self._redactor):
             async with asyncio.timeout(self.config.timeouts.total):
-                response = await models.generate_content(model=call.model, contents=request.contents, config=config)
-            body = translate.chat_completion(
-                response, completion_id=self._completion_id(call), model=call.model, created=int(time.time())
+                response = await models.generate_content(model=call.target.model, contents=chat.contents, config=config)
+            body = answer.chat_completion(
+                response, completion_id=self._completion_id(call), model=str(call.target), created=int(time.time())
             )
-        return Reply(200, orjson.dumps(body), "application/json")
+        return Reply(200, orjson.dumps(body), "application/json", answer.usage_counts(body.get("usage")))
 
     async def _open_stream(
-        self, call: Call, request: translate.ChatRequest, config: types.GenerateContentConfig
+        self, call: Call, chat: request.ChatRequest, config: types.GenerateContentConfig
     ) -> GoogleStream:
         models = self._models()
-        translator = translate.ChunkTranslator(
+        translator = answer.ChunkTranslator(
             completion_id=self._completion_id(call),
-            model=call.model,
+            model=str(call.target),
             created=int(time.time()),
-            include_usage=request.include_usage,
+            include_usage=chat.include_usage,
         )
         stream: AsyncIterator[types.GenerateContentResponse] | None = None
         try:
-            with self._google_errors("before the first byte"):
+            with google_errors("before the first byte", self._redactor):
                 async with asyncio.timeout(self.config.timeouts.first_byte):
                     # The SDK sends the request on the first `anext`, so the timeout covers connect to first chunk.
                     stream = await models.generate_content_stream(
-                        model=call.model, contents=request.contents, config=config
+                        model=call.target.model, contents=chat.contents, config=config
                     )
                     try:
                         response = await anext(stream)
@@ -336,23 +263,23 @@ class GoogleProvider:
 
     async def _embed(self, call: Call) -> Reply:
         try:
-            request = translate.embeddings_request(call.payload)
-        except translate.TranslationError as error:
-            raise _bad_request(error) from None
+            embed = request.embeddings_request(call.body.payload)
+        except request.TranslationError as error:
+            raise bad_request(error) from None
         models = self._models()
-        config = request.config.model_copy(
+        config = embed.config.model_copy(
             update={"http_options": types.HttpOptions(headers={"X-Request-ID": call.request_id})}
         )
-        with self._google_errors("waiting for the answer"):
+        with google_errors("waiting for the answer", self._redactor):
             async with asyncio.timeout(self.config.timeouts.total):
-                response = await models.embed_content(model=call.model, contents=request.texts, config=config)
-            body = translate.embeddings(response, model=call.model, as_base64=request.base64)
+                response = await models.embed_content(model=call.target.model, contents=embed.texts, config=config)
+            body = answer.embeddings(response, model=str(call.target), as_base64=embed.base64)
         return Reply(200, orjson.dumps(body), "application/json")
 
     async def list_models(self, timeout: float) -> list[str]:
         models = self._models()
         names = []
-        with self._google_errors("listing models"):
+        with google_errors("listing models", self._redactor):
             async with asyncio.timeout(timeout):
                 pager = await models.list(config=types.ListModelsConfig(page_size=1000))
                 async for model in pager:
@@ -364,6 +291,6 @@ class GoogleProvider:
 
     async def probe(self, timeout: float) -> None:
         models = self._models()
-        with self._google_errors("while probing"):
+        with google_errors("while probing", self._redactor):
             async with asyncio.timeout(timeout):
                 await models.list(config=types.ListModelsConfig(page_size=1))

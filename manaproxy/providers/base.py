@@ -1,15 +1,22 @@
-"""The boundary with upstream providers: what a call is, what can come back, and how failures classify.
+"""The contract between the request path and the provider kinds.
 
-Every exception from talking to an upstream is translated once, here, into an `UpstreamFailure` with a
-short stable `reason` (`connect`, `timeout`, `http_503`, ...). Whether that failure lets the proxy fall
-back to the next chain entry, and whether it counts against the provider's health, is decided by the
-pure function `classify_status` / the constructors below — table-tested, nowhere else.
+A provider gets a `Call` — the client's request body (parsed once, `body.py`), the path under its
+`base_url` and the `Target` to serve — and answers with **client-ready bytes**: a `Reply` or a
+`StreamReply` whose `model` already names the resolved target, whose usage it has counted and whose
+completeness it has judged. Before anything reaches the client it raises `UpstreamFailure`; after the
+commit point a stream raises `MidStreamFailure`.
+
+Every exception from an upstream is translated once into this taxonomy, with a short stable `reason`
+(`connect`, `timeout`, `http_503` ...). Whether a failure lets the chain fall back and whether it counts
+against the provider is decided by `classify_status` and the constructors below — table-tested, nowhere
+else. The request path imports this module and nothing else of `providers/`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ssl
+import time
 from collections.abc import AsyncGenerator, Awaitable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,7 +26,10 @@ from typing import Any, Protocol, TypeVar
 import aiohttp
 import orjson
 
-from .config import ProviderConfig
+from ..body import RequestBody
+from ..config import ProviderConfig, Target
+
+Usage = tuple[int, int]  # (prompt tokens, completion tokens)
 
 T = TypeVar("T")
 
@@ -60,6 +70,7 @@ class UpstreamFailure(Exception):
         retry_after: float | None = None,
         body: bytes | None = None,
         content_type: str | None = None,
+        shaped: bool = False,
     ) -> None:
         super().__init__(detail)
         self.reason = reason  # short stable word for logs and metrics
@@ -70,6 +81,7 @@ class UpstreamFailure(Exception):
         self.retry_after = retry_after
         self.body = body  # the upstream's error body, relayed when we do not fall back
         self.content_type = content_type
+        self.shaped = shaped  # `body` is an OpenAI-shaped error (else the proxy wraps `detail` in one)
 
     def __repr__(self) -> str:
         return f"UpstreamFailure({self.reason!r}, {self.detail!r}, fallback={self.fallback})"
@@ -85,15 +97,17 @@ class UpstreamFailure(Exception):
     ) -> UpstreamFailure:
         verdict = classify_status(status)
         retry_after = parse_retry_after(headers.get("Retry-After")) if status == 429 else None
+        excerpt, shaped = _read_error(body)
         return cls(
             f"http_{status}",
-            f"HTTP {status}{_error_message(body)}",
+            f"HTTP {status}{excerpt}",
             fallback=verdict.fallback,
             provider_fault=verdict.provider_fault,
             status=status,
             retry_after=retry_after,
             body=body,
             content_type=content_type,
+            shaped=shaped,
         )
 
 
@@ -121,19 +135,22 @@ async def within_idle(read: Awaitable[T], idle: float, upstream: str) -> T:
         raise MidStreamFailure("upstream_error", f"{upstream} exceeded its total timeout") from None
 
 
-def _error_message(body: bytes) -> str:
-    """A short excerpt of an upstream error body's message, for logs and our own 503 text."""
+def _read_error(body: bytes) -> tuple[str, bool]:
+    """(a short excerpt of an upstream error body's message, for logs and our own texts; whether the body
+    is an OpenAI-shaped error that can go to the client as it is)."""
     try:
         data: Any = orjson.loads(body)
     except orjson.JSONDecodeError:
-        return ""
-    if isinstance(data, dict):
-        err = data.get("error", data)
-        message = err.get("message") if isinstance(err, dict) else err
-        if isinstance(message, str) and message:
-            message = " ".join(message.split())
-            return ": " + (message if len(message) <= 120 else message[:117] + "...")
-    return ""
+        return "", False
+    if not isinstance(data, dict):
+        return "", False
+    err = data.get("error", data)
+    message = err.get("message") if isinstance(err, dict) else err
+    excerpt = ""
+    if isinstance(message, str) and message:
+        message = " ".join(message.split())
+        excerpt = ": " + (message if len(message) <= 120 else message[:117] + "...")
+    return excerpt, isinstance(data.get("error"), dict)
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -148,8 +165,6 @@ def parse_retry_after(value: str | None) -> float | None:
             moment = parsedate_to_datetime(value)
         except (TypeError, ValueError):
             return None
-        import time
-
         seconds = moment.timestamp() - time.time()
     if seconds != seconds or seconds <= 0:
         return None
@@ -183,50 +198,49 @@ def translate_errors(phase: str) -> Iterator[None]:
 class Call:
     """One attempt at one target, as handed to a provider."""
 
-    path: str  # path after /v1, e.g. "/chat/completions"
-    payload: dict[str, Any]  # the parsed client request body (its `model` is the client's)
-    model: str  # the provider-local model name to send instead
-    stream: bool
+    path: str  # path after /v1, checked by `paths.upstream_path` (e.g. "/chat/completions?x=1")
+    body: RequestBody  # the client's request, parsed once
+    target: Target  # the provider's own model name is `target.model`; the client sees `str(target)`
     request_id: str
     accept: str | None
-    # `payload` without `model`, JSON-encoded once per request (None: encode `payload` here).
-    body_without_model: bytes | None = None
 
-    def body_for(self, model: str) -> bytes:
-        """The JSON body to send upstream: the client's, with `model` replaced."""
-        rest = self.body_without_model
-        if rest is None:
-            return orjson.dumps({**self.payload, "model": model})
-        head = b'{"model":' + orjson.dumps(model)
-        return head + b"}" if rest == b"{}" else head + b"," + rest[1:]
+    @property
+    def stream(self) -> bool:
+        return self.body.stream
 
 
 @dataclass(slots=True)
 class Reply:
-    """A complete, non-streamed upstream answer (2xx)."""
+    """A complete, unstreamed answer (2xx), ready for the client."""
 
     status: int
     body: bytes
     content_type: str
+    usage: Usage | None = None
 
 
 class StreamReply(Protocol):
-    """An upstream SSE stream whose first data event has arrived (so the target answered)."""
+    """A streamed answer whose first data event has arrived (so the target answered), ready for the client."""
 
     status: int
     first: bytes  # complete SSE events up to and including the first data event
+    # The protocol's end went by (`data: [DONE]` for chat): the answer is whole even if the connection
+    # then fails. Read after `events()` ends or raises.
+    complete: bool
+    usage: Usage | None  # tokens, once a usage event went by
 
     def events(self) -> AsyncGenerator[bytes, None]:
-        """Remaining raw bytes, cut at event boundaries; raises `MidStreamFailure` on failure."""
+        """The rest of the answer, cut at event boundaries; raises `MidStreamFailure` on failure."""
         ...
 
-    def close(self, *, complete: bool) -> None:
-        """Release the upstream connection: back to the pool when `complete`, else torn down now."""
+    def close(self, *, reuse: bool) -> None:
+        """Release the upstream connection: back to the pool when `reuse`, else torn down now (so the
+        provider stops generating)."""
         ...
 
 
 class Provider(Protocol):
-    """One provider kind (openai passthrough, google translation)."""
+    """One provider kind (openai passthrough, google translation); see `providers.KINDS`."""
 
     config: ProviderConfig
 

@@ -21,6 +21,7 @@ from .auth import auth_middleware
 from .config import Config
 from .errors import ProxyError
 from .health import HealthTracker
+from .health import views as health_views
 from .redact import Redactor
 from .state import GATEWAY, REQUEST_ID, Gateway, build_runtime
 
@@ -160,12 +161,12 @@ def create_app(
 
     app.cleanup_ctx.append(upstream_session_ctx)
     if probes:
-        from .probe import probe_loop_ctx
+        from .health.probe import probe_loop_ctx
 
         app.cleanup_ctx.append(probe_loop_ctx)
 
-    app.router.add_get("/health", catalog.liveness)
-    app.router.add_get("/v1/health", catalog.health_detail)
+    app.router.add_get("/health", health_views.liveness)
+    app.router.add_get("/v1/health", health_views.health_detail)
     app.router.add_get("/v1/models", catalog.list_models)
     app.router.add_get("/v1/models/{model:.+}", catalog.get_model)
     app.router.add_get("/v1/aliases", catalog.list_aliases)

@@ -1,4 +1,4 @@
-"""Read-only views: `/v1/models`, `/v1/models/{id}`, `/v1/aliases`, `/health`, `/v1/health`.
+"""Read-only views of what can be asked for: `/v1/models`, `/v1/models/{id}`, `/v1/aliases`.
 
 Provider model lists are fetched from each configured provider's `/models` in parallel, each bounded
 by the probe timeout, and cached for `server.models_cache_seconds`; a provider that fails to list is
@@ -145,34 +145,3 @@ def alias_view(config: Config, gateway: Gateway) -> dict[str, Any]:
 async def list_aliases(request: web.Request) -> web.Response:
     gateway = request.app[GATEWAY]
     return json_response(alias_view(gateway.config, gateway))
-
-
-def overall_status(statuses: list[str]) -> str:
-    """healthy: every configured provider healthy; unhealthy: none is; degraded: in between."""
-    configured = [status for status in statuses if status != "unconfigured"]
-    healthy = sum(1 for status in configured if status == "healthy")
-    if configured and healthy == len(configured):
-        return "healthy"
-    return "unhealthy" if healthy == 0 else "degraded"
-
-
-def _health_snapshot(request: web.Request) -> tuple[str, dict[str, dict[str, object]]]:
-    """(overall status, per-provider snapshot) of the current config."""
-    gateway = request.app[GATEWAY]
-    snapshot = gateway.health.snapshot(gateway.config.providers.values())
-    return overall_status([str(view["status"]) for view in snapshot.values()]), snapshot
-
-
-async def liveness(request: web.Request) -> web.Response:
-    status, snapshot = _health_snapshot(request)
-    providers = {
-        name: "healthy" if view["status"] == "healthy" else "unhealthy"
-        for name, view in snapshot.items()
-        if view["configured"]
-    }
-    return json_response({"status": status, "providers": providers})
-
-
-async def health_detail(request: web.Request) -> web.Response:
-    status, snapshot = _health_snapshot(request)
-    return json_response({"status": status, "providers": snapshot})

@@ -24,6 +24,7 @@ from . import logfmt
 from .body import parse_body, read_body
 from .config import Target
 from .errors import JSON_CONTENT_TYPE, ProxyError, error_body
+from .health import Slot
 from .paths import upstream_path
 from .providers.base import Call, MidStreamFailure, Reply, StreamReply, UpstreamFailure
 from .record import CLIENT_DISCONNECTED, COMPLETED, UPSTREAM_ERROR, Attempt, RequestRecord
@@ -117,14 +118,10 @@ class _Forwarder:
 
     async def _try(self, target: Target, call: Call) -> web.StreamResponse | None:
         """Try one target. A response means the request is answered; None means fall back."""
-        health = self.gateway.health
-        trial = health.acquire(target.provider)
-        try:
-            return await self._attempt(target, call)
-        finally:  # also on cancellation: a client that left must not hold a `max_concurrent` slot
-            health.release(target.provider, trial=trial)
+        with self.gateway.health.attempt(self.runtime.config.providers[target.provider]) as slot:
+            return await self._attempt(target, call, slot)
 
-    async def _attempt(self, target: Target, call: Call) -> web.StreamResponse | None:
+    async def _attempt(self, target: Target, call: Call, slot: Slot) -> web.StreamResponse | None:
         record = self.record
         started = perf_counter()
         try:
@@ -133,14 +130,15 @@ class _Forwarder:
             finally:
                 record.upstream_wait += perf_counter() - started
         except UpstreamFailure as failure:
+            slot.failed(failure)
             return self._failed(target, failure)
         except Exception as exc:
             # A bug in a provider module must not cost the client its answer: log it, try the next entry.
             logger.exception("request %s: provider %s raised", record.request_id, target.provider)
             internal = UpstreamFailure("internal", f"provider error: {type(exc).__name__}", provider_fault=False)
+            slot.failed(internal)
             return self._failed(target, internal)
-        if self._tracked(target):
-            self.gateway.health.record_success(target.provider, perf_counter() - started)
+        slot.succeeded(perf_counter() - started)
         record.provider = target.provider
         record.target = str(target)
         record.status = reply.status
@@ -150,24 +148,11 @@ class _Forwarder:
             headers = {"Content-Type": reply.content_type, RESOLVED_HEADER: str(target)}
             record.first_byte = perf_counter() - record.started
             return web.Response(status=reply.status, body=reply.body, content_type=None, headers=headers)
-        return await self._relay(target, reply)
-
-    def _tracked(self, target: Target) -> bool:
-        """Whether this request's outcome may feed health: not if a reload has since repointed or
-        removed the provider (the new upstream's record starts clean)."""
-        return self.gateway.health.is_current(self.runtime.config.providers[target.provider])
+        return await self._relay(target, reply, slot)
 
     def _failed(self, target: Target, failure: UpstreamFailure) -> web.StreamResponse | None:
-        health = self.gateway.health
+        """Note a failed attempt; None to fall back, or the caller's error relayed as the answer."""
         record = self.record
-        if self._tracked(target):
-            if failure.retry_after is not None:
-                health.record_rate_limited(target.provider, failure.retry_after, failure.detail)
-            elif failure.provider_fault:
-                health.record_failure(target.provider, failure.detail)
-            elif failure.fallback:
-                health.record_neutral(target.provider, failure.detail)
-        # A caller error (400, 422 ...) says nothing about the provider: its health record is left alone.
         if failure.fallback:
             record.attempts.append(
                 Attempt(str(target), target.provider, failure.reason, failure.detail, status=failure.status)
@@ -180,7 +165,7 @@ class _Forwarder:
         record.target = str(target)
         return _caller_error(failure, target)
 
-    async def _relay(self, target: Target, reply: StreamReply) -> web.StreamResponse:
+    async def _relay(self, target: Target, reply: StreamReply, slot: Slot) -> web.StreamResponse:
         """Commit to `target` and relay its stream; a failure from here on ends it with an error event."""
         record = self.record
         response = web.StreamResponse(status=reply.status, headers={**_STREAM_HEADERS, RESOLVED_HEADER: str(target)})
@@ -204,7 +189,9 @@ class _Forwarder:
                 record.outcome = COMPLETED
             else:
                 failure = failure or MidStreamFailure(UPSTREAM_ERROR, "upstream ended the stream without [DONE]")
-                self._end_with_error(target, failure, provider_fault=provider_fault)
+                self._end_with_error(target, failure)
+                if provider_fault:
+                    slot.failed_after_commit(failure.detail)
                 message = f"upstream {target} failed mid-stream: {failure.detail}"
                 await response.write(error_event(message, code=failure.reason))
             if reply.usage is not None:
@@ -240,11 +227,9 @@ class _Forwarder:
             record.upstream_wait += upstream_wait
             record.client_wait += client_wait
 
-    def _end_with_error(self, target: Target, failure: MidStreamFailure, *, provider_fault: bool) -> None:
+    def _end_with_error(self, target: Target, failure: MidStreamFailure) -> None:
         self.record.outcome = failure.reason
         self.record.error_type = failure.reason
-        if provider_fault and self._tracked(target):
-            self.gateway.health.record_failure(target.provider, failure.detail)
         logger.warning(
             "request %s: %s failed after commit: %s",
             self.record.request_id,

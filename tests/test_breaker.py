@@ -214,13 +214,13 @@ async def test_reload_keeps_health_of_unchanged_providers_and_resets_changed_one
     b.default = status_reply(500)
     await proxy.client.post("/v1/chat/completions", json={"model": "b/m2", "messages": []})
     gateway = proxy.gateway
-    assert gateway.health.get("b").consecutive_failures == 1
+    assert gateway.health.get("b").breaker.consecutive_failures == 1
 
     path = tmp_path / "aliases.yaml"
     path.write_text(build_config({"a": a, "b": b, "c": c}, {"mana/x": ["a/m1", "c/m3"]}, health=BREAKER))
     assert gateway.reload(str(path))
     assert gateway.health.breaker("a") == "open"  # same upstream: its outage is still known
-    assert gateway.health.get("b").consecutive_failures == 1
+    assert gateway.health.get("b").breaker.consecutive_failures == 1
     assert (await get_json(proxy, "/v1/health"))["providers"]["c"]["status"] == "healthy"
 
     # Pointing a elsewhere (the operator's fix for an outage) gives it a clean slate at once.
@@ -252,61 +252,61 @@ def tracker(threshold: int = 2, backoff: float = 10.0) -> tuple[HealthTracker, F
 
 def test_a_success_resets_the_failure_count():
     health, _, spec = tracker(threshold=2)
-    health.record_failure("p", "boom")
-    health.record_success("p", 0.1)
-    health.record_failure("p", "boom")
+    health.failed("p", "boom")
+    health.succeeded("p", 0.1)
+    health.failed("p", "boom")
     assert health.breaker("p") == "closed"
     assert health.skip_reason(spec) is None
 
 
 def test_probe_success_does_not_close_an_open_breaker_but_closes_a_half_open_one():
     health, clock, spec = tracker(threshold=1, backoff=10)
-    health.record_failure("p", "boom")
+    health.failed("p", "boom")
     assert (health.breaker("p"), health.skip_reason(spec)) == ("open", "unhealthy")
     clock.now += 5
-    health.record_probe_success("p")
+    health.succeeded("p", probe=True)
     assert health.breaker("p") == "open"
     assert health.unavailable_until("p") == 5000.0 + 5  # wall time of the window's end
     clock.now += 5
     assert (health.breaker("p"), health.skip_reason(spec)) == ("half_open", None)
-    health.record_probe_success("p")
+    health.succeeded("p", probe=True)
     assert health.breaker("p") == "closed"
     assert health.status("p") == "healthy"
 
 
 def test_failures_inside_the_window_do_not_stretch_it_and_a_half_open_failure_rearms_it():
     health, clock, spec = tracker(threshold=1, backoff=10)
-    health.record_failure("p", "boom")
+    health.failed("p", "boom")
     clock.now += 9
-    health.record_failure("p", "probe: timed out after 3s")
+    health.failed("p", "probe: timed out after 3s")
     clock.now += 1
     assert health.breaker("p") == "half_open"
-    health.record_failure("p", "still down")
+    health.failed("p", "still down")
     assert health.breaker("p") == "open"
     clock.now += 9.9
     assert health.skip_reason(spec) == "unhealthy"
     clock.now += 0.1
     assert health.skip_reason(spec) is None
-    assert health.get("p").last_error == "still down"
+    assert health.get("p").breaker.last_error == "still down"
 
 
 def test_a_real_success_closes_even_an_open_breaker():
     """A request that started before the breaker opened and then succeeded is proof enough."""
     health, _, _ = tracker(threshold=1)
-    health.record_failure("p", "boom")
-    health.record_success("p", 0.2)
+    health.failed("p", "boom")
+    health.succeeded("p", 0.2)
     assert health.breaker("p") == "closed"
     assert health.get("p").last_latency == 0.2
 
 
 def test_repr_names_the_state():
     health, _, _ = tracker(threshold=1)
-    health.record_failure("p", "boom")
+    health.failed("p", "boom")
     assert repr(health.get("p")) == "<ProviderHealth p unhealthy failures=1 in_flight=0 last_error='boom'>"
 
 
 def test_redaction_does_not_mangle_text_around_short_keys():
     config = parse_config(build_config({"p": {"base_url": "http://127.0.0.1:9/v1", "api_key": "y"}}), env={})
     health = HealthTracker(config.health, config.providers)
-    health.record_failure("p", "timed out   before the\nfirst byte (Bearer abcdefgh12345)")
-    assert health.get("p").last_error == "timed out before the first byte ([redacted])"
+    health.failed("p", "timed out   before the\nfirst byte (Bearer abcdefgh12345)")
+    assert health.get("p").breaker.last_error == "timed out before the first byte ([redacted])"

@@ -234,7 +234,7 @@ async def test_caller_errors_are_returned_as_is(make_upstream, make_proxy, statu
     assert resp.headers["Content-Type"].startswith("application/json")
     assert resp.headers["X-Mana-LLM-Resolved"] == "a/m1"
     assert b.calls == 0
-    assert proxy.gateway.health.get("a").consecutive_failures == 0
+    assert proxy.gateway.health.get("a").breaker.consecutive_failures == 0
 
 
 async def test_caller_error_without_openai_shape_is_wrapped(make_upstream, make_proxy):

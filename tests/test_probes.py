@@ -92,15 +92,15 @@ async def test_a_hanging_probe_does_not_delay_the_others(make_upstream, make_pro
     health = proxy.gateway.health
 
     await wait_for(lambda: fast.models_calls >= 1)
-    first_check = health.get("fast").last_check
+    first_check = health.get("fast").breaker.last_check
     # Several rounds of the fast provider go by while the slow one's first probe is still hanging.
     await wait_for(lambda: fast.models_calls >= 4, timeout=0.6)
-    assert health.get("fast").last_check > first_check
-    assert health.get("slow").last_check is None
+    assert health.get("fast").breaker.last_check > first_check
+    assert health.get("slow").breaker.last_check is None
     assert slow.models_calls == 1  # no second probe piles onto the hanging one
 
     await wait_for(lambda: health.status("slow") == "unhealthy", timeout=2)
-    assert health.get("slow").last_error == "probe: timed out after 0.8s"
+    assert health.get("slow").breaker.last_error == "probe: timed out after 0.8s"
     assert health.status("fast") == "healthy"
 
 
@@ -126,7 +126,7 @@ async def test_the_first_probe_runs_at_startup_and_every_provider_is_listed_at_o
 
     # The first round started right away, not after the 60 s interval.
     await wait_for(lambda: up.models_calls == 1, timeout=1)
-    await wait_for(lambda: proxy.gateway.health.get("up").last_check is not None, timeout=1)
+    await wait_for(lambda: proxy.gateway.health.get("up").breaker.last_check is not None, timeout=1)
     assert hanging.models_calls == 1
     assert nokey.models_calls == 0  # an unconfigured provider is never called
     assert up.requests == hanging.requests == nokey.requests == []
@@ -175,4 +175,4 @@ async def test_a_reload_probes_new_providers_at_once(make_upstream, make_proxy, 
     path.write_text(build_config({"a": a, "c": c}, health=config))
     assert proxy.gateway.reload(str(path))
     await wait_for(lambda: c.models_calls == 1, timeout=1)
-    await wait_for(lambda: proxy.gateway.health.get("c").last_check is not None, timeout=1)
+    await wait_for(lambda: proxy.gateway.health.get("c").breaker.last_check is not None, timeout=1)

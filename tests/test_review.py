@@ -70,7 +70,7 @@ async def test_body_nested_too_deep_to_forward_is_a_400_not_a_provider_outage(ma
     await resp.read()
 
     health = proxy.gateway.health
-    assert (health.get("a").consecutive_failures, health.breaker("a")) == (0, "closed")
+    assert (health.get("a").breaker.consecutive_failures, health.breaker("a")) == (0, "closed")
     assert resp.status == 400
 
 
@@ -200,7 +200,7 @@ async def test_connection_reset_after_done_is_a_completed_stream(make_upstream, 
     body = await resp.read()
 
     assert body.endswith(DONE)
-    assert proxy.gateway.health.get("a").consecutive_failures == 0
+    assert proxy.gateway.health.get("a").breaker.consecutive_failures == 0
 
 
 async def test_a_failed_model_list_is_logged_without_the_provider_key(make_upstream, make_proxy, caplog):
@@ -273,7 +273,7 @@ async def test_accept_header_that_is_not_utf8_neither_fails_nor_hurts_the_provid
 
     assert answer.startswith(b"HTTP/1.1 200 ")
     assert b"X-Mana-LLM-Resolved: a/m1" in answer
-    assert proxy.gateway.health.get("a").consecutive_failures == 0
+    assert proxy.gateway.health.get("a").breaker.consecutive_failures == 0
 
 
 async def test_client_leaving_mid_stream_frees_the_concurrency_slot(make_upstream, make_proxy):
@@ -310,7 +310,7 @@ async def test_keepalive_comments_alone_never_commit_and_fall_back_at_first_byte
     assert resp.headers["X-Mana-LLM-Resolved"] == "b/m2"
     assert b": ping" not in body
     assert body.endswith(DONE)
-    assert proxy.gateway.health.get("a").last_error == "timed out before the first byte"
+    assert proxy.gateway.health.get("a").breaker.last_error == "timed out before the first byte"
 
 
 async def test_a_stream_in_flight_keeps_its_provider_across_a_reload_that_removes_it(

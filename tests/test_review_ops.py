@@ -22,7 +22,7 @@ import pytest
 import yaml
 from aiohttp import web
 
-from manaproxy.probe import probe_one
+from manaproxy.health.probe import probe_one
 from manaproxy.providers.google import GoogleProvider
 from manaproxy.systemd import notify
 
@@ -408,4 +408,4 @@ async def test_a_probe_answered_after_a_reload_changed_its_provider_is_not_recor
     if change == "removed":
         assert health.names() == ["b"]
     else:
-        assert (health.breaker("a"), health.get("a").last_error) == ("closed", None)
+        assert (health.breaker("a"), health.get("a").breaker.last_error) == ("closed", None)

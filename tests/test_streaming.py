@@ -306,7 +306,7 @@ async def test_final_done_without_blank_line_is_a_complete_stream(make_upstream,
 
     body = await resp.read()
     assert body == relabelled(chunks) + DONE
-    assert proxy.gateway.health.get("a").consecutive_failures == 0
+    assert proxy.gateway.health.get("a").breaker.consecutive_failures == 0
 
 
 @pytest.mark.parametrize("upstream_state", ["streaming", "silent"])
@@ -328,7 +328,7 @@ async def test_client_disconnect_closes_the_upstream_promptly(make_upstream, mak
     await wait_for(a.requests[0].disconnected.is_set, timeout=2)
     assert loop.time() - gone < 1.0
     await wait_for(lambda: proxy.gateway.health.get("a").in_flight == 0, timeout=1)
-    assert proxy.gateway.health.get("a").consecutive_failures == 0  # the client's leaving is no provider fault
+    assert proxy.gateway.health.get("a").breaker.consecutive_failures == 0  # the client's leaving is no provider fault
 
 
 # -- unstreamed answers ---------------------------------------------------------------------------

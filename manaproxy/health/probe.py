@@ -18,39 +18,31 @@ from functools import partial
 
 from aiohttp import web
 
-from .providers.base import Provider, UpstreamFailure
-from .state import GATEWAY, Gateway
+from ..providers.base import Provider, UpstreamFailure
+from ..state import GATEWAY, Gateway
 
 logger = logging.getLogger(__name__)
 
 
 async def probe_one(gateway: Gateway, provider: Provider, timeout: float) -> None:
-    """Probe one provider and feed the outcome to the health tracker. Never raises (but cancellation)."""
-    name = provider.config.name
-    failure: UpstreamFailure | None = None
-    try:
-        async with asyncio.timeout(timeout):
-            await provider.probe(timeout)
-    except UpstreamFailure as exc:
-        failure = exc
-    except TimeoutError:
-        failure = UpstreamFailure("timeout", f"timed out after {timeout:g}s")
-    except Exception as exc:  # a provider bug must not stop the loop
-        failure = UpstreamFailure("internal", type(exc).__name__)
-        logger.debug("probe of %s raised", name, exc_info=True)
-    health = gateway.health
-    # A reload during the probe may have removed the provider or pointed it elsewhere: then this
-    # outcome is about an upstream the config no longer names, and must not be recorded.
-    if not health.is_current(provider.config):
-        return
-    if failure is None:
-        health.record_probe_success(name)
-    elif failure.retry_after is not None:
-        health.record_rate_limited(name, failure.retry_after, f"probe: {failure.detail}")
-    elif failure.provider_fault:
-        health.record_failure(name, f"probe: {failure.detail}")
-    else:
-        health.record_neutral(name, f"probe: {failure.detail}")
+    """Probe one provider and feed the outcome to the health tracker. Never raises (but cancellation).
+
+    A reload during the probe may remove the provider or point it elsewhere: the slot then drops the
+    outcome, which is about an upstream the config no longer names.
+    """
+    with gateway.health.attempt(provider.config, probe=True) as slot:
+        try:
+            async with asyncio.timeout(timeout):
+                await provider.probe(timeout)
+        except UpstreamFailure as failure:
+            slot.failed(failure)
+        except TimeoutError:
+            slot.failed(UpstreamFailure("timeout", f"timed out after {timeout:g}s"))
+        except Exception as exc:  # a provider bug must not stop the loop
+            logger.debug("probe of %s raised", provider.config.name, exc_info=True)
+            slot.failed(UpstreamFailure("internal", type(exc).__name__))
+        else:
+            slot.succeeded()
 
 
 class Prober:

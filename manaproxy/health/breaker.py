@@ -1,0 +1,153 @@
+"""The circuit breaker of one upstream, and its Retry-After window.
+
+Rule of this module: pure state and transitions. Time comes in as an argument, so every transition is
+table-tested; what a transition means for logs, listeners and metrics is the tracker's business.
+
+Breaker (closed → open → half-open):
+- closed: requests go; `failure_threshold` consecutive failures open it for `backoff_seconds`.
+- open: the upstream is skipped for the whole window. A probe success does not close it early
+  (`GET /models` answering says little about completions failing; closing on it would make the
+  breaker flap with every probe), and a failure does not stretch it. A real request that succeeds
+  (one sent before the breaker opened) does close it: that is proof enough.
+- half-open (the window has ended): one trial may go — the next real request or probe decides.
+  Success closes the breaker, failure re-opens it at once. While a trial request is in flight the
+  others skip the upstream (`half_open`), so a recovering upstream is not hit by a whole burst.
+A 429 with `Retry-After` keeps the upstream out for that long without counting as an outage.
+"""
+
+from __future__ import annotations
+
+# Why an upstream is skipped: short stable words, also fallback metric `reason` values.
+UNHEALTHY = "unhealthy"
+RATE_LIMITED = "rate_limited"
+HALF_OPEN = "half_open"  # the breaker's window is over and a trial request is deciding
+
+# Breaker states, as `/v1/health` shows them.
+CLOSED = "closed"
+OPEN = "open"
+
+# What a failure did to the breaker.
+OPENED = "opened"
+REOPENED = "reopened"
+
+
+class Breaker:
+    """Failure count, open window, half-open trial and rate-limit window of one upstream."""
+
+    __slots__ = (
+        "consecutive_failures",
+        "healthy",
+        "last_check",
+        "last_error",
+        "rate_limited_until",
+        "trial",
+        "trial_in_flight",
+        "unhealthy_until",
+    )
+
+    def __init__(self) -> None:
+        self.healthy = True  # closed; False from opening until a success closes it again
+        self.consecutive_failures = 0
+        self.unhealthy_until = 0.0  # monotonic; > now means open
+        self.rate_limited_until = 0.0  # monotonic
+        self.trial_in_flight = False  # the one half-open trial request is under way
+        self.trial = 0  # number of the latest trial, so a stale trial's release clears nothing
+        self.last_error: str | None = None
+        self.last_check: float | None = None  # monotonic
+
+    def __repr__(self) -> str:
+        state = "healthy" if self.healthy else "unhealthy"
+        return f"<Breaker {state} failures={self.consecutive_failures} last_error={self.last_error!r}>"
+
+    # -- decisions -------------------------------------------------------------------------------
+    def skip_reason(self, now: float) -> str | None:
+        """Why the upstream must not be tried now, or None."""
+        if self.unhealthy_until > now:
+            return UNHEALTHY
+        if self.rate_limited_until > now:
+            return RATE_LIMITED
+        if not self.healthy and self.trial_in_flight:
+            return HALF_OPEN  # one request is already deciding; do not pile onto a suspect upstream
+        return None
+
+    def state(self, now: float) -> str:
+        """`closed`, `open` (inside the backoff window) or `half_open` (window over, next outcome decides)."""
+        if self.healthy:
+            return CLOSED
+        return OPEN if self.unhealthy_until > now else HALF_OPEN
+
+    def is_healthy(self, now: float) -> bool:
+        """Closed and not inside a window."""
+        return self.healthy and self.unhealthy_until <= now
+
+    def unavailable_until(self) -> float:
+        """Monotonic time until which the upstream is kept out (breaker or rate limit); 0 when it is not."""
+        return max(self.unhealthy_until, self.rate_limited_until)
+
+    # -- trials ----------------------------------------------------------------------------------
+    def claim_trial(self, now: float) -> int:
+        """A trial number (> 0) when a request starting now is the half-open trial, else 0."""
+        if not self.healthy and not self.trial_in_flight and self.unhealthy_until <= now:
+            self.trial += 1
+            self.trial_in_flight = True
+            return self.trial
+        return 0
+
+    def release_trial(self, trial: int) -> None:
+        """The request that claimed `trial` ended (a stale trial's release changes nothing)."""
+        if trial and trial == self.trial:
+            self.trial_in_flight = False
+
+    # -- outcomes --------------------------------------------------------------------------------
+    def succeeded(self, now: float) -> bool:
+        """A real request got its answer: closes the breaker whatever its state. True if it was open."""
+        self.last_check = now
+        return self._close()
+
+    def probe_succeeded(self, now: float) -> bool:
+        """A probe succeeded: closes a half-open breaker, not an open one. True if it closed it."""
+        self.last_check = now
+        if self.healthy or self.unhealthy_until > now:
+            # Closed: `/models` answering says nothing of the completions that failed, so the count of
+            # consecutive request failures stands. Open: the window runs its course.
+            return False
+        return self._close()
+
+    def _close(self) -> bool:
+        self.consecutive_failures = 0
+        self.unhealthy_until = 0.0
+        self.trial_in_flight = False  # decided (a streamed trial may run on; it holds no claim)
+        recovered = not self.healthy
+        self.healthy = True
+        return recovered
+
+    def failed(self, now: float, error: str, *, threshold: int, backoff: float) -> str | None:
+        """Count a fault. Returns `opened` or `reopened` when it (re)opened the breaker, else None."""
+        self.last_check = now
+        self.last_error = error
+        self.consecutive_failures += 1
+        if not self.healthy:
+            # Inside the window (a probe, or a request started before the breaker opened) a failure
+            # changes nothing: the window is not stretched, so recovery is noticed once it ends.
+            # After it (half-open) the failure decides: out again for a whole window.
+            if self.unhealthy_until > now:
+                return None
+            self.unhealthy_until = now + backoff
+            self.trial_in_flight = False  # decided: the next window ends in a new trial
+            return REOPENED
+        if self.consecutive_failures < threshold:
+            return None
+        self.unhealthy_until = now + backoff
+        self.healthy = False
+        return OPENED
+
+    def rate_limited(self, now: float, seconds: float, error: str) -> None:
+        """A 429 with Retry-After: out for that long, without counting as an outage."""
+        self.last_check = now
+        self.last_error = error
+        self.rate_limited_until = max(self.rate_limited_until, now + seconds)
+
+    def noted(self, now: float, error: str) -> None:
+        """An answer that says nothing about the upstream's health (e.g. 404 model not served)."""
+        self.last_check = now
+        self.last_error = error

@@ -1,0 +1,82 @@
+"""`GET /health` (liveness, for load balancers) and `GET /v1/health` (per-provider detail, for people on call).
+
+Rule of this module: read-only. It shows the tracker's state and never a secret: `last_error` went
+through the redactor when it was recorded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from aiohttp import web
+
+from ..catalog import json_response
+from ..config import ProviderConfig
+from ..state import GATEWAY
+from .breaker import RATE_LIMITED
+from .tracker import UNCONFIGURED, HealthTracker
+
+
+def snapshot(tracker: HealthTracker, providers: Iterable[ProviderConfig]) -> dict[str, dict[str, object]]:
+    """Per-provider view for `/v1/health`."""
+    now = tracker.now()
+    view: dict[str, dict[str, object]] = {}
+    for provider in providers:
+        record = tracker.get(provider.name)
+        breaker = record.breaker
+        until = breaker.unavailable_until()
+        if not provider.configured:
+            status = UNCONFIGURED
+        elif not breaker.is_healthy(now):
+            status = "unhealthy"
+        elif breaker.rate_limited_until > now:
+            status = RATE_LIMITED
+        else:
+            status = "healthy"
+        view[provider.name] = {
+            "status": status,
+            "breaker": breaker.state(now),
+            "kind": provider.kind,
+            "configured": provider.configured,
+            "consecutive_failures": breaker.consecutive_failures,
+            "last_error": breaker.last_error,
+            "last_check_unix": None if breaker.last_check is None else round(tracker.unix(breaker.last_check, now), 3),
+            "unhealthy_until_unix": round(tracker.unix(until, now), 3) if until > now else None,
+            "in_flight": record.in_flight,
+            "max_concurrent": provider.max_concurrent,
+            "last_latency_seconds": None if record.last_latency is None else round(record.last_latency, 4),
+        }
+    return view
+
+
+def overall_status(statuses: list[str]) -> str:
+    """healthy: every configured provider healthy; unhealthy: none is; degraded: in between."""
+    configured = [status for status in statuses if status != UNCONFIGURED]
+    healthy = sum(1 for status in configured if status == "healthy")
+    if configured and healthy == len(configured):
+        return "healthy"
+    return "unhealthy" if healthy == 0 else "degraded"
+
+
+def _current(request: web.Request) -> tuple[str, dict[str, dict[str, object]]]:
+    """(overall status, per-provider snapshot) of the current config."""
+    gateway = request.app[GATEWAY]
+    view = snapshot(gateway.health, gateway.config.providers.values())
+    return overall_status([str(item["status"]) for item in view.values()]), view
+
+
+async def liveness(request: web.Request) -> web.Response:
+    """`GET /health`: always 200 while serving; the status says how many providers are up."""
+    status, view = _current(request)
+    providers = {
+        name: "healthy" if item["status"] == "healthy" else "unhealthy"
+        for name, item in view.items()
+        if item["configured"]
+    }
+    return json_response({"status": status, "providers": providers})
+
+
+async def health_detail(request: web.Request) -> web.Response:
+    """`GET /v1/health`: every provider's breaker, last error, in-flight count …"""
+    status, view = _current(request)
+    return json_response({"status": status, "providers": view})

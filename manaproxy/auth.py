@@ -15,7 +15,7 @@ from aiohttp.typedefs import Handler, Middleware
 
 from . import logfmt
 from .errors import ProxyError
-from .state import REQUEST_ID
+from .requestid import REQUEST_ID
 
 logger = logging.getLogger(__name__)
 

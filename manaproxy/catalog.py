@@ -18,8 +18,8 @@ from aiohttp import web
 
 from .config import Config
 from .errors import ProxyError
+from .gateway import GATEWAY, Gateway, Runtime
 from .providers.base import Provider, UpstreamFailure
-from .state import GATEWAY, Gateway, Runtime
 
 logger = logging.getLogger(__name__)
 

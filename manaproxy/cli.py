@@ -13,7 +13,6 @@ import logging
 import os
 import signal
 import sys
-import time
 from collections.abc import Sequence
 
 from aiohttp import web
@@ -23,8 +22,8 @@ from .app import create_app
 from .auth import parse_keys
 from .config import ConfigError, load_config
 from .logfmt import OneLineFormatter
+from .reload import RELOADER
 from .server import Runner
-from .state import GATEWAY
 from .systemd import notify
 
 logger = logging.getLogger("manaproxy")
@@ -147,30 +146,19 @@ async def serve(config_path: str, host: str, port: int) -> int:
         logger.warning("MANAPROXY_API_KEYS is not set: client authentication is OFF")
     cors = [origin.strip() for origin in os.environ.get("CORS_ORIGINS", "").split(",") if origin.strip()]
     app = create_app(config, api_keys=api_keys, cors_origins=cors)
-    gateway = app[GATEWAY]
+    reloader = app[RELOADER]
     # aiohttp takes the drain bound once, here: a reload cannot change it (a restart does).
     drain_timeout = config.server.shutdown_timeout_seconds
     runner = Runner(app, shutdown_timeout=drain_timeout)
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    reloads: set[asyncio.Task[None]] = set()
-
-    async def reload() -> None:
-        notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
-        logger.info("SIGHUP: reloading %s", config_path)
-        # Gateway.reload logs the outcome itself: "reloaded ..." or "reload rejected, keeping ...: why".
-        ok = gateway.reload(config_path)
-        status = f"serving {gateway.config.summary()}" if ok else "reload rejected; serving the previous config"
-        notify(f"READY=1\nSTATUS={status}")
 
     def on_hup() -> None:
         if stop.is_set():
             logger.info("SIGHUP ignored: stopping")
             return
-        task = loop.create_task(reload())
-        reloads.add(task)
-        task.add_done_callback(reloads.discard)
+        reloader.schedule(config_path)
 
     # Before listening: from the first accepted connection on, a signal must never hit its default
     # action (SIGHUP's would kill the process).

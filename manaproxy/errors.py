@@ -6,10 +6,16 @@ into `openai.APIStatusError` subclasses, so clients see our errors the way they 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 
 import orjson
 from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from .requestid import REQUEST_ID
+
+logger = logging.getLogger(__name__)
 
 JSON_CONTENT_TYPE = "application/json"
 
@@ -64,3 +70,23 @@ class ProxyError(Exception):
 
 def bad_request(message: str, *, code: str = "invalid_request", param: str | None = None) -> ProxyError:
     return ProxyError(400, message, code=code, param=param)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error we emit has the OpenAI shape: ours, aiohttp's (404/405/413 ...) and, last, bugs."""
+    try:
+        return await handler(request)
+    except ProxyError as err:
+        return err.response()
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status)
+        message = f"{request.method} {request.path[:200]}: {exc.reason}"
+        return ProxyError(exc.status, message, code=code).response(
+            headers={k: v for k, v in exc.headers.items() if k == "Allow"}
+        )
+    except Exception:
+        logger.exception("request %s: unhandled error", request.get(REQUEST_ID, "-"))
+        return ProxyError(500, "internal error in manaproxy", code="internal_error").response()

@@ -32,8 +32,9 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from .config import ALIAS_PREFIX, Config, Target
+from .gateway import Gateway
 from .record import RequestRecord
-from .state import Gateway
+from .reload import Reloader
 
 OTHER = "other"
 ALIAS_PROVIDER = "mana"  # `provider` label of an alias request that no target answered: what the caller asked for
@@ -42,8 +43,6 @@ LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
 TTFB_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 20.0, 30.0, 60.0)
 HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 OVERHEAD_BUCKETS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
-
-METRICS_REGISTRY = web.AppKey("metrics_registry", CollectorRegistry)
 
 # Reasons, error types and outcomes are short words of our own (`http_503`, `all_failed` ...).
 _WORD_RE = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
@@ -126,6 +125,40 @@ class Metrics:
             registry=registry,
         )
         self.reloads = Counter("mana_llm_config_reloads", "Config reload attempts", ["result"], registry=registry)
+
+    @property
+    def middleware(self) -> Middleware:
+        """`mana_llm_requests_total` / `mana_llm_request_latency_seconds`, labelled with the route pattern."""
+        http_requests = self.http_requests
+        http_latency = self.http_latency
+
+        @web.middleware
+        async def measure(request: web.Request, handler: Handler) -> web.StreamResponse:
+            started = perf_counter()
+            status = 500
+            try:
+                response: web.StreamResponse = await handler(request)
+                status = response.status
+                return response
+            except web.HTTPException as exc:
+                status = exc.status
+                raise
+            except BaseException:
+                status = 499  # cancelled: the client went away (as nginx logs it)
+                raise
+            finally:
+                # The pattern (`/v1/models/{model}`), never the path; unmatched paths (404/405) share one value.
+                resource = request.match_info.route.resource
+                endpoint = resource.canonical if resource is not None else OTHER
+                method = request.method if request.method in _METHODS else OTHER
+                http_requests.labels(method, endpoint, str(status)).inc()
+                http_latency.labels(method, endpoint).observe(perf_counter() - started)
+
+        return measure
+
+    async def view(self, request: web.Request) -> web.Response:
+        """`GET /metrics`: Prometheus' text format."""
+        return web.Response(body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 class StateCollector(Collector):
@@ -280,39 +313,6 @@ class Recorder:
         self._gauged = wanted
 
 
-def http_metrics_middleware(metrics: Metrics) -> Middleware:
-    """`mana_llm_requests_total` / `mana_llm_request_latency_seconds`, labelled with the route pattern."""
-
-    @web.middleware
-    async def measure(request: web.Request, handler: Handler) -> web.StreamResponse:
-        started = perf_counter()
-        status = 500
-        try:
-            response: web.StreamResponse = await handler(request)
-            status = response.status
-            return response
-        except web.HTTPException as exc:
-            status = exc.status
-            raise
-        except BaseException:
-            status = 499  # cancelled: the client went away (as nginx logs it)
-            raise
-        finally:
-            # The pattern (`/v1/models/{model}`), never the path; unmatched paths (404/405) share one value.
-            resource = request.match_info.route.resource
-            endpoint = resource.canonical if resource is not None else OTHER
-            method = request.method if request.method in _METHODS else OTHER
-            metrics.http_requests.labels(method, endpoint, str(status)).inc()
-            metrics.http_latency.labels(method, endpoint).observe(perf_counter() - started)
-
-    return measure
-
-
-async def metrics_view(request: web.Request) -> web.Response:
-    body = generate_latest(request.app[METRICS_REGISTRY])
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-
 def default_registry() -> CollectorRegistry:
     """A fresh registry with the process and platform collectors (what the global one would have)."""
     from prometheus_client.gc_collector import GCCollector
@@ -326,19 +326,16 @@ def default_registry() -> CollectorRegistry:
     return registry
 
 
-def install_metrics(app: web.Application, gateway: Gateway, registry: object | None) -> Metrics:
-    """Register metrics, the HTTP middleware, the observers and `GET /metrics` on `app`."""
+def instrument(gateway: Gateway, reloader: Reloader, registry: CollectorRegistry | None = None) -> Metrics:
+    """The metrics of one application on `registry` (a fresh one with process metrics when None), fed by
+    the gateway's finished requests, its health transitions and the reloader's outcomes."""
     # `*_created` series only add noise to the dashboard's queries.
     disable_created_metrics()  # type: ignore[no-untyped-call]
-    reg = registry if isinstance(registry, CollectorRegistry) else default_registry()
-    metrics = Metrics(reg)
-    reg.register(StateCollector(gateway))
+    metrics = Metrics(registry if registry is not None else default_registry())
+    metrics.registry.register(StateCollector(gateway))
     recorder = Recorder(metrics, gateway)
     gateway.observers.append(recorder.on_request)
     gateway.health.add_listener(recorder.on_health)
-    gateway.reload_listeners.append(recorder.on_reload)
+    reloader.listeners.append(recorder.on_reload)
     recorder.sync_providers()
-    app[METRICS_REGISTRY] = reg
-    app.middlewares.insert(0, http_metrics_middleware(metrics))
-    app.router.add_get("/metrics", metrics_view)
     return metrics

@@ -24,13 +24,14 @@ from . import logfmt
 from .body import parse_body, read_body
 from .config import Target
 from .errors import JSON_CONTENT_TYPE, ProxyError, error_body
+from .gateway import GATEWAY, Gateway, Runtime
 from .health import Slot
 from .paths import upstream_path
 from .providers.base import Call, MidStreamFailure, Reply, StreamReply, UpstreamFailure
 from .record import CLIENT_DISCONNECTED, COMPLETED, UPSTREAM_ERROR, Attempt, RequestRecord
+from .requestid import REQUEST_ID
 from .routing import resolve
 from .sse import error_event
-from .state import GATEWAY, REQUEST_ID, Gateway, Runtime
 
 logger = logging.getLogger(__name__)
 

@@ -24,8 +24,9 @@ from prometheus_client import CollectorRegistry
 
 from manaproxy.app import create_app
 from manaproxy.config import Config, parse_config
+from manaproxy.gateway import GATEWAY, Gateway
+from manaproxy.reload import RELOADER, Reloader
 from manaproxy.server import Runner
-from manaproxy.state import GATEWAY, Gateway
 
 from .fakes import FakeUpstream
 from .processes import ServeProcess
@@ -81,6 +82,10 @@ class Proxy:
     @property
     def gateway(self) -> Gateway:
         return self.app[GATEWAY]
+
+    @property
+    def reloader(self) -> Reloader:
+        return self.app[RELOADER]
 
     @property
     def base_url(self) -> str:

@@ -218,14 +218,14 @@ async def test_reload_keeps_health_of_unchanged_providers_and_resets_changed_one
 
     path = tmp_path / "aliases.yaml"
     path.write_text(build_config({"a": a, "b": b, "c": c}, {"mana/x": ["a/m1", "c/m3"]}, health=BREAKER))
-    assert gateway.reload(str(path))
+    assert proxy.reloader.reload(str(path))
     assert gateway.health.breaker("a") == "open"  # same upstream: its outage is still known
     assert gateway.health.get("b").breaker.consecutive_failures == 1
     assert (await get_json(proxy, "/v1/health"))["providers"]["c"]["status"] == "healthy"
 
     # Pointing a elsewhere (the operator's fix for an outage) gives it a clean slate at once.
     path.write_text(build_config({"a": c, "b": b, "c": c}, {"mana/x": ["a/m1", "c/m3"]}, health=BREAKER))
-    assert gateway.reload(str(path))
+    assert proxy.reloader.reload(str(path))
     assert gateway.health.breaker("a") == "closed"
     assert await ask(proxy) == "a/m1"
     assert c.requests[-1].json["model"] == "m1"

@@ -419,9 +419,9 @@ async def test_reload_counts_results_and_resyncs_provider_health(make_upstream, 
     bad = tmp_path / "bad.yaml"
     bad.write_text("providers: [not, a, mapping]\n")
 
-    assert proxy.gateway.reload(str(good))
-    assert not proxy.gateway.reload(str(bad))
-    assert not proxy.gateway.reload(str(tmp_path / "missing.yaml"))
+    assert proxy.reloader.reload(str(good))
+    assert not proxy.reloader.reload(str(bad))
+    assert not proxy.reloader.reload(str(tmp_path / "missing.yaml"))
 
     assert value(proxy, "mana_llm_config_reloads_total", result="success") == 1
     assert value(proxy, "mana_llm_config_reloads_total", result="failure") == 2
@@ -538,9 +538,9 @@ async def varied_traffic(make_upstream, make_proxy) -> Proxy:
     with tempfile.TemporaryDirectory() as directory:
         path = Path(directory, "aliases.yaml")
         path.write_text(build_config(providers, aliases, default="mana/fast-text"))
-        assert proxy.gateway.reload(str(path))
+        assert proxy.reloader.reload(str(path))
         path.write_text("providers: {}\n")
-        assert not proxy.gateway.reload(str(path))
+        assert not proxy.reloader.reload(str(path))
     return proxy
 
 

@@ -173,6 +173,6 @@ async def test_a_reload_probes_new_providers_at_once(make_upstream, make_proxy, 
 
     path = tmp_path / "aliases.yaml"
     path.write_text(build_config({"a": a, "c": c}, health=config))
-    assert proxy.gateway.reload(str(path))
+    assert proxy.reloader.reload(str(path))
     await wait_for(lambda: c.models_calls == 1, timeout=1)
     await wait_for(lambda: proxy.gateway.health.get("c").breaker.last_check is not None, timeout=1)

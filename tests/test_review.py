@@ -339,7 +339,7 @@ async def test_a_stream_in_flight_keeps_its_provider_across_a_reload_that_remove
 
     resp = await proxy.client.post(CHAT, json=chat(stream=True))
     assert await resp.content.readline()
-    assert proxy.gateway.reload(str(path))
+    assert proxy.reloader.reload(str(path))
     gate.set()
     body = await resp.read()
 
@@ -362,7 +362,7 @@ async def test_models_cache_follows_a_reload_to_the_new_upstream(make_upstream, 
     path.write_text(build_config({"a": new}, {"mana/x": ["a/m1"]}))
 
     before = await (await proxy.client.get("/v1/models")).json()
-    assert proxy.gateway.reload(str(path))
+    assert proxy.reloader.reload(str(path))
     after = await (await proxy.client.get("/v1/models")).json()
 
     assert "a/stale" in {item["id"] for item in before["data"]}

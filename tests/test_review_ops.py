@@ -44,7 +44,7 @@ async def ask(proxy: Any, body: dict[str, Any] | None = None) -> str:
 def reload_to(proxy: Any, tmp_path: Path, text: str) -> None:
     path = tmp_path / "aliases.yaml"
     path.write_text(text)
-    assert proxy.gateway.reload(str(path))
+    assert proxy.reloader.reload(str(path))
 
 
 # -- health: half-open trial accounting ------------------------------------------------------------------

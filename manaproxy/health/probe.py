@@ -18,8 +18,9 @@ from functools import partial
 
 from aiohttp import web
 
+from ..gateway import GATEWAY, Gateway
 from ..providers.base import Provider, UpstreamFailure
-from ..state import GATEWAY, Gateway
+from ..reload import RELOADER
 
 logger = logging.getLogger(__name__)
 
@@ -104,14 +105,15 @@ class Prober:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def probe_loop_ctx(app: web.Application) -> AsyncIterator[None]:
+async def probe_loop(app: web.Application) -> AsyncIterator[None]:
     """cleanup_ctx: run the probe loop for the application's lifetime."""
     gateway = app[GATEWAY]
+    listeners = app[RELOADER].listeners
     prober = Prober(gateway)
-    gateway.reload_listeners.append(prober.wake)
+    listeners.append(prober.wake)
     task = asyncio.create_task(prober.run(), name="manaproxy-probes")
     yield
-    gateway.reload_listeners.remove(prober.wake)
+    listeners.remove(prober.wake)
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task

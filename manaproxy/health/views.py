@@ -12,7 +12,7 @@ from aiohttp import web
 
 from ..catalog import json_response
 from ..config import ProviderConfig
-from ..state import GATEWAY
+from ..gateway import GATEWAY
 from .breaker import RATE_LIMITED
 from .tracker import UNCONFIGURED, HealthTracker
 

@@ -1,22 +1,23 @@
 """The application's long-lived state and the one reference a reload swaps.
 
-A `Runtime` is everything derived from one `Config` (the config itself and a provider object per
-provider). `Gateway.runtime` is replaced as a whole by `Gateway.apply`; a request reads it once when
-it starts and keeps that runtime to its end, so a reload never changes a request half-way.
-Health state lives in the `Gateway` (not the runtime) so it survives reloads.
+A `Runtime` is everything derived from one `Config`: the config itself and a provider object per
+provider. `Gateway.runtime` is replaced as a whole by `Gateway.apply` (the reload's single atomic step;
+`reload.py` decides when). A request reads it once when it starts and keeps that runtime to its end, so
+a reload never changes a request half-way. Health state and the redactor live in the `Gateway`, not the
+runtime, so they survive reloads.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
 import aiohttp
 from aiohttp import web
 
-from .config import Config, ConfigError, load_config
+from .config import Config
 from .health import HealthTracker
 from .providers import build_provider
 from .providers.base import Provider
@@ -42,18 +43,24 @@ def build_runtime(config: Config, session: aiohttp.ClientSession | None, redacto
 
 @dataclass(eq=False)
 class Gateway:
-    """Holder of the current runtime, the health tracker, the upstream session and request observers."""
+    """Holder of the current runtime, the health tracker, the redactor, the upstream session and the
+    observers of finished requests."""
 
     runtime: Runtime
     health: HealthTracker
     redactor: Redactor  # knows every provider key of every config loaded so far
     session: aiohttp.ClientSession | None = None  # attached at startup (see app.upstream_session_ctx)
     observers: list[Observer] = field(default_factory=list)
-    # Called with "success" or "failure" after each reload attempt (metrics count them).
-    reload_listeners: list[Callable[[str], None]] = field(default_factory=list)
 
     def __repr__(self) -> str:
         return f"<Gateway {self.runtime.config.summary()}>"
+
+    @classmethod
+    def for_config(cls, config: Config) -> Gateway:
+        """A gateway serving `config`, its providers built once a session is attached."""
+        redactor = Redactor(config.providers.values())
+        health = HealthTracker(config.health, config.providers, redactor=redactor)
+        return cls(runtime=build_runtime(config, None, redactor), health=health, redactor=redactor)
 
     @property
     def config(self) -> Config:
@@ -65,32 +72,11 @@ class Gateway:
         self.runtime = build_runtime(self.runtime.config, session, self.redactor)
 
     def apply(self, config: Config) -> None:
-        """Swap in a new, already validated config (the reload's single atomic step)."""
+        """Swap in a new, already validated config: one reference, so in-flight requests keep theirs."""
         self.redactor.learn(config.providers.values())
         runtime = build_runtime(config, self.session, self.redactor)
         self.health.reconfigure(config.health, config.providers)
         self.runtime = runtime
-
-    def reload(self, path: str) -> bool:
-        """Re-read `path`; swap it in if valid, else keep the current config. Never raises."""
-        try:
-            config = load_config(path)
-            self.apply(config)
-        except ConfigError as exc:
-            logger.error("reload rejected, keeping the previous config: %s", exc)
-            result = "failure"
-        except Exception:
-            logger.exception("reload failed, keeping the previous config")
-            result = "failure"
-        else:
-            logger.info("reloaded %s", config.summary())
-            result = "success"
-        for listener in self.reload_listeners:
-            try:
-                listener(result)
-            except Exception:
-                logger.exception("reload listener %r failed", listener)
-        return result == "success"
 
     def observe(self, record: RequestRecord) -> None:
         """Hand a finished request's record to every observer; an observer's bug never fails a request."""
@@ -102,4 +88,3 @@ class Gateway:
 
 
 GATEWAY = web.AppKey("gateway", Gateway)
-REQUEST_ID = web.RequestKey("request_id", str)

@@ -1,0 +1,77 @@
+"""Reloading `aliases.yaml`: on SIGHUP (`schedule`) or when asked (`reload`).
+
+The reload invariant lives here and in `Gateway.apply`: a new config is read and validated whole before
+anything changes; a bad file never replaces a good one and never stops the process (the reason is logged
+and the old config keeps serving); a good one is swapped in with one reference, so requests in flight
+keep the config they started with. systemd hears `RELOADING=1` … `READY=1` around each reload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from aiohttp import web
+
+from .config import ConfigError, load_config
+from .gateway import Gateway
+from .systemd import notify
+
+logger = logging.getLogger(__name__)
+
+SUCCESS = "success"
+FAILURE = "failure"
+
+ReloadListener = Callable[[str], None]
+
+
+class Reloader:
+    """Reloads the gateway's config from disk and tells its listeners how it went."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        # Called with SUCCESS or FAILURE after each attempt (metrics count them; probes start a round).
+        self.listeners: list[ReloadListener] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def __repr__(self) -> str:
+        return f"<Reloader {self.gateway!r} pending={len(self._tasks)}>"
+
+    def reload(self, path: str) -> bool:
+        """Re-read `path`; swap it in if valid, else keep the current config. Never raises."""
+        try:
+            config = load_config(path)
+            self.gateway.apply(config)
+        except ConfigError as exc:
+            logger.error("reload rejected, keeping the previous config: %s", exc)
+            result = FAILURE
+        except Exception:
+            logger.exception("reload failed, keeping the previous config")
+            result = FAILURE
+        else:
+            logger.info("reloaded %s", config.summary())
+            result = SUCCESS
+        for listener in self.listeners:
+            try:
+                listener(result)
+            except Exception:
+                logger.exception("reload listener %r failed", listener)
+        return result == SUCCESS
+
+    def schedule(self, path: str) -> None:
+        """SIGHUP handler: only schedules the reload, which runs (and logs) in the event loop."""
+        task = asyncio.get_running_loop().create_task(self._reload_notifying(path))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _reload_notifying(self, path: str) -> None:
+        notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        logger.info("SIGHUP: reloading %s", path)
+        ok = self.reload(path)
+        status = f"serving {self.gateway.config.summary()}" if ok else "reload rejected; serving the previous config"
+        notify(f"READY=1\nSTATUS={status}")
+
+
+RELOADER = web.AppKey("reloader", Reloader)

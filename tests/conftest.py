@@ -1,99 +1,31 @@
-"""Shared fixtures: fake upstreams and a real manaproxy server on loopback.
+"""Fixtures: fake upstreams and a real manaproxy server on loopback, in this process or as `manaproxy serve`.
 
     async def test_x(make_upstream, make_proxy):
         up = await make_upstream("a")
         proxy = await make_proxy(build_config({"a": up}, {"mana/x": ["a/m1"]}))
-        resp = await proxy.client.post("/v1/chat/completions", json={"model": "mana/x", "messages": []})
+        resp = await proxy.client.post(CHAT, json=chat("mana/x"))
 
-`proxy.base_url` (`http://127.0.0.1:PORT/v1`) is what the openai SDK gets as `base_url`.
+`proxy.base_url` (`http://127.0.0.1:PORT/v1`) is what the openai SDK gets as `base_url`. Functions and
+classes the tests share live in helpers.py, the fakes in fakes.py.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
-from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import CollectorRegistry
 
 from manaproxy.app import create_app
-from manaproxy.config import Config, parse_config
-from manaproxy.gateway import GATEWAY, Gateway
-from manaproxy.reload import RELOADER, Reloader
-from manaproxy.server import Runner
+from manaproxy.config import parse_config
+from manaproxy.providers.google import GoogleProvider
 
-from .fakes import FakeUpstream
+from .fakes import FakeGemini, FakeUpstream
+from .helpers import Proxy, ProxyTestServer
 from .processes import ServeProcess
-
-
-def build_config(
-    providers: Mapping[str, FakeUpstream | str | Mapping[str, Any]],
-    aliases: Mapping[str, Sequence[str] | Mapping[str, Any]] | None = None,
-    *,
-    default: str | None = None,
-    health: Mapping[str, Any] | None = None,
-    server: Mapping[str, Any] | None = None,
-) -> str:
-    """YAML text for a config. A provider given as a FakeUpstream or URL becomes `{base_url: ...}`."""
-    provider_specs: dict[str, Any] = {}
-    for name, spec in providers.items():
-        if isinstance(spec, FakeUpstream):
-            provider_specs[name] = {"base_url": spec.base_url}
-        elif isinstance(spec, str):
-            provider_specs[name] = {"base_url": spec}
-        else:
-            provider_specs[name] = {
-                key: (value.base_url if isinstance(value, FakeUpstream) else value) for key, value in spec.items()
-            }
-    alias_specs = {
-        name: ({"chain": list(spec)} if not isinstance(spec, Mapping) else dict(spec))
-        for name, spec in (aliases or {}).items()
-    }
-    raw: dict[str, Any] = {"providers": provider_specs, "aliases": alias_specs}
-    if default is not None:
-        raw["default"] = default
-    # Tests want breakers that do not open behind their back unless they ask for it.
-    raw["health"] = {"failure_threshold": 100, "backoff_seconds": 60, **(health or {})}
-    if server is not None:
-        raw["server"] = dict(server)
-    return yaml.safe_dump(raw, sort_keys=False)
-
-
-class ProxyTestServer(TestServer):
-    """aiohttp's test server running the app on manaproxy's own `Runner`, as `manaproxy serve` does."""
-
-    async def _make_runner(self, **kwargs: Any) -> web.BaseRunner:
-        return Runner(self.app, **kwargs)
-
-
-@dataclass
-class Proxy:
-    client: TestClient[web.Request, web.Application]
-    app: web.Application
-    registry: CollectorRegistry
-    config: Config
-
-    @property
-    def gateway(self) -> Gateway:
-        return self.app[GATEWAY]
-
-    @property
-    def reloader(self) -> Reloader:
-        return self.app[RELOADER]
-
-    @property
-    def base_url(self) -> str:
-        return str(self.client.make_url("/v1"))
-
-    @property
-    def root_url(self) -> str:
-        return str(self.client.make_url("")).rstrip("/")
 
 
 @pytest.fixture
@@ -145,3 +77,27 @@ async def serve(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[ServePr
     yield start
     for process in started:
         await process.stop()
+
+
+@pytest.fixture
+async def gemini() -> AsyncIterator[FakeGemini]:
+    fake = await FakeGemini().start()
+    yield fake
+    await fake.close()
+
+
+@pytest.fixture
+async def make_google_proxy(make_proxy: Any) -> AsyncIterator[Callable[..., Awaitable[Proxy]]]:
+    """make_proxy that also closes the google providers' SDK sessions before the loop goes away."""
+    proxies: list[Proxy] = []
+
+    async def make(config_text: str, **kwargs: Any) -> Proxy:
+        proxy = await make_proxy(config_text, **kwargs)
+        proxies.append(proxy)
+        return proxy
+
+    yield make
+    for proxy in proxies:
+        for provider in proxy.gateway.runtime.providers.values():
+            if isinstance(provider, GoogleProvider):
+                await provider.aclose()

@@ -1,6 +1,7 @@
 """Fake upstreams: real aiohttp servers on loopback that script replies and record what they received.
 
-Usage (see conftest.py for the fixtures that start them):
+`FakeUpstream` speaks the OpenAI API, `FakeGemini` (further down) the Gemini REST API the google-genai SDK
+uses. Usage (see conftest.py for the fixtures that start them):
 
     up = await make_upstream()
     up.queue(sse_reply(chat_chunks("m", ["Hel", "lo"])))      # next request gets this SSE stream
@@ -255,6 +256,18 @@ def sse_reply(
     return behave
 
 
+def chat_answer(model: str, *, usage: tuple[int, int] = (5, 2)) -> Behavior:
+    """A chat answer as the request asks for it: an SSE stream to `stream: true`, one JSON document otherwise."""
+    streamed = sse_reply(chat_chunks(model, ["Hel", "lo"], usage=usage))
+    unstreamed = json_reply(chat_completion(model, usage=usage))
+
+    async def behave(request: web.Request, recorded: Recorded) -> web.StreamResponse:
+        stream = isinstance(recorded.json, dict) and recorded.json.get("stream") is True
+        return await (streamed if stream else unstreamed)(request, recorded)
+
+    return behave
+
+
 def hang(seconds: float = 3600.0) -> Behavior:
     """Accept the request and answer nothing (not even headers) for `seconds`."""
 
@@ -374,5 +387,153 @@ def echo_credentials(status: int = 400, *, shape: str = "openai") -> Behavior:
             return web.Response(status=status, text=echoed)
         body = error_body(echoed) if shape == "openai" else {"message": echoed}
         return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
+
+    return behave
+
+
+def gated_stream(gate: asyncio.Event, model: str = "m1") -> Behavior:
+    """An SSE answer that sends its first event, waits for `gate`, then finishes with [DONE]."""
+
+    async def behave(request: web.Request, recorded: Recorded) -> web.StreamResponse:
+        chunks = chat_chunks(model, ["one", "two"])
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(sse_event(chunks[0]))
+        await gate.wait()
+        for chunk in chunks[1:]:
+            await response.write(sse_event(chunk))
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    return behave
+
+
+# -- the fake Gemini ---------------------------------------------------------------------------------------
+
+GEMINI_MODEL = "gemini-2.5-flash"
+
+
+class FakeGemini(ScriptedServer):
+    """A scriptable Gemini API on 127.0.0.1, as the google-genai SDK calls it: `POST
+    /v1beta/models/{model}:generateContent`, `:streamGenerateContent?alt=sse`, `:batchEmbedContents` and
+    `GET /v1beta/models`. Every request is recorded, so tests assert on the body the SDK really sent."""
+
+    def __init__(self) -> None:
+        self.models: list[dict[str, Any]] = [
+            {"name": "models/gemini-2.5-flash", "supportedGenerationMethods": ["generateContent", "countTokens"]},
+            {"name": "models/text-embedding-004", "supportedGenerationMethods": ["embedContent"]},
+            {"name": "models/imagen-4.0-generate-001", "supportedGenerationMethods": ["predict"]},
+        ]
+        self.models_status = 200
+        app = web.Application()
+        app.router.add_get("/v1beta/models", self._list)
+        app.router.add_post("/v1beta/models/{target}", self._call)
+        super().__init__(app, json_reply(gemini_answer("Hello!")))
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def last(self) -> Recorded:
+        return self.requests[-1]
+
+    async def _list(self, request: web.Request) -> web.StreamResponse:
+        self.requests.append(Recorded(request.method, request.path_qs, dict(request.headers), b""))
+        if self.models_status != 200:
+            return gemini_error(self.models_status, "listing failed", "UNAVAILABLE")
+        return web.json_response({"models": self.models})
+
+    async def _call(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        recorded = Recorded(request.method, request.path_qs, dict(request.headers), body, orjson.loads(body))
+        return await self.answer(request, recorded)
+
+
+# What Google answers for a wrong, expired or deleted API key: a 400, not a 401/403.
+GEMINI_KEY_NOT_VALID = "API key not valid. Please pass a valid API key."
+GEMINI_KEY_INVALID_INFO = [
+    {
+        "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+        "reason": "API_KEY_INVALID",
+        "domain": "googleapis.com",
+        "metadata": {"service": "generativelanguage.googleapis.com"},
+    }
+]
+
+
+class KeyRejectingGemini(FakeGemini):
+    """A Gemini that rejects the key on every call, model listing included."""
+
+    async def _list(self, request: web.Request) -> web.StreamResponse:
+        return gemini_error(400, GEMINI_KEY_NOT_VALID, "INVALID_ARGUMENT", details=GEMINI_KEY_INVALID_INFO)
+
+
+def gemini_answer(
+    text: str = "Hello!",
+    *,
+    finish: str | None = "STOP",
+    usage: tuple[int, int] | None = (7, 3),
+    parts: list[dict[str, Any]] | None = None,
+    index: int = 0,
+) -> dict[str, Any]:
+    """A GenerateContentResponse body with one candidate."""
+    candidate: dict[str, Any] = {"content": {"role": "model", "parts": parts or [{"text": text}]}, "index": index}
+    if finish is not None:
+        candidate["finishReason"] = finish
+    body: dict[str, Any] = {"candidates": [candidate], "responseId": "resp-1", "modelVersion": GEMINI_MODEL}
+    if usage is not None:
+        body["usageMetadata"] = {
+            "promptTokenCount": usage[0],
+            "candidatesTokenCount": usage[1],
+            "totalTokenCount": sum(usage),
+        }
+    return body
+
+
+def gemini_chunks(words: Iterable[str], usage: tuple[int, int] = (7, 3)) -> list[dict[str, Any]]:
+    """A streamed answer: one chunk per word, the last with the finish reason and usage."""
+    words = list(words)
+    out = [gemini_answer(word, finish=None, usage=None) for word in words[:-1]]
+    out.append(gemini_answer(words[-1], usage=usage))
+    return out
+
+
+def gemini_error(status: int, message: str, status_name: str, details: list[Any] | None = None) -> web.Response:
+    """A Google-shaped error: `{"error": {"code", "message", "status"[, "details"]}}`."""
+    error: dict[str, Any] = {"code": status, "message": message, "status": status_name}
+    if details is not None:
+        error["details"] = details
+    return web.json_response({"error": error}, status=status)
+
+
+def gemini_error_reply(status: int, message: str = "boom", status_name: str = "INTERNAL", **kw: Any) -> Behavior:
+    async def behave(request: web.Request, recorded: Recorded) -> web.StreamResponse:
+        return gemini_error(status, message, status_name, **kw)
+
+    return behave
+
+
+def gemini_stream(
+    items: Iterable[dict[str, Any]], *, cut_after: int | None = None, hang_after: int | None = None
+) -> Behavior:
+    """SSE as Google sends it (`data: {json}` + CRLF CRLF); `cut_after`/`hang_after` n events."""
+    payloads = [b"data: " + orjson.dumps(item) + b"\r\n\r\n" for item in items]
+
+    async def behave(request: web.Request, recorded: Recorded) -> web.StreamResponse:
+        assert request.query.get("alt") == "sse"
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for index, payload in enumerate(payloads):
+            if index == cut_after:
+                assert request.transport is not None
+                request.transport.abort()
+                return response
+            if index == hang_after:
+                await asyncio.sleep(3600)
+            await response.write(payload)
+        await response.write_eof()
+        return response
 
     return behave

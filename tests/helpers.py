@@ -1,17 +1,176 @@
-"""Helpers the test modules share: request bodies and raw HTTP exchanges a client library would refuse."""
+"""What the test modules share (fixtures live in conftest.py, fake upstreams in fakes.py):
+
+- the config builder and the proxy under test: `build_config`, `Proxy`, `ProxyTestServer`;
+- request bodies and the ways to send them: `CHAT`, `chat`, `ask`, `post_chat`, `two_entry_proxy`, and raw
+  HTTP exchanges a client library would refuse to send (`raw_exchange`, `raw_post`, `split_response`);
+- what comes back: `assert_openai_error`, `events_of`, `error_event_of`;
+- metrics (`value`, `exists`, `scrape`, `varied_traffic`, `promtool`, `run_promtool`) and the request log
+  line (`FIELDS`, `parse_logfmt`).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import re
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+import orjson
+import pytest
+import yaml
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client import CollectorRegistry
+
+from manaproxy.config import Config
+from manaproxy.gateway import GATEWAY, Gateway
+from manaproxy.reload import RELOADER, Reloader
+from manaproxy.server import Runner
+
+from .fakes import FakeUpstream, chat_answer, chat_chunks, closed_port_url, sse_reply, status_reply
 
 CHAT = "/v1/chat/completions"
 DONE = b"data: [DONE]\n\n"
+ERROR_FIELDS = {"message", "type", "param", "code"}
+# Timeouts for a chain entry whose timing a test provokes: every wait fails in well under a second.
+FAST = {"connect": 0.5, "first_byte": 0.3, "idle": 0.3, "total": 2}
+# Health settings under which probes run many times a second.
+FAST_PROBES = {"probe_interval_seconds": 0.05, "probe_timeout_seconds": 0.3, "failure_threshold": 1}
+
+
+# -- the config and the proxy under test -----------------------------------------------------------------
+
+
+def build_config(
+    providers: Mapping[str, FakeUpstream | str | Mapping[str, Any]],
+    aliases: Mapping[str, Sequence[str] | Mapping[str, Any]] | None = None,
+    *,
+    default: str | None = None,
+    health: Mapping[str, Any] | None = None,
+    server: Mapping[str, Any] | None = None,
+) -> str:
+    """YAML text for a config. A provider given as a FakeUpstream or URL becomes `{base_url: ...}`."""
+    provider_specs: dict[str, Any] = {}
+    for name, spec in providers.items():
+        if isinstance(spec, FakeUpstream):
+            provider_specs[name] = {"base_url": spec.base_url}
+        elif isinstance(spec, str):
+            provider_specs[name] = {"base_url": spec}
+        else:
+            provider_specs[name] = {
+                key: (value.base_url if isinstance(value, FakeUpstream) else value) for key, value in spec.items()
+            }
+    alias_specs = {
+        name: ({"chain": list(spec)} if not isinstance(spec, Mapping) else dict(spec))
+        for name, spec in (aliases or {}).items()
+    }
+    raw: dict[str, Any] = {"providers": provider_specs, "aliases": alias_specs}
+    if default is not None:
+        raw["default"] = default
+    # Tests want breakers that do not open behind their back unless they ask for it.
+    raw["health"] = {"failure_threshold": 100, "backoff_seconds": 60, **(health or {})}
+    if server is not None:
+        raw["server"] = dict(server)
+    return yaml.safe_dump(raw, sort_keys=False)
+
+
+class ProxyTestServer(TestServer):
+    """aiohttp's test server running the app on manaproxy's own `Runner`, as `manaproxy serve` does."""
+
+    async def _make_runner(self, **kwargs: Any) -> web.BaseRunner:
+        return Runner(self.app, **kwargs)
+
+
+@dataclass
+class Proxy:
+    """A manaproxy application served on loopback (the `make_proxy` fixture), and what a test reads of it."""
+
+    client: TestClient[web.Request, web.Application]
+    app: web.Application
+    registry: CollectorRegistry
+    config: Config
+
+    @property
+    def gateway(self) -> Gateway:
+        return self.app[GATEWAY]
+
+    @property
+    def reloader(self) -> Reloader:
+        return self.app[RELOADER]
+
+    @property
+    def base_url(self) -> str:
+        return str(self.client.make_url("/v1"))
+
+    @property
+    def root_url(self) -> str:
+        return str(self.client.make_url("")).rstrip("/")
+
+    @property
+    def port(self) -> int:
+        port = self.client.server.port
+        assert port is not None
+        return port
+
+    def reload_to(self, tmp_path: Path, text: str) -> bool:
+        """Write `text` as the config file and reload it, as SIGHUP does."""
+        path = tmp_path / "aliases.yaml"
+        path.write_text(text)
+        return self.reloader.reload(str(path))
+
+
+MakeUpstream = Callable[..., Awaitable[FakeUpstream]]
+MakeProxy = Callable[..., Awaitable[Proxy]]
+
+
+# -- requests ----------------------------------------------------------------------------------------------
 
 
 def chat(model: str = "mana/x", *, stream: bool = False, **extra: Any) -> dict[str, Any]:
     """A chat completion request body."""
     return {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": stream, **extra}
+
+
+async def ask(proxy: Proxy, body: Mapping[str, Any] | None = None) -> str:
+    """Post a chat request (`chat()` unless given) that must be answered; the target that answered it."""
+    resp = await proxy.client.post(CHAT, json=body if body is not None else chat())
+    assert resp.status == 200, await resp.text()
+    await resp.read()
+    return str(resp.headers["X-Mana-LLM-Resolved"])
+
+
+async def post_chat(proxy: Proxy, body: Any, *, status: int = 200) -> bytes:
+    """Post a chat request, check its status, return the whole body."""
+    resp = await proxy.client.post(CHAT, json=body)
+    data = await resp.read()
+    assert resp.status == status, data
+    return data
+
+
+async def two_entry_proxy(
+    make_upstream: MakeUpstream,
+    make_proxy: MakeProxy,
+    *,
+    a_spec: Mapping[str, Any] | None = None,
+    health: Mapping[str, Any] | None = None,
+    **proxy_kwargs: Any,
+) -> tuple[FakeUpstream, FakeUpstream, Proxy]:
+    """Alias mana/x = [a/m1, b/m2]: `a` is the entry under test (`a_spec`: its extra settings), `b` stands by.
+
+    Both answer chat requests as asked (SSE to a stream request, JSON otherwise) until the test scripts them.
+    """
+    a = await make_upstream("a")
+    b = await make_upstream("b")
+    a.default = chat_answer("m1")
+    b.default = chat_answer("m2")
+    providers = {"a": {"base_url": a, **(a_spec or {})}, "b": b}
+    proxy = await make_proxy(build_config(providers, {"mana/x": ["a/m1", "b/m2"]}, health=health), **proxy_kwargs)
+    return a, b, proxy
 
 
 async def raw_exchange(port: int, request: bytes, timeout: float = 5.0) -> bytes:
@@ -48,3 +207,157 @@ def split_response(raw: bytes) -> tuple[int, dict[str, str], bytes]:
         name, _, value = line.partition(":")
         headers[name.strip().lower()] = value.strip()
     return int(status_line.split()[1]), headers, body
+
+
+# -- answers -------------------------------------------------------------------------------------------------
+
+
+async def assert_openai_error(resp: Any, status: int, code: str | None = None, *, param: str | None = None) -> dict:
+    """`resp` is manaproxy's own OpenAI-shaped error with this status (and code/param when given)."""
+    assert resp.status == status, await resp.text()
+    assert resp.headers["Content-Type"].startswith("application/json")
+    body = await resp.json()
+    assert set(body) == {"error"}
+    error = body["error"]
+    assert set(error) == ERROR_FIELDS
+    assert isinstance(error["message"], str)
+    assert error["message"]
+    if code is not None:
+        assert error["code"] == code
+    if param is not None:
+        assert error["param"] == param
+    return error
+
+
+def events_of(body: bytes) -> list[bytes]:
+    """The SSE events of a relayed stream."""
+    return [event for event in body.split(b"\n\n") if event]
+
+
+def error_event_of(body: bytes) -> dict[str, Any]:
+    """The final event must be our error event; return its `error` object."""
+    last = events_of(body)[-1]
+    assert last.startswith(b"data: "), last
+    error = orjson.loads(last[len(b"data: ") :])["error"]
+    assert set(error) == ERROR_FIELDS
+    return error
+
+
+# -- metrics -------------------------------------------------------------------------------------------------
+
+
+def value(proxy: Proxy, name: str, **labels: str) -> float:
+    """A sample's value; 0 when the series does not exist (a counter that never moved)."""
+    return proxy.registry.get_sample_value(name, labels) or 0.0
+
+
+def exists(proxy: Proxy, name: str, **labels: str) -> bool:
+    return proxy.registry.get_sample_value(name, labels) is not None
+
+
+async def scrape(proxy: Proxy) -> str:
+    resp = await proxy.client.get("/metrics")
+    assert resp.status == 200
+    assert resp.headers["Content-Type"].startswith("text/plain; version=")
+    return await resp.text()
+
+
+async def varied_traffic(make_upstream: MakeUpstream, make_proxy: MakeProxy) -> Proxy:
+    """A proxy shaped like the seed deployment (ollama, google, groq) after a mix of traffic.
+
+    `google` is an openai-kind fake here: the dashboard's `{provider="google"}` queries need its series.
+    """
+    ollama = await make_upstream("ollama")
+    google = await make_upstream("google")
+    ollama.default = chat_answer("gemma3:4b", usage=(12, 30))
+    google.default = chat_answer("gemini-2.0-flash", usage=(8, 21))
+    providers = {
+        "ollama": {"base_url": ollama, "timeouts": FAST},
+        "google": google,
+        "groq": {"base_url": closed_port_url(), "timeouts": FAST},
+        "openrouter": {"base_url": closed_port_url(), "api_key": ""},
+    }
+    aliases = {
+        "mana/long-form": ["groq/llama-3.3-70b-versatile", "ollama/gemma3:4b"],
+        "mana/fast-text": ["openrouter/meta/llama-3.1-8b", "google/gemini-2.0-flash"],
+        "mana/local": ["ollama/gemma3:4b"],
+    }
+    proxy = await make_proxy(build_config(providers, aliases, default="mana/fast-text"))
+    for stream in (False, True):
+        await post_chat(proxy, chat("mana/long-form", stream=stream))
+        await post_chat(proxy, chat("mana/fast-text", stream=stream))
+        await post_chat(proxy, chat("gemma3:4b", stream=stream))
+        await post_chat(proxy, chat("google/gemini-2.0-flash", stream=stream))
+        await post_chat(proxy, {"messages": [], "stream": stream})  # the default alias
+        await post_chat(proxy, chat("mana/missing", stream=stream), status=404)
+    await post_chat(proxy, chat("groq/llama-3.3-70b-versatile"), status=503)  # the chain runs out
+    ollama.queue(status_reply(400, "bad request"))
+    await post_chat(proxy, chat("mana/local"), status=400)
+    ollama.queue(sse_reply(chat_chunks("gemma3:4b", ["a", "b", "c"]), cut_after=2))
+    await post_chat(proxy, chat("mana/local", stream=True))
+    resp = await proxy.client.post(CHAT, data=b"{not json")
+    assert resp.status == 400
+    for path in ("/health", "/v1/health", "/v1/aliases", "/v1/models", "/nowhere"):
+        await (await proxy.client.get(path)).read()
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory, "aliases.yaml")
+        path.write_text(build_config(providers, aliases, default="mana/fast-text"))
+        assert proxy.reloader.reload(str(path))
+        path.write_text("providers: {}\n")
+        assert not proxy.reloader.reload(str(path))
+    return proxy
+
+
+def promtool() -> str:
+    """The promtool binary, or skip the test."""
+    path = shutil.which("promtool")
+    if path is None:
+        pytest.skip("promtool is not installed")
+    return path
+
+
+def run_promtool(*args: str, cwd: Path | None = None, input: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [promtool(), *args], cwd=cwd, input=input, capture_output=True, text=True, timeout=20, check=False
+    )
+
+
+# -- the request log line ----------------------------------------------------------------------------------
+
+FIELDS = [
+    "request_id",
+    "endpoint",
+    "model",
+    "resolved",
+    "attempts",
+    "status",
+    "stream",
+    "outcome",
+    "ttfb_ms",
+    "duration_ms",
+    "prompt_tokens",
+    "completion_tokens",
+    "error",
+]
+
+_PAIR_RE = re.compile(r'([a-z_]+)=("(?:[^"\\]|\\.)*"|[^ "]+)(?: |$)')
+_UNESCAPES = {'"': '"', "\\": "\\", "n": "\n", "r": "\r", "t": "\t"}
+
+
+def parse_logfmt(line: str) -> dict[str, str]:
+    """A strict logfmt reader: the whole line must be `key=value` pairs; quoted values are unescaped."""
+    pairs: dict[str, str] = {}
+    position = 0
+    while position < len(line):
+        match = _PAIR_RE.match(line, position)
+        assert match is not None, f"not logfmt at {line[position:]!r}"
+        key, raw = match.groups()
+        if raw.startswith('"'):
+            raw = re.sub(
+                r"\\(u[0-9a-f]{4}|U[0-9a-f]{8}|.)",
+                lambda m: _UNESCAPES.get(m.group(1)) or chr(int(m.group(1)[1:], 16)),
+                raw[1:-1],
+            )
+        pairs[key] = raw
+        position = match.end()
+    return pairs

@@ -12,9 +12,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
-from aiohttp import web
-
-from .fakes import Recorded, chat_chunks, sse_event
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -133,22 +130,12 @@ class ServeProcess:
             await asyncio.gather(self._reader, return_exceptions=True)
 
 
-def gated_stream(gate: asyncio.Event, model: str = "m1") -> object:
-    """An SSE answer that sends its first event, waits for `gate`, then finishes with [DONE]."""
-
-    async def behave(request: web.Request, recorded: Recorded) -> web.StreamResponse:
-        chunks = chat_chunks(model, ["one", "two"])
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        await response.write(sse_event(chunks[0]))
-        await gate.wait()
-        for chunk in chunks[1:]:
-            await response.write(sse_event(chunk))
-        await response.write(b"data: [DONE]\n\n")
-        await response.write_eof()
-        return response
-
-    return behave
+async def post_to(session: aiohttp.ClientSession, url: str, model: str, **extra: object) -> aiohttp.ClientResponse:
+    """A chat request for `model` to the process at `url`, read to its end."""
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], **extra}
+    resp = await session.post(url + "/v1/chat/completions", json=body)
+    await resp.read()
+    return resp
 
 
 def read_datagrams(sock: socket.socket) -> list[str]:

@@ -12,11 +12,10 @@ import pytest
 from manaproxy.config import HealthSettings, ProviderConfig, parse_config
 from manaproxy.health import HealthTracker
 
-from .conftest import build_config
 from .fakes import chat_completion, json_reply, status_reply, wait_for
+from .helpers import ask, build_config, chat
 
 BREAKER = {"failure_threshold": 2, "backoff_seconds": 0.3}
-CHAT = {"model": "mana/x", "messages": [{"role": "user", "content": "hi"}]}
 
 
 async def breaker_proxy(make_upstream, make_proxy):
@@ -27,13 +26,6 @@ async def breaker_proxy(make_upstream, make_proxy):
     b.default = json_reply(chat_completion("m2"))
     proxy = await make_proxy(build_config({"a": a, "b": b}, {"mana/x": ["a/m1", "b/m2"]}, health=BREAKER))
     return a, b, proxy
-
-
-async def ask(proxy) -> str:
-    resp = await proxy.client.post("/v1/chat/completions", json=CHAT)
-    assert resp.status == 200, await resp.text()
-    await resp.read()
-    return resp.headers["X-Mana-LLM-Resolved"]
 
 
 async def get_json(proxy, path: str):
@@ -212,7 +204,7 @@ async def test_reload_keeps_health_of_unchanged_providers_and_resets_changed_one
     c = await make_upstream("c")
     await open_breaker(proxy, a)
     b.default = status_reply(500)
-    await proxy.client.post("/v1/chat/completions", json={"model": "b/m2", "messages": []})
+    await proxy.client.post("/v1/chat/completions", json=chat("b/m2"))
     gateway = proxy.gateway
     assert gateway.health.get("b").breaker.consecutive_failures == 1
 

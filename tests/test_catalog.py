@@ -8,8 +8,8 @@ import asyncio
 
 import pytest
 
-from .conftest import build_config
 from .fakes import status_reply, wait_for
+from .helpers import build_config
 
 
 @pytest.fixture

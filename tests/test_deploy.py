@@ -14,9 +14,8 @@ import yaml
 
 from manaproxy.config import load_config
 
-from .conftest import build_config
 from .fakes import status_reply
-from .test_reqlog import FIELDS
+from .helpers import FIELDS, build_config
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"

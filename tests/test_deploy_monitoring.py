@@ -10,17 +10,13 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from .conftest import build_config
-from .test_metrics import scrape, varied_traffic
+from .helpers import build_config, run_promtool, scrape, varied_traffic
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "mana-llm.json"
@@ -66,17 +62,6 @@ def dashboard_exprs() -> list[str]:
 
 def alert_rules() -> list[dict[str, Any]]:
     return [rule for group in yaml.safe_load(ALERTS.read_text())["groups"] for rule in group["rules"]]
-
-
-def promtool() -> str:
-    path = shutil.which("promtool")
-    if path is None:
-        pytest.skip("promtool is not installed")
-    return path
-
-
-def run_promtool(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([promtool(), *args], cwd=cwd, capture_output=True, text=True, timeout=20, check=False)
 
 
 # -- the dashboard file ----------------------------------------------------------------------------

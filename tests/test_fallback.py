@@ -10,15 +10,13 @@ from __future__ import annotations
 import asyncio
 import time
 from email.utils import formatdate
-from typing import Any
 
 import pytest
 
-from .conftest import build_config
 from .fakes import (
     after,
+    chat_answer,
     chat_chunks,
-    chat_completion,
     closed_port_url,
     drop_connection,
     error_body,
@@ -29,26 +27,7 @@ from .fakes import (
     status_reply,
     wait_for,
 )
-
-CHAT = "/v1/chat/completions"
-FAST = {"connect": 0.5, "first_byte": 0.3, "idle": 0.3, "total": 2}
-
-
-def chat(model: str = "mana/x", *, stream: bool = False, **extra: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": "hi"}], **extra}
-    if stream:
-        body["stream"] = True
-    return body
-
-
-async def two_entry_proxy(make_upstream, make_proxy, *, a_spec=None, health=None, **proxy_kwargs):
-    """Alias mana/x = [a/m1, b/m2]; b answers both streamed and unstreamed requests."""
-    a = await make_upstream("a")
-    b = await make_upstream("b")
-    b.default = sse_reply(chat_chunks("m2", ["from", " b"]))
-    providers = {"a": {"base_url": a, "timeouts": FAST, **(a_spec or {})}, "b": b}
-    proxy = await make_proxy(build_config(providers, {"mana/x": ["a/m1", "b/m2"]}, health=health), **proxy_kwargs)
-    return a, b, proxy
+from .helpers import CHAT, FAST, build_config, chat, two_entry_proxy
 
 
 async def assert_answered_by_b(resp, b, *, stream: bool) -> None:
@@ -67,17 +46,13 @@ async def assert_answered_by_b(resp, b, *, stream: bool) -> None:
     assert b.requests[0].json["model"] == "m2"
 
 
-def use_b_for(b, stream: bool) -> None:
-    b.default = sse_reply(chat_chunks("m2", ["from", " b"])) if stream else json_reply(chat_completion("m2"))
-
-
 # -- failures before the first byte: fall back ---------------------------------------------------
 
 
 @pytest.mark.parametrize("stream", [False, True])
 async def test_connect_error_falls_back(make_upstream, make_proxy, stream):
     b = await make_upstream("b")
-    use_b_for(b, stream)
+    b.default = chat_answer("m2")
     providers = {"a": {"base_url": closed_port_url(), "timeouts": FAST}, "b": b}
     proxy = await make_proxy(build_config(providers, {"mana/x": ["a/m1", "b/m2"]}))
 
@@ -87,7 +62,7 @@ async def test_connect_error_falls_back(make_upstream, make_proxy, stream):
 
 
 async def test_first_byte_timeout_without_headers_falls_back(make_upstream, make_proxy):
-    a, b, proxy = await two_entry_proxy(make_upstream, make_proxy)
+    a, b, proxy = await two_entry_proxy(make_upstream, make_proxy, a_spec={"timeouts": FAST})
     a.default = hang()
 
     started = asyncio.get_running_loop().time()
@@ -100,7 +75,7 @@ async def test_first_byte_timeout_without_headers_falls_back(make_upstream, make
 
 async def test_first_byte_timeout_after_headers_falls_back(make_upstream, make_proxy):
     """Headers alone are not a first byte: the wait for the first data event is bounded too."""
-    a, b, proxy = await two_entry_proxy(make_upstream, make_proxy)
+    a, b, proxy = await two_entry_proxy(make_upstream, make_proxy, a_spec={"timeouts": FAST})
     a.default = sse_reply(chat_chunks("m1", ["late"]), first_delay=5)
 
     resp = await proxy.client.post(CHAT, json=chat(stream=True))
@@ -111,7 +86,6 @@ async def test_first_byte_timeout_after_headers_falls_back(make_upstream, make_p
 
 async def test_unstreamed_total_timeout_falls_back(make_upstream, make_proxy):
     a, b, proxy = await two_entry_proxy(make_upstream, make_proxy, a_spec={"timeouts": {"total": 0.3}})
-    use_b_for(b, False)
     a.default = hang()
 
     resp = await proxy.client.post(CHAT, json=chat())
@@ -123,7 +97,6 @@ async def test_unstreamed_total_timeout_falls_back(make_upstream, make_proxy):
 @pytest.mark.parametrize("status", [408, 425, 429, 500, 502, 503])
 async def test_retryable_status_falls_back(make_upstream, make_proxy, status, stream):
     a, b, proxy = await two_entry_proxy(make_upstream, make_proxy)
-    use_b_for(b, stream)
     a.default = status_reply(status)
 
     resp = await proxy.client.post(CHAT, json=chat(stream=stream))
@@ -173,7 +146,6 @@ async def test_first_sse_event_being_an_error_falls_back(make_upstream, make_pro
 
 async def test_unstreamed_2xx_error_body_falls_back(make_upstream, make_proxy):
     a, b, proxy = await two_entry_proxy(make_upstream, make_proxy)
-    use_b_for(b, False)
     a.default = json_reply(error_body("model is loading"), status=200)
 
     resp = await proxy.client.post(CHAT, json=chat())

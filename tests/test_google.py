@@ -1,25 +1,22 @@
 """The `google` provider kind end to end: the official openai SDK → manaproxy → google-genai → a fake Gemini.
 
-`FakeGemini` is a real aiohttp server on loopback speaking the Gemini REST API the SDK uses
-(`POST /v1beta/models/{model}:generateContent`, `:streamGenerateContent?alt=sse`, `:batchEmbedContents`,
-`GET /v1beta/models`). It records every request (so tests assert on the translated body the SDK really
-sent) and scripts replies, Google-shaped errors, hangs and mid-stream cuts.
+`FakeGemini` (fakes.py) is a real aiohttp server on loopback speaking the Gemini REST API the SDK uses. It
+records every request, so tests assert on the translated body the SDK really sent, and scripts replies,
+Google-shaped errors, hangs and mid-stream cuts. The translation tables are tested as pure functions at
+the end.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import gc
 import logging
 import struct
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
 import openai
 import orjson
 import pytest
-from aiohttp import web
 from google.genai import types
 
 from manaproxy.app import make_session
@@ -32,161 +29,23 @@ from manaproxy.providers.google import answer as google_answer
 from manaproxy.providers.google import request as google_request
 from manaproxy.redact import Redactor
 
-from .conftest import Proxy, build_config
-from .fakes import Recorded, ScriptedServer, chat_completion, json_reply, status_reply, wait_for
+from .fakes import (
+    GEMINI_MODEL,
+    FakeGemini,
+    chat_completion,
+    gemini_answer,
+    gemini_chunks,
+    gemini_error_reply,
+    gemini_stream,
+    hang,
+    json_reply,
+    status_reply,
+    wait_for,
+)
+from .helpers import Proxy, build_config
 
 KEY = "test-key-1"
-MODEL = "gemini-2.5-flash"
-
-Behavior = Callable[[web.Request, Recorded], Awaitable[web.StreamResponse]]
-
-
-# -- the fake Gemini server ----------------------------------------------------------------------------
-
-
-class FakeGemini(ScriptedServer):
-    """A scriptable Gemini API on 127.0.0.1."""
-
-    def __init__(self) -> None:
-        self.models: list[dict[str, Any]] = [
-            {"name": "models/gemini-2.5-flash", "supportedGenerationMethods": ["generateContent", "countTokens"]},
-            {"name": "models/text-embedding-004", "supportedGenerationMethods": ["embedContent"]},
-            {"name": "models/imagen-4.0-generate-001", "supportedGenerationMethods": ["predict"]},
-        ]
-        self.models_status = 200
-        app = web.Application()
-        app.router.add_get("/v1beta/models", self._list)
-        app.router.add_post("/v1beta/models/{target}", self._call)
-        super().__init__(app, reply(answer("Hello!")))
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def last(self) -> Recorded:
-        return self.requests[-1]
-
-    async def _list(self, request: web.Request) -> web.StreamResponse:
-        self.requests.append(Recorded(request.method, request.path_qs, dict(request.headers), b""))
-        if self.models_status != 200:
-            return google_error(self.models_status, "listing failed", "UNAVAILABLE")
-        return web.json_response({"models": self.models})
-
-    async def _call(self, request: web.Request) -> web.StreamResponse:
-        body = await request.read()
-        recorded = Recorded(request.method, request.path_qs, dict(request.headers), body, orjson.loads(body))
-        return await self.answer(request, recorded)
-
-
-def answer(
-    text: str = "Hello!",
-    *,
-    finish: str | None = "STOP",
-    usage: tuple[int, int] | None = (7, 3),
-    parts: list[dict[str, Any]] | None = None,
-    index: int = 0,
-) -> dict[str, Any]:
-    """A GenerateContentResponse body with one candidate."""
-    candidate: dict[str, Any] = {"content": {"role": "model", "parts": parts or [{"text": text}]}, "index": index}
-    if finish is not None:
-        candidate["finishReason"] = finish
-    body: dict[str, Any] = {"candidates": [candidate], "responseId": "resp-1", "modelVersion": MODEL}
-    if usage is not None:
-        body["usageMetadata"] = {
-            "promptTokenCount": usage[0],
-            "candidatesTokenCount": usage[1],
-            "totalTokenCount": sum(usage),
-        }
-    return body
-
-
-def chunks(words: Iterable[str], usage: tuple[int, int] = (7, 3)) -> list[dict[str, Any]]:
-    """A streamed answer: one chunk per word, the last with the finish reason and usage."""
-    words = list(words)
-    out = [answer(word, finish=None, usage=None) for word in words[:-1]]
-    out.append(answer(words[-1], usage=usage))
-    return out
-
-
-def reply(body: Any, status: int = 200) -> Behavior:
-    async def behave(request: web.Request, recorded: Recorded) -> web.StreamResponse:
-        return web.json_response(body, status=status)
-
-    return behave
-
-
-def google_error(status: int, message: str, status_name: str, details: list[Any] | None = None) -> web.Response:
-    error: dict[str, Any] = {"code": status, "message": message, "status": status_name}
-    if details is not None:
-        error["details"] = details
-    return web.json_response({"error": error}, status=status)
-
-
-def error_reply(status: int, message: str = "boom", status_name: str = "INTERNAL", **kw: Any) -> Behavior:
-    async def behave(request: web.Request, recorded: Recorded) -> web.StreamResponse:
-        return google_error(status, message, status_name, **kw)
-
-    return behave
-
-
-def stream_reply(
-    items: Iterable[dict[str, Any]], *, cut_after: int | None = None, hang_after: int | None = None
-) -> Behavior:
-    """SSE as Google sends it (`data: {json}` + CRLF CRLF); `cut_after`/`hang_after` n events."""
-    payloads = [b"data: " + orjson.dumps(item) + b"\r\n\r\n" for item in items]
-
-    async def behave(request: web.Request, recorded: Recorded) -> web.StreamResponse:
-        assert request.query.get("alt") == "sse"
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        for index, payload in enumerate(payloads):
-            if index == cut_after:
-                assert request.transport is not None
-                request.transport.abort()
-                return response
-            if index == hang_after:
-                await asyncio.sleep(3600)
-            await response.write(payload)
-        await response.write_eof()
-        return response
-
-    return behave
-
-
-def hang() -> Behavior:
-    async def behave(request: web.Request, recorded: Recorded) -> web.StreamResponse:
-        await asyncio.sleep(3600)
-        return web.Response(status=504)
-
-    return behave
-
-
-# -- fixtures ------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-async def gemini() -> AsyncIterator[FakeGemini]:
-    fake = await FakeGemini().start()
-    yield fake
-    await fake.close()
-
-
-@pytest.fixture
-async def make_google_proxy(make_proxy: Any) -> AsyncIterator[Callable[..., Awaitable[Proxy]]]:
-    """make_proxy that also closes the google providers' SDK sessions before the loop goes away."""
-    proxies: list[Proxy] = []
-
-    async def make(config_text: str, **kwargs: Any) -> Proxy:
-        proxy = await make_proxy(config_text, **kwargs)
-        proxies.append(proxy)
-        return proxy
-
-    yield make
-    for proxy in proxies:
-        for provider in proxy.gateway.runtime.providers.values():
-            if isinstance(provider, GoogleProvider):
-                await provider.aclose()
+MODEL = GEMINI_MODEL
 
 
 def google_spec(fake: FakeGemini, **extra: Any) -> dict[str, Any]:
@@ -313,7 +172,7 @@ async def test_max_completion_tokens_wins_and_json_modes(make_google_proxy, gemi
 
 async def test_unstreamed_answer_through_openai_sdk(make_google_proxy, gemini):
     proxy = await google_only(make_google_proxy, gemini)
-    gemini.default = reply(answer("Bonjour", usage=(11, 4)))
+    gemini.default = json_reply(gemini_answer("Bonjour", usage=(11, 4)))
     client = sdk(proxy)
     raw = await client.chat.completions.with_raw_response.create(model="mana/g", messages=USER)
     completion = raw.parse()
@@ -333,7 +192,7 @@ async def test_unstreamed_answer_through_openai_sdk(make_google_proxy, gemini):
 
 async def test_streamed_answer_through_openai_sdk(make_google_proxy, gemini):
     proxy = await google_only(make_google_proxy, gemini)
-    gemini.default = stream_reply(chunks(["Hel", "lo", " there"], usage=(5, 3)))
+    gemini.default = gemini_stream(gemini_chunks(["Hel", "lo", " there"], usage=(5, 3)))
     client = sdk(proxy)
     stream = await client.chat.completions.create(
         model="mana/g", messages=USER, stream=True, stream_options={"include_usage": True}
@@ -354,7 +213,7 @@ async def test_streamed_answer_through_openai_sdk(make_google_proxy, gemini):
 
 async def test_stream_without_include_usage_has_no_usage_chunk_and_ends_with_done(make_google_proxy, gemini):
     proxy = await google_only(make_google_proxy, gemini)
-    gemini.default = stream_reply(chunks(["a", "b"]))
+    gemini.default = gemini_stream(gemini_chunks(["a", "b"]))
     resp = await proxy.client.post("/v1/chat/completions", json={"model": "mana/g", "messages": USER, "stream": True})
     text = await resp.text()
     assert resp.status == 200
@@ -367,18 +226,18 @@ async def test_finish_reasons_and_thinking_usage(make_google_proxy, gemini):
     proxy = await google_only(make_google_proxy, gemini)
     client = sdk(proxy)
     for gemini_reason, openai_reason in (("MAX_TOKENS", "length"), ("SAFETY", "content_filter"), ("STOP", "stop")):
-        gemini.default = reply(answer("x", finish=gemini_reason))
+        gemini.default = json_reply(gemini_answer("x", finish=gemini_reason))
         completion = await client.chat.completions.create(model="mana/g", messages=USER)
         assert completion.choices[0].finish_reason == openai_reason, gemini_reason
 
-    body = answer("x")
+    body = gemini_answer("x")
     body["usageMetadata"] = {
         "promptTokenCount": 10,
         "candidatesTokenCount": 5,
         "thoughtsTokenCount": 20,
         "totalTokenCount": 35,
     }
-    gemini.default = reply(body)
+    gemini.default = json_reply(body)
     completion = await client.chat.completions.create(model="mana/g", messages=USER)
     assert (completion.usage.prompt_tokens, completion.usage.completion_tokens, completion.usage.total_tokens) == (
         10,
@@ -391,7 +250,7 @@ async def test_finish_reasons_and_thinking_usage(make_google_proxy, gemini):
 
 async def test_thought_parts_are_not_part_of_the_answer(make_google_proxy, gemini):
     proxy = await google_only(make_google_proxy, gemini)
-    gemini.default = reply(answer(parts=[{"text": "pondering...", "thought": True}, {"text": "42"}]))
+    gemini.default = json_reply(gemini_answer(parts=[{"text": "pondering...", "thought": True}, {"text": "42"}]))
     client = sdk(proxy)
     completion = await client.chat.completions.create(model="mana/g", messages=USER)
     await client.close()
@@ -404,13 +263,13 @@ async def test_blocked_prompt_reads_as_content_filter(make_google_proxy, gemini)
         "promptFeedback": {"blockReason": "SAFETY"},
         "usageMetadata": {"promptTokenCount": 4, "totalTokenCount": 4},
     }
-    gemini.default = reply(blocked)
+    gemini.default = json_reply(blocked)
     client = sdk(proxy)
     completion = await client.chat.completions.create(model="mana/g", messages=USER)
     assert completion.choices[0].finish_reason == "content_filter"
     assert completion.choices[0].message.content is None
 
-    gemini.default = stream_reply([blocked])
+    gemini.default = gemini_stream([blocked])
     stream = await client.chat.completions.create(model="mana/g", messages=USER, stream=True)
     received = [chunk async for chunk in stream]
     await client.close()
@@ -444,7 +303,7 @@ def call_part(city: str, signature: str | None = None) -> dict[str, Any]:
 
 async def test_tools_and_tool_calls_round_trip(make_google_proxy, gemini):
     proxy = await google_only(make_google_proxy, gemini)
-    gemini.default = reply(answer(parts=[call_part("Paris", SIGNATURE), call_part("Oslo")]))
+    gemini.default = json_reply(gemini_answer(parts=[call_part("Paris", SIGNATURE), call_part("Oslo")]))
     client = sdk(proxy)
     completion = await client.chat.completions.create(
         model="mana/g", messages=USER, tools=[WEATHER_TOOL], tool_choice="required"
@@ -467,7 +326,7 @@ async def test_tools_and_tool_calls_round_trip(make_google_proxy, gemini):
     assert calls[0].model_extra["extra_content"] == {"google": {"thought_signature": SIGNATURE}}
 
     # The client answers both calls; Gemini gets one model turn and one turn with both responses.
-    gemini.default = reply(answer("Sunny in both."))
+    gemini.default = json_reply(gemini_answer("Sunny in both."))
     history = [
         *USER,
         completion.choices[0].message.model_dump(exclude_none=True),
@@ -497,10 +356,10 @@ async def test_tools_and_tool_calls_round_trip(make_google_proxy, gemini):
 
 async def test_streamed_tool_calls(make_google_proxy, gemini):
     proxy = await google_only(make_google_proxy, gemini)
-    gemini.default = stream_reply(
+    gemini.default = gemini_stream(
         [
-            answer(parts=[{"text": "Let me check."}], finish=None, usage=None),
-            answer(parts=[call_part("Rome")], usage=(9, 6)),
+            gemini_answer(parts=[{"text": "Let me check."}], finish=None, usage=None),
+            gemini_answer(parts=[call_part("Rome")], usage=(9, 6)),
         ]
     )
     client = sdk(proxy)
@@ -522,7 +381,7 @@ async def test_streamed_tool_calls(make_google_proxy, gemini):
 
 async def test_embeddings_through_openai_sdk(make_google_proxy, gemini):
     proxy = await google_only(make_google_proxy, gemini)
-    gemini.default = reply({"embeddings": [{"values": [0.5, -0.25, 1.0]}, {"values": [0.0, 0.125, -1.0]}]})
+    gemini.default = json_reply({"embeddings": [{"values": [0.5, -0.25, 1.0]}, {"values": [0.0, 0.125, -1.0]}]})
     client = sdk(proxy)
     # The openai SDK asks for base64 by default and decodes it; the float form is checked raw below.
     result = await client.embeddings.create(model="google/text-embedding-004", input=["a", "b"], dimensions=3)
@@ -574,7 +433,7 @@ async def test_fallback_statuses_move_to_the_next_provider(
     make_google_proxy, gemini, make_upstream, status, status_name
 ):
     proxy, backup = await fallback_proxy(make_google_proxy, gemini, make_upstream)
-    gemini.default = error_reply(status, "nope", status_name)
+    gemini.default = gemini_error_reply(status, "nope", status_name)
     client = sdk(proxy)
     raw = await client.chat.completions.with_raw_response.create(model="mana/g", messages=USER)
     await client.close()
@@ -586,7 +445,7 @@ async def test_fallback_statuses_move_to_the_next_provider(
 async def test_rate_limit_retry_delay_keeps_google_out(make_google_proxy, gemini, make_upstream):
     proxy, backup = await fallback_proxy(make_google_proxy, gemini, make_upstream)
     retry_info = {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "37s"}
-    gemini.default = error_reply(429, "quota", "RESOURCE_EXHAUSTED", details=[retry_info])
+    gemini.default = gemini_error_reply(429, "quota", "RESOURCE_EXHAUSTED", details=[retry_info])
     client = sdk(proxy)
     await client.chat.completions.create(model="mana/g", messages=USER)
     await client.chat.completions.create(model="mana/g", messages=USER)
@@ -599,7 +458,7 @@ async def test_rate_limit_retry_delay_keeps_google_out(make_google_proxy, gemini
 
 async def test_caller_error_comes_back_as_openai_400(make_google_proxy, gemini, make_upstream):
     proxy, backup = await fallback_proxy(make_google_proxy, gemini, make_upstream)
-    gemini.default = error_reply(400, "Invalid JSON payload received.", "INVALID_ARGUMENT")
+    gemini.default = gemini_error_reply(400, "Invalid JSON payload received.", "INVALID_ARGUMENT")
     client = sdk(proxy)
     with pytest.raises(openai.BadRequestError) as caught:
         await client.chat.completions.create(model="mana/g", messages=USER)
@@ -689,7 +548,7 @@ async def test_connection_refused_falls_back(make_google_proxy, make_upstream):
 async def test_google_behind_a_failing_openai_provider(make_google_proxy, gemini, make_upstream):
     down = await make_upstream("down")
     down.default = status_reply(503)
-    gemini.default = stream_reply(chunks(["from ", "gemini"]))
+    gemini.default = gemini_stream(gemini_chunks(["from ", "gemini"]))
     proxy = await make_google_proxy(
         build_config({"down": down, "google": google_spec(gemini)}, {"mana/x": ["down/m1", f"google/{MODEL}"]})
     )
@@ -715,7 +574,7 @@ def sse_data(text: str) -> list[Any]:
 
 async def test_mid_stream_cut_ends_with_error_event_and_no_done(make_google_proxy, gemini, make_upstream):
     proxy, backup = await fallback_proxy(make_google_proxy, gemini, make_upstream)
-    gemini.default = stream_reply(chunks(["one ", "two ", "three"]), cut_after=2)
+    gemini.default = gemini_stream(gemini_chunks(["one ", "two ", "three"]), cut_after=2)
     resp = await proxy.client.post("/v1/chat/completions", json={"model": "mana/g", "messages": USER, "stream": True})
     events = sse_data(await resp.text())
     assert resp.status == 200
@@ -728,7 +587,7 @@ async def test_mid_stream_cut_ends_with_error_event_and_no_done(make_google_prox
 
 async def test_stream_that_ends_without_finish_reason_is_not_complete(make_google_proxy, gemini):
     proxy = await google_only(make_google_proxy, gemini)
-    gemini.default = stream_reply([answer("half", finish=None, usage=None)])
+    gemini.default = gemini_stream([gemini_answer("half", finish=None, usage=None)])
     resp = await proxy.client.post("/v1/chat/completions", json={"model": "mana/g", "messages": USER, "stream": True})
     events = sse_data(await resp.text())
     assert "[DONE]" not in events
@@ -737,7 +596,7 @@ async def test_stream_that_ends_without_finish_reason_is_not_complete(make_googl
 
 async def test_idle_timeout_mid_stream(make_google_proxy, gemini):
     proxy = await google_only(make_google_proxy, gemini, timeouts={"idle": 0.2})
-    gemini.default = stream_reply(chunks(["a", "b", "c"]), hang_after=1)
+    gemini.default = gemini_stream(gemini_chunks(["a", "b", "c"]), hang_after=1)
     resp = await proxy.client.post("/v1/chat/completions", json={"model": "mana/g", "messages": USER, "stream": True})
     events = sse_data(await resp.text())
     assert "[DONE]" not in events
@@ -747,7 +606,7 @@ async def test_idle_timeout_mid_stream(make_google_proxy, gemini):
 
 async def test_client_disconnect_closes_the_gemini_stream(make_google_proxy, gemini):
     proxy = await google_only(make_google_proxy, gemini)
-    gemini.default = stream_reply(chunks(["a", "b", "c"]), hang_after=1)
+    gemini.default = gemini_stream(gemini_chunks(["a", "b", "c"]), hang_after=1)
     resp = await proxy.client.post("/v1/chat/completions", json={"model": "mana/g", "messages": USER, "stream": True})
     assert b"data: " in await resp.content.readany()
     resp.close()
@@ -796,9 +655,9 @@ async def test_api_key_never_reaches_responses_or_logs(make_google_proxy, gemini
     proxy = await google_only(make_google_proxy, gemini)
     client = sdk(proxy)
     gemini.queue(
-        error_reply(400, f"API key not valid: {KEY}", "INVALID_ARGUMENT"),
-        error_reply(403, f"key {KEY} is suspended", "PERMISSION_DENIED"),
-        stream_reply(chunks(["x", "y"]), cut_after=1),
+        gemini_error_reply(400, f"API key not valid: {KEY}", "INVALID_ARGUMENT"),
+        gemini_error_reply(403, f"key {KEY} is suspended", "PERMISSION_DENIED"),
+        gemini_stream(gemini_chunks(["x", "y"]), cut_after=1),
     )
     bodies = []
     for stream in (False, False, True):
@@ -868,7 +727,7 @@ async def test_provider_on_the_application_session(gemini):
     session = make_session()
     provider = GoogleProvider(ProviderConfig(name="g", kind="google", base_url=gemini.base_url, api_key=KEY), session)
     try:
-        gemini.default = stream_reply(chunks(["shared ", "pool"]))
+        gemini.default = gemini_stream(gemini_chunks(["shared ", "pool"]))
         call = chat_call(stream=True)
         stream = await provider.send(call)
         body = stream.first + b"".join([events async for events in stream.events()])
@@ -930,13 +789,13 @@ async def test_listing_an_unreachable_google_is_a_connect_failure(app_session):
         await provider.aclose()
 
 
-def gemini_chunk(body: dict[str, Any]) -> types.GenerateContentResponse:
+def parsed_chunk(body: dict[str, Any]) -> types.GenerateContentResponse:
     return types.GenerateContentResponse.model_validate(body)
 
 
 def test_chunk_translator_waits_for_every_candidate_to_finish():
     translator = google_answer.ChunkTranslator("chatcmpl-x", "m", 1, include_usage=True)
-    first = translator.translate(gemini_chunk({"candidates": [{"index": 0, "content": {"parts": [{"text": "a"}]}}]}))
+    first = translator.translate(parsed_chunk({"candidates": [{"index": 0, "content": {"parts": [{"text": "a"}]}}]}))
     events = sse_data(first.decode())
     assert events == [
         {
@@ -948,7 +807,7 @@ def test_chunk_translator_waits_for_every_candidate_to_finish():
         }
     ]
     translator.translate(
-        gemini_chunk(
+        parsed_chunk(
             {
                 "candidates": [
                     {"index": 0, "finishReason": "STOP"},
@@ -959,7 +818,7 @@ def test_chunk_translator_waits_for_every_candidate_to_finish():
     )
     assert not translator.complete  # candidate 1 is still going
     last = translator.translate(
-        gemini_chunk(
+        parsed_chunk(
             {
                 "candidates": [{"index": 1, "finishReason": "MAX_TOKENS"}],
                 "usageMetadata": {"promptTokenCount": 2, "candidatesTokenCount": 4, "totalTokenCount": 6},

@@ -6,9 +6,8 @@ import logging
 
 import pytest
 
-from .conftest import build_config
 from .fakes import echo_credentials, json_reply, sse_reply
-from .helpers import CHAT, chat
+from .helpers import CHAT, build_config, chat
 
 KEY = "test-provider-key-0123456789"
 

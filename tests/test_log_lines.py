@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import orjson
 
-from .conftest import build_config
-from .helpers import raw_exchange, split_response
+from .helpers import build_config, raw_exchange, split_response
 
 
 async def test_a_rejected_request_cannot_forge_a_log_line(make_upstream, serve):

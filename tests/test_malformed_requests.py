@@ -8,8 +8,7 @@ import logging
 import orjson
 import pytest
 
-from .conftest import build_config
-from .helpers import raw_exchange, split_response
+from .helpers import build_config, raw_exchange, split_response
 
 CLIENT_KEY = "client-key-0123456789abcdef"
 

@@ -7,25 +7,18 @@ reference these tests hold the code to.
 from __future__ import annotations
 
 import asyncio
-import shutil
-import subprocess
-import tempfile
 import uuid
-from pathlib import Path
-from typing import Any
 
 import openai
 import pytest
-from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from manaproxy.app import create_app
 from manaproxy.config import parse_config
 
-from .conftest import Proxy, build_config
 from .fakes import (
-    Recorded,
     after,
+    chat_answer,
     chat_chunks,
     chat_completion,
     closed_port_url,
@@ -36,63 +29,19 @@ from .fakes import (
     status_reply,
     wait_for,
 )
-
-CHAT = "/v1/chat/completions"
-FAST = {"connect": 0.5, "first_byte": 0.3, "idle": 0.3, "total": 5}
-
-
-def chat(model: str = "mana/x", *, stream: bool = False, **extra: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": "hi"}], **extra}
-    if stream:
-        body["stream"] = True
-    return body
-
-
-def value(proxy: Proxy, name: str, **labels: str) -> float:
-    """A sample's value; 0 when the series does not exist (a counter that never moved)."""
-    return proxy.registry.get_sample_value(name, labels) or 0.0
-
-
-def exists(proxy: Proxy, name: str, **labels: str) -> bool:
-    return proxy.registry.get_sample_value(name, labels) is not None
-
-
-async def scrape(proxy: Proxy) -> str:
-    resp = await proxy.client.get("/metrics")
-    assert resp.status == 200
-    assert resp.headers["Content-Type"].startswith("text/plain; version=")
-    return await resp.text()
-
-
-def answer(model: str, *, usage: tuple[int, int] = (5, 2)) -> Any:
-    """A fake upstream behavior answering streamed and unstreamed requests alike."""
-    streamed = sse_reply(chat_chunks(model, ["Hel", "lo"], usage=usage))
-    unstreamed = json_reply(chat_completion(model, usage=usage))
-
-    async def behave(request: web.Request, recorded: Recorded) -> web.StreamResponse:
-        stream = isinstance(recorded.json, dict) and recorded.json.get("stream") is True
-        return await (streamed if stream else unstreamed)(request, recorded)
-
-    return behave
-
-
-async def two_entry_proxy(make_upstream, make_proxy, *, a_spec=None, health=None):
-    """Alias mana/x = [a/m1, b/m2]; b answers everything."""
-    a = await make_upstream("a")
-    b = await make_upstream("b")
-    a.default = answer("m1")
-    b.default = answer("m2")
-    providers = {"a": {"base_url": a, "timeouts": FAST, **(a_spec or {})}, "b": b}
-    proxy = await make_proxy(build_config(providers, {"mana/x": ["a/m1", "b/m2"]}, health=health))
-    return a, b, proxy
-
-
-async def post(proxy: Proxy, body: Any, *, status: int = 200) -> bytes:
-    resp = await proxy.client.post(CHAT, json=body)
-    data = await resp.read()
-    assert resp.status == status, data
-    return data
-
+from .helpers import (
+    CHAT,
+    FAST,
+    build_config,
+    chat,
+    exists,
+    post_chat,
+    run_promtool,
+    scrape,
+    two_entry_proxy,
+    value,
+    varied_traffic,
+)
 
 # -- answered requests ------------------------------------------------------------------------------
 
@@ -100,7 +49,7 @@ async def post(proxy: Proxy, body: Any, *, status: int = 200) -> bytes:
 async def test_alias_request_is_labelled_with_the_resolved_target(make_upstream, make_proxy):
     _a, _b, proxy = await two_entry_proxy(make_upstream, make_proxy)
 
-    await post(proxy, chat())
+    await post_chat(proxy, chat())
 
     assert value(proxy, "mana_llm_alias_resolved_total", alias="mana/x", target="a/m1") == 1
     assert value(proxy, "mana_llm_llm_requests_total", provider="a", model="m1", streaming="false") == 1
@@ -143,12 +92,12 @@ async def test_streamed_answer_counts_usage_chunk_tokens_ttft_and_completed(make
 
 async def test_direct_and_bare_models_are_labelled_provider_and_model(make_upstream, make_proxy):
     ollama = await make_upstream("ollama")
-    ollama.default = answer("gemma3:4b")
+    ollama.default = chat_answer("gemma3:4b")
     proxy = await make_proxy(build_config({"ollama": ollama}, {"mana/local": ["ollama/gemma3:4b"]}))
 
-    await post(proxy, chat("gemma3:4b"))
-    await post(proxy, chat("ollama/gemma3:4b", stream=True))
-    await post(proxy, chat("ollama/not-in-any-chain"))
+    await post_chat(proxy, chat("gemma3:4b"))
+    await post_chat(proxy, chat("ollama/gemma3:4b", stream=True))
+    await post_chat(proxy, chat("ollama/not-in-any-chain"))
 
     assert value(proxy, "mana_llm_llm_requests_total", provider="ollama", model="gemma3:4b", streaming="false") == 1
     assert value(proxy, "mana_llm_llm_requests_total", provider="ollama", model="gemma3:4b", streaming="true") == 1
@@ -162,41 +111,41 @@ async def test_direct_and_bare_models_are_labelled_provider_and_model(make_upstr
 
 async def _connect(make_upstream, make_proxy):
     _a, _b, proxy = await two_entry_proxy(make_upstream, make_proxy, a_spec={"base_url": closed_port_url()})
-    await post(proxy, chat())
+    await post_chat(proxy, chat())
     return proxy
 
 
 async def _timeout(make_upstream, make_proxy):
-    a, _b, proxy = await two_entry_proxy(make_upstream, make_proxy)
+    a, _b, proxy = await two_entry_proxy(make_upstream, make_proxy, a_spec={"timeouts": FAST})
     a.default = hang()
-    await post(proxy, chat(stream=True))
+    await post_chat(proxy, chat(stream=True))
     return proxy
 
 
 async def _http_500(make_upstream, make_proxy):
     a, _b, proxy = await two_entry_proxy(make_upstream, make_proxy)
     a.default = status_reply(500)
-    await post(proxy, chat())
+    await post_chat(proxy, chat())
     return proxy
 
 
 async def _closed(make_upstream, make_proxy):
     a, _b, proxy = await two_entry_proxy(make_upstream, make_proxy)
     a.default = drop_connection()
-    await post(proxy, chat())
+    await post_chat(proxy, chat())
     return proxy
 
 
 async def _error_event(make_upstream, make_proxy):
     a, _b, proxy = await two_entry_proxy(make_upstream, make_proxy)
     a.default = sse_reply([{"error": {"message": "overloaded"}}])
-    await post(proxy, chat(stream=True))
+    await post_chat(proxy, chat(stream=True))
     return proxy
 
 
 async def _unconfigured(make_upstream, make_proxy):
     a, _b, proxy = await two_entry_proxy(make_upstream, make_proxy, a_spec={"api_key": "${UNSET_VAR}"})
-    await post(proxy, chat())
+    await post_chat(proxy, chat())
     assert a.calls == 0
     return proxy
 
@@ -204,8 +153,8 @@ async def _unconfigured(make_upstream, make_proxy):
 async def _unhealthy(make_upstream, make_proxy):
     a, _b, proxy = await two_entry_proxy(make_upstream, make_proxy, health={"failure_threshold": 1})
     a.default = status_reply(500)
-    await post(proxy, chat())  # http_500 opens a's breaker
-    await post(proxy, chat())
+    await post_chat(proxy, chat())  # http_500 opens a's breaker
+    await post_chat(proxy, chat())
     assert a.calls == 1
     return proxy
 
@@ -213,8 +162,8 @@ async def _unhealthy(make_upstream, make_proxy):
 async def _rate_limited(make_upstream, make_proxy):
     a, _b, proxy = await two_entry_proxy(make_upstream, make_proxy)
     a.default = status_reply(429, "slow down", headers={"Retry-After": "30"})
-    await post(proxy, chat())  # http_429 with Retry-After keeps a out
-    await post(proxy, chat())
+    await post_chat(proxy, chat())  # http_429 with Retry-After keeps a out
+    await post_chat(proxy, chat())
     assert a.calls == 1
     return proxy
 
@@ -223,9 +172,9 @@ async def _saturated(make_upstream, make_proxy):
     a, _b, proxy = await two_entry_proxy(make_upstream, make_proxy, a_spec={"max_concurrent": 1})
     release = asyncio.Event()
     a.queue(after(release, json_reply(chat_completion("m1"))))
-    held = asyncio.create_task(post(proxy, chat()))
+    held = asyncio.create_task(post_chat(proxy, chat()))
     await wait_for(lambda: a.calls == 1)
-    await post(proxy, chat())
+    await post_chat(proxy, chat())
     release.set()
     await held
     return proxy
@@ -264,7 +213,7 @@ async def test_chain_running_out_counts_to_model_empty_and_an_error_on_the_alias
     a.default = status_reply(500)
     b.default = status_reply(502)
 
-    await post(proxy, chat(), status=503)
+    await post_chat(proxy, chat(), status=503)
 
     assert value(proxy, "mana_llm_fallback_total", from_model="a/m1", to_model="b/m2", reason="http_500") == 1
     assert value(proxy, "mana_llm_fallback_total", from_model="b/m2", to_model="", reason="http_502") == 1
@@ -279,7 +228,7 @@ async def test_relayed_caller_error_is_where_the_fallback_went(make_upstream, ma
     a.default = status_reply(500)
     b.default = status_reply(400, "bad messages")
 
-    await post(proxy, chat(), status=400)
+    await post_chat(proxy, chat(), status=400)
 
     # The chain did not run out: b answered (with the caller's error).
     assert value(proxy, "mana_llm_fallback_total", from_model="a/m1", to_model="b/m2", reason="http_500") == 1
@@ -318,10 +267,10 @@ async def test_client_leaving_during_the_next_entry_is_not_a_chain_run_out(make_
     ids=["cut", "idle", "no-done"],
 )
 async def test_stream_failing_after_commit_counts_its_outcome(make_upstream, make_proxy, behavior, outcome):
-    a, _b, proxy = await two_entry_proxy(make_upstream, make_proxy)
+    a, _b, proxy = await two_entry_proxy(make_upstream, make_proxy, a_spec={"timeouts": FAST})
     a.default = behavior
 
-    body = await post(proxy, chat(stream=True))
+    body = await post_chat(proxy, chat(stream=True))
 
     assert b"data: [DONE]" not in body
     assert value(proxy, "mana_llm_stream_outcomes_total", provider="a", outcome=outcome) == 1
@@ -356,7 +305,7 @@ async def test_requests_in_flight_while_an_upstream_holds_a_request(make_upstrea
     a.queue(after(release, json_reply(chat_completion("m1"))))
     assert value(proxy, "mana_llm_requests_in_flight", provider="a") == 0
 
-    held = asyncio.create_task(post(proxy, chat()))
+    held = asyncio.create_task(post_chat(proxy, chat()))
     await wait_for(lambda: a.calls == 1)
     assert value(proxy, "mana_llm_requests_in_flight", provider="a") == 1
     assert 'mana_llm_requests_in_flight{provider="a"} 1.0' in await scrape(proxy)
@@ -377,13 +326,13 @@ async def test_provider_healthy_follows_breaker_transitions(make_upstream, make_
     assert value(proxy, "mana_llm_alias_healthy_targets", alias="mana/x") == 2
 
     a.queue(status_reply(500))
-    await post(proxy, chat())
+    await post_chat(proxy, chat())
     assert value(proxy, "mana_llm_provider_healthy", provider="a") == 0
     assert value(proxy, "mana_llm_alias_healthy_targets", alias="mana/x") == 1
 
     await asyncio.sleep(0.25)  # backoff over: half-open, the next success closes the breaker
     assert value(proxy, "mana_llm_provider_healthy", provider="a") == 0
-    await post(proxy, chat())
+    await post_chat(proxy, chat())
     assert a.calls == 2
     assert value(proxy, "mana_llm_provider_healthy", provider="a") == 1
     assert value(proxy, "mana_llm_alias_healthy_targets", alias="mana/x") == 2
@@ -394,8 +343,8 @@ async def test_alias_with_every_entry_down(make_upstream, make_proxy):
     a.default = status_reply(500)
     b.default = status_reply(503)
 
-    await post(proxy, chat(), status=503)
-    await post(proxy, chat(), status=503)
+    await post_chat(proxy, chat(), status=503)
+    await post_chat(proxy, chat(), status=503)
 
     assert value(proxy, "mana_llm_alias_healthy_targets", alias="mana/x") == 0
     assert value(proxy, "mana_llm_fallback_total", from_model="b/m2", to_model="", reason="http_503") == 1
@@ -427,7 +376,7 @@ async def test_reload_counts_results_and_resyncs_provider_health(make_upstream, 
     assert value(proxy, "mana_llm_config_reloads_total", result="failure") == 2
     assert not exists(proxy, "mana_llm_provider_healthy", provider="a")
     assert value(proxy, "mana_llm_provider_healthy", provider="c") == 1
-    await post(proxy, chat("mana/y"))
+    await post_chat(proxy, chat("mana/y"))
     assert value(proxy, "mana_llm_alias_resolved_total", alias="mana/y", target="c/m3") == 1
     assert value(proxy, "mana_llm_llm_requests_total", provider="c", model="m3", streaming="false") == 1
 
@@ -453,7 +402,7 @@ async def test_http_endpoint_label_is_the_route_pattern(make_upstream, make_prox
 
 async def test_hostile_model_strings_never_become_label_values(make_upstream, make_proxy):
     ollama = await make_upstream("ollama")
-    ollama.default = answer("whatever")
+    ollama.default = chat_answer("whatever")
     broken = await make_upstream("broken")
     broken.default = status_reply(500)
     proxy = await make_proxy(
@@ -498,70 +447,9 @@ async def test_hostile_model_strings_never_become_label_values(make_upstream, ma
 # -- the scrape as a whole --------------------------------------------------------------------------
 
 
-async def varied_traffic(make_upstream, make_proxy) -> Proxy:
-    """A proxy shaped like the seed deployment (ollama, google, groq) after a mix of traffic.
-
-    `google` is an openai-kind fake here: the dashboard's `{provider="google"}` queries need its series.
-    """
-    ollama = await make_upstream("ollama")
-    google = await make_upstream("google")
-    ollama.default = answer("gemma3:4b", usage=(12, 30))
-    google.default = answer("gemini-2.0-flash", usage=(8, 21))
-    providers = {
-        "ollama": {"base_url": ollama, "timeouts": FAST},
-        "google": google,
-        "groq": {"base_url": closed_port_url(), "timeouts": FAST},
-        "openrouter": {"base_url": closed_port_url(), "api_key": ""},
-    }
-    aliases = {
-        "mana/long-form": ["groq/llama-3.3-70b-versatile", "ollama/gemma3:4b"],
-        "mana/fast-text": ["openrouter/meta/llama-3.1-8b", "google/gemini-2.0-flash"],
-        "mana/local": ["ollama/gemma3:4b"],
-    }
-    proxy = await make_proxy(build_config(providers, aliases, default="mana/fast-text"))
-    for stream in (False, True):
-        await post(proxy, chat("mana/long-form", stream=stream))
-        await post(proxy, chat("mana/fast-text", stream=stream))
-        await post(proxy, chat("gemma3:4b", stream=stream))
-        await post(proxy, chat("google/gemini-2.0-flash", stream=stream))
-        await post(proxy, {"messages": [], "stream": stream})  # the default alias
-        await post(proxy, chat("mana/missing", stream=stream), status=404)
-    await post(proxy, chat("groq/llama-3.3-70b-versatile"), status=503)  # the chain runs out
-    ollama.queue(status_reply(400, "bad request"))
-    await post(proxy, chat("mana/local"), status=400)
-    ollama.queue(sse_reply(chat_chunks("gemma3:4b", ["a", "b", "c"]), cut_after=2))
-    await post(proxy, chat("mana/local", stream=True))
-    resp = await proxy.client.post(CHAT, data=b"{not json")
-    assert resp.status == 400
-    for path in ("/health", "/v1/health", "/v1/aliases", "/v1/models", "/nowhere"):
-        await (await proxy.client.get(path)).read()
-    with tempfile.TemporaryDirectory() as directory:
-        path = Path(directory, "aliases.yaml")
-        path.write_text(build_config(providers, aliases, default="mana/fast-text"))
-        assert proxy.reloader.reload(str(path))
-        path.write_text("providers: {}\n")
-        assert not proxy.reloader.reload(str(path))
-    return proxy
-
-
-def promtool() -> str:
-    path = shutil.which("promtool")
-    if path is None:
-        pytest.skip("promtool is not installed")
-    return path
-
-
 async def assert_promtool_accepts(text: str) -> None:
     """`promtool check metrics` exits 0 with no lint remark at all."""
-    result = await asyncio.to_thread(
-        subprocess.run,
-        [promtool(), "check", "metrics"],
-        input=text,
-        capture_output=True,
-        text=True,
-        timeout=10,
-        check=False,
-    )
+    result = await asyncio.to_thread(run_promtool, "check", "metrics", input=text)
     assert result.returncode == 0, result.stdout + result.stderr
     assert (result.stdout + result.stderr).strip() == ""
 

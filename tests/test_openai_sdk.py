@@ -13,7 +13,6 @@ from typing import Any
 import openai
 import pytest
 
-from .conftest import build_config
 from .fakes import (
     chat_chunks,
     chat_completion,
@@ -24,6 +23,7 @@ from .fakes import (
     text_completion,
     text_completion_chunks,
 )
+from .helpers import build_config
 
 MESSAGES: Any = [{"role": "user", "content": "hi"}]
 

@@ -9,8 +9,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from .conftest import build_config
-from .helpers import chat, raw_exchange, raw_post, split_response
+from .helpers import build_config, chat, raw_exchange, raw_post, split_response
 
 PROVIDER_KEY = "test-provider-key-0123456789"
 

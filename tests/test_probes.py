@@ -3,22 +3,15 @@ no tokens spent, the first round at startup, and every provider in `/v1/health` 
 
 from __future__ import annotations
 
-import socket
 import time
 
 from aiohttp import web
 
-from .conftest import build_config
 from .fakes import chat_completion, json_reply, status_reply, wait_for
+from .helpers import build_config, chat
+from .processes import free_port
 
 FAST = {"probe_interval_seconds": 0.05, "probe_timeout_seconds": 0.3, "failure_threshold": 2, "backoff_seconds": 0.2}
-
-
-def free_port() -> int:
-    """A loopback port nobody listens on (connections to it are refused)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def provider_view(proxy, name: str):
@@ -153,7 +146,7 @@ async def test_probe_success_waits_for_the_window_then_closes_the_breaker(make_u
     proxy = await make_proxy(build_config({"a": a, "b": b}, {"mana/x": ["a/m1", "b/m2"]}, health=settings), probes=True)
     health = proxy.gateway.health
     for _ in range(2):
-        resp = await proxy.client.post("/v1/chat/completions", json={"model": "mana/x", "messages": []})
+        resp = await proxy.client.post("/v1/chat/completions", json=chat())
         assert resp.headers["X-Mana-LLM-Resolved"] == "b/m2"
     assert health.breaker("a") == "open"
     opened_at_calls = a.models_calls

@@ -20,29 +20,21 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from .conftest import build_config
 from .fakes import (
     FakeUpstream,
     Recorded,
     chat_chunks,
     chat_completion,
+    gated_stream,
     json_reply,
     sse_reply,
     status_reply,
     wait_for,
 )
-from .processes import ROOT, free_port, gated_stream, next_datagram, read_datagrams
-from .test_reqlog import FIELDS, parse_logfmt
+from .helpers import CHAT, FIELDS, build_config, chat, parse_logfmt
+from .processes import ROOT, free_port, next_datagram, post_to, read_datagrams
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
-
-CHAT = {"messages": [{"role": "user", "content": "hi"}]}
-
-
-async def post(session: aiohttp.ClientSession, url: str, model: str, **extra: object) -> aiohttp.ClientResponse:
-    resp = await session.post(url + "/v1/chat/completions", json={"model": model, **CHAT, **extra})
-    await resp.read()
-    return resp
 
 
 async def test_sighup_adds_an_alias_and_each_request_is_logged(make_upstream, serve):
@@ -54,18 +46,18 @@ async def test_sighup_adds_an_alias_and_each_request_is_logged(make_upstream, se
 
     async with aiohttp.ClientSession() as session:
         resp = await session.post(
-            proxy.url + "/v1/chat/completions",
-            json={"model": "mana/a", "stream": True, **CHAT},
+            proxy.url + CHAT,
+            json=chat("mana/a", stream=True),
             headers={"X-Request-ID": "req-process-1"},
         )
         body = await resp.read()
         assert resp.status == 200
         assert body.endswith(b"data: [DONE]\n\n")
-        assert (await post(session, proxy.url, "mana/b")).status == 404
+        assert (await post_to(session, proxy.url, "mana/b")).status == 404
 
         await proxy.reload(build_config({"down": down, "up": up}, {"mana/a": ["up/m1"], "mana/b": ["up/m2"]}))
         up.default = json_reply(chat_completion("m2"))
-        resp = await post(session, proxy.url, "mana/b")
+        resp = await post_to(session, proxy.url, "mana/b")
         assert resp.status == 200
         assert resp.headers["X-Mana-LLM-Resolved"] == "up/m2"
     assert up.requests[-1].json["model"] == "m2"
@@ -106,17 +98,17 @@ async def test_a_bad_reload_keeps_the_old_config_and_the_process(make_upstream, 
     assert proxy.proc.returncode is None
 
     async with aiohttp.ClientSession() as session:
-        resp = await post(session, proxy.url, "mana/a")
+        resp = await post_to(session, proxy.url, "mana/a")
         assert resp.status == 200
         assert resp.headers["X-Mana-LLM-Resolved"] == "up/m1"
-        assert (await post(session, proxy.url, "mana/b")).status == 404
+        assert (await post_to(session, proxy.url, "mana/b")).status == 404
         aliases = await (await session.get(proxy.url + "/v1/aliases")).json()
         assert [alias["name"] for alias in aliases["aliases"]] == ["mana/a"]
 
     # Fixing the file and reloading again works: the process is fully alive.
     await proxy.reload(build_config({"up": up}, {"mana/a": ["up/m1"], "mana/b": ["up/m2"]}))
     async with aiohttp.ClientSession() as session:
-        assert (await post(session, proxy.url, "mana/b")).status == 200
+        assert (await post_to(session, proxy.url, "mana/b")).status == 200
 
 
 async def connection_refused(port: int) -> bool:
@@ -146,7 +138,7 @@ async def test_sigterm_lets_a_stream_in_flight_finish_and_exits_0(make_upstream,
     proxy = await serve(build_config({"up": up}, {"mana/a": ["up/m1"]}))
 
     async with aiohttp.ClientSession() as session:
-        resp = await session.post(proxy.url + "/v1/chat/completions", json={"model": "mana/a", "stream": True, **CHAT})
+        resp = await session.post(proxy.url + CHAT, json=chat("mana/a", stream=True))
         assert resp.status == 200
         first = await resp.content.readuntil(b"\n\n")
         assert b'"model":"up/m1"' in first
@@ -176,7 +168,7 @@ async def test_the_drain_is_bounded_by_server_shutdown_timeout_seconds(make_upst
     rest = b""
     async with (
         aiohttp.ClientSession() as session,
-        session.post(proxy.url + "/v1/chat/completions", json={"model": "mana/a", "stream": True, **CHAT}) as resp,
+        session.post(proxy.url + CHAT, json=chat("mana/a", stream=True)) as resp,
     ):
         await resp.content.readuntil(b"\n\n")
         signalled = time.monotonic()
@@ -206,13 +198,13 @@ async def test_a_request_in_flight_finishes_on_the_config_it_started_with(make_u
     proxy = await serve(build_config({"a": a, "b": b, "c": c}, {"mana/x": ["a/m1", "b/m2"]}))
 
     async with aiohttp.ClientSession() as session:
-        in_flight = asyncio.create_task(post(session, proxy.url, "mana/x"))
+        in_flight = asyncio.create_task(post_to(session, proxy.url, "mana/x"))
         await wait_for(lambda: len(a.requests) == 1)
         await proxy.reload(build_config({"a": a, "b": b, "c": c}, {"mana/x": ["a/m1", "c/m3"]}))
         gate.set()
         resp = await in_flight
         assert resp.headers["X-Mana-LLM-Resolved"] == "b/m2"  # the old chain's fallback, not the new one's
-        resp = await post(session, proxy.url, "mana/x")
+        resp = await post_to(session, proxy.url, "mana/x")
         assert resp.headers["X-Mana-LLM-Resolved"] == "c/m3"
     assert b.calls == 1
 

@@ -3,53 +3,14 @@
 from __future__ import annotations
 
 import logging
-import re
 
 import pytest
 
 from manaproxy.record import Attempt, RequestRecord
 from manaproxy.reqlog import format_record
 
-from .conftest import build_config
 from .fakes import chat_chunks, sse_reply, status_reply
-
-FIELDS = [
-    "request_id",
-    "endpoint",
-    "model",
-    "resolved",
-    "attempts",
-    "status",
-    "stream",
-    "outcome",
-    "ttfb_ms",
-    "duration_ms",
-    "prompt_tokens",
-    "completion_tokens",
-    "error",
-]
-
-_PAIR_RE = re.compile(r'([a-z_]+)=("(?:[^"\\]|\\.)*"|[^ "]+)(?: |$)')
-_UNESCAPES = {'"': '"', "\\": "\\", "n": "\n", "r": "\r", "t": "\t"}
-
-
-def parse_logfmt(line: str) -> dict[str, str]:
-    """A strict logfmt reader: the whole line must be `key=value` pairs; quoted values are unescaped."""
-    pairs: dict[str, str] = {}
-    position = 0
-    while position < len(line):
-        match = _PAIR_RE.match(line, position)
-        assert match is not None, f"not logfmt at {line[position:]!r}"
-        key, raw = match.groups()
-        if raw.startswith('"'):
-            raw = re.sub(
-                r"\\(u[0-9a-f]{4}|U[0-9a-f]{8}|.)",
-                lambda m: _UNESCAPES.get(m.group(1)) or chr(int(m.group(1)[1:], 16)),
-                raw[1:-1],
-            )
-        pairs[key] = raw
-        position = match.end()
-    return pairs
+from .helpers import FIELDS, build_config, parse_logfmt
 
 
 def make_record(**changes: object) -> RequestRecord:

@@ -14,28 +14,8 @@ from typing import Any
 
 import pytest
 
-from .conftest import build_config
 from .fakes import chat_completion, json_reply
-
-CHAT = "/v1/chat/completions"
-ERROR_FIELDS = {"message", "type", "param", "code"}
-
-
-async def assert_openai_error(resp, status: int, code: str | None = None, *, param: str | None = None) -> dict:
-    """`resp` is manaproxy's own OpenAI-shaped error with this status (and code/param when given)."""
-    assert resp.status == status, await resp.text()
-    assert resp.headers["Content-Type"].startswith("application/json")
-    body = await resp.json()
-    assert set(body) == {"error"}
-    error = body["error"]
-    assert set(error) == ERROR_FIELDS
-    assert isinstance(error["message"], str)
-    assert error["message"]
-    if code is not None:
-        assert error["code"] == code
-    if param is not None:
-        assert error["param"] == param
-    return error
+from .helpers import CHAT, assert_openai_error, build_config
 
 
 @pytest.fixture

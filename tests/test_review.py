@@ -19,11 +19,11 @@ from aiohttp import web
 from manaproxy.app import create_app
 from manaproxy.config import parse_config
 
-from .conftest import build_config
 from .fakes import (
     Recorded,
     chat_chunks,
     chat_completion,
+    gated_stream,
     json_reply,
     sse_event,
     sse_reply,
@@ -31,31 +31,13 @@ from .fakes import (
     stream_bytes,
     wait_for,
 )
+from .helpers import CHAT, DONE, build_config, chat, raw_exchange
 
-CHAT = "/v1/chat/completions"
-DONE = b"data: [DONE]\n\n"
 PROVIDER_KEY = "test-key-0123456789"
-
-
-def chat(model: str = "mana/x", *, stream: bool = False, **extra: Any) -> dict[str, Any]:
-    return {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": stream, **extra}
 
 
 def sse_bytes(model: str, words: list[str]) -> list[bytes]:
     return [sse_event(chunk) for chunk in chat_chunks(model, words)]
-
-
-async def raw_exchange(port: int, request: bytes) -> bytes:
-    """Send `request` verbatim (headers a client library would refuse to send) and read to EOF."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(request)
-        await writer.drain()
-        async with asyncio.timeout(5):
-            return await reader.read()
-    finally:
-        writer.close()
-        await writer.wait_closed()
 
 
 # == Bugs =========================================================================================
@@ -319,19 +301,7 @@ async def test_a_stream_in_flight_keeps_its_provider_across_a_reload_that_remove
     a = await make_upstream("a")
     b = await make_upstream("b")
     gate = asyncio.Event()
-    first, *rest = sse_bytes("m1", ["Hel", "lo"])
-
-    async def held_stream(request: web.Request, recorded: Recorded) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        await response.write(first)
-        await gate.wait()
-        for event in [*rest, DONE]:
-            await response.write(event)
-        await response.write_eof()
-        return response
-
-    a.default = held_stream
+    a.default = gated_stream(gate)
     b.default = sse_reply(chat_chunks("m2", ["new"]))
     proxy = await make_proxy(build_config({"a": a, "b": b}, {"mana/x": ["a/m1"]}))
     path = tmp_path / "aliases.yaml"

@@ -8,7 +8,6 @@ risky behaviour that was verified to work and that no other test covered.
 from __future__ import annotations
 
 import asyncio
-import shutil
 import signal
 import socket
 import subprocess
@@ -20,31 +19,35 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
-from aiohttp import web
 
 from manaproxy.health.probe import probe_one
 from manaproxy.providers.google import GoogleProvider
 from manaproxy.systemd import notify
 
-from .conftest import Proxy, build_config
-from .fakes import FakeUpstream, after, chat_completion, json_reply, status_reply, wait_for
-from .processes import gated_stream, next_datagram, read_datagrams
-from .test_google import KEY, MODEL, FakeGemini, error_reply, google_error
+from .fakes import (
+    GEMINI_KEY_INVALID_INFO,
+    GEMINI_KEY_NOT_VALID,
+    GEMINI_MODEL,
+    FakeGemini,
+    FakeUpstream,
+    KeyRejectingGemini,
+    after,
+    chat_completion,
+    gated_stream,
+    gemini_error_reply,
+    json_reply,
+    status_reply,
+    wait_for,
+)
+from .helpers import FAST_PROBES, Proxy, ask, build_config, chat, promtool
+from .processes import next_datagram, read_datagrams
 
-CHAT = {"model": "mana/x", "messages": [{"role": "user", "content": "hi"}]}
-
-
-async def ask(proxy: Any, body: dict[str, Any] | None = None) -> str:
-    resp = await proxy.client.post("/v1/chat/completions", json=body or CHAT)
-    assert resp.status == 200, await resp.text()
-    await resp.read()
-    return str(resp.headers["X-Mana-LLM-Resolved"])
+KEY = "test-key-1"
+MODEL = GEMINI_MODEL
 
 
 def reload_to(proxy: Any, tmp_path: Path, text: str) -> None:
-    path = tmp_path / "aliases.yaml"
-    path.write_text(text)
-    assert proxy.reloader.reload(str(path))
+    assert proxy.reload_to(tmp_path, text)
 
 
 # -- health: half-open trial accounting ------------------------------------------------------------------
@@ -64,7 +67,7 @@ async def test_a_trial_stream_outliving_a_reopened_breaker_does_not_block_the_ne
 
     gate = asyncio.Event()
     a.queue(gated_stream(gate))
-    resp = await proxy.client.post("/v1/chat/completions", json={**CHAT, "stream": True})
+    resp = await proxy.client.post("/v1/chat/completions", json=chat(stream=True))
     assert resp.headers["X-Mana-LLM-Resolved"] == "a/m1"  # the trial: its first event closes the breaker
     await resp.content.readuntil(b"\n\n")
     assert health.breaker("a") == "closed"
@@ -132,19 +135,12 @@ USER = [{"role": "user", "content": "hi"}]
 
 
 @pytest.fixture
-async def fake_gemini() -> AsyncIterator[FakeGemini]:
-    fake = await FakeGemini().start()
-    yield fake
-    await fake.close()
-
-
-@pytest.fixture
-async def google_proxy(make_proxy: Any, fake_gemini: FakeGemini) -> AsyncIterator[Callable[..., Awaitable[Proxy]]]:
+async def google_proxy(make_proxy: Any, gemini: FakeGemini) -> AsyncIterator[Callable[..., Awaitable[Proxy]]]:
     """A proxy with `mana/g` = [google/MODEL on the fake Gemini, then `backup/m2` if given]."""
     proxies: list[Proxy] = []
 
     async def make(health: dict[str, Any] | None = None, backup: FakeUpstream | None = None) -> Proxy:
-        providers: dict[str, Any] = {"google": {"kind": "google", "base_url": fake_gemini.base_url, "api_key": KEY}}
+        providers: dict[str, Any] = {"google": {"kind": "google", "base_url": gemini.base_url, "api_key": KEY}}
         chain = [f"google/{MODEL}"]
         if backup is not None:
             providers["backup"] = backup
@@ -160,33 +156,14 @@ async def google_proxy(make_proxy: Any, fake_gemini: FakeGemini) -> AsyncIterato
                 await provider.aclose()
 
 
-# What Google answers for a wrong, expired or deleted API key: a 400, not a 401/403.
-KEY_NOT_VALID = "API key not valid. Please pass a valid API key."
-KEY_INVALID_INFO = [
-    {
-        "@type": "type.googleapis.com/google.rpc.ErrorInfo",
-        "reason": "API_KEY_INVALID",
-        "domain": "googleapis.com",
-        "metadata": {"service": "generativelanguage.googleapis.com"},
-    }
-]
-
-
-async def test_a_rejected_google_api_key_falls_back_and_counts_against_google(google_proxy, fake_gemini, make_upstream):
+async def test_a_rejected_google_api_key_falls_back_and_counts_against_google(google_proxy, gemini, make_upstream):
     backup = await make_upstream("backup")
     backup.default = json_reply(chat_completion("m2"))
     proxy = await google_proxy(health={"failure_threshold": 1}, backup=backup)
-    fake_gemini.default = error_reply(400, KEY_NOT_VALID, "INVALID_ARGUMENT", details=KEY_INVALID_INFO)
+    gemini.default = gemini_error_reply(400, GEMINI_KEY_NOT_VALID, "INVALID_ARGUMENT", details=GEMINI_KEY_INVALID_INFO)
 
-    assert await ask(proxy, {"model": "mana/g", "messages": USER}) == "backup/m2"
+    assert await ask(proxy, chat("mana/g")) == "backup/m2"
     assert proxy.gateway.health.breaker("google") == "open"
-
-
-class KeyRejectingGemini(FakeGemini):
-    """A Gemini that rejects the key on every call, model listing included."""
-
-    async def _list(self, request: web.Request) -> web.StreamResponse:
-        return google_error(400, KEY_NOT_VALID, "INVALID_ARGUMENT", details=KEY_INVALID_INFO)
 
 
 async def test_a_probe_rejected_for_its_api_key_marks_google_unhealthy(make_proxy):
@@ -210,27 +187,27 @@ async def test_a_probe_rejected_for_its_api_key_marks_google_unhealthy(make_prox
 REFUSED_MODELS = [f"{MODEL}?alt=json", "../../v1/files", f"{MODEL}/.."]  # the SDK raises "invalid model parameter"
 
 
-async def test_a_client_cannot_open_googles_breaker_with_a_model_name_google_refuses(google_proxy, fake_gemini):
+async def test_a_client_cannot_open_googles_breaker_with_a_model_name_google_refuses(google_proxy, gemini):
     proxy = await google_proxy(health={"failure_threshold": 2})
     for model in REFUSED_MODELS[:2]:
         resp = await proxy.client.post("/v1/chat/completions", json={"model": f"google/{model}", "messages": USER})
         await resp.read()
-    assert fake_gemini.requests == []  # nothing reached Google: it cannot have failed
+    assert gemini.requests == []  # nothing reached Google: it cannot have failed
     assert proxy.gateway.health.breaker("google") == "closed"
-    assert await ask(proxy, {"model": "mana/g", "messages": USER}) == f"google/{MODEL}"
+    assert await ask(proxy, chat("mana/g")) == f"google/{MODEL}"
 
 
 @pytest.mark.parametrize("model", REFUSED_MODELS)
-async def test_a_model_name_google_refuses_is_a_400(google_proxy, fake_gemini, model):
+async def test_a_model_name_google_refuses_is_a_400(google_proxy, gemini, model):
     proxy = await google_proxy()
     resp = await proxy.client.post("/v1/chat/completions", json={"model": f"google/{model}", "messages": USER})
     body = await resp.json()
     assert resp.status == 400, body
     assert body["error"]["param"] == "model"
-    assert fake_gemini.requests == []
+    assert gemini.requests == []
 
 
-async def test_an_unparseable_image_url_is_a_400(google_proxy, fake_gemini):
+async def test_an_unparseable_image_url_is_a_400(google_proxy, gemini):
     proxy = await google_proxy()
     image = {"type": "image_url", "image_url": {"url": "http://[::1/cat.png"}}
     resp = await proxy.client.post(
@@ -239,18 +216,18 @@ async def test_an_unparseable_image_url_is_a_400(google_proxy, fake_gemini):
     body = await resp.json()
     assert resp.status == 400, body
     assert body["error"]["param"] == "messages[0].content[0].image_url.url"
-    assert fake_gemini.requests == []
+    assert gemini.requests == []
 
 
 @pytest.mark.parametrize("stream", [False, True])
-async def test_a_chat_request_with_a_query_string_reaches_google(google_proxy, fake_gemini, stream):
+async def test_a_chat_request_with_a_query_string_reaches_google(google_proxy, gemini, stream):
     proxy = await google_proxy()
     resp = await proxy.client.post(
         "/v1/chat/completions?api-version=2024-10-21", json={"model": "mana/g", "messages": USER, "stream": stream}
     )
     assert resp.status == 200, await resp.text()
     await resp.read()
-    assert len(fake_gemini.requests) == 1
+    assert len(gemini.requests) == 1
 
 
 # -- alert rules -----------------------------------------------------------------------------------------
@@ -259,12 +236,9 @@ ALERTS = Path(__file__).resolve().parent.parent / "deploy" / "prometheus" / "ale
 
 
 def promtool_test_rules(tmp_path: Path, cases: list[dict[str, Any]]) -> subprocess.CompletedProcess[str]:
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        pytest.skip("promtool is not installed")
     path = tmp_path / "alerts_test.yml"
     path.write_text(yaml.safe_dump({"rule_files": [str(ALERTS)], "evaluation_interval": "1m", "tests": cases}))
-    return subprocess.run([promtool, "test", "rules", str(path)], capture_output=True, text=True, timeout=20)
+    return subprocess.run([promtool(), "test", "rules", str(path)], capture_output=True, text=True, timeout=20)
 
 
 def series_lines(text: str, name: str) -> list[str]:
@@ -325,7 +299,7 @@ async def test_sighup_and_a_second_sigterm_while_draining_change_nothing(make_up
         proxy = await serve(build_config({"up": up}, {"mana/x": ["up/m1"]}), wait=False, NOTIFY_SOCKET=str(notify_path))
         assert (await next_datagram(sock)).startswith("READY=1\n")
         async with aiohttp.ClientSession() as session:
-            resp = await session.post(proxy.url + "/v1/chat/completions", json={**CHAT, "stream": True})
+            resp = await session.post(proxy.url + "/v1/chat/completions", json=chat(stream=True))
             await resp.content.readuntil(b"\n\n")
 
             proxy.signal(signal.SIGTERM)
@@ -367,7 +341,7 @@ def test_sd_notify_reaches_an_abstract_socket_and_survives_a_missing_one(monkeyp
 
 # -- probes: shutdown and reloads ------------------------------------------------------------------------
 
-PROBING = {"probe_interval_seconds": 0.05, "probe_timeout_seconds": 0.3, "failure_threshold": 1}
+PROBING = FAST_PROBES
 
 
 def probe_tasks() -> list[asyncio.Task[Any]]:

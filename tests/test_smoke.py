@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import openai
 
-from .conftest import build_config
 from .fakes import chat_chunks, sse_reply, status_reply
+from .helpers import build_config
 
 
 async def test_alias_falls_back_and_streams_through_openai_sdk(make_upstream, make_proxy):

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import gzip
-from typing import Any
 
 import orjson
 import pytest
 
-from .conftest import build_config
 from .fakes import (
     chat_chunks,
     chat_completion,
@@ -26,37 +24,7 @@ from .fakes import (
     stream_bytes,
     wait_for,
 )
-
-CHAT = "/v1/chat/completions"
-DONE = b"data: [DONE]\n\n"
-
-
-def chat(model: str = "mana/x", *, stream: bool = True) -> dict[str, Any]:
-    return {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": stream}
-
-
-async def single(make_upstream, make_proxy, timeouts: dict[str, float] | None = None):
-    """Alias mana/x = [a/m1, b/m2]: b stands by to prove it is (not) called."""
-    a = await make_upstream("a")
-    b = await make_upstream("b")
-    b.default = sse_reply(chat_chunks("m2", ["from", " b"]))
-    providers = {"a": {"base_url": a, "timeouts": timeouts or {}}, "b": b}
-    proxy = await make_proxy(build_config(providers, {"mana/x": ["a/m1", "b/m2"]}))
-    return a, b, proxy
-
-
-def events_of(body: bytes) -> list[bytes]:
-    return [event for event in body.split(b"\n\n") if event]
-
-
-def error_event_of(body: bytes) -> dict[str, Any]:
-    """The final event must be our error event; return its `error` object."""
-    last = events_of(body)[-1]
-    assert last.startswith(b"data: "), last
-    error = orjson.loads(last[len(b"data: ") :])["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    return error
-
+from .helpers import CHAT, DONE, chat, error_event_of, events_of, two_entry_proxy
 
 # -- bytes through unchanged except `model` -------------------------------------------------------
 
@@ -83,10 +51,10 @@ def relabelled(raw: bytes, old: bytes = b"m1", new: bytes = b"a/m1") -> bytes:
 
 
 async def test_stream_passes_through_byte_for_byte_except_model(make_upstream, make_proxy):
-    a, _b, proxy = await single(make_upstream, make_proxy)
+    a, _b, proxy = await two_entry_proxy(make_upstream, make_proxy)
     a.default = stream_bytes([VARIED_STREAM], pause=0)
 
-    resp = await proxy.client.post(CHAT, json=chat())
+    resp = await proxy.client.post(CHAT, json=chat(stream=True))
 
     assert resp.status == 200
     body = await resp.read()
@@ -95,11 +63,11 @@ async def test_stream_passes_through_byte_for_byte_except_model(make_upstream, m
 
 
 async def test_crlf_line_endings_pass_through(make_upstream, make_proxy):
-    a, _b, proxy = await single(make_upstream, make_proxy)
+    a, _b, proxy = await two_entry_proxy(make_upstream, make_proxy)
     raw = VARIED_STREAM.replace(b"\n", b"\r\n")
     a.default = stream_bytes([raw], pause=0)
 
-    resp = await proxy.client.post(CHAT, json=chat())
+    resp = await proxy.client.post(CHAT, json=chat(stream=True))
 
     body = await resp.read()
     assert body == relabelled(raw)
@@ -109,7 +77,7 @@ async def test_crlf_line_endings_pass_through(make_upstream, make_proxy):
 
 @pytest.mark.parametrize("separator", [b"\n", b"\r\n"])
 async def test_event_split_across_tcp_writes_is_reassembled(make_upstream, make_proxy, separator):
-    a, _b, proxy = await single(make_upstream, make_proxy)
+    a, _b, proxy = await two_entry_proxy(make_upstream, make_proxy)
     raw = VARIED_STREAM.replace(b"\n", separator)
     # Cut everywhere it hurts: inside `"model"`, inside its value, between the two newlines of a
     # boundary, inside a multi-byte UTF-8 character, inside `[DONE]`.
@@ -127,13 +95,13 @@ async def test_event_split_across_tcp_writes_is_reassembled(make_upstream, make_
     pieces = [raw[start:end] for start, end in zip([0, *cuts], [*cuts, len(raw)], strict=True)]
     a.default = stream_bytes(pieces, pause=0.01)
 
-    resp = await proxy.client.post(CHAT, json=chat())
+    resp = await proxy.client.post(CHAT, json=chat(stream=True))
 
     assert await resp.read() == relabelled(raw)
 
 
 async def test_llama_cpp_chunk_with_model_after_nested_choices(make_upstream, make_proxy):
-    a, _b, proxy = await single(make_upstream, make_proxy)
+    a, _b, proxy = await two_entry_proxy(make_upstream, make_proxy)
     llama = {
         "choices": [{"finish_reason": None, "index": 0, "delta": {"content": "Hi"}}],
         "created": 1700000000,
@@ -146,7 +114,7 @@ async def test_llama_cpp_chunk_with_model_after_nested_choices(make_upstream, ma
     head = b": comment\n\n"
     a.default = stream_bytes([head + sse_event(llama) + DONE], pause=0)
 
-    resp = await proxy.client.post(CHAT, json=chat())
+    resp = await proxy.client.post(CHAT, json=chat(stream=True))
 
     body = await resp.read()
     assert body.startswith(head)
@@ -156,10 +124,10 @@ async def test_llama_cpp_chunk_with_model_after_nested_choices(make_upstream, ma
 
 
 async def test_stream_response_headers(make_upstream, make_proxy):
-    a, _b, proxy = await single(make_upstream, make_proxy)
+    a, _b, proxy = await two_entry_proxy(make_upstream, make_proxy)
     a.default = sse_reply(chat_chunks("m1", ["x"]))
 
-    resp = await proxy.client.post(CHAT, json=chat(), headers={"X-Request-ID": "stream-1"})
+    resp = await proxy.client.post(CHAT, json=chat(stream=True), headers={"X-Request-ID": "stream-1"})
 
     assert resp.status == 200
     assert resp.headers["Content-Type"].startswith("text/event-stream")
@@ -176,12 +144,12 @@ async def test_stream_response_headers(make_upstream, make_proxy):
 
 
 async def test_headers_wait_for_the_first_upstream_event(make_upstream, make_proxy):
-    a, _b, proxy = await single(make_upstream, make_proxy)
+    a, _b, proxy = await two_entry_proxy(make_upstream, make_proxy)
     a.default = sse_reply(chat_chunks("m1", ["late"]), first_delay=0.3)
     loop = asyncio.get_running_loop()
 
     started = loop.time()
-    resp = await proxy.client.post(CHAT, json=chat())  # returns once status and headers arrive
+    resp = await proxy.client.post(CHAT, json=chat(stream=True))  # returns once status and headers arrive
 
     assert loop.time() - started >= 0.25
     assert resp.headers["X-Mana-LLM-Resolved"] == "a/m1"
@@ -203,10 +171,10 @@ async def test_headers_wait_for_the_first_upstream_event(make_upstream, make_pro
     ],
 )
 async def test_failure_before_first_event_gives_the_fallbacks_clean_answer(make_upstream, make_proxy, behavior):
-    a, b, proxy = await single(make_upstream, make_proxy)
+    a, b, proxy = await two_entry_proxy(make_upstream, make_proxy)
     a.default = behavior()
 
-    resp = await proxy.client.post(CHAT, json=chat())
+    resp = await proxy.client.post(CHAT, json=chat(stream=True))
 
     assert resp.status == 200
     assert resp.headers["X-Mana-LLM-Resolved"] == "b/m2"
@@ -219,10 +187,10 @@ async def test_failure_before_first_event_gives_the_fallbacks_clean_answer(make_
 
 
 async def test_mid_stream_cut_ends_with_error_event_and_never_calls_the_next_entry(make_upstream, make_proxy):
-    a, b, proxy = await single(make_upstream, make_proxy)
+    a, b, proxy = await two_entry_proxy(make_upstream, make_proxy)
     a.default = sse_reply(chat_chunks("m1", ["Hel", "lo", " world"]), cut_after=2)
 
-    resp = await proxy.client.post(CHAT, json=chat())
+    resp = await proxy.client.post(CHAT, json=chat(stream=True))
 
     assert resp.status == 200
     assert resp.headers["X-Mana-LLM-Resolved"] == "a/m1"
@@ -238,11 +206,11 @@ async def test_mid_stream_cut_ends_with_error_event_and_never_calls_the_next_ent
 
 
 async def test_mid_stream_cut_inside_an_event_never_relays_the_half_event(make_upstream, make_proxy):
-    a, b, proxy = await single(make_upstream, make_proxy)
+    a, b, proxy = await two_entry_proxy(make_upstream, make_proxy)
     first = sse_event(chat_chunks("m1", ["Hel"])[1])
     a.default = stream_bytes([first, b'data: {"id":"half-event","model":"m1","choices":[{"index":0,"del'], cut=True)
 
-    resp = await proxy.client.post(CHAT, json=chat())
+    resp = await proxy.client.post(CHAT, json=chat(stream=True))
 
     body = await resp.read()
     assert body.startswith(relabelled(first))
@@ -253,12 +221,12 @@ async def test_mid_stream_cut_inside_an_event_never_relays_the_half_event(make_u
 
 
 async def test_idle_timeout_mid_stream_ends_with_error_event(make_upstream, make_proxy):
-    a, b, proxy = await single(make_upstream, make_proxy, timeouts={"idle": 0.3})
+    a, b, proxy = await two_entry_proxy(make_upstream, make_proxy, a_spec={"timeouts": {"idle": 0.3}})
     a.default = sse_reply(chat_chunks("m1", ["Hel", "lo", " world"]), hang_after=2)
     loop = asyncio.get_running_loop()
 
     started = loop.time()
-    resp = await proxy.client.post(CHAT, json=chat())
+    resp = await proxy.client.post(CHAT, json=chat(stream=True))
     body = await resp.read()
 
     assert 0.25 <= loop.time() - started < 1.5
@@ -271,10 +239,10 @@ async def test_idle_timeout_mid_stream_ends_with_error_event(make_upstream, make
 
 
 async def test_total_timeout_mid_stream_ends_with_error_event(make_upstream, make_proxy):
-    a, b, proxy = await single(make_upstream, make_proxy, timeouts={"total": 0.4, "idle": 5})
+    a, b, proxy = await two_entry_proxy(make_upstream, make_proxy, a_spec={"timeouts": {"total": 0.4, "idle": 5}})
     a.default = sse_reply(chat_chunks("m1", [str(n) for n in range(20)]), delay=0.1)
 
-    resp = await proxy.client.post(CHAT, json=chat())
+    resp = await proxy.client.post(CHAT, json=chat(stream=True))
     body = await resp.read()
 
     assert resp.status == 200
@@ -285,10 +253,10 @@ async def test_total_timeout_mid_stream_ends_with_error_event(make_upstream, mak
 
 
 async def test_clean_end_without_done_is_reported_as_an_error(make_upstream, make_proxy):
-    a, b, proxy = await single(make_upstream, make_proxy)
+    a, b, proxy = await two_entry_proxy(make_upstream, make_proxy)
     a.default = sse_reply(chat_chunks("m1", ["Hel", "lo"]), done=False)
 
-    resp = await proxy.client.post(CHAT, json=chat())
+    resp = await proxy.client.post(CHAT, json=chat(stream=True))
 
     body = await resp.read()
     assert len(events_of(body)) == len(chat_chunks("m1", ["Hel", "lo"])) + 1
@@ -298,11 +266,11 @@ async def test_clean_end_without_done_is_reported_as_an_error(make_upstream, mak
 
 
 async def test_final_done_without_blank_line_is_a_complete_stream(make_upstream, make_proxy):
-    a, _b, proxy = await single(make_upstream, make_proxy)
+    a, _b, proxy = await two_entry_proxy(make_upstream, make_proxy)
     chunks = b"".join(sse_event(c) for c in chat_chunks("m1", ["Hel", "lo"]))
     a.default = stream_bytes([chunks, b"data: [DONE]"])
 
-    resp = await proxy.client.post(CHAT, json=chat())
+    resp = await proxy.client.post(CHAT, json=chat(stream=True))
 
     body = await resp.read()
     assert body == relabelled(chunks) + DONE
@@ -311,14 +279,14 @@ async def test_final_done_without_blank_line_is_a_complete_stream(make_upstream,
 
 @pytest.mark.parametrize("upstream_state", ["streaming", "silent"])
 async def test_client_disconnect_closes_the_upstream_promptly(make_upstream, make_proxy, upstream_state):
-    a, _b, proxy = await single(make_upstream, make_proxy)
+    a, _b, proxy = await two_entry_proxy(make_upstream, make_proxy)
     words = [f"w{n} " for n in range(200)]
     if upstream_state == "streaming":
         a.default = sse_reply(chat_chunks("m1", words), delay=0.05)
     else:
         a.default = sse_reply(chat_chunks("m1", words), hang_after=2)
 
-    resp = await proxy.client.post(CHAT, json=chat())
+    resp = await proxy.client.post(CHAT, json=chat(stream=True))
     assert resp.status == 200
     assert await resp.content.readany()
     resp.close()  # the client goes away mid-answer
@@ -335,7 +303,7 @@ async def test_client_disconnect_closes_the_upstream_promptly(make_upstream, mak
 
 
 async def test_unstreamed_json_gets_model_rewritten(make_upstream, make_proxy):
-    a, _b, proxy = await single(make_upstream, make_proxy)
+    a, _b, proxy = await two_entry_proxy(make_upstream, make_proxy)
     answer = {**chat_completion("m1", "Hi there"), "x_vendor": {"model": "inner"}, "service_tier": None}
     a.default = json_reply(answer)
 
@@ -348,7 +316,7 @@ async def test_unstreamed_json_gets_model_rewritten(make_upstream, make_proxy):
 
 
 async def test_unstreamed_answer_to_a_stream_request_is_relayed_as_json(make_upstream, make_proxy):
-    a, _b, proxy = await single(make_upstream, make_proxy)
+    a, _b, proxy = await two_entry_proxy(make_upstream, make_proxy)
     a.default = json_reply(chat_completion("m1"))
 
     resp = await proxy.client.post(CHAT, json=chat(stream=True))
@@ -359,7 +327,7 @@ async def test_unstreamed_answer_to_a_stream_request_is_relayed_as_json(make_ups
 
 
 async def test_compressed_upstream_answer_is_decoded(make_upstream, make_proxy):
-    a, _b, proxy = await single(make_upstream, make_proxy)
+    a, _b, proxy = await two_entry_proxy(make_upstream, make_proxy)
     compressed = gzip.compress(orjson.dumps(chat_completion("m1")))
     a.default = raw_reply(compressed, content_type="application/json", headers={"Content-Encoding": "gzip"})
 
@@ -370,7 +338,7 @@ async def test_compressed_upstream_answer_is_decoded(make_upstream, make_proxy):
 
 
 async def test_non_json_answer_is_relayed_untouched(make_upstream, make_proxy):
-    a, _b, proxy = await single(make_upstream, make_proxy)
+    a, _b, proxy = await two_entry_proxy(make_upstream, make_proxy)
     audio = b"ID3\x04\x00\x00binary-audio\xff\xfb"
     a.default = raw_reply(audio, content_type="audio/mpeg")
 
@@ -383,7 +351,7 @@ async def test_non_json_answer_is_relayed_untouched(make_upstream, make_proxy):
 
 
 async def test_unstreamed_invalid_json_falls_back(make_upstream, make_proxy):
-    a, b, proxy = await single(make_upstream, make_proxy)
+    a, b, proxy = await two_entry_proxy(make_upstream, make_proxy)
     a.default = raw_reply(b'{"id": "x", "model": "m1", "choi', content_type="application/json")
     b.default = status_reply(500)
 

@@ -23,8 +23,8 @@ from manaproxy.app import create_app
 from manaproxy.config import parse_config
 from manaproxy.providers.google import GoogleProvider
 
-from .fakes import FakeGemini, FakeUpstream
-from .helpers import Proxy, ProxyTestServer
+from .fakes import FakeGemini, FakeUpstream, chat_completion, json_reply
+from .helpers import Proxy, ProxyTestServer, build_config
 from .processes import ServeProcess
 
 
@@ -101,3 +101,15 @@ async def make_google_proxy(make_proxy: Any) -> AsyncIterator[Callable[..., Awai
         for provider in proxy.gateway.runtime.providers.values():
             if isinstance(provider, GoogleProvider):
                 await provider.aclose()
+
+
+@pytest.fixture
+async def routed_proxy(make_upstream: Any, make_proxy: Any) -> tuple[FakeUpstream, Proxy]:
+    """Providers a, ollama and openrouter (all one fake that answers everything); aliases mana/x (the default)
+    and mana/y; a request body limit of 1000 bytes."""
+    up = await make_upstream("up")
+    up.default = json_reply(chat_completion("whatever"))
+    providers = {"a": up, "ollama": up, "openrouter": up}
+    aliases = {"mana/x": ["a/m1"], "mana/y": ["a/m2"]}
+    proxy = await make_proxy(build_config(providers, aliases, default="mana/x", server={"max_body_bytes": 1000}))
+    return up, proxy

@@ -12,8 +12,8 @@ import pytest
 from manaproxy.config import HealthSettings, ProviderConfig, parse_config
 from manaproxy.health import HealthTracker
 
-from .fakes import chat_completion, json_reply, status_reply, wait_for
-from .helpers import ask, build_config, chat
+from .fakes import chat_chunks, chat_completion, json_reply, sse_reply, status_reply, wait_for
+from .helpers import CHAT, ask, build_config, chat
 
 BREAKER = {"failure_threshold": 2, "backoff_seconds": 0.3}
 
@@ -158,6 +158,22 @@ async def test_half_open_sends_one_trial_at_a_time(make_upstream, make_proxy):
     assert await trial == "a/m1"
     assert health.breaker("a") == "closed"
     assert await ask(proxy) == "a/m1"
+
+
+async def test_half_open_trial_is_not_blocked_by_a_stream_from_before_the_breaker_opened(make_upstream, make_proxy):
+    a, _b, proxy = await breaker_proxy(make_upstream, make_proxy)
+    a.queue(sse_reply(chat_chunks("m1", ["still", "going"]), hang_after=2))
+    long_stream = await proxy.client.post(CHAT, json=chat(stream=True))
+    await long_stream.content.readline()
+    for _ in range(2):  # two 503s open a's breaker while the stream from before still runs
+        assert await ask(proxy) == "b/m2"
+    await wait_for(lambda: proxy.gateway.health.breaker("a") == "half_open", timeout=2)
+    a.default = json_reply(chat_completion("m1"))
+
+    try:
+        assert await ask(proxy) == "a/m1"  # the trial goes to a
+    finally:
+        long_stream.close()
 
 
 async def test_429_with_retry_after_keeps_the_provider_out_without_counting_an_outage(make_upstream, make_proxy):

@@ -5,11 +5,14 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 
 from .fakes import status_reply, wait_for
 from .helpers import build_config
+
+PROVIDER_KEY = "test-key-0123456789"
 
 
 @pytest.fixture
@@ -88,6 +91,33 @@ async def test_a_provider_that_cannot_list_is_left_out_and_the_call_stays_fast(c
     assert ids == ["mana/x", "mana/y", "a/m1", "a/vendor/m2"]
 
     assert a.models_calls == 1
+
+
+async def test_a_failed_model_list_is_not_fetched_again_within_the_ttl(catalog):
+    a, b, _off, proxy = catalog
+    b.models_status = 500
+
+    for _ in range(2):
+        resp = await proxy.client.get("/v1/models")
+        assert resp.status == 200
+
+    assert (a.models_calls, b.models_calls) == (1, 1)
+
+
+async def test_a_failed_model_list_is_logged_without_the_provider_key(make_upstream, make_proxy, caplog):
+    a = await make_upstream("a")
+    a.default = status_reply(401, f"Incorrect API key provided: {PROVIDER_KEY}")
+    # Under /v2 the fake's scripted handler, not its built-in model list, answers GET /models.
+    base_url = a.base_url.removesuffix("/v1") + "/v2"
+    proxy = await make_proxy(build_config({"a": {"base_url": base_url, "api_key": PROVIDER_KEY}}, {"mana/x": ["a/m1"]}))
+    caplog.set_level(logging.DEBUG, logger="manaproxy")
+
+    resp = await proxy.client.get("/v1/models")
+
+    assert resp.status == 200
+    assert PROVIDER_KEY not in await resp.text()
+    assert any("did not list" in record.getMessage() for record in caplog.records)
+    assert not [record.getMessage() for record in caplog.records if PROVIDER_KEY in record.getMessage()]
 
 
 async def test_concurrent_model_lists_share_one_upstream_fetch(catalog):

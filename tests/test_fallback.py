@@ -11,9 +11,12 @@ import asyncio
 import time
 from email.utils import formatdate
 
+import orjson
 import pytest
+from aiohttp import web
 
 from .fakes import (
+    Recorded,
     after,
     chat_answer,
     chat_chunks,
@@ -25,9 +28,10 @@ from .fakes import (
     raw_reply,
     sse_reply,
     status_reply,
+    stream_bytes,
     wait_for,
 )
-from .helpers import CHAT, FAST, build_config, chat, two_entry_proxy
+from .helpers import CHAT, FAST, assert_openai_error, build_config, chat, two_entry_proxy
 
 
 async def assert_answered_by_b(resp, b, *, stream: bool) -> None:
@@ -82,6 +86,17 @@ async def test_first_byte_timeout_after_headers_falls_back(make_upstream, make_p
 
     await assert_answered_by_b(resp, b, stream=True)
     await wait_for(a.requests[0].disconnected.is_set)
+
+
+async def test_keepalive_comments_alone_never_commit_and_fall_back_at_first_byte_timeout(make_upstream, make_proxy):
+    a, b, proxy = await two_entry_proxy(make_upstream, make_proxy, a_spec={"timeouts": {"first_byte": 0.2}})
+    a.default = stream_bytes([b": ping\n\n"] * 40, pause=0.025)  # a second of comments, no data event
+
+    resp = await proxy.client.post(CHAT, json=chat(stream=True))
+
+    await assert_answered_by_b(resp, b, stream=True)
+    assert b": ping" not in await resp.read()
+    assert proxy.gateway.health.get("a").breaker.last_error == "timed out before the first byte"
 
 
 async def test_unstreamed_total_timeout_falls_back(make_upstream, make_proxy):
@@ -182,6 +197,25 @@ async def test_404_falls_back_but_is_not_a_provider_fault(make_upstream, make_pr
     assert proxy.gateway.health.status("a") == "healthy"
 
 
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_provider_redirect_is_not_followed_with_its_credentials(make_upstream, make_proxy, stream):
+    a = await make_upstream("a")
+    elsewhere = await make_upstream("elsewhere")  # another origin: same loopback address, other port
+
+    async def redirect(request: web.Request, recorded: Recorded) -> web.StreamResponse:
+        raise web.HTTPTemporaryRedirect(f"{elsewhere.base_url}/chat/completions")
+
+    a.default = redirect
+    spec = {"base_url": a, "api_key": "test-key-0123456789", "headers": {"X-Api-Key": "test-header-secret-1"}}
+    proxy = await make_proxy(build_config({"a": spec}, {"mana/x": ["a/m1"]}))
+
+    resp = await proxy.client.post(CHAT, json=chat(stream=stream))
+
+    error = await assert_openai_error(resp, 503, "all_targets_failed")
+    assert error["message"].endswith("a/m1=HTTP 307")
+    assert elsewhere.calls == 0
+
+
 # -- the caller's fault: no fallback -------------------------------------------------------------
 
 
@@ -207,6 +241,26 @@ async def test_caller_errors_are_returned_as_is(make_upstream, make_proxy, statu
     assert resp.headers["X-Mana-LLM-Resolved"] == "a/m1"
     assert b.calls == 0
     assert proxy.gateway.health.get("a").breaker.consecutive_failures == 0
+
+
+async def test_upstream_4xx_to_a_stream_request_is_relayed_whole(make_upstream, make_proxy):
+    a, b, proxy = await two_entry_proxy(make_upstream, make_proxy)
+    upstream_error = {
+        "error": {
+            "message": "messages.0.content: field required",
+            "type": "invalid_request_error",
+            "param": "messages",
+            "code": "missing_field",
+        }
+    }
+    body = orjson.dumps(upstream_error)
+    a.default = stream_bytes([body[:20], body[20:]], status=400, content_type="application/json")
+
+    resp = await proxy.client.post(CHAT, json=chat(stream=True))
+
+    assert resp.status == 400
+    assert await resp.json() == upstream_error
+    assert b.calls == 0
 
 
 async def test_caller_error_without_openai_shape_is_wrapped(make_upstream, make_proxy):

@@ -6,9 +6,10 @@ from __future__ import annotations
 import random
 from typing import Any
 
+import orjson
 import pytest
 
-from .helpers import CHAT, assert_openai_error, build_config
+from .helpers import CHAT, assert_openai_error, build_config, chat, raw_exchange, split_response
 
 
 def hostile_bodies() -> list[bytes]:
@@ -124,3 +125,19 @@ async def test_overlong_model_gets_a_readable_answer(unlimited, model):
 
     assert resp.status < 500
     await resp.read()
+
+
+async def test_accept_header_that_is_not_utf8_neither_fails_nor_hurts_the_provider(make_upstream, make_proxy):
+    """The client's Accept is the one header forwarded as sent: undecodable bytes must not break the call."""
+    a = await make_upstream("a")
+    proxy = await make_proxy(build_config({"a": a}, {"mana/x": ["a/m1"]}, health={"failure_threshold": 1}))
+    body = orjson.dumps(chat())
+    request = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: proxy\r\nAccept: \xff\xfe text/\xc3\r\n"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
+    ) + body
+
+    status, headers, _ = split_response(await raw_exchange(proxy.port, request))
+
+    assert (status, headers["x-mana-llm-resolved"]) == (200, "a/m1")
+    assert proxy.gateway.health.get("a").breaker.consecutive_failures == 0

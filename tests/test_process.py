@@ -15,10 +15,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from manaproxy.app import create_app
+from manaproxy.config import parse_config
 
 from .fakes import (
     FakeUpstream,
@@ -31,7 +36,7 @@ from .fakes import (
     status_reply,
     wait_for,
 )
-from .helpers import CHAT, FIELDS, build_config, chat, parse_logfmt
+from .helpers import CHAT, FIELDS, ProxyTestServer, build_config, chat, parse_logfmt
 from .processes import ROOT, free_port, next_datagram, post_to, read_datagrams
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
@@ -315,3 +320,19 @@ def test_under_journald_lines_carry_their_syslog_priority_and_no_timestamp(tmp_p
     assert code == 2
     (line,) = log.read_text().splitlines()
     assert line.startswith("<3>ERROR manaproxy: invalid config, not starting: ")
+
+
+def test_an_app_created_before_the_event_loop_runs_serves_once_it_does():
+    """`manaproxy serve` builds the application before it starts the loop that serves it."""
+    config = parse_config(build_config({"a": "http://127.0.0.1:9/v1"}, {"mana/x": ["a/m1"]}), env={})
+    app = create_app(config, probes=False)
+
+    async def serve_once() -> tuple[int, Any]:
+        async with TestClient(ProxyTestServer(app)) as client:
+            resp = await client.get("/v1/aliases")
+            return resp.status, await resp.json()
+
+    status, body = asyncio.run(serve_once())
+
+    assert status == 200
+    assert [alias["chain"] for alias in body["aliases"]] == [["a/m1"]]

@@ -3,12 +3,15 @@ with a 400 when the proxy cannot use it — before any upstream is called."""
 
 from __future__ import annotations
 
+import gzip
 import json
 from collections.abc import AsyncIterator
+from typing import Any
 
+import orjson
 import pytest
 
-from .helpers import CHAT, assert_openai_error
+from .helpers import CHAT, assert_openai_error, build_config, chat
 
 # -- body checks ----------------------------------------------------------------------------------
 
@@ -73,3 +76,89 @@ async def test_body_at_the_limit_is_accepted(routed_proxy, chunked):
 
     assert resp.status == 200
     assert up.requests[0].json["pad"] == json.loads(body)["pad"]
+
+
+# -- decoded and re-encoded on the way upstream ------------------------------------------------------------
+
+
+async def test_gzip_request_body_is_decoded_before_it_is_forwarded(make_upstream, make_proxy):
+    a = await make_upstream("a")
+    proxy = await make_proxy(build_config({"a": a}, {"mana/x": ["a/m1"]}))
+
+    resp = await proxy.client.post(
+        CHAT,
+        data=gzip.compress(orjson.dumps(chat())),
+        headers={"Content-Encoding": "gzip", "Content-Type": "application/json"},
+    )
+
+    assert resp.status == 200
+    assert a.requests[0].json["model"] == "m1"
+    assert "Content-Encoding" not in a.requests[0].headers
+
+
+async def test_undecodable_compressed_request_body_is_a_400(make_upstream, make_proxy):
+    a = await make_upstream("a")
+    proxy = await make_proxy(build_config({"a": a}, {"mana/x": ["a/m1"]}))
+
+    resp = await proxy.client.post(
+        CHAT, data=b"this is not gzip", headers={"Content-Encoding": "gzip", "Content-Type": "application/json"}
+    )
+
+    await assert_openai_error(resp, 400, "invalid_body")
+    assert a.calls == 0
+
+
+async def test_gzip_bomb_is_limited_by_its_decoded_size(make_upstream, make_proxy):
+    a = await make_upstream("a")
+    proxy = await make_proxy(build_config({"a": a}, {"mana/x": ["a/m1"]}, server={"max_body_bytes": 10_000}))
+    bomb = gzip.compress(b'{"model": "mana/x", "pad": "' + b"x" * 2_000_000 + b'"}')
+    assert len(bomb) < 10_000
+
+    resp = await proxy.client.post(
+        CHAT, data=bomb, headers={"Content-Encoding": "gzip", "Content-Type": "application/json"}
+    )
+
+    await assert_openai_error(resp, 413, "request_too_large")
+    assert a.calls == 0
+
+
+async def test_body_nested_too_deep_to_forward_is_a_400_not_a_provider_outage(make_upstream, make_proxy):
+    a = await make_upstream("a")
+    proxy = await make_proxy(build_config({"a": a}, {"mana/x": ["a/m1"]}, health={"failure_threshold": 1}))
+    body = b'{"model": "mana/x", "messages": ' + b"[" * 300 + b"]" * 300 + b"}"
+
+    resp = await proxy.client.post(CHAT, data=body, headers={"Content-Type": "application/json"})
+
+    await assert_openai_error(resp, 400, "invalid_json")
+    health = proxy.gateway.health
+    assert (health.get("a").breaker.consecutive_failures, health.breaker("a")) == (0, "closed")
+    assert a.calls == 0
+
+
+async def test_body_nested_within_what_can_be_forwarded_reaches_the_upstream_intact(make_upstream, make_proxy):
+    a = await make_upstream("a")
+    proxy = await make_proxy(build_config({"a": a}, {"mana/x": ["a/m1"]}))
+    nested: Any = []
+    for _ in range(200):
+        nested = [nested]
+
+    resp = await proxy.client.post(CHAT, json={"model": "mana/x", "messages": nested})
+
+    assert resp.status == 200
+    assert a.requests[0].json == {"model": "m1", "messages": nested}
+
+
+@pytest.mark.xfail(
+    reason="KNOWN LIMITATION (README): the body is parsed once and re-encoded with `model` replaced; "
+    "orjson reads integers beyond 64 bits as floats",
+    strict=True,
+)
+async def test_big_integers_in_the_body_reach_the_upstream_unchanged(make_upstream, make_proxy):
+    a = await make_upstream("a")
+    proxy = await make_proxy(build_config({"a": a}, {"mana/x": ["a/m1"]}))
+    body = b'{"model": "mana/x", "messages": [], "seed": 123456789012345678901234567890}'
+
+    resp = await proxy.client.post(CHAT, data=body, headers={"Content-Type": "application/json"})
+
+    assert resp.status == 200
+    assert b"123456789012345678901234567890" in a.requests[0].body

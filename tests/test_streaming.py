@@ -277,6 +277,18 @@ async def test_final_done_without_blank_line_is_a_complete_stream(make_upstream,
     assert proxy.gateway.health.get("a").breaker.consecutive_failures == 0
 
 
+async def test_connection_reset_after_done_is_a_completed_stream(make_upstream, make_proxy):
+    a, _b, proxy = await two_entry_proxy(make_upstream, make_proxy)
+    events = [sse_event(chunk) for chunk in chat_chunks("m1", ["Hel", "lo"])]
+    a.default = stream_bytes([*events, DONE], cut=True, pause=0.01)
+
+    resp = await proxy.client.post(CHAT, json=chat(stream=True))
+    body = await resp.read()
+
+    assert body.endswith(DONE)
+    assert proxy.gateway.health.get("a").breaker.consecutive_failures == 0
+
+
 @pytest.mark.parametrize("upstream_state", ["streaming", "silent"])
 async def test_client_disconnect_closes_the_upstream_promptly(make_upstream, make_proxy, upstream_state):
     a, _b, proxy = await two_entry_proxy(make_upstream, make_proxy)
@@ -297,6 +309,22 @@ async def test_client_disconnect_closes_the_upstream_promptly(make_upstream, mak
     assert loop.time() - gone < 1.0
     await wait_for(lambda: proxy.gateway.health.get("a").in_flight == 0, timeout=1)
     assert proxy.gateway.health.get("a").breaker.consecutive_failures == 0  # the client's leaving is no provider fault
+
+
+async def test_client_leaving_mid_stream_frees_the_concurrency_slot(make_upstream, make_proxy):
+    a, b, proxy = await two_entry_proxy(make_upstream, make_proxy, a_spec={"max_concurrent": 1})
+    a.queue(sse_reply(chat_chunks("m1", ["one", "two"]), hang_after=2))
+
+    resp = await proxy.client.post(CHAT, json=chat(stream=True))
+    assert await resp.content.readline()  # committed: the relay is running
+    resp.close()
+    await wait_for(a.requests[0].disconnected.is_set)
+
+    assert proxy.gateway.health.get("a").in_flight == 0
+    resp = await proxy.client.post(CHAT, json=chat(stream=True))
+    assert resp.headers["X-Mana-LLM-Resolved"] == "a/m1"
+    assert (await resp.read()).endswith(DONE)
+    assert b.calls == 0
 
 
 # -- unstreamed answers ---------------------------------------------------------------------------

@@ -361,3 +361,8 @@ def parse_logfmt(line: str) -> dict[str, str]:
         pairs[key] = raw
         position = match.end()
     return pairs
+
+
+def probe_tasks() -> list[asyncio.Task[Any]]:
+    """The probe tasks (`manaproxy-probe-<provider>`) running now."""
+    return [task for task in asyncio.all_tasks() if task.get_name().startswith("manaproxy-probe")]

@@ -12,7 +12,7 @@ import pytest
 from manaproxy.config import HealthSettings, ProviderConfig, parse_config
 from manaproxy.health import HealthTracker
 
-from .fakes import chat_chunks, chat_completion, json_reply, sse_reply, status_reply, wait_for
+from .fakes import chat_chunks, chat_completion, gated_stream, json_reply, sse_reply, status_reply, wait_for
 from .helpers import CHAT, ask, build_config, chat
 
 BREAKER = {"failure_threshold": 2, "backoff_seconds": 0.3}
@@ -174,6 +174,35 @@ async def test_half_open_trial_is_not_blocked_by_a_stream_from_before_the_breake
         assert await ask(proxy) == "a/m1"  # the trial goes to a
     finally:
         long_stream.close()
+
+
+async def test_a_trial_stream_outliving_a_reopened_breaker_does_not_block_the_next_trial(make_upstream, make_proxy):
+    a = await make_upstream("a")
+    b = await make_upstream("b")
+    a.default = status_reply(503)
+    b.default = json_reply(chat_completion("m2"))
+    health_settings = {"failure_threshold": 1, "backoff_seconds": 0.2}
+    proxy = await make_proxy(build_config({"a": a, "b": b}, {"mana/x": ["a/m1", "b/m2"]}, health=health_settings))
+    health = proxy.gateway.health
+
+    assert await ask(proxy) == "b/m2"  # a fails once: open
+    await wait_for(lambda: health.breaker("a") == "half_open", timeout=2)
+
+    gate = asyncio.Event()
+    a.queue(gated_stream(gate))
+    resp = await proxy.client.post(CHAT, json=chat(stream=True))
+    assert resp.headers["X-Mana-LLM-Resolved"] == "a/m1"  # the trial: its first event closes the breaker
+    await resp.content.readuntil(b"\n\n")
+    assert health.breaker("a") == "closed"
+
+    assert await ask(proxy) == "b/m2"  # a fails again while the trial stream still runs: open again
+    await wait_for(lambda: health.breaker("a") == "half_open", timeout=2)
+    a.default = json_reply(chat_completion("m1"))
+    try:
+        assert await ask(proxy) == "a/m1"  # the window is over: this request is the new trial
+    finally:
+        gate.set()
+        await resp.read()
 
 
 async def test_429_with_retry_after_keeps_the_provider_out_without_counting_an_outage(make_upstream, make_proxy):

@@ -16,7 +16,8 @@ from typing import Any
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from .helpers import build_config, run_promtool, scrape, varied_traffic
+from .fakes import chat_completion, json_reply
+from .helpers import ask, build_config, run_promtool, scrape, varied_traffic
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "mana-llm.json"
@@ -196,6 +197,54 @@ async def test_every_dashboard_query_and_alert_expression_returns_data_on_a_real
     output = result.stdout + result.stderr
     failed = sorted({int(n) for n in re.findall(r"alertname: Q(\d+),", output)})
     assert result.returncode == 0, "no data for:\n" + "\n".join(queries[i] for i in failed) + "\n" + output[-2000:]
+
+
+# -- alerts on real traffic -------------------------------------------------------------------------------
+
+
+def series_lines(text: str, name: str) -> list[str]:
+    """`name{labels}` of every sample of `name` in a scrape, with the job/instance Prometheus adds."""
+    out = []
+    for line in text.splitlines():
+        if line.startswith(name + "{"):
+            labels = line[len(name) + 1 : line.index("}")]
+            out.append(f'{name}{{job="mana-llm", instance="a:3025", {labels}}}')
+    return out
+
+
+async def test_a_provider_without_a_key_does_not_fire_the_fallback_ratio_alert(make_upstream, make_proxy, tmp_path):
+    """Leaving a provider's key unset is a normal deployment (the shipped chains name five providers):
+    skipping it on every request is no sign that first choices are failing."""
+    b = await make_upstream("b")
+    b.default = json_reply(chat_completion("m2"))
+    proxy = await make_proxy(build_config({"g": {"base_url": b, "api_key": ""}, "b": b}, {"mana/x": ["g/m1", "b/m2"]}))
+    for _ in range(3):
+        assert await ask(proxy) == "b/m2"
+    text = await (await proxy.client.get("/metrics")).text()
+    (fallback,) = series_lines(text, "mana_llm_fallback_total")
+    (requests,) = series_lines(text, "mana_llm_llm_requests_total")
+    assert 'reason="unconfigured"' in fallback
+    assert (
+        proxy.registry.get_sample_value(
+            "mana_llm_fallback_total", {"from_model": "g/m1", "to_model": "b/m2", "reason": "unconfigured"}
+        )
+        == proxy.registry.get_sample_value(
+            "mana_llm_llm_requests_total", {"provider": "b", "model": "m2", "streaming": "false"}
+        )
+        == 3
+    )
+
+    # The same traffic, one request per second for 40 minutes: every request skips g.
+    series = [{"series": fallback, "values": "0+60x40"}, {"series": requests, "values": "0+60x40"}]
+    case = {
+        "interval": "1m",
+        "input_series": series,
+        "alert_rule_test": [{"eval_time": "40m", "alertname": "ManaLLMFallbackRatioHigh", "exp_alerts": []}],
+    }
+    path = tmp_path / "alerts_test.yml"
+    path.write_text(yaml.safe_dump({"rule_files": [str(ALERTS)], "evaluation_interval": "1m", "tests": [case]}))
+    result = await asyncio.to_thread(run_promtool, "test", "rules", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 # -- Prometheus files ------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from google.genai import types
 from manaproxy.app import make_session
 from manaproxy.body import parse_body
 from manaproxy.config import ProviderConfig, Target
+from manaproxy.health.probe import probe_one
 from manaproxy.providers import build_provider
 from manaproxy.providers.base import Call, UpstreamFailure
 from manaproxy.providers.google import GoogleProvider
@@ -30,8 +31,11 @@ from manaproxy.providers.google import request as google_request
 from manaproxy.redact import Redactor
 
 from .fakes import (
+    GEMINI_KEY_INVALID_INFO,
+    GEMINI_KEY_NOT_VALID,
     GEMINI_MODEL,
     FakeGemini,
+    KeyRejectingGemini,
     chat_completion,
     gemini_answer,
     gemini_chunks,
@@ -42,7 +46,7 @@ from .fakes import (
     status_reply,
     wait_for,
 )
-from .helpers import Proxy, build_config
+from .helpers import Proxy, ask, build_config, chat
 
 KEY = "test-key-1"
 MODEL = GEMINI_MODEL
@@ -52,9 +56,12 @@ def google_spec(fake: FakeGemini, **extra: Any) -> dict[str, Any]:
     return {"kind": "google", "base_url": fake.base_url, "api_key": KEY, **extra}
 
 
-async def google_only(make_google_proxy: Any, gemini: FakeGemini, **extra: Any) -> Proxy:
+async def google_only(
+    make_google_proxy: Any, gemini: FakeGemini, *, health: dict[str, Any] | None = None, **extra: Any
+) -> Proxy:
+    """mana/g = [google/MODEL] on the fake Gemini; `extra`: more settings of the google provider."""
     return await make_google_proxy(
-        build_config({"google": google_spec(gemini, **extra)}, {"mana/g": [f"google/{MODEL}"]})
+        build_config({"google": google_spec(gemini, **extra)}, {"mana/g": [f"google/{MODEL}"]}, health=health)
     )
 
 
@@ -409,11 +416,13 @@ def test_base64_embeddings_are_little_endian_float32():
 # -- errors and fallback -------------------------------------------------------------------------------------
 
 
-async def fallback_proxy(make_google_proxy, gemini, make_upstream) -> tuple[Proxy, Any]:
+async def fallback_proxy(make_google_proxy, gemini, make_upstream, *, health=None) -> tuple[Proxy, Any]:
+    """mana/g = [google/MODEL, backup/m2]; the backup answers "from backup"."""
     backup = await make_upstream("backup")
     backup.default = json_reply(chat_completion("backup-model", "from backup"))
+    providers = {"google": google_spec(gemini), "backup": backup}
     proxy = await make_google_proxy(
-        build_config({"google": google_spec(gemini), "backup": backup}, {"mana/g": [f"google/{MODEL}", "backup/m2"]})
+        build_config(providers, {"mana/g": [f"google/{MODEL}", "backup/m2"]}, health=health)
     )
     return proxy, backup
 
@@ -471,6 +480,37 @@ async def test_caller_error_comes_back_as_openai_400(make_google_proxy, gemini, 
     assert caught.value.response.headers["X-Mana-LLM-Resolved"] == f"google/{MODEL}"
 
 
+REFUSED_MODELS = [f"{MODEL}?alt=json", "../../v1/files", f"{MODEL}/.."]  # the SDK raises "invalid model parameter"
+
+
+@pytest.mark.parametrize("model", REFUSED_MODELS)
+async def test_a_model_name_google_refuses_is_a_400(make_google_proxy, gemini, model):
+    proxy = await google_only(make_google_proxy, gemini)
+    resp = await proxy.client.post("/v1/chat/completions", json={"model": f"google/{model}", "messages": USER})
+    body = await resp.json()
+    assert resp.status == 400, body
+    assert body["error"]["param"] == "model"
+    assert gemini.requests == []
+
+
+async def test_a_client_cannot_open_googles_breaker_with_a_model_name_google_refuses(make_google_proxy, gemini):
+    proxy = await google_only(make_google_proxy, gemini, health={"failure_threshold": 2})
+    for model in REFUSED_MODELS[:2]:
+        resp = await proxy.client.post("/v1/chat/completions", json={"model": f"google/{model}", "messages": USER})
+        await resp.read()
+    assert gemini.requests == []  # nothing reached Google: it cannot have failed
+    assert proxy.gateway.health.breaker("google") == "closed"
+    assert await ask(proxy, chat("mana/g")) == f"google/{MODEL}"
+
+
+async def test_a_rejected_google_api_key_falls_back_and_counts_against_google(make_google_proxy, gemini, make_upstream):
+    proxy, _backup = await fallback_proxy(make_google_proxy, gemini, make_upstream, health={"failure_threshold": 1})
+    gemini.default = gemini_error_reply(400, GEMINI_KEY_NOT_VALID, "INVALID_ARGUMENT", details=GEMINI_KEY_INVALID_INFO)
+
+    assert await ask(proxy, chat("mana/g")) == "backup/m2"
+    assert proxy.gateway.health.breaker("google") == "open"
+
+
 @pytest.mark.parametrize(
     ("messages", "extra", "param"),
     [
@@ -482,6 +522,11 @@ async def test_caller_error_comes_back_as_openai_400(make_google_proxy, gemini, 
         ),
         (
             [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}]}],
+            {},
+            "messages[0].content[0].image_url.url",
+        ),
+        (
+            [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://[::1/cat.png"}}]}],
             {},
             "messages[0].content[0].image_url.url",
         ),
@@ -504,6 +549,17 @@ async def test_untranslatable_input_is_a_400_without_calling_google(
     assert body["error"]["param"] == param
     assert gemini.requests == []
     assert backup.calls == 0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_chat_request_with_a_query_string_reaches_google(make_google_proxy, gemini, stream):
+    proxy = await google_only(make_google_proxy, gemini)
+    resp = await proxy.client.post(
+        "/v1/chat/completions?api-version=2024-10-21", json={"model": "mana/g", "messages": USER, "stream": stream}
+    )
+    assert resp.status == 200, await resp.text()
+    await resp.read()
+    assert len(gemini.requests) == 1
 
 
 async def test_other_paths_are_unsupported_and_fall_back(make_google_proxy, gemini, make_upstream):
@@ -648,6 +704,22 @@ async def test_probe_spends_no_tokens_and_reports_failures(gemini, app_session):
         assert caught.value.provider_fault
     finally:
         await provider.aclose()
+
+
+async def test_a_probe_rejected_for_its_api_key_marks_google_unhealthy(make_google_proxy):
+    fake = await KeyRejectingGemini().start()
+    try:
+        proxy = await make_google_proxy(
+            build_config(
+                {"google": google_spec(fake)}, {"mana/g": [f"google/{MODEL}"]}, health={"failure_threshold": 1}
+            )
+        )
+        await probe_one(proxy.gateway, proxy.gateway.runtime.providers["google"], 1.0)
+        view = (await (await proxy.client.get("/v1/health")).json())["providers"]["google"]
+        assert view["status"] == "unhealthy", view  # what an operator reads in an outage
+        assert KEY not in str(view)
+    finally:
+        await fake.close()
 
 
 async def test_api_key_never_reaches_responses_or_logs(make_google_proxy, gemini, caplog):

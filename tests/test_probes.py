@@ -3,12 +3,13 @@ no tokens spent, the first round at startup, and every provider in `/v1/health` 
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from aiohttp import web
 
 from .fakes import chat_completion, json_reply, status_reply, wait_for
-from .helpers import build_config, chat
+from .helpers import FAST_PROBES, build_config, chat, probe_tasks
 from .processes import free_port
 
 FAST = {"probe_interval_seconds": 0.05, "probe_timeout_seconds": 0.3, "failure_threshold": 2, "backoff_seconds": 0.2}
@@ -169,3 +170,21 @@ async def test_a_reload_probes_new_providers_at_once(make_upstream, make_proxy, 
     assert proxy.reloader.reload(str(path))
     await wait_for(lambda: c.models_calls == 1, timeout=1)
     await wait_for(lambda: proxy.gateway.health.get("c").breaker.last_check is not None, timeout=1)
+
+
+# -- shutdown ------------------------------------------------------------------------------------------------
+
+
+async def test_probes_stop_when_the_app_is_cleaned_up(make_upstream, make_proxy):
+    slow = await make_upstream("slow")
+    fast = await make_upstream("fast")
+    slow.models_delay = 5.0
+    proxy = await make_proxy(build_config({"slow": slow, "fast": fast}, health=FAST_PROBES), probes=True)
+    await wait_for(lambda: fast.models_calls >= 2 and slow.models_calls == 1)
+    assert probe_tasks()
+
+    await proxy.client.close()  # the app's cleanup: the probe loop and the hanging probe are cancelled
+    assert probe_tasks() == []
+    calls = fast.models_calls
+    await asyncio.sleep(0.2)  # four probe intervals
+    assert fast.models_calls == calls

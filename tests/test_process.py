@@ -214,6 +214,43 @@ async def test_a_request_in_flight_finishes_on_the_config_it_started_with(make_u
     assert b.calls == 1
 
 
+async def test_sighup_and_a_second_sigterm_while_draining_change_nothing(make_upstream, serve, tmp_path):
+    up = await make_upstream("up")
+    gate = asyncio.Event()
+    up.default = gated_stream(gate)
+    notify_path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(notify_path))
+    sock.setblocking(False)
+    try:
+        proxy = await serve(build_config({"up": up}, {"mana/x": ["up/m1"]}), wait=False, NOTIFY_SOCKET=str(notify_path))
+        assert (await next_datagram(sock)).startswith("READY=1\n")
+        async with aiohttp.ClientSession() as session:
+            resp = await session.post(proxy.url + CHAT, json=chat(stream=True))
+            await resp.content.readuntil(b"\n\n")
+
+            proxy.signal(signal.SIGTERM)
+            assert await next_datagram(sock) == "STOPPING=1"
+            proxy.config_path.write_text(build_config({"up": up}, {"mana/x": ["up/m1"], "mana/y": ["up/m2"]}))
+            proxy.signal(signal.SIGHUP)
+            await proxy.wait_line(lambda line: "SIGHUP ignored: stopping" in line)
+            proxy.signal(signal.SIGTERM)
+            # Let the second SIGTERM land before the stream can end; a process that took it as "quit now"
+            # would exit here, and the stream below would be cut.
+            await asyncio.sleep(0.05)
+            assert proxy.proc is not None
+            assert proxy.proc.returncode is None
+
+            gate.set()
+            rest = await resp.content.read()
+        assert rest.endswith(b"data: [DONE]\n\n")
+        assert await proxy.wait_exit() == 0
+        assert read_datagrams(sock) == []  # no RELOADING=1/READY=1 after STOPPING=1
+        assert not proxy.lines_with("reloaded ")
+    finally:
+        sock.close()
+
+
 async def test_readiness_notifications_reach_notify_socket(make_upstream, serve, tmp_path):
     up = await make_upstream("up")
     path = tmp_path / "notify.sock"

@@ -32,7 +32,7 @@ from manaproxy.gateway import GATEWAY, Gateway
 from manaproxy.reload import RELOADER, Reloader
 from manaproxy.server import Runner
 
-from .fakes import FakeUpstream, chat_answer, chat_chunks, closed_port_url, sse_reply, status_reply
+from .fakes import FakeGemini, FakeUpstream, chat_answer, chat_chunks, closed_port_url, sse_reply, status_reply
 
 CHAT = "/v1/chat/completions"
 DONE = b"data: [DONE]\n\n"
@@ -209,6 +209,19 @@ def split_response(raw: bytes) -> tuple[int, dict[str, str], bytes]:
     return int(status_line.split()[1]), headers, body
 
 
+GOOGLE_KEY = "test-key-1"
+
+
+def google_spec(fake: FakeGemini, **extra: Any) -> dict[str, Any]:
+    """Settings of a `google` provider served by `fake` (more settings in `extra`)."""
+    return {"kind": "google", "base_url": fake.base_url, "api_key": GOOGLE_KEY, **extra}
+
+
+def probe_tasks() -> list[asyncio.Task[Any]]:
+    """The probe tasks (`manaproxy-probe-<provider>`) running now."""
+    return [task for task in asyncio.all_tasks() if task.get_name().startswith("manaproxy-probe")]
+
+
 # -- answers -------------------------------------------------------------------------------------------------
 
 
@@ -361,8 +374,3 @@ def parse_logfmt(line: str) -> dict[str, str]:
         pairs[key] = raw
         position = match.end()
     return pairs
-
-
-def probe_tasks() -> list[asyncio.Task[Any]]:
-    """The probe tasks (`manaproxy-probe-<provider>`) running now."""
-    return [task for task in asyncio.all_tasks() if task.get_name().startswith("manaproxy-probe")]

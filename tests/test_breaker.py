@@ -244,30 +244,6 @@ async def test_a_listener_that_raises_cannot_break_the_state_machine(make_upstre
     assert "provider a recovered" in caplog.text
 
 
-async def test_reload_keeps_health_of_unchanged_providers_and_resets_changed_ones(make_upstream, make_proxy, tmp_path):
-    a, b, proxy = await breaker_proxy(make_upstream, make_proxy)
-    c = await make_upstream("c")
-    await open_breaker(proxy, a)
-    b.default = status_reply(500)
-    await proxy.client.post("/v1/chat/completions", json=chat("b/m2"))
-    gateway = proxy.gateway
-    assert gateway.health.get("b").breaker.consecutive_failures == 1
-
-    path = tmp_path / "aliases.yaml"
-    path.write_text(build_config({"a": a, "b": b, "c": c}, {"mana/x": ["a/m1", "c/m3"]}, health=BREAKER))
-    assert proxy.reloader.reload(str(path))
-    assert gateway.health.breaker("a") == "open"  # same upstream: its outage is still known
-    assert gateway.health.get("b").breaker.consecutive_failures == 1
-    assert (await get_json(proxy, "/v1/health"))["providers"]["c"]["status"] == "healthy"
-
-    # Pointing a elsewhere (the operator's fix for an outage) gives it a clean slate at once.
-    path.write_text(build_config({"a": c, "b": b, "c": c}, {"mana/x": ["a/m1", "c/m3"]}, health=BREAKER))
-    assert proxy.reloader.reload(str(path))
-    assert gateway.health.breaker("a") == "closed"
-    assert await ask(proxy) == "a/m1"
-    assert c.requests[-1].json["model"] == "m1"
-
-
 # -- the state machine on a fake clock --------------------------------------------------------------
 
 

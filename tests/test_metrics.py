@@ -361,26 +361,6 @@ async def test_unconfigured_provider_has_no_health_series(make_upstream, make_pr
     assert value(proxy, "mana_llm_alias_healthy_targets", alias="mana/x") == 1
 
 
-async def test_reload_counts_results_and_resyncs_provider_health(make_upstream, make_proxy, tmp_path):
-    a, b, proxy = await two_entry_proxy(make_upstream, make_proxy)
-    good = tmp_path / "good.yaml"
-    good.write_text(build_config({"b": b, "c": a}, {"mana/y": ["c/m3", "b/m2"]}))
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("providers: [not, a, mapping]\n")
-
-    assert proxy.reloader.reload(str(good))
-    assert not proxy.reloader.reload(str(bad))
-    assert not proxy.reloader.reload(str(tmp_path / "missing.yaml"))
-
-    assert value(proxy, "mana_llm_config_reloads_total", result="success") == 1
-    assert value(proxy, "mana_llm_config_reloads_total", result="failure") == 2
-    assert not exists(proxy, "mana_llm_provider_healthy", provider="a")
-    assert value(proxy, "mana_llm_provider_healthy", provider="c") == 1
-    await post_chat(proxy, chat("mana/y"))
-    assert value(proxy, "mana_llm_alias_resolved_total", alias="mana/y", target="c/m3") == 1
-    assert value(proxy, "mana_llm_llm_requests_total", provider="c", model="m3", streaming="false") == 1
-
-
 # -- HTTP-level metrics and label bounds ------------------------------------------------------------
 
 

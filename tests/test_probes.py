@@ -158,20 +158,6 @@ async def test_probe_success_waits_for_the_window_then_closes_the_breaker(make_u
     assert a.calls == 2  # no real request was needed
 
 
-async def test_a_reload_probes_new_providers_at_once(make_upstream, make_proxy, tmp_path):
-    a = await make_upstream("a")
-    c = await make_upstream("c")
-    config = {"probe_interval_seconds": 60, "probe_timeout_seconds": 1}
-    proxy = await make_proxy(build_config({"a": a}, health=config), probes=True)
-    await wait_for(lambda: a.models_calls == 1, timeout=1)
-
-    path = tmp_path / "aliases.yaml"
-    path.write_text(build_config({"a": a, "c": c}, health=config))
-    assert proxy.reloader.reload(str(path))
-    await wait_for(lambda: c.models_calls == 1, timeout=1)
-    await wait_for(lambda: proxy.gateway.health.get("c").breaker.last_check is not None, timeout=1)
-
-
 # -- shutdown ------------------------------------------------------------------------------------------------
 
 

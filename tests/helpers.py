@@ -374,3 +374,12 @@ def parse_logfmt(line: str) -> dict[str, str]:
         pairs[key] = raw
         position = match.end()
     return pairs
+
+
+def sse_data(text: str) -> list[Any]:
+    """The `data:` payloads of an SSE text, decoded (`"[DONE]"` for the end marker)."""
+    return [
+        orjson.loads(line[6:]) if line[6:] != "[DONE]" else "[DONE]"
+        for line in text.split("\n")
+        if line.startswith("data: ")
+    ]

@@ -1,4 +1,5 @@
-"""The real `manaproxy` command in a subprocess: `check` (like `nginx -t`), `serve` refusing a bad config, help."""
+"""The real `manaproxy` command in a subprocess: `check` (like `nginx -t`), `serve` refusing a bad config (exit 2,
+one line, journald-ready), help."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from .processes import ROOT
+
 SHIPPED = ROOT / "aliases.yaml"
 PROVIDER_KEYS = ("GROQ_API_KEY", "OPENROUTER_API_KEY", "TOGETHER_API_KEY", "GOOGLE_API_KEY", "OLLAMA_URL")
 
@@ -82,6 +84,7 @@ def test_check_valid_config_prints_one_line_summary(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert len(lines) == 1
+    assert lines[0].startswith("manaproxy: config ok: ")
     assert str(path) in lines[0]
     assert "2 providers (1 configured)" in lines[0]
     assert "1 aliases" in lines[0]
@@ -134,8 +137,9 @@ def test_check_invalid_config_names_the_place(tmp_path: Path) -> None:
     results = run_many([["check", "--config", str(path)] for path in paths])
     for (case, _, names), path, result in zip(INVALID, paths, results, strict=True):
         message = result.stderr.strip()
-        assert result.returncode != 0, case
+        assert result.returncode == 1, case
         assert result.stdout == "", case
+        assert message.startswith("manaproxy: config invalid: "), (case, message)
         assert "Traceback" not in message, (case, message)
         assert len(message.splitlines()) == 1, (case, message)
         assert str(path) in message, (case, message)
@@ -167,20 +171,37 @@ def test_check_unparseable_base_url_gives_a_clear_message(tmp_path: Path) -> Non
 @pytest.mark.parametrize(
     "text", [pytest.param(VALID.replace("cloud/m2", "ghost/m2"), id="invalid"), pytest.param(None, id="missing")]
 )
-def test_serve_with_bad_config_exits_quickly(tmp_path: Path, text: str | None) -> None:
+def test_serve_with_bad_config_exits_2_at_once(tmp_path: Path, text: str | None) -> None:
+    """Exit status 2 is what the unit's RestartPreventExitStatus= expects: no restart loop on a bad file."""
     path = write(tmp_path, text) if text is not None else tmp_path / "missing.yaml"
     started = time.monotonic()
     result = run("serve", "--config", str(path), "--host", "127.0.0.1", "--port", "0", timeout=10)
     assert time.monotonic() - started < 5
-    assert result.returncode != 0
-    errors = [line for line in result.stderr.splitlines() if "ERROR" in line]
-    assert len(errors) == 1, result.stderr
-    assert "invalid config" in errors[0]
-    assert str(path) in errors[0]
+    assert result.returncode == 2
+    (line,) = result.stderr.splitlines()  # one line: no traceback, never "listening"
+    assert "ERROR manaproxy: invalid config, not starting: " in line
+    assert str(path) in line
     if text is not None:
-        assert "aliases.mana/x.chain[1]" in errors[0]
-    assert "Traceback" not in result.stderr
-    assert "listening" not in result.stderr
+        assert "aliases.mana/x.chain[1]" in line
+
+
+def test_under_journald_lines_carry_their_syslog_priority_and_no_timestamp(tmp_path: Path) -> None:
+    """systemd sets $JOURNAL_STREAM to the device:inode of the stream it gave as stderr."""
+    bad = write(tmp_path, "providers: {}\n")
+    log = tmp_path / "stderr.log"
+    with log.open("w") as stderr:
+        stat = os.fstat(stderr.fileno())
+        env = {**os.environ, "JOURNAL_STREAM": f"{stat.st_dev}:{stat.st_ino}", "LOG_LEVEL": "info"}
+        code = subprocess.call(
+            [sys.executable, "-m", "manaproxy", "serve", "--config", str(bad)],
+            stderr=stderr,
+            cwd=ROOT,
+            env=env,
+            timeout=20,
+        )
+    assert code == 2
+    (line,) = log.read_text().splitlines()
+    assert line.startswith("<3>ERROR manaproxy: invalid config, not starting: ")
 
 
 # -- help -----------------------------------------------------------------------------------------

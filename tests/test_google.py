@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import base64
 import logging
-import struct
 from typing import Any
 
 import openai
 import orjson
 import pytest
-from google.genai import types
 
 from manaproxy.app import make_session
 from manaproxy.body import parse_body
@@ -25,8 +23,6 @@ from manaproxy.health.probe import probe_one
 from manaproxy.providers import build_provider
 from manaproxy.providers.base import Call, UpstreamFailure
 from manaproxy.providers.google import GoogleProvider
-from manaproxy.providers.google import answer as google_answer
-from manaproxy.providers.google import request as google_request
 from manaproxy.redact import Redactor
 
 from .fakes import (
@@ -45,7 +41,7 @@ from .fakes import (
     status_reply,
     wait_for,
 )
-from .helpers import GOOGLE_KEY, Proxy, ask, build_config, chat, google_spec
+from .helpers import GOOGLE_KEY, Proxy, ask, build_config, chat, google_spec, sse_data
 
 MODEL = GEMINI_MODEL
 
@@ -401,12 +397,6 @@ async def test_embeddings_through_openai_sdk(make_google_proxy, gemini):
     await client.close()
 
 
-def test_base64_embeddings_are_little_endian_float32():
-    response = types.EmbedContentResponse(embeddings=[types.ContentEmbedding(values=[1.5, -2.0])])
-    body = google_answer.embeddings(response, model="m", as_base64=True)
-    assert struct.unpack("<2f", base64.b64decode(body["data"][0]["embedding"])) == (1.5, -2.0)
-
-
 # -- errors and fallback -------------------------------------------------------------------------------------
 
 
@@ -614,14 +604,6 @@ async def test_google_behind_a_failing_openai_provider(make_google_proxy, gemini
 # -- mid-stream failures -------------------------------------------------------------------------------------
 
 
-def sse_data(text: str) -> list[Any]:
-    return [
-        orjson.loads(line[6:]) if line[6:] != "[DONE]" else "[DONE]"
-        for line in text.split("\n")
-        if line.startswith("data: ")
-    ]
-
-
 async def test_mid_stream_cut_ends_with_error_event_and_no_done(make_google_proxy, gemini, make_upstream):
     proxy, backup = await fallback_proxy(make_google_proxy, gemini, make_upstream)
     gemini.default = gemini_stream(gemini_chunks(["one ", "two ", "three"]), cut_after=2)
@@ -765,27 +747,6 @@ async def test_aclose_leaves_the_shared_application_session_open(gemini, app_ses
     assert not app_session.closed
 
 
-# -- translation tables ----------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("reason", "tools", "expected"),
-    [
-        ("STOP", False, "stop"),
-        ("STOP", True, "tool_calls"),
-        ("MAX_TOKENS", False, "length"),
-        ("SAFETY", False, "content_filter"),
-        ("RECITATION", False, "content_filter"),
-        ("PROHIBITED_CONTENT", False, "content_filter"),
-        ("MALFORMED_FUNCTION_CALL", False, "stop"),
-        (None, False, None),
-    ],
-)
-def test_finish_reason_table(reason, tools, expected):
-    value = types.FinishReason(reason) if reason else None
-    assert google_answer.finish_reason(value, tools) == expected
-
-
 # -- connections and lifecycle -----------------------------------------------------------------------------
 
 
@@ -842,54 +803,3 @@ async def test_listing_an_unreachable_google_is_a_connect_failure(app_session):
         assert caught.value.reason == "connect"
     finally:
         await provider.aclose()
-
-
-def parsed_chunk(body: dict[str, Any]) -> types.GenerateContentResponse:
-    return types.GenerateContentResponse.model_validate(body)
-
-
-def test_chunk_translator_waits_for_every_candidate_to_finish():
-    translator = google_answer.ChunkTranslator("chatcmpl-x", "m", 1, include_usage=True)
-    first = translator.translate(parsed_chunk({"candidates": [{"index": 0, "content": {"parts": [{"text": "a"}]}}]}))
-    events = sse_data(first.decode())
-    assert events == [
-        {
-            "id": "chatcmpl-x",
-            "object": "chat.completion.chunk",
-            "created": 1,
-            "model": "m",
-            "choices": [{"index": 0, "delta": {"role": "assistant", "content": "a"}, "finish_reason": None}],
-        }
-    ]
-    translator.translate(
-        parsed_chunk(
-            {
-                "candidates": [
-                    {"index": 0, "finishReason": "STOP"},
-                    {"index": 1, "content": {"parts": [{"text": "b"}]}},
-                ]
-            }
-        )
-    )
-    assert not translator.complete  # candidate 1 is still going
-    last = translator.translate(
-        parsed_chunk(
-            {
-                "candidates": [{"index": 1, "finishReason": "MAX_TOKENS"}],
-                "usageMetadata": {"promptTokenCount": 2, "candidatesTokenCount": 4, "totalTokenCount": 6},
-            }
-        )
-    )
-    assert [e["choices"][0]["finish_reason"] for e in sse_data(last.decode())] == ["length"]
-    assert translator.complete
-    tail = sse_data(translator.finish().decode())
-    assert tail[0]["usage"] == {"prompt_tokens": 2, "completion_tokens": 4, "total_tokens": 6}
-    assert tail[-1] == "[DONE]"
-
-
-def test_tool_message_may_name_its_function_instead_of_matching_an_id():
-    request = google_request.chat_request(
-        {"messages": [*USER, {"role": "tool", "tool_call_id": "elsewhere", "name": "lookup", "content": "[1, 2]"}]}
-    )
-    response = request.contents[-1].parts[-1].function_response
-    assert (response.name, response.response) == ("lookup", {"result": [1, 2]})

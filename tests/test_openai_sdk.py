@@ -29,12 +29,19 @@ MESSAGES: Any = [{"role": "user", "content": "hi"}]
 
 
 @pytest.fixture
-async def sdk_proxy(make_upstream, make_proxy):
-    """Alias mana/x = [down/m0, up/m1] where `down` always answers 503; mana/dead = [down/m0]."""
+async def sdk_upstreams(make_upstream):
+    """`down` always answers 503; `up` lists two models."""
     down = await make_upstream("down")
     up = await make_upstream("up")
     down.default = status_reply(503)
     up.models = ["m1", "m-extra"]
+    return down, up
+
+
+@pytest.fixture
+async def sdk_proxy(sdk_upstreams, make_proxy):
+    """Alias mana/x = [down/m0, up/m1] (down always fails: every answer is a fallback); mana/dead = [down/m0]."""
+    down, up = sdk_upstreams
     aliases = {
         "mana/x": {"description": "test alias", "chain": ["down/m0", "up/m1"]},
         "mana/dead": ["down/m0"],
@@ -76,8 +83,9 @@ async def test_async_chat_unstreamed(sdk_proxy, aclient):
     assert up.requests[0].json["temperature"] == 0.1
 
 
-async def test_async_chat_streamed_with_usage(sdk_proxy, aclient):
-    up, _proxy = sdk_proxy
+async def test_async_chat_streamed_with_usage(sdk_upstreams, sdk_proxy, aclient):
+    """The whole path once: alias → fallback → a stream through the SDK, with its usage chunk."""
+    down, up = sdk_upstreams
     up.default = sse_reply(chat_chunks("m1", ["Hel", "lo"], usage=(3, 2)))
 
     stream = await aclient.chat.completions.create(
@@ -89,6 +97,8 @@ async def test_async_chat_streamed_with_usage(sdk_proxy, aclient):
     assert {c.model for c in chunks} == {"up/m1"}
     assert chunks[-1].usage is not None
     assert chunks[-1].usage.completion_tokens == 2
+    assert down.requests[0].json["model"] == "m0"
+    assert up.requests[0].json["model"] == "m1"
     assert up.requests[0].json["stream_options"] == {"include_usage": True}
 
 

@@ -1,4 +1,4 @@
-"""`upstream.py`: the fall-back table, Retry-After parsing and `UpstreamFailure.from_status`."""
+"""`providers/base.py`: the fall-back table (`classify_status`), Retry-After parsing and `UpstreamFailure.from_status`."""
 
 from __future__ import annotations
 

@@ -165,9 +165,49 @@ def test_failure_in_half_open_reopens_at_once(
 def test_success_while_open_closes(tracker: HealthTracker, transitions: list[tuple[str, bool]]) -> None:
     # A request that started before the breaker opened and then succeeds proves the provider works.
     open_breaker(tracker)
-    tracker.succeeded("a")
+    tracker.succeeded("a", latency=0.2)
     assert tracker.skip_reason(provider()) is None
+    assert tracker.breaker("a") == "closed"
+    assert tracker.get("a").last_latency == 0.2
     assert transitions == [("a", False), ("a", True)]
+
+
+def one_strike(clock: FakeClock) -> HealthTracker:
+    """A tracker of provider `a` whose breaker opens at the first failure, for 10 s."""
+    return HealthTracker(
+        HealthSettings(failure_threshold=1, backoff_seconds=10), providers("a"), clock=clock, wall_clock=clock.wall
+    )
+
+
+def test_probe_success_does_not_close_an_open_breaker_but_closes_a_half_open_one(clock: FakeClock) -> None:
+    tracker = one_strike(clock)
+    tracker.failed("a", "boom")
+    assert (tracker.breaker("a"), tracker.skip_reason(provider())) == ("open", "unhealthy")
+    clock.advance(5)
+    tracker.succeeded("a", probe=True)
+    assert tracker.breaker("a") == "open"
+    assert tracker.unavailable_until("a") == pytest.approx(clock.wall() + 5)  # wall time of the window's end
+    clock.advance(5)
+    assert (tracker.breaker("a"), tracker.skip_reason(provider())) == ("half_open", None)
+    tracker.succeeded("a", probe=True)
+    assert tracker.breaker("a") == "closed"
+    assert tracker.status("a") == "healthy"
+
+
+def test_failures_inside_the_window_do_not_stretch_it_and_a_half_open_failure_rearms_it(clock: FakeClock) -> None:
+    tracker = one_strike(clock)
+    tracker.failed("a", "boom")
+    clock.advance(9)
+    tracker.failed("a", "probe: timed out after 3s")
+    clock.advance(1)
+    assert tracker.breaker("a") == "half_open"
+    tracker.failed("a", "still down")
+    assert tracker.breaker("a") == "open"
+    clock.advance(9.9)
+    assert tracker.skip_reason(provider()) == "unhealthy"
+    clock.advance(0.1)
+    assert tracker.skip_reason(provider()) is None
+    assert tracker.get("a").breaker.last_error == "still down"
 
 
 def test_threshold_one() -> None:
@@ -454,6 +494,12 @@ def test_configured_keys_never_reach_last_error_or_snapshot(clock: FakeClock) ->
     assert "test-key-echoed-1" not in text
     assert "test-hdr-secret-2" not in text
     assert str(view["a"]["last_error"]).startswith("HTTP 401: Incorrect API key provided: ")
+
+
+def test_redaction_does_not_mangle_text_around_short_keys(clock: FakeClock) -> None:
+    tracker = HealthTracker(SETTINGS, {"a": provider("a", api_key="y")}, clock=clock)
+    tracker.failed("a", "timed out   before the\nfirst byte (Bearer abcdefgh12345)")
+    assert tracker.get("a").breaker.last_error == "timed out before the first byte ([redacted])"
 
 
 def test_key_shaped_strings_are_redacted_even_if_not_configured(tracker: HealthTracker) -> None:

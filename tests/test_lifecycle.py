@@ -1,4 +1,6 @@
-"""The real process: `python -m manaproxy serve`, signalled like systemd would.
+"""The life of `manaproxy serve` under a service manager: built, ready (sd_notify), draining on SIGTERM or
+SIGINT within its bound, deaf to SIGHUP once stopping. (Reloads on SIGHUP: test_reload.py; the command's
+refusals and exit codes: test_cli.py.)
 
 Fake upstreams run in the test's own loop; the process talks to them over loopback. Each test waits on
 events (a `/health` answer, a log line, a datagram, a refused connection), never on fixed sleeps.
@@ -8,13 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
 import socket
-import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -29,7 +28,7 @@ from .fakes import (
     gated_stream,
 )
 from .helpers import CHAT, ProxyTestServer, build_config, chat
-from .processes import ROOT, free_port, next_datagram, read_datagrams
+from .processes import next_datagram, read_datagrams
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
@@ -183,71 +182,6 @@ async def test_without_notify_socket_nothing_is_sent_and_sigint_also_stops(make_
     proxy.signal(signal.SIGINT)
     assert await proxy.wait_exit() == 0
     assert not proxy.lines_with("sd_notify")
-
-
-def run_check(config_path: Path) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
-    return subprocess.run(
-        [sys.executable, "-m", "manaproxy", "check", "--config", str(config_path)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env,
-        timeout=20,
-        check=False,
-    )
-
-
-def test_check_is_what_an_operator_runs_before_a_reload(tmp_path):
-    good = tmp_path / "good.yaml"
-    good.write_text(build_config({"up": "http://127.0.0.1:9/v1"}, {"mana/a": ["up/m1"]}))
-    bad = tmp_path / "bad.yaml"
-    bad.write_text(build_config({"up": "http://127.0.0.1:9/v1"}, {"mana/a": ["nope/m1"]}))
-
-    ok = run_check(good)
-    assert ok.returncode == 0
-    assert ok.stdout.startswith("manaproxy: config ok:")
-    failed = run_check(bad)
-    assert failed.returncode == 1
-    assert "names undeclared provider 'nope'" in failed.stderr
-
-
-def test_serve_with_an_invalid_config_exits_2_at_once(tmp_path):
-    """Exit status 2 is what the unit's RestartPreventExitStatus= expects: no restart loop on a bad file."""
-    bad = tmp_path / "aliases.yaml"
-    bad.write_text(build_config({"up": "http://127.0.0.1:9/v1"}, {"mana/a": ["nope/m1"]}))
-    result = subprocess.run(
-        [sys.executable, "-m", "manaproxy", "serve", "--config", str(bad), "--port", str(free_port())],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=20,
-        check=False,
-    )
-    assert result.returncode == 2
-    (line,) = result.stderr.splitlines()
-    assert "ERROR manaproxy: invalid config, not starting:" in line
-    assert "names undeclared provider 'nope'" in line
-
-
-def test_under_journald_lines_carry_their_syslog_priority_and_no_timestamp(tmp_path):
-    """systemd sets $JOURNAL_STREAM to the device:inode of the stream it gave as stderr."""
-    bad = tmp_path / "aliases.yaml"
-    bad.write_text("providers: {}\n")
-    log = tmp_path / "stderr.log"
-    with log.open("w") as stderr:
-        stat = os.fstat(stderr.fileno())
-        env = {**os.environ, "JOURNAL_STREAM": f"{stat.st_dev}:{stat.st_ino}", "LOG_LEVEL": "info"}
-        code = subprocess.call(
-            [sys.executable, "-m", "manaproxy", "serve", "--config", str(bad)],
-            stderr=stderr,
-            cwd=ROOT,
-            env=env,
-            timeout=20,
-        )
-    assert code == 2
-    (line,) = log.read_text().splitlines()
-    assert line.startswith("<3>ERROR manaproxy: invalid config, not starting: ")
 
 
 def test_an_app_created_before_the_event_loop_runs_serves_once_it_does():

@@ -1,5 +1,6 @@
-"""The circuit breaker end to end: open after N failures, skip without calling, half-open recovery,
-what `/health`, `/v1/health` and `/v1/aliases` show meanwhile; plus the state machine on a fake clock."""
+"""Provider health end to end: the breaker opens after N failures and the provider is skipped without a call,
+a half-open trial lets it back in, a 429 keeps it out for Retry-After; and what `/health`, `/v1/health`
+and `/v1/aliases` show meanwhile. (The state machine on a fake clock: test_tracker.py.)"""
 
 from __future__ import annotations
 
@@ -9,11 +10,8 @@ import time
 
 import pytest
 
-from manaproxy.config import HealthSettings, ProviderConfig, parse_config
-from manaproxy.health import HealthTracker
-
 from .fakes import chat_chunks, chat_completion, gated_stream, json_reply, sse_reply, status_reply, wait_for
-from .helpers import CHAT, ask, build_config, chat
+from .helpers import CHAT, ask, build_config, chat, two_entry_proxy
 
 BREAKER = {"failure_threshold": 2, "backoff_seconds": 0.3}
 
@@ -244,82 +242,30 @@ async def test_a_listener_that_raises_cannot_break_the_state_machine(make_upstre
     assert "provider a recovered" in caplog.text
 
 
-# -- the state machine on a fake clock --------------------------------------------------------------
+# -- liveness ----------------------------------------------------------------------------------------------
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
+async def test_health_answers_200_with_json_status(make_upstream, make_proxy):
+    a, b, proxy = await two_entry_proxy(make_upstream, make_proxy)
 
-    def __call__(self) -> float:
-        return self.now
+    resp = await proxy.client.get("/health")
 
-
-def tracker(threshold: int = 2, backoff: float = 10.0) -> tuple[HealthTracker, FakeClock, ProviderConfig]:
-    clock = FakeClock()
-    settings = HealthSettings(failure_threshold=threshold, backoff_seconds=backoff)
-    config = parse_config(build_config({"p": "http://127.0.0.1:9/v1"}), env={})
-    health = HealthTracker(settings, config.providers, clock=clock, wall_clock=lambda: 5000.0)
-    return health, clock, config.providers["p"]
+    assert resp.status == 200
+    assert resp.headers["Content-Type"].startswith("application/json")
+    assert (await resp.json())["status"] == "healthy"
+    assert a.calls == b.calls == 0  # a liveness check sends nothing upstream
 
 
-def test_a_success_resets_the_failure_count():
-    health, _, spec = tracker(threshold=2)
-    health.failed("p", "boom")
-    health.succeeded("p", 0.1)
-    health.failed("p", "boom")
-    assert health.breaker("p") == "closed"
-    assert health.skip_reason(spec) is None
+async def test_health_stays_200_when_a_provider_is_down(make_upstream, make_proxy):
+    a = await make_upstream("a")
+    b = await make_upstream("b")
+    a.default = status_reply(500)
+    proxy = await make_proxy(build_config({"a": a, "b": b}, {"mana/x": ["a/m1"]}, health={"failure_threshold": 1}))
+    await proxy.client.post(CHAT, json=chat())
+    await wait_for(lambda: proxy.gateway.health.status("a") == "unhealthy")
 
+    resp = await proxy.client.get("/health")
 
-def test_probe_success_does_not_close_an_open_breaker_but_closes_a_half_open_one():
-    health, clock, spec = tracker(threshold=1, backoff=10)
-    health.failed("p", "boom")
-    assert (health.breaker("p"), health.skip_reason(spec)) == ("open", "unhealthy")
-    clock.now += 5
-    health.succeeded("p", probe=True)
-    assert health.breaker("p") == "open"
-    assert health.unavailable_until("p") == 5000.0 + 5  # wall time of the window's end
-    clock.now += 5
-    assert (health.breaker("p"), health.skip_reason(spec)) == ("half_open", None)
-    health.succeeded("p", probe=True)
-    assert health.breaker("p") == "closed"
-    assert health.status("p") == "healthy"
-
-
-def test_failures_inside_the_window_do_not_stretch_it_and_a_half_open_failure_rearms_it():
-    health, clock, spec = tracker(threshold=1, backoff=10)
-    health.failed("p", "boom")
-    clock.now += 9
-    health.failed("p", "probe: timed out after 3s")
-    clock.now += 1
-    assert health.breaker("p") == "half_open"
-    health.failed("p", "still down")
-    assert health.breaker("p") == "open"
-    clock.now += 9.9
-    assert health.skip_reason(spec) == "unhealthy"
-    clock.now += 0.1
-    assert health.skip_reason(spec) is None
-    assert health.get("p").breaker.last_error == "still down"
-
-
-def test_a_real_success_closes_even_an_open_breaker():
-    """A request that started before the breaker opened and then succeeded is proof enough."""
-    health, _, _ = tracker(threshold=1)
-    health.failed("p", "boom")
-    health.succeeded("p", 0.2)
-    assert health.breaker("p") == "closed"
-    assert health.get("p").last_latency == 0.2
-
-
-def test_repr_names_the_state():
-    health, _, _ = tracker(threshold=1)
-    health.failed("p", "boom")
-    assert repr(health.get("p")) == "<ProviderHealth p unhealthy failures=1 in_flight=0 last_error='boom'>"
-
-
-def test_redaction_does_not_mangle_text_around_short_keys():
-    config = parse_config(build_config({"p": {"base_url": "http://127.0.0.1:9/v1", "api_key": "y"}}), env={})
-    health = HealthTracker(config.health, config.providers)
-    health.failed("p", "timed out   before the\nfirst byte (Bearer abcdefgh12345)")
-    assert health.get("p").breaker.last_error == "timed out before the first byte ([redacted])"
+    # Liveness: the process answers; a provider outage shows in the status, not as a failed check.
+    assert resp.status == 200
+    assert await resp.json() == {"status": "degraded", "providers": {"a": "unhealthy", "b": "healthy"}}

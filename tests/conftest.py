@@ -21,9 +21,10 @@ from prometheus_client import CollectorRegistry
 
 from manaproxy.app import create_app
 from manaproxy.config import parse_config
+from manaproxy.providers import KINDS
 from manaproxy.providers.google import GoogleProvider
 
-from .fakes import FakeGemini, FakeUpstream, chat_completion, json_reply
+from .fakes import FAULTY_KIND, FakeGemini, FakeUpstream, chat_completion, json_reply
 from .helpers import Proxy, ProxyTestServer, build_config
 from .processes import ServeProcess
 
@@ -113,3 +114,10 @@ async def routed_proxy(make_upstream: Any, make_proxy: Any) -> tuple[FakeUpstrea
     aliases = {"mana/x": ["a/m1"], "mana/y": ["a/m2"]}
     proxy = await make_proxy(build_config(providers, aliases, default="mana/x", server={"max_body_bytes": 1000}))
     return up, proxy
+
+
+@pytest.fixture
+def faulty_kind(monkeypatch: pytest.MonkeyPatch) -> str:
+    """Registers the provider kind `faulty` (fakes.FaultyProvider) for this test; returns its name."""
+    monkeypatch.setitem(KINDS, "faulty", FAULTY_KIND)
+    return "faulty"

@@ -30,6 +30,8 @@ import orjson
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from manaproxy.providers.base import UpstreamFailure
+
 
 @dataclass
 class Recorded:
@@ -537,3 +539,89 @@ def gemini_stream(
         return response
 
     return behave
+
+
+# -- a provider kind that misbehaves on purpose --------------------------------------------------------------
+
+FAULTY_KIND = "tests.fakes:FaultyProvider"
+
+
+class FaultyProvider:
+    """A provider kind a test registers to make a provider module misbehave the ways the real kinds must not:
+    `monkeypatch.setitem(KINDS, "faulty", FAULTY_KIND)`, then `kind: faulty` in the config (its `base_url` is
+    never called). The chain entry's model names what `send` does:
+
+    - `raises`: raises a RuntimeError, as a bug in a provider module would;
+    - `breaks-contract`: returns something that is neither a `Reply` nor a `StreamReply`;
+    - `stream`: a stream of three events that ends complete;
+    - `stream-held`: a stream that sends its first event, then nothing until it is closed;
+    - `stream-raises`: a stream whose next event raises a RuntimeError after the first;
+    - `caller:<text>` / `fallback:<text>`: fails before the first byte with `<text>` (the client's own words
+      when it names the model) as its reason, as the caller's error or as a failure that falls back.
+
+    Its probe raises a RuntimeError when the provider's `probe` setting is `/raises`, and succeeds otherwise.
+    It counts its probes and records, for each stream, the `reuse` its `close` was called with.
+    """
+
+    def __init__(self, config: Any, session: Any, redactor: Any) -> None:
+        self.config = config
+        self.probes = 0
+        self.closed_with: list[bool] = []
+
+    async def send(self, call: Any) -> Any:
+        model = call.target.model
+        if model == "raises":
+            raise RuntimeError("a bug in the provider module")
+        if model == "breaks-contract":
+            return object()
+        if model.startswith("stream"):
+            return FaultyStream(self, model, str(call.target))
+        kind, _, text = model.partition(":")
+        caller = kind == "caller"
+        raise UpstreamFailure(
+            text, f"failed: {text}", fallback=not caller, provider_fault=False, status=400 if caller else None
+        )
+
+    async def list_models(self, timeout: float) -> list[str]:
+        return []
+
+    async def probe(self, timeout: float) -> None:
+        self.probes += 1
+        if self.config.probe == "/raises":
+            raise RuntimeError("a bug in the provider's probe")
+
+
+class FaultyStream:
+    """The stream of a `FaultyProvider` (see there)."""
+
+    def __init__(self, provider: FaultyProvider, model: str, resolved: str) -> None:
+        self.status = 200
+        self.first = sse_event(
+            {"id": "faulty-1", "model": resolved, "choices": [{"index": 0, "delta": {"content": "one"}}]}
+        )
+        self.complete = False
+        self.usage = None
+        self._provider = provider
+        self._model = model
+        self._resolved = resolved
+        self._closed = asyncio.Event()
+
+    async def events(self) -> Any:
+        if self._model == "stream-held":
+            await self._closed.wait()
+        if self._model == "stream-raises":
+            raise RuntimeError("a bug while relaying")
+        for word in ("two", "three"):
+            yield sse_event(
+                {
+                    "id": "faulty-1",
+                    "model": self._resolved,
+                    "choices": [{"index": 0, "delta": {"content": word}}],
+                }
+            )
+        self.complete = True
+        yield b"data: [DONE]\n\n"
+
+    def close(self, *, reuse: bool) -> None:
+        self._provider.closed_with.append(reuse)
+        self._closed.set()

@@ -198,6 +198,29 @@ async def test_404_falls_back_but_is_not_a_provider_fault(make_upstream, make_pr
 
 
 @pytest.mark.parametrize("stream", [False, True])
+async def test_a_bug_in_a_provider_module_falls_back_to_the_next_entry(
+    make_upstream, make_proxy, faulty_kind, stream, caplog
+):
+    b = await make_upstream("b")
+    b.default = chat_answer("m2")
+    providers = {"f": {"kind": faulty_kind, "base_url": "http://127.0.0.1:9/v1"}, "b": b}
+    proxy = await make_proxy(
+        build_config(
+            providers, {"mana/x": ["f/raises", "b/m2"], "mana/only": ["f/raises"]}, health={"failure_threshold": 1}
+        )
+    )
+
+    resp = await proxy.client.post(CHAT, json=chat(stream=stream))
+    await assert_answered_by_b(resp, b, stream=stream)
+    alone = await proxy.client.post(CHAT, json=chat("mana/only"))
+
+    error = await assert_openai_error(alone, 503, "all_targets_failed")
+    assert error["message"].endswith("f/raises=internal")
+    assert "RuntimeError: a bug in the provider module" in caplog.text  # logged with its traceback
+    assert proxy.gateway.health.status("f") == "healthy"  # our bug, not the provider's outage
+
+
+@pytest.mark.parametrize("stream", [False, True])
 async def test_a_provider_redirect_is_not_followed_with_its_credentials(make_upstream, make_proxy, stream):
     a = await make_upstream("a")
     elsewhere = await make_upstream("elsewhere")  # another origin: same loopback address, other port

@@ -7,6 +7,7 @@ reference these tests hold the code to.
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 
 import openai
@@ -15,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from manaproxy.app import create_app
 from manaproxy.config import parse_config
+from manaproxy.record import RequestRecord
 
 from .fakes import (
     after,
@@ -422,6 +424,42 @@ async def test_hostile_model_strings_never_become_label_values(make_upstream, ma
     assert value(proxy, "mana_llm_fallback_total", from_model="other", to_model="", reason="http_500") == 2
     longest = max(len(line) for line in text.splitlines())
     assert longest < 400
+
+
+async def test_words_of_our_own_are_bounded_too(make_proxy, faulty_kind):
+    """A provider module that lets client text into a failure reason (a bug) still cannot make it a label:
+    reasons, error types and outcomes are short words of our own, or `other`."""
+    providers = {"f": {"kind": faulty_kind, "base_url": "http://127.0.0.1:9/v1"}}
+    proxy = await make_proxy(build_config(providers, {"mana/x": ["f/stream"]}))
+    client_text = f"Client-Text {uuid.uuid4().hex}"
+
+    await post_chat(proxy, chat(f"f/caller:{client_text}"), status=400)
+    await post_chat(proxy, chat(f"f/fallback:{client_text}"), status=503)
+
+    text = await scrape(proxy)
+    assert uuid.UUID(client_text.split()[1]).hex not in text
+    assert value(proxy, "mana_llm_llm_errors_total", provider="f", model="other", error_type="other") == 1
+    assert value(proxy, "mana_llm_fallback_total", from_model="other", to_model="", reason="other") == 1
+
+
+async def test_a_failing_observer_costs_neither_the_answer_nor_the_other_observers(make_upstream, make_proxy, caplog):
+    """Metrics and the request log observe each finished request (`Gateway.observers`); one that raises is
+    logged and skipped."""
+    _a, _b, proxy = await two_entry_proxy(make_upstream, make_proxy)
+
+    def broken(record: RequestRecord) -> None:
+        raise RuntimeError("observer bug")
+
+    proxy.gateway.observers.insert(0, broken)
+    caplog.set_level(logging.INFO, logger="manaproxy.request")
+
+    resp = await proxy.client.post(CHAT, json=chat(), headers={"X-Request-ID": "observed-1"})
+
+    assert resp.status == 200
+    assert (await resp.json())["model"] == "a/m1"
+    assert value(proxy, "mana_llm_llm_requests_total", provider="a", model="m1", streaming="false") == 1
+    assert "request_id=observed-1 " in caplog.text  # the request log line, another observer
+    assert "RuntimeError: observer bug" in caplog.text
 
 
 # -- the scrape as a whole --------------------------------------------------------------------------

@@ -158,6 +158,24 @@ async def test_probe_success_waits_for_the_window_then_closes_the_breaker(make_u
     assert a.calls == 2  # no real request was needed
 
 
+async def test_a_probe_that_raises_marks_its_provider_unhealthy_and_probing_goes_on(
+    make_upstream, make_proxy, faulty_kind
+):
+    """A bug in a provider's probe is that provider failing its check, never the end of the probe loop."""
+    live = await make_upstream("live")
+    providers = {"f": {"kind": faulty_kind, "base_url": "http://127.0.0.1:9/v1", "probe": "/raises"}, "live": live}
+    proxy = await make_proxy(build_config(providers, health=FAST_PROBES), probes=True)
+    health = proxy.gateway.health
+    faulty = proxy.gateway.runtime.providers["f"]
+
+    await wait_for(lambda: health.status("f") == "unhealthy", timeout=2)
+    assert health.get("f").breaker.last_error == "probe: RuntimeError"
+
+    calls = (faulty.probes, live.models_calls)
+    await wait_for(lambda: faulty.probes > calls[0] and live.models_calls > calls[1], timeout=2)
+    assert health.status("live") == "healthy"
+
+
 # -- shutdown ------------------------------------------------------------------------------------------------
 
 

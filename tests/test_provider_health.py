@@ -203,6 +203,42 @@ async def test_a_trial_stream_outliving_a_reopened_breaker_does_not_block_the_ne
         await resp.read()
 
 
+@pytest.mark.parametrize(
+    ("failure", "last_error"),
+    [
+        pytest.param(
+            lambda: sse_reply(chat_chunks("m1", ["a", "b", "c"]), cut_after=2),
+            "upstream connection failed mid-stream",
+            id="connection-cut",
+        ),
+        pytest.param(
+            lambda: sse_reply(chat_chunks("m1", ["a", "b", "c"]), done=False),
+            "upstream ended the stream without [DONE]",
+            id="no-done",
+        ),
+    ],
+)
+async def test_a_stream_failing_after_the_commit_counts_against_the_provider(
+    make_upstream, make_proxy, failure, last_error
+):
+    a = await make_upstream("a")
+    b = await make_upstream("b")
+    a.default = failure()
+    proxy = await make_proxy(
+        build_config({"a": a, "b": b}, {"mana/x": ["a/m1", "b/m2"]}, health={"failure_threshold": 1})
+    )
+
+    resp = await proxy.client.post(CHAT, json=chat(stream=True))
+    assert resp.headers["X-Mana-LLM-Resolved"] == "a/m1"  # committed: the failure is a's alone
+    assert b"data: [DONE]" not in await resp.read()
+
+    detail = (await get_json(proxy, "/v1/health"))["providers"]["a"]
+    assert (detail["status"], detail["breaker"], detail["consecutive_failures"]) == ("unhealthy", "open", 1)
+    assert detail["last_error"].startswith(last_error)
+    assert await ask(proxy) == "b/m2"  # the next request skips a
+    assert a.calls == 1
+
+
 async def test_429_with_retry_after_keeps_the_provider_out_without_counting_an_outage(make_upstream, make_proxy):
     a, _b, proxy = await breaker_proxy(make_upstream, make_proxy)
     a.default = status_reply(429, "slow down", headers={"Retry-After": "5"})

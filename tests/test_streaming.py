@@ -24,7 +24,7 @@ from .fakes import (
     stream_bytes,
     wait_for,
 )
-from .helpers import CHAT, DONE, chat, error_event_of, events_of, two_entry_proxy
+from .helpers import CHAT, DONE, build_config, chat, error_event_of, events_of, post_chat, two_entry_proxy
 
 # -- bytes through unchanged except `model` -------------------------------------------------------
 
@@ -220,6 +220,23 @@ async def test_mid_stream_cut_inside_an_event_never_relays_the_half_event(make_u
     assert b.calls == 0
 
 
+async def test_a_bug_while_relaying_ends_the_stream_with_an_error_event(make_proxy, faulty_kind, caplog):
+    providers = {"f": {"kind": faulty_kind, "base_url": "http://127.0.0.1:9/v1"}}
+    proxy = await make_proxy(build_config(providers, {"mana/x": ["f/stream-raises"]}, health={"failure_threshold": 1}))
+
+    resp = await proxy.client.post(CHAT, json=chat(stream=True))
+    body = await resp.read()
+
+    assert (resp.status, resp.headers["X-Mana-LLM-Resolved"]) == (200, "f/stream-raises")
+    assert len(events_of(body)) == 2  # the first event, then ours
+    error = error_event_of(body)
+    assert (error["code"], error["type"]) == ("upstream_error", "server_error")
+    assert "internal error while relaying" in error["message"]
+    assert b"[DONE]" not in body
+    assert "RuntimeError: a bug while relaying" in caplog.text  # logged with its traceback
+    assert proxy.gateway.health.status("f") == "healthy"  # our bug, not the provider's failure
+
+
 async def test_idle_timeout_mid_stream_ends_with_error_event(make_upstream, make_proxy):
     a, b, proxy = await two_entry_proxy(make_upstream, make_proxy, a_spec={"timeouts": {"idle": 0.3}})
     a.default = sse_reply(chat_chunks("m1", ["Hel", "lo", " world"]), hang_after=2)
@@ -309,6 +326,23 @@ async def test_client_disconnect_closes_the_upstream_promptly(make_upstream, mak
     assert loop.time() - gone < 1.0
     await wait_for(lambda: proxy.gateway.health.get("a").in_flight == 0, timeout=1)
     assert proxy.gateway.health.get("a").breaker.consecutive_failures == 0  # the client's leaving is no provider fault
+
+
+async def test_a_client_that_leaves_mid_stream_gets_the_upstream_torn_down_not_pooled(make_proxy, faulty_kind):
+    """The provider contract (providers/base.py): `close(reuse=False)` tears the upstream connection down so
+    the provider stops generating; only a stream that ended cleanly goes back to the pool."""
+    providers = {"f": {"kind": faulty_kind, "base_url": "http://127.0.0.1:9/v1"}}
+    proxy = await make_proxy(build_config(providers, {"mana/x": ["f/stream-held"], "mana/y": ["f/stream"]}))
+    provider = proxy.gateway.runtime.providers["f"]
+
+    assert (await post_chat(proxy, chat("mana/y", stream=True))).endswith(DONE)
+    await wait_for(lambda: provider.closed_with == [True])
+
+    resp = await proxy.client.post(CHAT, json=chat(stream=True))
+    assert await resp.content.readuntil(b"\n\n")  # committed: the relay waits on the provider
+    resp.close()  # the client goes away mid-answer
+
+    await wait_for(lambda: provider.closed_with == [True, False], timeout=2)
 
 
 async def test_client_leaving_mid_stream_frees_the_concurrency_slot(make_upstream, make_proxy):

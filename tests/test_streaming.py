@@ -10,12 +10,14 @@ from __future__ import annotations
 import asyncio
 import gzip
 
+import aiohttp
 import orjson
 import pytest
 
 from .fakes import (
     chat_chunks,
     chat_completion,
+    hang,
     json_reply,
     raw_reply,
     sse_event,
@@ -326,6 +328,26 @@ async def test_client_disconnect_closes_the_upstream_promptly(make_upstream, mak
     assert loop.time() - gone < 1.0
     await wait_for(lambda: proxy.gateway.health.get("a").in_flight == 0, timeout=1)
     assert proxy.gateway.health.get("a").breaker.consecutive_failures == 0  # the client's leaving is no provider fault
+
+
+async def test_the_real_server_hangs_up_on_the_upstream_as_soon_as_the_client_leaves(make_upstream, serve):
+    """`manaproxy serve` cancels the request of a client that leaves, before the first byte or mid-answer, even
+    while it waits on the upstream; with the default timeouts nothing else would end the wait for a minute."""
+    up = await make_upstream("up")
+    up.queue(hang(), sse_reply(chat_chunks("m1", ["one", "two", "three"]), hang_after=2))
+    process = await serve(build_config({"up": up}, {"mana/x": ["up/m1"]}))
+
+    async with aiohttp.ClientSession() as session:
+        waiting = asyncio.create_task(session.post(process.url + CHAT, json=chat(stream=True)))
+        await wait_for(lambda: up.calls == 1)
+        waiting.cancel()  # the client gives up before the first byte
+        await asyncio.gather(waiting, return_exceptions=True)
+        await wait_for(up.requests[0].disconnected.is_set, timeout=2)
+
+        resp = await session.post(process.url + CHAT, json=chat(stream=True))
+        assert await resp.content.readuntil(b"\n\n")  # committed: the relay waits on the silent upstream
+        resp.close()  # the client goes away mid-answer
+        await wait_for(up.requests[1].disconnected.is_set, timeout=2)
 
 
 async def test_a_client_that_leaves_mid_stream_gets_the_upstream_torn_down_not_pooled(make_proxy, faulty_kind):

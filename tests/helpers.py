@@ -186,6 +186,22 @@ async def raw_exchange(port: int, request: bytes, timeout: float = 5.0) -> bytes
         await writer.wait_closed()
 
 
+async def raw_response(port: int, request: bytes, timeout: float = 5.0) -> bytes:
+    """Send `request` verbatim and read one response (headers and a `Content-Length` body), whether or not the
+    server then closes the connection."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        async with asyncio.timeout(timeout):
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(split_response(head)[1].get("content-length", "0"))
+            return head + await reader.readexactly(length)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
 def raw_post(target: str | bytes, body: bytes, *, headers: dict[str, str] | None = None) -> bytes:
     """A `POST` request with `target` as the request target, exactly as given (dot segments and all)."""
     if isinstance(target, str):

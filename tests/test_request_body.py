@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 import pytest
 
-from .helpers import CHAT, assert_openai_error, build_config, chat
+from .helpers import CHAT, assert_openai_error, build_config, chat, raw_response, split_response
 
 # -- body checks ----------------------------------------------------------------------------------
 
@@ -64,6 +64,23 @@ async def test_body_over_the_limit_is_413(routed_proxy, chunked):
 
     error = await assert_openai_error(resp, 413, "request_too_large")
     assert "1000" in error["message"]
+    assert up.calls == 0
+
+
+async def test_a_declared_body_over_the_limit_is_refused_before_it_is_sent(routed_proxy):
+    """Only the headers are sent: a 413 that waited for the body would never come."""
+    up, proxy = routed_proxy
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 1000000000\r\nConnection: close\r\n\r\n"
+    )
+
+    status, headers, body = split_response(await raw_response(proxy.port, head, timeout=2))
+
+    assert (status, headers["content-type"]) == (413, "application/json")
+    error = orjson.loads(body)["error"]
+    assert error["code"] == "request_too_large"
+    assert error["message"] == "request body of 1000000000 bytes exceeds the limit of 1000 bytes"
     assert up.calls == 0
 
 

@@ -207,10 +207,11 @@ async def test_mid_stream_cut_ends_with_error_event_and_never_calls_the_next_ent
     assert b.calls == 0
 
 
-async def test_mid_stream_cut_inside_an_event_never_relays_the_half_event(make_upstream, make_proxy):
+@pytest.mark.parametrize("cut", [True, False], ids=["connection-aborted", "body-ended-cleanly"])
+async def test_an_end_inside_an_event_never_relays_the_half_event(make_upstream, make_proxy, cut):
     a, b, proxy = await two_entry_proxy(make_upstream, make_proxy)
     first = sse_event(chat_chunks("m1", ["Hel"])[1])
-    a.default = stream_bytes([first, b'data: {"id":"half-event","model":"m1","choices":[{"index":0,"del'], cut=True)
+    a.default = stream_bytes([first, b'data: {"id":"half-event","model":"m1","choices":[{"index":0,"del'], cut=cut)
 
     resp = await proxy.client.post(CHAT, json=chat(stream=True))
 
@@ -218,6 +219,32 @@ async def test_mid_stream_cut_inside_an_event_never_relays_the_half_event(make_u
     assert body.startswith(relabelled(first))
     assert len(events_of(body)) == 2
     assert error_event_of(body)["code"] == "upstream_error"
+    assert b"half-event" not in body
+    assert b.calls == 0
+
+
+@pytest.mark.parametrize(
+    "tail",
+    [
+        pytest.param(b'data: {"id":"half-event","model":"m1","cho\ndata: [DONE]', id="half-event-then-done"),
+        pytest.param(b'data: [DONE]\ndata: {"id":"half-event","model":"m1","cho', id="done-then-half-event"),
+    ],
+)
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: providers/openai.py OpenAIStream.events(): at a clean end of the body the pending tail is relayed "
+    "whole (plus a blank line) whenever it holds a `data: [DONE]` line, so half an event goes to the client inside "
+    "the [DONE] event",
+)
+async def test_an_end_inside_an_event_never_relays_the_half_event_with_done(make_upstream, make_proxy, tail):
+    a, b, proxy = await two_entry_proxy(make_upstream, make_proxy)
+    first = sse_event(chat_chunks("m1", ["Hel"])[1])
+    a.default = stream_bytes([first, tail])  # the body then ends cleanly, mid-event
+
+    resp = await proxy.client.post(CHAT, json=chat(stream=True))
+    body = await resp.read()
+
+    assert body.startswith(relabelled(first))
     assert b"half-event" not in body
     assert b.calls == 0
 

@@ -65,8 +65,12 @@ async def test_connect_error_falls_back(make_upstream, make_proxy, stream):
     await assert_answered_by_b(resp, b, stream=stream)
 
 
+# Only `first_byte` is short: no other timeout (total 600 s by default) can do its work for it.
+FIRST_BYTE_ONLY = {"timeouts": {"first_byte": 0.3}}
+
+
 async def test_first_byte_timeout_without_headers_falls_back(make_upstream, make_proxy):
-    a, b, proxy = await two_entry_proxy(make_upstream, make_proxy, a_spec={"timeouts": FAST})
+    a, b, proxy = await two_entry_proxy(make_upstream, make_proxy, a_spec=FIRST_BYTE_ONLY)
     a.default = hang()
 
     started = asyncio.get_running_loop().time()
@@ -75,21 +79,25 @@ async def test_first_byte_timeout_without_headers_falls_back(make_upstream, make
     await assert_answered_by_b(resp, b, stream=True)
     assert a.calls == 1
     assert asyncio.get_running_loop().time() - started < 1.5
+    assert proxy.gateway.health.get("a").breaker.last_error == "timed out before the first byte"
 
 
 async def test_first_byte_timeout_after_headers_falls_back(make_upstream, make_proxy):
     """Headers alone are not a first byte: the wait for the first data event is bounded too."""
-    a, b, proxy = await two_entry_proxy(make_upstream, make_proxy, a_spec={"timeouts": FAST})
+    a, b, proxy = await two_entry_proxy(make_upstream, make_proxy, a_spec=FIRST_BYTE_ONLY)
     a.default = sse_reply(chat_chunks("m1", ["late"]), first_delay=5)
 
+    started = asyncio.get_running_loop().time()
     resp = await proxy.client.post(CHAT, json=chat(stream=True))
 
     await assert_answered_by_b(resp, b, stream=True)
+    assert asyncio.get_running_loop().time() - started < 1.5
+    assert proxy.gateway.health.get("a").breaker.last_error == "timed out before the first byte"
     await wait_for(a.requests[0].disconnected.is_set)
 
 
 async def test_keepalive_comments_alone_never_commit_and_fall_back_at_first_byte_timeout(make_upstream, make_proxy):
-    a, b, proxy = await two_entry_proxy(make_upstream, make_proxy, a_spec={"timeouts": {"first_byte": 0.2}})
+    a, b, proxy = await two_entry_proxy(make_upstream, make_proxy, a_spec=FIRST_BYTE_ONLY)
     a.default = stream_bytes([b": ping\n\n"] * 40, pause=0.025)  # a second of comments, no data event
 
     resp = await proxy.client.post(CHAT, json=chat(stream=True))

@@ -1,5 +1,5 @@
 """Every error manaproxy emits itself has the OpenAI shape, `{"error": {"message", "type", "param", "code"}}`,
-with a truthful status: unknown routes and wrong methods included."""
+with a truthful status: unknown routes and wrong methods included, and a bug of manaproxy's own (500)."""
 
 from __future__ import annotations
 

@@ -39,6 +39,14 @@ async def open_breaker(proxy, a) -> None:
     assert proxy.gateway.health.breaker("a") == "open"
 
 
+async def half_open_proxy(make_upstream, make_proxy):
+    """`breaker_proxy` once a's breaker has opened and its window is over: the next request is a trial."""
+    a, b, proxy = await breaker_proxy(make_upstream, make_proxy)
+    await open_breaker(proxy, a)
+    await wait_for(lambda: proxy.gateway.health.breaker("a") == "half_open", timeout=2)
+    return a, b, proxy
+
+
 async def test_breaker_opens_after_threshold_and_skips_without_calling(make_upstream, make_proxy):
     a, b, proxy = await breaker_proxy(make_upstream, make_proxy)
 
@@ -94,10 +102,7 @@ async def test_last_error_is_short_and_has_no_key(make_upstream, make_proxy):
 
 
 async def test_after_the_backoff_a_success_closes_the_breaker(make_upstream, make_proxy):
-    a, _, proxy = await breaker_proxy(make_upstream, make_proxy)
-    await open_breaker(proxy, a)
-    health = proxy.gateway.health
-    await wait_for(lambda: health.breaker("a") == "half_open", timeout=2)
+    a, _b, proxy = await half_open_proxy(make_upstream, make_proxy)
 
     detail = (await get_json(proxy, "/v1/health"))["providers"]["a"]
     assert (detail["status"], detail["breaker"], detail["unhealthy_until_unix"]) == ("unhealthy", "half_open", None)
@@ -114,10 +119,8 @@ async def test_after_the_backoff_a_success_closes_the_breaker(make_upstream, mak
 
 
 async def test_a_failure_when_half_open_reopens_at_once(make_upstream, make_proxy):
-    a, _b, proxy = await breaker_proxy(make_upstream, make_proxy)
-    await open_breaker(proxy, a)
+    a, _b, proxy = await half_open_proxy(make_upstream, make_proxy)
     health = proxy.gateway.health
-    await wait_for(lambda: health.breaker("a") == "half_open", timeout=2)
 
     reopened = time.time()
     assert await ask(proxy) == "b/m2"  # the trial went to a, failed, and fell back
@@ -131,10 +134,8 @@ async def test_a_failure_when_half_open_reopens_at_once(make_upstream, make_prox
 
 
 async def test_half_open_sends_one_trial_at_a_time(make_upstream, make_proxy):
-    a, _b, proxy = await breaker_proxy(make_upstream, make_proxy)
-    await open_breaker(proxy, a)
+    a, _b, proxy = await half_open_proxy(make_upstream, make_proxy)
     health = proxy.gateway.health
-    await wait_for(lambda: health.breaker("a") == "half_open", timeout=2)
 
     release = asyncio.Event()
 

@@ -1,7 +1,8 @@
 """Fake upstreams: real aiohttp servers on loopback that script replies and record what they received.
 
 `FakeUpstream` speaks the OpenAI API, `FakeGemini` (further down) the Gemini REST API the google-genai SDK
-uses. Usage (see conftest.py for the fixtures that start them):
+uses; `FaultyProvider` (at the end) is no server but a provider kind that misbehaves on purpose. Usage (see
+conftest.py for the fixtures that start them):
 
     up = await make_upstream()
     up.queue(sse_reply(chat_chunks("m", ["Hel", "lo"])))      # next request gets this SSE stream

@@ -1,9 +1,11 @@
 """What the test modules share (fixtures live in conftest.py, fake upstreams in fakes.py):
 
-- the config builder and the proxy under test: `build_config`, `Proxy`, `ProxyTestServer`;
+- the config builder and the proxy under test: `build_config`, `google_spec`, `Proxy`, `ProxyTestServer`,
+  `probe_tasks`;
 - request bodies and the ways to send them: `CHAT`, `chat`, `ask`, `post_chat`, `two_entry_proxy`, and raw
-  HTTP exchanges a client library would refuse to send (`raw_exchange`, `raw_post`, `split_response`);
-- what comes back: `assert_openai_error`, `events_of`, `error_event_of`;
+  HTTP exchanges a client library would refuse to send (`raw_exchange`, `raw_response`, `raw_post`,
+  `split_response`);
+- what comes back: `assert_openai_error`, `events_of`, `error_event_of`, `sse_data`;
 - metrics (`value`, `exists`, `scrape`, `varied_traffic`, `promtool`, `run_promtool`) and the request log
   line (`FIELDS`, `parse_logfmt`).
 """
@@ -124,6 +126,19 @@ class Proxy:
         return self.reloader.reload(str(path))
 
 
+GOOGLE_KEY = "test-key-1"
+
+
+def google_spec(fake: FakeGemini, **extra: Any) -> dict[str, Any]:
+    """Settings of a `google` provider served by `fake` (more settings in `extra`)."""
+    return {"kind": "google", "base_url": fake.base_url, "api_key": GOOGLE_KEY, **extra}
+
+
+def probe_tasks() -> list[asyncio.Task[Any]]:
+    """The probe tasks (`manaproxy-probe-<provider>`) running now."""
+    return [task for task in asyncio.all_tasks() if task.get_name().startswith("manaproxy-probe")]
+
+
 MakeUpstream = Callable[..., Awaitable[FakeUpstream]]
 MakeProxy = Callable[..., Awaitable[Proxy]]
 
@@ -225,19 +240,6 @@ def split_response(raw: bytes) -> tuple[int, dict[str, str], bytes]:
     return int(status_line.split()[1]), headers, body
 
 
-GOOGLE_KEY = "test-key-1"
-
-
-def google_spec(fake: FakeGemini, **extra: Any) -> dict[str, Any]:
-    """Settings of a `google` provider served by `fake` (more settings in `extra`)."""
-    return {"kind": "google", "base_url": fake.base_url, "api_key": GOOGLE_KEY, **extra}
-
-
-def probe_tasks() -> list[asyncio.Task[Any]]:
-    """The probe tasks (`manaproxy-probe-<provider>`) running now."""
-    return [task for task in asyncio.all_tasks() if task.get_name().startswith("manaproxy-probe")]
-
-
 # -- answers -------------------------------------------------------------------------------------------------
 
 
@@ -270,6 +272,15 @@ def error_event_of(body: bytes) -> dict[str, Any]:
     error = orjson.loads(last[len(b"data: ") :])["error"]
     assert set(error) == ERROR_FIELDS
     return error
+
+
+def sse_data(text: str) -> list[Any]:
+    """The `data:` payloads of an SSE text, decoded (`"[DONE]"` for the end marker)."""
+    return [
+        orjson.loads(line[6:]) if line[6:] != "[DONE]" else "[DONE]"
+        for line in text.split("\n")
+        if line.startswith("data: ")
+    ]
 
 
 # -- metrics -------------------------------------------------------------------------------------------------
@@ -390,12 +401,3 @@ def parse_logfmt(line: str) -> dict[str, str]:
         pairs[key] = raw
         position = match.end()
     return pairs
-
-
-def sse_data(text: str) -> list[Any]:
-    """The `data:` payloads of an SSE text, decoded (`"[DONE]"` for the end marker)."""
-    return [
-        orjson.loads(line[6:]) if line[6:] != "[DONE]" else "[DONE]"
-        for line in text.split("\n")
-        if line.startswith("data: ")
-    ]

@@ -17,6 +17,7 @@ from types import MappingProxyType
 import aiohttp
 from aiohttp import web
 
+from .body import BodyBudget
 from .config import Config
 from .health import HealthTracker
 from .providers import build_provider
@@ -49,8 +50,9 @@ class Gateway:
     runtime: Runtime
     health: HealthTracker
     redactor: Redactor  # knows every provider key of every config loaded so far
-    session: aiohttp.ClientSession | None = None  # attached at startup (see app.upstream_session_ctx)
+    session: aiohttp.ClientSession | None = None  # attached at startup (see app.upstream_session)
     observers: list[Observer] = field(default_factory=list)
+    body_budget: BodyBudget = field(default_factory=BodyBudget)  # request bodies held by all requests
 
     def __repr__(self) -> str:
         return f"<Gateway {self.runtime.config.summary()}>"

@@ -21,7 +21,7 @@ from time import perf_counter
 from aiohttp import web
 
 from . import logfmt
-from .body import parse_body, read_body
+from .body import BodyBudget, parse_body, read_body
 from .config import Target
 from .errors import JSON_CONTENT_TYPE, ProxyError, error_body
 from .gateway import GATEWAY, Gateway, Runtime
@@ -54,11 +54,17 @@ async def forward(request: web.Request) -> web.StreamResponse:
         started=perf_counter(),
     )
     try:
-        return await _Forwarder(request, gateway, runtime, record).run()
+        # The body is held until the request ends: so is its share of the in-flight body budget.
+        with gateway.body_budget.reserve() as claim:
+            return await _Forwarder(request, gateway, runtime, record).run(claim)
     except ProxyError as err:
         record.status = err.status
         record.error_type = record.error_type or err.code or "error"
-        return err.response()
+        response = err.response()
+        if not request.content.at_eof():
+            # Refused before its body was read (413, 408, 503 ...): close rather than read the rest.
+            response.force_close()
+        return response
     except Exception:
         record.status = 500
         record.error_type = "internal_error"
@@ -87,14 +93,21 @@ class _Forwarder:
         self.runtime = runtime
         self.record = record
 
-    async def run(self) -> web.StreamResponse:
+    async def run(self, claim: BodyBudget.Claim) -> web.StreamResponse:
         config = self.runtime.config
+        server = config.server
         record = self.record
         # Checked before anything else: the provider's key goes wherever this path points.
         url = self.request.rel_url
         path = upstream_path(url.raw_path, url.raw_query_string)
         started = perf_counter()
-        raw = await read_body(self.request, config.server.max_body_bytes)
+        try:
+            async with asyncio.timeout(server.body_timeout_seconds):
+                raw = await read_body(self.request, server.max_body_bytes, claim, server.max_inflight_body_bytes)
+        except TimeoutError:
+            raise ProxyError(
+                408, f"request body did not arrive within {server.body_timeout_seconds:g}s", code="body_timeout"
+            ) from None
         record.client_wait += perf_counter() - started
         body = parse_body(raw)
         record.streaming = body.stream
@@ -133,6 +146,8 @@ class _Forwarder:
         except UpstreamFailure as failure:
             slot.failed(failure)
             return self._failed(target, failure)
+        except ProxyError:
+            raise  # the provider found the request itself wrong (e.g. a body only a full decode rejects)
         except Exception as exc:
             # A bug in a provider module must not cost the client its answer: log it, try the next entry.
             logger.exception("request %s: provider %s raised", record.request_id, target.provider)

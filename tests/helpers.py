@@ -48,3 +48,22 @@ def split_response(raw: bytes) -> tuple[int, dict[str, str], bytes]:
         name, _, value = line.partition(":")
         headers[name.strip().lower()] = value.strip()
     return int(status_line.split()[1]), headers, body
+
+
+async def raw_response(port: int, request: bytes, timeout: float = 5.0) -> bytes:
+    """Send `request` verbatim and read one whole response (by its Content-Length), not waiting for EOF:
+    after refusing a body the server may linger, reading what the client still sends, before it closes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        async with asyncio.timeout(timeout):
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = next(
+                int(line.split(b":", 1)[1])
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            )
+            return head + await reader.readexactly(length)
+    finally:
+        writer.close()

@@ -19,6 +19,7 @@ import aiohttp
 import orjson
 from yarl import URL
 
+from ..body import SplicedPayload
 from ..config import ProviderConfig
 from ..redact import Redactor
 from ..sse import EventBuffer, ModelRewriter, error_of, has_done, usage_from, usage_of
@@ -172,7 +173,7 @@ class OpenAIProvider:
         with translate_errors("waiting for the answer"):
             return await self._exchange(url, body, headers, resolved)
 
-    async def _exchange(self, url: URL, body: bytes, headers: dict[str, str], resolved: str) -> Reply:
+    async def _exchange(self, url: URL, body: bytes | SplicedPayload, headers: dict[str, str], resolved: str) -> Reply:
         async with self._session.post(
             url, data=body, headers=headers, timeout=self._timeout, allow_redirects=False
         ) as resp:
@@ -201,7 +202,9 @@ class OpenAIProvider:
             body = orjson.dumps(data)
         return Reply(status, body, content_type, usage_from(data))
 
-    async def _open_stream(self, url: URL, body: bytes, headers: dict[str, str], resolved: str) -> Reply | OpenAIStream:
+    async def _open_stream(
+        self, url: URL, body: bytes | SplicedPayload, headers: dict[str, str], resolved: str
+    ) -> Reply | OpenAIStream:
         resp = await self._session.post(url, data=body, headers=headers, timeout=self._timeout, allow_redirects=False)
         try:
             if resp.status >= 300:

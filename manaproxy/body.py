@@ -15,7 +15,6 @@ refused with 503 and `Retry-After` rather than let memory grow with the number o
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -27,30 +26,13 @@ from aiohttp.abc import AbstractStreamWriter
 from aiohttp.web_protocol import RequestPayloadError
 
 from .errors import JSON_CONTENT_TYPE, ProxyError, bad_request
-
-Buffer = bytes | bytearray
+from .jsonmodel import HEAD, Buffer, model_span, replace_model
 
 # Request Content-Encodings aiohttp decodes before the body reaches us (br/zstd only with their libraries;
 # without them aiohttp refuses the request itself, see server.py). Any other it passes on raw.
 _DECODED_ENCODINGS = frozenset({"", "identity", "gzip", "deflate", "br", "zstd"})
 # Seconds a client refused for the body budget is told to wait.
 BUDGET_RETRY_AFTER = 1
-
-
-class _Head(msgspec.Struct):
-    """The members the proxy itself reads; every other member is validated and skipped."""
-
-    model: msgspec.Raw = msgspec.field(default_factory=msgspec.Raw)
-    stream: msgspec.Raw = msgspec.field(default_factory=msgspec.Raw)
-
-
-_HEAD = msgspec.json.Decoder(_Head)
-_SPACE = re.compile(rb"\s*")
-_EMPTY_REST = re.compile(rb"\s*\}")
-_MODEL_KEY = b'"model"'
-_COLON = re.compile(rb"\s*:\s*")
-# A `\uXXXX` escape of a letter of "model": only then can a key spell "model" other than literally.
-_ESCAPED_MODEL_LETTER = re.compile(rb"\\u006[4-5dDfFcC]")
 
 
 class BodyBudget:
@@ -119,27 +101,13 @@ async def read_body(request: web.Request, limit: int, claim: BodyBudget.Claim, b
     return body
 
 
-def _space_before(raw: Buffer) -> int:
-    """How many bytes of white space open `raw`."""
-    match = _SPACE.match(raw)
-    return match.end() if match is not None else 0
-
-
-def _opens_string(raw: Buffer, start: int) -> bool:
-    """Whether the `"` at `start` opens a JSON string (not an escaped quote inside one)."""
-    backslashes = 0
-    while start - backslashes > 0 and raw[start - backslashes - 1] == 0x5C:  # "\\"
-        backslashes += 1
-    return backslashes % 2 == 0
-
-
 class SplicedPayload(payload.Payload):
     """A large body sent as slices of the client's bytes around the new `model`: no copy of the body,
     and no single write bigger than a slice (the event loop gets its turns while it goes out)."""
 
     SLICE = 256 * 1024
 
-    def __init__(self, pieces: tuple[memoryview, bytes, memoryview]) -> None:
+    def __init__(self, pieces: tuple[Buffer | memoryview, ...]) -> None:
         super().__init__(pieces, content_type=JSON_CONTENT_TYPE)
         self._length = sum(len(piece) for piece in pieces)
         self._size = self._length
@@ -171,38 +139,10 @@ class RequestBody:
         self.model = model
         self.stream = stream
         self._payload: dict[str, Any] | None = None
-        self._model_span = self._find_model(model_raw)
+        self._model_span = model_span(raw, model_raw)
 
     def __repr__(self) -> str:
         return f"<RequestBody {len(self.raw)} bytes model={self.model!r} stream={self.stream}>"
-
-    def _find_model(self, model_raw: bytes) -> tuple[int, int] | None:
-        """Where the top-level `model` value sits in `raw`: its span (a `null` one too), or (p, p) for the
-        place to insert one; None when it cannot be told from the bytes (then `with_model` re-encodes)."""
-        raw = self.raw
-        if not model_raw:
-            start = _space_before(raw) + 1  # just inside the top-level `{`
-            return (start, start)
-        # Every `"model": <that value>` key (bytes.find runs at memory speed; a regex over the body would not).
-        found = []
-        position = raw.find(_MODEL_KEY)
-        while position != -1:
-            colon = _COLON.match(raw, position + len(_MODEL_KEY))
-            value = colon.end() if colon else -1
-            if value != -1 and raw[value : value + len(model_raw)] == model_raw and _opens_string(raw, position):
-                found.append(value)
-            position = raw.find(_MODEL_KEY, position + 1)
-        if len(found) != 1:
-            return None  # a nested `model` with the very same value
-        span = (found[0], found[0] + len(model_raw))
-        if _ESCAPED_MODEL_LETTER.search(raw) and not self._splices_top_level(span):
-            return None  # the top-level key is written with escapes (`"mod\u0065l"`); the match is nested
-        return span
-
-    def _splices_top_level(self, span: tuple[int, int]) -> bool:
-        start, end = span
-        probe = b"".join((self.raw[:start], b'"\\u0000probe"', self.raw[end:]))
-        return bytes(_HEAD.decode(probe).model) == b'"\\u0000probe"'
 
     @property
     def payload(self) -> dict[str, Any]:
@@ -221,28 +161,22 @@ class RequestBody:
 
     def with_model(self, model: str) -> bytes | SplicedPayload:
         """The JSON body to send upstream: the client's bytes with `model` set to `model`."""
-        encoded = orjson.dumps(model)
         span = self._model_span
-        if span is None:
+        if span is None:  # bytes that do not tell which member is the top-level one: re-encode
             try:
                 return orjson.dumps({**self.payload, "model": model})
             except orjson.JSONEncodeError:  # orjson reads deeper nesting than it writes
                 raise bad_request("request body is nested too deeply", code="invalid_json") from None
-        start, end = span
-        raw = self.raw
-        if start == end:  # no `model` member: the new one goes first
-            separator = b"" if _EMPTY_REST.match(raw, start) else b","
-            encoded = b'"model":' + encoded + separator
-        if len(raw) < SplicedPayload.SLICE:
-            return b"".join((raw[:start], encoded, raw[end:]))
-        view = memoryview(raw)
-        return SplicedPayload((view[:start], encoded, view[end:]))
+        pieces = replace_model(self.raw, span, orjson.dumps(model))
+        if isinstance(pieces[0], memoryview):
+            return SplicedPayload(pieces)
+        return b"".join(pieces)
 
 
 def parse_body(raw: Buffer) -> RequestBody:
     """Check that `raw` is one JSON object whose `model` (if any) is a string and `stream` a boolean."""
     try:
-        head = _HEAD.decode(raw)
+        head = HEAD.decode(raw)
     except msgspec.ValidationError:  # valid JSON, but not an object
         raise bad_request("request body must be a JSON object", code="invalid_json") from None
     except msgspec.DecodeError as exc:

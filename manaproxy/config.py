@@ -99,6 +99,7 @@ class ServerSettings:
     max_body_bytes: int = 32 * 1024 * 1024  # one request body, decoded
     max_inflight_body_bytes: int = 256 * 1024 * 1024  # all request bodies held at once
     max_response_bytes: int = 64 * 1024 * 1024  # one unstreamed upstream answer, decoded
+    max_event_bytes: int = 8 * 1024 * 1024  # one SSE event of a streamed answer, decoded
     shutdown_timeout_seconds: float = 30.0
     models_cache_seconds: float = 60.0
     header_timeout_seconds: float = 10.0  # a request's headers must arrive within this

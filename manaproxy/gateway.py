@@ -38,7 +38,9 @@ def build_runtime(config: Config, session: aiohttp.ClientSession | None, redacto
     """The runtime for `config`; without a session yet (before startup) it has no provider objects."""
     if session is None:
         return Runtime(config, MappingProxyType({}))
-    providers = {name: build_provider(spec, session, redactor) for name, spec in config.providers.items()}
+    providers = {
+        name: build_provider(spec, session, redactor, config.server) for name, spec in config.providers.items()
+    }
     return Runtime(config, MappingProxyType(providers))
 
 

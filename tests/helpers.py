@@ -67,3 +67,14 @@ async def raw_response(port: int, request: bytes, timeout: float = 5.0) -> bytes
             return head + await reader.readexactly(length)
     finally:
         writer.close()
+
+
+def rss_mib(pid: int) -> tuple[float, float]:
+    """(current, peak) resident memory of a process in MiB (VmRSS, VmHWM)."""
+    fields = {}
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            name, _, value = line.partition(":")
+            if name in ("VmRSS", "VmHWM"):
+                fields[name] = int(value.split()[0]) / 1024
+    return fields["VmRSS"], fields["VmHWM"]

@@ -19,7 +19,7 @@ from aiohttp.test_utils import TestServer
 
 from .conftest import build_config
 from .fakes import chat_completion
-from .helpers import CHAT, raw_exchange, raw_post, raw_response, split_response
+from .helpers import CHAT, raw_exchange, raw_post, raw_response, rss_mib, split_response
 
 
 class Sink:
@@ -154,23 +154,12 @@ async def test_a_declared_body_over_the_limit_is_refused_before_it_is_sent(sink,
     assert orjson.loads(answer)["error"]["code"] == "request_too_large"
 
 
-def peak_rss_mib(pid: int) -> tuple[float, float]:
-    """(VmRSS, VmHWM) of a process in MiB."""
-    fields = {}
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            name, _, value = line.partition(":")
-            if name in ("VmRSS", "VmHWM"):
-                fields[name] = int(value.split()[0]) / 1024
-    return fields["VmRSS"], fields["VmHWM"]
-
-
 async def test_concurrent_gzip_uploads_cost_at_most_three_times_their_decoded_size(sink, serve):
     """The gzip amplification the hardening issue measured: 8-9x the body per request, before."""
     size = 24 * 2**20
     process = await serve(build_config({"a": sink.base_url}, {"mana/x": ["a/m1"]}))
     assert process.proc is not None
-    rss_before, _ = peak_rss_mib(process.proc.pid)
+    rss_before, _ = rss_mib(process.proc.pid)
     compressed = gzip.compress(big_request(size), 6)
 
     async def upload() -> int:
@@ -182,5 +171,5 @@ async def test_concurrent_gzip_uploads_cost_at_most_three_times_their_decoded_si
     statuses = await asyncio.gather(*(upload() for _ in range(4)))
 
     assert statuses == [200] * 4
-    _, peak = peak_rss_mib(process.proc.pid)
+    _, peak = rss_mib(process.proc.pid)
     assert peak - rss_before <= 4 * 3 * size / 2**20, f"peak {peak:.0f} MiB from {rss_before:.0f} MiB"

@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import logging
 import os
+import resource
 import signal
 import sys
 from collections.abc import Sequence
@@ -85,6 +86,23 @@ def setup_logging(level_name: str | None) -> None:
     logging.logMultiprocessing = False
 
 
+def raise_open_files_limit() -> int:
+    """Lift the soft limit on open files to the hard one and return it.
+
+    Every stream holds two sockets (the client's and the upstream's): the usual soft default of 1024
+    would cap a process at ~500 streams. Under systemd the unit's `LimitNOFILE` sets both already.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == hard or soft == resource.RLIM_INFINITY:
+        return soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError) as exc:  # e.g. a seccomp filter that forbids setrlimit
+        logger.warning("cannot raise the open files limit from %d to %d: %s", soft, hard, exc)
+        return soft
+    return hard
+
+
 def _default_port() -> int:
     value = os.environ.get("PORT", "")
     try:
@@ -141,6 +159,7 @@ def check(path: str) -> int:
 async def serve(config_path: str, host: str, port: int) -> int:
     """Serve until SIGTERM/SIGINT, then drain; SIGHUP reloads `config_path`. Returns the exit code."""
     config = load_config(config_path)
+    open_files = raise_open_files_limit()
     api_keys = parse_keys(os.environ.get("MANAPROXY_API_KEYS"))
     if not api_keys:
         logger.warning("MANAPROXY_API_KEYS is not set: client authentication is OFF")
@@ -149,7 +168,7 @@ async def serve(config_path: str, host: str, port: int) -> int:
     reloader = app[RELOADER]
     # aiohttp takes the drain bound once, here: a reload cannot change it (a restart does).
     drain_timeout = config.server.shutdown_timeout_seconds
-    runner = Runner(app, shutdown_timeout=drain_timeout)
+    runner = Runner(app)
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -174,7 +193,14 @@ async def serve(config_path: str, host: str, port: int) -> int:
             logger.error("cannot listen on %s:%s: %s", host, port, exc.strerror or exc)
             await runner.cleanup()
             return 1
-        logger.info("manaproxy %s listening on http://%s:%s (%s)", __version__, host, port, config.summary())
+        logger.info(
+            "manaproxy %s listening on http://%s:%s (%s; up to %d open files)",
+            __version__,
+            host,
+            port,
+            config.summary(),
+            open_files,
+        )
         notify(f"READY=1\nSTATUS=serving {config.summary()}")
 
         await stop.wait()

@@ -78,3 +78,11 @@ def rss_mib(pid: int) -> tuple[float, float]:
             if name in ("VmRSS", "VmHWM"):
                 fields[name] = int(value.split()[0]) / 1024
     return fields["VmRSS"], fields["VmHWM"]
+
+
+def open_files_limit(pid: int) -> tuple[str, str]:
+    """(soft, hard) limit on open files of a process, as /proc/PID/limits shows them."""
+    with open(f"/proc/{pid}/limits") as limits:
+        line = next(text for text in limits if text.startswith("Max open files"))
+    soft, hard = line.split()[3:5]
+    return soft, hard

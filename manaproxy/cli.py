@@ -22,6 +22,7 @@ from . import __version__
 from .app import create_app
 from .auth import parse_keys
 from .config import ConfigError, load_config
+from .gateway import GATEWAY, Gateway
 from .logfmt import OneLineFormatter
 from .reload import RELOADER
 from .server import Runner
@@ -34,6 +35,8 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 3025
 # `serve` with an invalid config at start; the systemd unit does not restart on it (RestartPreventExitStatus).
 EXIT_INVALID_CONFIG = 2
+# How long requests cut at the end of the drain have to write their last bytes.
+_CUT_GRACE_SECONDS = 2.0
 
 
 class JournalFormatter(OneLineFormatter):
@@ -156,6 +159,24 @@ def check(path: str) -> int:
     return 0
 
 
+async def drain(runner: Runner, gateway: Gateway) -> None:
+    """Stop listening, let the requests in flight finish within `server.shutdown_timeout_seconds` (read now,
+    so a reload may change it), end what is left cleanly (drain.py), then close everything."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    timeout = gateway.config.server.shutdown_timeout_seconds
+    logger.info("stopping: no new connections; draining in-flight requests (up to %gs)", timeout)
+    for site in list(runner.sites):
+        await site.stop()
+    gateway.drain.stopping = True  # requests still arriving on open connections get a 503 and a close
+    if not await gateway.drain.wait_idle(timeout):
+        logger.warning("drain time is up: ending %d requests still in flight", gateway.drain.cut())
+        await gateway.drain.wait_idle(_CUT_GRACE_SECONDS)
+    # Closes idle connections, then the upstream session and the probes.
+    await runner.cleanup()
+    logger.info("stopped after draining for %.1fs", loop.time() - started)
+
+
 async def serve(config_path: str, host: str, port: int) -> int:
     """Serve until SIGTERM/SIGINT, then drain; SIGHUP reloads `config_path`. Returns the exit code."""
     config = load_config(config_path)
@@ -166,8 +187,7 @@ async def serve(config_path: str, host: str, port: int) -> int:
     cors = [origin.strip() for origin in os.environ.get("CORS_ORIGINS", "").split(",") if origin.strip()]
     app = create_app(config, api_keys=api_keys, cors_origins=cors)
     reloader = app[RELOADER]
-    # aiohttp takes the drain bound once, here: a reload cannot change it (a restart does).
-    drain_timeout = config.server.shutdown_timeout_seconds
+    gateway = app[GATEWAY]
     runner = Runner(app)
 
     loop = asyncio.get_running_loop()
@@ -205,12 +225,7 @@ async def serve(config_path: str, host: str, port: int) -> int:
 
         await stop.wait()
         notify("STOPPING=1")
-        logger.info("stopping: no new connections; draining in-flight requests (up to %gs)", drain_timeout)
-        started = loop.time()
-        # Closes the listening socket first, then waits for running handlers (streams included) up to
-        # `drain_timeout`, cancels what is left, and only then closes the upstream session and probes.
-        await runner.cleanup()
-        logger.info("stopped after draining for %.1fs", loop.time() - started)
+        await drain(runner, gateway)
         return 0
     finally:
         for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):

@@ -108,7 +108,7 @@ class ServerSettings:
 
 
 # Server settings aiohttp takes once, when it starts listening: a reload cannot change them.
-RESTART_ONLY_SETTINGS = ("shutdown_timeout_seconds", "header_timeout_seconds", "keepalive_timeout_seconds")
+RESTART_ONLY_SETTINGS = ("header_timeout_seconds", "keepalive_timeout_seconds")
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,6 +19,7 @@ from aiohttp import web
 
 from .body import BodyBudget
 from .config import Config
+from .drain import Drain
 from .health import HealthTracker
 from .providers import build_provider
 from .providers.base import Provider
@@ -55,6 +56,7 @@ class Gateway:
     session: aiohttp.ClientSession | None = None  # attached at startup (see app.upstream_session)
     observers: list[Observer] = field(default_factory=list)
     body_budget: BodyBudget = field(default_factory=BodyBudget)  # request bodies held by all requests
+    drain: Drain = field(default_factory=Drain)  # requests in flight, for the shutdown drain
 
     def __repr__(self) -> str:
         return f"<Gateway {self.runtime.config.summary()}>"

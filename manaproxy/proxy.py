@@ -23,6 +23,7 @@ from aiohttp import web
 from . import logfmt
 from .body import BodyBudget, parse_body, read_body
 from .config import Target
+from .drain import SHUTTING_DOWN, Guard, shutting_down
 from .errors import JSON_CONTENT_TYPE, ProxyError, error_body
 from .gateway import GATEWAY, Gateway, Runtime
 from .health import Slot
@@ -53,18 +54,23 @@ async def forward(request: web.Request) -> web.StreamResponse:
         endpoint=request.match_info.route.resource.canonical if request.match_info.route.resource else request.path,
         started=perf_counter(),
     )
+    drain = gateway.drain
+    guard = drain.guard()
     try:
+        if drain.stopping:
+            raise shutting_down()
         # The body is held until the request ends: so is its share of the in-flight body budget.
-        with gateway.body_budget.reserve() as claim:
-            return await _Forwarder(request, gateway, runtime, record).run(claim)
+        async with guard:
+            with gateway.body_budget.reserve() as claim:
+                return await _Forwarder(request, gateway, runtime, record, guard).run(claim)
     except ProxyError as err:
-        record.status = err.status
-        record.error_type = record.error_type or err.code or "error"
-        response = err.response()
-        if not request.content.at_eof():
-            # Refused before its body was read (413, 408, 503 ...): close rather than read the rest.
-            response.force_close()
-        return response
+        return _refused(request, record, err)
+    except TimeoutError:
+        if not guard.cut:
+            record.status = 500
+            record.error_type = "internal_error"
+            raise
+        return _refused(request, record, shutting_down())  # the drain ended it before an answer began
     except Exception:
         record.status = 500
         record.error_type = "internal_error"
@@ -82,16 +88,30 @@ async def forward(request: web.Request) -> web.StreamResponse:
         gateway.observe(record)
 
 
+def _refused(request: web.Request, record: RequestRecord, err: ProxyError) -> web.Response:
+    """Our own error as the request's answer."""
+    record.status = err.status
+    record.error_type = record.error_type or err.code or "error"
+    response = err.response()
+    if err.code == SHUTTING_DOWN or not request.content.at_eof():
+        # Shutting down, or refused before its body was read (413, 408 ...): close rather than read on.
+        response.force_close()
+    return response
+
+
 class _Forwarder:
     """One request's walk down its chain."""
 
-    __slots__ = ("gateway", "record", "request", "runtime")
+    __slots__ = ("gateway", "guard", "record", "request", "runtime")
 
-    def __init__(self, request: web.Request, gateway: Gateway, runtime: Runtime, record: RequestRecord) -> None:
+    def __init__(
+        self, request: web.Request, gateway: Gateway, runtime: Runtime, record: RequestRecord, guard: Guard
+    ) -> None:
         self.request = request
         self.gateway = gateway
         self.runtime = runtime
         self.record = record
+        self.guard = guard
 
     async def run(self, claim: BodyBudget.Claim) -> web.StreamResponse:
         config = self.runtime.config
@@ -196,6 +216,11 @@ class _Forwarder:
                 clean_end = True
             except MidStreamFailure as exc:
                 failure = exc
+            except asyncio.CancelledError:
+                if not self.guard.cut:
+                    raise  # the client went away
+                # The shutdown drain ran out of time: end the stream cleanly rather than cut the body.
+                failure, provider_fault = MidStreamFailure(SHUTTING_DOWN, "manaproxy is shutting down"), False
             except ConnectionError:
                 raise
             except Exception:
@@ -208,7 +233,10 @@ class _Forwarder:
                 self._end_with_error(target, failure)
                 if provider_fault:
                     slot.failed_after_commit(failure.detail)
-                message = f"upstream {target} failed mid-stream: {failure.detail}"
+                if failure.reason == SHUTTING_DOWN:
+                    message = f"manaproxy is shutting down: the answer from {target} was cut short"
+                else:
+                    message = f"upstream {target} failed mid-stream: {failure.detail}"
                 await response.write(error_event(message, code=failure.reason))
             if reply.usage is not None:
                 record.prompt_tokens, record.completion_tokens = reply.usage

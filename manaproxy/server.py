@@ -133,19 +133,23 @@ class _Server(web.Server):
         return _RequestHandler(self, loop=self._loop, **self._kwargs)
 
 
+_STRAGGLER_SECONDS = 2.0
+
+
 class Runner(web.AppRunner):
     """`web.AppRunner` whose connections use `_RequestHandler`.
 
     Defaults that every manaproxy server needs: `handler_cancellation` (a client that disconnects
     cancels its handler, so the upstream connection is closed at once), no aiohttp access log (the
-    request log line is ours), and the config's drain, keep-alive and header timeouts.
+    request log line is ours), and the config's keep-alive and header timeouts.
     """
 
     def __init__(self, app: web.Application, **kwargs: Any) -> None:
         server = app[GATEWAY].config.server
         kwargs.setdefault("handler_cancellation", True)
         kwargs.setdefault("access_log", None)
-        kwargs.setdefault("shutdown_timeout", server.shutdown_timeout_seconds)
+        # The drain (cli.drain, drain.py) does the waiting; this only bounds a straggler it missed.
+        kwargs.setdefault("shutdown_timeout", _STRAGGLER_SECONDS)
         kwargs.setdefault("keepalive_timeout", server.keepalive_timeout_seconds)
         kwargs.setdefault("header_timeout", server.header_timeout_seconds)
         super().__init__(app, **kwargs)

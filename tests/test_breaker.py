@@ -259,19 +259,44 @@ def test_a_success_resets_the_failure_count():
     assert health.skip_reason(spec) is None
 
 
-def test_probe_success_does_not_close_an_open_breaker_but_closes_a_half_open_one():
+def test_a_probe_success_closes_an_open_breaker():
     health, clock, spec = tracker(threshold=1, backoff=10)
     health.failed("p", "boom")
     assert (health.breaker("p"), health.skip_reason(spec)) == ("open", "unhealthy")
-    clock.now += 5
+    assert health.unavailable_until("p") == 5000.0 + 10  # wall time of the window's end
+    clock.now += 1
     health.succeeded("p", probe=True)
-    assert health.breaker("p") == "open"
-    assert health.unavailable_until("p") == 5000.0 + 5  # wall time of the window's end
-    clock.now += 5
-    assert (health.breaker("p"), health.skip_reason(spec)) == ("half_open", None)
-    health.succeeded("p", probe=True)
-    assert health.breaker("p") == "closed"
-    assert health.status("p") == "healthy"
+    assert (health.breaker("p"), health.skip_reason(spec), health.status("p")) == ("closed", None, "healthy")
+
+
+def test_recovery_probes_come_at_a_growing_interval_while_the_provider_stays_down():
+    health, clock, _ = tracker(threshold=1, backoff=10)
+    health.failed("p", "boom")
+    due = []
+    for _ in range(60):  # 30 s of checking every half second
+        clock.now += 0.5
+        if health.recovery_probes()[0]:
+            due.append(clock.now - 1000.0)
+            health.failed("p", "probe: connect refused", probe=True)
+    # 1 s after opening, then 2, 4, 8 s apart, then every backoff (10 s); half-open re-opens on failure.
+    assert due[:5] == [1.0, 3.0, 7.0, 15.0, 25.0]
+
+
+def test_a_provider_that_probes_well_but_fails_requests_is_retried_less_and_less():
+    """/models answering while completions fail: each close by a probe doubles the next first probe delay."""
+    health, clock, _ = tracker(threshold=1, backoff=60)
+    delays = []
+    for _ in range(5):
+        health.failed("p", "HTTP 500")  # a request fails: open
+        opened = clock.now
+        while not health.recovery_probes()[0]:
+            clock.now += 0.25
+        delays.append(clock.now - opened)
+        health.succeeded("p", probe=True)  # /models answers: closed again
+    assert delays == [1.0, 2.0, 4.0, 8.0, 16.0]
+    health.succeeded("p", 0.1)  # a real request succeeds: the next outage starts at 1 s again
+    health.failed("p", "HTTP 500")
+    assert health.get("p").breaker.probe_at == clock.now + 1.0
 
 
 def test_failures_inside_the_window_do_not_stretch_it_and_a_half_open_failure_rearms_it():

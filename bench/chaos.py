@@ -1,7 +1,7 @@
 """`make chaos`: bounded load through a real manaproxy whose providers fail on purpose, and what came back.
 
-`python bench/chaos.py [--requests 2000] [--concurrency 32] [--seed 1] [--max-seconds 60] [--stream-share 0.5]
-[--sighup-every S] [--keep-logs]` (docs/chaos.md has the long version):
+`python bench/chaos.py [--requests 2000] [--concurrency 32] [--rate 40] [--seed 1] [--max-seconds 60]
+[--stream-share 0.5] [--sighup-every S] [--keep-logs]` (docs/chaos.md has the long version):
 - starts four fault-injecting upstreams (bench/chaos_upstream.py, one process each; `gamma` stops listening
   for 1 s every 5 s) and `python -m manaproxy serve` from this checkout with a generated config: short
   timeouts, a quick breaker, three aliases whose chains cross the upstreams;
@@ -77,12 +77,12 @@ class Upstream:
 UPSTREAMS = (
     Upstream(
         "alpha",
-        "ok=55,slow=5,http_500=5,http_502=4,http_503=4,http_429=4,hang=3,reset=5,cut=6,stall=4,error_event=5",
+        "ok=57,slow=5,http_500=5,http_502=4,http_503=4,http_429=2,hang=3,reset=5,cut=6,stall=4,error_event=5",
         "flaky: ~40% of requests fail, every kind of fault",
     ),
     Upstream(
         "beta",
-        "ok=76,slow=5,http_500=3,http_503=3,http_429=3,reset=3,cut=4,stall=1,error_event=2",
+        "ok=77,slow=5,http_500=3,http_503=3,http_429=2,reset=3,cut=4,stall=1,error_event=2",
         "shaky: ~20% fail",
     ),
     Upstream("gamma", "ok=85,slow=5,http_502=3,cut=4,error_event=3", "down 1 s every 5 s; ~10% fail", 5.0, 1.0),
@@ -102,6 +102,9 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=2000, help="requests to send (default 2000)")
     parser.add_argument("--concurrency", type=int, default=32, help="concurrent clients (default 32)")
+    parser.add_argument(
+        "--rate", type=float, default=40.0, help="requests started per second at most (default 40; 0: unpaced)"
+    )
     parser.add_argument("--seed", type=int, default=1, help="seeds the request plan and every fault draw")
     parser.add_argument(
         "--max-seconds", type=float, default=60.0, help="start no request after this many seconds of load (60)"
@@ -110,8 +113,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--sighup-every", type=float, default=0.0, metavar="S", help="SIGHUP (reload) every S s")
     parser.add_argument("--keep-logs", action="store_true", help="keep the generated config and children's logs")
     args = parser.parse_args()
-    if args.requests < 1 or args.concurrency < 1 or not 0 <= args.stream_share <= 1 or args.max_seconds <= 0:
-        parser.error("--requests and --concurrency must be >= 1, --stream-share in [0, 1], --max-seconds > 0")
+    if args.requests < 1 or args.concurrency < 1 or args.rate < 0 or args.max_seconds <= 0:
+        parser.error("--requests and --concurrency must be >= 1, --rate >= 0, --max-seconds > 0")
+    if not 0 <= args.stream_share <= 1:
+        parser.error("--stream-share must be in [0, 1]")
     return args
 
 
@@ -364,6 +369,7 @@ class Chaos:
                 f"{self.base}/v1/chat/completions",
                 requests,
                 concurrency=args.concurrency,
+                rate=args.rate,
                 max_seconds=args.max_seconds,
                 client_timeout=CLIENT_TIMEOUT,
             )
@@ -467,7 +473,9 @@ def render(args: argparse.Namespace, commit: str, run: dict[str, Any], extra: di
         f"## manaproxy under chaos ({commit}, seed {args.seed})",
         "",
         f"{len(outcomes)} requests ({run['unsent']} not sent) in {run['seconds']:.1f} s at concurrency "
-        f"{args.concurrency}, {args.stream_share:.0%} streamed"
+        f"{args.concurrency}"
+        + (f", at most {args.rate:g}/s" if args.rate else ", unpaced")
+        + f", {args.stream_share:.0%} streamed"
         + (f"; SIGHUP every {args.sighup_every:g} s ({len(run['sighups'])} sent)" if args.sighup_every else "")
         + ".",
         "",

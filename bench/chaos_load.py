@@ -171,9 +171,16 @@ async def one_request(session: aiohttp.ClientSession, url: str, planned: Planned
 
 
 async def run_load(
-    url: str, requests: Sequence[Planned], *, concurrency: int, max_seconds: float, client_timeout: float
+    url: str,
+    requests: Sequence[Planned],
+    *,
+    concurrency: int,
+    rate: float,
+    max_seconds: float,
+    client_timeout: float,
 ) -> tuple[list[Outcome], int, float]:
-    """Send `requests` with `concurrency` clients; none is started after `max_seconds`.
+    """Send `requests` with `concurrency` clients, request i not before i / `rate` seconds (`rate` 0: no
+    pacing); none is started after `max_seconds`.
 
     Returns the outcomes, how many planned requests were never sent, and the wall time. A request still
     running `client_timeout` seconds after it started counts as a transport error (a stuck request).
@@ -187,6 +194,8 @@ async def run_load(
 
     async def client(session: aiohttp.ClientSession) -> None:
         for planned in pending:
+            if rate:
+                await asyncio.sleep(started + planned.index / rate - perf_counter())
             if perf_counter() >= deadline:
                 return
             outcomes.append(await one_request(session, url, planned))

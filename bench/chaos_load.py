@@ -94,15 +94,15 @@ def _json(data: bytes) -> Any:
         return None
 
 
-def _error_shape(body: bytes) -> tuple[bool, str | None]:
-    """(OpenAI-shaped error?, its code)."""
+def _error_shape(body: bytes) -> tuple[bool, str | None, str]:
+    """(OpenAI-shaped error?, its code, the start of its message)."""
     data = _json(body)
     error = data.get("error") if isinstance(data, dict) else None
     if not isinstance(error, dict):
-        return False, None
-    shaped = isinstance(error.get("message"), str) and isinstance(error.get("type"), str)
-    code = error.get("code")
-    return shaped, code if isinstance(code, str) else None
+        return False, None, body[:120].decode(errors="replace")
+    message, code = error.get("message"), error.get("code")
+    shaped = isinstance(message, str) and isinstance(error.get("type"), str)
+    return shaped, code if isinstance(code, str) else None, str(message)[:200]
 
 
 def _is_completion(data: Any) -> bool:
@@ -112,9 +112,9 @@ def _is_completion(data: Any) -> bool:
 def classify(stream: bool, status: int, content_type: str, body: bytes) -> Verdict:
     """The category of one whole answer (see the module docstring)."""
     if status >= 400:
-        shaped, code = _error_shape(body)
+        shaped, code, message = _error_shape(body)
         category = PROXY_500 if status == 500 else REFUSED
-        return Verdict(category, f"HTTP {status}", openai_shaped=shaped, error_code=code)
+        return Verdict(category, f"HTTP {status}: {message}", openai_shaped=shaped, error_code=code)
     if status != 200:
         return Verdict(UNEXPECTED_STATUS, f"HTTP {status}")
     if not stream or not content_type.startswith("text/event-stream"):
@@ -133,8 +133,8 @@ def classify(stream: bool, status: int, content_type: str, body: bytes) -> Verdi
         return Verdict(COMPLETE, "an error event before [DONE]" if errors else "", models=models)
     last = chunks[-1] if chunks else None
     if isinstance(last, dict) and isinstance(last.get("error"), dict) and b"[DONE]" not in events:
-        shaped, code = _error_shape(events[-1])
-        return Verdict(VISIBLE_ERROR, str(last["error"].get("message", ""))[:160], shaped, code, models=models)
+        shaped, code, message = _error_shape(events[-1])
+        return Verdict(VISIBLE_ERROR, message, shaped, code, models=models)
     tail = events[-1][:80].decode(errors="replace")
     return Verdict(SILENT_TRUNCATION, f"200 stream of {len(events)} events ending with: {tail}", models=models)
 

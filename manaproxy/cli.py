@@ -96,7 +96,7 @@ def raise_open_files_limit() -> int:
     would cap a process at ~500 streams. Under systemd the unit's `LimitNOFILE` sets both already.
     """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == hard or soft == resource.RLIM_INFINITY:
+    if soft in (hard, resource.RLIM_INFINITY):
         return soft
     try:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

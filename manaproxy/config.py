@@ -272,11 +272,11 @@ class _Parser:
 
         headers_raw = self.mapping(spec.get("headers"), f"{where}.headers")
         headers = {k: self.string(v, f"{where}.headers.{k}") for k, v in headers_raw.items()}
-        for name, value in headers.items():
-            if not _HEADER_NAME_RE.match(name):
-                raise self.fail(f"{where}.headers", f"{name!r} is not a valid HTTP header name")
+        for header, value in headers.items():
+            if not _HEADER_NAME_RE.match(header):
+                raise self.fail(f"{where}.headers", f"{header!r} is not a valid HTTP header name")
             if any(c in value for c in "\r\n\0"):
-                raise self.fail(f"{where}.headers.{name}", "header values cannot contain line breaks or NUL")
+                raise self.fail(f"{where}.headers.{header}", "header values cannot contain line breaks or NUL")
 
         timeouts_raw = self.mapping(
             spec.get("timeouts"), f"{where}.timeouts", ("connect", "first_byte", "idle", "total")

@@ -6,7 +6,7 @@ CONFIG ?= aliases.yaml
 HOST   ?= 127.0.0.1
 PORT   ?= 3025
 
-.PHONY: install run test lint format demo bench check clean
+.PHONY: install run test lint format demo bench chaos check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,9 @@ demo:  ## a fake upstream + manaproxy in front of it, and a streamed answer thro
 
 bench:  ## throughput and latency: manaproxy vs direct (and LiteLLM when installed); BENCH_ARGS=--with-litellm
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+chaos:  ## fault-injecting load through manaproxy, bounded; exits 1 on a silent truncation or a 500 (docs/chaos.md)
+	$(BIN)/python bench/chaos.py $(CHAOS_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache

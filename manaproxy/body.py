@@ -1,27 +1,84 @@
-"""The client's request body: read within its limit, parsed once, sent on with another `model`.
+"""The client's request body: read within its limits, checked once, sent on with another `model`.
 
-Rule of this module: a request body is parsed here and nowhere else. `RequestBody` carries the client's
-bytes and the parsed object; routing reads `model` and `stream` from it, the openai kind sends
-`with_model(...)` upstream, the google kind translates `payload`.
+Rule of this module: a request body is decoded here and nowhere else. `parse_body` checks the whole
+JSON document's structure but builds no objects for it (msgspec skips every member but `model` and
+`stream`, at about 1 GB/s): a 32 MiB body costs its own bytes and ~30 ms, however many values it holds.
+`RequestBody.with_model` splices the new `model` into the client's bytes, so everything else reaches the
+upstream byte for byte (big integers, key order, spacing). The full object is decoded only for a provider
+kind that translates the request (`payload`, used by google). Whether strings are valid UTF-8 is left
+to whoever reads them: a passthrough upstream (which answers its own 400), or that full decode.
+
+Bodies in flight are bounded twice: each by `server.max_body_bytes` (decoded size, checked while
+reading), all together by `server.max_inflight_body_bytes` (`BodyBudget`): past it, a request is
+refused with 503 and `Retry-After` rather than let memory grow with the number of uploads.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
+import msgspec
 import orjson
-from aiohttp import web
+from aiohttp import payload, web
+from aiohttp.abc import AbstractStreamWriter
 from aiohttp.web_protocol import RequestPayloadError
 
-from .errors import ProxyError, bad_request
+from .errors import JSON_CONTENT_TYPE, ProxyError, bad_request
+from .jsonmodel import HEAD, Buffer, model_span, replace_model
 
 # Request Content-Encodings aiohttp decodes before the body reaches us (br/zstd only with their libraries;
 # without them aiohttp refuses the request itself, see server.py). Any other it passes on raw.
 _DECODED_ENCODINGS = frozenset({"", "identity", "gzip", "deflate", "br", "zstd"})
+# Seconds a client refused for the body budget is told to wait.
+BUDGET_RETRY_AFTER = 1
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
-    """The request body, or 413 once it exceeds `limit` bytes (checked before reading when declared)."""
+class BodyBudget:
+    """Bytes of request bodies held in memory by all requests together, against a limit."""
+
+    __slots__ = ("held",)
+
+    def __init__(self) -> None:
+        self.held = 0
+
+    def __repr__(self) -> str:
+        return f"<BodyBudget held={self.held}>"
+
+    @contextmanager
+    def reserve(self) -> Iterator[BodyBudget.Claim]:
+        """A claim that grows as a body is read and is given back when the block exits."""
+        claim = BodyBudget.Claim(self)
+        try:
+            yield claim
+        finally:
+            self.held -= claim.size
+
+    class Claim:
+        __slots__ = ("_budget", "size")
+
+        def __init__(self, budget: BodyBudget) -> None:
+            self._budget = budget
+            self.size = 0
+
+        def grow(self, size: int, limit: int) -> None:
+            """Hold `size` more bytes, or refuse (503) when all bodies together would exceed `limit`."""
+            budget = self._budget
+            if budget.held + size > limit:
+                raise ProxyError(
+                    503,
+                    "the proxy holds as many request bodies as it may; retry shortly",
+                    code="body_budget_exhausted",
+                    headers={"Retry-After": str(BUDGET_RETRY_AFTER)},
+                )
+            budget.held += size
+            self.size += size
+
+
+async def read_body(request: web.Request, limit: int, claim: BodyBudget.Claim, budget_limit: int) -> bytearray:
+    """The request body: 415 for an encoding we cannot decode, 413 past `limit` bytes (checked before
+    reading when declared), 503 when the bodies in flight would pass `budget_limit`."""
     encoding = request.headers.get("Content-Encoding", "").strip().lower()
     if encoding not in _DECODED_ENCODINGS:
         raise ProxyError(415, "request Content-Encoding is not supported", code="unsupported_content_encoding")
@@ -30,62 +87,107 @@ async def read_body(request: web.Request, limit: int) -> bytes:
         raise ProxyError(
             413, f"request body of {declared} bytes exceeds the limit of {limit} bytes", code="request_too_large"
         )
-    chunks: list[bytes] = []
-    size = 0
+    # One buffer that grows in place (glibc moves large blocks with mremap, not by copying): a body is
+    # held once, never as a list of chunks plus their join.
+    body = bytearray()
     try:
         async for chunk in request.content.iter_any():
-            size += len(chunk)
-            if size > limit:
+            if len(body) + len(chunk) > limit:
                 raise ProxyError(413, f"request body exceeds the limit of {limit} bytes", code="request_too_large")
-            chunks.append(chunk)
+            claim.grow(len(chunk), budget_limit)
+            body += chunk
     except RequestPayloadError:  # e.g. `Content-Encoding: gzip` on a body that is not gzip
         raise bad_request("request body could not be decoded", code="invalid_body") from None
-    return b"".join(chunks)
+    return body
+
+
+class SplicedPayload(payload.Payload):
+    """A large body sent as slices of the client's bytes around the new `model`: no copy of the body,
+    and no single write bigger than a slice (the event loop gets its turns while it goes out)."""
+
+    SLICE = 256 * 1024
+
+    def __init__(self, pieces: tuple[Buffer | memoryview, ...]) -> None:
+        super().__init__(pieces, content_type=JSON_CONTENT_TYPE)
+        self._length = sum(len(piece) for piece in pieces)
+        self._size = self._length
+
+    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
+        return b"".join(self._value).decode(encoding, errors)
+
+    async def write(self, writer: AbstractStreamWriter) -> None:
+        await self.write_with_length(writer, None)
+
+    async def write_with_length(self, writer: AbstractStreamWriter, content_length: int | None) -> None:
+        left = self._length if content_length is None else content_length
+        for piece in self._value:
+            for offset in range(0, len(piece), self.SLICE):
+                if left <= 0:
+                    return
+                part = piece[offset : offset + min(self.SLICE, left)]
+                left -= len(part)
+                await writer.write(part)
 
 
 class RequestBody:
-    """A client's JSON request object: its bytes as received and the object they hold."""
+    """A client's JSON request object: its bytes as received and the members the proxy reads."""
 
-    __slots__ = ("_rest", "model", "payload", "raw", "stream")
+    __slots__ = ("_model_span", "_payload", "model", "raw", "stream")
 
-    def __init__(self, raw: bytes, payload: dict[str, Any]) -> None:
+    def __init__(self, raw: Buffer, model: str | None, stream: bool, model_raw: bytes) -> None:
         self.raw = raw
-        self.payload = payload
-        model = payload.get("model")
-        self.model: str | None = model if isinstance(model, str) else None
-        self.stream = payload.get("stream") is True
-        self._rest: bytes | None = None  # the object without `model`, encoded on first use
+        self.model = model
+        self.stream = stream
+        self._payload: dict[str, Any] | None = None
+        self._model_span = model_span(raw, model_raw)
 
     def __repr__(self) -> str:
         return f"<RequestBody {len(self.raw)} bytes model={self.model!r} stream={self.stream}>"
 
-    def with_model(self, model: str) -> bytes:
-        """The JSON body to send upstream: the client's, with `model` replaced."""
-        rest = self._rest
-        if rest is None:
+    @property
+    def payload(self) -> dict[str, Any]:
+        """The whole object, decoded on first use (for kinds that translate the request).
+
+        Raises a 400 `ProxyError` for what only a full decode finds (text that is not UTF-8).
+        """
+        if self._payload is None:
             try:
-                rest = orjson.dumps({key: value for key, value in self.payload.items() if key != "model"})
+                payload = orjson.loads(self.raw)
+            except orjson.JSONDecodeError as exc:
+                raise bad_request(f"request body is not valid JSON: {exc.msg}", code="invalid_json") from None
+            assert isinstance(payload, dict)  # checked by parse_body
+            self._payload = payload
+        return self._payload
+
+    def with_model(self, model: str) -> bytes | SplicedPayload:
+        """The JSON body to send upstream: the client's bytes with `model` set to `model`."""
+        span = self._model_span
+        if span is None:  # bytes that do not tell which member is the top-level one: re-encode
+            try:
+                return orjson.dumps({**self.payload, "model": model})
             except orjson.JSONEncodeError:  # orjson reads deeper nesting than it writes
                 raise bad_request("request body is nested too deeply", code="invalid_json") from None
-            self._rest = rest
-        head = b'{"model":' + orjson.dumps(model)
-        return head + b"}" if rest == b"{}" else head + b"," + rest[1:]
+        pieces = replace_model(self.raw, span, orjson.dumps(model))
+        if isinstance(pieces[0], memoryview):
+            return SplicedPayload(pieces)
+        return b"".join(pieces)
 
 
-def parse_body(raw: bytes) -> RequestBody:
-    """Decode the JSON request object and check the fields the proxy itself relies on (400 otherwise)."""
+def parse_body(raw: Buffer) -> RequestBody:
+    """Check that `raw` is one JSON object whose `model` (if any) is a string and `stream` a boolean."""
     try:
-        payload = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise bad_request(f"request body is not valid JSON: {exc.msg}", code="invalid_json") from None
-    if not isinstance(payload, dict):
-        raise bad_request("request body must be a JSON object", code="invalid_json")
-    model = payload.get("model")
+        head = HEAD.decode(raw)
+    except msgspec.ValidationError:  # valid JSON, but not an object
+        raise bad_request("request body must be a JSON object", code="invalid_json") from None
+    except msgspec.DecodeError as exc:
+        raise bad_request(f"request body is not valid JSON: {exc}", code="invalid_json") from None
+    except RecursionError:
+        raise bad_request("request body is nested too deeply", code="invalid_json") from None
+    model_raw = bytes(head.model)
+    model: Any = orjson.loads(model_raw) if model_raw else None
     if model is not None and not isinstance(model, str):
         raise bad_request("'model' must be a string", code="invalid_model", param="model")
-    stream = payload.get("stream")
-    if stream is not None and not isinstance(stream, bool):
+    stream_raw = bytes(head.stream)
+    if stream_raw not in (b"", b"true", b"false", b"null"):
         raise bad_request("'stream' must be a boolean", code="invalid_stream", param="stream")
-    body = RequestBody(raw, payload)
-    body.with_model("")  # a body orjson can read but not write is the caller's 400, before any upstream call
-    return body
+    return RequestBody(raw, model, stream_raw == b"true", model_raw)

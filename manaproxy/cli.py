@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import logging
 import os
+import resource
 import signal
 import sys
 from collections.abc import Sequence
@@ -21,6 +22,7 @@ from . import __version__
 from .app import create_app
 from .auth import parse_keys
 from .config import ConfigError, load_config
+from .gateway import GATEWAY, Gateway
 from .logfmt import OneLineFormatter
 from .reload import RELOADER
 from .server import Runner
@@ -33,6 +35,8 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 3025
 # `serve` with an invalid config at start; the systemd unit does not restart on it (RestartPreventExitStatus).
 EXIT_INVALID_CONFIG = 2
+# How long requests cut at the end of the drain have to write their last bytes.
+_CUT_GRACE_SECONDS = 2.0
 
 
 class JournalFormatter(OneLineFormatter):
@@ -83,6 +87,23 @@ def setup_logging(level_name: str | None) -> None:
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
+
+
+def raise_open_files_limit() -> int:
+    """Lift the soft limit on open files to the hard one and return it.
+
+    Every stream holds two sockets (the client's and the upstream's): the usual soft default of 1024
+    would cap a process at ~500 streams. Under systemd the unit's `LimitNOFILE` sets both already.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft in (hard, resource.RLIM_INFINITY):
+        return soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError) as exc:  # e.g. a seccomp filter that forbids setrlimit
+        logger.warning("cannot raise the open files limit from %d to %d: %s", soft, hard, exc)
+        return soft
+    return hard
 
 
 def _default_port() -> int:
@@ -138,18 +159,36 @@ def check(path: str) -> int:
     return 0
 
 
+async def drain(runner: Runner, gateway: Gateway) -> None:
+    """Stop listening, let the requests in flight finish within `server.shutdown_timeout_seconds` (read now,
+    so a reload may change it), end what is left cleanly (drain.py), then close everything."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    timeout = gateway.config.server.shutdown_timeout_seconds
+    logger.info("stopping: no new connections; draining in-flight requests (up to %gs)", timeout)
+    for site in list(runner.sites):
+        await site.stop()
+    gateway.drain.stopping = True  # requests still arriving on open connections get a 503 and a close
+    if not await gateway.drain.wait_idle(timeout):
+        logger.warning("drain time is up: ending %d requests still in flight", gateway.drain.cut())
+        await gateway.drain.wait_idle(_CUT_GRACE_SECONDS)
+    # Closes idle connections, then the upstream session and the probes.
+    await runner.cleanup()
+    logger.info("stopped after draining for %.1fs", loop.time() - started)
+
+
 async def serve(config_path: str, host: str, port: int) -> int:
     """Serve until SIGTERM/SIGINT, then drain; SIGHUP reloads `config_path`. Returns the exit code."""
     config = load_config(config_path)
+    open_files = raise_open_files_limit()
     api_keys = parse_keys(os.environ.get("MANAPROXY_API_KEYS"))
     if not api_keys:
         logger.warning("MANAPROXY_API_KEYS is not set: client authentication is OFF")
     cors = [origin.strip() for origin in os.environ.get("CORS_ORIGINS", "").split(",") if origin.strip()]
     app = create_app(config, api_keys=api_keys, cors_origins=cors)
     reloader = app[RELOADER]
-    # aiohttp takes the drain bound once, here: a reload cannot change it (a restart does).
-    drain_timeout = config.server.shutdown_timeout_seconds
-    runner = Runner(app, shutdown_timeout=drain_timeout)
+    gateway = app[GATEWAY]
+    runner = Runner(app)
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -174,17 +213,19 @@ async def serve(config_path: str, host: str, port: int) -> int:
             logger.error("cannot listen on %s:%s: %s", host, port, exc.strerror or exc)
             await runner.cleanup()
             return 1
-        logger.info("manaproxy %s listening on http://%s:%s (%s)", __version__, host, port, config.summary())
+        logger.info(
+            "manaproxy %s listening on http://%s:%s (%s; up to %d open files)",
+            __version__,
+            host,
+            port,
+            config.summary(),
+            open_files,
+        )
         notify(f"READY=1\nSTATUS=serving {config.summary()}")
 
         await stop.wait()
         notify("STOPPING=1")
-        logger.info("stopping: no new connections; draining in-flight requests (up to %gs)", drain_timeout)
-        started = loop.time()
-        # Closes the listening socket first, then waits for running handlers (streams included) up to
-        # `drain_timeout`, cancels what is left, and only then closes the upstream session and probes.
-        await runner.cleanup()
-        logger.info("stopped after draining for %.1fs", loop.time() - started)
+        await drain(runner, gateway)
         return 0
     finally:
         for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):

@@ -96,9 +96,19 @@ class HealthSettings:
 
 @dataclass(frozen=True, slots=True)
 class ServerSettings:
-    max_body_bytes: int = 32 * 1024 * 1024
+    max_body_bytes: int = 32 * 1024 * 1024  # one request body, decoded
+    max_inflight_body_bytes: int = 256 * 1024 * 1024  # all request bodies held at once
+    max_response_bytes: int = 64 * 1024 * 1024  # one unstreamed upstream answer, decoded
+    max_event_bytes: int = 8 * 1024 * 1024  # one SSE event of a streamed answer, decoded
     shutdown_timeout_seconds: float = 30.0
     models_cache_seconds: float = 60.0
+    header_timeout_seconds: float = 10.0  # a request's headers must arrive within this
+    body_timeout_seconds: float = 60.0  # ... and its whole body within this
+    keepalive_timeout_seconds: float = 75.0  # an idle client connection is closed after this
+
+
+# Server settings aiohttp takes once, when it starts listening: a reload cannot change them.
+RESTART_ONLY_SETTINGS = ("header_timeout_seconds", "keepalive_timeout_seconds")
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,11 +272,11 @@ class _Parser:
 
         headers_raw = self.mapping(spec.get("headers"), f"{where}.headers")
         headers = {k: self.string(v, f"{where}.headers.{k}") for k, v in headers_raw.items()}
-        for name, value in headers.items():
-            if not _HEADER_NAME_RE.match(name):
-                raise self.fail(f"{where}.headers", f"{name!r} is not a valid HTTP header name")
+        for header, value in headers.items():
+            if not _HEADER_NAME_RE.match(header):
+                raise self.fail(f"{where}.headers", f"{header!r} is not a valid HTTP header name")
             if any(c in value for c in "\r\n\0"):
-                raise self.fail(f"{where}.headers.{name}", "header values cannot contain line breaks or NUL")
+                raise self.fail(f"{where}.headers.{header}", "header values cannot contain line breaks or NUL")
 
         timeouts_raw = self.mapping(
             spec.get("timeouts"), f"{where}.timeouts", ("connect", "first_byte", "idle", "total")
@@ -325,11 +335,14 @@ class _Parser:
         return HealthSettings(**values)
 
     def server(self, raw: Any) -> ServerSettings:
-        spec = self.mapping(raw, "server", ("max_body_bytes", "shutdown_timeout_seconds", "models_cache_seconds"))
+        fields = tuple(ServerSettings.__dataclass_fields__)
+        spec = self.mapping(raw, "server", fields)
         values: dict[str, Any] = {}
         for key, value in spec.items():
-            if key == "max_body_bytes":
+            if key.endswith("_bytes"):
                 values[key] = int(self.number(value, f"server.{key}", minimum=1, integer=True))
+            elif key.endswith("_timeout_seconds"):
+                values[key] = float(self.number(value, f"server.{key}", minimum=0.001))
             else:
                 values[key] = float(self.number(value, f"server.{key}"))
         return ServerSettings(**values)

@@ -45,12 +45,21 @@ def error_body(message: str, *, status: int, code: str | None = None, param: str
 class ProxyError(Exception):
     """An error answered to the client by manaproxy itself (not relayed from an upstream)."""
 
-    def __init__(self, status: int, message: str, *, code: str | None = None, param: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        code: str | None = None,
+        param: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.code = code
         self.param = param
+        self.headers = headers  # e.g. Retry-After
 
     def __repr__(self) -> str:
         return f"ProxyError({self.status}, {self.code!r}, {self.message!r})"
@@ -64,7 +73,7 @@ class ProxyError(Exception):
             status=self.status,
             body=error_body(self.message, status=self.status, code=self.code, param=self.param),
             content_type=JSON_CONTENT_TYPE,
-            headers=headers,
+            headers={**(self.headers or {}), **(headers or {})} if headers or self.headers else None,
         )
 
 

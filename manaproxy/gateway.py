@@ -17,7 +17,9 @@ from types import MappingProxyType
 import aiohttp
 from aiohttp import web
 
+from .body import BodyBudget
 from .config import Config
+from .drain import Drain
 from .health import HealthTracker
 from .providers import build_provider
 from .providers.base import Provider
@@ -37,7 +39,9 @@ def build_runtime(config: Config, session: aiohttp.ClientSession | None, redacto
     """The runtime for `config`; without a session yet (before startup) it has no provider objects."""
     if session is None:
         return Runtime(config, MappingProxyType({}))
-    providers = {name: build_provider(spec, session, redactor) for name, spec in config.providers.items()}
+    providers = {
+        name: build_provider(spec, session, redactor, config.server) for name, spec in config.providers.items()
+    }
     return Runtime(config, MappingProxyType(providers))
 
 
@@ -49,8 +53,10 @@ class Gateway:
     runtime: Runtime
     health: HealthTracker
     redactor: Redactor  # knows every provider key of every config loaded so far
-    session: aiohttp.ClientSession | None = None  # attached at startup (see app.upstream_session_ctx)
+    session: aiohttp.ClientSession | None = None  # attached at startup (see app.upstream_session)
     observers: list[Observer] = field(default_factory=list)
+    body_budget: BodyBudget = field(default_factory=BodyBudget)  # request bodies held by all requests
+    drain: Drain = field(default_factory=Drain)  # requests in flight, for the shutdown drain
 
     def __repr__(self) -> str:
         return f"<Gateway {self.runtime.config.summary()}>"

@@ -21,8 +21,9 @@ from time import perf_counter
 from aiohttp import web
 
 from . import logfmt
-from .body import parse_body, read_body
+from .body import BodyBudget, parse_body, read_body
 from .config import Target
+from .drain import SHUTTING_DOWN, Guard, shutting_down
 from .errors import JSON_CONTENT_TYPE, ProxyError, error_body
 from .gateway import GATEWAY, Gateway, Runtime
 from .health import Slot
@@ -53,12 +54,23 @@ async def forward(request: web.Request) -> web.StreamResponse:
         endpoint=request.match_info.route.resource.canonical if request.match_info.route.resource else request.path,
         started=perf_counter(),
     )
+    drain = gateway.drain
+    guard = drain.guard()
     try:
-        return await _Forwarder(request, gateway, runtime, record).run()
+        if drain.stopping:
+            raise shutting_down()
+        # The body is held until the request ends: so is its share of the in-flight body budget.
+        async with guard:
+            with gateway.body_budget.reserve() as claim:
+                return await _Forwarder(request, gateway, runtime, record, guard).run(claim)
     except ProxyError as err:
-        record.status = err.status
-        record.error_type = record.error_type or err.code or "error"
-        return err.response()
+        return _refused(request, record, err)
+    except TimeoutError:
+        if not guard.cut:
+            record.status = 500
+            record.error_type = "internal_error"
+            raise
+        return _refused(request, record, shutting_down())  # the drain ended it before an answer began
     except Exception:
         record.status = 500
         record.error_type = "internal_error"
@@ -76,25 +88,46 @@ async def forward(request: web.Request) -> web.StreamResponse:
         gateway.observe(record)
 
 
+def _refused(request: web.Request, record: RequestRecord, err: ProxyError) -> web.Response:
+    """Our own error as the request's answer."""
+    record.status = err.status
+    record.error_type = record.error_type or err.code or "error"
+    response = err.response()
+    if err.code == SHUTTING_DOWN or not request.content.at_eof():
+        # Shutting down, or refused before its body was read (413, 408 ...): close rather than read on.
+        response.force_close()
+    return response
+
+
 class _Forwarder:
     """One request's walk down its chain."""
 
-    __slots__ = ("gateway", "record", "request", "runtime")
+    __slots__ = ("gateway", "guard", "record", "request", "runtime")
 
-    def __init__(self, request: web.Request, gateway: Gateway, runtime: Runtime, record: RequestRecord) -> None:
+    def __init__(
+        self, request: web.Request, gateway: Gateway, runtime: Runtime, record: RequestRecord, guard: Guard
+    ) -> None:
         self.request = request
         self.gateway = gateway
         self.runtime = runtime
         self.record = record
+        self.guard = guard
 
-    async def run(self) -> web.StreamResponse:
+    async def run(self, claim: BodyBudget.Claim) -> web.StreamResponse:
         config = self.runtime.config
+        server = config.server
         record = self.record
         # Checked before anything else: the provider's key goes wherever this path points.
         url = self.request.rel_url
         path = upstream_path(url.raw_path, url.raw_query_string)
         started = perf_counter()
-        raw = await read_body(self.request, config.server.max_body_bytes)
+        try:
+            async with asyncio.timeout(server.body_timeout_seconds):
+                raw = await read_body(self.request, server.max_body_bytes, claim, server.max_inflight_body_bytes)
+        except TimeoutError:
+            raise ProxyError(
+                408, f"request body did not arrive within {server.body_timeout_seconds:g}s", code="body_timeout"
+            ) from None
         record.client_wait += perf_counter() - started
         body = parse_body(raw)
         record.streaming = body.stream
@@ -133,6 +166,8 @@ class _Forwarder:
         except UpstreamFailure as failure:
             slot.failed(failure)
             return self._failed(target, failure)
+        except ProxyError:
+            raise  # the provider found the request itself wrong (e.g. a body only a full decode rejects)
         except Exception as exc:
             # A bug in a provider module must not cost the client its answer: log it, try the next entry.
             logger.exception("request %s: provider %s raised", record.request_id, target.provider)
@@ -181,6 +216,11 @@ class _Forwarder:
                 clean_end = True
             except MidStreamFailure as exc:
                 failure = exc
+            except asyncio.CancelledError:
+                if not self.guard.cut:
+                    raise  # the client went away
+                # The shutdown drain ran out of time: end the stream cleanly rather than cut the body.
+                failure, provider_fault = MidStreamFailure(SHUTTING_DOWN, "manaproxy is shutting down"), False
             except ConnectionError:
                 raise
             except Exception:
@@ -193,7 +233,10 @@ class _Forwarder:
                 self._end_with_error(target, failure)
                 if provider_fault:
                     slot.failed_after_commit(failure.detail)
-                message = f"upstream {target} failed mid-stream: {failure.detail}"
+                if failure.reason == SHUTTING_DOWN:
+                    message = f"manaproxy is shutting down: the answer from {target} was cut short"
+                else:
+                    message = f"upstream {target} failed mid-stream: {failure.detail}"
                 await response.write(error_event(message, code=failure.reason))
             if reply.usage is not None:
                 record.prompt_tokens, record.completion_tokens = reply.usage

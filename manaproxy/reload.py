@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from .config import ConfigError, load_config
+from .config import RESTART_ONLY_SETTINGS, ConfigError, load_config
 from .gateway import Gateway
 from .systemd import notify
 
@@ -43,6 +43,7 @@ class Reloader:
         """Re-read `path`; swap it in if valid, else keep the current config. Never raises."""
         try:
             config = load_config(path)
+            before = self.gateway.config.server
             self.gateway.apply(config)
         except ConfigError as exc:
             logger.error("reload rejected, keeping the previous config: %s", exc)
@@ -52,6 +53,9 @@ class Reloader:
             result = FAILURE
         else:
             logger.info("reloaded %s", config.summary())
+            for name in RESTART_ONLY_SETTINGS:
+                if getattr(before, name) != getattr(config.server, name):
+                    logger.warning("server.%s changed: it takes effect at the next restart", name)
             result = SUCCESS
         for listener in self.listeners:
             try:

@@ -35,8 +35,19 @@ def format_record(record: RequestRecord) -> str:
     return logfmt.pairs(fields)
 
 
+def level_of(record: RequestRecord) -> int:
+    """WARNING for a request that failed here or upstream; INFO otherwise. A request refused because every
+    chain entry was skipped (breakers open, rate limits, saturation) is INFO: during an outage that is
+    every request, and the breaker's opening was logged once and `mana_llm_fallback_total` counts them."""
+    if record.outcome not in (None, "completed"):
+        return logging.WARNING
+    if record.status >= 500 and (record.status == 500 or any(attempt.tried for attempt in record.attempts)):
+        return logging.WARNING
+    return logging.INFO
+
+
 def log_request(record: RequestRecord) -> None:
-    """Observer: write the request's line (warning level when it failed)."""
-    level = logging.WARNING if record.status >= 500 or record.outcome not in (None, "completed") else logging.INFO
+    """Observer: write the request's line."""
+    level = level_of(record)
     if logger.isEnabledFor(level):
         logger.log(level, "%s", format_record(record))

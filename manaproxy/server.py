@@ -3,6 +3,12 @@
 `Runner` is what `manaproxy serve` runs and what the tests' proxy fixture runs, so every test exercises
 the real server's configuration (handler cancellation, limits, timeouts).
 
+Client connections are bounded in time: a request's headers must be complete within
+`server.header_timeout_seconds` of its first byte (of the connection, for the first request) — or the
+connection gets a 408 and is closed, so clients trickling header bytes cannot hold connections — and a
+connection idle between requests is closed after `server.keepalive_timeout_seconds` (aiohttp's own
+keep-alive timer). Both are taken from the config when the server starts.
+
 aiohttp answers a request its HTTP parser rejects (a control byte in a header, an over-long URL, too
 many or too large headers, an unsupported `Content-Encoding`) by itself, before any middleware sees it:
 a text/plain 400, logged at ERROR with a traceback that quotes the raw header line — a client's
@@ -21,7 +27,8 @@ from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMethod, ContentEncodingError, HttpProcessingError, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
-from .errors import ProxyError
+from .errors import ProxyError, error_body
+from .gateway import GATEWAY
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +48,65 @@ def parser_error(exc: HttpProcessingError) -> ProxyError:
     return ProxyError(400, "malformed HTTP request", code="malformed_request")
 
 
+_HEADER_TIMEOUT_RESPONSE = b"".join(
+    (
+        b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\nConnection: close\r\n",
+        b"Content-Length: %d\r\n\r\n",
+    )
+)
+
+
 class _RequestHandler(RequestHandler):
-    """aiohttp's per-connection protocol, with `handle_error` answering parser errors our way."""
+    """aiohttp's per-connection protocol, with `handle_error` answering parser errors our way and a
+    deadline for the headers of each request."""
+
+    def __init__(self, *args: Any, header_timeout: float = 10.0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._header_timeout = header_timeout
+        self._header_deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._arm_header_deadline()
+
+    def data_received(self, data: bytes) -> None:
+        if self._header_deadline is None and self._waiting_for_request():
+            self._arm_header_deadline()  # the first bytes of the next request on a kept-alive connection
+        super().data_received(data)
+        if self._header_deadline is not None and not self._waiting_for_request():
+            self._header_deadline.cancel()  # a whole request head arrived
+            self._header_deadline = None
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._header_deadline is not None:
+            self._header_deadline.cancel()
+            self._header_deadline = None
+        super().connection_lost(exc)
+
+    def _waiting_for_request(self) -> bool:
+        """No request head is complete and none is being handled: what arrives now is a new head."""
+        return not self._messages and not self._request_in_progress
+
+    def _arm_header_deadline(self) -> None:
+        self._header_deadline = self._loop.call_later(self._header_timeout, self._headers_too_slow)
+
+    def _headers_too_slow(self) -> None:
+        self._header_deadline = None
+        transport = self.transport
+        if transport is None or not self._waiting_for_request():
+            return
+        logger.info("request headers from %s did not arrive within %gs: closed", self._peer(), self._header_timeout)
+        error = ProxyError(
+            408, f"request headers did not arrive within {self._header_timeout:g}s", code="header_timeout"
+        )
+        body = error_body(error.message, status=408, code=error.code)
+        transport.write(_HEADER_TIMEOUT_RESPONSE % len(body) + body)
+        self.force_close()
+        transport.close()
+
+    def _peer(self) -> str:
+        peer = self.transport.get_extra_info("peername") if self.transport is not None else None
+        return str(peer[0]) if isinstance(peer, tuple) else "-"
 
     def handle_error(
         self,
@@ -69,17 +133,25 @@ class _Server(web.Server):
         return _RequestHandler(self, loop=self._loop, **self._kwargs)
 
 
+_STRAGGLER_SECONDS = 2.0
+
+
 class Runner(web.AppRunner):
     """`web.AppRunner` whose connections use `_RequestHandler`.
 
     Defaults that every manaproxy server needs: `handler_cancellation` (a client that disconnects
-    cancels its handler, so the upstream connection is closed at once) and no aiohttp access log (the
-    request log line is ours).
+    cancels its handler, so the upstream connection is closed at once), no aiohttp access log (the
+    request log line is ours), and the config's keep-alive and header timeouts.
     """
 
     def __init__(self, app: web.Application, **kwargs: Any) -> None:
+        server = app[GATEWAY].config.server
         kwargs.setdefault("handler_cancellation", True)
         kwargs.setdefault("access_log", None)
+        # The drain (cli.drain, drain.py) does the waiting; this only bounds a straggler it missed.
+        kwargs.setdefault("shutdown_timeout", _STRAGGLER_SECONDS)
+        kwargs.setdefault("keepalive_timeout", server.keepalive_timeout_seconds)
+        kwargs.setdefault("header_timeout", server.header_timeout_seconds)
         super().__init__(app, **kwargs)
 
     async def _make_server(self) -> web.Server:

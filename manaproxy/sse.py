@@ -1,13 +1,15 @@
 """Server-sent events at the byte level: cut at event boundaries, rewrite `model`, write our own events.
 
-Rule of this module: the relay never re-encodes an upstream event on the fast path. It finds the
-top-level `"model": "..."` of each `data:` JSON line with one compiled regex and splices the new value
-in; only an event whose top-level `model` comes after a nested value (llama.cpp sorts keys:
-`{"choices": [...], ..., "model": ...}`) is parsed and re-encoded. Everything else — comments,
-`[DONE]`, usage chunks, unknown fields, line endings — passes through byte for byte.
+Rule of this module: the relay never re-encodes an upstream event on the fast path, and its cost is
+linear in the bytes relayed. `ModelRewriter` finds the top-level `"model": "..."` of each `data:` JSON
+line with an anchored, backtracking-free regex that reads only the members before it, and splices the
+new value in; later chunks repeating the same member get one `bytes.replace`. Only an event whose
+top-level `model` comes after a nested value (llama.cpp sorts keys: `{"choices": [...], ..., "model":
+...}`) is parsed and re-encoded. Everything else — comments, `[DONE]`, usage chunks, unknown fields,
+line endings — passes through byte for byte.
 
-Only complete events are ever released (`EventBuffer.feed`), so an error event we append after an
-upstream failure can never merge with half an upstream event.
+Only complete events are ever released (`EventBuffer`), so an error event we append after an upstream
+failure can never merge with half an upstream event; each byte fed is searched for a boundary once.
 """
 
 from __future__ import annotations
@@ -17,40 +19,69 @@ from typing import Any
 
 import orjson
 
-_STRING = rb'"(?:[^"\\\n]|\\.)*"'
-_SCALAR = rb"(?:" + _STRING + rb"|-?[0-9][0-9.eE+-]*|true|false|null)"
-# `data: {` followed by any number of top-level scalar members, then the "model" member's string value.
-_MODEL_VALUE = re.compile(
-    rb"(?m)(^data: ?\{\s*(?:" + _STRING + rb"\s*:\s*" + _SCALAR + rb"\s*,\s*)*)(\"model\"\s*:\s*)(" + _STRING + rb")"
+# A JSON string, unrolled and possessive: one pass, no backtracking, no stack growth on a long string.
+_STRING = rb'"[^"\\\n]*+(?:\\.[^"\\\n]*+)*+"'
+_SCALAR = rb"(?:" + _STRING + rb"|-?[0-9][0-9.eE+-]*+|true|false|null)"
+# At the start of a line: `data: {`, any number of other top-level scalar members, then the "model" member.
+_MODEL_AT = re.compile(
+    rb'data: ?\{\s*+(?:(?!"model")'
+    + _STRING
+    + rb"\s*+:\s*+"
+    + _SCALAR
+    + rb"\s*+,\s*+)*+(\"model\"\s*+:\s*+)("
+    + _STRING
+    + rb")"
 )
 _BOUNDARY = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 _LINE_END = re.compile(rb"\r\n|\n|\r")
 
 DONE_EVENT = b"data: [DONE]\n\n"
 _EVENT_ENDS = (b"\n\n", b"\r\n\r\n", b"\r\r")
+_SEPARATORS = (b"\n\n", b"\r\n\r\n", b"\r\r")
+
+
+def _last_boundary(data: bytes | bytearray, start: int = 0) -> int:
+    """Index just past the last event boundary in `data[start:]`, or 0."""
+    best = 0
+    for sep in _SEPARATORS:
+        index = data.rfind(sep, start)
+        if index != -1:
+            best = max(best, index + len(sep))
+    return best
 
 
 class EventBuffer:
-    """Accumulates upstream bytes and releases them cut after the last complete event."""
+    """Accumulates upstream bytes and releases them cut after the last complete event.
 
-    __slots__ = ("_pending",)
+    Linear in what it is fed: a chunk that ends on a boundary (what providers send) passes through as
+    it is; otherwise only the new bytes (and the 3 before them, for a boundary split across chunks) are
+    searched, and a long event grows one buffer in place.
+    """
+
+    __slots__ = ("_event_start", "_pending", "_scanned")
 
     def __init__(self) -> None:
-        self._pending = b""
+        self._pending = bytearray()
+        self._scanned = 0  # `first_event`: where the next boundary search starts
+        self._event_start = 0  # `first_event`: where the event being read starts
 
     def feed(self, chunk: bytes) -> bytes:
         """Add `chunk`; return every complete event now available (possibly b"")."""
-        data = self._pending + chunk if self._pending else chunk
-        # Fast path: providers end every write with a blank line.
-        if data.endswith(_EVENT_ENDS):
-            self._pending = b""
-            return data
-        end = _last_boundary(data)
+        pending = self._pending
+        if not pending:
+            if chunk.endswith(_EVENT_ENDS):  # the fast path
+                return chunk
+            end = _last_boundary(chunk)
+            pending += chunk[end:]
+            return chunk[:end]
+        searched_from = max(0, len(pending) - 3)
+        pending += chunk
+        end = _last_boundary(pending, searched_from)
         if end == 0:
-            self._pending = data
             return b""
-        self._pending = data[end:]
-        return data[:end]
+        released = bytes(pending[:end])
+        del pending[:end]  # from the front of a bytearray: no copy of what stays
+        return released
 
     def first_event(self, chunk: bytes) -> tuple[bytes, bytes]:
         """Split off complete events up to and including the first `data:` event.
@@ -58,36 +89,32 @@ class EventBuffer:
         Returns (released, rest): `released` is b"" while no data event is complete yet. `rest`
         holds complete events after it (not yet inspected); an incomplete tail stays pending.
         """
-        data = self._pending + chunk if self._pending else chunk
-        pos = 0
+        pending = self._pending
+        pending += chunk
         while True:
-            match = _BOUNDARY.search(data, pos)
+            match = _BOUNDARY.search(pending, self._scanned)
             if match is None:
-                self._pending = data
+                self._scanned = max(self._event_start, len(pending) - 3)
                 return b"", b""
-            event = data[pos : match.end()]
-            pos = match.end()
+            event = pending[self._event_start : match.end()]
+            self._event_start = self._scanned = match.end()
             if is_data_event(event):
-                self._pending = b""
-                released, tail = data[:pos], data[pos:]
+                released, tail = bytes(pending[: match.end()]), bytes(pending[match.end() :])
+                pending.clear()
+                self._event_start = self._scanned = 0
                 return released, self.feed(tail) if tail else b""
 
     @property
     def pending(self) -> bytes:
-        return self._pending
+        """The bytes of the incomplete event held back."""
+        return bytes(self._pending)
+
+    @property
+    def pending_size(self) -> int:
+        return len(self._pending)
 
 
-def _last_boundary(data: bytes) -> int:
-    """Index just past the last event boundary in `data`, or 0."""
-    best = 0
-    for sep in (b"\n\n", b"\r\n\r\n", b"\r\r"):
-        index = data.rfind(sep)
-        if index != -1:
-            best = max(best, index + len(sep))
-    return best
-
-
-def is_data_event(event: bytes) -> bool:
+def is_data_event(event: bytes | bytearray) -> bool:
     """True when the event has a data field (comments and bare `event:`/`id:` lines do not count)."""
     return event.startswith(b"data:") or b"\ndata:" in event or b"\rdata:" in event
 
@@ -97,16 +124,14 @@ class ModelRewriter:
 
     A stream repeats the same `"model": "<upstream name>"` member in every chunk, so once the regex has
     found it, later chunks are fixed with one `bytes.replace` — as long as every `"model"` in the chunk is
-    exactly that member; otherwise the regex runs again (and learns the new member).
+    exactly that member; otherwise each data line is matched again (and the member learned anew).
     """
 
-    __slots__ = ("_known", "_replacement", "_template", "_value", "_value_json")
+    __slots__ = ("_known", "_replacement", "_value", "_value_json")
 
     def __init__(self, model: str) -> None:
         self._value = model
         self._value_json = orjson.dumps(model)
-        # A `re` template: escape backslashes so JSON escapes in the model name survive.
-        self._template = b"\\g<1>\\g<2>" + self._value_json.replace(b"\\", b"\\\\")
         self._known: bytes | None = None  # the upstream's `"model": "..."` member, as last seen
         self._replacement = b""
 
@@ -118,26 +143,23 @@ class ModelRewriter:
         known = self._known
         if known is not None and events.count(known) == members:
             return events.replace(known, self._replacement)
-        rewritten, count = _MODEL_VALUE.subn(self._template, events)
-        if count >= members:
-            match = _MODEL_VALUE.search(events)
-            if match is not None and match.group(3) != self._value_json:
-                self._known = match.group(2) + match.group(3)
-                self._replacement = match.group(2) + self._value_json
-            return rewritten
-        # Some data line carries a `model` the fast path did not reach: fix those lines one by one.
-        return self._rewrite_slow(rewritten)
-
-    def _rewrite_slow(self, events: bytes) -> bytes:
-        lines = _LINE_END.split(events)
-        separators = _LINE_END.findall(events)
         out: list[bytes] = []
-        for index, line in enumerate(lines):
-            if line.startswith(b"data:") and b'"model"' in line:
-                line = self._rewrite_line(line)
-            out.append(line)
-            if index < len(separators):
-                out.append(separators[index])
+        done = 0  # bytes of `events` already in `out`
+        for start, end in _data_lines(events):
+            match = _MODEL_AT.match(events, start, end)
+            if match is not None:
+                if match.group(2) != self._value_json:
+                    self._known = match.group(1) + match.group(2)
+                    self._replacement = match.group(1) + self._value_json
+                out += (events[done : match.start(2)], self._value_json)
+                done = match.end(2)
+            elif events.find(b'"model"', start, end) != -1:
+                # A `model` the fast path cannot reach (after a nested value, or nested): decode this line.
+                out += (events[done:start], self._rewrite_line(events[start:end]))
+                done = end
+        if not done:
+            return events
+        out.append(events[done:])
         return b"".join(out)
 
     def _rewrite_line(self, line: bytes) -> bytes:
@@ -150,6 +172,27 @@ class ModelRewriter:
             return line
         data["model"] = self._value
         return prefix + orjson.dumps(data)
+
+
+def _data_lines(events: bytes) -> list[tuple[int, int]]:
+    """(start, end) of each `data:` line in `events`, its line ending excluded (LF, CRLF or CR)."""
+    lines = []
+    position = 0
+    size = len(events)
+    carriage = b"\r" in events
+    while position < size:
+        end = events.find(b"\n", position)
+        if carriage:
+            cr = events.find(b"\r", position)
+            if cr != -1 and (end == -1 or cr < end):
+                end = cr
+        stop = size if end == -1 else end
+        if events.startswith(b"data:", position):
+            lines.append((position, stop))
+        if end == -1:
+            break
+        position = end + 2 if events.startswith(b"\r\n", end) else end + 1
+    return lines
 
 
 def data_json(event: bytes) -> Any:

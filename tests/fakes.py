@@ -564,7 +564,7 @@ class FaultyProvider:
     It counts its probes and records, for each stream, the `reuse` its `close` was called with.
     """
 
-    def __init__(self, config: Any, session: Any, redactor: Any) -> None:
+    def __init__(self, config: Any, session: Any, redactor: Any, server: Any) -> None:
         self.config = config
         self.probes = 0
         self.closed_with: list[bool] = []

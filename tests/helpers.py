@@ -6,8 +6,8 @@
   HTTP exchanges a client library would refuse to send (`raw_exchange`, `raw_response`, `raw_post`,
   `split_response`);
 - what comes back: `assert_openai_error`, `events_of`, `error_event_of`, `sse_data`;
-- metrics (`value`, `exists`, `scrape`, `varied_traffic`, `promtool`, `run_promtool`) and the request log
-  line (`FIELDS`, `parse_logfmt`).
+- metrics (`value`, `exists`, `scrape`, `varied_traffic`, `promtool`, `run_promtool`), the request log
+  line (`FIELDS`, `parse_logfmt`) and a process's resources (`rss_mib`, `open_files_limit`).
 """
 
 from __future__ import annotations
@@ -202,19 +202,22 @@ async def raw_exchange(port: int, request: bytes, timeout: float = 5.0) -> bytes
 
 
 async def raw_response(port: int, request: bytes, timeout: float = 5.0) -> bytes:
-    """Send `request` verbatim and read one response (headers and a `Content-Length` body), whether or not the
-    server then closes the connection."""
+    """Send `request` verbatim and read one whole response (by its Content-Length), not waiting for EOF:
+    after refusing a body the server may linger, reading what the client still sends, before it closes."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         writer.write(request)
         await writer.drain()
         async with asyncio.timeout(timeout):
             head = await reader.readuntil(b"\r\n\r\n")
-            length = int(split_response(head)[1].get("content-length", "0"))
+            length = next(
+                int(line.split(b":", 1)[1])
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            )
             return head + await reader.readexactly(length)
     finally:
         writer.close()
-        await writer.wait_closed()
 
 
 def raw_post(target: str | bytes, body: bytes, *, headers: dict[str, str] | None = None) -> bytes:
@@ -401,3 +404,25 @@ def parse_logfmt(line: str) -> dict[str, str]:
         pairs[key] = raw
         position = match.end()
     return pairs
+
+
+# -- a process's resources ---------------------------------------------------------------------------------
+
+
+def rss_mib(pid: int) -> tuple[float, float]:
+    """(current, peak) resident memory of a process in MiB (VmRSS, VmHWM)."""
+    fields = {}
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            name, _, value = line.partition(":")
+            if name in ("VmRSS", "VmHWM"):
+                fields[name] = int(value.split()[0]) / 1024
+    return fields["VmRSS"], fields["VmHWM"]
+
+
+def open_files_limit(pid: int) -> tuple[str, str]:
+    """(soft, hard) limit on open files of a process, as /proc/PID/limits shows them."""
+    with open(f"/proc/{pid}/limits") as limits:
+        line = next(text for text in limits if text.startswith("Max open files"))
+    soft, hard = line.split()[3:5]
+    return soft, hard

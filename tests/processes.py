@@ -13,6 +13,8 @@ from pathlib import Path
 
 import aiohttp
 
+from .fakes import gated_stream as gated_stream  # re-exported: test_shutdown_drain.py imports it from here
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -18,7 +18,7 @@ import pytest
 
 from manaproxy.app import make_session
 from manaproxy.body import parse_body
-from manaproxy.config import ProviderConfig, Target
+from manaproxy.config import ProviderConfig, ServerSettings, Target
 from manaproxy.health.probe import probe_one
 from manaproxy.providers import build_provider
 from manaproxy.providers.base import Call, UpstreamFailure
@@ -775,7 +775,7 @@ async def test_build_provider_hands_the_application_session_to_google(gemini):
     session = make_session()
     try:
         config = ProviderConfig(name="g", kind="google", base_url=gemini.base_url, api_key=GOOGLE_KEY)
-        provider = build_provider(config, session, Redactor([config]))
+        provider = build_provider(config, session, Redactor([config]), ServerSettings())
         assert isinstance(provider, GoogleProvider)
         assert provider.session is session
     finally:

@@ -172,26 +172,51 @@ def test_success_while_open_closes(tracker: HealthTracker, transitions: list[tup
     assert transitions == [("a", False), ("a", True)]
 
 
-def one_strike(clock: FakeClock) -> HealthTracker:
-    """A tracker of provider `a` whose breaker opens at the first failure, for 10 s."""
+def one_strike(clock: FakeClock, backoff: float = 10) -> HealthTracker:
+    """A tracker of provider `a` whose breaker opens at the first failure, for `backoff` seconds."""
     return HealthTracker(
-        HealthSettings(failure_threshold=1, backoff_seconds=10), providers("a"), clock=clock, wall_clock=clock.wall
+        HealthSettings(failure_threshold=1, backoff_seconds=backoff), providers("a"), clock=clock, wall_clock=clock.wall
     )
 
 
-def test_probe_success_does_not_close_an_open_breaker_but_closes_a_half_open_one(clock: FakeClock) -> None:
+def test_a_probe_success_closes_an_open_breaker(clock: FakeClock) -> None:
     tracker = one_strike(clock)
     tracker.failed("a", "boom")
     assert (tracker.breaker("a"), tracker.skip_reason(provider())) == ("open", "unhealthy")
-    clock.advance(5)
+    assert tracker.unavailable_until("a") == pytest.approx(clock.wall() + 10)  # wall time of the window's end
+    clock.advance(1)
     tracker.succeeded("a", probe=True)
-    assert tracker.breaker("a") == "open"
-    assert tracker.unavailable_until("a") == pytest.approx(clock.wall() + 5)  # wall time of the window's end
-    clock.advance(5)
-    assert (tracker.breaker("a"), tracker.skip_reason(provider())) == ("half_open", None)
-    tracker.succeeded("a", probe=True)
-    assert tracker.breaker("a") == "closed"
-    assert tracker.status("a") == "healthy"
+    assert (tracker.breaker("a"), tracker.skip_reason(provider()), tracker.status("a")) == ("closed", None, "healthy")
+
+
+def test_recovery_probes_come_at_a_growing_interval_while_the_provider_stays_down(clock: FakeClock) -> None:
+    tracker = one_strike(clock)
+    tracker.failed("a", "boom")
+    due = []
+    for _ in range(60):  # 30 s of checking every half second
+        clock.advance(0.5)
+        if tracker.recovery_probes()[0]:
+            due.append(clock.now - 1000.0)
+            tracker.failed("a", "probe: connect refused", probe=True)
+    # 1 s after opening, then 2, 4, 8 s apart, then every backoff (10 s); half-open re-opens on failure.
+    assert due[:5] == [1.0, 3.0, 7.0, 15.0, 25.0]
+
+
+def test_a_provider_that_probes_well_but_fails_requests_is_retried_less_and_less(clock: FakeClock) -> None:
+    """/models answering while completions fail: each close by a probe doubles the next first probe delay."""
+    tracker = one_strike(clock, backoff=60)
+    delays = []
+    for _ in range(5):
+        tracker.failed("a", "HTTP 500")  # a request fails: open
+        opened = clock.now
+        while not tracker.recovery_probes()[0]:
+            clock.advance(0.25)
+        delays.append(clock.now - opened)
+        tracker.succeeded("a", probe=True)  # /models answers: closed again
+    assert delays == [1.0, 2.0, 4.0, 8.0, 16.0]
+    tracker.succeeded("a", 0.1)  # a real request succeeds: the next outage starts at 1 s again
+    tracker.failed("a", "HTTP 500")
+    assert tracker.get("a").breaker.probe_at == clock.now + 1.0
 
 
 def test_failures_inside_the_window_do_not_stretch_it_and_a_half_open_failure_rearms_it(clock: FakeClock) -> None:

@@ -5,13 +5,17 @@ table-tested; what a transition means for logs, listeners and metrics is the tra
 
 Breaker (closed → open → half-open):
 - closed: requests go; `failure_threshold` consecutive failures open it for `backoff_seconds`.
-- open: the upstream is skipped for the whole window. A probe success does not close it early
-  (`GET /models` answering says little about completions failing; closing on it would make the
-  breaker flap with every probe), and a failure does not stretch it. A real request that succeeds
-  (one sent before the breaker opened) does close it: that is proof enough.
+- open: the upstream is skipped, and probed on a short, growing interval (1 s, 2 s, 4 s … up to the
+  backoff, `probe_at`): the first probe that succeeds closes the breaker, so an upstream back after a
+  one-second restart is used again within about a second, not after the whole window. A failure does
+  not stretch the window. A real request that succeeds (one sent before the breaker opened) closes it
+  too: that is proof enough.
 - half-open (the window has ended): one trial may go — the next real request or probe decides.
   Success closes the breaker, failure re-opens it at once. While a trial request is in flight the
   others skip the upstream (`half_open`), so a recovering upstream is not hit by a whole burst.
+Against flapping (`GET /models` answers while completions fail, so probes close what requests open
+again): each close by a probe doubles the next outage's first probe delay; a real request's success
+resets it.
 A 429 with `Retry-After` keeps the upstream out for that long without counting as an outage.
 """
 
@@ -30,6 +34,8 @@ OPEN = "open"
 OPENED = "opened"
 REOPENED = "reopened"
 
+FIRST_PROBE_DELAY = 1.0  # seconds from opening to the first recovery probe
+
 
 class Breaker:
     """Failure count, open window, half-open trial and rate-limit window of one upstream."""
@@ -39,6 +45,8 @@ class Breaker:
         "healthy",
         "last_check",
         "last_error",
+        "probe_at",
+        "probe_delay",
         "rate_limited_until",
         "trial",
         "trial_in_flight",
@@ -54,6 +62,8 @@ class Breaker:
         self.trial = 0  # number of the latest trial, so a stale trial's release clears nothing
         self.last_error: str | None = None
         self.last_check: float | None = None  # monotonic
+        self.probe_delay = FIRST_PROBE_DELAY  # from (re)opening to the next recovery probe
+        self.probe_at = 0.0  # monotonic time of the next recovery probe while not closed
 
     def __repr__(self) -> str:
         state = "healthy" if self.healthy else "unhealthy"
@@ -80,6 +90,10 @@ class Breaker:
         """Closed and not inside a window."""
         return self.healthy and self.unhealthy_until <= now
 
+    def probe_due(self, now: float) -> bool:
+        """Whether a recovery probe is due (the breaker is not closed and its probe time has come)."""
+        return not self.healthy and self.probe_at <= now
+
     def unavailable_until(self) -> float:
         """Monotonic time until which the upstream is kept out (breaker or rate limit); 0 when it is not."""
         return max(self.unhealthy_until, self.rate_limited_until)
@@ -102,15 +116,16 @@ class Breaker:
     def succeeded(self, now: float) -> bool:
         """A real request got its answer: closes the breaker whatever its state. True if it was open."""
         self.last_check = now
+        self.probe_delay = FIRST_PROBE_DELAY
         return self._close()
 
-    def probe_succeeded(self, now: float) -> bool:
-        """A probe succeeded: closes a half-open breaker, not an open one. True if it closed it."""
+    def probe_succeeded(self, now: float, backoff: float) -> bool:
+        """A probe succeeded: closes a breaker that is not closed. True if it closed it."""
         self.last_check = now
-        if self.healthy or self.unhealthy_until > now:
-            # Closed: `/models` answering says nothing of the completions that failed, so the count of
-            # consecutive request failures stands. Open: the window runs its course.
+        if self.healthy:
+            # `/models` answering says nothing of the completions that failed: the count stands.
             return False
+        self.probe_delay = min(self.probe_delay * 2, backoff)  # until a real request succeeds
         return self._close()
 
     def _close(self) -> bool:
@@ -121,25 +136,32 @@ class Breaker:
         self.healthy = True
         return recovered
 
-    def failed(self, now: float, error: str, *, threshold: int, backoff: float) -> str | None:
+    def failed(self, now: float, error: str, *, threshold: int, backoff: float, probe: bool = False) -> str | None:
         """Count a fault. Returns `opened` or `reopened` when it (re)opened the breaker, else None."""
         self.last_check = now
         self.last_error = error
         self.consecutive_failures += 1
         if not self.healthy:
+            if probe:  # still down: the next recovery probe waits twice as long
+                self.probe_delay = min(self.probe_delay * 2, backoff)
+                self.probe_at = now + self.probe_delay
             # Inside the window (a probe, or a request started before the breaker opened) a failure
-            # changes nothing: the window is not stretched, so recovery is noticed once it ends.
+            # changes nothing more: the window is not stretched, so recovery is noticed once it ends.
             # After it (half-open) the failure decides: out again for a whole window.
             if self.unhealthy_until > now:
                 return None
-            self.unhealthy_until = now + backoff
+            self._open(now, backoff)
             self.trial_in_flight = False  # decided: the next window ends in a new trial
             return REOPENED
         if self.consecutive_failures < threshold:
             return None
-        self.unhealthy_until = now + backoff
+        self._open(now, backoff)
         self.healthy = False
         return OPENED
+
+    def _open(self, now: float, backoff: float) -> None:
+        self.unhealthy_until = now + backoff
+        self.probe_at = now + min(self.probe_delay, backoff)
 
     def rate_limited(self, now: float, seconds: float, error: str) -> None:
         """A 429 with Retry-After: out for that long, without counting as an outage."""

@@ -6,6 +6,10 @@ every probe is its own task under its own timeout, a round starts them and does 
 a provider whose previous probe is still running is simply left out of the next round. Exceptions are
 translated into health outcomes, never propagated. The first round runs right at startup, and a
 successful reload starts a round at once so new or changed providers do not wait a whole interval.
+
+Between rounds, a provider whose breaker is open is probed as soon as its recovery probe is due (1 s,
+2 s, 4 s … after it opened, see `breaker.py`), so a provider back after a short restart is noticed in
+about a second rather than at the end of `backoff_seconds`.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from functools import partial
 
 from aiohttp import web
@@ -47,23 +51,26 @@ async def probe_one(gateway: Gateway, provider: Provider, timeout: float) -> Non
 
 
 class Prober:
-    """Starts a round of probes every interval; at most one probe per provider runs at a time."""
+    """Probes every configured provider each interval, and providers whose breaker is open as soon as a
+    recovery probe is due (`Breaker.probe_at`); at most one probe per provider runs at a time."""
 
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
         self._running: dict[str, asyncio.Task[None]] = {}
         self._wake = asyncio.Event()
+        self._round_now = True  # the first round runs at startup
 
     def __repr__(self) -> str:
         return f"<Prober running={sorted(self._running)}>"
 
-    def start_round(self) -> list[asyncio.Task[None]]:
-        """Start a probe for every configured provider that has none running; return the new tasks."""
+    def start_round(self, names: Iterable[str] | None = None) -> list[asyncio.Task[None]]:
+        """Start a probe for every configured provider (of `names`, if given) that has none running."""
         runtime = self.gateway.runtime
         timeout = runtime.config.health.probe_timeout_seconds
+        wanted = None if names is None else set(names)
         started = []
         for name, spec in runtime.config.providers.items():
-            if not spec.configured or name in self._running:
+            if not spec.configured or name in self._running or (wanted is not None and name not in wanted):
                 continue
             task = asyncio.create_task(
                 probe_one(self.gateway, runtime.providers[name], timeout), name=f"manaproxy-probe-{name}"
@@ -78,23 +85,42 @@ class Prober:
             del self._running[name]
         if not task.cancelled() and task.exception() is not None:
             logger.error("probe of %s failed", name, exc_info=task.exception())
+        self._wake.set()  # a recovery probe that failed has scheduled the next one
 
     def wake(self, result: str = "success") -> None:
         """Reload listener: after a successful reload, probe right away."""
         if result == "success":
+            self._round_now = True
+            self._wake.set()
+
+    def on_transition(self, provider: str, healthy: bool) -> None:
+        """Health listener: a breaker that opens wants its first recovery probe soon."""
+        if not healthy:
             self._wake.set()
 
     async def run(self) -> None:
-        """Probe forever: a round at once, then one every `probe_interval_seconds` (read each time)."""
+        """Probe forever: a round at once and every `probe_interval_seconds` (read each time), and the
+        recovery probes of open breakers whenever they are due."""
+        health = self.gateway.health
+        next_round = 0.0
         while True:
             self._wake.clear()
+            now = health.now()
             try:
-                self.start_round()
+                if self._round_now or now >= next_round:
+                    self._round_now = False
+                    next_round = now + self.gateway.config.health.probe_interval_seconds
+                    self.start_round()
+                else:
+                    due, _ = health.recovery_probes()
+                    if due:
+                        self.start_round(due)
             except Exception:
                 logger.exception("probe round failed")
-            interval = self.gateway.config.health.probe_interval_seconds
+            _, later = health.recovery_probes()
+            wake_at = next_round if later is None else min(next_round, later)
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(interval):
+                async with asyncio.timeout(max(0.0, wake_at - health.now())):
                     await self._wake.wait()
 
     async def close(self) -> None:
@@ -111,9 +137,11 @@ async def probe_loop(app: web.Application) -> AsyncIterator[None]:
     listeners = app[RELOADER].listeners
     prober = Prober(gateway)
     listeners.append(prober.wake)
+    gateway.health.add_listener(prober.on_transition)
     task = asyncio.create_task(prober.run(), name="manaproxy-probes")
     yield
     listeners.remove(prober.wake)
+    gateway.health.remove_listener(prober.on_transition)
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task

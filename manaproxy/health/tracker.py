@@ -91,7 +91,7 @@ class Slot:
         if failure.retry_after is not None:
             tracker.rate_limited(name, failure.retry_after, detail)
         elif failure.provider_fault:
-            tracker.failed(name, detail)
+            tracker.failed(name, detail, probe=self._probe)
         elif failure.fallback or self._probe:
             tracker.noted(name, detail)
         # A caller error (400, 422 ...) says nothing about the provider: its record is left alone.
@@ -173,6 +173,24 @@ class HealthTracker:
         """Names of the providers tracked now (those of the current config)."""
         return list(self._providers)
 
+    def recovery_probes(self) -> tuple[list[str], float | None]:
+        """(providers whose breaker wants a recovery probe now, monotonic time of the next one due later)."""
+        now = self._clock()
+        due = []
+        later: float | None = None
+        for name, record in self._providers.items():
+            breaker = record.breaker
+            if breaker.healthy:
+                continue
+            if breaker.probe_due(now):
+                due.append(name)
+            elif later is None or breaker.probe_at < later:
+                later = breaker.probe_at
+        return due, later
+
+    def remove_listener(self, listener: Listener) -> None:
+        self._listeners.remove(listener)
+
     # -- time --------------------------------------------------------------------------------------
     def now(self) -> float:
         return self._clock()
@@ -223,14 +241,14 @@ class HealthTracker:
         if latency is not None:
             record.last_latency = latency
         if probe:
-            closed, why = record.breaker.probe_succeeded(now), "a probe succeeded"
+            closed, why = record.breaker.probe_succeeded(now, self.settings.backoff_seconds), "a probe succeeded"
         else:
             closed, why = record.breaker.succeeded(now), "a request succeeded"
         if closed:
             logger.warning("provider %s recovered (%s): breaker closed", provider, why)
             self._notify(provider, True)
 
-    def failed(self, provider: str, error: str) -> None:
+    def failed(self, provider: str, error: str, *, probe: bool = False) -> None:
         """Count a provider fault (connect error, timeout, 5xx, bad credentials ...)."""
         record = self.get(provider)
         settings = self.settings
@@ -240,6 +258,7 @@ class HealthTracker:
             self._redactor.line(error),
             threshold=settings.failure_threshold,
             backoff=settings.backoff_seconds,
+            probe=probe,
         )
         if change is None:
             return

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import aiohttp
 
-    from ..config import ProviderConfig
+    from ..config import ProviderConfig, ServerSettings
     from ..redact import Redactor
     from .base import Provider
 
@@ -24,12 +24,14 @@ KINDS: dict[str, str] = {
 }
 
 
-def build_provider(config: ProviderConfig, session: aiohttp.ClientSession, redactor: Redactor) -> Provider:
-    """The provider object for one configured provider."""
+def build_provider(
+    config: ProviderConfig, session: aiohttp.ClientSession, redactor: Redactor, server: ServerSettings
+) -> Provider:
+    """The provider object for one configured provider, bound by the `server` limits of its config."""
     try:
         module_name, class_name = KINDS[config.kind].split(":")
     except KeyError:
         raise ValueError(f"provider {config.name}: unknown kind {config.kind!r}") from None
     module = importlib.import_module(module_name, __package__)
-    provider: Provider = getattr(module, class_name)(config, session, redactor)
+    provider: Provider = getattr(module, class_name)(config, session, redactor, server)
     return provider

@@ -1,60 +1,93 @@
 """Passthrough to any OpenAI-compatible server (Ollama, Groq, OpenRouter, Together, vLLM, llama.cpp ...).
 
 The request body goes upstream with only `model` replaced; the answer comes back as bytes, with only its
-`model` rewritten to the resolved target (`sse.ModelRewriter`), its usage read and, for streams, the
-`[DONE]` that makes it complete noted as it passes. Timeouts:
-`connect` bounds the TCP/TLS set-up; for streams, `first_byte` bounds the wait for the first data event
-and `idle` every later gap between chunks; `total` bounds the whole exchange. An unstreamed answer
-arrives only once the upstream has generated all of it, so its wait is bounded by `total` alone.
+`model` rewritten to the resolved target (`sse.ModelRewriter` for streams, `jsonmodel` for a JSON
+answer), its usage read and, for streams, the `[DONE]` that makes it complete noted as it passes.
+
+Bounds: an unstreamed answer is read up to `server.max_response_bytes` (decoded), an SSE event up to
+`server.max_event_bytes`; past either the attempt fails (`too_large`) and the chain moves on, or, after
+the commit point, the stream ends with an error event. An upstream that compresses although we asked for
+`identity` is decoded incrementally (`_Decoder`), never more than a slice at a time, so a gzip bomb costs
+at most the limit. Timeouts: `connect` bounds the TCP/TLS set-up; for streams, `first_byte` bounds the
+wait for the first data event and `idle` every later gap between chunks; `total` bounds the whole
+exchange. An unstreamed answer arrives only once the upstream has generated all of it, so its wait is
+bounded by `total` alone.
 """
 
 from __future__ import annotations
 
 import asyncio
 import zlib
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Iterator
 from typing import Any
 
 import aiohttp
+import msgspec
 import orjson
 from yarl import URL
 
-from ..config import ProviderConfig
+from ..body import SplicedPayload
+from ..config import ProviderConfig, ServerSettings
+from ..jsonmodel import HEAD, model_span, replace_model
 from ..redact import Redactor
 from ..sse import EventBuffer, ModelRewriter, error_of, has_done, usage_from, usage_of
 from .base import Call, MidStreamFailure, Reply, UpstreamFailure, Usage, translate_errors
 
-_ERROR_BODY_LIMIT = 1 << 20
-# An SSE event bigger than this is no chat chunk: the upstream is broken (or never sends a blank line).
-_MAX_EVENT_BYTES = 8 << 20
+_ERROR_BODY_LIMIT = 1 << 20  # an error body is read (and decoded) this far at most
+_DECODE_SLICE = 1 << 20  # decompressed output per step: the event loop gets its turns in between
 
 
-async def _read_body(resp: aiohttp.ClientResponse, limit: int | None = None) -> bytes:
-    """The whole body (or its first `limit` bytes), decoded should it be compressed after all."""
-    if limit is None:
-        data = await resp.read()
-    else:  # `content.read(n)` alone returns only what has arrived so far
-        buffer = bytearray()
-        while len(buffer) < limit:
-            piece = await resp.content.read(limit - len(buffer))
-            if not piece:
-                break
-            buffer += piece
-        data = bytes(buffer)
-    return _decode_body(data, resp.headers.get("Content-Encoding", ""))
+class _Decoder:
+    """Undoes gzip/deflate (should an upstream compress despite `Accept-Encoding: identity`) one slice
+    at a time, so that a small chunk that inflates to gigabytes is never inflated whole."""
 
+    __slots__ = ("_inflate",)
 
-def _decode_body(body: bytes, encoding: str) -> bytes:
-    """Undo gzip/deflate should an upstream compress despite `Accept-Encoding: identity`."""
-    encoding = encoding.strip().lower()
-    if encoding in ("", "identity"):
-        return body
-    if encoding in ("gzip", "x-gzip", "deflate"):
+    def __init__(self, encoding: str) -> None:
+        encoding = encoding.strip().lower()
+        if encoding not in ("gzip", "x-gzip", "deflate"):
+            raise UpstreamFailure("bad_response", f"unsupported Content-Encoding {encoding[:40]!r}")
+        self._inflate = zlib.decompressobj(wbits=47)  # 32 + 15: auto-detect a gzip or zlib header
+
+    @classmethod
+    def for_response(cls, resp: aiohttp.ClientResponse) -> _Decoder | None:
+        encoding = resp.headers.get("Content-Encoding", "").strip().lower()
+        return None if encoding in ("", "identity") else cls(encoding)
+
+    def slices(self, chunk: bytes) -> Iterator[bytes]:
+        """The decoded bytes of `chunk`, in slices of at most `_DECODE_SLICE`, inflated as they are taken."""
         try:
-            return zlib.decompress(body, wbits=47)  # 32 + 15: auto-detect gzip or zlib header
+            while chunk:
+                piece = self._inflate.decompress(chunk, _DECODE_SLICE)
+                if piece:
+                    yield piece
+                chunk = self._inflate.unconsumed_tail
         except zlib.error:
             raise UpstreamFailure("bad_response", "undecodable compressed body") from None
-    raise UpstreamFailure("bad_response", f"unsupported Content-Encoding {encoding!r}")
+
+
+async def _read_body(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The body decoded, or `too_large` once it passes `limit` bytes (checked while reading)."""
+    decoder = _Decoder.for_response(resp)
+    body = bytearray()
+    async for chunk in resp.content.iter_any():
+        for piece in decoder.slices(chunk) if decoder is not None else (chunk,):
+            if len(body) + len(piece) > limit:
+                raise UpstreamFailure("too_large", f"upstream answer larger than {limit} bytes")
+            body += piece
+            if decoder is not None:
+                await asyncio.sleep(0)  # inflating is the one step here that could hold the loop
+    return bytes(body)
+
+
+async def _read_error_body(resp: aiohttp.ClientResponse) -> bytes:
+    """At most the first `_ERROR_BODY_LIMIT` bytes of an error body, decoded."""
+    try:
+        return await _read_body(resp, _ERROR_BODY_LIMIT)
+    except UpstreamFailure as failure:
+        if failure.reason != "too_large":
+            raise
+        return b""  # an error body that large says nothing a client could use
 
 
 class OpenAIStream:
@@ -64,7 +97,19 @@ class OpenAIStream:
     usage chunk goes by.
     """
 
-    __slots__ = ("_buffer", "_idle", "_resp", "_rest", "_rewriter", "complete", "first", "status", "usage")
+    __slots__ = (
+        "_buffer",
+        "_decoder",
+        "_idle",
+        "_max_event",
+        "_resp",
+        "_rest",
+        "_rewriter",
+        "complete",
+        "first",
+        "status",
+        "usage",
+    )
 
     def __init__(
         self,
@@ -72,8 +117,11 @@ class OpenAIStream:
         first: bytes,
         rest: bytes,
         buffer: EventBuffer,
-        idle: float,
+        decoder: _Decoder | None,
         rewriter: ModelRewriter,
+        *,
+        idle: float,
+        max_event: int,
     ) -> None:
         self.status = resp.status
         self.complete = has_done(first)
@@ -81,8 +129,10 @@ class OpenAIStream:
         self.first = rewriter.rewrite(first)
         self._resp = resp
         self._buffer = buffer
+        self._decoder = decoder
         self._rest = rest
         self._idle = idle
+        self._max_event = max_event
         self._rewriter = rewriter
 
     def _ready(self, events: bytes) -> bytes:
@@ -98,12 +148,12 @@ class OpenAIStream:
             yield self._ready(self._rest)
         content = self._resp.content
         buffer = self._buffer
-        idle = self._idle
+        decoder = self._decoder
         while True:
             try:
                 chunk = await content.readany()
             except aiohttp.SocketTimeoutError:  # sock_read, armed with `idle` at the commit (see below)
-                raise MidStreamFailure("idle_timeout", f"no data from upstream for {idle:g}s") from None
+                raise MidStreamFailure("idle_timeout", f"no data from upstream for {self._idle:g}s") from None
             except TimeoutError:
                 raise MidStreamFailure("upstream_error", "upstream exceeded its total timeout") from None
             except (aiohttp.ClientError, ConnectionError) as exc:
@@ -116,11 +166,15 @@ class OpenAIStream:
                 if tail and has_done(tail):
                     yield self._ready(tail + b"\n\n")
                 return
-            released = buffer.feed(chunk)
-            if released:
-                yield self._ready(released)
-            elif len(buffer.pending) > _MAX_EVENT_BYTES:
-                raise MidStreamFailure("upstream_error", f"upstream event larger than {_MAX_EVENT_BYTES} bytes")
+            try:
+                for piece in decoder.slices(chunk) if decoder is not None else (chunk,):
+                    released = buffer.feed(piece)
+                    if released:
+                        yield self._ready(released)
+                    elif buffer.pending_size > self._max_event:
+                        raise MidStreamFailure("upstream_error", f"upstream event larger than {self._max_event} bytes")
+            except UpstreamFailure as failure:  # undecodable gzip
+                raise MidStreamFailure("upstream_error", failure.detail) from None
 
     def close(self, *, reuse: bool) -> None:
         if reuse:
@@ -133,11 +187,16 @@ class OpenAIProvider:
     """Provider of kind `openai`."""
 
     def __init__(
-        self, config: ProviderConfig, session: aiohttp.ClientSession, redactor: Redactor | None = None
+        self,
+        config: ProviderConfig,
+        session: aiohttp.ClientSession,
+        redactor: Redactor | None = None,
+        server: ServerSettings | None = None,
     ) -> None:
         self.config = config
         # Whatever the upstream says in an error goes through it before anyone sees it.
         self._redactor = redactor if redactor is not None else Redactor([config])
+        self._server = server if server is not None else ServerSettings()
         self._session = session
         headers = {"Accept-Encoding": "identity", **config.headers}
         if config.api_key:
@@ -172,56 +231,72 @@ class OpenAIProvider:
         with translate_errors("waiting for the answer"):
             return await self._exchange(url, body, headers, resolved)
 
-    async def _exchange(self, url: URL, body: bytes, headers: dict[str, str], resolved: str) -> Reply:
+    async def _exchange(self, url: URL, body: bytes | SplicedPayload, headers: dict[str, str], resolved: str) -> Reply:
         async with self._session.post(
             url, data=body, headers=headers, timeout=self._timeout, allow_redirects=False
         ) as resp:
-            data = await _read_body(resp)
-            self._check_status(resp, data)
+            await self._check_status(resp)
+            data = await _read_body(resp, self._server.max_response_bytes)
             return self._reply(resp.status, data, resp.headers.get("Content-Type", "application/json"), resolved)
 
     def _reply(self, status: int, body: bytes, content_type: str, resolved: str) -> Reply:
-        """The unstreamed answer ready for the client: `model` set to the resolved target, usage read."""
+        """The unstreamed answer ready for the client: `model` set to the resolved target, usage read.
+
+        Read with `jsonmodel.HEAD`, which builds only `model`, `usage` and `error`: an answer of many
+        megabytes (embeddings) costs one validating pass and the splice, not a decode and an encode.
+        """
         if "json" not in content_type and not body.lstrip().startswith(b"{"):
             return Reply(status, body, content_type)  # not JSON (audio, ...): relayed untouched
         try:
-            data = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            raise UpstreamFailure("bad_response", "upstream answered 2xx with invalid JSON") from None
-        if not isinstance(data, dict):
+            head = HEAD.decode(body)
+        except msgspec.ValidationError:  # JSON, but not an object
             return Reply(status, body, content_type)
-        if data.get("error"):
-            error = data["error"]
+        except (msgspec.DecodeError, RecursionError):
+            raise UpstreamFailure("bad_response", "upstream answered 2xx with invalid JSON") from None
+        error = orjson.loads(bytes(head.error)) if head.error else None
+        if error:
             message = error.get("message") if isinstance(error, dict) else error
             raise UpstreamFailure(
                 "error_event", f"upstream answered 2xx with an error: {self._redactor.line(str(message), 120)}"
             )
-        if "model" in data:
+        usage = usage_from({"usage": orjson.loads(bytes(head.usage))}) if head.usage else None
+        model_raw = bytes(head.model)
+        if not model_raw:
+            return Reply(status, body, content_type, usage)
+        span = model_span(body, model_raw)
+        if span is None:  # bytes that cannot tell the top-level member from a nested one
+            data: Any = orjson.loads(body)
             data["model"] = resolved
-            body = orjson.dumps(data)
-        return Reply(status, body, content_type, usage_from(data))
+            return Reply(status, orjson.dumps(data), content_type, usage)
+        return Reply(status, b"".join(replace_model(body, span, orjson.dumps(resolved))), content_type, usage)
 
-    async def _open_stream(self, url: URL, body: bytes, headers: dict[str, str], resolved: str) -> Reply | OpenAIStream:
+    async def _open_stream(
+        self, url: URL, body: bytes | SplicedPayload, headers: dict[str, str], resolved: str
+    ) -> Reply | OpenAIStream:
         resp = await self._session.post(url, data=body, headers=headers, timeout=self._timeout, allow_redirects=False)
         try:
-            if resp.status >= 300:
-                self._check_status(resp, await _read_body(resp, _ERROR_BODY_LIMIT))
+            await self._check_status(resp)
             content_type = resp.headers.get("Content-Type", "")
             if not content_type.startswith("text/event-stream"):
                 # Some servers answer a stream request with one JSON document: relay it unstreamed.
-                data = await _read_body(resp)
+                data = await _read_body(resp, self._server.max_response_bytes)
                 resp.release()
                 return self._reply(resp.status, data, content_type or "application/json", resolved)
+            max_event = self._server.max_event_bytes
+            decoder = _Decoder.for_response(resp)
             buffer = EventBuffer()
-            while True:
+            first = rest = b""
+            while not first:
                 chunk = await resp.content.readany()
                 if not chunk:
                     raise UpstreamFailure("closed", "upstream ended the stream before its first event")
-                first, rest = buffer.first_event(chunk)
-                if first:
-                    break
-                if len(buffer.pending) > _MAX_EVENT_BYTES:
-                    raise UpstreamFailure("bad_response", f"no complete event in the first {_MAX_EVENT_BYTES} bytes")
+                for piece in decoder.slices(chunk) if decoder is not None else (chunk,):
+                    if first:  # the rest of this chunk comes after the first event
+                        rest += buffer.feed(piece)
+                        continue
+                    first, rest = buffer.first_event(piece)
+                    if not first and buffer.pending_size > max_event:
+                        raise UpstreamFailure("bad_response", f"no complete event in the first {max_event} bytes")
             error = error_of(first)
             if error is not None:
                 message = self._redactor.line(str(error.get("message", "error event")), limit=120)
@@ -233,15 +308,16 @@ class OpenAIProvider:
                 # as bytes arrive and paused while a slow client holds reading back, at no per-chunk cost.
                 protocol.read_timeout = idle
                 protocol.start_timeout()
-            return OpenAIStream(resp, first, rest, buffer, idle, ModelRewriter(resolved))
+            rewriter = ModelRewriter(resolved)
+            return OpenAIStream(resp, first, rest, buffer, decoder, rewriter, idle=idle, max_event=max_event)
         except BaseException:
             resp.close()
             raise
 
-    def _check_status(self, resp: aiohttp.ClientResponse, data: bytes) -> None:
+    async def _check_status(self, resp: aiohttp.ClientResponse) -> None:
         if resp.status >= 300:
             # Redacted here, at the source: the body may be relayed to the client, its text logged and shown.
-            data = self._redactor.bytes(data)
+            data = self._redactor.bytes(await _read_error_body(resp))
             raise UpstreamFailure.from_status(resp.status, resp.headers, data, resp.headers.get("Content-Type"))
 
     async def list_models(self, timeout: float) -> list[str]:
@@ -258,8 +334,8 @@ class OpenAIProvider:
         with translate_errors("while probing"):
             async with asyncio.timeout(timeout):
                 async with self._session.get(self._url(path), headers=self._headers, allow_redirects=False) as resp:
-                    data = await _read_body(resp)
-                    self._check_status(resp, data)
+                    await self._check_status(resp)
+                    data = await _read_body(resp, self._server.max_response_bytes)
         try:
             return orjson.loads(data)
         except orjson.JSONDecodeError:

@@ -36,7 +36,7 @@ from google import genai
 from google.genai import errors, types
 from google.genai.models import AsyncModels
 
-from ...config import ProviderConfig
+from ...config import ProviderConfig, ServerSettings
 from ...redact import Redactor
 from ..base import Call, MidStreamFailure, Reply, UpstreamFailure, Usage, within_idle
 from . import answer, request
@@ -162,7 +162,11 @@ class GoogleProvider:
     """Provider of kind `google`."""
 
     def __init__(
-        self, config: ProviderConfig, session: aiohttp.ClientSession, redactor: Redactor | None = None
+        self,
+        config: ProviderConfig,
+        session: aiohttp.ClientSession,
+        redactor: Redactor | None = None,
+        server: ServerSettings | None = None,
     ) -> None:
         self.config = config
         self._redactor = redactor if redactor is not None else Redactor([config])

@@ -1,0 +1,109 @@
+"""Client connections are bounded in time and number of files: headers that trickle in, connections that
+say nothing, idle keep-alive connections, and the open-files limit of the real process."""
+
+from __future__ import annotations
+
+import asyncio
+import resource
+import time
+
+import orjson
+import pytest
+
+from .helpers import CHAT, build_config, chat, open_files_limit, raw_post, split_response
+
+FAST = {"header_timeout_seconds": 0.5, "keepalive_timeout_seconds": 1.0}
+
+
+@pytest.fixture
+async def proxy(make_upstream, make_proxy):
+    up = await make_upstream("up")
+    return await make_proxy(build_config({"a": up}, {"mana/x": ["a/m1"]}, server=FAST))
+
+
+async def read_all(reader: asyncio.StreamReader, timeout: float = 5.0) -> tuple[bytes, float]:
+    """Everything until the server closes, and how long that took."""
+    started = time.monotonic()
+    async with asyncio.timeout(timeout):
+        data = await reader.read()
+    return data, time.monotonic() - started
+
+
+async def test_headers_that_trickle_in_get_a_408_and_the_connection_closes(proxy):
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.client.server.port)
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+
+    async def trickle() -> None:
+        for n in range(100):  # a header line every 50 ms: the head never completes
+            writer.write(b"X-Slow-%d: 1\r\n" % n)
+            await asyncio.sleep(0.05)
+
+    trickling = asyncio.create_task(trickle())
+    answer, took = await read_all(reader)
+    trickling.cancel()
+    writer.close()
+
+    status, headers, body = split_response(answer)
+    assert status == 408
+    assert headers["connection"] == "close"
+    assert orjson.loads(body)["error"]["code"] == "header_timeout"
+    assert took < 2.5
+
+
+async def test_a_connection_that_sends_nothing_is_closed_after_the_header_timeout(proxy):
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.client.server.port)
+
+    answer, took = await read_all(reader)
+    writer.close()
+
+    assert split_response(answer)[0] == 408
+    assert 0.4 < took < 2.0
+
+
+async def test_an_idle_keep_alive_connection_is_closed_and_a_busy_one_is_not(proxy):
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.client.server.port)
+    request = raw_post(CHAT, orjson.dumps(chat())).replace(b"Connection: close", b"Connection: keep-alive")
+    for _ in range(3):  # requests 0.7 s apart: beyond the head deadline, within the keep-alive one
+        writer.write(request)
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(split_response(head + b"")[1]["content-length"])
+        await reader.readexactly(length)
+        assert head.startswith(b"HTTP/1.1 200")
+        await asyncio.sleep(0.7)
+
+    rest, took = await read_all(reader)  # idle past keepalive_timeout_seconds: closed, nothing sent
+    writer.close()
+
+    assert rest == b""
+    assert took < 2.5
+
+
+async def test_many_trickling_clients_do_not_hold_the_server(proxy):
+    port = proxy.client.server.port
+    connections = [await asyncio.open_connection("127.0.0.1", port) for _ in range(200)]
+    for _, writer in connections:
+        writer.write(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n")
+
+    resp = await proxy.client.post(CHAT, json=chat())  # served meanwhile
+    answers = await asyncio.gather(*(read_all(reader) for reader, _ in connections))
+    for _, writer in connections:
+        writer.close()
+
+    assert resp.status == 200
+    assert {split_response(answer)[0] for answer, _ in answers} == {408}
+
+
+async def test_the_real_process_lifts_its_open_files_limit_to_the_hard_one(make_upstream, serve):
+    up = await make_upstream("up")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < 2048:
+        pytest.skip("the hard open-files limit is too low to lower the soft one below it")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))  # inherited by the child
+    try:
+        process = await serve(build_config({"a": up}, {"mana/x": ["a/m1"]}))
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert process.proc is not None
+
+    assert open_files_limit(process.proc.pid) == (str(hard), str(hard))
+    assert f"up to {hard} open files" in (await process.wait_line(lambda text: "listening on" in text))

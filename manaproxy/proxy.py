@@ -28,11 +28,11 @@ from .errors import JSON_CONTENT_TYPE, ProxyError, error_body
 from .gateway import GATEWAY, Gateway, Runtime
 from .health import Slot
 from .paths import upstream_path
+from .protocols import StreamProtocol, for_path
 from .providers.base import Call, MidStreamFailure, Reply, StreamReply, UpstreamFailure
 from .record import CLIENT_DISCONNECTED, COMPLETED, UPSTREAM_ERROR, Attempt, RequestRecord
 from .requestid import REQUEST_ID
 from .routing import resolve
-from .sse import error_event
 
 logger = logging.getLogger(__name__)
 
@@ -137,12 +137,13 @@ class _Forwarder:
         if route.alias is None:
             record.requested_provider = route.chain[0].provider
         accept = self.request.headers.get("Accept")
+        protocol = for_path(path)
         for target in route.chain:
             skip = self.gateway.health.skip_reason(config.providers[target.provider])
             if skip is not None:
                 record.attempts.append(Attempt(str(target), target.provider, skip, tried=False))
                 continue
-            call = Call(path, body, target, record.request_id, accept)
+            call = Call(path, body, target, record.request_id, accept, protocol)
             response = await self._try(target, call)
             if response is not None:
                 return response
@@ -184,7 +185,7 @@ class _Forwarder:
             headers = {"Content-Type": reply.content_type, RESOLVED_HEADER: str(target)}
             record.first_byte = perf_counter() - record.started
             return web.Response(status=reply.status, body=reply.body, content_type=None, headers=headers)
-        return await self._relay(target, reply, slot)
+        return await self._relay(target, reply, slot, call.protocol)
 
     def _failed(self, target: Target, failure: UpstreamFailure) -> web.StreamResponse | None:
         """Note a failed attempt; None to fall back, or the caller's error relayed as the answer."""
@@ -201,7 +202,9 @@ class _Forwarder:
         record.target = str(target)
         return _caller_error(failure, target)
 
-    async def _relay(self, target: Target, reply: StreamReply, slot: Slot) -> web.StreamResponse:
+    async def _relay(
+        self, target: Target, reply: StreamReply, slot: Slot, protocol: StreamProtocol
+    ) -> web.StreamResponse:
         """Commit to `target` and relay its stream; a failure from here on ends it with an error event."""
         record = self.record
         response = web.StreamResponse(status=reply.status, headers={**_STREAM_HEADERS, RESOLVED_HEADER: str(target)})
@@ -229,7 +232,9 @@ class _Forwarder:
             if reply.complete:  # a cut after the protocol's end loses nothing
                 record.outcome = COMPLETED
             else:
-                failure = failure or MidStreamFailure(UPSTREAM_ERROR, "upstream ended the stream without [DONE]")
+                failure = failure or MidStreamFailure(
+                    UPSTREAM_ERROR, f"upstream ended the stream without {protocol.end}"
+                )
                 self._end_with_error(target, failure)
                 if provider_fault:
                     slot.failed_after_commit(failure.detail)
@@ -237,7 +242,7 @@ class _Forwarder:
                     message = f"manaproxy is shutting down: the answer from {target} was cut short"
                 else:
                     message = f"upstream {target} failed mid-stream: {failure.detail}"
-                await response.write(error_event(message, code=failure.reason))
+                await response.write(protocol.error_event(message, code=failure.reason))
             if reply.usage is not None:
                 record.prompt_tokens, record.completion_tokens = reply.usage
             await response.write_eof()

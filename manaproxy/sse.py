@@ -168,9 +168,13 @@ class ModelRewriter:
             data = orjson.loads(line[len(prefix) :])
         except orjson.JSONDecodeError:
             return line
-        if not isinstance(data, dict) or "model" not in data or data["model"] == self._value:
+        if not isinstance(data, dict):
             return line
-        data["model"] = self._value
+        # The top-level model, or the Responses API's `response.model` (response.created / .completed ...).
+        holder = data if "model" in data else data.get("response")
+        if not isinstance(holder, dict) or "model" not in holder or holder["model"] == self._value:
+            return line
+        holder["model"] = self._value
         return prefix + orjson.dumps(data)
 
 
@@ -221,13 +225,18 @@ def error_of(event: bytes) -> dict[str, Any] | None:
     return None
 
 
+def carries_usage(events: bytes) -> bool:
+    """Whether `events` may hold a usage object (the cheap check before `usage_of`)."""
+    return b'"prompt_tokens"' in events or b'"input_tokens"' in events
+
+
 def usage_of(events: bytes) -> tuple[int, int] | None:
     """(prompt, completion) tokens from a usage chunk among `events`, if one is there."""
-    if b'"prompt_tokens"' not in events:
+    if not carries_usage(events):
         return None
     found = None
     for line in _LINE_END.split(events):
-        if line.startswith(b"data:") and b'"prompt_tokens"' in line:
+        if line.startswith(b"data:") and (b'"prompt_tokens"' in line or b'"input_tokens"' in line):
             found = usage_from(data_json(line)) or found
     return found
 
@@ -237,14 +246,16 @@ def usage_from(data: Any) -> tuple[int, int] | None:
     if not isinstance(data, dict):
         return None
     usage = data.get("usage")
-    if not isinstance(usage, dict):
-        # Groq reports streamed usage under x_groq.usage
-        extra = data.get("x_groq")
+    for holder in ("x_groq", "response"):  # Groq's streamed usage; the Responses API's final event
+        if isinstance(usage, dict):
+            break
+        extra = data.get(holder)
         usage = extra.get("usage") if isinstance(extra, dict) else None
-        if not isinstance(usage, dict):
-            return None
-    prompt = usage.get("prompt_tokens")
-    completion = usage.get("completion_tokens", 0)
+    if not isinstance(usage, dict):
+        return None
+    # Chat completions count prompt/completion tokens, the Responses API input/output tokens.
+    prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
+    completion = usage.get("completion_tokens", usage.get("output_tokens", 0))
     if isinstance(prompt, int) and isinstance(completion, int) and not isinstance(prompt, bool):
         return prompt, completion
     return None

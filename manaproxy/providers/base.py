@@ -28,6 +28,7 @@ import orjson
 
 from ..body import RequestBody
 from ..config import ProviderConfig, Target
+from ..protocols import CHAT, StreamProtocol
 
 Usage = tuple[int, int]  # (prompt tokens, completion tokens)
 
@@ -203,6 +204,7 @@ class Call:
     target: Target  # the provider's own model name is `target.model`; the client sees `str(target)`
     request_id: str
     accept: str | None
+    protocol: StreamProtocol = CHAT  # how a stream of this endpoint ends (`protocols.for_path`)
 
     @property
     def stream(self) -> bool:
@@ -224,8 +226,8 @@ class StreamReply(Protocol):
 
     status: int
     first: bytes  # complete SSE events up to and including the first data event
-    # The protocol's end went by (`data: [DONE]` for chat): the answer is whole even if the connection
-    # then fails. Read after `events()` ends or raises.
+    # The protocol's end went by (`data: [DONE]` for chat, `response.completed` ...; for other endpoints a
+    # normal end of body): the answer is whole even if the connection then fails. Read after `events()`.
     complete: bool
     usage: Usage | None  # tokens, once a usage event went by
 

@@ -29,8 +29,9 @@ from yarl import URL
 from ..body import SplicedPayload
 from ..config import ProviderConfig, ServerSettings
 from ..jsonmodel import HEAD, model_span, replace_model
+from ..protocols import StreamProtocol
 from ..redact import Redactor
-from ..sse import EventBuffer, ModelRewriter, error_of, has_done, usage_from, usage_of
+from ..sse import EventBuffer, ModelRewriter, carries_usage, error_of, has_done, usage_from, usage_of
 from .base import Call, MidStreamFailure, Reply, UpstreamFailure, Usage, translate_errors
 
 _ERROR_BODY_LIMIT = 1 << 20  # an error body is read (and decoded) this far at most
@@ -102,6 +103,7 @@ class OpenAIStream:
         "_decoder",
         "_idle",
         "_max_event",
+        "_protocol",
         "_resp",
         "_rest",
         "_rewriter",
@@ -120,11 +122,13 @@ class OpenAIStream:
         decoder: _Decoder | None,
         rewriter: ModelRewriter,
         *,
+        protocol: StreamProtocol,
         idle: float,
         max_event: int,
     ) -> None:
         self.status = resp.status
-        self.complete = has_done(first)
+        self._protocol = protocol
+        self.complete = protocol.ended_by(first)
         self.usage: Usage | None = usage_of(first)
         self.first = rewriter.rewrite(first)
         self._resp = resp
@@ -137,9 +141,9 @@ class OpenAIStream:
 
     def _ready(self, events: bytes) -> bytes:
         """Note what the client-bound `events` complete or count, and rewrite their `model`."""
-        if not self.complete and has_done(events):
+        if not self.complete and self._protocol.ended_by(events):
             self.complete = True
-        if b'"prompt_tokens"' in events:
+        if carries_usage(events):
             self.usage = usage_of(events) or self.usage
         return self._rewriter.rewrite(events)
 
@@ -165,6 +169,8 @@ class OpenAIStream:
                 # Tolerate a final `data: [DONE]` without its blank line; drop any other half event.
                 if tail and has_done(tail):
                     yield self._ready(tail + b"\n\n")
+                if self._protocol.ends_with_body:
+                    self.complete = True
                 return
             try:
                 for piece in decoder.slices(chunk) if decoder is not None else (chunk,):
@@ -227,7 +233,7 @@ class OpenAIProvider:
         if call.stream:
             with translate_errors("before the first byte"):
                 async with asyncio.timeout(self.config.timeouts.first_byte):
-                    return await self._open_stream(url, body, headers, resolved)
+                    return await self._open_stream(url, body, headers, resolved, call.protocol)
         with translate_errors("waiting for the answer"):
             return await self._exchange(url, body, headers, resolved)
 
@@ -271,7 +277,12 @@ class OpenAIProvider:
         return Reply(status, b"".join(replace_model(body, span, orjson.dumps(resolved))), content_type, usage)
 
     async def _open_stream(
-        self, url: URL, body: bytes | SplicedPayload, headers: dict[str, str], resolved: str
+        self,
+        url: URL,
+        body: bytes | SplicedPayload,
+        headers: dict[str, str],
+        resolved: str,
+        protocol: StreamProtocol,
     ) -> Reply | OpenAIStream:
         resp = await self._session.post(url, data=body, headers=headers, timeout=self._timeout, allow_redirects=False)
         try:
@@ -302,14 +313,16 @@ class OpenAIProvider:
                 message = self._redactor.line(str(error.get("message", "error event")), limit=120)
                 raise UpstreamFailure("error_event", f"first event was an error: {message}")
             idle = self.config.timeouts.idle
-            protocol = resp.connection.protocol if resp.connection is not None else None
-            if protocol is not None:
+            reader = resp.connection.protocol if resp.connection is not None else None
+            if reader is not None:
                 # From here on, gaps between chunks are bounded by aiohttp's own read timer: it is re-armed
                 # as bytes arrive and paused while a slow client holds reading back, at no per-chunk cost.
-                protocol.read_timeout = idle
-                protocol.start_timeout()
+                reader.read_timeout = idle
+                reader.start_timeout()
             rewriter = ModelRewriter(resolved)
-            return OpenAIStream(resp, first, rest, buffer, decoder, rewriter, idle=idle, max_event=max_event)
+            return OpenAIStream(
+                resp, first, rest, buffer, decoder, rewriter, protocol=protocol, idle=idle, max_event=max_event
+            )
         except BaseException:
             resp.close()
             raise

@@ -1,0 +1,212 @@
+"""The Responses API through manaproxy, with the real openai SDK: typed events that end at
+`response.completed` (no `[DONE]`) are a complete answer, `response.model` names the resolved target, and a
+cut stream still ends in an error the SDK raises. Also: a stream of any other endpoint is complete when the
+upstream ends its body."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import openai
+import orjson
+import pytest
+from aiohttp import web
+
+from .fakes import Recorded, json_reply
+from .helpers import build_config
+
+TEXT = ["Hello", ", ", "world"]
+
+
+def response_object(model: str, status: str, text: str = "") -> dict[str, Any]:
+    output = []
+    if text:
+        output = [
+            {
+                "id": "msg_1",
+                "type": "message",
+                "role": "assistant",
+                "status": "completed",
+                "content": [{"type": "output_text", "text": text, "annotations": []}],
+            }
+        ]
+    response: dict[str, Any] = {
+        "id": "resp_1",
+        "object": "response",
+        "created_at": 1700000000,
+        "status": status,
+        "model": model,
+        "output": output,
+        "parallel_tool_calls": True,
+        "tool_choice": "auto",
+        "tools": [],
+    }
+    if status == "completed":
+        response["usage"] = {"input_tokens": 7, "output_tokens": 3, "total_tokens": 10}
+    return response
+
+
+def typed_events(model: str, *, cut_after: int | None = None, end: str = "response.completed") -> list[bytes]:
+    """The SSE events of a Responses stream: `event: <type>` + `data: {..., "type": <type>}`, no [DONE]."""
+    message = {"id": "msg_1", "type": "message", "role": "assistant", "status": "in_progress", "content": []}
+    part = {"type": "output_text", "text": "", "annotations": []}
+    where = {"item_id": "msg_1", "output_index": 0, "content_index": 0}
+    items: list[dict[str, Any]] = [
+        {"type": "response.created", "response": response_object(model, "in_progress")},
+        {"type": "response.output_item.added", "output_index": 0, "item": message},
+        {"type": "response.content_part.added", **where, "part": part},
+    ]
+    for word in TEXT:
+        items.append(
+            {
+                "type": "response.output_text.delta",
+                "item_id": "msg_1",
+                "output_index": 0,
+                "content_index": 0,
+                "delta": word,
+                "logprobs": [],
+            }
+        )
+    done_part = {**part, "text": "".join(TEXT)}
+    items += [
+        {"type": "response.output_text.done", **where, "text": "".join(TEXT), "logprobs": []},
+        {"type": "response.content_part.done", **where, "part": done_part},
+        {
+            "type": "response.output_item.done",
+            "output_index": 0,
+            "item": {**message, "status": "completed", "content": [done_part]},
+        },
+    ]
+    final = "completed" if end == "response.completed" else end.removeprefix("response.")
+    items.append({"type": end, "response": response_object(model, final, "".join(TEXT))})
+    events = []
+    for number, item in enumerate(items):
+        item["sequence_number"] = number
+        events.append(b"event: " + item["type"].encode() + b"\ndata: " + orjson.dumps(item) + b"\n\n")
+    return events[:cut_after] if cut_after is not None else events
+
+
+def responses_stream(events: list[bytes], *, cut: bool = False):
+    async def behave(request: web.Request, recorded: Recorded) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for event in events:
+            await response.write(event)
+        if cut:
+            assert request.transport is not None
+            request.transport.abort()
+            return response
+        await response.write_eof()
+        return response
+
+    return behave
+
+
+@pytest.fixture
+async def proxy_and_upstream(make_upstream, make_proxy):
+    up = await make_upstream("up")
+    proxy = await make_proxy(build_config({"a": up}, {"mana/x": ["a/m1"]}))
+    return proxy, up
+
+
+def sdk(proxy) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=proxy.base_url, api_key="unused", max_retries=0)
+
+
+async def test_a_responses_stream_ending_at_response_completed_is_whole(proxy_and_upstream, caplog):
+    proxy, up = proxy_and_upstream
+    up.queue(responses_stream(typed_events("up-model")))
+    client = sdk(proxy)
+    caplog.set_level(logging.INFO, logger="manaproxy.request")
+
+    async with client.responses.stream(model="mana/x", input="hi") as stream:
+        deltas = [event.delta async for event in stream if event.type == "response.output_text.delta"]
+        final = await stream.get_final_response()
+    await client.close()
+
+    assert deltas == TEXT
+    assert final.model == "a/m1"
+    assert final.output_text == "Hello, world"
+    assert up.requests[0].path == "/v1/responses"
+    assert up.requests[0].json["model"] == "m1"
+    (line,) = [record.getMessage() for record in caplog.records if record.name == "manaproxy.request"]
+    assert "outcome=completed" in line
+    assert "prompt_tokens=7 completion_tokens=3" in line
+
+
+@pytest.mark.parametrize("end", ["response.incomplete", "response.failed"])
+async def test_incomplete_and_failed_are_ends_of_the_protocol_too(proxy_and_upstream, end):
+    proxy, up = proxy_and_upstream
+    up.queue(responses_stream(typed_events("up-model", end=end)))
+
+    resp = await proxy.client.post("/v1/responses", json={"model": "mana/x", "input": "hi", "stream": True})
+    body = await resp.read()
+
+    assert body.endswith(typed_events("a/m1", end=end)[-1][-40:])  # ends with the upstream's own last event
+    assert b"event: error" not in body
+
+
+async def test_every_event_carrying_a_model_names_the_resolved_target(proxy_and_upstream):
+    proxy, up = proxy_and_upstream
+    up.queue(responses_stream(typed_events("up-model")))
+
+    resp = await proxy.client.post("/v1/responses", json={"model": "mana/x", "input": "hi", "stream": True})
+    body = await resp.read()
+
+    assert b"up-model" not in body
+    assert body.count(b'"model":"a/m1"') == 2  # response.created and response.completed
+
+
+async def test_a_responses_stream_cut_mid_way_raises_in_the_sdk(proxy_and_upstream):
+    proxy, up = proxy_and_upstream
+    up.queue(responses_stream(typed_events("up-model", cut_after=5), cut=True))
+    client = sdk(proxy)
+
+    async def read_all() -> None:
+        async with client.responses.stream(model="mana/x", input="hi") as stream:
+            async for _ in stream:
+                pass
+
+    with pytest.raises(openai.APIError, match="failed mid-stream"):
+        await read_all()
+    await client.close()
+
+
+async def test_a_responses_stream_that_just_stops_is_not_complete(proxy_and_upstream):
+    proxy, up = proxy_and_upstream
+    up.queue(responses_stream(typed_events("up-model", cut_after=5)))  # a clean end of body, no response.completed
+
+    resp = await proxy.client.post("/v1/responses", json={"model": "mana/x", "input": "hi", "stream": True})
+    body = await resp.read()
+
+    *_, last = [event for event in body.split(b"\n\n") if event]
+    assert last.startswith(b"event: error\ndata: ")
+    error = orjson.loads(last.split(b"data: ", 1)[1])
+    assert error["type"] == "error"
+    assert "without response.completed" in error["message"]
+
+
+async def test_an_unstreamed_response_names_the_resolved_target(proxy_and_upstream):
+    proxy, up = proxy_and_upstream
+    up.queue(json_reply(response_object("up-model", "completed", "Hi")))
+    client = sdk(proxy)
+
+    response = await client.responses.create(model="mana/x", input="hi")
+    await client.close()
+
+    assert (response.model, response.output_text) == ("a/m1", "Hi")
+
+
+async def test_a_stream_of_another_endpoint_is_complete_when_its_body_ends(proxy_and_upstream):
+    proxy, up = proxy_and_upstream
+    events = [
+        b'data: {"type": "progress", "model": "up-model", "step": 1}\n\n',
+        b'data: {"type": "progress", "step": 2}\n\n',
+    ]
+    up.queue(responses_stream(events))
+
+    resp = await proxy.client.post("/v1/videos/generations", json={"model": "mana/x", "stream": True})
+    body = await resp.read()
+
+    assert body == events[0].replace(b'"up-model"', b'"a/m1"') + events[1]

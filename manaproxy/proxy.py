@@ -19,6 +19,7 @@ from contextlib import aclosing
 from time import perf_counter
 
 from aiohttp import web
+from multidict import CIMultiDict
 
 from . import logfmt
 from .body import BodyBudget, parse_body, read_body
@@ -143,7 +144,7 @@ class _Forwarder:
             if skip is not None:
                 record.attempts.append(Attempt(str(target), target.provider, skip, tried=False))
                 continue
-            call = Call(path, body, target, record.request_id, accept, protocol)
+            call = Call(path, body, target, record.request_id, accept, protocol, self.request.headers)
             response = await self._try(target, call)
             if response is not None:
                 return response
@@ -182,7 +183,7 @@ class _Forwarder:
         if isinstance(reply, Reply):
             if reply.usage is not None:
                 record.prompt_tokens, record.completion_tokens = reply.usage
-            headers = {"Content-Type": reply.content_type, RESOLVED_HEADER: str(target)}
+            headers = _answer_headers(reply.headers, {"Content-Type": reply.content_type, RESOLVED_HEADER: str(target)})
             record.first_byte = perf_counter() - record.started
             return web.Response(status=reply.status, body=reply.body, content_type=None, headers=headers)
         return await self._relay(target, reply, slot, call.protocol)
@@ -207,7 +208,10 @@ class _Forwarder:
     ) -> web.StreamResponse:
         """Commit to `target` and relay its stream; a failure from here on ends it with an error event."""
         record = self.record
-        response = web.StreamResponse(status=reply.status, headers={**_STREAM_HEADERS, RESOLVED_HEADER: str(target)})
+        response = web.StreamResponse(
+            status=reply.status,
+            headers=_answer_headers(reply.headers, {**_STREAM_HEADERS, RESOLVED_HEADER: str(target)}),
+        )
         clean_end = False
         try:
             # COMMIT: from here on this answer belongs to `target`.
@@ -295,12 +299,13 @@ def _caller_error(failure: UpstreamFailure, target: Target) -> web.Response:
         body = error_body(
             f"upstream {target} rejected the request: {failure.detail}", status=status, code=failure.reason
         )
-    return web.Response(
-        status=status,
-        body=body,
-        content_type=None,
-        headers={
-            "Content-Type": JSON_CONTENT_TYPE,
-            RESOLVED_HEADER: str(target),
-        },
-    )
+    headers = _answer_headers(failure.headers, {"Content-Type": JSON_CONTENT_TYPE, RESOLVED_HEADER: str(target)})
+    return web.Response(status=status, body=body, content_type=None, headers=headers)
+
+
+def _answer_headers(upstream: list[tuple[str, str]], ours: dict[str, str]) -> CIMultiDict[str]:
+    """The upstream's headers meant for the client (`headers.to_client`), with ours winning on conflict."""
+    headers: CIMultiDict[str] = CIMultiDict(upstream)
+    for name, value in ours.items():
+        headers[name] = value
+    return headers

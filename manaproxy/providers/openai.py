@@ -28,6 +28,7 @@ from yarl import URL
 
 from ..body import SplicedPayload
 from ..config import ProviderConfig, ServerSettings
+from ..headers import to_client, to_upstream
 from ..jsonmodel import HEAD, model_span, replace_model
 from ..protocols import StreamProtocol
 from ..redact import Redactor
@@ -109,6 +110,7 @@ class OpenAIStream:
         "_rewriter",
         "complete",
         "first",
+        "headers",
         "status",
         "usage",
     )
@@ -127,6 +129,7 @@ class OpenAIStream:
         max_event: int,
     ) -> None:
         self.status = resp.status
+        self.headers = to_client(resp.headers.items(), resp.headers.get("Connection", ""))
         self._protocol = protocol
         self.complete = protocol.ended_by(first)
         self.usage: Usage | None = usage_of(first)
@@ -223,6 +226,7 @@ class OpenAIProvider:
     async def send(self, call: Call) -> Reply | OpenAIStream:
         body = call.body.with_model(call.target.model)
         headers = {
+            **to_upstream(call.headers, self.config.forward_headers),
             **self._headers,
             "Content-Type": "application/json",
             "Accept": call.accept or ("text/event-stream" if call.stream else "application/json"),
@@ -243,7 +247,9 @@ class OpenAIProvider:
         ) as resp:
             await self._check_status(resp)
             data = await _read_body(resp, self._server.max_response_bytes)
-            return self._reply(resp.status, data, resp.headers.get("Content-Type", "application/json"), resolved)
+            reply = self._reply(resp.status, data, resp.headers.get("Content-Type", "application/json"), resolved)
+            reply.headers = to_client(resp.headers.items(), resp.headers.get("Connection", ""))
+            return reply
 
     def _reply(self, status: int, body: bytes, content_type: str, resolved: str) -> Reply:
         """The unstreamed answer ready for the client: `model` set to the resolved target, usage read.
@@ -292,7 +298,9 @@ class OpenAIProvider:
                 # Some servers answer a stream request with one JSON document: relay it unstreamed.
                 data = await _read_body(resp, self._server.max_response_bytes)
                 resp.release()
-                return self._reply(resp.status, data, content_type or "application/json", resolved)
+                reply = self._reply(resp.status, data, content_type or "application/json", resolved)
+                reply.headers = to_client(resp.headers.items(), resp.headers.get("Connection", ""))
+                return reply
             max_event = self._server.max_event_bytes
             decoder = _Decoder.for_response(resp)
             buffer = EventBuffer()

@@ -106,7 +106,7 @@ def _close_later(stream: Any) -> None:
 class GoogleStream:
     """A Gemini stream past its first chunk, relayed as OpenAI chunk events."""
 
-    __slots__ = ("_ended", "_idle", "_stream", "_translator", "complete", "first", "status", "usage")
+    __slots__ = ("_ended", "_idle", "_stream", "_translator", "complete", "first", "headers", "status", "usage")
 
     def __init__(
         self,
@@ -116,6 +116,7 @@ class GoogleStream:
         idle: float,
     ) -> None:
         self.status = 200
+        self.headers: list[tuple[str, str]] = []  # the SDK's HTTP exchange is its own
         self.first = first
         self.complete = False  # `[DONE]` is written only once Gemini finished every candidate
         self.usage: Usage | None = None

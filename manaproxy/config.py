@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,6 +122,7 @@ class Config:
     health: HealthSettings = HealthSettings()
     server: ServerSettings = ServerSettings()
     source: str = "<memory>"
+    loaded_unix: int = field(default_factory=lambda: int(time.time()))  # `created` of what has no date of its own
 
     def summary(self) -> str:
         configured = sum(1 for p in self.providers.values() if p.configured)

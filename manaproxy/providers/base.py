@@ -33,6 +33,7 @@ from ..headers import to_client
 from ..protocols import CHAT, StreamProtocol
 
 Usage = tuple[int, int]  # (prompt tokens, completion tokens)
+ListedModel = tuple[str, int | None]  # (model id, its `created` unix time when the upstream gave one)
 
 T = TypeVar("T")
 
@@ -258,8 +259,8 @@ class Provider(Protocol):
         """Send `call`; raise `UpstreamFailure` if it fails before its first event (or, unstreamed, at all)."""
         ...
 
-    async def list_models(self, timeout: float) -> list[str]:
-        """Model ids the provider serves (for /v1/models); raises on failure."""
+    async def list_models(self, timeout: float) -> list[ListedModel]:
+        """Models the provider serves (for /v1/models); raises on failure."""
         ...
 
     async def probe(self, timeout: float) -> None:

@@ -33,7 +33,7 @@ from ..jsonmodel import HEAD, model_span, replace_model
 from ..protocols import StreamProtocol
 from ..redact import Redactor
 from ..sse import EventBuffer, ModelRewriter, carries_usage, error_of, has_done, usage_from, usage_of
-from .base import Call, MidStreamFailure, Reply, UpstreamFailure, Usage, translate_errors
+from .base import Call, ListedModel, MidStreamFailure, Reply, UpstreamFailure, Usage, translate_errors
 
 _ERROR_BODY_LIMIT = 1 << 20  # an error body is read (and decoded) this far at most
 _DECODE_SLICE = 1 << 20  # decompressed output per step: the event loop gets its turns in between
@@ -341,12 +341,16 @@ class OpenAIProvider:
             data = self._redactor.bytes(await _read_error_body(resp))
             raise UpstreamFailure.from_status(resp.status, resp.headers, data, resp.headers.get("Content-Type"))
 
-    async def list_models(self, timeout: float) -> list[str]:
+    async def list_models(self, timeout: float) -> list[ListedModel]:
         data = await self._get_json("/models", timeout)
         items = data.get("data") if isinstance(data, dict) else None
         if not isinstance(items, list):
             raise UpstreamFailure("bad_response", "models list has no 'data' array")
-        return [item["id"] for item in items if isinstance(item, dict) and isinstance(item.get("id"), str)]
+        return [
+            (item["id"], item["created"] if type(item.get("created")) is int else None)
+            for item in items
+            if isinstance(item, dict) and isinstance(item.get("id"), str)
+        ]
 
     async def probe(self, timeout: float) -> None:
         await self._get_json(self.config.probe or "/models", timeout)

@@ -38,7 +38,7 @@ from google.genai.models import AsyncModels
 
 from ...config import ProviderConfig, ServerSettings
 from ...redact import Redactor
-from ..base import Call, MidStreamFailure, Reply, UpstreamFailure, Usage, within_idle
+from ..base import Call, ListedModel, MidStreamFailure, Reply, UpstreamFailure, Usage, within_idle
 from . import answer, request
 from .failures import bad_request, google_errors
 
@@ -281,9 +281,9 @@ class GoogleProvider:
             body = answer.embeddings(response, model=str(call.target), as_base64=embed.base64)
         return Reply(200, orjson.dumps(body), "application/json")
 
-    async def list_models(self, timeout: float) -> list[str]:
+    async def list_models(self, timeout: float) -> list[ListedModel]:
         models = self._models()
-        names = []
+        names: list[ListedModel] = []
         with google_errors("listing models", self._redactor):
             async with asyncio.timeout(timeout):
                 pager = await models.list(config=types.ListModelsConfig(page_size=1000))
@@ -291,7 +291,7 @@ class GoogleProvider:
                     actions = model.supported_actions
                     # Leave out what this proxy cannot serve (image/video `predict`, live-only models).
                     if model.name and (actions is None or _SERVABLE_ACTIONS.intersection(actions)):
-                        names.append(model.name.removeprefix("models/"))
+                        names.append((model.name.removeprefix("models/"), None))  # Gemini gives no date
         return names
 
     async def probe(self, timeout: float) -> None:

@@ -28,7 +28,7 @@ from .drain import SHUTTING_DOWN, Guard, shutting_down
 from .errors import JSON_CONTENT_TYPE, ProxyError, error_body
 from .gateway import GATEWAY, Gateway, Runtime
 from .health import Slot
-from .paths import upstream_path
+from .paths import addresses_stored_object, upstream_path
 from .protocols import StreamProtocol, for_path
 from .providers.base import Call, MidStreamFailure, Reply, StreamReply, UpstreamFailure
 from .record import CLIENT_DISCONNECTED, COMPLETED, UPSTREAM_ERROR, Attempt, RequestRecord
@@ -89,6 +89,17 @@ async def forward(request: web.Request) -> web.StreamResponse:
         gateway.observe(record)
 
 
+async def other_method(request: web.Request) -> web.Response:
+    """Any method but POST under `/v1/` (bar the read-only views): nothing manaproxy can route."""
+    raise ProxyError(
+        405,
+        f"{request.method} {request.path[:100]}: manaproxy forwards POST requests routed by their 'model'; "
+        "objects stored at one provider (files, batches, responses) are read and deleted there",
+        code="method_not_allowed",
+        headers={"Allow": "POST"},
+    )
+
+
 def _refused(request: web.Request, record: RequestRecord, err: ProxyError) -> web.Response:
     """Our own error as the request's answer."""
     record.status = err.status
@@ -130,7 +141,14 @@ class _Forwarder:
                 408, f"request body did not arrive within {server.body_timeout_seconds:g}s", code="body_timeout"
             ) from None
         record.client_wait += perf_counter() - started
-        body = parse_body(raw)
+        body = parse_body(raw, self.request.headers.get("Content-Type", ""))
+        if body.model is None and addresses_stored_object(path):
+            raise ProxyError(
+                404,
+                f"manaproxy routes requests by their 'model'; {url.path[:100]} addresses an object stored at one "
+                "provider: call that provider directly",
+                code="unsupported_endpoint",
+            )
         record.streaming = body.stream
         record.requested = body.model or ""
         route = resolve(body.model, config)

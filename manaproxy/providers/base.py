@@ -27,7 +27,7 @@ import aiohttp
 import orjson
 from multidict import CIMultiDictProxy
 
-from ..body import RequestBody
+from ..body import Body
 from ..config import ProviderConfig, Target
 from ..headers import to_client
 from ..protocols import CHAT, StreamProtocol
@@ -206,7 +206,7 @@ class Call:
     """One attempt at one target, as handed to a provider."""
 
     path: str  # path after /v1, checked by `paths.upstream_path` (e.g. "/chat/completions?x=1")
-    body: RequestBody  # the client's request, parsed once
+    body: Body  # the client's request, parsed once (JSON, or a multipart form)
     target: Target  # the provider's own model name is `target.model`; the client sees `str(target)`
     request_id: str
     accept: str | None

@@ -228,7 +228,7 @@ class OpenAIProvider:
         headers = {
             **to_upstream(call.headers, self.config.forward_headers),
             **self._headers,
-            "Content-Type": "application/json",
+            "Content-Type": call.body.content_type,
             "Accept": call.accept or ("text/event-stream" if call.stream else "application/json"),
             "X-Request-ID": call.request_id,
         }

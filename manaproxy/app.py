@@ -101,4 +101,5 @@ def create_app(
     app.router.add_get("/v1/aliases", catalog.list_aliases)
     for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/{path:.+}"):
         app.router.add_post(path, proxy.forward)
+    app.router.add_route("*", "/v1/{path:.+}", proxy.other_method)
     return app

@@ -1,4 +1,5 @@
-"""Client authentication: `Authorization: Bearer <key>` (what the OpenAI SDKs send) or `X-API-Key`.
+"""Client authentication: `Authorization: Bearer <key>` (what the OpenAI SDKs send) or `X-API-Key`; a
+request is let in when any credential it offers is valid.
 
 Keys come from `MANAPROXY_API_KEYS`; when it is unset, auth is off (and startup warns). Every key is
 compared in constant time, and all of them are always compared, so timing reveals nothing.
@@ -30,16 +31,19 @@ def parse_keys(value: str | None) -> tuple[bytes, ...]:
     return tuple(key.strip().encode() for key in value.split(",") if key.strip())
 
 
-def presented_key(request: web.Request) -> bytes | None:
+def presented_keys(request: web.Request) -> list[bytes]:
+    """Every credential the request offers: a Bearer token and an `X-API-Key` (the SDKs always send a
+    Bearer, so a key in `X-API-Key` comes beside one that may be meant for someone else)."""
+    keys = []
     header = request.headers.get("Authorization")
     if header:
         scheme, _, credentials = header.partition(" ")
         if scheme.lower() == "bearer" and credentials.strip():
-            return credentials.strip().encode("utf-8", "surrogateescape")
+            keys.append(credentials.strip().encode("utf-8", "surrogateescape"))
     api_key = request.headers.get("X-API-Key")
-    if api_key:
-        return api_key.strip().encode("utf-8", "surrogateescape")
-    return None
+    if api_key and api_key.strip():
+        keys.append(api_key.strip().encode("utf-8", "surrogateescape"))
+    return keys
 
 
 def key_matches(presented: bytes, keys: Iterable[bytes]) -> bool:
@@ -54,10 +58,10 @@ def auth_middleware(keys: tuple[bytes, ...]) -> Middleware:
     async def check_key(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path in OPEN_PATHS or request.method == "OPTIONS":
             return await handler(request)
-        presented = presented_key(request)
-        if presented is None:
+        presented = presented_keys(request)
+        if not presented:
             message, code = "missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key'", "missing_api_key"
-        elif not key_matches(presented, keys):
+        elif not any([key_matches(key, keys) for key in presented]):  # a list: every key is compared
             message, code = "invalid API key", "invalid_api_key"
         else:
             return await handler(request)

@@ -19,7 +19,7 @@ from aiohttp import web
 from .config import Config
 from .errors import ProxyError
 from .gateway import GATEWAY, Gateway, Runtime
-from .providers.base import Provider, UpstreamFailure
+from .providers.base import ListedModel, Provider, UpstreamFailure
 
 logger = logging.getLogger(__name__)
 
@@ -37,13 +37,13 @@ class ModelsCache:
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
-        self._lists: dict[str, tuple[float, Provider, list[str]]] = {}  # name -> (expires, provider, ids)
+        self._lists: dict[str, tuple[float, Provider, list[ListedModel]]] = {}  # name -> (expires, provider, models)
         self._lock = asyncio.Lock()
 
     def __repr__(self) -> str:
         return f"<ModelsCache {sorted(self._lists)}>"
 
-    async def models(self, runtime: Runtime) -> dict[str, list[str]]:
+    async def models(self, runtime: Runtime) -> dict[str, list[ListedModel]]:
         """Model ids per configured provider; providers that failed to list are left out."""
         config = runtime.config
         ttl = config.server.models_cache_seconds
@@ -83,18 +83,25 @@ class ModelsCache:
 MODELS_CACHE = web.AppKey("models_cache", ModelsCache)
 
 
-def _model_object(model_id: str, owned_by: str, **extra: Any) -> dict[str, Any]:
-    return {"id": model_id, "object": "model", "created": 0, "owned_by": owned_by, **extra}
+def _model_object(model_id: str, owned_by: str, created: int, **extra: Any) -> dict[str, Any]:
+    return {"id": model_id, "object": "model", "created": created, "owned_by": owned_by, **extra}
 
 
 async def _all_models(request: web.Request) -> list[dict[str, Any]]:
     gateway = request.app[GATEWAY]
     runtime = gateway.runtime
     config = runtime.config
-    data = [_model_object(alias.name, "manaproxy", description=alias.description) for alias in config.aliases.values()]
+    loaded = config.loaded_unix  # aliases, and models whose upstream gives no date, date from the config
+    data = [
+        _model_object(alias.name, "manaproxy", loaded, description=alias.description)
+        for alias in config.aliases.values()
+    ]
     lists = await request.app[MODELS_CACHE].models(runtime)
-    for provider, ids in lists.items():
-        data.extend(_model_object(f"{provider}/{model_id}", provider) for model_id in ids)
+    for provider, models in lists.items():
+        data.extend(
+            _model_object(f"{provider}/{model_id}", provider, loaded if created is None else created)
+            for model_id, created in models
+        )
     return data
 
 
@@ -107,7 +114,7 @@ async def get_model(request: web.Request) -> web.Response:
     config = request.app[GATEWAY].config
     alias = config.aliases.get(model_id)
     if alias is not None:
-        return json_response(_model_object(alias.name, "manaproxy", description=alias.description))
+        return json_response(_model_object(alias.name, "manaproxy", config.loaded_unix, description=alias.description))
     for item in await _all_models(request):
         if item["id"] == model_id:
             return json_response(item)

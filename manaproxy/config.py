@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +73,8 @@ class ProviderConfig:
     timeouts: Timeouts = Timeouts()
     max_concurrent: int = 0
     probe: str | None = None
+    # Client headers sent on: True (all end-to-end ones), False (none), or these names (lower case).
+    forward_headers: bool | frozenset[str] = True
 
     @property
     def configured(self) -> bool:
@@ -119,6 +122,7 @@ class Config:
     health: HealthSettings = HealthSettings()
     server: ServerSettings = ServerSettings()
     source: str = "<memory>"
+    loaded_unix: int = field(default_factory=lambda: int(time.time()))  # `created` of what has no date of its own
 
     def summary(self) -> str:
         configured = sum(1 for p in self.providers.values() if p.configured)
@@ -246,7 +250,7 @@ class _Parser:
         where = f"providers.{name}"
         if not _PROVIDER_NAME_RE.match(name) or name == ALIAS_PREFIX.rstrip("/"):
             raise self.fail(where, "provider names are letters, digits, '_', '.', '-' and not 'mana'")
-        allowed = ("kind", "base_url", "api_key", "headers", "timeouts", "max_concurrent", "probe")
+        allowed = ("kind", "base_url", "api_key", "headers", "timeouts", "max_concurrent", "probe", "forward_headers")
         spec = self.mapping(spec, where, allowed)
         kind = self.string(spec.get("kind", "openai"), f"{where}.kind")
         if kind not in KINDS:
@@ -285,6 +289,7 @@ class _Parser:
             **{k: float(self.number(v, f"{where}.timeouts.{k}", minimum=0.001)) for k, v in timeouts_raw.items()}
         )
         max_concurrent = int(self.number(spec.get("max_concurrent", 0), f"{where}.max_concurrent", integer=True))
+        forward_headers = self.forward_headers(spec.get("forward_headers", True), f"{where}.forward_headers")
         probe = None
         if spec.get("probe") is not None:
             probe = self.string(spec["probe"], f"{where}.probe")
@@ -298,8 +303,20 @@ class _Parser:
             headers=MappingProxyType(headers),
             timeouts=timeouts,
             max_concurrent=max_concurrent,
+            forward_headers=forward_headers,
             probe=probe,
         )
+
+    def forward_headers(self, value: Any, where: str) -> bool | frozenset[str]:
+        if isinstance(value, bool):
+            return value
+        if not isinstance(value, list):
+            raise self.fail(where, "expected true, false or a list of header names")
+        names = [self.string(item, f"{where}[{index}]") for index, item in enumerate(value)]
+        for index, header in enumerate(names):
+            if not _HEADER_NAME_RE.match(header):
+                raise self.fail(f"{where}[{index}]", f"{header!r} is not a valid HTTP header name")
+        return frozenset(header.lower() for header in names)
 
     def alias(self, name: str, spec: Any, providers: Mapping[str, ProviderConfig]) -> Alias:
         where = f"aliases.{name}"

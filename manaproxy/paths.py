@@ -53,3 +53,34 @@ def upstream_path(raw_path: str, raw_query: str = "") -> str:
     if not _QUERY_RE.match(raw_query):
         raise _refuse("its query string holds characters that are not allowed in a URL")
     return f"{path}?{raw_query}"
+
+
+# Endpoints whose objects live at one provider (uploaded files, batches, stored responses ...): a request to
+# them without a `model` cannot be routed, and one provider of a chain could not find another's objects.
+_STORED_OBJECTS = frozenset(
+    {
+        "files",
+        "uploads",
+        "batches",
+        "vector_stores",
+        "assistants",
+        "threads",
+        "fine_tuning",
+        "fine-tunes",
+        "containers",
+        "conversations",
+        "evals",
+        "organization",
+    }
+)
+
+
+def addresses_stored_object(path: str) -> bool:
+    """Whether `path` (after /v1) names objects stored at one provider: `/files/...`, `/batches`,
+    `/responses/{id}...`, `/chat/completions/{id}` ..."""
+    segments = path.partition("?")[0].strip("/").split("/")
+    if segments[0] in _STORED_OBJECTS:
+        return True
+    if segments[0] == "responses":
+        return len(segments) > 1
+    return segments[:2] == ["chat", "completions"] and len(segments) > 2

@@ -19,6 +19,7 @@ from contextlib import aclosing
 from time import perf_counter
 
 from aiohttp import web
+from multidict import CIMultiDict
 
 from . import logfmt
 from .body import BodyBudget, parse_body, read_body
@@ -27,7 +28,7 @@ from .drain import SHUTTING_DOWN, Guard, shutting_down
 from .errors import JSON_CONTENT_TYPE, ProxyError, error_body
 from .gateway import GATEWAY, Gateway, Runtime
 from .health import Slot
-from .paths import upstream_path
+from .paths import addresses_stored_object, upstream_path
 from .protocols import StreamProtocol, for_path
 from .providers.base import Call, MidStreamFailure, Reply, StreamReply, UpstreamFailure
 from .record import CLIENT_DISCONNECTED, COMPLETED, UPSTREAM_ERROR, Attempt, RequestRecord
@@ -88,6 +89,17 @@ async def forward(request: web.Request) -> web.StreamResponse:
         gateway.observe(record)
 
 
+async def other_method(request: web.Request) -> web.Response:
+    """Any method but POST under `/v1/` (bar the read-only views): nothing manaproxy can route."""
+    raise ProxyError(
+        405,
+        f"{request.method} {request.path[:100]}: manaproxy forwards POST requests routed by their 'model'; "
+        "objects stored at one provider (files, batches, responses) are read and deleted there",
+        code="method_not_allowed",
+        headers={"Allow": "POST"},
+    )
+
+
 def _refused(request: web.Request, record: RequestRecord, err: ProxyError) -> web.Response:
     """Our own error as the request's answer."""
     record.status = err.status
@@ -129,7 +141,14 @@ class _Forwarder:
                 408, f"request body did not arrive within {server.body_timeout_seconds:g}s", code="body_timeout"
             ) from None
         record.client_wait += perf_counter() - started
-        body = parse_body(raw)
+        body = parse_body(raw, self.request.headers.get("Content-Type", ""))
+        if body.model is None and addresses_stored_object(path):
+            raise ProxyError(
+                404,
+                f"manaproxy routes requests by their 'model'; {url.path[:100]} addresses an object stored at one "
+                "provider: call that provider directly",
+                code="unsupported_endpoint",
+            )
         record.streaming = body.stream
         record.requested = body.model or ""
         route = resolve(body.model, config)
@@ -143,7 +162,7 @@ class _Forwarder:
             if skip is not None:
                 record.attempts.append(Attempt(str(target), target.provider, skip, tried=False))
                 continue
-            call = Call(path, body, target, record.request_id, accept, protocol)
+            call = Call(path, body, target, record.request_id, accept, protocol, self.request.headers)
             response = await self._try(target, call)
             if response is not None:
                 return response
@@ -182,7 +201,7 @@ class _Forwarder:
         if isinstance(reply, Reply):
             if reply.usage is not None:
                 record.prompt_tokens, record.completion_tokens = reply.usage
-            headers = {"Content-Type": reply.content_type, RESOLVED_HEADER: str(target)}
+            headers = _answer_headers(reply.headers, {"Content-Type": reply.content_type, RESOLVED_HEADER: str(target)})
             record.first_byte = perf_counter() - record.started
             return web.Response(status=reply.status, body=reply.body, content_type=None, headers=headers)
         return await self._relay(target, reply, slot, call.protocol)
@@ -207,7 +226,10 @@ class _Forwarder:
     ) -> web.StreamResponse:
         """Commit to `target` and relay its stream; a failure from here on ends it with an error event."""
         record = self.record
-        response = web.StreamResponse(status=reply.status, headers={**_STREAM_HEADERS, RESOLVED_HEADER: str(target)})
+        response = web.StreamResponse(
+            status=reply.status,
+            headers=_answer_headers(reply.headers, {**_STREAM_HEADERS, RESOLVED_HEADER: str(target)}),
+        )
         clean_end = False
         try:
             # COMMIT: from here on this answer belongs to `target`.
@@ -295,12 +317,13 @@ def _caller_error(failure: UpstreamFailure, target: Target) -> web.Response:
         body = error_body(
             f"upstream {target} rejected the request: {failure.detail}", status=status, code=failure.reason
         )
-    return web.Response(
-        status=status,
-        body=body,
-        content_type=None,
-        headers={
-            "Content-Type": JSON_CONTENT_TYPE,
-            RESOLVED_HEADER: str(target),
-        },
-    )
+    headers = _answer_headers(failure.headers, {"Content-Type": JSON_CONTENT_TYPE, RESOLVED_HEADER: str(target)})
+    return web.Response(status=status, body=body, content_type=None, headers=headers)
+
+
+def _answer_headers(upstream: list[tuple[str, str]], ours: dict[str, str]) -> CIMultiDict[str]:
+    """The upstream's headers meant for the client (`headers.to_client`), with ours winning on conflict."""
+    headers: CIMultiDict[str] = CIMultiDict(upstream)
+    for name, value in ours.items():
+        headers[name] = value
+    return headers

@@ -597,6 +597,7 @@ class FaultyStream:
 
     def __init__(self, provider: FaultyProvider, model: str, resolved: str) -> None:
         self.status = 200
+        self.headers: list[tuple[str, str]] = []
         self.first = sse_event(
             {"id": "faulty-1", "model": resolved, "choices": [{"index": 0, "delta": {"content": "one"}}]}
         )

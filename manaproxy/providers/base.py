@@ -19,18 +19,21 @@ import ssl
 import time
 from collections.abc import AsyncGenerator, Awaitable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from typing import Any, Protocol, TypeVar
 
 import aiohttp
 import orjson
+from multidict import CIMultiDictProxy
 
-from ..body import RequestBody
+from ..body import Body
 from ..config import ProviderConfig, Target
+from ..headers import to_client
 from ..protocols import CHAT, StreamProtocol
 
 Usage = tuple[int, int]  # (prompt tokens, completion tokens)
+ListedModel = tuple[str, int | None]  # (model id, its `created` unix time when the upstream gave one)
 
 T = TypeVar("T")
 
@@ -72,6 +75,7 @@ class UpstreamFailure(Exception):
         body: bytes | None = None,
         content_type: str | None = None,
         shaped: bool = False,
+        headers: list[tuple[str, str]] | None = None,
     ) -> None:
         super().__init__(detail)
         self.reason = reason  # short stable word for logs and metrics
@@ -83,6 +87,7 @@ class UpstreamFailure(Exception):
         self.body = body  # the upstream's error body, relayed when we do not fall back
         self.content_type = content_type
         self.shaped = shaped  # `body` is an OpenAI-shaped error (else the proxy wraps `detail` in one)
+        self.headers = headers or []  # the upstream's response headers, for the client, when relayed
 
     def __repr__(self) -> str:
         return f"UpstreamFailure({self.reason!r}, {self.detail!r}, fallback={self.fallback})"
@@ -94,7 +99,7 @@ class UpstreamFailure(Exception):
 
     @classmethod
     def from_status(
-        cls, status: int, headers: Mapping[str, str], body: bytes, content_type: str | None
+        cls, status: int, headers: CIMultiDictProxy[str] | Mapping[str, str], body: bytes, content_type: str | None
     ) -> UpstreamFailure:
         verdict = classify_status(status)
         retry_after = parse_retry_after(headers.get("Retry-After")) if status == 429 else None
@@ -109,6 +114,7 @@ class UpstreamFailure(Exception):
             body=body,
             content_type=content_type,
             shaped=shaped,
+            headers=to_client(headers.items(), headers.get("Connection", "")),
         )
 
 
@@ -200,11 +206,12 @@ class Call:
     """One attempt at one target, as handed to a provider."""
 
     path: str  # path after /v1, checked by `paths.upstream_path` (e.g. "/chat/completions?x=1")
-    body: RequestBody  # the client's request, parsed once
+    body: Body  # the client's request, parsed once (JSON, or a multipart form)
     target: Target  # the provider's own model name is `target.model`; the client sees `str(target)`
     request_id: str
     accept: str | None
     protocol: StreamProtocol = CHAT  # how a stream of this endpoint ends (`protocols.for_path`)
+    headers: Mapping[str, str] = field(default_factory=dict)  # the client's request headers, as received
 
     @property
     def stream(self) -> bool:
@@ -219,12 +226,14 @@ class Reply:
     body: bytes
     content_type: str
     usage: Usage | None = None
+    headers: list[tuple[str, str]] = field(default_factory=list)  # the upstream's, for the client (`headers.py`)
 
 
 class StreamReply(Protocol):
     """A streamed answer whose first data event has arrived (so the target answered), ready for the client."""
 
     status: int
+    headers: list[tuple[str, str]]  # the upstream's, for the client (`headers.py`)
     first: bytes  # complete SSE events up to and including the first data event
     # The protocol's end went by (`data: [DONE]` for chat, `response.completed` ...; for other endpoints a
     # normal end of body): the answer is whole even if the connection then fails. Read after `events()`.
@@ -250,8 +259,8 @@ class Provider(Protocol):
         """Send `call`; raise `UpstreamFailure` if it fails before its first event (or, unstreamed, at all)."""
         ...
 
-    async def list_models(self, timeout: float) -> list[str]:
-        """Model ids the provider serves (for /v1/models); raises on failure."""
+    async def list_models(self, timeout: float) -> list[ListedModel]:
+        """Models the provider serves (for /v1/models); raises on failure."""
         ...
 
     async def probe(self, timeout: float) -> None:

@@ -28,11 +28,12 @@ from yarl import URL
 
 from ..body import SplicedPayload
 from ..config import ProviderConfig, ServerSettings
+from ..headers import to_client, to_upstream
 from ..jsonmodel import HEAD, model_span, replace_model
 from ..protocols import StreamProtocol
 from ..redact import Redactor
 from ..sse import EventBuffer, ModelRewriter, carries_usage, error_of, has_done, usage_from, usage_of
-from .base import Call, MidStreamFailure, Reply, UpstreamFailure, Usage, translate_errors
+from .base import Call, ListedModel, MidStreamFailure, Reply, UpstreamFailure, Usage, translate_errors
 
 _ERROR_BODY_LIMIT = 1 << 20  # an error body is read (and decoded) this far at most
 _DECODE_SLICE = 1 << 20  # decompressed output per step: the event loop gets its turns in between
@@ -109,6 +110,7 @@ class OpenAIStream:
         "_rewriter",
         "complete",
         "first",
+        "headers",
         "status",
         "usage",
     )
@@ -127,6 +129,7 @@ class OpenAIStream:
         max_event: int,
     ) -> None:
         self.status = resp.status
+        self.headers = to_client(resp.headers.items(), resp.headers.get("Connection", ""))
         self._protocol = protocol
         self.complete = protocol.ended_by(first)
         self.usage: Usage | None = usage_of(first)
@@ -223,8 +226,9 @@ class OpenAIProvider:
     async def send(self, call: Call) -> Reply | OpenAIStream:
         body = call.body.with_model(call.target.model)
         headers = {
+            **to_upstream(call.headers, self.config.forward_headers),
             **self._headers,
-            "Content-Type": "application/json",
+            "Content-Type": call.body.content_type,
             "Accept": call.accept or ("text/event-stream" if call.stream else "application/json"),
             "X-Request-ID": call.request_id,
         }
@@ -243,7 +247,9 @@ class OpenAIProvider:
         ) as resp:
             await self._check_status(resp)
             data = await _read_body(resp, self._server.max_response_bytes)
-            return self._reply(resp.status, data, resp.headers.get("Content-Type", "application/json"), resolved)
+            reply = self._reply(resp.status, data, resp.headers.get("Content-Type", "application/json"), resolved)
+            reply.headers = to_client(resp.headers.items(), resp.headers.get("Connection", ""))
+            return reply
 
     def _reply(self, status: int, body: bytes, content_type: str, resolved: str) -> Reply:
         """The unstreamed answer ready for the client: `model` set to the resolved target, usage read.
@@ -292,7 +298,9 @@ class OpenAIProvider:
                 # Some servers answer a stream request with one JSON document: relay it unstreamed.
                 data = await _read_body(resp, self._server.max_response_bytes)
                 resp.release()
-                return self._reply(resp.status, data, content_type or "application/json", resolved)
+                reply = self._reply(resp.status, data, content_type or "application/json", resolved)
+                reply.headers = to_client(resp.headers.items(), resp.headers.get("Connection", ""))
+                return reply
             max_event = self._server.max_event_bytes
             decoder = _Decoder.for_response(resp)
             buffer = EventBuffer()
@@ -333,12 +341,16 @@ class OpenAIProvider:
             data = self._redactor.bytes(await _read_error_body(resp))
             raise UpstreamFailure.from_status(resp.status, resp.headers, data, resp.headers.get("Content-Type"))
 
-    async def list_models(self, timeout: float) -> list[str]:
+    async def list_models(self, timeout: float) -> list[ListedModel]:
         data = await self._get_json("/models", timeout)
         items = data.get("data") if isinstance(data, dict) else None
         if not isinstance(items, list):
             raise UpstreamFailure("bad_response", "models list has no 'data' array")
-        return [item["id"] for item in items if isinstance(item, dict) and isinstance(item.get("id"), str)]
+        return [
+            (item["id"], item["created"] if type(item.get("created")) is int else None)
+            for item in items
+            if isinstance(item, dict) and isinstance(item.get("id"), str)
+        ]
 
     async def probe(self, timeout: float) -> None:
         await self._get_json(self.config.probe or "/models", timeout)

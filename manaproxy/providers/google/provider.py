@@ -38,7 +38,7 @@ from google.genai.models import AsyncModels
 
 from ...config import ProviderConfig, ServerSettings
 from ...redact import Redactor
-from ..base import Call, MidStreamFailure, Reply, UpstreamFailure, Usage, within_idle
+from ..base import Call, ListedModel, MidStreamFailure, Reply, UpstreamFailure, Usage, within_idle
 from . import answer, request
 from .failures import bad_request, google_errors
 
@@ -106,7 +106,7 @@ def _close_later(stream: Any) -> None:
 class GoogleStream:
     """A Gemini stream past its first chunk, relayed as OpenAI chunk events."""
 
-    __slots__ = ("_ended", "_idle", "_stream", "_translator", "complete", "first", "status", "usage")
+    __slots__ = ("_ended", "_idle", "_stream", "_translator", "complete", "first", "headers", "status", "usage")
 
     def __init__(
         self,
@@ -116,6 +116,7 @@ class GoogleStream:
         idle: float,
     ) -> None:
         self.status = 200
+        self.headers: list[tuple[str, str]] = []  # the SDK's HTTP exchange is its own
         self.first = first
         self.complete = False  # `[DONE]` is written only once Gemini finished every candidate
         self.usage: Usage | None = None
@@ -280,9 +281,9 @@ class GoogleProvider:
             body = answer.embeddings(response, model=str(call.target), as_base64=embed.base64)
         return Reply(200, orjson.dumps(body), "application/json")
 
-    async def list_models(self, timeout: float) -> list[str]:
+    async def list_models(self, timeout: float) -> list[ListedModel]:
         models = self._models()
-        names = []
+        names: list[ListedModel] = []
         with google_errors("listing models", self._redactor):
             async with asyncio.timeout(timeout):
                 pager = await models.list(config=types.ListModelsConfig(page_size=1000))
@@ -290,7 +291,7 @@ class GoogleProvider:
                     actions = model.supported_actions
                     # Leave out what this proxy cannot serve (image/video `predict`, live-only models).
                     if model.name and (actions is None or _SERVABLE_ACTIONS.intersection(actions)):
-                        names.append(model.name.removeprefix("models/"))
+                        names.append((model.name.removeprefix("models/"), None))  # Gemini gives no date
         return names
 
     async def probe(self, timeout: float) -> None:

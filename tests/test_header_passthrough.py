@@ -1,0 +1,160 @@
+"""Headers cross manaproxy like a reverse proxy's: the client's end-to-end headers reach the upstream (never
+its credentials), the upstream's reach the client (never its cookies), ours win on conflict."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+from aiohttp import web
+
+from manaproxy.config import ConfigError, parse_config
+
+from .fakes import Recorded, chat_chunks, chat_completion, error_body, sse_event
+from .helpers import CHAT, build_config, chat
+
+PROVIDER_KEY = "test-provider-key-0123456789"
+CLIENT_KEY = "client-key-0123456789"
+
+SENT = {
+    "OpenAI-Beta": "assistants=v2",
+    "Idempotency-Key": "idem-1",
+    "X-Stainless-Lang": "python",
+    "X-Custom-Trace": "t-1",
+    "User-Agent": "my-app/1.0",
+    "Authorization": f"Bearer {CLIENT_KEY}",
+    "X-API-Key": CLIENT_KEY,
+    "Cookie": "session=1",
+    "Connection": "keep-alive, X-Hop",
+    "X-Hop": "only-to-the-next-hop",
+    "Forwarded": "for=1.2.3.4",
+    "X-Forwarded-For": "1.2.3.4",
+    "OpenAI-Organization": "org-1",
+    "OpenAI-Project": "proj-1",
+    "X-Mana-LLM-Resolved": "forged/target",
+}
+PASSED = ["OpenAI-Beta", "Idempotency-Key", "X-Stainless-Lang", "X-Custom-Trace", "User-Agent"]
+NEVER = ["X-API-Key", "Cookie", "X-Hop", "Forwarded", "X-Forwarded-For", "X-Mana-LLM-Resolved"]
+
+ANSWERED = {
+    "x-ratelimit-remaining-requests": "99",
+    "openai-processing-ms": "42",
+    "x-request-id": "req_upstream_1",
+    "Set-Cookie": "upstream=1",
+    "Server": "upstream/1.0",
+    "X-Mana-LLM-Resolved": "spoofed/by-upstream",
+    "Connection": "keep-alive, X-Upstream-Hop",
+    "X-Upstream-Hop": "1",
+}
+
+
+def answer_with_headers(*, stream: bool = False, status: int = 200):
+    async def behave(request: web.Request, recorded: Recorded) -> web.StreamResponse:
+        if stream:
+            response = web.StreamResponse(status=status, headers={"Content-Type": "text/event-stream", **ANSWERED})
+            await response.prepare(request)
+            for chunk in chat_chunks("up-model", ["hi"]):
+                await response.write(sse_event(chunk))
+            await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+            return response
+        body = chat_completion("up-model") if status == 200 else error_body("bad request", code="bad")
+        return web.json_response(body, status=status, headers=ANSWERED)
+
+    return behave
+
+
+@pytest.fixture
+async def setup(make_upstream, make_proxy):
+    up = await make_upstream("up")
+    providers = {
+        "a": {"base_url": up, "api_key": "${A_KEY}"},
+        "closed": {"base_url": up, "forward_headers": False},
+        "picky": {"base_url": up, "forward_headers": ["OpenAI-Organization", "X-Custom-Trace"]},
+    }
+    aliases = {"mana/x": ["a/m1"], "mana/closed": ["closed/m1"], "mana/picky": ["picky/m1"]}
+    proxy = await make_proxy(
+        build_config(providers, aliases), env={"A_KEY": PROVIDER_KEY}, api_keys=[CLIENT_KEY.encode()]
+    )
+    return up, proxy
+
+
+async def test_the_clients_end_to_end_headers_reach_the_upstream_and_its_credentials_do_not(setup):
+    up, proxy = setup
+
+    resp = await proxy.client.post(CHAT, json=chat(), headers=SENT)
+
+    assert resp.status == 200
+    seen = up.requests[0].headers
+    assert {name: seen.get(name) for name in PASSED} == {name: SENT[name] for name in PASSED}
+    assert seen["Authorization"] == f"Bearer {PROVIDER_KEY}"
+    assert [name for name in NEVER if name in seen] == []
+    assert {"OpenAI-Organization", "OpenAI-Project"}.isdisjoint(seen)  # only to a provider that opts in
+    assert seen["Accept-Encoding"] == "identity"
+
+
+@pytest.mark.parametrize(
+    ("alias", "expected"),
+    [("mana/closed", {}), ("mana/picky", {"OpenAI-Organization": "org-1", "X-Custom-Trace": "t-1"})],
+)
+async def test_forward_headers_narrows_what_a_provider_gets(setup, alias, expected):
+    up, proxy = setup
+
+    resp = await proxy.client.post(CHAT, json=chat(alias), headers=SENT)
+
+    assert resp.status == 200
+    seen = up.requests[0].headers
+    client_names = set(SENT) - {"Authorization", "Connection"}
+    assert {name: seen[name] for name in client_names if name in seen and name != "User-Agent"} == expected
+    assert "Cookie" not in seen
+
+
+@pytest.mark.parametrize(("stream", "status"), [(False, 200), (True, 200), (False, 400)])
+async def test_the_upstreams_headers_reach_the_client_and_ours_win(setup, stream, status):
+    up, proxy = setup
+    up.queue(answer_with_headers(stream=stream, status=status))
+
+    resp = await proxy.client.post(
+        CHAT, json=chat(stream=stream), headers={"Authorization": f"Bearer {CLIENT_KEY}", "X-Request-ID": "mine-1"}
+    )
+    await resp.read()
+
+    assert resp.status == status
+    assert resp.headers["x-ratelimit-remaining-requests"] == "99"
+    assert resp.headers["openai-processing-ms"] == "42"
+    assert resp.headers["X-Upstream-Request-ID"] == "req_upstream_1"
+    assert resp.headers["X-Request-ID"] == "mine-1"
+    assert resp.headers.getall("X-Mana-LLM-Resolved") == ["a/m1"]
+    assert "Set-Cookie" not in resp.headers
+    assert "X-Upstream-Hop" not in resp.headers
+    assert "upstream" not in resp.headers.get("Server", "")
+
+
+async def test_a_valid_x_api_key_beside_an_unrelated_bearer_is_let_in(setup):
+    up, proxy = setup
+    client = openai.AsyncOpenAI(
+        base_url=proxy.base_url, api_key="sk-meant-for-someone-else", default_headers={"X-API-Key": CLIENT_KEY}
+    )
+    up.queue(answer_with_headers())
+
+    raw = await client.chat.completions.with_raw_response.create(
+        model="mana/x", messages=[{"role": "user", "content": "hi"}]
+    )
+    await client.close()
+
+    assert raw.http_response.status_code == 200
+    assert raw.headers["x-ratelimit-remaining-requests"] == "99"
+    assert raw.parse().model == "a/m1"
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("yes", "expected true, false or a list"),
+        (["X Bad"], "not a valid HTTP header name"),
+        ({"a": 1}, "expected true"),
+    ],
+)
+def test_a_bad_forward_headers_setting_is_refused_with_its_place(value, message):
+    text = build_config({"a": {"base_url": "http://127.0.0.1:9/v1", "forward_headers": value}}, {"mana/x": ["a/m"]})
+    with pytest.raises(ConfigError, match=r"providers\.a\.forward_headers.*" + message):
+        parse_config(text, env={})

@@ -32,7 +32,7 @@ from ..headers import to_client, to_upstream
 from ..jsonmodel import HEAD, model_span, replace_model
 from ..protocols import StreamProtocol
 from ..redact import Redactor
-from ..sse import EventBuffer, ModelRewriter, carries_usage, error_of, has_done, usage_from, usage_of
+from ..sse import DONE_EVENT, EventBuffer, ModelRewriter, carries_usage, error_of, has_done, usage_from, usage_of
 from .base import Call, ListedModel, MidStreamFailure, Reply, UpstreamFailure, Usage, translate_errors
 
 _ERROR_BODY_LIMIT = 1 << 20  # an error body is read (and decoded) this far at most
@@ -168,10 +168,11 @@ class OpenAIStream:
                     "upstream_error", f"upstream connection failed mid-stream ({type(exc).__name__})"
                 ) from None
             if not chunk:
-                tail = buffer.pending.strip()
-                # Tolerate a final `data: [DONE]` without its blank line; drop any other half event.
-                if tail and has_done(tail):
-                    yield self._ready(tail + b"\n\n")
+                # Tolerate a final `data: [DONE]` without its blank line (what follows it is past the end);
+                # drop any other half event, so that the stream ends without its end and gets an error event.
+                first_line = buffer.pending.lstrip().split(b"\n", 1)[0].strip()
+                if first_line and has_done(first_line):
+                    yield self._ready(DONE_EVENT)
                 if self._protocol.ends_with_body:
                     self.complete = True
                 return

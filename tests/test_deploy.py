@@ -30,8 +30,8 @@ needs_systemd_analyze = pytest.mark.skipif(shutil.which("systemd-analyze") is No
 def unit_settings(text: str) -> dict[str, list[str]]:
     """`Key=value` lines of a unit file, by key (a key may repeat)."""
     settings: dict[str, list[str]] = {}
-    for line in text.splitlines():
-        line = line.strip()
+    for raw in text.splitlines():
+        line = raw.strip()
         if not line or line.startswith(("#", ";", "[")):
             continue
         key, _, value = line.partition("=")

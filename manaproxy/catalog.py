@@ -130,10 +130,10 @@ def alias_view(config: Config, gateway: Gateway) -> dict[str, Any]:
         serving = None
         for target in alias.chain:
             provider = config.providers[target.provider]
-            skip = health.skip_reason(provider)
+            skip = health.skip_reason(provider, target.model)
             entry: dict[str, Any] = {"target": str(target), "available": skip is None, "reason": skip}
             if skip is not None:
-                entry["until_unix"] = health.unavailable_until(target.provider)
+                entry["until_unix"] = health.unavailable_until(target.provider, target.model)
             elif serving is None:
                 serving = str(target)
             chain.append(entry)

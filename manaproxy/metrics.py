@@ -165,8 +165,11 @@ class StateCollector(Collector):
     """Gauges read from the health tracker at scrape time, so the hot path never updates them.
 
     `mana_llm_requests_in_flight{provider}`: upstream calls in flight.
-    `mana_llm_alias_healthy_targets{alias}`: chain entries whose provider is configured and healthy;
-    0 means every entry of the alias is down (the `ManaLLMAliasAllEntriesUnhealthy` alert).
+    `mana_llm_alias_healthy_targets{alias}`: chain entries whose provider is configured and healthy and whose
+    model's own breaker is closed; 0 means every entry of the alias is down (the
+    `ManaLLMAliasAllEntriesUnhealthy` alert).
+    `mana_llm_target_healthy{target}`: 1 while a chain entry can be used (provider and model breakers
+    closed), for the `provider/model` entries of configured aliases only.
     """
 
     def __init__(self, gateway: Gateway) -> None:
@@ -182,14 +185,27 @@ class StateCollector(Collector):
         healthy = {
             name for name, spec in config.providers.items() if spec.configured and health.status(name) == "healthy"
         }
+        usable = {
+            target: target.provider in healthy and health.target_healthy(target.provider, target.model)
+            for alias in config.aliases.values()
+            for target in alias.chain
+        }
         aliases = GaugeMetricFamily(
             "mana_llm_alias_healthy_targets",
-            "Chain entries of the alias whose provider is configured and healthy",
+            "Chain entries of the alias whose provider is configured and healthy and whose model's breaker is closed",
             labels=["alias"],
         )
         for name, alias in config.aliases.items():
-            aliases.add_metric([name], sum(1 for target in alias.chain if target.provider in healthy))
+            aliases.add_metric([name], sum(1 for target in alias.chain if usable[target]))
         yield aliases
+        targets = GaugeMetricFamily(
+            "mana_llm_target_healthy",
+            "1 while the chain entry (provider/model) can be used: provider and model breakers closed",
+            labels=["target"],
+        )
+        for target, ok in usable.items():
+            targets.add_metric([str(target)], 1 if ok else 0)
+        yield targets
 
 
 def _configured_targets(config: Config) -> frozenset[str]:

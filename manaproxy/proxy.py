@@ -158,7 +158,7 @@ class _Forwarder:
         accept = self.request.headers.get("Accept")
         protocol = for_path(path)
         for target in route.chain:
-            skip = self.gateway.health.skip_reason(config.providers[target.provider])
+            skip = self.gateway.health.skip_reason(config.providers[target.provider], target.model)
             if skip is not None:
                 record.attempts.append(Attempt(str(target), target.provider, skip, tried=False))
                 continue
@@ -172,7 +172,7 @@ class _Forwarder:
 
     async def _try(self, target: Target, call: Call) -> web.StreamResponse | None:
         """Try one target. A response means the request is answered; None means fall back."""
-        with self.gateway.health.attempt(self.runtime.config.providers[target.provider]) as slot:
+        with self.gateway.health.attempt(self.runtime.config.providers[target.provider], target.model) as slot:
             return await self._attempt(target, call, slot)
 
     async def _attempt(self, target: Target, call: Call, slot: Slot) -> web.StreamResponse | None:

@@ -79,7 +79,7 @@ async def test_first_byte_timeout_without_headers_falls_back(make_upstream, make
     await assert_answered_by_b(resp, b, stream=True)
     assert a.calls == 1
     assert asyncio.get_running_loop().time() - started < 1.5
-    assert proxy.gateway.health.get("a").breaker.last_error == "timed out before the first byte"
+    assert proxy.gateway.health.target("a", "m1").breaker.last_error == "timed out before the first byte"
 
 
 async def test_first_byte_timeout_after_headers_falls_back(make_upstream, make_proxy):
@@ -92,7 +92,7 @@ async def test_first_byte_timeout_after_headers_falls_back(make_upstream, make_p
 
     await assert_answered_by_b(resp, b, stream=True)
     assert asyncio.get_running_loop().time() - started < 1.5
-    assert proxy.gateway.health.get("a").breaker.last_error == "timed out before the first byte"
+    assert proxy.gateway.health.target("a", "m1").breaker.last_error == "timed out before the first byte"
     await wait_for(a.requests[0].disconnected.is_set)
 
 
@@ -104,7 +104,7 @@ async def test_keepalive_comments_alone_never_commit_and_fall_back_at_first_byte
 
     await assert_answered_by_b(resp, b, stream=True)
     assert b": ping" not in await resp.read()
-    assert proxy.gateway.health.get("a").breaker.last_error == "timed out before the first byte"
+    assert proxy.gateway.health.target("a", "m1").breaker.last_error == "timed out before the first byte"
 
 
 async def test_unstreamed_total_timeout_falls_back(make_upstream, make_proxy):

@@ -446,7 +446,7 @@ async def test_rate_limit_retry_delay_keeps_google_out(make_google_proxy, gemini
     # The second request skipped google: its RetryInfo became a rate-limit window.
     assert len([r for r in gemini.requests if r.method == "POST"]) == 1
     assert backup.calls == 2
-    assert proxy.gateway.health.skip_reason(proxy.config.providers["google"]) == "rate_limited"
+    assert proxy.gateway.health.skip_reason(proxy.config.providers["google"], MODEL) == "rate_limited"
 
 
 async def test_caller_error_comes_back_as_openai_400(make_google_proxy, gemini, make_upstream):

@@ -67,4 +67,7 @@ async def test_an_error_event_or_error_answer_that_echoes_our_key_is_shown_redac
     bodies = [await (await proxy.client.post(CHAT, json=chat(stream=stream))).text() for stream in (True, False)]
 
     assert KEY not in await everything_visible(proxy, caplog, *bodies)
-    assert "[redacted]" in (await (await proxy.client.get("/v1/health")).json())["providers"]["a"]["last_error"]
+    assert (
+        "[redacted]"
+        in (await (await proxy.client.get("/v1/health")).json())["providers"]["a"]["models"]["m1"]["last_error"]
+    )

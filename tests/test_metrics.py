@@ -327,7 +327,7 @@ async def test_provider_healthy_follows_breaker_transitions(make_upstream, make_
     assert value(proxy, "mana_llm_provider_healthy", provider="b") == 1
     assert value(proxy, "mana_llm_alias_healthy_targets", alias="mana/x") == 2
 
-    a.queue(status_reply(500))
+    a.queue(status_reply(401))  # our key refused: the provider's breaker
     await post_chat(proxy, chat())
     assert value(proxy, "mana_llm_provider_healthy", provider="a") == 0
     assert value(proxy, "mana_llm_alias_healthy_targets", alias="mana/x") == 1

@@ -140,7 +140,7 @@ async def test_a_configured_probe_path_is_used_and_is_a_get(make_upstream, make_
 async def test_a_recovery_probe_closes_the_breaker_long_before_the_window_ends(make_upstream, make_proxy):
     a = await make_upstream("a")
     b = await make_upstream("b")
-    a.default = status_reply(503)
+    a.default = status_reply(403)  # our key refused: the provider's breaker, the one probes decide
     b.default = json_reply(chat_completion("m2"))
     settings = {**FAST, "probe_interval_seconds": 60, "backoff_seconds": 60}
     proxy = await make_proxy(build_config({"a": a, "b": b}, {"mana/x": ["a/m1", "b/m2"]}, health=settings), probes=True)

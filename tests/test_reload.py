@@ -104,13 +104,13 @@ async def test_a_reload_keeps_the_health_of_unchanged_providers_and_resets_repoi
     a = await make_upstream("a")
     b = await make_upstream("b")
     c = await make_upstream("c")
-    a.default = status_reply(503, "model overloaded")
+    a.default = status_reply(401, "invalid key")
     b.default = json_reply(chat_completion("m2"))
     health = {"failure_threshold": 2, "backoff_seconds": 60}
     proxy = await make_proxy(build_config({"a": a, "b": b}, {"mana/x": ["a/m1", "b/m2"]}, health=health))
     for _ in range(2):
-        assert await ask(proxy) == "b/m2"  # two 503s open a's breaker
-    b.default = status_reply(500)
+        assert await ask(proxy) == "b/m2"  # two 401s open a's breaker
+    b.default = status_reply(403)
     await post_chat(proxy, chat("b/m2"), status=503)  # and b has one failure
     tracker = proxy.gateway.health
     assert (tracker.breaker("a"), tracker.get("b").breaker.consecutive_failures) == ("open", 1)

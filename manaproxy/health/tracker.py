@@ -1,10 +1,22 @@
-"""Health of every configured provider: breakers, in-flight counts, and the one seam that feeds them.
+"""Health of every configured provider and of each of its models: breakers, in-flight counts, and the one
+seam that feeds them.
 
 Rule of this module: every health decision is made here and fed through one seam, `attempt()`, from
 two sources only — real requests (`proxy.py`) and active probes (`probe.py`). A `Slot` maps an outcome
-(an answer, an `UpstreamFailure`, a failure after the commit point) onto the provider's `Breaker`
-exactly one way for both. Time comes from an injected monotonic clock so tests can drive it. Listeners
-hear each healthy⇄unhealthy transition; a listener that raises is logged and ignored.
+(an answer, an `UpstreamFailure`, a failure after the commit point) onto a `Breaker` exactly one way for
+both. Time comes from an injected monotonic clock so tests can drive it. Listeners hear each
+healthy⇄unhealthy transition of a provider; a listener that raises is logged and ignored.
+
+Health is scoped to what failed (the failure's `scope`, set where it is translated):
+- the **provider** breaker counts what says the upstream as a whole is broken — connect, DNS and TLS
+  errors, a connection reset before an answer, our key refused (401/403) — and every probe; while it is
+  open every model of the provider is skipped;
+- each **target** (provider + model) has a breaker of its own for HTTP errors, timeouts waiting for that
+  model, bad answers and failures mid-stream, and its own Retry-After window: a 429 on one Groq model, or
+  a model that 500s, leaves the provider's other models in use.
+A success proves both. Target records exist for the models actually asked for, at most
+`MAX_TARGETS_PER_PROVIDER` per provider (a client may name any `provider/model`): past that, healthy
+records idle for the longest make room.
 
 A reload keeps each provider's record while its upstream stays the same (kind, base_url, key, headers);
 an outcome observed by a request still running on an older config is dropped when that provider has
@@ -20,7 +32,7 @@ from contextlib import contextmanager
 
 from .. import logfmt
 from ..config import HealthSettings, ProviderConfig
-from ..providers.base import UpstreamFailure
+from ..providers.base import PROVIDER, UpstreamFailure
 from ..redact import Redactor
 from .breaker import OPENED, Breaker
 
@@ -33,22 +45,47 @@ Listener = Callable[[str, bool], None]
 UNCONFIGURED = "unconfigured"
 SATURATED = "saturated"
 
+MAX_TARGETS_PER_PROVIDER = 256
+
 
 def _identity(provider: ProviderConfig) -> tuple[object, ...]:
     """What makes a provider the same upstream across a reload (its health history then still applies)."""
     return (provider.kind, provider.base_url, provider.api_key, tuple(sorted(provider.headers.items())))
 
 
-class ProviderHealth:
-    """Mutable health record of one provider."""
+class TargetHealth:
+    """Mutable health record of one model of a provider."""
 
-    __slots__ = ("breaker", "in_flight", "last_latency", "name")
+    __slots__ = ("breaker", "in_flight", "model")
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        self.breaker = Breaker()
+        self.in_flight = 0
+
+    def __repr__(self) -> str:
+        breaker = self.breaker
+        state = "healthy" if breaker.healthy else "unhealthy"
+        return f"<TargetHealth {self.model} {state} failures={breaker.consecutive_failures} in_flight={self.in_flight}>"
+
+    @property
+    def idle(self) -> bool:
+        """Nothing here worth keeping: no request in flight, closed, no window running."""
+        breaker = self.breaker
+        return not self.in_flight and breaker.healthy and not breaker.consecutive_failures
+
+
+class ProviderHealth:
+    """Mutable health record of one provider, and of the models of it that were asked for."""
+
+    __slots__ = ("breaker", "in_flight", "last_latency", "name", "targets")
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.breaker = Breaker()
         self.in_flight = 0
         self.last_latency: float | None = None
+        self.targets: dict[str, TargetHealth] = {}  # by model, oldest first
 
     def __repr__(self) -> str:
         breaker = self.breaker
@@ -58,28 +95,42 @@ class ProviderHealth:
             f"in_flight={self.in_flight} last_error={breaker.last_error!r}>"
         )
 
+    def target(self, model: str) -> TargetHealth | None:
+        """The model's record, made on first use; None when the provider already tracks as many models
+        as it may and none of them can make room."""
+        record = self.targets.get(model)
+        if record is not None:
+            return record
+        if len(self.targets) >= MAX_TARGETS_PER_PROVIDER:
+            spare = next((name for name, target in self.targets.items() if target.idle), None)
+            if spare is None:
+                return None
+            del self.targets[spare]
+        record = self.targets[model] = TargetHealth(model)
+        return record
+
 
 class Slot:
-    """One request's (or probe's) claim on a provider, and the way its outcome reaches the breaker.
+    """One request's (or probe's) claim on a provider and model, and the way its outcome reaches the
+    breakers. Outcomes of a request that started on a config whose provider has since been repointed or
+    removed are dropped: they are about an upstream the config no longer names."""
 
-    Outcomes of a request that started on a config whose provider has since been repointed or removed
-    are dropped: they are about an upstream the config no longer names.
-    """
+    __slots__ = ("_model", "_probe", "_provider", "_tracker")
 
-    __slots__ = ("_probe", "_provider", "_tracker")
-
-    def __init__(self, tracker: HealthTracker, provider: ProviderConfig, *, probe: bool) -> None:
+    def __init__(self, tracker: HealthTracker, provider: ProviderConfig, model: str | None, *, probe: bool) -> None:
         self._tracker = tracker
         self._provider = provider
+        self._model = model
         self._probe = probe
 
     def __repr__(self) -> str:
-        return f"<Slot {self._provider.name}{' probe' if self._probe else ''}>"
+        target = self._provider.name + (f"/{self._model}" if self._model else "")
+        return f"<Slot {target}{' probe' if self._probe else ''}>"
 
     def succeeded(self, latency: float | None = None) -> None:
         """The provider answered (a request: its first byte or whole answer; a probe: its check)."""
         if self._tracker.is_current(self._provider):
-            self._tracker.succeeded(self._provider.name, latency, probe=self._probe)
+            self._tracker.succeeded(self._provider.name, latency, model=self._model, probe=self._probe)
 
     def failed(self, failure: UpstreamFailure) -> None:
         """The provider failed before anything reached the client: the one failure → health mapping."""
@@ -87,23 +138,25 @@ class Slot:
         if not tracker.is_current(self._provider):
             return
         name = self._provider.name
+        # A probe asks the provider as a whole; so do transport failures and refused credentials.
+        model = None if self._probe or failure.scope == PROVIDER else self._model
         detail = f"probe: {failure.detail}" if self._probe else failure.detail
         if failure.retry_after is not None:
-            tracker.rate_limited(name, failure.retry_after, detail)
+            tracker.rate_limited(name, failure.retry_after, detail, model=model)
         elif failure.provider_fault:
-            tracker.failed(name, detail, probe=self._probe)
+            tracker.failed(name, detail, model=model, probe=self._probe)
         elif failure.fallback or self._probe:
-            tracker.noted(name, detail)
+            tracker.noted(name, detail, model=model)
         # A caller error (400, 422 ...) says nothing about the provider: its record is left alone.
 
     def failed_after_commit(self, detail: str) -> None:
-        """The provider failed mid-stream, after the commit point: a fault like any other."""
+        """The model failed mid-stream, after the commit point: a fault of that target."""
         if self._tracker.is_current(self._provider):
-            self._tracker.failed(self._provider.name, detail)
+            self._tracker.failed(self._provider.name, detail, model=self._model)
 
 
 class HealthTracker:
-    """Health state of every configured provider."""
+    """Health state of every configured provider and of its models."""
 
     def __init__(
         self,
@@ -128,16 +181,19 @@ class HealthTracker:
 
     # -- configuration ----------------------------------------------------------------------------
     def add_listener(self, listener: Listener) -> None:
-        """Call `listener(provider, healthy)` on every transition."""
+        """Call `listener(provider, healthy)` on every transition of a provider's breaker."""
         self._listeners.append(listener)
+
+    def remove_listener(self, listener: Listener) -> None:
+        self._listeners.remove(listener)
 
     def reconfigure(self, settings: HealthSettings, providers: Mapping[str, ProviderConfig]) -> None:
         """After a reload: keep state of providers that still exist, add new ones, drop removed ones.
 
-        A provider whose upstream changed (kind, base_url, key, headers) starts afresh: an operator who
-        points a failing provider elsewhere and reloads wants it tried now, not after the old breaker
-        window. Its in-flight count carries over, since requests still running on the old config will
-        release it.
+        A provider whose upstream changed (kind, base_url, key, headers) starts afresh, its models too: an
+        operator who points a failing provider elsewhere and reloads wants it tried now, not after the old
+        breaker window. Its in-flight count carries over, since requests still running on the old config
+        will release it.
         """
         self.settings = settings
         identities = {name: _identity(spec) for name, spec in providers.items()}
@@ -165,6 +221,11 @@ class HealthTracker:
         record = self._providers.get(provider)
         return record if record is not None else ProviderHealth(provider)
 
+    def target(self, provider: str, model: str) -> TargetHealth:
+        """The model's record (a blank detached one when the provider has none for it)."""
+        record = self.get(provider).targets.get(model)
+        return record if record is not None else TargetHealth(model)
+
     def is_current(self, provider: ProviderConfig) -> bool:
         """Whether `provider` (from the config a request started with) is the upstream tracked now."""
         return self._identities.get(provider.name) == _identity(provider)
@@ -188,9 +249,6 @@ class HealthTracker:
                 later = breaker.probe_at
         return due, later
 
-    def remove_listener(self, listener: Listener) -> None:
-        self._listeners.remove(listener)
-
     # -- time --------------------------------------------------------------------------------------
     def now(self) -> float:
         return self._clock()
@@ -200,12 +258,17 @@ class HealthTracker:
         return self._wall_clock() + (monotonic_time - (self._clock() if now is None else now))
 
     # -- decisions -------------------------------------------------------------------------------
-    def skip_reason(self, provider: ProviderConfig) -> str | None:
-        """Why this provider must not be tried now, or None when it may be."""
+    def skip_reason(self, provider: ProviderConfig, model: str | None = None) -> str | None:
+        """Why this provider (and its `model`, if given) must not be tried now, or None when it may be."""
         if not provider.configured:
             return UNCONFIGURED
         record = self.get(provider.name)
-        reason = record.breaker.skip_reason(self._clock())
+        now = self._clock()
+        reason = record.breaker.skip_reason(now)
+        if reason is None and model is not None:
+            target = record.targets.get(model)
+            if target is not None:
+                reason = target.breaker.skip_reason(now)
         if reason is not None:
             return reason
         if provider.max_concurrent and record.in_flight >= provider.max_concurrent:
@@ -213,29 +276,49 @@ class HealthTracker:
         return None
 
     @contextmanager
-    def attempt(self, provider: ProviderConfig, *, probe: bool = False) -> Iterator[Slot]:
-        """Claim `provider` for one request (or probe) while the block runs; record its outcome on the slot.
+    def attempt(self, provider: ProviderConfig, model: str | None = None, *, probe: bool = False) -> Iterator[Slot]:
+        """Claim `provider` (and `model`) for one request, or probe, while the block runs; record its
+        outcome on the slot.
 
         A request counts as in flight (for `max_concurrent`) until the block exits, however it exits —
-        a client that left must not hold a slot. When the breaker is half-open the first request to
-        claim it is the trial, and the others skip the provider until it is decided. Probes neither
-        count nor claim.
+        a client that left must not hold a slot. When a breaker is half-open the first request to
+        claim it is its trial, and the others skip it until that is decided. Probes neither count nor
+        claim.
         """
-        record = self._providers.get(provider.name)
-        trial = 0
-        if record is not None and not probe:  # None: removed by a reload that raced this request
+        record = self._providers.get(provider.name)  # None: removed by a reload that raced this request
+        target = record.target(model) if record is not None and model is not None and not probe else None
+        now = self._clock()
+        trial = target_trial = 0
+        if record is not None and not probe:
             record.in_flight += 1
-            trial = record.breaker.claim_trial(self._clock())
+            trial = record.breaker.claim_trial(now)
+        if target is not None:
+            target.in_flight += 1
+            target_trial = target.breaker.claim_trial(now)
         try:
-            yield Slot(self, provider, probe=probe)
+            yield Slot(self, provider, model, probe=probe)
         finally:
             if record is not None and not probe:
                 record.in_flight = max(0, record.in_flight - 1)
                 record.breaker.release_trial(trial)
+            if target is not None:
+                target.in_flight = max(0, target.in_flight - 1)
+                target.breaker.release_trial(target_trial)
 
     # -- outcomes (what a Slot records) ------------------------------------------------------------
-    def succeeded(self, provider: str, latency: float | None = None, *, probe: bool = False) -> None:
-        """A request got its answer (closes the breaker), or a probe passed (closes a half-open one)."""
+    def _breaker(self, provider: str, model: str | None) -> Breaker | None:
+        """The breaker an outcome of this scope goes to (None for a model past the tracking bound)."""
+        record = self.get(provider)
+        if model is None:
+            return record.breaker
+        target = record.target(model) if provider in self._providers else None
+        return target.breaker if target is not None else None
+
+    def succeeded(
+        self, provider: str, latency: float | None = None, *, model: str | None = None, probe: bool = False
+    ) -> None:
+        """A request got its answer (closes the model's and the provider's breaker), or a probe passed
+        (closes the provider's)."""
         record = self.get(provider)
         now = self._clock()
         if latency is not None:
@@ -244,15 +327,19 @@ class HealthTracker:
             closed, why = record.breaker.probe_succeeded(now, self.settings.backoff_seconds), "a probe succeeded"
         else:
             closed, why = record.breaker.succeeded(now), "a request succeeded"
+            target = record.targets.get(model) if model is not None else None
+            if target is not None and target.breaker.succeeded(now):
+                logger.warning("model %s/%s recovered: breaker closed", provider, logfmt.value(model))
         if closed:
             logger.warning("provider %s recovered (%s): breaker closed", provider, why)
             self._notify(provider, True)
 
-    def failed(self, provider: str, error: str, *, probe: bool = False) -> None:
-        """Count a provider fault (connect error, timeout, 5xx, bad credentials ...)."""
-        record = self.get(provider)
+    def failed(self, provider: str, error: str, *, model: str | None = None, probe: bool = False) -> None:
+        """Count a fault of the provider (`model` None) or of one of its models."""
+        breaker = self._breaker(provider, model)
+        if breaker is None:
+            return
         settings = self.settings
-        breaker = record.breaker
         change = breaker.failed(
             self._clock(),
             self._redactor.line(error),
@@ -262,30 +349,36 @@ class HealthTracker:
         )
         if change is None:
             return
+        what = f"provider {provider}" if model is None else f"model {provider}/{logfmt.value(model)}"
         if change == OPENED:
             logger.warning(
-                "provider %s unhealthy after %d consecutive failures, out for %gs: %s",
-                provider,
+                "%s unhealthy after %d consecutive failures, out for %gs: %s",
+                what,
                 breaker.consecutive_failures,
                 settings.backoff_seconds,
                 logfmt.value(breaker.last_error),
             )
-            self._notify(provider, False)
+            if model is None:
+                self._notify(provider, False)
         else:
             logger.warning(
-                "provider %s still failing, out again for %gs: %s",
-                provider,
+                "%s still failing, out again for %gs: %s",
+                what,
                 settings.backoff_seconds,
                 logfmt.value(breaker.last_error),
             )
 
-    def rate_limited(self, provider: str, retry_after: float, error: str) -> None:
-        """A 429 with Retry-After: keep the provider out for that long, without counting an outage."""
-        self.get(provider).breaker.rate_limited(self._clock(), retry_after, self._redactor.line(error))
+    def rate_limited(self, provider: str, retry_after: float, error: str, *, model: str | None = None) -> None:
+        """A 429 with Retry-After: keep the model (or provider) out that long, without counting an outage."""
+        breaker = self._breaker(provider, model)
+        if breaker is not None:
+            breaker.rate_limited(self._clock(), retry_after, self._redactor.line(error))
 
-    def noted(self, provider: str, error: str) -> None:
-        """An answer that says nothing about the provider's health (e.g. 404 model not served)."""
-        self.get(provider).breaker.noted(self._clock(), self._redactor.line(error))
+    def noted(self, provider: str, error: str, *, model: str | None = None) -> None:
+        """An answer that says nothing about health (e.g. 404 model not served): only remembered."""
+        breaker = self._breaker(provider, model)
+        if breaker is not None:
+            breaker.noted(self._clock(), self._redactor.line(error))
 
     def _notify(self, provider: str, healthy: bool) -> None:
         for listener in self._listeners:
@@ -295,16 +388,24 @@ class HealthTracker:
                 logger.exception("health listener %r failed for provider %s", listener, provider)
 
     # -- reporting -------------------------------------------------------------------------------
-    def breaker(self, provider: str) -> str:
-        """`closed`, `open` or `half_open`."""
-        return self.get(provider).breaker.state(self._clock())
+    def breaker(self, provider: str, model: str | None = None) -> str:
+        """`closed`, `open` or `half_open` of the provider's (or one model's) breaker."""
+        record = self.get(provider) if model is None else self.target(provider, model)
+        return record.breaker.state(self._clock())
 
     def status(self, provider: str) -> str:
-        """'healthy' or 'unhealthy' (open breaker, or never recovered after one)."""
+        """'healthy' or 'unhealthy' (open breaker, or never recovered after one) of the provider."""
         return "healthy" if self.get(provider).breaker.is_healthy(self._clock()) else "unhealthy"
 
-    def unavailable_until(self, provider: str) -> float | None:
-        """Unix time until which the provider is kept out (breaker or rate limit), if it is."""
+    def target_healthy(self, provider: str, model: str) -> bool:
+        """The provider's breaker and the model's are both closed (no window running)."""
+        now = self._clock()
+        return self.get(provider).breaker.is_healthy(now) and self.target(provider, model).breaker.is_healthy(now)
+
+    def unavailable_until(self, provider: str, model: str | None = None) -> float | None:
+        """Unix time until which the provider (or, with `model`, that target) is kept out, if it is."""
         until = self.get(provider).breaker.unavailable_until()
+        if model is not None:
+            until = max(until, self.target(provider, model).breaker.unavailable_until())
         now = self._clock()
         return round(self.unix(until, now), 3) if until > now else None

@@ -13,39 +13,50 @@ from aiohttp import web
 from ..catalog import json_response
 from ..config import ProviderConfig
 from ..gateway import GATEWAY
-from .breaker import RATE_LIMITED
+from .breaker import RATE_LIMITED, Breaker
 from .tracker import UNCONFIGURED, HealthTracker
 
 
+def _breaker_view(tracker: HealthTracker, breaker: Breaker, now: float) -> dict[str, object]:
+    until = breaker.unavailable_until()
+    if not breaker.is_healthy(now):
+        status = "unhealthy"
+    elif breaker.rate_limited_until > now:
+        status = RATE_LIMITED
+    else:
+        status = "healthy"
+    return {
+        "status": status,
+        "breaker": breaker.state(now),
+        "consecutive_failures": breaker.consecutive_failures,
+        "last_error": breaker.last_error,
+        "last_check_unix": None if breaker.last_check is None else round(tracker.unix(breaker.last_check, now), 3),
+        "unhealthy_until_unix": round(tracker.unix(until, now), 3) if until > now else None,
+    }
+
+
 def snapshot(tracker: HealthTracker, providers: Iterable[ProviderConfig]) -> dict[str, dict[str, object]]:
-    """Per-provider view for `/v1/health`."""
+    """Per-provider view for `/v1/health`: the provider's own breaker (transport failures, probes) and, under
+    `models`, the breaker of each of its models that has been asked for (HTTP errors, Retry-After windows)."""
     now = tracker.now()
     view: dict[str, dict[str, object]] = {}
     for provider in providers:
         record = tracker.get(provider.name)
-        breaker = record.breaker
-        until = breaker.unavailable_until()
+        entry = _breaker_view(tracker, record.breaker, now)
         if not provider.configured:
-            status = UNCONFIGURED
-        elif not breaker.is_healthy(now):
-            status = "unhealthy"
-        elif breaker.rate_limited_until > now:
-            status = RATE_LIMITED
-        else:
-            status = "healthy"
-        view[provider.name] = {
-            "status": status,
-            "breaker": breaker.state(now),
-            "kind": provider.kind,
-            "configured": provider.configured,
-            "consecutive_failures": breaker.consecutive_failures,
-            "last_error": breaker.last_error,
-            "last_check_unix": None if breaker.last_check is None else round(tracker.unix(breaker.last_check, now), 3),
-            "unhealthy_until_unix": round(tracker.unix(until, now), 3) if until > now else None,
-            "in_flight": record.in_flight,
-            "max_concurrent": provider.max_concurrent,
-            "last_latency_seconds": None if record.last_latency is None else round(record.last_latency, 4),
-        }
+            entry["status"] = UNCONFIGURED
+        entry.update(
+            kind=provider.kind,
+            configured=provider.configured,
+            in_flight=record.in_flight,
+            max_concurrent=provider.max_concurrent,
+            last_latency_seconds=None if record.last_latency is None else round(record.last_latency, 4),
+            models={
+                model: {**_breaker_view(tracker, target.breaker, now), "in_flight": target.in_flight}
+                for model, target in record.targets.items()
+            },
+        )
+        view[provider.name] = entry
     return view
 
 

@@ -60,6 +60,11 @@ def classify_status(status: int) -> Verdict:
     return Verdict(fallback=False, provider_fault=False)
 
 
+# What a failure says is broken, and so which breaker counts it (`health/tracker.py`).
+PROVIDER = "provider"  # the upstream as a whole: connect/DNS/TLS errors, a reset before headers, our key refused
+TARGET = "target"  # one model there: HTTP errors, timeouts waiting for it, Retry-After windows, bad answers
+
+
 class UpstreamFailure(Exception):
     """A target failed before anything reached the client."""
 
@@ -76,6 +81,7 @@ class UpstreamFailure(Exception):
         content_type: str | None = None,
         shaped: bool = False,
         headers: list[tuple[str, str]] | None = None,
+        scope: str = TARGET,
     ) -> None:
         super().__init__(detail)
         self.reason = reason  # short stable word for logs and metrics
@@ -88,6 +94,7 @@ class UpstreamFailure(Exception):
         self.content_type = content_type
         self.shaped = shaped  # `body` is an OpenAI-shaped error (else the proxy wraps `detail` in one)
         self.headers = headers or []  # the upstream's response headers, for the client, when relayed
+        self.scope = scope  # PROVIDER or TARGET
 
     def __repr__(self) -> str:
         return f"UpstreamFailure({self.reason!r}, {self.detail!r}, fallback={self.fallback})"
@@ -104,6 +111,8 @@ class UpstreamFailure(Exception):
         verdict = classify_status(status)
         retry_after = parse_retry_after(headers.get("Retry-After")) if status == 429 else None
         excerpt, shaped = _read_error(body)
+        # 401/403 refuse our credentials, which are the provider's, whatever the model.
+        scope = PROVIDER if status in (401, 403) else TARGET
         return cls(
             f"http_{status}",
             f"HTTP {status}{excerpt}",
@@ -115,6 +124,7 @@ class UpstreamFailure(Exception):
             content_type=content_type,
             shaped=shaped,
             headers=to_client(headers.items(), headers.get("Connection", "")),
+            scope=scope,
         )
 
 
@@ -183,22 +193,26 @@ def translate_errors(phase: str) -> Iterator[None]:
     """Map client exceptions to `UpstreamFailure` (httpcore's map_exceptions, for one call site)."""
     try:
         yield
-    except TimeoutError:
+    except aiohttp.ConnectionTimeoutError:
+        raise UpstreamFailure("connect", f"timed out connecting {phase}", scope=PROVIDER) from None
+    except TimeoutError:  # waiting for the model's first byte or answer
         raise UpstreamFailure("timeout", f"timed out {phase}") from None
     except aiohttp.ClientConnectorDNSError as exc:
-        raise UpstreamFailure("dns", f"DNS lookup failed: {exc.host}") from None
+        raise UpstreamFailure("dns", f"DNS lookup failed: {exc.host}", scope=PROVIDER) from None
     except (aiohttp.ClientSSLError, ssl.SSLError):
-        raise UpstreamFailure("tls", "TLS handshake failed") from None
+        raise UpstreamFailure("tls", "TLS handshake failed", scope=PROVIDER) from None
     except aiohttp.ClientConnectorError as exc:
         raise UpstreamFailure(
-            "connect", f"cannot connect to {exc.host}:{exc.port}: {exc.os_error.strerror or exc.os_error}"
+            "connect",
+            f"cannot connect to {exc.host}:{exc.port}: {exc.os_error.strerror or exc.os_error}",
+            scope=PROVIDER,
         ) from None
     except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError, aiohttp.ClientOSError, ConnectionError):
-        raise UpstreamFailure("closed", f"upstream closed the connection {phase}") from None
+        raise UpstreamFailure("closed", f"upstream closed the connection {phase}", scope=PROVIDER) from None
     except aiohttp.ClientResponseError as exc:
-        raise UpstreamFailure("protocol", f"bad response {phase}: {exc.message}") from None
+        raise UpstreamFailure("protocol", f"bad response {phase}: {exc.message}", scope=PROVIDER) from None
     except aiohttp.ClientError as exc:
-        raise UpstreamFailure("client_error", f"{type(exc).__name__} {phase}") from None
+        raise UpstreamFailure("client_error", f"{type(exc).__name__} {phase}", scope=PROVIDER) from None
 
 
 @dataclass(frozen=True, slots=True)

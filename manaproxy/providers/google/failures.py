@@ -17,7 +17,7 @@ from google.genai import errors
 
 from ...errors import error_body
 from ...redact import Redactor
-from ..base import UpstreamFailure, translate_errors
+from ..base import PROVIDER, UpstreamFailure, translate_errors
 from .request import TranslationError
 
 logger = logging.getLogger(__name__)
@@ -47,11 +47,13 @@ def api_failure(exc: errors.APIError, redactor: Redactor) -> UpstreamFailure:
     body = error_body(message, status=code, code=status_name)
     if code == 400 and "API_KEY_INVALID" in _error_reasons(exc):
         # Google answers a wrong or expired key with 400, not 401: our credentials, not the caller's request.
-        return UpstreamFailure("api_key_invalid", f"HTTP 400: {message[:120]}", status=400, body=body)
+        return UpstreamFailure("api_key_invalid", f"HTTP 400: {message[:120]}", status=400, body=body, scope=PROVIDER)
     if code == 400 and status_name == "FAILED_PRECONDITION":
         # e.g. "User location is not supported for the API use", free tier unavailable: the provider
         # cannot serve anyone from here, whatever the request; another chain entry may.
-        return UpstreamFailure("failed_precondition", f"HTTP 400: {message[:120]}", status=400, body=body)
+        return UpstreamFailure(
+            "failed_precondition", f"HTTP 400: {message[:120]}", status=400, body=body, scope=PROVIDER
+        )
     retry_after = _retry_after(exc) if code == 429 else None
     headers = {"Retry-After": retry_after} if retry_after else {}
     return UpstreamFailure.from_status(code, headers, body, "application/json")
@@ -94,4 +96,6 @@ def google_errors(phase: str, redactor: Redactor) -> Iterator[None]:
         raise UpstreamFailure("bad_response", f"unusable answer from google {phase} ({type(exc).__name__})") from None
     except Exception as exc:  # an SDK bug must read as this provider failing, not as a proxy crash
         logger.debug("google-genai raised %s %s", type(exc).__name__, phase, exc_info=True)
-        raise UpstreamFailure("sdk_error", f"google-genai failed {phase} ({type(exc).__name__})") from None
+        raise UpstreamFailure(
+            "sdk_error", f"google-genai failed {phase} ({type(exc).__name__})", scope=PROVIDER
+        ) from None

@@ -38,7 +38,7 @@ from google.genai.models import AsyncModels
 
 from ...config import ProviderConfig, ServerSettings
 from ...redact import Redactor
-from ..base import Call, ListedModel, MidStreamFailure, Reply, UpstreamFailure, Usage, within_idle
+from ..base import PROVIDER, Call, ListedModel, MidStreamFailure, Reply, UpstreamFailure, Usage, within_idle
 from . import answer, request
 from .failures import bad_request, google_errors
 
@@ -196,7 +196,9 @@ class GoogleProvider:
     def _models(self) -> AsyncModels:
         if self._client is None:
             # Unconfigured is a deliberate state; a configured provider without a client is broken.
-            raise UpstreamFailure("unconfigured", self._client_error, provider_fault=self.config.configured)
+            raise UpstreamFailure(
+                "unconfigured", self._client_error, provider_fault=self.config.configured, scope=PROVIDER
+            )
         return self._client.aio.models
 
     async def send(self, call: Call) -> Reply | GoogleStream:

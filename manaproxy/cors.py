@@ -13,7 +13,7 @@ from aiohttp.typedefs import Handler, Middleware
 
 from .errors import ProxyError
 
-EXPOSED = "X-Request-ID, X-Mana-LLM-Resolved"
+EXPOSED = "X-Request-ID, X-Mana-LLM-Resolved, X-Mana-LLM-Attempts, Retry-After"
 
 
 def _allowed(origin: str, origins: frozenset[str]) -> bool:

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from contextlib import aclosing
 from time import perf_counter
+from urllib.parse import quote
 
 from aiohttp import web
 from multidict import CIMultiDict
@@ -100,6 +102,48 @@ async def other_method(request: web.Request) -> web.Response:
     )
 
 
+ATTEMPTS_HEADER = "X-Mana-LLM-Attempts"
+
+
+def exhausted(attempts: list[Attempt]) -> ProxyError:
+    """The answer when every chain entry failed or was skipped, keeping what the providers meant.
+
+    - every entry tried answered 429 → 429, with the smallest wait among the entries;
+    - one entry was tried and answered an HTTP status, and no other is only waiting → that status and its
+      own error, prefixed with the entry (but a 401/403 about our provider key, or a redirect we do not
+      follow, is a 502: the client's own key is fine);
+    - otherwise 503, with `Retry-After` when an entry is only kept out for a while (breaker window, rate
+      limit): the seconds until the first of them may be tried again, rounded up, at least 1. (An entry
+      that will be back in seconds makes "retry then" a truer answer than one entry's 404 or 500.)
+    The list of entries and what each did is in the message and in `X-Mana-LLM-Attempts`.
+    """
+    summary = ", ".join(f"{attempt.target}={attempt.summary}" for attempt in attempts)
+    headers = {ATTEMPTS_HEADER: quote(summary, safe=" /=,:._-@+")}
+    tried = [attempt for attempt in attempts if attempt.tried]
+    waits = [attempt.retry_after for attempt in attempts if attempt.retry_after is not None]
+    if waits:
+        headers["Retry-After"] = str(max(1, math.ceil(min(waits))))
+    if tried and all(attempt.status == 429 for attempt in tried):
+        return ProxyError(429, f"every chain entry is rate limited: {summary}", code="rate_limited", headers=headers)
+    waiting = any(attempt.retry_after is not None for attempt in attempts if not attempt.tried)
+    if len(tried) == 1 and tried[0].status is not None and not waiting:
+        (attempt,) = tried
+        assert attempt.status is not None
+        status = attempt.status if attempt.status not in (401, 403) and attempt.status >= 400 else 502
+        error = attempt.error or {}
+        message = error.get("message") if isinstance(error.get("message"), str) else attempt.detail
+        code = error.get("code")
+        param = error.get("param")
+        return ProxyError(
+            status,
+            f"{attempt.target}: {message}",
+            code=code if isinstance(code, str) else attempt.reason,
+            param=param if isinstance(param, str) else None,
+            headers={**dict(attempt.headers), **headers},
+        )
+    return ProxyError(503, f"no chain entry could answer: {summary}", code="all_targets_failed", headers=headers)
+
+
 def _refused(request: web.Request, record: RequestRecord, err: ProxyError) -> web.Response:
     """Our own error as the request's answer."""
     record.status = err.status
@@ -160,15 +204,15 @@ class _Forwarder:
         for target in route.chain:
             skip = self.gateway.health.skip_reason(config.providers[target.provider], target.model)
             if skip is not None:
-                record.attempts.append(Attempt(str(target), target.provider, skip, tried=False))
+                wait = self.gateway.health.retry_in(target.provider, target.model)
+                record.attempts.append(Attempt(str(target), target.provider, skip, tried=False, retry_after=wait))
                 continue
             call = Call(path, body, target, record.request_id, accept, protocol, self.request.headers)
             response = await self._try(target, call)
             if response is not None:
                 return response
         record.error_type = "all_failed"
-        reasons = ", ".join(f"{attempt.target}={attempt.summary}" for attempt in record.attempts)
-        raise ProxyError(503, f"no chain entry could answer: {reasons}", code="all_targets_failed")
+        raise exhausted(record.attempts)
 
     async def _try(self, target: Target, call: Call) -> web.StreamResponse | None:
         """Try one target. A response means the request is answered; None means fall back."""
@@ -211,7 +255,16 @@ class _Forwarder:
         record = self.record
         if failure.fallback:
             record.attempts.append(
-                Attempt(str(target), target.provider, failure.reason, failure.detail, status=failure.status)
+                Attempt(
+                    str(target),
+                    target.provider,
+                    failure.reason,
+                    failure.detail,
+                    status=failure.status,
+                    retry_after=failure.retry_after,
+                    error=failure.error,
+                    headers=failure.headers,
+                )
             )
             return None
         # The caller's request is wrong (400, 413, 422 ...): its error goes back as the upstream sent it.

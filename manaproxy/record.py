@@ -26,6 +26,9 @@ class Attempt:
     detail: str = ""
     tried: bool = True  # False when skipped without a call
     status: int | None = None  # the upstream's HTTP status, when it answered one
+    retry_after: float | None = None  # seconds until it may be tried again (Retry-After, breaker window)
+    error: dict[str, object] | None = None  # the upstream's OpenAI-shaped error object, when it sent one
+    headers: list[tuple[str, str]] = field(default_factory=list)  # the upstream's headers, for the client
 
     @property
     def summary(self) -> str:

@@ -238,8 +238,9 @@ async def test_a_provider_redirect_is_not_followed_with_its_credentials(make_ups
 
     resp = await proxy.client.post(CHAT, json=chat(stream=stream))
 
-    error = await assert_openai_error(resp, 503, "all_targets_failed")
-    assert error["message"].endswith("a/m1=HTTP 307")
+    error = await assert_openai_error(resp, 502, "http_307")  # a redirect we do not follow: a bad gateway
+    assert error["message"].startswith("a/m1: HTTP 307")
+    assert resp.headers["X-Mana-LLM-Attempts"] == "a/m1=HTTP 307"
     assert elsewhere.calls == 0
 
 
@@ -371,9 +372,10 @@ async def test_429_with_retry_after_only_entry_reports_rate_limited(make_upstrea
     first = await proxy.client.post(CHAT, json=chat())
     second = await proxy.client.post(CHAT, json=chat())
 
-    assert first.status == 503
+    assert (first.status, first.headers["Retry-After"]) == (429, "30")
     assert "a/m1=HTTP 429" in (await first.json())["error"]["message"]
-    assert second.status == 503
+    assert second.status == 503  # kept out for Retry-After: says when to come back
+    assert 28 <= int(second.headers["Retry-After"]) <= 30
     assert "a/m1=rate_limited" in (await second.json())["error"]["message"]
     assert a.calls == 1
 
@@ -391,11 +393,13 @@ async def test_all_entries_failed_is_503_listing_each_entry_and_why(make_upstrea
     aliases = {"mana/x": ["a/x", "b/y", "c/z"]}
     proxy = await make_proxy(build_config(providers, aliases, health={"failure_threshold": 1}))
 
-    # Open b's breaker first (threshold 1) with a direct request.
-    assert (await proxy.client.post(CHAT, json=chat("b/y"))).status == 503
+    # Open b's breaker first (threshold 1) with a direct request: b's own 502 comes back.
+    assert (await proxy.client.post(CHAT, json=chat("b/y"))).status == 502
     resp = await proxy.client.post(CHAT, json=chat())
 
     assert resp.status == 503
+    assert int(resp.headers["Retry-After"]) >= 1  # b is only kept out for its breaker window
+    assert resp.headers["X-Mana-LLM-Attempts"] == "a/x=HTTP 500, b/y=unhealthy, c/z=unconfigured"
     body = await resp.json()
     assert body["error"]["message"].endswith("a/x=HTTP 500, b/y=unhealthy, c/z=unconfigured")
     assert body["error"]["type"] == "server_error"

@@ -226,12 +226,13 @@ async def test_unknown_model_retrieve_is_not_found_error(aclient):
         await aclient.models.retrieve("mana/nope")
 
 
-async def test_all_failed_is_internal_server_error(aclient):
+async def test_a_one_entry_chain_that_failed_is_its_providers_error(aclient):
     with pytest.raises(openai.InternalServerError) as caught:
         await aclient.chat.completions.create(model="mana/dead", messages=MESSAGES, stream=True)
 
     assert caught.value.status_code == 503
-    assert "down/m0=HTTP 503" in caught.value.message
+    assert caught.value.message.endswith("down/m0: upstream error")  # the provider's own message
+    assert caught.value.response.headers["X-Mana-LLM-Attempts"] == "down/m0=HTTP 503"
 
 
 async def test_unknown_provider_is_bad_request_error(aclient, client):

@@ -111,7 +111,7 @@ async def test_a_reload_keeps_the_health_of_unchanged_providers_and_resets_repoi
     for _ in range(2):
         assert await ask(proxy) == "b/m2"  # two 401s open a's breaker
     b.default = status_reply(403)
-    await post_chat(proxy, chat("b/m2"), status=503)  # and b has one failure
+    await post_chat(proxy, chat("b/m2"), status=502)  # and b has one failure (its key refused: a bad gateway)
     tracker = proxy.gateway.health
     assert (tracker.breaker("a"), tracker.get("b").breaker.consecutive_failures) == ("open", 1)
 

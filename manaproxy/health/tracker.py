@@ -402,6 +402,14 @@ class HealthTracker:
         now = self._clock()
         return self.get(provider).breaker.is_healthy(now) and self.target(provider, model).breaker.is_healthy(now)
 
+    def retry_in(self, provider: str, model: str | None = None) -> float | None:
+        """Seconds until the provider (or, with `model`, that target) may be tried again, if it is kept out."""
+        until = self.get(provider).breaker.unavailable_until()
+        if model is not None:
+            until = max(until, self.target(provider, model).breaker.unavailable_until())
+        wait = until - self._clock()
+        return wait if wait > 0 else None
+
     def unavailable_until(self, provider: str, model: str | None = None) -> float | None:
         """Unix time until which the provider (or, with `model`, that target) is kept out, if it is."""
         until = self.get(provider).breaker.unavailable_until()

@@ -82,6 +82,7 @@ class UpstreamFailure(Exception):
         shaped: bool = False,
         headers: list[tuple[str, str]] | None = None,
         scope: str = TARGET,
+        error: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(detail)
         self.reason = reason  # short stable word for logs and metrics
@@ -95,6 +96,7 @@ class UpstreamFailure(Exception):
         self.shaped = shaped  # `body` is an OpenAI-shaped error (else the proxy wraps `detail` in one)
         self.headers = headers or []  # the upstream's response headers, for the client, when relayed
         self.scope = scope  # PROVIDER or TARGET
+        self.error = error  # the upstream's OpenAI-shaped error object, when it sent one
 
     def __repr__(self) -> str:
         return f"UpstreamFailure({self.reason!r}, {self.detail!r}, fallback={self.fallback})"
@@ -110,7 +112,7 @@ class UpstreamFailure(Exception):
     ) -> UpstreamFailure:
         verdict = classify_status(status)
         retry_after = parse_retry_after(headers.get("Retry-After")) if status == 429 else None
-        excerpt, shaped = _read_error(body)
+        excerpt, error = _read_error(body)
         # 401/403 refuse our credentials, which are the provider's, whatever the model.
         scope = PROVIDER if status in (401, 403) else TARGET
         return cls(
@@ -122,9 +124,10 @@ class UpstreamFailure(Exception):
             retry_after=retry_after,
             body=body,
             content_type=content_type,
-            shaped=shaped,
+            shaped=error is not None,
             headers=to_client(headers.items(), headers.get("Connection", "")),
             scope=scope,
+            error=error,
         )
 
 
@@ -152,22 +155,23 @@ async def within_idle(read: Awaitable[T], idle: float, upstream: str) -> T:
         raise MidStreamFailure("upstream_error", f"{upstream} exceeded its total timeout") from None
 
 
-def _read_error(body: bytes) -> tuple[str, bool]:
-    """(a short excerpt of an upstream error body's message, for logs and our own texts; whether the body
-    is an OpenAI-shaped error that can go to the client as it is)."""
+def _read_error(body: bytes) -> tuple[str, dict[str, Any] | None]:
+    """(a short excerpt of an upstream error body's message, for logs and our own texts; the body's error
+    object when it is OpenAI-shaped, so that it can go to the client as it is)."""
     try:
         data: Any = orjson.loads(body)
     except orjson.JSONDecodeError:
-        return "", False
+        return "", None
     if not isinstance(data, dict):
-        return "", False
+        return "", None
     err = data.get("error", data)
     message = err.get("message") if isinstance(err, dict) else err
     excerpt = ""
     if isinstance(message, str) and message:
         message = " ".join(message.split())
         excerpt = ": " + (message if len(message) <= 120 else message[:117] + "...")
-    return excerpt, isinstance(data.get("error"), dict)
+    error = data.get("error")
+    return excerpt, error if isinstance(error, dict) else None
 
 
 def parse_retry_after(value: str | None) -> float | None:

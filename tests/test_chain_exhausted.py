@@ -1,0 +1,91 @@
+"""When every chain entry failed or was skipped, the answer keeps what the providers meant: a lone 404 stays a
+404, 429s stay a 429 with the smallest Retry-After, entries only kept out for a while give a 503 that says
+when to come back, and the entry list is in the message and in `X-Mana-LLM-Attempts`. Checked with the
+openai SDK, whose retries depend on exactly that."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+from .fakes import closed_port_url, status_reply
+from .helpers import CHAT, build_config, chat
+
+
+@pytest.fixture
+async def a_and_b(make_upstream):
+    return await make_upstream("a"), await make_upstream("b")
+
+
+async def test_a_lone_404_stays_a_404_and_the_sdk_does_not_retry_it(a_and_b, make_proxy):
+    a, _ = a_and_b
+    a.default = status_reply(404, "The model `m1` does not exist")
+    proxy = await make_proxy(build_config({"a": a}, {"mana/x": ["a/m1"]}))
+    client = openai.AsyncOpenAI(base_url=proxy.base_url, api_key="unused", max_retries=2)
+
+    with pytest.raises(openai.NotFoundError) as caught:
+        await client.chat.completions.create(model="mana/x", messages=[{"role": "user", "content": "hi"}])
+    await client.close()
+
+    assert a.calls == 1  # a 503 made the SDK try three times
+    error = caught.value.body
+    assert error["message"] == "a/m1: The model `m1` does not exist"
+    assert caught.value.response.headers["X-Mana-LLM-Attempts"] == "a/m1=HTTP 404"
+
+
+async def test_429s_everywhere_are_a_429_with_the_smallest_retry_after(a_and_b, make_proxy):
+    a, b = a_and_b
+    a.default = status_reply(429, "slow down", headers={"Retry-After": "20"})
+    b.default = status_reply(429, "slow down", headers={"Retry-After": "7"})
+    proxy = await make_proxy(build_config({"a": a, "b": b}, {"mana/x": ["a/m1", "b/m2"]}))
+
+    resp = await proxy.client.post(CHAT, json=chat())
+
+    assert (resp.status, resp.headers["Retry-After"]) == (429, "7")
+    body = await resp.json()
+    assert (body["error"]["type"], body["error"]["code"]) == ("rate_limit_error", "rate_limited")
+    assert resp.headers["X-Mana-LLM-Attempts"] == "a/m1=HTTP 429, b/m2=HTTP 429"
+
+
+async def test_entries_kept_out_for_a_while_give_a_503_that_says_when(a_and_b, make_proxy):
+    a, b = a_and_b
+    a.default = status_reply(429, "slow down", headers={"Retry-After": "12.2"})
+    b.default = status_reply(500)
+    health = {"failure_threshold": 1, "backoff_seconds": 40}
+    proxy = await make_proxy(build_config({"a": a, "b": b}, {"mana/x": ["a/m1", "b/m2"]}, health=health))
+    await proxy.client.post(CHAT, json=chat())  # a rate-limited for 12.2 s, b's breaker open for 40 s
+
+    resp = await proxy.client.post(CHAT, json=chat())
+
+    assert resp.status == 503
+    assert resp.headers["Retry-After"] == "13"  # the first back, rounded up
+    assert resp.headers["X-Mana-LLM-Attempts"] == "a/m1=rate_limited, b/m2=unhealthy"
+    assert (await resp.json())["error"]["code"] == "all_targets_failed"
+
+
+async def test_failures_with_nothing_to_wait_for_are_a_plain_503(a_and_b, make_proxy):
+    a, b = a_and_b
+    a.default = status_reply(500, "boom")
+    b.default = status_reply(502, "bad gateway")
+    proxy = await make_proxy(
+        build_config({"a": a, "b": b, "c": closed_port_url()}, {"mana/x": ["a/m1", "b/m2", "c/m3"]})
+    )
+
+    resp = await proxy.client.post(CHAT, json=chat())
+
+    assert resp.status == 503
+    assert "Retry-After" not in resp.headers
+    message = (await resp.json())["error"]["message"]
+    assert message == "no chain entry could answer: a/m1=HTTP 500, b/m2=HTTP 502, c/m3=connect"
+    assert resp.headers["X-Mana-LLM-Attempts"] == "a/m1=HTTP 500, b/m2=HTTP 502, c/m3=connect"
+
+
+async def test_a_provider_refusing_our_key_is_a_502_not_the_clients_401(a_and_b, make_proxy):
+    a, _ = a_and_b
+    a.default = status_reply(401, "Incorrect API key provided")
+    proxy = await make_proxy(build_config({"a": a}, {"mana/x": ["a/m1"]}))
+
+    resp = await proxy.client.post(CHAT, json=chat())
+
+    assert resp.status == 502
+    assert (await resp.json())["error"]["message"] == "a/m1: Incorrect API key provided"

@@ -91,11 +91,12 @@ def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def fd_limit(pid: int) -> int:
-    """The soft RLIMIT_NOFILE of `pid` (what its accept() and connect() run into)."""
+def fd_limit(pid: int) -> tuple[int, int]:
+    """The (soft, hard) RLIMIT_NOFILE of `pid`: the soft one is what its accept() and connect() run into."""
     for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
         if line.startswith("Max open files"):
-            return int(line.split()[3])
+            soft, hard = line.split()[3:5]
+            return int(soft), int(hard)
     raise RuntimeError(f"no 'Max open files' in /proc/{pid}/limits")
 
 

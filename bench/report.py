@@ -229,6 +229,7 @@ def scale_lines(scale: Mapping[str, Any]) -> list[str]:
         if name != "direct":
             wave["ttft_p99_added_ms"] = wave["ttft_p99_ms"] - direct_ttft
         if "fds_idle" in wave:
+            wave["streams_inside"] = (wave["fds_peak"] - wave["fds_idle"]) // 2
             wave["fds"] = " / ".join(f"{wave[k]:,}" for k in ("fds_idle", "fds_peak", "fds_soon", "fds_after"))
         tcp = wave.get("tcp", {})
         if tcp:
@@ -238,7 +239,8 @@ def scale_lines(scale: Mapping[str, Any]) -> list[str]:
     nominal_rate = scale["streams"] * 1000 / settings["interval_ms"]
     row("streams ok", "ok", "{:,}", ratio=False)
     row("errors", "errors", "{:,}", ratio=False)
-    row("peak streams open at once", "peak_open", "{:,}", ratio=False)
+    row("peak streams open at once (load generator)", "peak_open", "{:,}", ratio=False)
+    row("peak streams inside the proxy (≈ open files beyond idle ÷ 2)", "streams_inside", "{:,}", ratio=False)
     row("TTFT p50 ms", "ttft_p50_ms", "{:,.1f}")
     row("TTFT p99 ms", "ttft_p99_ms", "{:,.1f}")
     row("TTFT p99 added over direct", "ttft_p99_added_ms", "{:+,.1f} ms")

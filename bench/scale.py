@@ -87,24 +87,31 @@ def check_stream(target: Target, tokens: int) -> None:
         raise RuntimeError(f"scale: {target.name} did not relay a whole stream: {answer[-200:]!r}")
 
 
-def fitting_count(settings: ScaleSettings, limits: dict[str, tuple[int, int, int]]) -> tuple[int, str]:
+def fitting_count(settings: ScaleSettings, limits: dict[str, tuple[int, int, int, int]]) -> tuple[int, str]:
     """The number of streams to run, and why when it is below the requested one.
 
-    `limits` maps a process to (its open-file limit, the files it holds idle, sockets per stream).
+    `limits` maps a process to (its soft and hard open-file limits, the files it holds idle, sockets per
+    stream). The soft limit counts: raising it is the process's own business.
     """
-    fits = {name: (limit - idle - HEADROOM_FDS) // per_stream for name, (limit, idle, per_stream) in limits.items()}
-    tightest = min(fits, key=lambda name: fits[name])
-    if fits[tightest] >= settings.streams:
+    fits = {name: (soft - idle - HEADROOM_FDS) // per_stream for name, (soft, _, idle, per_stream) in limits.items()}
+    short = sorted((name for name in fits if fits[name] < settings.streams), key=lambda name: fits[name])
+    if not short:
         return settings.streams, ""
-    count = max(100, fits[tightest] // 100 * 100)
-    limit, idle, per_stream = limits[tightest]
-    short = settings.streams - count
+    count = max(100, fits[short[0]] // 100 * 100)
+    missing = settings.streams - count
+    reasons = []
+    for name in short:
+        soft, hard, idle, per_stream = limits[name]
+        need = settings.streams * per_stream + idle + HEADROOM_FDS
+        bound = "= its hard limit" if soft == hard else f"below its hard limit of {hard:,}, which it could raise to"
+        reasons.append(
+            f"{name} may hold {soft:,} open files (RLIMIT_NOFILE soft {bound}) and needs {need:,} "
+            f"({per_stream} per stream, {idle} held idle, {HEADROOM_FDS} headroom)"
+        )
     why = (
-        f"target of {settings.streams:,} concurrent streams not met: ran {count:,} ({short:,} fewer, "
-        f"{100 * short / settings.streams:.1f}%). {tightest} may hold {limit:,} open files (RLIMIT_NOFILE, soft; "
-        f"the hard limit is the same and cannot be raised here) and needs {per_stream} per stream plus {idle} "
-        f"held idle and {HEADROOM_FDS} of headroom: {settings.streams * per_stream + idle + HEADROOM_FDS:,} "
-        f"for {settings.streams:,} streams."
+        f"target of {settings.streams:,} concurrent streams not met: ran {count:,} ({missing:,} fewer, "
+        f"{100 * missing / settings.streams:.1f}%). " + "; ".join(reasons) + ". A hard limit can only be raised "
+        "with CAP_SYS_RESOURCE, which this harness neither has nor asks for."
     )
     return count, why
 
@@ -173,13 +180,14 @@ def run_scale(
         for proxy in proxies:
             assert proxy.service is not None
             pid = proxy.service.pid
-            idle[proxy.name] = {"rss_kib": memory_kib(pid)["VmRSS"], "fds": open_fds(pid), "fd_limit": fd_limit(pid)}
+            soft, hard = fd_limit(pid)
+            idle[proxy.name] = {"rss_kib": memory_kib(pid)["VmRSS"], "fds": open_fds(pid), "soft": soft, "hard": hard}
         client_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[1]  # scale_client.py raises its soft limit to it
-        limits = {p: (v["fd_limit"], v["fds"], 2) for p, v in idle.items()}
-        limits["the upstream"] = (fd_limit(upstream.pid), open_fds(upstream.pid), 1)
-        limits["the load generator"] = (client_limit, CLIENT_OWN_FDS, 1)
+        limits = {p: (v["soft"], v["hard"], v["fds"], 2) for p, v in idle.items()}
+        limits["the upstream"] = (*fd_limit(upstream.pid), open_fds(upstream.pid), 1)
+        limits["the load generator"] = (client_limit, client_limit, CLIENT_OWN_FDS, 1)
         count, why = fitting_count(settings, limits)
-        result.update(streams=count, shortfall=why, fd_limits={k: v[0] for k, v in limits.items()})
+        result.update(streams=count, shortfall=why, fd_limits={k: v[:2] for k, v in limits.items()})
         if why:
             log(f"scale: {why}")
 

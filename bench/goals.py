@@ -10,6 +10,7 @@ verdict can be trusted. Idle memory is an absolute target (MB), not a ratio.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -119,7 +120,8 @@ def goals_table(
     lines = [
         "### Targets: manaproxy ÷ bare passthrough, same run",
         "",
-        'Ratios of the medians; added latencies are over direct\'s. "trials": the same ratio trial by trial.',
+        'Ratios of the medians (the verdict); added latencies are over direct\'s. "trials": the same ratio taken '
+        "trial by trial, median (min–max); a range that straddles the goal means the verdict is within the noise.",
         "",
         "| target | scenario | direct | bare | manaproxy | litellm | manaproxy ÷ bare | trials | goal | verdict |",
         "|---|---|---:|---:|---:|---:|---:|---|---|---|",
@@ -132,7 +134,11 @@ def goals_table(
         results.append(result)
         figs = result["figures"]
         spread = result["trial_ratios"]
-        span = "—" if not spread else f"{min(spread):.2f}–{max(spread):.2f}" if len(spread) > 1 else f"{spread[0]:.2f}"
+        span = "—"
+        if len(spread) == 1:
+            span = f"{spread[0]:.2f}"
+        elif spread:
+            span = f"{statistics.median(spread):.2f} ({min(spread):.2f}–{max(spread):.2f})"
         direct = medians[goal.scenario].get("direct", {}).get(goal.key, math.nan)
         row = [
             goal.label,

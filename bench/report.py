@@ -248,6 +248,7 @@ def scale_lines(scale: Mapping[str, Any]) -> list[str]:
     row(f"stream time p99 s (nominal {nominal_s:g})", "total_p99_s", "{:.2f}")
     row(f"events/s delivered (nominal {nominal_rate:,.0f} at full concurrency)", "events_per_s", "{:,.0f}")
     row("proxy CPU, cores (wave average)", "proxy_cores", "{:.2f}")
+    row("proxy CPU, cores (busiest 0.5 s)", "proxy_peak_cores", "{:.2f}")
     row("proxy CPU per event", "proxy_us_per_event", "{:,.1f} µs")
     row("machine busy, cores (wave average)", "busy_cores", "{:.2f}", ratio=False)
     row("proxy RSS idle MB", "rss_idle_mb", "{:.1f}")

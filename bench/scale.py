@@ -34,6 +34,7 @@ from urllib.parse import urlsplit
 
 from procs import (
     Service,
+    cpu_seconds,
     fd_limit,
     free_port,
     machine_busy,
@@ -124,6 +125,7 @@ class Sampler:
         self.period = period
         self.peak_fds = 0
         self.peak_rss_kib = 0
+        self.peak_cores = 0.0  # the proxy's busiest sampling period
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -136,12 +138,16 @@ class Sampler:
         self._thread.join()
 
     def _run(self) -> None:
+        cpu, when = cpu_seconds(self.pid), time.perf_counter()
         while not self._stop.wait(self.period):
             try:
                 self.peak_fds = max(self.peak_fds, open_fds(self.pid))
                 self.peak_rss_kib = max(self.peak_rss_kib, memory_kib(self.pid)["VmRSS"])
+                now_cpu, now = cpu_seconds(self.pid), time.perf_counter()
             except OSError:
                 return
+            self.peak_cores = max(self.peak_cores, (now_cpu - cpu) / (now - when))
+            cpu, when = now_cpu, now
 
 
 def _overhead_count(target: Target) -> float:
@@ -259,6 +265,7 @@ def wave(
         figures.update(
             proxy_cpu_s=proxy_cpu,
             proxy_cores=proxy_cpu / wall,
+            proxy_peak_cores=sampler.peak_cores,
             proxy_us_per_event=1e6 * proxy_cpu / figures["events"] if figures["events"] else math.nan,
             rss_idle_mb=idle["rss_kib"] / 1024,
             rss_peak_mb=max(peak_kib, sampler.peak_rss_kib) / 1024,

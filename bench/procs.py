@@ -16,7 +16,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -74,6 +74,56 @@ def machine_busy() -> tuple[float, float]:
     values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
     total = sum(values[:8])  # user nice system idle iowait irq softirq steal (guest is inside user)
     return sum(values[:3]) / CLOCK_TICKS, total / CLOCK_TICKS
+
+
+def memory_kib(pid: int) -> dict[str, int]:
+    """VmRSS (resident now) and VmHWM (the peak resident size since the process started), in KiB."""
+    found = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            found[key] = int(value.split()[0])
+    return found
+
+
+def open_fds(pid: int) -> int:
+    """How many file descriptors `pid` has open now."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def fd_limit(pid: int) -> tuple[int, int]:
+    """The (soft, hard) RLIMIT_NOFILE of `pid`: the soft one is what its accept() and connect() run into."""
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            soft, hard = line.split()[3:5]
+            return int(soft), int(hard)
+    raise RuntimeError(f"no 'Max open files' in /proc/{pid}/limits")
+
+
+def time_wait_sockets(ports: Collection[int]) -> int:
+    """TCP sockets in TIME_WAIT (state 06 in /proc/net/tcp and tcp6) with a local or remote port in `ports`."""
+    wanted = {f"{port:04X}" for port in ports}
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as lines:
+            next(lines, None)
+            for line in lines:
+                _, local, remote, state = line.split(None, 4)[:4]
+                if state == "06" and (local.rpartition(":")[2] in wanted or remote.rpartition(":")[2] in wanted):
+                    count += 1
+    return count
+
+
+def tcp_ext_counters(
+    names: Collection[str] = ("ListenOverflows", "SyncookiesSent", "SyncookiesFailed"),
+) -> dict[str, int]:
+    """Machine-wide TCP counters from /proc/net/netstat (`nstat`'s TcpExt*): e.g. a full accept queue."""
+    lines = [line.split() for line in Path("/proc/net/netstat").read_text().splitlines()]
+    for head, values in zip(lines[::2], lines[1::2], strict=False):
+        if head[0] == "TcpExt:":
+            table = dict(zip(head[1:], values[1:], strict=True))
+            return {name: int(table.get(name, 0)) for name in names}
+    return {}
 
 
 def set_affinity(pid: int, cores: set[int]) -> None:

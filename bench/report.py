@@ -69,37 +69,44 @@ def _cpu(stats: Mapping[str, Any], key: str) -> str:
 
 
 def scenario_table(scenario: Scenario, by_target: Mapping[str, Mapping[str, Any]]) -> list[str]:
-    """Markdown table of one scenario: one row per target, ratios against `direct`."""
-    direct = by_target.get("direct")
+    """Markdown table of one scenario: one row per target, throughput and CPU also as ratios to `bare`."""
+    direct, bare = by_target.get("direct"), by_target.get("bare")
     lines = [f"### {scenario.name}: {scenario.title}", ""]
     if scenario.stream:
         lines += [
-            "| target | streams/s | chunks/s | × direct | TTFB p50 ms | TTFB p99 ms | total p50 ms | total p99 ms"
-            " | TTFB added | proxy CPU/chunk | proxy CPU/stream | upstream CPU/stream | proxy core |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| target | streams/s | chunks/s | × direct | × bare | TTFB p50 ms | TTFB p99 ms | total p50 ms | total p99 ms"
+            " | TTFB added | proxy CPU/chunk | CPU × bare | proxy CPU/stream | upstream CPU/stream | proxy core |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
     else:
         lines += [
-            "| target | req/s | × direct | p50 ms | p90 ms | p99 ms | p50 added | proxy CPU/req | upstream CPU/req"
-            " | proxy core |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| target | req/s | × direct | × bare | p50 ms | p90 ms | p99 ms | p50 added | p99 added"
+            " | proxy CPU/req | CPU × bare | upstream CPU/req | proxy core |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
+    cpu_key = "proxy_us_per_event" if scenario.stream else "proxy_us_per_req"
     for name, stats in by_target.items():
         base = direct if name != "direct" else None
+        floor = bare if name not in ("direct", "bare") else None
         rps = f"{_num(stats['rps'])} ±{stats['rps_spread_pct']:.0f}%"
         core = "—" if math.isnan(stats.get("proxy_core_pct", math.nan)) else f"{stats['proxy_core_pct']:.0f}%"
+        throughput = [
+            _ratio(stats["rps"], base["rps"] if base else None),
+            _ratio(stats["rps"], floor["rps"] if floor else None),
+        ]
+        cpu = [_cpu(stats, cpu_key), _ratio(stats.get(cpu_key, math.nan), floor.get(cpu_key) if floor else None)]
         if scenario.stream:
             row = [
                 name,
                 rps,
                 _num(stats["events_per_s"]),
-                _ratio(stats["events_per_s"], base["events_per_s"] if base else None),
+                *throughput,
                 _ms(stats["ttfb_p50_ms"]),
                 _ms(stats["ttfb_p99_ms"]),
                 _ms(stats["p50_ms"]),
                 _ms(stats["p99_ms"]),
                 _added(stats["ttfb_p50_ms"], base["ttfb_p50_ms"] if base else None),
-                _cpu(stats, "proxy_us_per_event"),
+                *cpu,
                 _cpu(stats, "proxy_us_per_req"),
                 _cpu(stats, "upstream_us_per_req"),
                 core,
@@ -108,12 +115,13 @@ def scenario_table(scenario: Scenario, by_target: Mapping[str, Mapping[str, Any]
             row = [
                 name,
                 rps,
-                _ratio(stats["rps"], base["rps"] if base else None),
+                *throughput,
                 _ms(stats["p50_ms"]),
                 _ms(stats["p90_ms"]),
                 _ms(stats["p99_ms"]),
                 _added(stats["p50_ms"], base["p50_ms"] if base else None),
-                _cpu(stats, "proxy_us_per_req"),
+                _added(stats["p99_ms"], base["p99_ms"] if base else None),
+                *cpu,
                 _cpu(stats, "upstream_us_per_req"),
                 core,
             ]
@@ -188,3 +196,80 @@ def profile_lines(summary: Mapping[str, Any], scenario: str) -> list[str]:
     lines += ["", "| deepest manaproxy line | calls into | share |", "|---|---|---:|"]
     lines += [f"| `{x['line']}` | `{x['calls']}` | {x['pct']}% |" for x in summary["lines"]]
     return [*lines, ""]
+
+
+def scale_lines(scale: Mapping[str, Any]) -> list[str]:
+    """The `scale` scenario: one column per target, manaproxy ÷ bare beside them."""
+    settings = scale["settings"]
+    waves = {name: dict(wave) for name, wave in scale["targets"].items()}  # a copy to add derived figures to
+    lines = [
+        f"### scale: {scale['streams']:,} concurrent streams through one process "
+        f"({settings['chunks']} chunks {settings['interval_ms']:g} ms apart, opened over {settings['ramp_s']:g} s)",
+        "",
+    ]
+    if scale.get("shortfall"):
+        lines += [f"**{scale['shortfall']}**", ""]
+    names = [n for n in ("direct", "bare", "manaproxy") if n in waves]
+    lines += ["| | " + " | ".join(names) + " | manaproxy ÷ bare |", "|---|" + "---:|" * (len(names) + 1)]
+
+    def row(label: str, key: str, fmt: str, ratio: bool = True) -> None:
+        values = {n: waves[n].get(key) for n in names}
+        cells = [
+            "—" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v) for v in values.values()
+        ]
+        mana, bare = values.get("manaproxy"), values.get("bare")
+        quotient = "—"
+        if ratio and isinstance(mana, int | float) and isinstance(bare, int | float) and bare > 0:
+            quotient = _ratio(mana, bare)
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {quotient} |")
+
+    direct_ttft = waves.get("direct", {}).get("ttft_p99_ms", math.nan)
+    for name in names:
+        wave = waves[name]
+        if name != "direct":
+            wave["ttft_p99_added_ms"] = wave["ttft_p99_ms"] - direct_ttft
+        if "fds_idle" in wave:
+            wave["streams_inside"] = (wave["fds_peak"] - wave["fds_idle"]) // 2
+            wave["fds"] = " / ".join(f"{wave[k]:,}" for k in ("fds_idle", "fds_peak", "fds_soon", "fds_after"))
+        tcp = wave.get("tcp", {})
+        if tcp:
+            wave["tcp_ListenOverflows"] = tcp["ListenOverflows"]
+            wave["tcp_syncookies"] = f"{tcp['SyncookiesSent']:,} / {tcp['SyncookiesFailed']:,}"
+    nominal_s = settings["nominal_stream_s"]
+    nominal_rate = scale["streams"] * 1000 / settings["interval_ms"]
+    row("streams ok", "ok", "{:,}", ratio=False)
+    row("errors", "errors", "{:,}", ratio=False)
+    row("peak streams open at once (load generator)", "peak_open", "{:,}", ratio=False)
+    row("peak streams inside the proxy (≈ open files beyond idle ÷ 2)", "streams_inside", "{:,}", ratio=False)
+    row("TTFT p50 ms", "ttft_p50_ms", "{:,.1f}")
+    row("TTFT p99 ms", "ttft_p99_ms", "{:,.1f}")
+    row("TTFT p99 added over direct", "ttft_p99_added_ms", "{:+,.1f} ms")
+    row(f"stream time p50 s (nominal {nominal_s:g})", "total_p50_s", "{:.2f}")
+    row(f"stream time p99 s (nominal {nominal_s:g})", "total_p99_s", "{:.2f}")
+    row(f"events/s delivered (nominal {nominal_rate:,.0f} at full concurrency)", "events_per_s", "{:,.0f}")
+    row("proxy CPU, cores (wave average)", "proxy_cores", "{:.2f}")
+    row("proxy CPU, cores (busiest 0.5 s)", "proxy_peak_cores", "{:.2f}")
+    row("proxy CPU per event", "proxy_us_per_event", "{:,.1f} µs")
+    row("machine busy, cores (wave average)", "busy_cores", "{:.2f}", ratio=False)
+    row("proxy RSS idle MB", "rss_idle_mb", "{:.1f}")
+    row("proxy RSS peak MB", "rss_peak_mb", "{:.1f}")
+    if settings["settle_s"] > 5:
+        row("proxy RSS after MB (+5 s)", "rss_soon_mb", "{:.1f}")
+    row(f"proxy RSS after MB (+{settings['settle_s']:g} s)", "rss_after_mb", "{:.1f}")
+    row("RSS after ÷ idle (goal ≤ 1.10)", "rss_after_over_idle", "{:.2f}", ratio=False)
+    row(
+        f"proxy open files idle / peak / after +{min(5, settings['settle_s']):g} s / +{settings['settle_s']:g} s",
+        "fds",
+        "{}",
+        ratio=False,
+    )
+    row("requests recorded by manaproxy", "recorded_by_proxy", "{:,.0f}", ratio=False)
+    row("TIME_WAIT sockets added", "time_wait_added", "{:,}", ratio=False)
+    row("accept queue overflows (machine)", "tcp_ListenOverflows", "{:,}", ratio=False)
+    row("SYN cookies sent / failed (machine)", "tcp_syncookies", "{}", ratio=False)
+    lines.append("")
+    for name in names:
+        kinds = waves[name].get("errors_by_kind") or {}
+        if kinds:
+            lines += [f"{name} errors: " + "; ".join(f"{k}: {v:,}" for k, v in kinds.items()), ""]
+    return lines

@@ -1,8 +1,9 @@
-"""`make bench`: what manaproxy costs per request and per token, against talking to the upstream directly
-(and against LiteLLM's proxy when it is installed), on one machine, in one run, against one fake upstream.
+"""`make bench`: what manaproxy costs per request and per token, against talking to the upstream directly,
+against the bare passthrough (bench/bare.py: the floor) and against LiteLLM's proxy when it is installed,
+on one machine, in one run, against one fake upstream.
 
 Method (docs/bench.md has the long version):
-- every system runs as its own process: fake upstreams (bench/fake_upstream.py), manaproxy, LiteLLM;
+- every system runs as its own process: fake upstreams (bench/fake_upstream.py), bare, manaproxy, LiteLLM;
 - unstreamed scenarios are driven by wrk (bench/wrk_post.lua), streamed ones by bench/loadgen.py;
 - each (scenario, target) gets a warm-up, then a timed run; trials go round-robin over scenarios and
   targets, so background load from other work on the machine falls on every target alike; figures
@@ -12,7 +13,9 @@ Method (docs/bench.md has the long version):
   client (one request at a time) everything shares one core, since a hop between cores costs each
   request a cross-core wake-up that direct calls would not pay;
 - CPU per request/token is the proxy's utime+stime over the timed run divided by what it served;
-- manaproxy's own `mana_llm_proxy_overhead_seconds` histogram is scraped around each of its runs.
+- manaproxy's own `mana_llm_proxy_overhead_seconds` histogram is scraped around each of its runs;
+- the issue's targets are ratios manaproxy ÷ bare of the same run (bench/goals.py);
+- `scale` (bench/scale.py) runs last, on its own processes: 10,000 slow streams at once per target.
 Everything listens on 127.0.0.1 and is stopped on exit, Ctrl-C or error. Results: bench/results/.
 """
 
@@ -38,8 +41,9 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import aiohttp
+from goals import goals_table
 from hotspots import parse_raw, start_recording, summarize
-from procs import Service, machine_busy, set_affinity
+from procs import Service, machine_busy, memory_kib, set_affinity
 from promhist import Histogram
 from report import (
     Scenario,
@@ -48,8 +52,10 @@ from report import (
     aggregate,
     overhead_table,
     profile_lines,
+    scale_lines,
     scenario_table,
 )
+from scale import ScaleSettings, run_scale
 from targets import (
     OVERHEAD_METRIC,
     ROOT,
@@ -59,6 +65,7 @@ from targets import (
     find_litellm,
     install_litellm,
     litellm_version,
+    start_bare,
     start_litellm,
     start_manaproxy,
     start_upstream,
@@ -73,13 +80,14 @@ LOADGEN = BENCH / "loadgen.py"
 
 SCENARIOS = (
     Scenario("chat-c1", "unstreamed, 1 client, 50-token answers (added latency)", False, 50, 1),
-    Scenario("chat-c16", "unstreamed, 16 concurrent clients, 50-token answers", False, 50, 16),
+    Scenario("chat-c32", "unstreamed, 32 concurrent clients, 50-token answers", False, 50, 32),
     Scenario("chat-c64", "unstreamed, 64 concurrent clients, 50-token answers", False, 50, 64),
     Scenario("stream50-c1", "streamed, 1 client, 50 tokens (added time to first byte)", True, 50, 1),
-    Scenario("stream50-c16", "streamed, 16 concurrent clients, 50 tokens", True, 50, 16),
-    Scenario("stream200-c16", "streamed, 16 concurrent clients, 200 tokens", True, 200, 16),
+    Scenario("stream50-c32", "streamed, 32 concurrent clients, 50 tokens", True, 50, 32),
+    Scenario("stream200-c32", "streamed, 32 concurrent clients, 200 tokens", True, 200, 32),
 )
-PROFILE_SCENARIOS = ("stream200-c16", "chat-c16")
+SCALE = "scale"  # its own processes and load generator: bench/scale.py
+PROFILE_SCENARIOS = ("stream50-c32", "chat-c32")
 
 
 def parse_args() -> argparse.Namespace:
@@ -88,9 +96,22 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per timed run (default 5)")
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds of warm-up before each run (default 1)")
     parser.add_argument(
-        "--scenarios", default="", help="comma-separated subset of: " + ", ".join(s.name for s in SCENARIOS)
+        "--scenarios",
+        default="",
+        help="comma-separated subset of: " + ", ".join([*(s.name for s in SCENARIOS), SCALE]),
     )
-    parser.add_argument("--quick", action="store_true", help="1 trial of 2 s: to try the harness, not to quote")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="1 trial of 2 s; scale: 1,000 streams of 30 chunks, 5 s settle: to try the harness, not to quote",
+    )
+    scale = parser.add_argument_group("the scale scenario (bench/scale.py)")
+    scale.add_argument("--no-scale", action="store_true", help="skip it (it takes about 2 minutes)")
+    scale.add_argument("--scale-streams", type=int, help="concurrent streams (default 10,000; fewer if fds run out)")
+    scale.add_argument("--scale-chunks", type=int, help="content events per stream (default 100)")
+    scale.add_argument("--scale-interval-ms", type=float, default=100.0, help="between events (default 100)")
+    scale.add_argument("--scale-ramp", type=float, help="seconds to open all streams (default 5)")
+    scale.add_argument("--scale-settle", type=float, help="seconds after a wave to the 'after' reading (default 65)")
     parser.add_argument("--no-pin", dest="pin", action="store_false", help="do not pin processes to cores")
     lite = parser.add_mutually_exclusive_group()
     lite.add_argument("--with-litellm", action="store_true", help="install LiteLLM into bench/.venv-litellm if needed")
@@ -102,6 +123,12 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     if args.quick:
         args.trials, args.duration, args.warmup = 1, 2.0, 0.5
+    # streams, chunks, ramp, settle
+    defaults = (1_000, 30, 2.0, 5.0) if args.quick else (10_000, 100, 5.0, 65.0)
+    args.scale_streams = args.scale_streams or defaults[0]
+    args.scale_chunks = args.scale_chunks or defaults[1]
+    args.scale_ramp = args.scale_ramp if args.scale_ramp is not None else defaults[2]
+    args.scale_settle = args.scale_settle if args.scale_settle is not None else defaults[3]
     return args
 
 
@@ -122,6 +149,7 @@ class Bench:
         self.proxy_core: int | None = cores[1] if self.pinned else None
         self.wrk = shutil.which("wrk")
         self.foreign: list[float] = []
+        self.idle_rss_mb: dict[str, float] = {}
 
     def place(self, target: Target, scenario: Scenario) -> None:
         """Put the proxy of `target` on the cores `scenario` calls for (see the module docstring)."""
@@ -144,14 +172,19 @@ class Bench:
             self.services.append(service)
             self.upstreams[tokens] = service
         self.targets.append(direct_target(ports))
-        mana = start_manaproxy(ports, self.workdir, self.pin(self.proxy_core))
-        assert mana.service is not None
-        self.services.append(mana.service)
-        self.targets.append(mana)
+        for start in (start_bare, start_manaproxy):
+            proxy = start(ports, self.workdir, self.pin(self.proxy_core))
+            assert proxy.service is not None
+            self.services.append(proxy.service)
+            self.targets.append(proxy)
         self._start_litellm(ports)
         for target in self.targets:
             for scenario in scenarios:
                 check(target, scenario)
+        time.sleep(1.0)  # start-up work (first probes) done: what the proxies hold idle
+        for target in self.targets:
+            if target.service is not None:
+                self.idle_rss_mb[target.name] = memory_kib(target.service.pid)["VmRSS"] / 1024
 
     def _start_litellm(self, ports: dict[int, int]) -> None:
         args = self.args
@@ -181,6 +214,7 @@ class Bench:
     def stop(self) -> None:
         for service in reversed(self.services):
             service.stop()
+        self.services.clear()
 
     # -- measuring ----------------------------------------------------------------------------------
     def drive(self, target: Target, scenario: Scenario, seconds: float) -> Trial:
@@ -382,20 +416,24 @@ def unwind_on_signals() -> Iterator[None]:
 def main() -> int:
     args = parse_args()
     wanted = {s.strip() for s in args.scenarios.split(",") if s.strip()}
-    unknown = wanted - {s.name for s in SCENARIOS}
+    unknown = wanted - {s.name for s in SCENARIOS} - {SCALE}
     if unknown:
         print(f"unknown scenarios: {', '.join(sorted(unknown))}", file=sys.stderr)
         return 2
     scenarios = [s for s in SCENARIOS if not wanted or s.name in wanted]
+    with_scale = (not wanted and not args.no_scale) or SCALE in wanted
     RESULTS.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="manaproxy-bench-"))
     bench = Bench(args, workdir)
     trials: dict[str, dict[str, list[Trial]]] = {s.name: {} for s in scenarios}
     profiles: dict[str, dict[str, Any]] = {}
+    after_overhead: dict[str, Histogram] = {}
+    scale: dict[str, Any] | None = None
     with unwind_on_signals():
         try:
             before = conditions(bench)
-            bench.start(scenarios)
+            if scenarios:
+                bench.start(scenarios)
             runs = args.trials * len(scenarios) * len(bench.targets)
             print(f"{runs} timed runs of {args.duration:g} s (+{args.warmup:g} s warm-up each) ...", flush=True)
             for number in range(args.trials):
@@ -416,6 +454,19 @@ def main() -> int:
                     if summary is None:
                         break
                     profiles[scenario.name] = summary
+            bench.stop()  # scale runs on its own processes, with the machine to itself
+            if with_scale:
+                settings = ScaleSettings(
+                    streams=args.scale_streams,
+                    chunks=args.scale_chunks,
+                    interval_ms=args.scale_interval_ms,
+                    ramp_s=args.scale_ramp,
+                    settle_s=args.scale_settle,
+                )
+                print(f"scale: {settings.streams:,} streams × {settings.chunks} chunks per target ...", flush=True)
+                scale_dir = workdir / "scale"
+                scale_dir.mkdir()
+                scale = run_scale(settings, scale_dir, bench.pin(bench.client_core), bench.pin(bench.proxy_core))
         except (RuntimeError, OSError, subprocess.CalledProcessError) as exc:
             print(f"bench failed: {exc}", file=sys.stderr)
             if isinstance(exc, subprocess.CalledProcessError):
@@ -431,7 +482,7 @@ def main() -> int:
             else:
                 shutil.rmtree(workdir, ignore_errors=True)
 
-    text, document = render(bench, scenarios, trials, profiles, before, after_overhead.get("manaproxy"))
+    text, document = render(bench, scenarios, trials, profiles, before, after_overhead.get("manaproxy"), scale)
     print()
     print(text)
     out = RESULTS / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
@@ -447,18 +498,20 @@ def render(
     profiles: dict[str, dict[str, Any]],
     before: dict[str, Any],
     total: Histogram | None,
+    scale: dict[str, Any] | None,
 ) -> tuple[str, dict[str, Any]]:
     """The markdown report and the JSON document of a finished run."""
     args = bench.args
     medians = {name: {t: aggregate(ts) for t, ts in by_target.items()} for name, by_target in trials.items()}
-    mana = next(t for t in bench.targets if t.name == "manaproxy")
-    overhead = {name: h.summary() for name, h in mana.overhead.items()}
+    mana = next((t for t in bench.targets if t.name == "manaproxy"), None)
+    overhead = {name: h.summary() for name, h in mana.overhead.items()} if mana else {}
     if total is not None:
         overhead["all requests since start"] = total.summary()
     # Clamped at 0: a small negative is the slop of tick-based accounting, not negative load.
+    foreign = sorted(bench.foreign) or [math.nan]
     before["foreign_cores_during_runs"] = {
-        "median": max(0.0, round(sorted(bench.foreign)[len(bench.foreign) // 2], 2)),
-        "max": max(0.0, round(max(bench.foreign), 2)),
+        "median": max(0.0, round(foreign[len(foreign) // 2], 2)),
+        "max": max(0.0, round(foreign[-1], 2)),
     }
     before["loadavg_after"] = os.getloadavg()
 
@@ -481,10 +534,21 @@ def render(
         f"during the timed runs median {foreign['median']}, max {foreign['max']} cores",
         "",
     ]
+    goal_lines, goals = goals_table(medians, trials, bench.idle_rss_mb, scale)
+    lines += goal_lines
+    if bench.idle_rss_mb:
+        lines += [
+            "Idle RSS (resident memory after start-up and one request per scenario): "
+            + ", ".join(f"{name} {mb:.1f} MB" for name, mb in bench.idle_rss_mb.items()),
+            "",
+        ]
     lines += added_latency_lines(medians)
     for scenario in scenarios:
         lines += scenario_table(scenario, medians[scenario.name])
-    lines += overhead_table(overhead)
+    if scale is not None:
+        lines += scale_lines(scale)
+    if overhead:
+        lines += overhead_table(overhead)
     for name, summary in profiles.items():
         lines += profile_lines(summary, name)
     text = "\n".join(lines)
@@ -494,6 +558,9 @@ def render(
         "scenarios": [dataclasses.asdict(sc) for sc in scenarios],
         "medians": medians,
         "trials": trials,
+        "idle_rss_mb": bench.idle_rss_mb,
+        "goals": goals,
+        "scale": scale,
         "overhead_histogram": overhead,
         "profiles": profiles,
         "report": text,

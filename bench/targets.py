@@ -1,6 +1,7 @@
 """The systems under test, each started as its own process against the same fake upstreams.
 
 - `direct`: the load generator talks to the fake upstream itself (the baseline);
+- `bare`: bench/bare.py, the bare passthrough (≈30 lines of aiohttp): the floor any aiohttp proxy pays;
 - `manaproxy`: `python -m manaproxy serve` with a generated config whose aliases point at the upstreams;
 - `litellm`: LiteLLM's proxy (`litellm --config`), from its own venv, configured the same way.
 
@@ -74,6 +75,18 @@ def start_upstream(tokens: int, workdir: Path, pin: Pin) -> tuple[Service, int]:
 def direct_target(upstream_ports: Mapping[int, int]) -> Target:
     urls = {t: f"http://127.0.0.1:{p}/v1/chat/completions" for t, p in upstream_ports.items()}
     return Target("direct", urls, {t: "fake-model" for t in upstream_ports})
+
+
+def start_bare(upstream_ports: Mapping[int, int], workdir: Path, pin: Pin) -> Target:
+    port = free_port()
+    models = {t: f"bare/bench-{t}" for t in upstream_ports}
+    argv = [sys.executable, str(ROOT / "bench" / "bare.py"), "--port", str(port)]
+    for tokens, upstream in upstream_ports.items():
+        argv += ["--route", f"{models[tokens]}=http://127.0.0.1:{upstream}/v1/"]
+    service = Service("bare", pin(argv), workdir / "bare.log", child_env(workdir), cwd=ROOT)
+    base = f"http://127.0.0.1:{port}"
+    service.wait_ready(f"{base}/health", timeout=20)
+    return Target("bare", {t: f"{base}/v1/chat/completions" for t in upstream_ports}, models, service)
 
 
 def manaproxy_config(upstream_ports: Mapping[int, int]) -> str:

@@ -241,10 +241,14 @@ def wave(
     wall = time.perf_counter()
     if proxy is not None:
         with Sampler(proxy.pid) as sampler:
-            done = subprocess.run(pin_client(argv), capture_output=True, text=True, timeout=settings.deadline + 60)
+            done = subprocess.run(
+                pin_client(argv), capture_output=True, text=True, timeout=settings.deadline + 60, check=False
+            )
     else:
         sampler = None
-        done = subprocess.run(pin_client(argv), capture_output=True, text=True, timeout=settings.deadline + 60)
+        done = subprocess.run(
+            pin_client(argv), capture_output=True, text=True, timeout=settings.deadline + 60, check=False
+        )
     wall = time.perf_counter() - wall
     if done.returncode != 0:
         raise RuntimeError(f"scale_client failed ({done.returncode}): {done.stderr.strip()[-500:]}")

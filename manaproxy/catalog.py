@@ -16,9 +16,10 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from .config import Config
+from .config import Alias, Config
 from .errors import ProxyError
 from .gateway import GATEWAY, Gateway, Runtime
+from .health import HealthTracker
 from .providers.base import ListedModel, Provider, UpstreamFailure
 
 logger = logging.getLogger(__name__)
@@ -122,31 +123,63 @@ async def get_model(request: web.Request) -> web.Response:
 
 
 def alias_view(config: Config, gateway: Gateway) -> dict[str, Any]:
-    """Aliases with, for each chain entry, whether it would be tried right now and why not."""
+    """Aliases with, for each chain entry, whether it would be tried right now and why not.
+
+    An alias with pools or hedging shows its steps as configured (a pool as a list of `{target, weight}`),
+    each entry's step and weight, and its hedge setting with the delay in force now; a plain chain keeps
+    the shape it always had.
+    """
     health = gateway.health
     aliases = []
     for alias in config.aliases.values():
-        chain = []
+        entries = []
         serving = None
-        for target in alias.chain:
-            provider = config.providers[target.provider]
-            skip = health.skip_reason(provider, target.model)
-            entry: dict[str, Any] = {"target": str(target), "available": skip is None, "reason": skip}
-            if skip is not None:
-                entry["until_unix"] = health.unavailable_until(target.provider, target.model)
-            elif serving is None:
-                serving = str(target)
-            chain.append(entry)
-        aliases.append(
-            {
-                "name": alias.name,
-                "description": alias.description,
-                "chain": [str(target) for target in alias.chain],
-                "serving": serving,
-                "entries": chain,
-            }
-        )
+        for position, step in enumerate(alias.steps):
+            for member in step.members:
+                target = member.target
+                skip = health.skip_reason(config.providers[target.provider], target.model)
+                entry: dict[str, Any] = {"target": str(target), "available": skip is None, "reason": skip}
+                if skip is not None:
+                    entry["until_unix"] = health.unavailable_until(target.provider, target.model)
+                elif serving is None:
+                    serving = str(target)
+                if not alias.plain:
+                    entry.update(step=position, weight=member.weight)
+                entries.append(entry)
+        view: dict[str, Any] = {"name": alias.name, "description": alias.description}
+        if alias.plain:
+            view["chain"] = [str(target) for target in alias.chain]
+        else:
+            view["chain"] = [
+                [{"target": str(m.target), "weight": m.weight} for m in step.members]
+                if step.pool
+                else str(step.members[0].target)
+                for step in alias.steps
+            ]
+            view["hedge"] = _hedge_view(alias, health)
+        view.update(serving=serving, entries=entries)
+        aliases.append(view)
     return {"default": config.default, "aliases": aliases}
+
+
+def _hedge_view(alias: Alias, health: HealthTracker) -> dict[str, Any] | None:
+    hedge = alias.hedge
+    if hedge is None:
+        return None
+    if hedge.after is not None:
+        return {"after": hedge.after, "delay_seconds": hedge.after, "max": hedge.max_extra}
+    first = alias.steps[0].members[0].target
+    delays = {}
+    for kind, stream in (("stream", True), ("unstreamed", False)):
+        p95 = health.ttfb_p95(first.provider, first.model, stream=stream)
+        delays[kind] = None if p95 is None else round(min(max(p95, hedge.min_delay), hedge.max_delay), 4)
+    return {
+        "after": "auto",
+        "delay_seconds": delays,  # null until enough answers of that kind were seen: no hedging yet
+        "max": hedge.max_extra,
+        "min_delay": hedge.min_delay,
+        "max_delay": hedge.max_delay,
+    }
 
 
 async def list_aliases(request: web.Request) -> web.Response:

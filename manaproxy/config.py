@@ -83,10 +83,55 @@ class ProviderConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class Member:
+    """One target of a chain step, with its share of the step's traffic."""
+
+    target: Target
+    weight: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One step of a chain: a single target, or a pool of equivalent ones that share its load."""
+
+    members: tuple[Member, ...]
+    pool: bool = False  # written as a list in the config (even of one member)
+
+    @classmethod
+    def single(cls, target: Target) -> Step:
+        return cls((Member(target),))
+
+
+@dataclass(frozen=True, slots=True)
+class Hedge:
+    """When a late attempt gets a second one started beside it (see routing's hedging rules)."""
+
+    after: float | None  # seconds; None: `auto`, from the first target's recent time to first byte
+    max_extra: int = 1  # `hedge_max`: extra attempts running at once
+    min_delay: float = 0.05  # `hedge_min`: bounds of the `auto` delay
+    max_delay: float = 10.0  # `hedge_max_delay`
+
+    @property
+    def auto(self) -> bool:
+        return self.after is None
+
+
+@dataclass(frozen=True, slots=True)
 class Alias:
     name: str
     description: str
-    chain: tuple[Target, ...]
+    steps: tuple[Step, ...]
+    hedge: Hedge | None = None
+
+    @property
+    def chain(self) -> tuple[Target, ...]:
+        """Every target of the alias, in chain order (pool members in their order)."""
+        return tuple(member.target for step in self.steps for member in step.members)
+
+    @property
+    def plain(self) -> bool:
+        """No pools and no hedging: the alias is a chain as before pools existed."""
+        return self.hedge is None and not any(step.pool for step in self.steps)
 
 
 @dataclass(frozen=True, slots=True)
@@ -322,23 +367,71 @@ class _Parser:
         where = f"aliases.{name}"
         if not name.startswith(ALIAS_PREFIX) or len(name) == len(ALIAS_PREFIX):
             raise self.fail(where, f"alias names must start with {ALIAS_PREFIX!r} and name a class")
-        spec = self.mapping(spec, where, ("description", "chain"))
+        spec = self.mapping(
+            spec, where, ("description", "chain", "hedge_after", "hedge_max", "hedge_min", "hedge_max_delay")
+        )
         chain_raw = spec.get("chain")
         if not isinstance(chain_raw, list) or not chain_raw:
             raise self.fail(f"{where}.chain", "must be a non-empty list of provider/model entries")
-        chain = []
+        steps = []
         for index, entry in enumerate(chain_raw):
             entry_where = f"{where}.chain[{index}]"
-            text = self.string(entry, entry_where)
-            try:
-                target = Target.parse(text)
-            except ValueError as exc:
-                raise self.fail(entry_where, str(exc)) from None
-            if target.provider not in providers:
-                raise self.fail(entry_where, f"{text!r} names undeclared provider {target.provider!r}")
-            chain.append(target)
+            if isinstance(entry, list):
+                steps.append(self.pool(entry, entry_where, providers))
+            else:
+                steps.append(Step.single(self.target(entry, entry_where, providers)))
         description = self.string(spec.get("description", ""), f"{where}.description", expand=False)
-        return Alias(name=name, description=description, chain=tuple(chain))
+        return Alias(name=name, description=description, steps=tuple(steps), hedge=self.hedge(spec, where))
+
+    def target(self, entry: Any, where: str, providers: Mapping[str, ProviderConfig]) -> Target:
+        text = self.string(entry, where)
+        try:
+            target = Target.parse(text)
+        except ValueError as exc:
+            raise self.fail(where, str(exc)) from None
+        if target.provider not in providers:
+            raise self.fail(where, f"{text!r} names undeclared provider {target.provider!r}")
+        return target
+
+    def pool(self, entries: list[Any], where: str, providers: Mapping[str, ProviderConfig]) -> Step:
+        if not entries:
+            raise self.fail(where, "a pool needs at least one member")
+        members = []
+        for index, entry in enumerate(entries):
+            member_where = f"{where}[{index}]"
+            if isinstance(entry, list):
+                raise self.fail(member_where, "pools cannot be nested")
+            if isinstance(entry, dict):
+                spec = self.mapping(entry, member_where, ("target", "weight"))
+                if "target" not in spec:
+                    raise self.fail(member_where, "a pool member needs a target")
+                target = self.target(spec["target"], f"{member_where}.target", providers)
+                weight = float(self.number(spec.get("weight", 1), f"{member_where}.weight"))
+                if weight <= 0:
+                    raise self.fail(f"{member_where}.weight", f"must be > 0, got {spec.get('weight')}")
+                members.append(Member(target, weight))
+            else:
+                members.append(Member(self.target(entry, member_where, providers)))
+        return Step(tuple(members), pool=True)
+
+    def hedge(self, spec: dict[str, Any], where: str) -> Hedge | None:
+        raw = spec.get("hedge_after")
+        extras = [key for key in ("hedge_max", "hedge_min", "hedge_max_delay") if key in spec]
+        if raw is None:
+            if extras:
+                raise self.fail(f"{where}.{extras[0]}", "applies only with hedge_after")
+            return None
+        after: float | None = None
+        if not (isinstance(raw, str) and raw.strip() == "auto"):
+            after = float(self.number(raw, f"{where}.hedge_after"))
+            if after <= 0:
+                raise self.fail(f"{where}.hedge_after", f"must be > 0 seconds or 'auto', got {raw}")
+        max_extra = int(self.number(spec.get("hedge_max", 1), f"{where}.hedge_max", minimum=1, integer=True))
+        min_delay = float(self.number(spec.get("hedge_min", 0.05), f"{where}.hedge_min", minimum=0.001))
+        max_delay = float(self.number(spec.get("hedge_max_delay", 10.0), f"{where}.hedge_max_delay", minimum=0.001))
+        if max_delay < min_delay:
+            raise self.fail(f"{where}.hedge_max_delay", f"must be >= hedge_min ({min_delay:g})")
+        return Hedge(after, max_extra, min_delay, max_delay)
 
     def health(self, raw: Any) -> HealthSettings:
         fields = ("failure_threshold", "backoff_seconds", "probe_interval_seconds", "probe_timeout_seconds")

@@ -33,7 +33,7 @@ from prometheus_client.registry import Collector
 
 from .config import ALIAS_PREFIX, Config, Target
 from .gateway import Gateway
-from .record import RequestRecord
+from .record import HEDGED_LOST, WON, RequestRecord
 from .reload import Reloader
 
 OTHER = "other"
@@ -125,6 +125,12 @@ class Metrics:
             registry=registry,
         )
         self.reloads = Counter("mana_llm_config_reloads", "Config reload attempts", ["result"], registry=registry)
+        self.hedged = Counter(
+            "mana_llm_hedged_requests",
+            "Requests of a hedging alias that raced a second attempt, by which won",
+            ["alias", "outcome"],
+            registry=registry,
+        )
 
     @property
     def middleware(self) -> Middleware:
@@ -276,12 +282,15 @@ class Recorder:
             m.llm_requests.labels(*self._requested_labels(record), streaming).inc()
         if target is not None and record.alias is not None and record.alias in self.gateway.config.aliases:
             m.alias_resolved.labels(record.alias, self._bounded_target(target)).inc()
+            if record.hedge is not None:
+                m.hedged.labels(record.alias, _word(record.hedge)).inc()
         if record.error_type is not None:
             m.llm_errors.labels(*self._requested_labels(record), _word(record.error_type)).inc()
 
     def _fallbacks(self, record: RequestRecord) -> None:
-        """One count per skipped or failed chain entry, naming the entry the request went to next."""
-        attempts = record.attempts
+        """One count per skipped or failed chain entry, naming the entry the request went to next. The
+        attempts of a hedged race (the winner, the losers cancelled) are no fallbacks."""
+        attempts = [attempt for attempt in record.attempts if attempt.reason not in (HEDGED_LOST, WON)]
         if not attempts:
             return
         if record.target is not None:

@@ -14,10 +14,15 @@ provider hands it and times the waits — no logging, no metrics.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
-from contextlib import aclosing
+import random
+from collections.abc import Callable
+from contextlib import AbstractContextManager, ExitStack, aclosing
+from dataclasses import dataclass
 from time import perf_counter
+from typing import Any
 from urllib.parse import quote
 
 from aiohttp import web
@@ -25,15 +30,26 @@ from multidict import CIMultiDict
 
 from . import logfmt
 from .body import BodyBudget, parse_body, read_body
-from .config import Target
+from .config import Hedge, Target
 from .drain import SHUTTING_DOWN, Guard, shutting_down
 from .errors import JSON_CONTENT_TYPE, ProxyError, error_body
 from .gateway import GATEWAY, Gateway, Runtime
 from .health import Slot
 from .paths import addresses_stored_object, upstream_path
+from .plan import Plan
 from .protocols import StreamProtocol, for_path
 from .providers.base import Call, MidStreamFailure, Reply, StreamReply, UpstreamFailure
-from .record import CLIENT_DISCONNECTED, COMPLETED, UPSTREAM_ERROR, Attempt, RequestRecord
+from .record import (
+    CLIENT_DISCONNECTED,
+    COMPLETED,
+    HEDGE_WON,
+    HEDGED_LOST,
+    PRIMARY_WON,
+    UPSTREAM_ERROR,
+    WON,
+    Attempt,
+    RequestRecord,
+)
 from .requestid import REQUEST_ID
 from .routing import resolve
 
@@ -103,6 +119,35 @@ async def other_method(request: web.Request) -> web.Response:
 
 
 ATTEMPTS_HEADER = "X-Mana-LLM-Attempts"
+_RNG = random.Random()  # pool choices: ties broken at random in proportion to weight
+
+
+@dataclass(slots=True)
+class _Racer:
+    """One attempt of a hedged race: its target, its claim on health (held until it ends) and when it began."""
+
+    target: Target
+    call: Call
+    slot: Slot
+    stack: ExitStack
+    started: float
+    hedge: bool  # started beside a late attempt rather than first or after a failure
+
+
+async def _cancel(racers: dict[asyncio.Task[Any], _Racer]) -> None:
+    """Cancel attempts that lost (or whose request ended): their upstream connections close at once, their
+    claims on health are given back, and no outcome is recorded for them."""
+    tasks = list(racers)
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            result = await task
+            if result is not None and not isinstance(result, Reply | web.StreamResponse):
+                result.close(reuse=False)  # it answered just as it was cancelled
+    for racer in racers.values():
+        racer.stack.close()
+    racers.clear()
 
 
 def exhausted(attempts: list[Attempt]) -> ProxyError:
@@ -201,32 +246,46 @@ class _Forwarder:
             record.requested_provider = route.chain[0].provider
         accept = self.request.headers.get("Accept")
         protocol = for_path(path)
-        for target in route.chain:
-            skip = self.gateway.health.skip_reason(config.providers[target.provider], target.model)
-            if skip is not None:
-                wait = self.gateway.health.retry_in(target.provider, target.model)
-                record.attempts.append(Attempt(str(target), target.provider, skip, tried=False, retry_after=wait))
-                continue
-            call = Call(path, body, target, record.request_id, accept, protocol, self.request.headers)
-            response = await self._try(target, call)
-            if response is not None:
-                return response
+        headers = self.request.headers
+        plan = Plan(route.steps, config, self.gateway.health, record, _RNG)
+
+        def call_to(target: Target) -> Call:
+            return Call(path, body, target, record.request_id, accept, protocol, headers)
+
+        if route.hedge is None:
+            while (target := plan.next()) is not None:
+                answer = await self._try(target, call_to(target))
+                if answer is not None:
+                    return answer
+        else:
+            answer = await self._race(plan, route.hedge, call_to)
+            if answer is not None:
+                return answer
         record.error_type = "all_failed"
         raise exhausted(record.attempts)
 
+    def _claim(self, target: Target, stream: bool) -> AbstractContextManager[Slot]:
+        return self.gateway.health.attempt(self.runtime.config.providers[target.provider], target.model, stream=stream)
+
     async def _try(self, target: Target, call: Call) -> web.StreamResponse | None:
         """Try one target. A response means the request is answered; None means fall back."""
-        with self.gateway.health.attempt(self.runtime.config.providers[target.provider], target.model) as slot:
-            return await self._attempt(target, call, slot)
+        with self._claim(target, call.stream) as slot:
+            started = perf_counter()
+            try:
+                reply = await self._send(target, call, slot)
+            finally:
+                self.record.upstream_wait += perf_counter() - started
+            if reply is None or isinstance(reply, web.StreamResponse):
+                return reply
+            return await self._commit(target, reply, slot, call.protocol)
 
-    async def _attempt(self, target: Target, call: Call, slot: Slot) -> web.StreamResponse | None:
+    async def _send(self, target: Target, call: Call, slot: Slot) -> Reply | StreamReply | web.Response | None:
+        """Send `call` to `target`: its reply, None to fall back (the failure recorded), or the caller's own
+        error (a 400 ...) to answer with."""
         record = self.record
         started = perf_counter()
         try:
-            try:
-                reply = await self.runtime.providers[target.provider].send(call)
-            finally:
-                record.upstream_wait += perf_counter() - started
+            reply = await self.runtime.providers[target.provider].send(call)
         except UpstreamFailure as failure:
             slot.failed(failure)
             return self._failed(target, failure)
@@ -239,6 +298,99 @@ class _Forwarder:
             slot.failed(internal)
             return self._failed(target, internal)
         slot.succeeded(perf_counter() - started)
+        return reply
+
+    async def _race(self, plan: Plan, hedge: Hedge, call_to: Callable[[Target], Call]) -> web.StreamResponse | None:
+        """Walk the chain with hedging: once the attempt in flight has no first event (or, unstreamed, no
+        answer) `hedge` seconds after it started, the next target starts beside it, at most `max_extra` at
+        once. The first to answer is committed and every other cancelled at once (its upstream connection
+        closed); a cancelled loser is neither a failure nor a fallback. A failure is followed by the next
+        target, as without hedging. Nothing is raced after the commit point."""
+        record = self.record
+        racers: dict[asyncio.Task[Reply | StreamReply | web.Response | None], _Racer] = {}
+        primary: Target | None = None
+        hedged = exhausted_plan = False
+        started = perf_counter()
+
+        def start(target: Target) -> None:
+            call = call_to(target)
+            stack = ExitStack()
+            slot = stack.enter_context(self._claim(target, call.stream))
+            task = asyncio.get_running_loop().create_task(self._send(target, call, slot))
+            racers[task] = _Racer(target, call, slot, stack, perf_counter(), hedge=primary is not None)
+
+        def start_next() -> bool:
+            nonlocal exhausted_plan
+            target = plan.next()
+            if target is None:
+                exhausted_plan = True
+                return False
+            start(target)
+            return True
+
+        try:
+            if not start_next():
+                return None
+            primary = next(iter(racers.values())).target
+            while racers:
+                delay = None if exhausted_plan or len(racers) > hedge.max_extra else self._hedge_delay(hedge, primary)
+                youngest = max(racer.started for racer in racers.values())
+                timeout = None if delay is None else max(0.0, youngest + delay - perf_counter())
+                done, _ = await asyncio.wait(racers, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                if not done:  # the attempt in flight is late: start the next target beside it
+                    hedged = start_next() or hedged
+                    continue
+                winner: tuple[_Racer, Reply | StreamReply] | None = None
+                for task in done:
+                    racer = racers.pop(task)
+                    result = task.result()
+                    if isinstance(result, web.StreamResponse):  # the caller's own error: the answer
+                        racer.stack.close()
+                        await _cancel(racers)
+                        return result
+                    if result is None:  # failed (recorded): fall back, beside any survivor
+                        racer.stack.close()
+                        if len(racers) <= hedge.max_extra:
+                            start_next()
+                    elif winner is None:
+                        winner = (racer, result)
+                    else:  # answered in the same moment as the winner: a loser all the same
+                        if not isinstance(result, Reply):
+                            result.close(reuse=False)
+                        racer.stack.close()
+                        record.attempts.append(Attempt(str(racer.target), racer.target.provider, HEDGED_LOST))
+                if winner is None:
+                    continue
+                racer, reply = winner
+                losers = [other.target for other in racers.values()]
+                await _cancel(racers)
+                record.upstream_wait += perf_counter() - started
+                started = 0.0  # counted
+                if hedged:  # the request log shows the race: `attempts=gpu1/m:hedged_lost,gpu2/m:won`
+                    record.hedge = HEDGE_WON if racer.hedge else PRIMARY_WON
+                    for target in losers:
+                        record.attempts.append(Attempt(str(target), target.provider, HEDGED_LOST))
+                    record.attempts.append(Attempt(str(racer.target), racer.target.provider, WON))
+                with racer.stack:
+                    return await self._commit(racer.target, reply, racer.slot, racer.call.protocol)
+            return None
+        finally:
+            await _cancel(racers)  # the client left, or the drain cut the request, mid-race
+            if started:
+                record.upstream_wait += perf_counter() - started
+
+    def _hedge_delay(self, hedge: Hedge, primary: Target) -> float | None:
+        """Seconds before a late attempt gets company; None: no hedging (yet)."""
+        if hedge.after is not None:
+            return hedge.after
+        p95 = self.gateway.health.ttfb_p95(primary.provider, primary.model, stream=self.record.streaming)
+        return None if p95 is None else min(max(p95, hedge.min_delay), hedge.max_delay)
+
+    async def _commit(
+        self, target: Target, reply: Reply | StreamReply, slot: Slot, protocol: StreamProtocol
+    ) -> web.StreamResponse:
+        """COMMIT to `target`: its answer goes to the client, whole or streamed."""
+        record = self.record
         record.provider = target.provider
         record.target = str(target)
         record.status = reply.status
@@ -248,9 +400,9 @@ class _Forwarder:
             headers = _answer_headers(reply.headers, {"Content-Type": reply.content_type, RESOLVED_HEADER: str(target)})
             record.first_byte = perf_counter() - record.started
             return web.Response(status=reply.status, body=reply.body, content_type=None, headers=headers)
-        return await self._relay(target, reply, slot, call.protocol)
+        return await self._relay(target, reply, slot, protocol)
 
-    def _failed(self, target: Target, failure: UpstreamFailure) -> web.StreamResponse | None:
+    def _failed(self, target: Target, failure: UpstreamFailure) -> web.Response | None:
         """Note a failed attempt; None to fall back, or the caller's error relayed as the answer."""
         record = self.record
         if failure.fallback:

@@ -15,6 +15,12 @@ CLIENT_DISCONNECTED = "client_disconnected"
 UPSTREAM_ERROR = "upstream_error"
 IDLE_TIMEOUT = "idle_timeout"
 
+# Hedged races: which attempt won (metric `outcome` values), and the attempts that lost (a reason word).
+PRIMARY_WON = "primary_won"
+HEDGE_WON = "hedge_won"
+HEDGED_LOST = "hedged_lost"
+WON = "won"
+
 
 @dataclass(slots=True)
 class Attempt:
@@ -50,6 +56,7 @@ class RequestRecord:
     attempts: list[Attempt] = field(default_factory=list)
     error_type: str | None = None  # short word when the request failed: all_failed, upstream_4xx, bad_request ...
     outcome: str | None = None  # for committed streams: completed / client_disconnected / upstream_error / idle_timeout
+    hedge: str | None = None  # a hedged race took place: primary_won / hedge_won
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     started: float = 0.0  # perf_counter

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import ALIAS_PREFIX, Config, Target
+from .config import ALIAS_PREFIX, Alias, Config, Hedge, Step, Target
 from .errors import ProxyError
 
 # A bare model name (no "/") is served by this provider, as in the seed service.
@@ -24,7 +24,17 @@ class Route:
 
     requested: str  # what the caller sent ("" when it sent no model)
     alias: str | None  # the alias used, if any (including the default alias)
-    chain: tuple[Target, ...]
+    steps: tuple[Step, ...]  # the chain: each step one target or a pool of them
+    hedge: Hedge | None = None
+
+    @property
+    def chain(self) -> tuple[Target, ...]:
+        """Every target, in chain order."""
+        return tuple(member.target for step in self.steps for member in step.members)
+
+    @classmethod
+    def of_alias(cls, requested: str, alias: Alias) -> Route:
+        return cls(requested, alias.name, alias.steps, alias.hedge)
 
 
 def _shown(model: str) -> str:
@@ -39,7 +49,7 @@ def resolve(model: str | None, config: Config) -> Route:
             raise ProxyError(
                 400, "request has no 'model' and no default alias is configured", code="model_required", param="model"
             )
-        return Route("", config.default, config.aliases[config.default].chain)
+        return Route.of_alias("", config.aliases[config.default])
 
     if len(model) > MAX_MODEL_LENGTH:
         raise ProxyError(
@@ -57,7 +67,7 @@ def resolve(model: str | None, config: Config) -> Route:
                 code="model_not_found",
                 param="model",
             )
-        return Route(model, model, alias.chain)
+        return Route.of_alias(model, alias)
 
     if "/" not in model:
         target = Target(BARE_MODEL_PROVIDER, model)
@@ -78,4 +88,4 @@ def resolve(model: str | None, config: Config) -> Route:
             code="unknown_provider",
             param="model",
         )
-    return Route(model, None, (target,))
+    return Route(model, None, (Step.single(target),))

@@ -34,7 +34,17 @@ from manaproxy.gateway import GATEWAY, Gateway
 from manaproxy.reload import RELOADER, Reloader
 from manaproxy.server import Runner
 
-from .fakes import FakeGemini, FakeUpstream, chat_answer, chat_chunks, closed_port_url, sse_reply, status_reply
+from .fakes import (
+    FakeGemini,
+    FakeUpstream,
+    chat_answer,
+    chat_chunks,
+    chat_completion,
+    closed_port_url,
+    json_reply,
+    sse_reply,
+    status_reply,
+)
 
 CHAT = "/v1/chat/completions"
 DONE = b"data: [DONE]\n\n"
@@ -324,8 +334,11 @@ async def varied_traffic(make_upstream: MakeUpstream, make_proxy: MakeProxy) -> 
         "mana/long-form": ["groq/llama-3.3-70b-versatile", "ollama/gemma3:4b"],
         "mana/fast-text": ["openrouter/meta/llama-3.1-8b", "google/gemini-2.0-flash"],
         "mana/local": ["ollama/gemma3:4b"],
+        "mana/hedged": {"chain": ["ollama/gemma3:4b", "google/gemini-2.0-flash"], "hedge_after": 0.05},
     }
     proxy = await make_proxy(build_config(providers, aliases, default="mana/fast-text"))
+    ollama.queue(json_reply(chat_completion("gemma3:4b"), delay=0.5))  # late: the hedge to google wins
+    await post_chat(proxy, chat("mana/hedged"))
     for stream in (False, True):
         await post_chat(proxy, chat("mana/long-form", stream=stream))
         await post_chat(proxy, chat("mana/fast-text", stream=stream))

@@ -18,6 +18,7 @@ from manaproxy.config import (
     ConfigError,
     HealthSettings,
     ServerSettings,
+    Step,
     Target,
     Timeouts,
     expand_env,
@@ -155,7 +156,7 @@ def test_defaults() -> None:
     )
     assert config.default is None
     assert config.source == "min.yaml"
-    assert config.aliases["mana/x"] == Alias(name="mana/x", description="", chain=(Target("a", "m1"),))
+    assert config.aliases["mana/x"] == Alias(name="mana/x", description="", steps=(Step.single(Target("a", "m1")),))
 
 
 def test_partial_sections_keep_other_defaults() -> None:

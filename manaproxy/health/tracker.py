@@ -26,7 +26,9 @@ since been repointed or removed (`is_current`).
 from __future__ import annotations
 
 import logging
+import math
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
@@ -46,6 +48,8 @@ UNCONFIGURED = "unconfigured"
 SATURATED = "saturated"
 
 MAX_TARGETS_PER_PROVIDER = 256
+TTFB_WINDOW = 200  # answered requests per target and stream kind kept for `ttfb_p95`
+TTFB_MIN_SAMPLES = 20  # fewer, and there is no p95 to go by
 
 
 def _identity(provider: ProviderConfig) -> tuple[object, ...]:
@@ -56,12 +60,14 @@ def _identity(provider: ProviderConfig) -> tuple[object, ...]:
 class TargetHealth:
     """Mutable health record of one model of a provider."""
 
-    __slots__ = ("breaker", "in_flight", "model")
+    __slots__ = ("breaker", "in_flight", "model", "ttfb")
 
     def __init__(self, model: str) -> None:
         self.model = model
         self.breaker = Breaker()
         self.in_flight = 0
+        # Seconds to the answer (unstreamed) and to the first event (streamed) of the last answered requests.
+        self.ttfb: tuple[deque[float], deque[float]] = (deque(maxlen=TTFB_WINDOW), deque(maxlen=TTFB_WINDOW))
 
     def __repr__(self) -> str:
         breaker = self.breaker
@@ -115,13 +121,16 @@ class Slot:
     breakers. Outcomes of a request that started on a config whose provider has since been repointed or
     removed are dropped: they are about an upstream the config no longer names."""
 
-    __slots__ = ("_model", "_probe", "_provider", "_tracker")
+    __slots__ = ("_model", "_probe", "_provider", "_stream", "_tracker")
 
-    def __init__(self, tracker: HealthTracker, provider: ProviderConfig, model: str | None, *, probe: bool) -> None:
+    def __init__(
+        self, tracker: HealthTracker, provider: ProviderConfig, model: str | None, *, probe: bool, stream: bool = False
+    ) -> None:
         self._tracker = tracker
         self._provider = provider
         self._model = model
         self._probe = probe
+        self._stream = stream
 
     def __repr__(self) -> str:
         target = self._provider.name + (f"/{self._model}" if self._model else "")
@@ -130,7 +139,9 @@ class Slot:
     def succeeded(self, latency: float | None = None) -> None:
         """The provider answered (a request: its first byte or whole answer; a probe: its check)."""
         if self._tracker.is_current(self._provider):
-            self._tracker.succeeded(self._provider.name, latency, model=self._model, probe=self._probe)
+            self._tracker.succeeded(
+                self._provider.name, latency, model=self._model, probe=self._probe, stream=self._stream
+            )
 
     def failed(self, failure: UpstreamFailure) -> None:
         """The provider failed before anything reached the client: the one failure → health mapping."""
@@ -276,7 +287,9 @@ class HealthTracker:
         return None
 
     @contextmanager
-    def attempt(self, provider: ProviderConfig, model: str | None = None, *, probe: bool = False) -> Iterator[Slot]:
+    def attempt(
+        self, provider: ProviderConfig, model: str | None = None, *, probe: bool = False, stream: bool = False
+    ) -> Iterator[Slot]:
         """Claim `provider` (and `model`) for one request, or probe, while the block runs; record its
         outcome on the slot.
 
@@ -296,7 +309,7 @@ class HealthTracker:
             target.in_flight += 1
             target_trial = target.breaker.claim_trial(now)
         try:
-            yield Slot(self, provider, model, probe=probe)
+            yield Slot(self, provider, model, probe=probe, stream=stream)
         finally:
             if record is not None and not probe:
                 record.in_flight = max(0, record.in_flight - 1)
@@ -315,7 +328,13 @@ class HealthTracker:
         return target.breaker if target is not None else None
 
     def succeeded(
-        self, provider: str, latency: float | None = None, *, model: str | None = None, probe: bool = False
+        self,
+        provider: str,
+        latency: float | None = None,
+        *,
+        model: str | None = None,
+        probe: bool = False,
+        stream: bool = False,
     ) -> None:
         """A request got its answer (closes the model's and the provider's breaker), or a probe passed
         (closes the provider's)."""
@@ -328,8 +347,11 @@ class HealthTracker:
         else:
             closed, why = record.breaker.succeeded(now), "a request succeeded"
             target = record.targets.get(model) if model is not None else None
-            if target is not None and target.breaker.succeeded(now):
-                logger.warning("model %s/%s recovered: breaker closed", provider, logfmt.value(model))
+            if target is not None:
+                if latency is not None:
+                    target.ttfb[stream].append(latency)
+                if target.breaker.succeeded(now):
+                    logger.warning("model %s/%s recovered: breaker closed", provider, logfmt.value(model))
         if closed:
             logger.warning("provider %s recovered (%s): breaker closed", provider, why)
             self._notify(provider, True)
@@ -401,6 +423,15 @@ class HealthTracker:
         """The provider's breaker and the model's are both closed (no window running)."""
         now = self._clock()
         return self.get(provider).breaker.is_healthy(now) and self.target(provider, model).breaker.is_healthy(now)
+
+    def ttfb_p95(self, provider: str, model: str, *, stream: bool) -> float | None:
+        """The 95th percentile of the target's recent time to first byte (to the answer, unstreamed), or
+        None until `TTFB_MIN_SAMPLES` answers of that kind have been seen."""
+        samples = self.target(provider, model).ttfb[stream]
+        if len(samples) < TTFB_MIN_SAMPLES:
+            return None
+        ordered = sorted(samples)
+        return ordered[min(len(ordered) - 1, math.ceil(0.95 * len(ordered)) - 1)]
 
     def retry_in(self, provider: str, model: str | None = None) -> float | None:
         """Seconds until the provider (or, with `model`, that target) may be tried again, if it is kept out."""

@@ -1,0 +1,216 @@
+"""Hedged first bytes: when the attempt in flight is late, the next target starts beside it and the first to
+answer wins; the loser's connection is closed at once and it counts as neither a failure nor a fallback.
+Nothing is raced once an answer has begun."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import time
+from typing import Any
+
+import pytest
+
+from manaproxy.config import ConfigError, parse_config
+
+from .fakes import (
+    Recorded,
+    chat_answer,
+    chat_chunks,
+    chat_completion,
+    json_reply,
+    sse_reply,
+    status_reply,
+    wait_for,
+)
+from .helpers import CHAT, build_config, chat, value
+
+SLOW = 1.5  # seconds the late upstream takes: far past hedge_after, short enough for a test
+
+
+def late(model: str, seconds: float = SLOW):
+    """An answer that comes `seconds` late, streamed or not as asked; records when the proxy hung up."""
+    streamed = sse_reply(chat_chunks(model, ["late"]), first_delay=seconds)
+    unstreamed = json_reply(chat_completion(model), delay=seconds)
+
+    async def behave(request: Any, recorded: Recorded) -> Any:
+        stream = recorded.json.get("stream") is True
+        return await (streamed if stream else unstreamed)(request, recorded)
+
+    return behave
+
+
+async def hedged_proxy(make_upstream, make_proxy, *, hedge_after: Any = 0.1, **alias: Any):
+    a = await make_upstream("a")
+    b = await make_upstream("b")
+    c = await make_upstream("c")
+    for up, model in ((a, "m1"), (b, "m2"), (c, "m3")):
+        up.default = chat_answer(model)
+    spec = {"chain": ["a/m1", "b/m2", "c/m3"], "hedge_after": hedge_after, **alias}
+    proxy = await make_proxy(build_config({"a": a, "b": b, "c": c}, {"mana/x": spec}))
+    return a, b, c, proxy
+
+
+async def answered_by(proxy, *, stream: bool) -> tuple[str, bytes]:
+    resp = await proxy.client.post(CHAT, json=chat(stream=stream))
+    body = await resp.read()
+    assert resp.status == 200, body
+    return resp.headers["X-Mana-LLM-Resolved"], body
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_slow_primary_is_beaten_by_the_hedge_and_hung_up_on(make_upstream, make_proxy, stream, caplog):
+    a, _b, c, proxy = await hedged_proxy(make_upstream, make_proxy)
+    a.default = late("m1")
+    caplog.set_level(logging.INFO, logger="manaproxy.request")
+
+    started = time.monotonic()
+    resolved, body = await answered_by(proxy, stream=stream)
+
+    assert resolved == "b/m2"
+    assert time.monotonic() - started < SLOW / 2  # the hedge's answer, not the late one
+    assert body.count(b'"model":"b/m2"') >= 1
+    assert b"a/m1" not in body
+    await wait_for(lambda: a.requests[0].disconnected.is_set(), timeout=2)  # the loser's upstream was closed
+    assert c.calls == 0  # hedge_max 1: one extra attempt at a time
+    assert value(proxy, "mana_llm_hedged_requests_total", alias="mana/x", outcome="hedge_won") == 1
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "manaproxy.request"]
+    assert "attempts=a/m1:hedged_lost,b/m2:won" in line
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_fast_primary_is_never_hedged(make_upstream, make_proxy, stream):
+    a, b, _c, proxy = await hedged_proxy(make_upstream, make_proxy, hedge_after=0.3)
+
+    for _ in range(5):
+        assert (await answered_by(proxy, stream=stream))[0] == "a/m1"
+
+    assert (a.calls, b.calls) == (5, 0)
+    assert value(proxy, "mana_llm_hedged_requests_total", alias="mana/x", outcome="primary_won") == 0
+
+
+async def test_a_primary_that_answers_after_the_hedge_started_still_wins(make_upstream, make_proxy):
+    a, b, _c, proxy = await hedged_proxy(make_upstream, make_proxy)
+    a.default = late("m1", 0.3)  # later than hedge_after (0.1), earlier than the hedge
+    b.default = late("m2", 5)
+
+    resolved, _ = await answered_by(proxy, stream=True)
+
+    assert resolved == "a/m1"
+    assert b.calls == 1  # the hedge was started ...
+    await wait_for(lambda: b.requests[0].disconnected.is_set(), timeout=2)  # ... and cancelled at once
+    assert value(proxy, "mana_llm_hedged_requests_total", alias="mana/x", outcome="primary_won") == 1
+
+
+async def test_a_cancelled_loser_counts_as_neither_failure_nor_fallback(make_upstream, make_proxy):
+    a, _b, _c, proxy = await hedged_proxy(make_upstream, make_proxy)
+    a.default = late("m1")
+    health = proxy.gateway.health
+
+    for _ in range(3):
+        assert (await answered_by(proxy, stream=True))[0] == "b/m2"
+
+    loser = health.target("a", "m1").breaker
+    assert (loser.consecutive_failures, loser.last_error, health.breaker("a", "m1")) == (0, None, "closed")
+    assert health.breaker("a") == "closed"
+    assert value(proxy, "mana_llm_fallback_total", from_model="a/m1", to_model="b/m2", reason="hedged_lost") == 0
+
+
+async def test_a_failure_while_a_hedge_runs_falls_back_beside_the_survivor(make_upstream, make_proxy):
+    a, b, c, proxy = await hedged_proxy(make_upstream, make_proxy)
+    gate = asyncio.Event()
+
+    async def late_failure(request: Any, recorded: Recorded) -> Any:
+        await asyncio.sleep(0.25)  # after the hedge started
+        gate.set()
+        return await status_reply(503)(request, recorded)
+
+    a.default = late_failure
+    b.default = late("m2", 5)  # the hedge is slow too
+    c.default = late("m3", 0.2)
+
+    resolved, _ = await answered_by(proxy, stream=False)
+
+    assert gate.is_set()
+    assert resolved == "c/m3"  # started when a failed, beside b; it answered first
+    await wait_for(lambda: b.requests[0].disconnected.is_set(), timeout=2)
+    assert proxy.gateway.health.target("a", "m1").breaker.consecutive_failures == 1  # a real failure counts
+
+
+async def test_nothing_is_raced_once_an_answer_has_begun(make_upstream, make_proxy):
+    a, b, _c, proxy = await hedged_proxy(make_upstream, make_proxy)
+    a.default = sse_reply(chat_chunks("m1", ["one", "two", "three"]), delay=0.3)  # first event at once, then slow
+
+    resolved, body = await answered_by(proxy, stream=True)
+
+    assert resolved == "a/m1"
+    assert body.endswith(b"data: [DONE]\n\n")
+    assert b.calls == 0
+
+
+async def test_auto_hedges_at_the_p95_of_the_first_targets_recent_first_bytes(make_upstream, make_proxy):
+    a, b, _c, proxy = await hedged_proxy(make_upstream, make_proxy, hedge_after="auto", hedge_min=0.05)
+
+    async def hedge_view() -> Any:
+        (alias,) = (await (await proxy.client.get("/v1/aliases")).json())["aliases"]
+        return alias["hedge"]
+
+    assert (await hedge_view())["delay_seconds"] == {"stream": None, "unstreamed": None}
+    for _ in range(19):  # below 20 samples: no hedging, however late
+        await answered_by(proxy, stream=False)
+    a.queue(late("m1", 0.4))
+    assert (await answered_by(proxy, stream=False))[0] == "a/m1"
+    assert b.calls == 0
+
+    for _ in range(20):  # fast answers: the p95 falls below hedge_min, which bounds it
+        await answered_by(proxy, stream=False)
+    assert (await hedge_view())["delay_seconds"]["unstreamed"] == 0.05
+    a.queue(late("m1", 0.6))
+    assert (await answered_by(proxy, stream=False))[0] == "b/m2"  # late against that: hedged
+
+    a.default = late("m1", 0.12)  # the first target gets slower for everyone (and stays the faster one) ...
+    b.default = late("m2", 5)
+    for _ in range(22):  # a window of 42: these are past its 95th percentile
+        assert (await answered_by(proxy, stream=False))[0] == "a/m1"
+    delay = (await hedge_view())["delay_seconds"]["unstreamed"]
+    assert 0.1 <= delay <= 0.2  # ... and the delay follows it: late requests are hedged again, not all of them
+
+
+@pytest.mark.parametrize(
+    ("alias", "place", "message"),
+    [
+        ({"chain": [[]]}, r"aliases.mana/x.chain\[0\]", "at least one member"),
+        ({"chain": [["a/m", ["a/n"]]]}, r"aliases.mana/x.chain\[0\]\[1\]", "cannot be nested"),
+        ({"chain": [["nope/m"]]}, r"aliases.mana/x.chain\[0\]\[0\]", "undeclared provider"),
+        ({"chain": [[{"target": "a/m", "weight": 0}]]}, r"chain\[0\]\[0\].weight", "must be > 0"),
+        ({"chain": [[{"target": "a/m", "weight": -2}]]}, r"chain\[0\]\[0\].weight", "must be >= 0|must be > 0"),
+        ({"chain": [[{"weight": 2}]]}, r"chain\[0\]\[0\]", "needs a target"),
+        ({"chain": ["a/m"], "hedge_after": 0}, "hedge_after", "must be > 0 seconds or 'auto'"),
+        ({"chain": ["a/m"], "hedge_after": "soon"}, "hedge_after", "expected a number"),
+        ({"chain": ["a/m"], "hedge_max": 2}, "hedge_max", "applies only with hedge_after"),
+        ({"chain": ["a/m"], "hedge_after": "auto", "hedge_max": 0}, "hedge_max", "must be >= 1"),
+        (
+            {"chain": ["a/m"], "hedge_after": "auto", "hedge_min": 2, "hedge_max_delay": 1},
+            "hedge_max_delay",
+            ">= hedge_min",
+        ),
+    ],
+)
+def test_bad_pool_and_hedge_settings_are_refused_with_their_place(alias, place, message):
+    text = build_config({"a": "http://127.0.0.1:9/v1"}, {"mana/x": alias})
+    with pytest.raises(ConfigError, match=f"{place}.*({message})"):
+        parse_config(text, env={})
+
+
+async def test_check_names_the_place_of_a_bad_pool(tmp_path):
+    path = tmp_path / "aliases.yaml"
+    path.write_text(build_config({"a": "http://127.0.0.1:9/v1"}, {"mana/x": {"chain": [["a/m", ["a/n"]]]}}))
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "manaproxy", "check", "--config", str(path), stderr=asyncio.subprocess.PIPE
+    )
+    _, stderr = await proc.communicate()
+
+    assert proc.returncode == 1
+    assert b"aliases.mana/x.chain[0][1]: pools cannot be nested" in stderr

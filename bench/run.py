@@ -15,6 +15,8 @@ Method (docs/bench.md has the long version):
 - CPU per request/token is the proxy's utime+stime over the timed run divided by what it served;
 - manaproxy's own `mana_llm_proxy_overhead_seconds` histogram is scraped around each of its runs;
 - the issue's targets are ratios manaproxy ÷ bare of the same run (bench/goals.py);
+- `tail` and `pool` (bench/tail.py) then run on processes of their own: hedging a heavy-tailed first byte
+  (plain chain, `hedge_after: 0.1`, `hedge_after: auto`) and a pool of a fast and a 3× slower upstream;
 - `scale` (bench/scale.py) runs last, on its own processes: 10,000 slow streams at once per target.
 Everything listens on 127.0.0.1 and is stopped on exit, Ctrl-C or error. Results: bench/results/.
 """
@@ -56,6 +58,7 @@ from report import (
     scenario_table,
 )
 from scale import ScaleSettings, run_scale
+from tail import POOL, TAIL, TailSettings, routing_lines, run_routing, without_samples
 from targets import (
     OVERHEAD_METRIC,
     ROOT,
@@ -87,6 +90,7 @@ SCENARIOS = (
     Scenario("stream200-c32", "streamed, 32 concurrent clients, 200 tokens", True, 200, 32),
 )
 SCALE = "scale"  # its own processes and load generator: bench/scale.py
+ROUTING = (TAIL, POOL)  # their own processes and load generator: bench/tail.py
 PROFILE_SCENARIOS = ("stream50-c32", "chat-c32")
 
 
@@ -98,13 +102,21 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--scenarios",
         default="",
-        help="comma-separated subset of: " + ", ".join([*(s.name for s in SCENARIOS), SCALE]),
+        help="comma-separated subset of: " + ", ".join([*(s.name for s in SCENARIOS), *ROUTING, SCALE]),
     )
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="1 trial of 2 s; scale: 1,000 streams of 30 chunks, 5 s settle: to try the harness, not to quote",
+        help="1 trial of 2 s; tail/pool: 300 requests; scale: 1,000 streams of 30 chunks, 5 s settle: to try "
+        "the harness, not to quote",
     )
+    routing = parser.add_argument_group("the tail and pool scenarios (bench/tail.py)")
+    routing.add_argument("--no-tail", action="store_true", help="skip the tail (hedging) scenario (about 1 minute)")
+    routing.add_argument("--no-pool", action="store_true", help="skip the pool scenario (about 30 s)")
+    routing.add_argument("--tail-requests", type=int, help="streamed requests per variant (default 2,000)")
+    routing.add_argument("--tail-concurrency", type=int, default=16, help="concurrent clients (default 16)")
+    routing.add_argument("--tail-seed", type=int, default=1, help="seeds the upstreams' fast/slow draws (default 1)")
+    routing.add_argument("--tail-warmup", type=int, help="requests through mana/auto before its run (default 200)")
     scale = parser.add_argument_group("the scale scenario (bench/scale.py)")
     scale.add_argument("--no-scale", action="store_true", help="skip it (it takes about 2 minutes)")
     scale.add_argument("--scale-streams", type=int, help="concurrent streams (default 10,000; fewer if fds run out)")
@@ -129,6 +141,8 @@ def parse_args() -> argparse.Namespace:
     args.scale_chunks = args.scale_chunks or defaults[1]
     args.scale_ramp = args.scale_ramp if args.scale_ramp is not None else defaults[2]
     args.scale_settle = args.scale_settle if args.scale_settle is not None else defaults[3]
+    args.tail_requests = args.tail_requests or (300 if args.quick else 2000)
+    args.tail_warmup = args.tail_warmup if args.tail_warmup is not None else (100 if args.quick else 200)
     return args
 
 
@@ -416,12 +430,14 @@ def unwind_on_signals() -> Iterator[None]:
 def main() -> int:
     args = parse_args()
     wanted = {s.strip() for s in args.scenarios.split(",") if s.strip()}
-    unknown = wanted - {s.name for s in SCENARIOS} - {SCALE}
+    unknown = wanted - {s.name for s in SCENARIOS} - {SCALE, *ROUTING}
     if unknown:
         print(f"unknown scenarios: {', '.join(sorted(unknown))}", file=sys.stderr)
         return 2
     scenarios = [s for s in SCENARIOS if not wanted or s.name in wanted]
     with_scale = (not wanted and not args.no_scale) or SCALE in wanted
+    skipped = {TAIL: args.no_tail, POOL: args.no_pool}
+    with_routing = [name for name in ROUTING if (not wanted and not skipped[name]) or name in wanted]
     RESULTS.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="manaproxy-bench-"))
     bench = Bench(args, workdir)
@@ -429,6 +445,7 @@ def main() -> int:
     profiles: dict[str, dict[str, Any]] = {}
     after_overhead: dict[str, Histogram] = {}
     scale: dict[str, Any] | None = None
+    routing: dict[str, Any] | None = None
     with unwind_on_signals():
         try:
             before = conditions(bench)
@@ -454,7 +471,19 @@ def main() -> int:
                     if summary is None:
                         break
                     profiles[scenario.name] = summary
-            bench.stop()  # scale runs on its own processes, with the machine to itself
+            bench.stop()  # tail, pool and scale run on processes of their own, with the machine to themselves
+            if with_routing:
+                tail_settings = TailSettings(
+                    requests=args.tail_requests,
+                    concurrency=args.tail_concurrency,
+                    seed=args.tail_seed,
+                    warmup=args.tail_warmup,
+                )
+                routing_dir = workdir / "routing"
+                routing_dir.mkdir()
+                routing = run_routing(
+                    with_routing, tail_settings, routing_dir, bench.pin(bench.client_core), bench.pin(bench.proxy_core)
+                )
             if with_scale:
                 settings = ScaleSettings(
                     streams=args.scale_streams,
@@ -482,7 +511,7 @@ def main() -> int:
             else:
                 shutil.rmtree(workdir, ignore_errors=True)
 
-    text, document = render(bench, scenarios, trials, profiles, before, after_overhead.get("manaproxy"), scale)
+    text, document = render(bench, scenarios, trials, profiles, before, after_overhead.get("manaproxy"), scale, routing)
     print()
     print(text)
     out = RESULTS / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
@@ -499,6 +528,7 @@ def render(
     before: dict[str, Any],
     total: Histogram | None,
     scale: dict[str, Any] | None,
+    routing: dict[str, Any] | None = None,
 ) -> tuple[str, dict[str, Any]]:
     """The markdown report and the JSON document of a finished run."""
     args = bench.args
@@ -545,6 +575,8 @@ def render(
     lines += added_latency_lines(medians)
     for scenario in scenarios:
         lines += scenario_table(scenario, medians[scenario.name])
+    if routing is not None:
+        lines += routing_lines(routing)
     if scale is not None:
         lines += scale_lines(scale)
     if overhead:
@@ -561,6 +593,7 @@ def render(
         "idle_rss_mb": bench.idle_rss_mb,
         "goals": goals,
         "scale": scale,
+        "routing": without_samples(routing) if routing is not None else None,
         "overhead_histogram": overhead,
         "profiles": profiles,
         "report": text,

@@ -111,7 +111,7 @@ def parse_args() -> argparse.Namespace:
         "the harness, not to quote",
     )
     routing = parser.add_argument_group("the tail and pool scenarios (bench/tail.py)")
-    routing.add_argument("--no-tail", action="store_true", help="skip the tail (hedging) scenario (about 1 minute)")
+    routing.add_argument("--no-tail", action="store_true", help="skip the tail (hedging) scenario (about 40 s)")
     routing.add_argument("--no-pool", action="store_true", help="skip the pool scenario (about 30 s)")
     routing.add_argument("--tail-requests", type=int, help="streamed requests per variant (default 2,000)")
     routing.add_argument("--tail-concurrency", type=int, default=16, help="concurrent clients (default 16)")

@@ -26,6 +26,7 @@ import math
 import os
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -36,7 +37,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from procs import Service, free_port, machine_busy
 from prometheus_client.parser import text_string_to_metric_families
@@ -505,6 +506,13 @@ def main() -> int:
     def pin(core: int) -> Pin:
         return lambda argv: ["taskset", "-c", str(core), *argv] if pinned else argv
 
+    def interrupt(signum: int, frame: object) -> NoReturn:
+        raise KeyboardInterrupt
+
+    # SIGTERM (and SIGINT, which a shell's background job starts with ignored) unwind through the `finally`
+    # blocks that stop the children.
+    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, interrupt)
     workdir = Path(tempfile.mkdtemp(prefix="manaproxy-tail-"))
     try:
         result = run_routing(scenarios, settings, workdir, pin(cores[0]), pin(cores[-1]))

@@ -312,20 +312,20 @@ class _Forwarder:
         hedged = exhausted_plan = False
         started = perf_counter()
 
-        def start(target: Target) -> None:
+        def start(target: Target, *, beside_late: bool) -> None:
             call = call_to(target)
             stack = ExitStack()
             slot = stack.enter_context(self._claim(target, call.stream))
             task = asyncio.get_running_loop().create_task(self._send(target, call, slot))
-            racers[task] = _Racer(target, call, slot, stack, perf_counter(), hedge=primary is not None)
+            racers[task] = _Racer(target, call, slot, stack, perf_counter(), hedge=beside_late)
 
-        def start_next() -> bool:
+        def start_next(*, beside_late: bool = False) -> bool:
             nonlocal exhausted_plan
             target = plan.next()
             if target is None:
                 exhausted_plan = True
                 return False
-            start(target)
+            start(target, beside_late=beside_late)
             return True
 
         try:
@@ -338,7 +338,7 @@ class _Forwarder:
                 timeout = None if delay is None else max(0.0, youngest + delay - perf_counter())
                 done, _ = await asyncio.wait(racers, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
                 if not done:  # the attempt in flight is late: start the next target beside it
-                    hedged = start_next() or hedged
+                    hedged = start_next(beside_late=True) or hedged
                     continue
                 winner: tuple[_Racer, Reply | StreamReply] | None = None
                 for task in done:

@@ -136,7 +136,24 @@ async def test_a_failure_while_a_hedge_runs_falls_back_beside_the_survivor(make_
     assert resolved == "c/m3"  # started when a failed, beside b; it answered first
     await wait_for(lambda: b.requests[0].disconnected.is_set(), timeout=2)
     assert proxy.gateway.health.target("a", "m1").breaker.consecutive_failures == 1  # a real failure counts
+    assert value(proxy, "mana_llm_hedged_requests_total", alias="mana/x", outcome="primary_won") == 1
 
+
+async def test_a_fallback_that_beats_its_own_hedge_is_no_hedge_win(make_upstream, make_proxy, caplog):
+    a, b, c, proxy = await hedged_proxy(make_upstream, make_proxy)
+    a.default = status_reply(500)
+    b.default = late("m2", 0.4)  # the fallback after a's failure: late, so c starts beside it
+    c.default = late("m3", 5)
+    caplog.set_level(logging.INFO, logger="manaproxy.request")
+
+    resolved, _ = await answered_by(proxy, stream=False)
+
+    assert resolved == "b/m2"
+    assert c.calls == 1
+    assert value(proxy, "mana_llm_hedged_requests_total", alias="mana/x", outcome="primary_won") == 1
+    assert value(proxy, "mana_llm_hedged_requests_total", alias="mana/x", outcome="hedge_won") == 0
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "manaproxy.request"]
+    assert "attempts=a/m1:http_500,c/m3:hedged_lost,b/m2:won" in line
 
 async def test_nothing_is_raced_once_an_answer_has_begun(make_upstream, make_proxy):
     a, b, _c, proxy = await hedged_proxy(make_upstream, make_proxy)

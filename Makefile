@@ -12,8 +12,12 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-install: $(BIN)/python  ## venv + editable install with test extras
+# tests/node brings its own Node (openai 7 needs >= 22) from the registry; npm runs on whatever Node there is,
+# so its engine warnings are noise. Without npm and node, tests/test_node_sdk.py skips.
+install: $(BIN)/python  ## venv + editable install with test extras, and the Node clients the tests drive
 	$(BIN)/python -m pip install --quiet -e '.[test]'
+	@if command -v npm >/dev/null; then npm ci --prefix tests/node --no-audit --no-fund --loglevel=error; \
+	else echo "npm not found: the Node openai SDK tests will be skipped"; fi
 
 run:  ## serve the shipped aliases.yaml on $(HOST):$(PORT)
 	$(BIN)/manaproxy serve --config $(CONFIG) --host $(HOST) --port $(PORT)

@@ -1,8 +1,8 @@
 """Fake upstreams: real aiohttp servers on loopback that script replies and record what they received.
 
 `FakeUpstream` speaks the OpenAI API, `FakeGemini` (further down) the Gemini REST API the google-genai SDK
-uses; `FaultyProvider` (at the end) is no server but a provider kind that misbehaves on purpose. Usage (see
-conftest.py for the fixtures that start them):
+uses; `FaultyProvider` is no server but a provider kind that misbehaves on purpose; at the end, answers of the
+Responses API (typed events) and tool calls. Usage (see conftest.py for the fixtures that start them):
 
     up = await make_upstream()
     up.queue(sse_reply(chat_chunks("m", ["Hel", "lo"])))      # next request gets this SSE stream
@@ -627,3 +627,121 @@ class FaultyStream:
     def close(self, *, reuse: bool) -> None:
         self._provider.closed_with.append(reuse)
         self._closed.set()
+
+
+# -- the Responses API, and tool calls -------------------------------------------------------------------------
+
+RESPONSE_WORDS = ["Hello", ", ", "world"]
+
+
+def response_object(model: str, status: str, text: str = "") -> dict[str, Any]:
+    """A Responses API `response` object; `text` becomes one output message."""
+    output = []
+    if text:
+        output = [
+            {
+                "id": "msg_1",
+                "type": "message",
+                "role": "assistant",
+                "status": "completed",
+                "content": [{"type": "output_text", "text": text, "annotations": []}],
+            }
+        ]
+    response: dict[str, Any] = {
+        "id": "resp_1",
+        "object": "response",
+        "created_at": 1700000000,
+        "status": status,
+        "model": model,
+        "output": output,
+        "parallel_tool_calls": True,
+        "tool_choice": "auto",
+        "tools": [],
+    }
+    if status == "completed":
+        response["usage"] = {"input_tokens": 7, "output_tokens": 3, "total_tokens": 10}
+    return response
+
+
+def typed_events(model: str, *, cut_after: int | None = None, end: str = "response.completed") -> list[bytes]:
+    """The SSE events of a Responses stream answering RESPONSE_WORDS: `event: <type>` + `data: {..., "type":
+    <type>}`, ending with `end` (`response.completed`, `.incomplete` or `.failed`), no [DONE]."""
+    message = {"id": "msg_1", "type": "message", "role": "assistant", "status": "in_progress", "content": []}
+    part = {"type": "output_text", "text": "", "annotations": []}
+    where = {"item_id": "msg_1", "output_index": 0, "content_index": 0}
+    text = "".join(RESPONSE_WORDS)
+    items: list[dict[str, Any]] = [
+        {"type": "response.created", "response": response_object(model, "in_progress")},
+        {"type": "response.output_item.added", "output_index": 0, "item": message},
+        {"type": "response.content_part.added", **where, "part": part},
+    ]
+    items += [{"type": "response.output_text.delta", **where, "delta": word, "logprobs": []} for word in RESPONSE_WORDS]
+    done_part = {**part, "text": text}
+    items += [
+        {"type": "response.output_text.done", **where, "text": text, "logprobs": []},
+        {"type": "response.content_part.done", **where, "part": done_part},
+        {
+            "type": "response.output_item.done",
+            "output_index": 0,
+            "item": {**message, "status": "completed", "content": [done_part]},
+        },
+    ]
+    final = "completed" if end == "response.completed" else end.removeprefix("response.")
+    items.append({"type": end, "response": response_object(model, final, text)})
+    events = []
+    for number, item in enumerate(items):
+        item["sequence_number"] = number
+        events.append(b"event: " + item["type"].encode() + b"\ndata: " + orjson.dumps(item) + b"\n\n")
+    return events[:cut_after] if cut_after is not None else events
+
+
+def responses_stream(events: list[bytes], *, cut: bool = False) -> Behavior:
+    """Send `events` as an SSE body, then end it (or, with `cut`, drop the connection)."""
+
+    async def behave(request: web.Request, recorded: Recorded) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for event in events:
+            await response.write(event)
+        if cut:
+            assert request.transport is not None
+            request.transport.abort()
+            return response
+        await response.write_eof()
+        return response
+
+    return behave
+
+
+def tool_call_completion(model: str, name: str, arguments: str, call_id: str = "call_1") -> dict[str, Any]:
+    """A chat completion whose answer is one call of the tool `name` with `arguments` (a JSON text)."""
+    call = {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+    body = chat_completion(model, usage=(20, 9))
+    body["choices"] = [
+        {
+            "index": 0,
+            "message": {"role": "assistant", "content": None, "tool_calls": [call]},
+            "finish_reason": "tool_calls",
+        }
+    ]
+    return body
+
+
+def tool_call_chunks(model: str, name: str, arguments: str, call_id: str = "call_1") -> list[dict[str, Any]]:
+    """The same call streamed: its id and name first, then the arguments in two pieces, then the finish."""
+    head = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1700000000, "model": model}
+    half = len(arguments) // 2
+    deltas: list[dict[str, Any]] = [
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"index": 0, "id": call_id, "type": "function", "function": {"name": name, "arguments": ""}}
+            ],
+        },
+        {"tool_calls": [{"index": 0, "function": {"arguments": arguments[:half]}}]},
+        {"tool_calls": [{"index": 0, "function": {"arguments": arguments[half:]}}]},
+    ]
+    chunks = [{**head, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]} for delta in deltas]
+    chunks.append({**head, "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]})
+    return chunks

@@ -6,101 +6,15 @@ upstream ends its body."""
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import openai
 import orjson
 import pytest
-from aiohttp import web
 
-from .fakes import Recorded, json_reply
+from .fakes import RESPONSE_WORDS, json_reply, response_object, responses_stream, typed_events
 from .helpers import build_config
 
-TEXT = ["Hello", ", ", "world"]
-
-
-def response_object(model: str, status: str, text: str = "") -> dict[str, Any]:
-    output = []
-    if text:
-        output = [
-            {
-                "id": "msg_1",
-                "type": "message",
-                "role": "assistant",
-                "status": "completed",
-                "content": [{"type": "output_text", "text": text, "annotations": []}],
-            }
-        ]
-    response: dict[str, Any] = {
-        "id": "resp_1",
-        "object": "response",
-        "created_at": 1700000000,
-        "status": status,
-        "model": model,
-        "output": output,
-        "parallel_tool_calls": True,
-        "tool_choice": "auto",
-        "tools": [],
-    }
-    if status == "completed":
-        response["usage"] = {"input_tokens": 7, "output_tokens": 3, "total_tokens": 10}
-    return response
-
-
-def typed_events(model: str, *, cut_after: int | None = None, end: str = "response.completed") -> list[bytes]:
-    """The SSE events of a Responses stream: `event: <type>` + `data: {..., "type": <type>}`, no [DONE]."""
-    message = {"id": "msg_1", "type": "message", "role": "assistant", "status": "in_progress", "content": []}
-    part = {"type": "output_text", "text": "", "annotations": []}
-    where = {"item_id": "msg_1", "output_index": 0, "content_index": 0}
-    items: list[dict[str, Any]] = [
-        {"type": "response.created", "response": response_object(model, "in_progress")},
-        {"type": "response.output_item.added", "output_index": 0, "item": message},
-        {"type": "response.content_part.added", **where, "part": part},
-    ]
-    for word in TEXT:
-        items.append(
-            {
-                "type": "response.output_text.delta",
-                "item_id": "msg_1",
-                "output_index": 0,
-                "content_index": 0,
-                "delta": word,
-                "logprobs": [],
-            }
-        )
-    done_part = {**part, "text": "".join(TEXT)}
-    items += [
-        {"type": "response.output_text.done", **where, "text": "".join(TEXT), "logprobs": []},
-        {"type": "response.content_part.done", **where, "part": done_part},
-        {
-            "type": "response.output_item.done",
-            "output_index": 0,
-            "item": {**message, "status": "completed", "content": [done_part]},
-        },
-    ]
-    final = "completed" if end == "response.completed" else end.removeprefix("response.")
-    items.append({"type": end, "response": response_object(model, final, "".join(TEXT))})
-    events = []
-    for number, item in enumerate(items):
-        item["sequence_number"] = number
-        events.append(b"event: " + item["type"].encode() + b"\ndata: " + orjson.dumps(item) + b"\n\n")
-    return events[:cut_after] if cut_after is not None else events
-
-
-def responses_stream(events: list[bytes], *, cut: bool = False):
-    async def behave(request: web.Request, recorded: Recorded) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        for event in events:
-            await response.write(event)
-        if cut:
-            assert request.transport is not None
-            request.transport.abort()
-            return response
-        await response.write_eof()
-        return response
-
-    return behave
+TEXT = RESPONSE_WORDS
 
 
 @pytest.fixture

@@ -86,6 +86,7 @@ def create_app(
         # Created here, in the running loop, and closed once at cleanup (unless the caller owns it).
         gateway.attach(session or make_session())
         yield
+        gateway.flush()  # the records of the last requests: logged and counted before anything closes
         if session is None and gateway.session is not None:
             await gateway.session.close()
 

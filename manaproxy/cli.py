@@ -23,7 +23,7 @@ from .app import create_app
 from .auth import parse_keys
 from .config import ConfigError, load_config
 from .gateway import GATEWAY, Gateway
-from .logfmt import OneLineFormatter
+from .logfmt import BatchedStreamHandler, OneLineFormatter
 from .reload import RELOADER
 from .server import Runner
 from .systemd import notify
@@ -71,7 +71,7 @@ def setup_logging(level_name: str | None) -> None:
     """Log to stderr: `time LEVEL logger: message`, or journald's `<priority>` form under systemd."""
     name = (level_name or "info").upper()
     level = logging.getLevelNamesMapping().get(name)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = BatchedStreamHandler(sys.stderr)
     if _stderr_is_journal():
         handler.setFormatter(JournalFormatter("%(levelname)s %(name)s: %(message)s"))
     else:

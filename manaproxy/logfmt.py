@@ -9,7 +9,10 @@ double-quoted with `\\` escapes — logfmt's convention, so a line parses with a
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+from typing import TextIO
 
 _ESCAPES = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 _NEEDS_QUOTES = frozenset(' ="\\')
@@ -38,11 +41,6 @@ def value(item: object) -> str:
     return '"' + escape(text) + '"'
 
 
-def pairs(fields: list[tuple[str, object]]) -> str:
-    """`key=value key=value ...` in the given order."""
-    return " ".join(f"{key}={value(item)}" for key, item in fields)
-
-
 class OneLineFormatter(logging.Formatter):
     """A formatter whose message part is always one line, whatever a log call passed in.
 
@@ -54,3 +52,46 @@ class OneLineFormatter(logging.Formatter):
         if not record.message.isprintable():
             record.message = "".join(char if char.isprintable() else _escape(char) for char in record.message)
         return super().formatMessage(record)
+
+
+class BatchedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A stream handler that, inside a running event loop, writes the lines of one loop turn in one write.
+
+    Lines logged outside a loop, and any `flush()` (which `logging.shutdown` calls at exit), write what is
+    pending at once; so a line is lost only if the process is killed within the turn it was logged in.
+    Lines keep their order: one buffer, written whole.
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__(stream)
+        self._pending: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record)
+        except Exception:
+            self.handleError(record)
+            return
+        if not self._pending:
+            try:
+                asyncio.get_running_loop().call_soon(self.flush)
+            except RuntimeError:  # no loop: write now
+                self._write([line])
+                return
+        self._pending.append(line)
+
+    def flush(self) -> None:
+        with self.lock or contextlib.nullcontext():  # `emit` runs under it (`Handler.handle`)
+            lines, self._pending = self._pending, []
+            if lines:
+                self._write(lines)
+            else:
+                super().flush()
+
+    def _write(self, lines: list[str]) -> None:
+        try:
+            self.stream.write("\n".join(lines) + "\n")
+            self.stream.flush()
+        except Exception:
+            # What `StreamHandler.emit` does with a failed write (stderr closed ...): report, carry on.
+            self.handleError(logging.makeLogRecord({"msg": lines[0]}))

@@ -15,24 +15,18 @@ logger = logging.getLogger("manaproxy.request")
 
 
 def format_record(record: RequestRecord) -> str:
-    """The request's log line: `key=value` pairs in a fixed order (documented in deploy/README.md)."""
-    attempts = ",".join(f"{a.target}:{a.reason}" for a in record.attempts)
-    fields: list[tuple[str, object]] = [
-        ("request_id", record.request_id),
-        ("endpoint", record.endpoint),
-        ("model", record.requested[:200]),
-        ("resolved", record.target),
-        ("attempts", attempts),
-        ("status", record.status),
-        ("stream", "true" if record.streaming else "false"),
-        ("outcome", record.outcome),
-        ("ttfb_ms", None if record.first_byte is None else round(record.first_byte * 1000, 1)),
-        ("duration_ms", round(record.duration * 1000, 1)),
-        ("prompt_tokens", record.prompt_tokens),
-        ("completion_tokens", record.completion_tokens),
-        ("error", record.error_type),
-    ]
-    return logfmt.pairs(fields)
+    """The request's log line: `key=value` pairs in a fixed order (documented in deploy/README.md).
+    Every value goes through `logfmt.value` (one f-string: this runs for every request)."""
+    v = logfmt.value
+    attempts = ",".join(f"{a.target}:{a.reason}" for a in record.attempts) if record.attempts else None
+    ttfb = None if record.first_byte is None else round(record.first_byte * 1000, 1)
+    return (
+        f"request_id={v(record.request_id)} endpoint={v(record.endpoint)} model={v(record.requested[:200])} "
+        f"resolved={v(record.target)} attempts={v(attempts)} status={record.status} "
+        f"stream={'true' if record.streaming else 'false'} outcome={v(record.outcome)} ttfb_ms={v(ttfb)} "
+        f"duration_ms={round(record.duration * 1000, 1)} prompt_tokens={v(record.prompt_tokens)} "
+        f"completion_tokens={v(record.completion_tokens)} error={v(record.error_type)}"
+    )
 
 
 def level_of(record: RequestRecord) -> int:

@@ -1,13 +1,16 @@
-"""`logfmt`: values escaped so no outside string can end a log line, and the formatter's safety net."""
+"""`logfmt`: values escaped so no outside string can end a log line, the formatter's safety net, and the
+handler that writes a loop turn's lines at once."""
 
 from __future__ import annotations
 
+import asyncio
+import io
 import logging
 
 import pytest
 
 from manaproxy.cli import JournalFormatter
-from manaproxy.logfmt import OneLineFormatter, value
+from manaproxy.logfmt import BatchedStreamHandler, OneLineFormatter, value
 
 
 @pytest.mark.parametrize(
@@ -48,3 +51,50 @@ def test_a_traceback_still_follows_on_its_own_lines():
 
     assert lines[0] == "failed"
     assert lines[-1] == "ValueError: boom"
+
+
+class CountingStream(io.StringIO):
+    """A stream that counts its writes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+def batched_logger() -> tuple[logging.Logger, CountingStream]:
+    stream = CountingStream()
+    handler = BatchedStreamHandler(stream)
+    handler.setFormatter(OneLineFormatter("%(levelname)s %(message)s"))
+    log = logging.Logger("batched")  # outside the logging tree: no other handler sees these lines
+    log.addHandler(handler)
+    return log, stream
+
+
+async def test_the_lines_of_one_loop_turn_go_out_in_order_in_one_write():
+    log, stream = batched_logger()
+
+    for number in range(5):
+        log.warning("line %d", number)
+    assert stream.getvalue() == ""  # not yet: at the end of this turn of the loop
+    await asyncio.sleep(0)
+
+    assert stream.getvalue() == "".join(f"WARNING line {number}\n" for number in range(5))
+    assert stream.writes == 1
+
+
+def test_outside_a_loop_and_on_flush_nothing_waits():
+    log, stream = batched_logger()
+
+    log.warning("no loop running")
+    assert stream.getvalue() == "WARNING no loop running\n"
+
+    async def log_then_flush() -> str:
+        log.warning("pending")
+        log.handlers[0].flush()  # what `logging.shutdown` does at exit
+        return stream.getvalue()
+
+    assert asyncio.run(log_then_flush()).endswith("WARNING pending\n")

@@ -155,6 +155,7 @@ async def test_a_fallback_that_beats_its_own_hedge_is_no_hedge_win(make_upstream
     (line,) = [r.getMessage() for r in caplog.records if r.name == "manaproxy.request"]
     assert "attempts=a/m1:http_500,c/m3:hedged_lost,b/m2:won" in line
 
+
 async def test_nothing_is_raced_once_an_answer_has_begun(make_upstream, make_proxy):
     a, b, _c, proxy = await hedged_proxy(make_upstream, make_proxy)
     a.default = sse_reply(chat_chunks("m1", ["one", "two", "three"]), delay=0.3)  # first event at once, then slow

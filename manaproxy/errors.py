@@ -53,6 +53,7 @@ class ProxyError(Exception):
         code: str | None = None,
         param: str | None = None,
         headers: Mapping[str, str] | None = None,
+        relayed: Mapping[str, object] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -60,6 +61,9 @@ class ProxyError(Exception):
         self.code = code
         self.param = param
         self.headers = headers  # e.g. Retry-After
+        # A provider's own error object, answered as it is but for `message`: its `type`, `code` (null
+        # included), `param` and any other member are what the client would have had from the provider.
+        self.relayed = relayed
 
     def __repr__(self) -> str:
         return f"ProxyError({self.status}, {self.code!r}, {self.message!r})"
@@ -69,9 +73,13 @@ class ProxyError(Exception):
         return error_type_for(self.status)
 
     def response(self, headers: Mapping[str, str] | None = None) -> web.Response:
+        if self.relayed is not None:
+            body = orjson.dumps({"error": {**self.relayed, "message": self.message}})
+        else:
+            body = error_body(self.message, status=self.status, code=self.code, param=self.param)
         return web.Response(
             status=self.status,
-            body=error_body(self.message, status=self.status, code=self.code, param=self.param),
+            body=body,
             content_type=JSON_CONTENT_TYPE,
             headers={**(self.headers or {}), **(headers or {})} if headers or self.headers else None,
         )

@@ -153,10 +153,12 @@ async def _cancel(racers: dict[asyncio.Task[Any], _Racer]) -> None:
 def exhausted(attempts: list[Attempt]) -> ProxyError:
     """The answer when every chain entry failed or was skipped, keeping what the providers meant.
 
+    - one entry was tried and answered an HTTP status, and no other is only waiting → that status and the
+      provider's own error object (`type`, `code`, `param` as it sent them; the message prefixed with the
+      entry) with its headers (`Retry-After`, `retry-after-ms`, `x-ratelimit-*` ...): what the client would
+      have had from that provider. But a 401/403 about our provider key, or a redirect we do not follow, is
+      a 502: the client's own key is fine;
     - every entry tried answered 429 → 429, with the smallest wait among the entries;
-    - one entry was tried and answered an HTTP status, and no other is only waiting → that status and its
-      own error, prefixed with the entry (but a 401/403 about our provider key, or a redirect we do not
-      follow, is a 502: the client's own key is fine);
     - otherwise 503, with `Retry-After` when an entry is only kept out for a while (breaker window, rate
       limit): the seconds until the first of them may be tried again, rounded up, at least 1. (An entry
       that will be back in seconds makes "retry then" a truer answer than one entry's 404 or 500.)
@@ -165,28 +167,29 @@ def exhausted(attempts: list[Attempt]) -> ProxyError:
     summary = ", ".join(f"{attempt.target}={attempt.summary}" for attempt in attempts)
     headers = {ATTEMPTS_HEADER: quote(summary, safe=" /=,:._-@+")}
     tried = [attempt for attempt in attempts if attempt.tried]
+    waiting = any(attempt.retry_after is not None for attempt in attempts if not attempt.tried)
+    if len(tried) == 1 and tried[0].status is not None and not waiting:
+        return _one_entrys_error(tried[0], headers)
     waits = [attempt.retry_after for attempt in attempts if attempt.retry_after is not None]
     if waits:
         headers["Retry-After"] = str(max(1, math.ceil(min(waits))))
     if tried and all(attempt.status == 429 for attempt in tried):
         return ProxyError(429, f"every chain entry is rate limited: {summary}", code="rate_limited", headers=headers)
-    waiting = any(attempt.retry_after is not None for attempt in attempts if not attempt.tried)
-    if len(tried) == 1 and tried[0].status is not None and not waiting:
-        (attempt,) = tried
-        assert attempt.status is not None
-        status = attempt.status if attempt.status not in (401, 403) and attempt.status >= 400 else 502
-        error = attempt.error or {}
-        message = error.get("message") if isinstance(error.get("message"), str) else attempt.detail
-        code = error.get("code")
-        param = error.get("param")
-        return ProxyError(
-            status,
-            f"{attempt.target}: {message}",
-            code=code if isinstance(code, str) else attempt.reason,
-            param=param if isinstance(param, str) else None,
-            headers={**dict(attempt.headers), **headers},
-        )
     return ProxyError(503, f"no chain entry could answer: {summary}", code="all_targets_failed", headers=headers)
+
+
+def _one_entrys_error(attempt: Attempt, headers: dict[str, str]) -> ProxyError:
+    """The error of the one entry tried, as its provider answered it (see `exhausted`)."""
+    assert attempt.status is not None
+    own = {**dict(attempt.headers), **headers}
+    error = attempt.error or {}
+    message = error.get("message")
+    text = f"{attempt.target}: {message if isinstance(message, str) else attempt.detail}"
+    if attempt.status in (401, 403) or attempt.status < 400:  # about our key, or a redirect: not the client's
+        return ProxyError(502, text, code=attempt.reason, headers=own)
+    if attempt.error is not None:
+        return ProxyError(attempt.status, text, headers=own, relayed=attempt.error)
+    return ProxyError(attempt.status, text, code=attempt.reason, headers=own)
 
 
 def _refused(request: web.Request, record: RequestRecord, err: ProxyError) -> web.Response:

@@ -307,32 +307,7 @@ def as_seen(error: dict[str, Any]) -> dict[str, Any]:
     return {key: error[key] for key in ("class", "status", "code", "type", "param")} | {"headers": headers}
 
 
-@pytest.mark.parametrize(
-    "status",
-    [
-        400,
-        pytest.param(
-            404,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="BUG: a lone entry's error loses its `type` and `code: null` (manaproxy writes "
-                "invalid_request_error and http_404 over Ollama's api_error and null)",
-            ),
-        ),
-        pytest.param(
-            429,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="BUG: a lone 429 becomes manaproxy's own (code rate_limited, type rate_limit_error) and "
-                "loses the provider's retry-after-ms and x-ratelimit-* headers, which the SDK and apps read",
-            ),
-        ),
-        pytest.param(
-            500,
-            marks=pytest.mark.xfail(strict=True, reason="BUG: a lone entry's `code: null` becomes http_500"),
-        ),
-    ],
-)
+@pytest.mark.parametrize("status", [400, 404, 429, 500])
 async def test_a_one_entry_chains_error_is_the_providers_own(one, node, status):
     a, proxy = one
     body, headers = PROVIDER_ERRORS[status]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from time import perf_counter
+from typing import Generic, TypeVar
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
@@ -36,6 +37,8 @@ from .gateway import Gateway
 from .record import HEDGED_LOST, WON, RequestRecord
 from .reload import Reloader
 
+M = TypeVar("M", Counter, Histogram)
+
 OTHER = "other"
 ALIAS_PROVIDER = "mana"  # `provider` label of an alias request that no target answered: what the caller asked for
 
@@ -51,6 +54,24 @@ _METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"
 
 def _word(value: str | None) -> str:
     return value if value is not None and _WORD_RE.match(value) else OTHER
+
+
+class Children(Generic[M]):
+    """A metric's labelled children, looked up once per label set: `.labels()` takes a lock, checks and
+    joins the values on every call, and this runs several times per request. The label sets are bounded
+    (the module's rule), and prometheus_client keeps every child it made anyway, so this holds no more."""
+
+    __slots__ = ("_children", "_metric")
+
+    def __init__(self, metric: M) -> None:
+        self._metric: M = metric
+        self._children: dict[tuple[str, ...], M] = {}
+
+    def __call__(self, *labels: str) -> M:
+        child = self._children.get(labels)
+        if child is None:
+            child = self._children[labels] = self._metric.labels(*labels)
+        return child
 
 
 class Metrics:
@@ -135,8 +156,8 @@ class Metrics:
     @property
     def middleware(self) -> Middleware:
         """`mana_llm_requests_total` / `mana_llm_request_latency_seconds`, labelled with the route pattern."""
-        http_requests = self.http_requests
-        http_latency = self.http_latency
+        http_requests = Children(self.http_requests)
+        http_latency = Children(self.http_latency)
 
         @web.middleware
         async def measure(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -157,8 +178,8 @@ class Metrics:
                 resource = request.match_info.route.resource
                 endpoint = resource.canonical if resource is not None else OTHER
                 method = request.method if request.method in _METHODS else OTHER
-                http_requests.labels(method, endpoint, str(status)).inc()
-                http_latency.labels(method, endpoint).observe(perf_counter() - started)
+                http_requests(method, endpoint, str(status)).inc()
+                http_latency(method, endpoint).observe(perf_counter() - started)
 
         return measure
 
@@ -226,6 +247,15 @@ class Recorder:
         self.gateway = gateway
         self._targets_of: tuple[Config, frozenset[str]] | None = None
         self._gauged: set[str] = set()  # providers that have a `provider_healthy` series
+        self._requests = Children(metrics.llm_requests)
+        self._latency = Children(metrics.llm_latency)
+        self._ttfb = Children(metrics.ttfb)
+        self._tokens = Children(metrics.tokens)
+        self._outcomes = Children(metrics.stream_outcomes)
+        self._resolved = Children(metrics.alias_resolved)
+        self._hedged = Children(metrics.hedged)
+        self._errors = Children(metrics.llm_errors)
+        self._fallbacks_of = Children(metrics.fallbacks)
 
     def __repr__(self) -> str:
         return f"<Recorder gauged={sorted(self._gauged)}>"
@@ -259,8 +289,7 @@ class Recorder:
         return OTHER, OTHER
 
     def on_request(self, record: RequestRecord) -> None:
-        m = self.metrics
-        m.overhead.observe(record.overhead)
+        self.metrics.overhead.observe(record.overhead)
         self._fallbacks(record)
         streaming = "true" if record.streaming else "false"
         target = record.target
@@ -268,24 +297,24 @@ class Recorder:
         # A relayed caller 4xx has a target too, but counts on the error side: what the caller asked for.
         if target is not None and (record.outcome is not None or record.status < 400):
             provider, model = self._target_labels(target)
-            m.llm_requests.labels(provider, model, streaming).inc()
-            m.llm_latency.labels(provider, model).observe(record.duration)
+            self._requests(provider, model, streaming).inc()
+            self._latency(provider, model).observe(record.duration)
             if record.streaming and record.first_byte is not None:
-                m.ttfb.labels(provider, model).observe(record.first_byte)
+                self._ttfb(provider, model).observe(record.first_byte)
             if record.prompt_tokens is not None:
-                m.tokens.labels(provider, model, "prompt").inc(record.prompt_tokens)
+                self._tokens(provider, model, "prompt").inc(record.prompt_tokens)
             if record.completion_tokens is not None:
-                m.tokens.labels(provider, model, "completion").inc(record.completion_tokens)
+                self._tokens(provider, model, "completion").inc(record.completion_tokens)
             if record.outcome is not None:
-                m.stream_outcomes.labels(provider, _word(record.outcome)).inc()
+                self._outcomes(provider, _word(record.outcome)).inc()
         else:
-            m.llm_requests.labels(*self._requested_labels(record), streaming).inc()
+            self._requests(*self._requested_labels(record), streaming).inc()
         if target is not None and record.alias is not None and record.alias in self.gateway.config.aliases:
-            m.alias_resolved.labels(record.alias, self._bounded_target(target)).inc()
+            self._resolved(record.alias, self._bounded_target(target)).inc()
             if record.hedge is not None:
-                m.hedged.labels(record.alias, _word(record.hedge)).inc()
+                self._hedged(record.alias, _word(record.hedge)).inc()
         if record.error_type is not None:
-            m.llm_errors.labels(*self._requested_labels(record), _word(record.error_type)).inc()
+            self._errors(*self._requested_labels(record), _word(record.error_type)).inc()
 
     def _fallbacks(self, record: RequestRecord) -> None:
         """One count per skipped or failed chain entry, naming the entry the request went to next. The
@@ -301,7 +330,7 @@ class Recorder:
             last_next = self._next_in_chain(record)  # the client left while the next entry was being tried
         for index, attempt in enumerate(attempts):
             to_model = attempts[index + 1].target if index + 1 < len(attempts) else last_next
-            self.metrics.fallbacks.labels(
+            self._fallbacks_of(
                 self._bounded_target(attempt.target),
                 self._bounded_target(to_model) if to_model else "",
                 _word(attempt.reason),

@@ -225,8 +225,10 @@ class _Forwarder:
         url = self.request.rel_url
         path = upstream_path(url.raw_path, url.raw_query_string)
         started = perf_counter()
+        # A small body usually arrives with the headers: then there is nothing to wait for, nor to time.
+        arrived = self.request.content.is_eof()
         try:
-            async with asyncio.timeout(server.body_timeout_seconds):
+            async with contextlib.nullcontext() if arrived else asyncio.timeout(server.body_timeout_seconds):
                 raw = await read_body(self.request, server.max_body_bytes, claim, server.max_inflight_body_bytes)
         except TimeoutError:
             raise ProxyError(

@@ -32,7 +32,8 @@ logger = logging.getLogger(__name__)
 
 
 def make_session(*, limit: int = 0) -> aiohttp.ClientSession:
-    """The one upstream session: keep-alive pool, aiodns resolver, bodies relayed as received."""
+    """The one upstream session: keep-alive pool, aiodns resolver, bodies relayed as received, and no
+    cookie jar: a cookie one client's answer set (a CDN's bot cookie ...) is never sent with another's."""
     connector = aiohttp.TCPConnector(
         limit=limit, limit_per_host=0, resolver=AsyncResolver(), ttl_dns_cache=300, keepalive_timeout=60
     )
@@ -43,6 +44,7 @@ def make_session(*, limit: int = 0) -> aiohttp.ClientSession:
         skip_auto_headers=("User-Agent",),
         headers={"User-Agent": "manaproxy"},
         raise_for_status=False,
+        cookie_jar=aiohttp.DummyCookieJar(),
     )
 
 

@@ -158,3 +158,18 @@ def test_a_bad_forward_headers_setting_is_refused_with_its_place(value, message)
     text = build_config({"a": {"base_url": "http://127.0.0.1:9/v1", "forward_headers": value}}, {"mana/x": ["a/m"]})
     with pytest.raises(ConfigError, match=r"providers\.a\.forward_headers.*" + message):
         parse_config(text, env={})
+
+
+async def test_a_cookie_an_upstream_set_is_never_sent_with_a_later_request(make_upstream, make_proxy):
+    up = await make_upstream("up")
+    up.queue(answer_with_headers())  # sets `upstream=1`
+    # By name, not by address: a client cookie jar keeps no cookie for a bare IP address anyway.
+    by_name = up.base_url.replace("127.0.0.1", "localhost")
+    proxy = await make_proxy(build_config({"a": by_name}, {"mana/x": ["a/m1"]}))
+
+    for _ in range(2):
+        resp = await proxy.client.post(CHAT, json=chat())
+        assert resp.status == 200
+
+    assert len(up.requests) == 2
+    assert "Cookie" not in up.requests[1].headers

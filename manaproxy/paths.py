@@ -10,6 +10,7 @@ so no client library resolves it a second time.
 
 from __future__ import annotations
 
+import functools
 import re
 
 from .errors import ProxyError
@@ -29,6 +30,7 @@ def _refuse(reason: str) -> ProxyError:
     return ProxyError(400, f"request path refused: {reason}", code="invalid_path")
 
 
+@functools.lru_cache(maxsize=1024)  # pure, and the same few paths come again and again; refusals are not kept
 def upstream_path(raw_path: str, raw_query: str = "") -> str:
     """`/chat/completions?x=1` for `/v1/chat/completions` and `x=1`, or a 400 `invalid_path`.
 

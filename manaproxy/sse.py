@@ -226,8 +226,10 @@ def error_of(event: bytes) -> dict[str, Any] | None:
 
 
 def carries_usage(events: bytes) -> bool:
-    """Whether `events` may hold a usage object (the cheap check before `usage_of`)."""
-    return b'"prompt_tokens"' in events or b'"input_tokens"' in events
+    """Whether `events` may hold a usage object (the cheap check before `usage_of`, run on every chunk):
+    one search that `"prompt_tokens"` and `"input_tokens"` both pass (and a few others, which
+    `usage_of` then rules out)."""
+    return b'_tokens"' in events
 
 
 def usage_of(events: bytes) -> tuple[int, int] | None:

@@ -207,7 +207,8 @@ async def serve(config_path: str, host: str, port: int) -> int:
     try:
         await runner.setup()
         try:
-            site = web.TCPSite(runner, host, port, reuse_address=True)
+            backlog = gateway.config.server.listen_backlog
+            site = web.TCPSite(runner, host, port, reuse_address=True, backlog=backlog)
             await site.start()
         except OSError as exc:
             logger.error("cannot listen on %s:%s: %s", host, port, exc.strerror or exc)

@@ -153,10 +153,11 @@ class ServerSettings:
     header_timeout_seconds: float = 10.0  # a request's headers must arrive within this
     body_timeout_seconds: float = 60.0  # ... and its whole body within this
     keepalive_timeout_seconds: float = 75.0  # an idle client connection is closed after this
+    listen_backlog: int = 1024  # connections the kernel queues until accepted (capped by net.core.somaxconn)
 
 
 # Server settings aiohttp takes once, when it starts listening: a reload cannot change them.
-RESTART_ONLY_SETTINGS = ("header_timeout_seconds", "keepalive_timeout_seconds")
+RESTART_ONLY_SETTINGS = ("header_timeout_seconds", "keepalive_timeout_seconds", "listen_backlog")
 
 
 @dataclass(frozen=True, slots=True)
@@ -449,7 +450,7 @@ class _Parser:
         spec = self.mapping(raw, "server", fields)
         values: dict[str, Any] = {}
         for key, value in spec.items():
-            if key.endswith("_bytes"):
+            if key.endswith("_bytes") or key == "listen_backlog":
                 values[key] = int(self.number(value, f"server.{key}", minimum=1, integer=True))
             elif key.endswith("_timeout_seconds"):
                 values[key] = float(self.number(value, f"server.{key}", minimum=0.001))

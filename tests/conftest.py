@@ -24,7 +24,7 @@ from manaproxy.config import parse_config
 from manaproxy.providers import KINDS
 from manaproxy.providers.google import GoogleProvider
 
-from .fakes import FAULTY_KIND, FakeGemini, FakeUpstream, chat_completion, json_reply
+from .fakes import FAULTY_KIND, FakeGemini, FakeUpstream, chat_answer, chat_completion, json_reply, status_reply
 from .helpers import Proxy, ProxyTestServer, build_config
 from .processes import ServeProcess
 
@@ -114,6 +114,18 @@ async def routed_proxy(make_upstream: Any, make_proxy: Any) -> tuple[FakeUpstrea
     aliases = {"mana/x": ["a/m1"], "mana/y": ["a/m2"]}
     proxy = await make_proxy(build_config(providers, aliases, default="mana/x", server={"max_body_bytes": 1000}))
     return up, proxy
+
+
+@pytest.fixture
+async def two(make_upstream, make_proxy):
+    """Alias mana/x = [down/m0, up/m1], where down answers 503: every answer is a fallback to up.
+    Returns (down, up, proxy)."""
+    down = await make_upstream("down")
+    up = await make_upstream("up")
+    down.default = status_reply(503)
+    up.default = chat_answer("m1")
+    proxy = await make_proxy(build_config({"down": down, "up": up}, {"mana/x": ["down/m0", "up/m1"]}))
+    return down, up, proxy
 
 
 @pytest.fixture

@@ -697,20 +697,7 @@ def typed_events(model: str, *, cut_after: int | None = None, end: str = "respon
 
 def responses_stream(events: list[bytes], *, cut: bool = False) -> Behavior:
     """Send `events` as an SSE body, then end it (or, with `cut`, drop the connection)."""
-
-    async def behave(request: web.Request, recorded: Recorded) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        for event in events:
-            await response.write(event)
-        if cut:
-            assert request.transport is not None
-            request.transport.abort()
-            return response
-        await response.write_eof()
-        return response
-
-    return behave
+    return stream_bytes(events, pause=0.0, cut=cut)
 
 
 def tool_call_completion(model: str, name: str, arguments: str, call_id: str = "call_1") -> dict[str, Any]:

@@ -1,10 +1,11 @@
 """Client connections are bounded in time and number of files: headers that trickle in, connections that
-say nothing, idle keep-alive connections, and the open-files limit of the real process."""
+say nothing, idle keep-alive connections, and the open-files limit and listen backlog of the real process."""
 
 from __future__ import annotations
 
 import asyncio
 import resource
+import subprocess
 import time
 
 import orjson
@@ -107,3 +108,17 @@ async def test_the_real_process_lifts_its_open_files_limit_to_the_hard_one(make_
 
     assert open_files_limit(process.proc.pid) == (str(hard), str(hard))
     assert f"up to {hard} open files" in (await process.wait_line(lambda text: "listening on" in text))
+
+
+async def test_the_real_process_listens_with_the_configured_backlog(make_upstream, serve):
+    up = await make_upstream("up")
+    process = await serve(build_config({"a": up}, {"mana/x": ["a/m1"]}, server={"listen_backlog": 77}))
+
+    # `ss` shows a listening socket's backlog as its Send-Q.
+    ss = await asyncio.create_subprocess_exec(
+        "ss", "-ltnH", f"sport = :{process.port}", stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+    )
+    out, _ = await ss.communicate()
+    state, _recv_q, send_q, *_ = out.decode().split()
+    assert state == "LISTEN"
+    assert send_q == "77"

@@ -20,7 +20,6 @@ from langchain_core.messages import HumanMessage, ToolMessage
 from langchain_openai import ChatOpenAI, OpenAIEmbeddings
 
 from .fakes import (
-    chat_answer,
     chat_chunks,
     chat_completion,
     embedding_reply,
@@ -64,17 +63,6 @@ async def http():
     await asynchronous.aclose()
 
 
-@pytest.fixture
-async def two(make_upstream, make_proxy):
-    """Alias mana/x = [down/m0, up/m1], where down answers 503: every answer is a fallback to up."""
-    down = await make_upstream("down")
-    up = await make_upstream("up")
-    down.default = status_reply(503)
-    up.default = chat_answer("m1")
-    proxy = await make_proxy(build_config({"down": down, "up": up}, {"mana/x": ["down/m0", "up/m1"]}))
-    return up, proxy
-
-
 def chat_model(proxy, http, model: str = "mana/x", **extra: Any) -> ChatOpenAI:
     return ChatOpenAI(model=model, base_url=proxy.base_url, api_key="unused", max_retries=0, **http, **extra)
 
@@ -84,7 +72,7 @@ def chat_model(proxy, http, model: str = "mana/x", **extra: Any) -> ChatOpenAI:
 
 @pytest.mark.parametrize("mode", ["async", "sync"])
 async def test_invoke_names_the_resolved_target(two, http, mode):
-    up, proxy = two
+    _down, up, proxy = two
     up.queue(json_reply(chat_completion("m1", "Hi there")))
     llm = chat_model(proxy, http)
 
@@ -98,7 +86,7 @@ async def test_invoke_names_the_resolved_target(two, http, mode):
 
 
 async def test_streamed_chunks_concatenate_to_the_answer(two, http):
-    up, proxy = two
+    _down, up, proxy = two
     up.queue(sse_reply(chat_chunks("m1", ["Once", " upon", " a time"], usage=(4, 3))))
 
     chunks = [chunk async for chunk in chat_model(proxy, http).astream("tell me")]
@@ -120,7 +108,7 @@ def get_weather(city: str) -> str:
 
 @pytest.mark.parametrize("stream", [False, True])
 async def test_a_tool_call_round_trip(two, http, stream):
-    up, proxy = two
+    _down, up, proxy = two
     arguments = '{"city": "Paris"}'
     first = (
         sse_reply(tool_call_chunks("m1", "get_weather", arguments))
@@ -157,7 +145,7 @@ async def test_a_tool_call_round_trip(two, http, stream):
 
 
 async def test_embeddings(two, http):
-    up, proxy = two
+    _down, up, proxy = two
     up.default = embedding_reply([[0.5, -0.25, 1.0], [2.0, 0.0, -1.5]])
     embeddings = OpenAIEmbeddings(
         model="mana/x",
@@ -181,7 +169,7 @@ async def test_embeddings(two, http):
 
 
 async def test_an_unknown_alias_is_openais_not_found_and_langchains_model_not_found(two, http):
-    _, proxy = two
+    _down, _up, proxy = two
 
     with pytest.raises(openai.NotFoundError) as caught:
         await chat_model(proxy, http, model="mana/nope").ainvoke("hi")
@@ -214,7 +202,7 @@ async def raised(call: Any) -> openai.APIStatusError:
 
 @pytest.mark.parametrize("provider", ["openai", "anthropic"])
 async def test_a_providers_context_overflow_is_classed_as_it_is_directly(two, http, provider):
-    up, proxy = two
+    _down, up, proxy = two
     up.default = json_reply({"error": OVERFLOWS[provider]}, status=400)
     direct_llm = ChatOpenAI(model="m1", base_url=up.base_url, api_key="unused", max_retries=0, **http)
 
@@ -241,7 +229,7 @@ async def test_429s_everywhere_are_a_rate_limit_error_with_retry_after(make_upst
 
 
 async def test_a_stream_cut_mid_way_raises(two, http):
-    up, proxy = two
+    _down, up, proxy = two
     up.queue(sse_reply(chat_chunks("m1", ["Hel", "lo", " world"]), cut_after=2))
     received: list[Any] = []
 

@@ -18,7 +18,6 @@ from typing import Any
 import pytest
 
 from .fakes import (
-    chat_answer,
     chat_chunks,
     chat_completion,
     embedding_reply,
@@ -72,17 +71,6 @@ def node(node_bin):
         return json.loads(out.decode().splitlines()[-1])
 
     return run
-
-
-@pytest.fixture
-async def two(make_upstream, make_proxy):
-    """Alias mana/x = [down/m0, up/m1], where down answers 503: every answer is a fallback to up."""
-    down = await make_upstream("down")
-    up = await make_upstream("up")
-    down.default = status_reply(503)
-    up.default = chat_answer("m1")
-    proxy = await make_proxy(build_config({"down": down, "up": up}, {"mana/x": ["down/m0", "up/m1"]}))
-    return down, up, proxy
 
 
 @pytest.fixture

@@ -41,7 +41,7 @@ async def serve(port: int, routes: dict[str, str]) -> None:
     app.router.add_get("/health", health)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    await web.TCPSite(runner, "127.0.0.1", port, backlog=1024).start()  # manaproxy's default backlog
     await asyncio.Event().wait()  # until SIGTERM from the harness
 
 

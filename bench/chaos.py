@@ -32,11 +32,9 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import uvloop
 from chaos_load import (
@@ -51,7 +49,7 @@ from chaos_load import (
     plan,
     run_load,
 )
-from procs import Service, free_port
+from procs import Service, free_port, unwind_on_signals
 from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -118,21 +116,6 @@ def parse_args() -> argparse.Namespace:
     if not 0 <= args.stream_share <= 1:
         parser.error("--stream-share must be in [0, 1]")
     return args
-
-
-@contextmanager
-def unwind_on_signals() -> Iterator[None]:
-    """SIGINT and SIGTERM unwind as KeyboardInterrupt, so the `finally` that stops the children runs."""
-
-    def handler(signum: int, frame: object) -> NoReturn:
-        raise KeyboardInterrupt
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
 
 
 def child_env(home: Path, extra: dict[str, str] | None = None) -> dict[str, str]:

@@ -28,7 +28,6 @@ import argparse
 import asyncio
 import contextlib
 import random
-import signal
 import socket
 import struct
 import time
@@ -38,6 +37,7 @@ from typing import Any
 import orjson
 import uvloop
 from aiohttp import web
+from procs import until_stopped
 
 FAULTS = (
     "ok",
@@ -254,14 +254,12 @@ async def serve(args: argparse.Namespace) -> None:
     runner = web.AppRunner(create_app(chaos), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, args.host, args.port, reuse_address=True).start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
     flapper = None
     if args.flap_every > 0:
-        flapper = loop.create_task(flap(runner, chaos, args.host, args.port, args.flap_every, args.flap_down))
-    await stop.wait()
+        flapper = asyncio.get_running_loop().create_task(
+            flap(runner, chaos, args.host, args.port, args.flap_every, args.flap_down)
+        )
+    await until_stopped()
     if flapper is not None:
         flapper.cancel()
     await runner.cleanup()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import time
 import uuid
 from typing import Any
@@ -19,6 +18,7 @@ import orjson
 import uvloop
 from aiohttp import web
 from aiohttp_sse import sse_response
+from procs import until_stopped
 
 WORDS = [
     "manaproxy",
@@ -145,11 +145,7 @@ async def serve(host: str, port: int, tokens: int, delay_ms: float) -> None:
     runner = web.AppRunner(create_fake_app(tokens=tokens, delay_ms=delay_ms), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, host, port, reuse_address=True).start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
-    await stop.wait()
+    await until_stopped()
     await runner.cleanup()
 
 

@@ -16,8 +16,10 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import NoReturn
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -205,3 +207,32 @@ class Service:
             # The leader is gone; anything it left in its group goes too.
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.pid, signal.SIGKILL)
+
+
+async def until_stopped() -> None:
+    """Return once the process gets SIGTERM or SIGINT: the end of every bench server's `serve()`."""
+    import asyncio
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    await stop.wait()
+
+
+@contextmanager
+def unwind_on_signals() -> Iterator[None]:
+    """SIGINT and SIGTERM unwind as KeyboardInterrupt, so the `finally` that stops the children runs.
+
+    SIGINT is set explicitly: a shell starts background jobs with it ignored, and Python keeps it so.
+    """
+
+    def handler(signum: int, frame: object) -> NoReturn:
+        raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)

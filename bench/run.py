@@ -31,21 +31,18 @@ import os
 import platform
 import resource
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import aiohttp
 from goals import goals_table
 from hotspots import parse_raw, start_recording, summarize
-from procs import Service, machine_busy, memory_kib, set_affinity
+from procs import Service, machine_busy, memory_kib, set_affinity, unwind_on_signals
 from promhist import Histogram
 from report import (
     Scenario,
@@ -407,24 +404,6 @@ def conditions(bench: Bench) -> dict[str, Any]:
         "loadavg_before": os.getloadavg(),
         "busy_cores_before": round((busy1 - busy0) / (total1 - total0) * (os.cpu_count() or 1), 2),
     }
-
-
-@contextmanager
-def unwind_on_signals() -> Iterator[None]:
-    """SIGINT and SIGTERM unwind as KeyboardInterrupt, so the `finally` that stops the children runs.
-
-    SIGINT is set explicitly: a shell starts background jobs with it ignored, and Python keeps it so.
-    """
-
-    def handler(signum: int, frame: object) -> NoReturn:
-        raise KeyboardInterrupt
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
 
 
 def main() -> int:

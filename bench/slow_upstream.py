@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import resource
-import signal
 import socket
 import struct
 import time
@@ -27,6 +26,7 @@ from typing import cast
 
 import orjson
 import uvloop
+from procs import until_stopped
 
 WORDS = ("manaproxy", "relays", "this", "slow", "answer", "one", "word", "at", "a", "time")
 SSE_HEAD = (
@@ -182,10 +182,7 @@ async def serve(host: str, port: int, chunks: int, interval: float, backlog: int
     server = await loop.create_server(
         lambda: Connection(answers, interval), host, port, backlog=backlog, reuse_address=True
     )
-    stop = asyncio.Event()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
-    await stop.wait()
+    await until_stopped()
     server.close()
 
 

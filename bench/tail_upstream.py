@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
-import signal
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +27,7 @@ from typing import Any
 import orjson
 import uvloop
 from aiohttp import web
+from procs import until_stopped
 
 
 @dataclass(slots=True)
@@ -158,11 +158,7 @@ async def serve(host: str, port: int, tail: Tail) -> None:
     runner = web.AppRunner(create_app(tail), access_log=None, handler_cancellation=True)
     await runner.setup()
     await web.TCPSite(runner, host, port, reuse_address=True).start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
-    await stop.wait()
+    await until_stopped()
     await runner.cleanup()
 
 

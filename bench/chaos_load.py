@@ -53,6 +53,7 @@ class Outcome:
     status: int | None = None
     resolved: str | None = None  # X-Mana-LLM-Resolved
     retry_after: str | None = None  # Retry-After, on a refusal
+    ran_out: bool = False  # the chain ran out: an error answer with X-Mana-LLM-Attempts (503, or a lone 4xx/429)
     detail: str = ""  # short: why a non-complete answer is what it is
     openai_shaped: bool = True  # for status >= 400: the body is {"error": {"message": str, "type": str ...}}
     error_code: str | None = None  # the `code` of an error body
@@ -151,6 +152,7 @@ async def one_request(session: aiohttp.ClientSession, url: str, planned: Planned
             outcome.status = resp.status
             outcome.resolved = resp.headers.get("X-Mana-LLM-Resolved")
             outcome.retry_after = resp.headers.get("Retry-After")
+            outcome.ran_out = resp.status >= 400 and "X-Mana-LLM-Attempts" in resp.headers
             content = await resp.read()
             content_type = resp.headers.get("Content-Type", "")
     except (aiohttp.ClientError, OSError, TimeoutError) as exc:

@@ -311,8 +311,8 @@ async def test_a_one_entry_chains_error_is_the_providers_own(one, node, status):
 
 @pytest.mark.xfail(
     strict=True,
-    reason="BUG: X-Request-ID is manaproxy's own (the provider's moves to X-Upstream-Request-ID), so the "
-    "SDK's `_request_id` / `err.requestID`, which people quote to their provider, is not the provider's",
+    reason="a known difference, documented in the README: X-Request-ID is manaproxy's own (the provider's is "
+    "X-Upstream-Request-ID), so the SDK's `_request_id` / `err.requestID` is not the one to quote to a provider",
 )
 async def test_the_sdks_request_id_is_the_providers(one, node):
     a, proxy = one

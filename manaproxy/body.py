@@ -169,10 +169,7 @@ class RequestBody:
                 return orjson.dumps({**self.payload, "model": model})
             except orjson.JSONEncodeError:  # orjson reads deeper nesting than it writes
                 raise bad_request("request body is nested too deeply", code="invalid_json") from None
-        pieces = replace_model(self.raw, span, orjson.dumps(model))
-        if isinstance(pieces[0], memoryview):
-            return SplicedPayload(pieces)
-        return b"".join(pieces)
+        return _spliced(replace_model(self.raw, span, orjson.dumps(model)), self.content_type)
 
 
 class MultipartBody:
@@ -202,11 +199,16 @@ class MultipartBody:
         if self._model_span is None:
             raise bad_request("the form has no 'model' field", code="model_required", param="model")
         start, end = self._model_span
-        raw, encoded = self.raw, model.encode()
-        if len(raw) < SplicedPayload.SLICE:
-            return b"".join((raw[:start], encoded, raw[end:]))
-        view = memoryview(raw)
-        return SplicedPayload((view[:start], encoded, view[end:]), self.content_type)
+        view = memoryview(self.raw)
+        return _spliced((view[:start], model.encode(), view[end:]), self.content_type)
+
+
+def _spliced(pieces: tuple[memoryview, bytes, memoryview], content_type: str) -> bytes | SplicedPayload:
+    """A body made of `pieces` (views of the client's bytes around a new value): joined when it is small,
+    else sent slice by slice as they are (`SplicedPayload`), never copied whole."""
+    if sum(len(piece) for piece in pieces) < SplicedPayload.SLICE:
+        return b"".join(pieces)
+    return SplicedPayload(pieces, content_type)
 
 
 Body = RequestBody | MultipartBody

@@ -73,16 +73,12 @@ def model_span(raw: Buffer, model_raw: bytes) -> tuple[int, int] | None:
     return span
 
 
-def replace_model(
-    raw: Buffer, span: tuple[int, int], encoded: bytes
-) -> tuple[Buffer | memoryview, bytes, Buffer | memoryview]:
+def replace_model(raw: Buffer, span: tuple[int, int], encoded: bytes) -> tuple[memoryview, bytes, memoryview]:
     """The three pieces of `raw` with the value at `span` replaced by `encoded` (a JSON value); an empty
-    span inserts a `"model"` member first. Pieces of a large `raw` are views, not copies."""
+    span inserts a `"model"` member first. The pieces around it are views of `raw`, not copies."""
     start, end = span
     if start == end:
         separator = b"" if _EMPTY_REST.match(raw, start) else b","
         encoded = b'"model":' + encoded + separator
-    if len(raw) < 256 * 1024:
-        return raw[:start], encoded, raw[end:]
     view = memoryview(raw)
     return view[:start], encoded, view[end:]

@@ -313,7 +313,6 @@ class _Forwarder:
         target, as without hedging. Nothing is raced after the commit point."""
         record = self.record
         racers: dict[asyncio.Task[Reply | StreamReply | web.Response | None], _Racer] = {}
-        primary: Target | None = None
         hedged = exhausted_plan = False
         started = perf_counter()
 

@@ -72,9 +72,9 @@ _NEVER_DOWNSTREAM = _HOP_BY_HOP | frozenset(
 UPSTREAM_REQUEST_ID = "X-Upstream-Request-ID"
 
 
-def _connection_tokens(headers: Mapping[str, str]) -> set[str]:
-    """Header names a `Connection` header declares hop-by-hop."""
-    return {token.strip().lower() for token in headers.get("Connection", "").split(",") if token.strip()}
+def _connection_tokens(connection: str) -> set[str]:
+    """Header names a `Connection` header's value declares hop-by-hop."""
+    return {token.strip().lower() for token in connection.split(",") if token.strip()}
 
 
 def _ours(name: str) -> bool:
@@ -85,7 +85,7 @@ def to_upstream(client: Mapping[str, str], forward: bool | frozenset[str]) -> di
     """The client's headers that go to the upstream, under `forward_headers` (True, False or lower-case names)."""
     if forward is False:
         return {}
-    dropped = _connection_tokens(client)
+    dropped = _connection_tokens(client.get("Connection", ""))
     out: dict[str, str] = {}
     for name, value in client.items():
         lower = name.lower()
@@ -102,7 +102,7 @@ def to_upstream(client: Mapping[str, str], forward: bool | frozenset[str]) -> di
 
 def to_client(upstream: Iterable[tuple[str, str]], connection: str = "") -> list[tuple[str, str]]:
     """The upstream's response headers that go back to the client (repeated names kept)."""
-    dropped = {token.strip().lower() for token in connection.split(",") if token.strip()}
+    dropped = _connection_tokens(connection)
     out = []
     for name, value in upstream:
         lower = name.lower()

@@ -17,7 +17,9 @@ Rule of this module: pure, and the one place that decides.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
+
+from multidict import CIMultiDictProxy
 
 # RFC 9110 7.6.1 connection-specific fields, and the de-facto ones (Keep-Alive, Proxy-Connection).
 _HOP_BY_HOP = frozenset(
@@ -100,11 +102,11 @@ def to_upstream(client: Mapping[str, str], forward: bool | frozenset[str]) -> di
     return out
 
 
-def to_client(upstream: Iterable[tuple[str, str]], connection: str = "") -> list[tuple[str, str]]:
+def to_client(upstream: CIMultiDictProxy[str] | Mapping[str, str]) -> list[tuple[str, str]]:
     """The upstream's response headers that go back to the client (repeated names kept)."""
-    dropped = _connection_tokens(connection)
+    dropped = _connection_tokens(upstream.get("Connection", ""))
     out = []
-    for name, value in upstream:
+    for name, value in upstream.items():
         lower = name.lower()
         if lower == "x-request-id":
             out.append((UPSTREAM_REQUEST_ID, value))

@@ -125,7 +125,7 @@ class UpstreamFailure(Exception):
             body=body,
             content_type=content_type,
             shaped=error is not None,
-            headers=to_client(headers.items(), headers.get("Connection", "")),
+            headers=to_client(headers),
             scope=scope,
             error=error,
         )

@@ -129,7 +129,7 @@ class OpenAIStream:
         max_event: int,
     ) -> None:
         self.status = resp.status
-        self.headers = to_client(resp.headers.items(), resp.headers.get("Connection", ""))
+        self.headers = to_client(resp.headers)
         self._protocol = protocol
         self.complete = protocol.ended_by(first)
         self.usage: Usage | None = usage_of(first)
@@ -249,7 +249,7 @@ class OpenAIProvider:
             await self._check_status(resp)
             data = await _read_body(resp, self._server.max_response_bytes)
             reply = self._reply(resp.status, data, resp.headers.get("Content-Type", "application/json"), resolved)
-            reply.headers = to_client(resp.headers.items(), resp.headers.get("Connection", ""))
+            reply.headers = to_client(resp.headers)
             return reply
 
     def _reply(self, status: int, body: bytes, content_type: str, resolved: str) -> Reply:
@@ -300,7 +300,7 @@ class OpenAIProvider:
                 data = await _read_body(resp, self._server.max_response_bytes)
                 resp.release()
                 reply = self._reply(resp.status, data, content_type or "application/json", resolved)
-                reply.headers = to_client(resp.headers.items(), resp.headers.get("Connection", ""))
+                reply.headers = to_client(resp.headers)
                 return reply
             max_event = self._server.max_event_bytes
             decoder = _Decoder.for_response(resp)

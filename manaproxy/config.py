@@ -450,7 +450,7 @@ class _Parser:
         spec = self.mapping(raw, "server", fields)
         values: dict[str, Any] = {}
         for key, value in spec.items():
-            if key.endswith("_bytes") or key == "listen_backlog":
+            if ServerSettings.__dataclass_fields__[key].type == "int":  # sizes and counts
                 values[key] = int(self.number(value, f"server.{key}", minimum=1, integer=True))
             elif key.endswith("_timeout_seconds"):
                 values[key] = float(self.number(value, f"server.{key}", minimum=0.001))

@@ -271,6 +271,7 @@ BAD_DOCUMENTS = [
     pytest.param(doc(health={"backoff_seconds": -5}), ["health.backoff_seconds"], id="backoff-negative"),
     pytest.param(doc(health={"probe": 1}), ["health", "unknown key 'probe'"], id="unknown-health-key"),
     pytest.param(doc(server={"max_body_bytes": 0}), ["server.max_body_bytes"], id="body-limit-zero"),
+    pytest.param(doc(server={"listen_backlog": 10.5}), ["server.listen_backlog"], id="backlog-fraction"),
     pytest.param(doc(server={"port": 1}), ["server", "unknown key 'port'"], id="unknown-server-key"),
 ]
 

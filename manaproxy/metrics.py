@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from time import perf_counter
-from typing import Generic, TypeVar
+from typing import TypeVar, cast
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
@@ -56,22 +56,21 @@ def _word(value: str | None) -> str:
     return value if value is not None and _WORD_RE.match(value) else OTHER
 
 
-class Children(Generic[M]):
-    """A metric's labelled children, looked up once per label set: `.labels()` takes a lock, checks and
+class Children:
+    """Labelled children of metrics, looked up once per label set: `.labels()` takes a lock, checks and
     joins the values on every call, and this runs several times per request. The label sets are bounded
     (the module's rule), and prometheus_client keeps every child it made anyway, so this holds no more."""
 
-    __slots__ = ("_children", "_metric")
+    __slots__ = ("_children",)
 
-    def __init__(self, metric: M) -> None:
-        self._metric: M = metric
-        self._children: dict[tuple[str, ...], M] = {}
+    def __init__(self) -> None:
+        self._children: dict[tuple[Counter | Histogram, tuple[str, ...]], Counter | Histogram] = {}
 
-    def __call__(self, *labels: str) -> M:
-        child = self._children.get(labels)
+    def __call__(self, metric: M, *labels: str) -> M:
+        child = self._children.get((metric, labels))
         if child is None:
-            child = self._children[labels] = self._metric.labels(*labels)
-        return child
+            child = self._children[(metric, labels)] = metric.labels(*labels)
+        return cast(M, child)
 
 
 class Metrics:
@@ -156,8 +155,8 @@ class Metrics:
     @property
     def middleware(self) -> Middleware:
         """`mana_llm_requests_total` / `mana_llm_request_latency_seconds`, labelled with the route pattern."""
-        http_requests = Children(self.http_requests)
-        http_latency = Children(self.http_latency)
+        http_requests, http_latency = self.http_requests, self.http_latency
+        child = Children()
 
         @web.middleware
         async def measure(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -178,8 +177,8 @@ class Metrics:
                 resource = request.match_info.route.resource
                 endpoint = resource.canonical if resource is not None else OTHER
                 method = request.method if request.method in _METHODS else OTHER
-                http_requests(method, endpoint, str(status)).inc()
-                http_latency(method, endpoint).observe(perf_counter() - started)
+                child(http_requests, method, endpoint, str(status)).inc()
+                child(http_latency, method, endpoint).observe(perf_counter() - started)
 
         return measure
 
@@ -247,15 +246,7 @@ class Recorder:
         self.gateway = gateway
         self._targets_of: tuple[Config, frozenset[str]] | None = None
         self._gauged: set[str] = set()  # providers that have a `provider_healthy` series
-        self._requests = Children(metrics.llm_requests)
-        self._latency = Children(metrics.llm_latency)
-        self._ttfb = Children(metrics.ttfb)
-        self._tokens = Children(metrics.tokens)
-        self._outcomes = Children(metrics.stream_outcomes)
-        self._resolved = Children(metrics.alias_resolved)
-        self._hedged = Children(metrics.hedged)
-        self._errors = Children(metrics.llm_errors)
-        self._fallbacks_of = Children(metrics.fallbacks)
+        self._child = Children()
 
     def __repr__(self) -> str:
         return f"<Recorder gauged={sorted(self._gauged)}>"
@@ -289,7 +280,8 @@ class Recorder:
         return OTHER, OTHER
 
     def on_request(self, record: RequestRecord) -> None:
-        self.metrics.overhead.observe(record.overhead)
+        m = self.metrics
+        m.overhead.observe(record.overhead)
         self._fallbacks(record)
         streaming = "true" if record.streaming else "false"
         target = record.target
@@ -297,24 +289,24 @@ class Recorder:
         # A relayed caller 4xx has a target too, but counts on the error side: what the caller asked for.
         if target is not None and (record.outcome is not None or record.status < 400):
             provider, model = self._target_labels(target)
-            self._requests(provider, model, streaming).inc()
-            self._latency(provider, model).observe(record.duration)
+            self._child(m.llm_requests, provider, model, streaming).inc()
+            self._child(m.llm_latency, provider, model).observe(record.duration)
             if record.streaming and record.first_byte is not None:
-                self._ttfb(provider, model).observe(record.first_byte)
+                self._child(m.ttfb, provider, model).observe(record.first_byte)
             if record.prompt_tokens is not None:
-                self._tokens(provider, model, "prompt").inc(record.prompt_tokens)
+                self._child(m.tokens, provider, model, "prompt").inc(record.prompt_tokens)
             if record.completion_tokens is not None:
-                self._tokens(provider, model, "completion").inc(record.completion_tokens)
+                self._child(m.tokens, provider, model, "completion").inc(record.completion_tokens)
             if record.outcome is not None:
-                self._outcomes(provider, _word(record.outcome)).inc()
+                self._child(m.stream_outcomes, provider, _word(record.outcome)).inc()
         else:
-            self._requests(*self._requested_labels(record), streaming).inc()
+            self._child(m.llm_requests, *self._requested_labels(record), streaming).inc()
         if target is not None and record.alias is not None and record.alias in self.gateway.config.aliases:
-            self._resolved(record.alias, self._bounded_target(target)).inc()
+            self._child(m.alias_resolved, record.alias, self._bounded_target(target)).inc()
             if record.hedge is not None:
-                self._hedged(record.alias, _word(record.hedge)).inc()
+                self._child(m.hedged, record.alias, _word(record.hedge)).inc()
         if record.error_type is not None:
-            self._errors(*self._requested_labels(record), _word(record.error_type)).inc()
+            self._child(m.llm_errors, *self._requested_labels(record), _word(record.error_type)).inc()
 
     def _fallbacks(self, record: RequestRecord) -> None:
         """One count per skipped or failed chain entry, naming the entry the request went to next. The
@@ -330,7 +322,8 @@ class Recorder:
             last_next = self._next_in_chain(record)  # the client left while the next entry was being tried
         for index, attempt in enumerate(attempts):
             to_model = attempts[index + 1].target if index + 1 < len(attempts) else last_next
-            self._fallbacks_of(
+            self._child(
+                self.metrics.fallbacks,
                 self._bounded_target(attempt.target),
                 self._bounded_target(to_model) if to_model else "",
                 _word(attempt.reason),

@@ -36,14 +36,13 @@ _BOUNDARY = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 _LINE_END = re.compile(rb"\r\n|\n|\r")
 
 DONE_EVENT = b"data: [DONE]\n\n"
-_EVENT_ENDS = (b"\n\n", b"\r\n\r\n", b"\r\r")
-_SEPARATORS = (b"\n\n", b"\r\n\r\n", b"\r\r")
+_EVENT_ENDS = (b"\n\n", b"\r\n\r\n", b"\r\r")  # what ends an event (the blank line, in any line ending)
 
 
 def _last_boundary(data: bytes | bytearray, start: int = 0) -> int:
     """Index just past the last event boundary in `data[start:]`, or 0."""
     best = 0
-    for sep in _SEPARATORS:
+    for sep in _EVENT_ENDS:
         index = data.rfind(sep, start)
         if index != -1:
             best = max(best, index + len(sep))

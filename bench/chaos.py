@@ -49,7 +49,7 @@ from chaos_load import (
     plan,
     run_load,
 )
-from procs import Service, free_port, unwind_on_signals
+from procs import Service, free_port, percentile, unwind_on_signals
 from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -440,11 +440,6 @@ ROWS_AFTER_REFUSED = (
     ("error not OpenAI-shaped", "error (status ≥ 400) whose body is not OpenAI-shaped"),
     ("model not rewritten", "200 answer whose `model` ≠ X-Mana-LLM-Resolved"),
 )
-
-
-def percentile(values: list[float], pct: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(pct / 100 * len(ordered)) - 1))] if ordered else float("nan")
 
 
 def render(args: argparse.Namespace, commit: str, run: dict[str, Any], extra: dict[str, Any]) -> str:

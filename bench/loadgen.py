@@ -21,6 +21,7 @@ from time import perf_counter
 import aiohttp
 import orjson
 import uvloop
+from procs import percentile
 
 PROMPT = [{"role": "user", "content": "Say hello in fifty words."}]
 
@@ -38,15 +39,6 @@ class Tally:
     samples: list[Sample]
     errors: int = 0
     last_error: str = ""
-
-
-def percentile(values: list[float], pct: float) -> float:
-    """Nearest-rank percentile of `values` (not necessarily sorted); nan when empty."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    rank = max(1, math.ceil(pct / 100 * len(ordered)))
-    return ordered[min(rank, len(ordered)) - 1]
 
 
 async def one_request(session: aiohttp.ClientSession, url: str, body: bytes, stream: bool) -> Sample | str:

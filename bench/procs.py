@@ -9,6 +9,7 @@ and per token is measured without instrumenting it.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import signal
 import socket
@@ -236,3 +237,12 @@ def unwind_on_signals() -> Iterator[None]:
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+def percentile(values: Sequence[float], pct: float) -> float:
+    """Nearest-rank percentile of `values` (not necessarily sorted); nan when empty."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    rank = max(1, math.ceil(pct / 100 * len(ordered)))
+    return ordered[min(rank, len(ordered)) - 1]

@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 
 import orjson
 import uvloop
+from procs import percentile
 
 LINGER_RESET = struct.pack("ii", 1, 0)
 CHUNKED_END = b"\r\n0\r\n\r\n"
@@ -139,14 +140,6 @@ async def one_stream(host: str, port: int, request: bytes, deadline: float, tall
     finally:
         stream.ended = stream.ended or time.perf_counter()
         tally.open_now -= 1
-
-
-def percentile(values: list[float], pct: float) -> float:
-    """Nearest-rank percentile; nan when empty."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    return ordered[min(len(ordered), max(1, math.ceil(pct / 100 * len(ordered)))) - 1]
 
 
 async def run(url: str, model: str, streams: int, ramp: float, deadline_s: float) -> dict[str, object]:

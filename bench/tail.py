@@ -26,7 +26,6 @@ import math
 import os
 import resource
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -37,9 +36,9 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
-from procs import Service, free_port, machine_busy
+from procs import Service, free_port, machine_busy, percentile, unwind_on_signals
 from prometheus_client.parser import text_string_to_metric_families
 from targets import ROOT, Pin, child_env
 
@@ -277,15 +276,6 @@ def hedge_delay(aliases_view: dict[str, Any], alias: str) -> float | None:
     return None
 
 
-def percentile(values: Sequence[float], pct: float) -> float:
-    """Nearest-rank percentile; nan when empty."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    rank = max(1, math.ceil(pct / 100 * len(ordered)))
-    return ordered[min(rank, len(ordered)) - 1]
-
-
 PCTS = (50, 99, 99.9)
 
 
@@ -506,16 +496,10 @@ def main() -> int:
     def pin(core: int) -> Pin:
         return lambda argv: ["taskset", "-c", str(core), *argv] if pinned else argv
 
-    def interrupt(signum: int, frame: object) -> NoReturn:
-        raise KeyboardInterrupt
-
-    # SIGTERM (and SIGINT, which a shell's background job starts with ignored) unwind through the `finally`
-    # blocks that stop the children.
-    signal.signal(signal.SIGTERM, interrupt)
-    signal.signal(signal.SIGINT, interrupt)
     workdir = Path(tempfile.mkdtemp(prefix="manaproxy-tail-"))
     try:
-        result = run_routing(scenarios, settings, workdir, pin(cores[0]), pin(cores[-1]))
+        with unwind_on_signals():  # the `finally` blocks that stop the children run on SIGTERM too
+            result = run_routing(scenarios, settings, workdir, pin(cores[0]), pin(cores[-1]))
     except KeyboardInterrupt:
         print("interrupted: children stopped", file=sys.stderr)
         return 130

@@ -247,10 +247,14 @@ class OpenAIProvider:
             url, data=body, headers=headers, timeout=self._timeout, allow_redirects=False
         ) as resp:
             await self._check_status(resp)
-            data = await _read_body(resp, self._server.max_response_bytes)
-            reply = self._reply(resp.status, data, resp.headers.get("Content-Type", "application/json"), resolved)
-            reply.headers = to_client(resp.headers)
-            return reply
+            return await self._whole_reply(resp, resolved)
+
+    async def _whole_reply(self, resp: aiohttp.ClientResponse, resolved: str) -> Reply:
+        """An unstreamed answer read whole (within `max_response_bytes`), ready for the client."""
+        data = await _read_body(resp, self._server.max_response_bytes)
+        reply = self._reply(resp.status, data, resp.headers.get("Content-Type") or "application/json", resolved)
+        reply.headers = to_client(resp.headers)
+        return reply
 
     def _reply(self, status: int, body: bytes, content_type: str, resolved: str) -> Reply:
         """The unstreamed answer ready for the client: `model` set to the resolved target, usage read.
@@ -297,10 +301,8 @@ class OpenAIProvider:
             content_type = resp.headers.get("Content-Type", "")
             if not content_type.startswith("text/event-stream"):
                 # Some servers answer a stream request with one JSON document: relay it unstreamed.
-                data = await _read_body(resp, self._server.max_response_bytes)
+                reply = await self._whole_reply(resp, resolved)
                 resp.release()
-                reply = self._reply(resp.status, data, content_type or "application/json", resolved)
-                reply.headers = to_client(resp.headers)
                 return reply
             max_event = self._server.max_event_bytes
             decoder = _Decoder.for_response(resp)

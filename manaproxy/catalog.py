@@ -171,8 +171,8 @@ def _hedge_view(alias: Alias, health: HealthTracker) -> dict[str, Any] | None:
     first = alias.steps[0].members[0].target
     delays = {}
     for kind, stream in (("stream", True), ("unstreamed", False)):
-        p95 = health.ttfb_p95(first.provider, first.model, stream=stream)
-        delays[kind] = None if p95 is None else round(min(max(p95, hedge.min_delay), hedge.max_delay), 4)
+        delay = hedge.delay(health.ttfb_p95(first.provider, first.model, stream=stream))
+        delays[kind] = None if delay is None else round(delay, 4)
     return {
         "after": "auto",
         "delay_seconds": delays,  # null until enough answers of that kind were seen: no hedging yet

@@ -115,6 +115,18 @@ class Hedge:
     def auto(self) -> bool:
         return self.after is None
 
+    def delay(self, p95: float | None) -> float | None:
+        """Seconds before a late attempt gets company: `after`, or for `auto` the first target's recent p95
+        time to first byte (`p95`, None while too few answers were seen: no hedging yet) within bounds."""
+        if self.after is not None:
+            return self.after
+        return None if p95 is None else min(max(p95, self.min_delay), self.max_delay)
+
+
+def targets_of(steps: tuple[Step, ...]) -> tuple[Target, ...]:
+    """Every target of a chain's steps, in chain order (pool members in their order)."""
+    return tuple(member.target for step in steps for member in step.members)
+
 
 @dataclass(frozen=True, slots=True)
 class Alias:
@@ -126,7 +138,7 @@ class Alias:
     @property
     def chain(self) -> tuple[Target, ...]:
         """Every target of the alias, in chain order (pool members in their order)."""
-        return tuple(member.target for step in self.steps for member in step.members)
+        return targets_of(self.steps)
 
     @property
     def plain(self) -> bool:

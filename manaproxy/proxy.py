@@ -385,10 +385,9 @@ class _Forwarder:
 
     def _hedge_delay(self, hedge: Hedge, primary: Target) -> float | None:
         """Seconds before a late attempt gets company; None: no hedging (yet)."""
-        if hedge.after is not None:
-            return hedge.after
-        p95 = self.gateway.health.ttfb_p95(primary.provider, primary.model, stream=self.record.streaming)
-        return None if p95 is None else min(max(p95, hedge.min_delay), hedge.max_delay)
+        if not hedge.auto:
+            return hedge.delay(None)
+        return hedge.delay(self.gateway.health.ttfb_p95(primary.provider, primary.model, stream=self.record.streaming))
 
     async def _commit(
         self, target: Target, reply: Reply | StreamReply, slot: Slot, protocol: StreamProtocol

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import ALIAS_PREFIX, Alias, Config, Hedge, Step, Target
+from .config import ALIAS_PREFIX, Alias, Config, Hedge, Step, Target, targets_of
 from .errors import ProxyError
 
 # A bare model name (no "/") is served by this provider, as in the seed service.
@@ -30,7 +30,7 @@ class Route:
     @property
     def chain(self) -> tuple[Target, ...]:
         """Every target, in chain order."""
-        return tuple(member.target for step in self.steps for member in step.members)
+        return targets_of(self.steps)
 
     @classmethod
     def of_alias(cls, requested: str, alias: Alias) -> Route:

@@ -433,18 +433,20 @@ class HealthTracker:
         ordered = sorted(samples)
         return ordered[min(len(ordered) - 1, math.ceil(0.95 * len(ordered)) - 1)]
 
-    def retry_in(self, provider: str, model: str | None = None) -> float | None:
-        """Seconds until the provider (or, with `model`, that target) may be tried again, if it is kept out."""
+    def _kept_out_until(self, provider: str, model: str | None) -> float:
+        """Monotonic time until which the provider (or, with `model`, that target) is kept out."""
         until = self.get(provider).breaker.unavailable_until()
         if model is not None:
             until = max(until, self.target(provider, model).breaker.unavailable_until())
-        wait = until - self._clock()
+        return until
+
+    def retry_in(self, provider: str, model: str | None = None) -> float | None:
+        """Seconds until the provider (or, with `model`, that target) may be tried again, if it is kept out."""
+        wait = self._kept_out_until(provider, model) - self._clock()
         return wait if wait > 0 else None
 
     def unavailable_until(self, provider: str, model: str | None = None) -> float | None:
         """Unix time until which the provider (or, with `model`, that target) is kept out, if it is."""
-        until = self.get(provider).breaker.unavailable_until()
-        if model is not None:
-            until = max(until, self.target(provider, model).breaker.unavailable_until())
+        until = self._kept_out_until(provider, model)
         now = self._clock()
         return round(self.unix(until, now), 3) if until > now else None

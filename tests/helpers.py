@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import openai
 import orjson
 import pytest
 import yaml
@@ -128,6 +129,10 @@ class Proxy:
         port = self.client.server.port
         assert port is not None
         return port
+
+    def sdk(self, **options: Any) -> openai.AsyncOpenAI:
+        """The official SDK pointed at this proxy, without its own retries (a test sees every answer)."""
+        return openai.AsyncOpenAI(**{"base_url": self.base_url, "api_key": "unused", "max_retries": 0, **options})
 
     def reload_to(self, tmp_path: Path, text: str) -> bool:
         """Write `text` as the config file and reload it, as SIGHUP does."""

@@ -21,7 +21,7 @@ async def test_a_lone_404_stays_a_404_and_the_sdk_does_not_retry_it(a_and_b, mak
     a, _ = a_and_b
     a.default = status_reply(404, "The model `m1` does not exist")
     proxy = await make_proxy(build_config({"a": a}, {"mana/x": ["a/m1"]}))
-    client = openai.AsyncOpenAI(base_url=proxy.base_url, api_key="unused", max_retries=2)
+    client = proxy.sdk(max_retries=2)
 
     with pytest.raises(openai.NotFoundError) as caught:
         await client.chat.completions.create(model="mana/x", messages=[{"role": "user", "content": "hi"}])

@@ -61,10 +61,6 @@ def chat_call(*, stream: bool) -> Call:
     return Call("/chat/completions", body, Target("google", MODEL), "rid-1", None)
 
 
-def sdk(proxy: Proxy) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=proxy.base_url, api_key="unused", max_retries=0)
-
-
 USER = [{"role": "user", "content": "hi"}]
 
 
@@ -139,7 +135,7 @@ async def test_request_is_translated_into_gemini_terms(make_google_proxy, gemini
 
 async def test_max_completion_tokens_wins_and_json_modes(make_google_proxy, gemini):
     proxy = await google_only(make_google_proxy, gemini)
-    client = sdk(proxy)
+    client = proxy.sdk()
     await client.chat.completions.create(
         model="mana/g",
         messages=USER,
@@ -170,7 +166,7 @@ async def test_max_completion_tokens_wins_and_json_modes(make_google_proxy, gemi
 async def test_unstreamed_answer_through_openai_sdk(make_google_proxy, gemini):
     proxy = await google_only(make_google_proxy, gemini)
     gemini.default = json_reply(gemini_answer("Bonjour", usage=(11, 4)))
-    client = sdk(proxy)
+    client = proxy.sdk()
     raw = await client.chat.completions.with_raw_response.create(model="mana/g", messages=USER)
     completion = raw.parse()
     await client.close()
@@ -190,7 +186,7 @@ async def test_unstreamed_answer_through_openai_sdk(make_google_proxy, gemini):
 async def test_streamed_answer_through_openai_sdk(make_google_proxy, gemini):
     proxy = await google_only(make_google_proxy, gemini)
     gemini.default = gemini_stream(gemini_chunks(["Hel", "lo", " there"], usage=(5, 3)))
-    client = sdk(proxy)
+    client = proxy.sdk()
     stream = await client.chat.completions.create(
         model="mana/g", messages=USER, stream=True, stream_options={"include_usage": True}
     )
@@ -221,7 +217,7 @@ async def test_stream_without_include_usage_has_no_usage_chunk_and_ends_with_don
 
 async def test_finish_reasons_and_thinking_usage(make_google_proxy, gemini):
     proxy = await google_only(make_google_proxy, gemini)
-    client = sdk(proxy)
+    client = proxy.sdk()
     for gemini_reason, openai_reason in (("MAX_TOKENS", "length"), ("SAFETY", "content_filter"), ("STOP", "stop")):
         gemini.default = json_reply(gemini_answer("x", finish=gemini_reason))
         completion = await client.chat.completions.create(model="mana/g", messages=USER)
@@ -248,7 +244,7 @@ async def test_finish_reasons_and_thinking_usage(make_google_proxy, gemini):
 async def test_thought_parts_are_not_part_of_the_answer(make_google_proxy, gemini):
     proxy = await google_only(make_google_proxy, gemini)
     gemini.default = json_reply(gemini_answer(parts=[{"text": "pondering...", "thought": True}, {"text": "42"}]))
-    client = sdk(proxy)
+    client = proxy.sdk()
     completion = await client.chat.completions.create(model="mana/g", messages=USER)
     await client.close()
     assert completion.choices[0].message.content == "42"
@@ -261,7 +257,7 @@ async def test_blocked_prompt_reads_as_content_filter(make_google_proxy, gemini)
         "usageMetadata": {"promptTokenCount": 4, "totalTokenCount": 4},
     }
     gemini.default = json_reply(blocked)
-    client = sdk(proxy)
+    client = proxy.sdk()
     completion = await client.chat.completions.create(model="mana/g", messages=USER)
     assert completion.choices[0].finish_reason == "content_filter"
     assert completion.choices[0].message.content is None
@@ -301,7 +297,7 @@ def call_part(city: str, signature: str | None = None) -> dict[str, Any]:
 async def test_tools_and_tool_calls_round_trip(make_google_proxy, gemini):
     proxy = await google_only(make_google_proxy, gemini)
     gemini.default = json_reply(gemini_answer(parts=[call_part("Paris", SIGNATURE), call_part("Oslo")]))
-    client = sdk(proxy)
+    client = proxy.sdk()
     completion = await client.chat.completions.create(
         model="mana/g", messages=USER, tools=[WEATHER_TOOL], tool_choice="required"
     )
@@ -359,7 +355,7 @@ async def test_streamed_tool_calls(make_google_proxy, gemini):
             gemini_answer(parts=[call_part("Rome")], usage=(9, 6)),
         ]
     )
-    client = sdk(proxy)
+    client = proxy.sdk()
     stream = await client.chat.completions.create(model="mana/g", messages=USER, tools=[WEATHER_TOOL], stream=True)
     received = [chunk async for chunk in stream]
     await client.close()
@@ -379,7 +375,7 @@ async def test_streamed_tool_calls(make_google_proxy, gemini):
 async def test_embeddings_through_openai_sdk(make_google_proxy, gemini):
     proxy = await google_only(make_google_proxy, gemini)
     gemini.default = json_reply({"embeddings": [{"values": [0.5, -0.25, 1.0]}, {"values": [0.0, 0.125, -1.0]}]})
-    client = sdk(proxy)
+    client = proxy.sdk()
     # The openai SDK asks for base64 by default and decodes it; the float form is checked raw below.
     result = await client.embeddings.create(model="google/text-embedding-004", input=["a", "b"], dimensions=3)
     assert [item.embedding for item in result.data] == [[0.5, -0.25, 1.0], [0.0, 0.125, -1.0]]
@@ -427,7 +423,7 @@ async def test_fallback_statuses_move_to_the_next_provider(
 ):
     proxy, backup = await fallback_proxy(make_google_proxy, gemini, make_upstream)
     gemini.default = gemini_error_reply(status, "nope", status_name)
-    client = sdk(proxy)
+    client = proxy.sdk()
     raw = await client.chat.completions.with_raw_response.create(model="mana/g", messages=USER)
     await client.close()
     assert raw.headers["X-Mana-LLM-Resolved"] == "backup/m2"
@@ -439,7 +435,7 @@ async def test_rate_limit_retry_delay_keeps_google_out(make_google_proxy, gemini
     proxy, backup = await fallback_proxy(make_google_proxy, gemini, make_upstream)
     retry_info = {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "37s"}
     gemini.default = gemini_error_reply(429, "quota", "RESOURCE_EXHAUSTED", details=[retry_info])
-    client = sdk(proxy)
+    client = proxy.sdk()
     await client.chat.completions.create(model="mana/g", messages=USER)
     await client.chat.completions.create(model="mana/g", messages=USER)
     await client.close()
@@ -452,7 +448,7 @@ async def test_rate_limit_retry_delay_keeps_google_out(make_google_proxy, gemini
 async def test_caller_error_comes_back_as_openai_400(make_google_proxy, gemini, make_upstream):
     proxy, backup = await fallback_proxy(make_google_proxy, gemini, make_upstream)
     gemini.default = gemini_error_reply(400, "Invalid JSON payload received.", "INVALID_ARGUMENT")
-    client = sdk(proxy)
+    client = proxy.sdk()
     with pytest.raises(openai.BadRequestError) as caught:
         await client.chat.completions.create(model="mana/g", messages=USER)
     await client.close()
@@ -592,7 +588,7 @@ async def test_google_behind_a_failing_openai_provider(make_google_proxy, gemini
     proxy = await make_google_proxy(
         build_config({"down": down, "google": google_spec(gemini)}, {"mana/x": ["down/m1", f"google/{MODEL}"]})
     )
-    client = sdk(proxy)
+    client = proxy.sdk()
     stream = await client.chat.completions.create(model="mana/x", messages=USER, stream=True)
     received = [chunk async for chunk in stream]
     await client.close()
@@ -701,7 +697,7 @@ async def test_a_probe_rejected_for_its_api_key_marks_google_unhealthy(make_goog
 async def test_api_key_never_reaches_responses_or_logs(make_google_proxy, gemini, caplog):
     caplog.set_level(logging.DEBUG)
     proxy = await google_only(make_google_proxy, gemini)
-    client = sdk(proxy)
+    client = proxy.sdk()
     gemini.queue(
         gemini_error_reply(400, f"API key not valid: {GOOGLE_KEY}", "INVALID_ARGUMENT"),
         gemini_error_reply(403, f"key {GOOGLE_KEY} is suspended", "PERMISSION_DENIED"),

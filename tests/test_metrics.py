@@ -10,7 +10,6 @@ import asyncio
 import logging
 import uuid
 
-import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -73,7 +72,7 @@ async def test_streamed_answer_counts_usage_chunk_tokens_ttft_and_completed(make
     a, _b, proxy = await two_entry_proxy(make_upstream, make_proxy)
     a.default = sse_reply(chat_chunks("m1", ["Hel", "lo"], usage=(11, 7)))
 
-    client = openai.AsyncOpenAI(base_url=proxy.base_url, api_key="unused", max_retries=0)
+    client = proxy.sdk()
     stream = await client.chat.completions.create(
         model="mana/x",
         messages=[{"role": "user", "content": "hi"}],

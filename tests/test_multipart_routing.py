@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import os
 
-import openai
 import pytest
 from aiohttp import FormData
 
@@ -39,7 +38,7 @@ async def test_a_transcription_is_routed_by_its_model_field_and_falls_back(setup
     a, b, proxy = setup
     a.queue(status_reply(503))
     b.queue(json_reply({"text": "hello there"}))
-    client = openai.AsyncOpenAI(base_url=proxy.base_url, api_key="unused", max_retries=0)
+    client = proxy.sdk()
 
     raw = await client.audio.transcriptions.with_raw_response.create(
         model="mana/whisper", file=("speech.wav", AUDIO, "audio/wav"), language="en"

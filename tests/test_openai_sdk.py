@@ -53,7 +53,7 @@ async def sdk_proxy(sdk_upstreams, make_proxy):
 @pytest.fixture
 async def aclient(sdk_proxy) -> Any:
     _up, proxy = sdk_proxy
-    client = openai.AsyncOpenAI(base_url=proxy.base_url, api_key="unused", max_retries=0, timeout=10)
+    client = proxy.sdk(timeout=10)
     yield client
     await client.close()
 

@@ -24,14 +24,10 @@ async def proxy_and_upstream(make_upstream, make_proxy):
     return proxy, up
 
 
-def sdk(proxy) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=proxy.base_url, api_key="unused", max_retries=0)
-
-
 async def test_a_responses_stream_ending_at_response_completed_is_whole(proxy_and_upstream, caplog):
     proxy, up = proxy_and_upstream
     up.queue(responses_stream(typed_events("up-model")))
-    client = sdk(proxy)
+    client = proxy.sdk()
     caplog.set_level(logging.INFO, logger="manaproxy.request")
 
     async with client.responses.stream(model="mana/x", input="hi") as stream:
@@ -75,7 +71,7 @@ async def test_every_event_carrying_a_model_names_the_resolved_target(proxy_and_
 async def test_a_responses_stream_cut_mid_way_raises_in_the_sdk(proxy_and_upstream):
     proxy, up = proxy_and_upstream
     up.queue(responses_stream(typed_events("up-model", cut_after=5), cut=True))
-    client = sdk(proxy)
+    client = proxy.sdk()
 
     async def read_all() -> None:
         async with client.responses.stream(model="mana/x", input="hi") as stream:
@@ -104,7 +100,7 @@ async def test_a_responses_stream_that_just_stops_is_not_complete(proxy_and_upst
 async def test_an_unstreamed_response_names_the_resolved_target(proxy_and_upstream):
     proxy, up = proxy_and_upstream
     up.queue(json_reply(response_object("up-model", "completed", "Hi")))
-    client = sdk(proxy)
+    client = proxy.sdk()
 
     response = await client.responses.create(model="mana/x", input="hi")
     await client.close()

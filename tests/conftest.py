@@ -117,6 +117,14 @@ async def routed_proxy(make_upstream: Any, make_proxy: Any) -> tuple[FakeUpstrea
 
 
 @pytest.fixture
+async def one(make_upstream, make_proxy):
+    """Alias mana/x = [a/m1]: what a provider answers is all the client gets. Returns (a, proxy)."""
+    a = await make_upstream("a")
+    proxy = await make_proxy(build_config({"a": a}, {"mana/x": ["a/m1"]}))
+    return a, proxy
+
+
+@pytest.fixture
 async def two(make_upstream, make_proxy):
     """Alias mana/x = [down/m0, up/m1], where down answers 503: every answer is a fallback to up.
     Returns (down, up, proxy)."""

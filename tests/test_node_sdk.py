@@ -73,14 +73,6 @@ def node(node_bin):
     return run
 
 
-@pytest.fixture
-async def one(make_upstream, make_proxy):
-    """Alias mana/x = [a/m1]: what a provider answers is all the client gets."""
-    a = await make_upstream("a")
-    proxy = await make_proxy(build_config({"a": a}, {"mana/x": ["a/m1"]}))
-    return a, proxy
-
-
 # -- answers ---------------------------------------------------------------------------------------------
 
 

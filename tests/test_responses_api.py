@@ -12,20 +12,12 @@ import orjson
 import pytest
 
 from .fakes import RESPONSE_WORDS, json_reply, response_object, responses_stream, typed_events
-from .helpers import build_config
 
 TEXT = RESPONSE_WORDS
 
 
-@pytest.fixture
-async def proxy_and_upstream(make_upstream, make_proxy):
-    up = await make_upstream("up")
-    proxy = await make_proxy(build_config({"a": up}, {"mana/x": ["a/m1"]}))
-    return proxy, up
-
-
-async def test_a_responses_stream_ending_at_response_completed_is_whole(proxy_and_upstream, caplog):
-    proxy, up = proxy_and_upstream
+async def test_a_responses_stream_ending_at_response_completed_is_whole(one, caplog):
+    up, proxy = one
     up.queue(responses_stream(typed_events("up-model")))
     client = proxy.sdk()
     caplog.set_level(logging.INFO, logger="manaproxy.request")
@@ -46,8 +38,8 @@ async def test_a_responses_stream_ending_at_response_completed_is_whole(proxy_an
 
 
 @pytest.mark.parametrize("end", ["response.incomplete", "response.failed"])
-async def test_incomplete_and_failed_are_ends_of_the_protocol_too(proxy_and_upstream, end):
-    proxy, up = proxy_and_upstream
+async def test_incomplete_and_failed_are_ends_of_the_protocol_too(one, end):
+    up, proxy = one
     up.queue(responses_stream(typed_events("up-model", end=end)))
 
     resp = await proxy.client.post("/v1/responses", json={"model": "mana/x", "input": "hi", "stream": True})
@@ -57,8 +49,8 @@ async def test_incomplete_and_failed_are_ends_of_the_protocol_too(proxy_and_upst
     assert b"event: error" not in body
 
 
-async def test_every_event_carrying_a_model_names_the_resolved_target(proxy_and_upstream):
-    proxy, up = proxy_and_upstream
+async def test_every_event_carrying_a_model_names_the_resolved_target(one):
+    up, proxy = one
     up.queue(responses_stream(typed_events("up-model")))
 
     resp = await proxy.client.post("/v1/responses", json={"model": "mana/x", "input": "hi", "stream": True})
@@ -68,8 +60,8 @@ async def test_every_event_carrying_a_model_names_the_resolved_target(proxy_and_
     assert body.count(b'"model":"a/m1"') == 2  # response.created and response.completed
 
 
-async def test_a_responses_stream_cut_mid_way_raises_in_the_sdk(proxy_and_upstream):
-    proxy, up = proxy_and_upstream
+async def test_a_responses_stream_cut_mid_way_raises_in_the_sdk(one):
+    up, proxy = one
     up.queue(responses_stream(typed_events("up-model", cut_after=5), cut=True))
     client = proxy.sdk()
 
@@ -83,8 +75,8 @@ async def test_a_responses_stream_cut_mid_way_raises_in_the_sdk(proxy_and_upstre
     await client.close()
 
 
-async def test_a_responses_stream_that_just_stops_is_not_complete(proxy_and_upstream):
-    proxy, up = proxy_and_upstream
+async def test_a_responses_stream_that_just_stops_is_not_complete(one):
+    up, proxy = one
     up.queue(responses_stream(typed_events("up-model", cut_after=5)))  # a clean end of body, no response.completed
 
     resp = await proxy.client.post("/v1/responses", json={"model": "mana/x", "input": "hi", "stream": True})
@@ -97,8 +89,8 @@ async def test_a_responses_stream_that_just_stops_is_not_complete(proxy_and_upst
     assert "without response.completed" in error["message"]
 
 
-async def test_an_unstreamed_response_names_the_resolved_target(proxy_and_upstream):
-    proxy, up = proxy_and_upstream
+async def test_an_unstreamed_response_names_the_resolved_target(one):
+    up, proxy = one
     up.queue(json_reply(response_object("up-model", "completed", "Hi")))
     client = proxy.sdk()
 
@@ -108,8 +100,8 @@ async def test_an_unstreamed_response_names_the_resolved_target(proxy_and_upstre
     assert (response.model, response.output_text) == ("a/m1", "Hi")
 
 
-async def test_a_stream_of_another_endpoint_is_complete_when_its_body_ends(proxy_and_upstream):
-    proxy, up = proxy_and_upstream
+async def test_a_stream_of_another_endpoint_is_complete_when_its_body_ends(one):
+    up, proxy = one
     events = [
         b'data: {"type": "progress", "model": "up-model", "step": 1}\n\n',
         b'data: {"type": "progress", "step": 2}\n\n',

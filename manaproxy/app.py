@@ -15,18 +15,18 @@ from aiohttp.resolver import AsyncResolver
 from aiohttp.typedefs import Middleware
 from prometheus_client import CollectorRegistry
 
-from . import catalog, proxy
+from . import probe, proxy
 from .auth import auth_middleware
 from .config import Config
 from .cors import cors_headers, cors_middleware
 from .errors import error_middleware
 from .gateway import GATEWAY, Gateway
-from .health import probe
-from .health import views as health_views
 from .metrics import instrument
 from .reload import RELOADER, Reloader
 from .reqlog import log_request
 from .requestid import echo_request_id, request_id_middleware
+from .views import catalog
+from .views import health as health_views
 
 logger = logging.getLogger(__name__)
 

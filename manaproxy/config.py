@@ -21,9 +21,15 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from .providers import KINDS
-
 ALIAS_PREFIX = "mana/"
+
+# The provider kinds: kind → "module:Class" of the class that serves it, relative to `manaproxy.providers`
+# (which imports it only when a provider of that kind is built). Validation reads it, so an unknown kind is
+# an error in `aliases.yaml`, never a silent default. Tests may register kinds of their own.
+KINDS: dict[str, str] = {
+    "openai": ".openai:OpenAIProvider",
+    "google": ".google:GoogleProvider",
+}
 _PROVIDER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _HEADER_NAME_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # RFC 9110 token
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")

@@ -20,8 +20,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from manaproxy.app import create_app
-from manaproxy.config import parse_config
-from manaproxy.providers import KINDS
+from manaproxy.config import KINDS, parse_config
 from manaproxy.providers.google import GoogleProvider
 
 from .fakes import FAULTY_KIND, FakeGemini, FakeUpstream, chat_answer, chat_completion, json_reply, status_reply

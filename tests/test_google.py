@@ -19,7 +19,7 @@ import pytest
 from manaproxy.app import make_session
 from manaproxy.body import parse_body
 from manaproxy.config import ProviderConfig, ServerSettings, Target
-from manaproxy.health.probe import probe_one
+from manaproxy.probe import probe_one
 from manaproxy.providers import build_provider
 from manaproxy.providers.base import Call, UpstreamFailure
 from manaproxy.providers.google import GoogleProvider

@@ -11,7 +11,7 @@ import pytest
 
 from manaproxy.config import HealthSettings, ProviderConfig
 from manaproxy.health import HealthTracker
-from manaproxy.health.views import snapshot
+from manaproxy.views.health import snapshot
 
 SETTINGS = HealthSettings(failure_threshold=3, backoff_seconds=60.0)
 WALL_START = 1_700_000_000.0

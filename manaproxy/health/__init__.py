@@ -1,5 +1,6 @@
-"""Health: per-provider breakers (`breaker.py`), the tracker and its one outcome seam (`tracker.py`), active
-probes (`probe.py`) and the `/health` and `/v1/health` views (`views.py`)."""
+"""Health: per-provider and per-target breakers (`breaker.py`) and the tracker with its one outcome seam
+(`tracker.py`). Rule of this package: no I/O and no HTTP; the probe loop (`manaproxy.probe`) feeds it and the
+views (`manaproxy.views.health`) read it."""
 
 from .breaker import CLOSED, HALF_OPEN, OPEN, RATE_LIMITED, UNHEALTHY, Breaker
 from .tracker import SATURATED, UNCONFIGURED, HealthTracker, ProviderHealth, Slot

@@ -1,7 +1,7 @@
-"""Provider kinds: the registry `KINDS` (kind → the class that serves it) and `build_provider`.
+"""Provider kinds: `build_provider`, the one place a provider object is made from its config.
 
-Config validation reads `KINDS`, so a kind that is not registered here is an error in `aliases.yaml`,
-never a silent default. A kind's module is imported only when a provider of that kind is built:
+The kinds themselves (`config.KINDS`: kind → the class that serves it) belong to the config, which
+validates against them. A kind's module is imported only when a provider of that kind is built:
 google-genai alone takes about half a second and tens of MB to import.
 """
 
@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
+from ..config import KINDS
+
 if TYPE_CHECKING:
     import aiohttp
 
@@ -17,11 +19,7 @@ if TYPE_CHECKING:
     from ..redact import Redactor
     from .base import Provider
 
-# kind → "module:Class" (the module relative to this package). Tests may register kinds of their own.
-KINDS: dict[str, str] = {
-    "openai": ".openai:OpenAIProvider",
-    "google": ".google:GoogleProvider",
-}
+__all__ = ["build_provider"]
 
 
 def build_provider(

@@ -269,7 +269,7 @@ class StreamReply(Protocol):
 
 
 class Provider(Protocol):
-    """One provider kind (openai passthrough, google translation); see `providers.KINDS`."""
+    """One provider kind (openai passthrough, google translation); see `config.KINDS`."""
 
     config: ProviderConfig
 

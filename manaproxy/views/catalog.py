@@ -13,20 +13,16 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import orjson
 from aiohttp import web
 
-from .config import Alias, Config
-from .errors import ProxyError
-from .gateway import GATEWAY, Gateway, Runtime
-from .health import HealthTracker
-from .providers.base import ListedModel, Provider, UpstreamFailure
+from ..config import Alias, Config
+from ..errors import ProxyError
+from ..gateway import GATEWAY, Gateway, Runtime
+from ..health import HealthTracker
+from ..providers.base import ListedModel, Provider, UpstreamFailure
+from .json import json_response
 
 logger = logging.getLogger(__name__)
-
-
-def json_response(data: Any, status: int = 200) -> web.Response:
-    return web.Response(status=status, body=orjson.dumps(data), content_type="application/json")
 
 
 class ModelsCache:

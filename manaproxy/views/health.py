@@ -10,11 +10,10 @@ from collections.abc import Iterable
 
 from aiohttp import web
 
-from ..catalog import json_response
 from ..config import ProviderConfig
 from ..gateway import GATEWAY
-from .breaker import RATE_LIMITED, Breaker
-from .tracker import UNCONFIGURED, HealthTracker
+from ..health import RATE_LIMITED, UNCONFIGURED, Breaker, HealthTracker
+from .json import json_response
 
 
 def _breaker_view(tracker: HealthTracker, breaker: Breaker, now: float) -> dict[str, object]:

@@ -8,7 +8,7 @@ translated into health outcomes, never propagated. The first round runs right at
 successful reload starts a round at once so new or changed providers do not wait a whole interval.
 
 Between rounds, a provider whose breaker is open is probed as soon as its recovery probe is due (1 s,
-2 s, 4 s … after it opened, see `breaker.py`), so a provider back after a short restart is noticed in
+2 s, 4 s … after it opened, see `health/breaker.py`), so a provider back after a short restart is noticed in
 about a second rather than at the end of `backoff_seconds`.
 """
 
@@ -22,9 +22,9 @@ from functools import partial
 
 from aiohttp import web
 
-from ..gateway import GATEWAY, Gateway
-from ..providers.base import Provider, UpstreamFailure
-from ..reload import RELOADER
+from .gateway import GATEWAY, Gateway
+from .providers.base import Provider, UpstreamFailure
+from .reload import RELOADER
 
 logger = logging.getLogger(__name__)
 

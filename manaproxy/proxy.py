@@ -53,7 +53,7 @@ from .record import (
 from .requestid import REQUEST_ID
 from .routing import resolve
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("manaproxy.proxy")  # pinned: deploy/README.md documents it
 
 RESOLVED_HEADER = "X-Mana-LLM-Resolved"
 _STREAM_HEADERS = {

@@ -1,6 +1,6 @@
 """The `manaproxy` command: `serve` and `check`.
 
-Signals only schedule work (STYLE 8): SIGHUP sets off a reload task, SIGTERM/SIGINT set the stop event;
+Signals only schedule work: SIGHUP sets off a reload task (`reload.Reloader.schedule`), SIGTERM/SIGINT set the stop event;
 the reload and the drain run in the event loop and log there. systemd hears about each phase through
 sd_notify (`READY=1` once listening, `RELOADING=1` … `READY=1` around a reload, `STOPPING=1`).
 """

@@ -3,7 +3,7 @@
 Rule of this module: nothing past it touches raw YAML. `load_config` either returns a complete,
 validated `Config` or raises `ConfigError` whose message names the offending place
 (`aliases.mana/fast-text.chain[1]`, `providers.groq.timeouts.idle` ...). A `Config` is immutable;
-a reload builds a new one and swaps a single reference (see `state.Gateway.apply`).
+a reload builds a new one and swaps a single reference (see `gateway.Gateway.apply`).
 """
 
 from __future__ import annotations

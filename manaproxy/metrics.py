@@ -319,7 +319,7 @@ class Recorder:
         elif record.error_type is not None:
             last_next = ""  # the chain ran out
         else:
-            last_next = self._next_in_chain(record)  # the client left while the next entry was being tried
+            last_next = self._in_flight(record)  # the client left while the next entry was being tried
         for index, attempt in enumerate(attempts):
             to_model = attempts[index + 1].target if index + 1 < len(attempts) else last_next
             self._child(
@@ -329,13 +329,15 @@ class Recorder:
                 _word(attempt.reason),
             ).inc()
 
-    def _next_in_chain(self, record: RequestRecord) -> str:
-        alias = self.gateway.config.aliases.get(record.alias or "")
-        if alias is None:
-            return ""
-        chain = [str(target) for target in alias.chain]
-        position = len(record.attempts)
-        return chain[position] if position < len(chain) else ""
+    @staticmethod
+    def _in_flight(record: RequestRecord) -> str:
+        """The target of the latest call still in flight when the client left: every call started, less
+        those that failed (an answer, or a hedge that lost at the commit, means the request did not end here)."""
+        calls = list(record.calls)
+        for attempt in record.attempts:
+            if attempt.tried and attempt.target in calls:  # a target is called at most once per request
+                calls.remove(attempt.target)
+        return calls[-1] if calls else ""
 
     def on_health(self, provider: str, healthy: bool) -> None:
         spec = self.gateway.config.providers.get(provider)

@@ -53,7 +53,7 @@ from .record import (
 from .requestid import REQUEST_ID
 from .routing import resolve
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("manaproxy.proxy")  # pinned: deploy/README.md documents it
 
 RESOLVED_HEADER = "X-Mana-LLM-Resolved"
 _STREAM_HEADERS = {
@@ -274,6 +274,7 @@ class _Forwarder:
 
     async def _try(self, target: Target, call: Call) -> web.StreamResponse | None:
         """Try one target. A response means the request is answered; None means fall back."""
+        self.record.calls.append(str(target))
         with self._claim(target, call.stream) as slot:
             started = perf_counter()
             try:
@@ -317,6 +318,7 @@ class _Forwarder:
         started = perf_counter()
 
         def start(target: Target, *, beside_late: bool) -> None:
+            record.calls.append(str(target))
             call = call_to(target)
             stack = ExitStack()
             slot = stack.enter_context(self._claim(target, call.stream))

@@ -54,6 +54,9 @@ class RequestRecord:
     streaming: bool = False
     status: int = 0
     attempts: list[Attempt] = field(default_factory=list)
+    calls: list[str] = field(
+        default_factory=list
+    )  # provider/model of every call started, in order (the last in flight)
     error_type: str | None = None  # short word when the request failed: all_failed, upstream_4xx, bad_request ...
     outcome: str | None = None  # for committed streams: completed / client_disconnected / upstream_error / idle_timeout
     hedge: str | None = None  # a hedged race took place: primary_won / hedge_won

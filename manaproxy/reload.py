@@ -19,7 +19,7 @@ from .config import RESTART_ONLY_SETTINGS, ConfigError, load_config
 from .gateway import Gateway
 from .systemd import notify
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("manaproxy.reload")  # pinned: deploy/README.md documents it
 
 SUCCESS = "success"
 FAILURE = "failure"

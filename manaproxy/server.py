@@ -30,7 +30,7 @@ from aiohttp.web_protocol import RequestHandler
 from .errors import ProxyError, error_body
 from .gateway import GATEWAY
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("manaproxy.server")  # pinned: deploy/README.md documents it
 
 
 def parser_error(exc: HttpProcessingError) -> ProxyError:

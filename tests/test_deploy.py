@@ -3,6 +3,7 @@ variable with placeholders only, and deploy/README.md stays true to the code it 
 
 from __future__ import annotations
 
+import ast
 import re
 import shlex
 import shutil
@@ -226,3 +227,37 @@ async def test_readme_examples_have_the_real_shapes(make_upstream, make_proxy):
     documented = set(re.findall(r"^\| `([a-z_]+)` \|", readme(), flags=re.MULTILINE))
     (provider_keys,) = real_provider_keys
     assert provider_keys - {"kind", "configured", "max_concurrent"} <= documented
+
+
+# `INFO manaproxy.request: ...`: a log line as the docs show it, level then logger name.
+_DOCUMENTED_LOGGER_RE = re.compile(r"\b(?:DEBUG|INFO|WARNING|ERROR|CRITICAL) (manaproxy(?:\.[a-z_]+)*):")
+
+
+def _pinned_loggers() -> set[str]:
+    """Logger names the code creates as literals: `logging.getLogger("manaproxy.health")`. A `__name__`
+    logger is not pinned: it would change name with its module."""
+    names = set()
+    for path in (ROOT / "manaproxy").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "getLogger"
+                and node.args
+                and isinstance(node.args[0], ast.Constant)
+                and isinstance(node.args[0].value, str)
+            ):
+                names.add(node.args[0].value)
+    return names
+
+
+def test_every_logger_the_docs_show_is_one_the_code_pins():
+    """`journalctl -u manaproxy | grep manaproxy.health:` written from the docs must match what is logged."""
+    documented: dict[str, set[str]] = {}
+    for path in [ROOT / "README.md", README, *sorted((ROOT / "docs").glob("*.md"))]:
+        for name in _DOCUMENTED_LOGGER_RE.findall(path.read_text()):
+            documented.setdefault(name, set()).add(str(path.relative_to(ROOT)))
+    assert {"manaproxy", "manaproxy.request", "manaproxy.health"} <= documented.keys()
+
+    missing = {name: sorted(where) for name, where in documented.items() if name not in _pinned_loggers()}
+    assert not missing, f"documented logger names no module pins with getLogger('...'): {missing}"

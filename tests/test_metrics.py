@@ -255,6 +255,28 @@ async def test_client_leaving_during_the_next_entry_is_not_a_chain_run_out(make_
     assert "mana_llm_llm_errors_total{" not in await scrape(proxy)  # the client left: not an error
 
 
+async def test_client_leaving_mid_race_counts_the_fallback_to_the_target_in_flight(make_upstream, make_proxy):
+    """Hedged: the primary is late, the hedge fails, the third entry starts; the client leaves. The entry
+    the request went to after b/m2 is c/m3, not the chain's second entry (b/m2 itself)."""
+    a, b, c = [await make_upstream(name) for name in "abc"]
+    a.default = c.default = hang()
+    b.default = status_reply(500)
+    spec = {"chain": ["a/m1", "b/m2", "c/m3"], "hedge_after": 0.05}
+    proxy = await make_proxy(build_config({"a": a, "b": b, "c": c}, {"mana/x": spec}))
+
+    request = asyncio.create_task(proxy.client.post(CHAT, json=chat(stream=True)))
+    await wait_for(lambda: c.calls == 1)
+    request.cancel()
+    await asyncio.gather(request, return_exceptions=True)
+
+    await wait_for(
+        lambda: exists(proxy, "mana_llm_llm_requests_total", provider="mana", model="mana/x", streaming="true")
+    )
+    assert value(proxy, "mana_llm_fallback_total", from_model="b/m2", to_model="c/m3", reason="http_500") == 1
+    fallback_lines = [line for line in (await scrape(proxy)).splitlines() if line.startswith("mana_llm_fallback")]
+    assert len(fallback_lines) == 1, fallback_lines  # the racers cancelled when the client left are no fallbacks
+
+
 # -- stream outcomes --------------------------------------------------------------------------------
 
 

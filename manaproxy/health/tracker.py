@@ -38,7 +38,8 @@ from ..providers.base import PROVIDER, UpstreamFailure
 from ..redact import Redactor
 from .breaker import OPENED, Breaker
 
-logger = logging.getLogger(__name__)
+# Pinned, not `__name__`: operators grep for it (deploy/README.md, "Other lines worth knowing").
+logger = logging.getLogger("manaproxy.health")
 
 Clock = Callable[[], float]
 Listener = Callable[[str, bool], None]

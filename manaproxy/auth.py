@@ -20,6 +20,9 @@ from .requestid import REQUEST_ID
 
 logger = logging.getLogger(__name__)
 
+# Which configured key let a request in, as `key#<index>` (never the key): the client, for fair shares.
+CLIENT = web.RequestKey("client", str)
+
 # Liveness and scraping stay open: load balancers and Prometheus carry no client key.
 OPEN_PATHS = frozenset({"/health", "/metrics"})
 
@@ -53,6 +56,18 @@ def key_matches(presented: bytes, keys: Iterable[bytes]) -> bool:
     return matched
 
 
+def _key_name(presented: list[bytes], keys: tuple[bytes, ...]) -> str:
+    """`key#<i>` for the first configured key among `presented`, every pair compared (constant time)."""
+    found = -1
+    for index, key in enumerate(keys):
+        matched = False
+        for offered in presented:
+            matched |= hmac.compare_digest(offered, key)
+        if matched and found < 0:
+            found = index
+    return f"key#{found}"
+
+
 def auth_middleware(keys: tuple[bytes, ...]) -> Middleware:
     @web.middleware
     async def check_key(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -64,6 +79,7 @@ def auth_middleware(keys: tuple[bytes, ...]) -> Middleware:
         elif not any([key_matches(key, keys) for key in presented]):  # a list: every key is compared
             message, code = "invalid API key", "invalid_api_key"
         else:
+            request[CLIENT] = _key_name(presented, keys)
             return await handler(request)
         # One line, so rejected clients show up in the journal; never the presented key itself, and the
         # path escaped: it is the client's (`/v1/health%0a<2>FORGED` must not start a line of its own).

@@ -10,7 +10,10 @@ to whoever reads them: a passthrough upstream (which answers its own 400), or th
 
 Bodies in flight are bounded twice: each by `server.max_body_bytes` (decoded size, checked while
 reading), all together by `server.max_inflight_body_bytes` (`BodyBudget`): past it, a request is
-refused with 503 and `Retry-After` rather than let memory grow with the number of uploads.
+refused with 503 and `Retry-After` rather than let memory grow with the number of uploads; and those of
+one client by `server.max_inflight_body_bytes_per_client` (429 and `Retry-After`), so that a few clients
+cannot fill the pool for everyone. A body's share is given back at the commit: from then on no chain
+entry needs it again, and its bytes are freed.
 """
 
 from __future__ import annotations
@@ -37,34 +40,46 @@ BUDGET_RETRY_AFTER = 1
 
 
 class BodyBudget:
-    """Bytes of request bodies held in memory by all requests together, against a limit."""
+    """Bytes of request bodies held in memory by all requests together, and by each client, against limits.
 
-    __slots__ = ("held",)
+    A claim is given back when the request no longer needs its body: at the commit (no chain entry will
+    be sent it again, see `proxy._Forwarder._commit`), or when the request ends.
+    """
+
+    __slots__ = ("_by_client", "held")
 
     def __init__(self) -> None:
         self.held = 0
+        self._by_client: dict[str, int] = {}  # client -> bytes held; a client holding nothing is absent
 
     def __repr__(self) -> str:
-        return f"<BodyBudget held={self.held}>"
+        return f"<BodyBudget held={self.held} clients={len(self._by_client)}>"
+
+    def held_by(self, client: str) -> int:
+        return self._by_client.get(client, 0)
 
     @contextmanager
-    def reserve(self) -> Iterator[BodyBudget.Claim]:
-        """A claim that grows as a body is read and is given back when the block exits."""
-        claim = BodyBudget.Claim(self)
+    def reserve(self, client: str = "", client_limit: int | None = None) -> Iterator[BodyBudget.Claim]:
+        """A claim that grows as a body is read and is given back when the block exits (or before, by
+        `Claim.release`). `client` names who asks (never a secret); it may hold at most `client_limit`."""
+        claim = BodyBudget.Claim(self, client, client_limit)
         try:
             yield claim
         finally:
-            self.held -= claim.size
+            claim.release()
 
     class Claim:
-        __slots__ = ("_budget", "size")
+        __slots__ = ("_budget", "_client", "_client_limit", "size")
 
-        def __init__(self, budget: BodyBudget) -> None:
+        def __init__(self, budget: BodyBudget, client: str, client_limit: int | None) -> None:
             self._budget = budget
+            self._client = client
+            self._client_limit = client_limit
             self.size = 0
 
         def grow(self, size: int, limit: int) -> None:
-            """Hold `size` more bytes, or refuse (503) when all bodies together would exceed `limit`."""
+            """Hold `size` more bytes, or refuse: 503 when all bodies together would exceed `limit`, 429
+            when this client's bodies would exceed its share."""
             budget = self._budget
             if budget.held + size > limit:
                 raise ProxyError(
@@ -73,8 +88,31 @@ class BodyBudget:
                     code="body_budget_exhausted",
                     headers={"Retry-After": str(BUDGET_RETRY_AFTER)},
                 )
+            mine = budget._by_client.get(self._client, 0) + size
+            if self._client_limit is not None and mine > self._client_limit:
+                raise ProxyError(
+                    429,
+                    f"this client's request bodies in flight would exceed its share of {self._client_limit} bytes; "
+                    "retry when one has been answered",
+                    code="client_body_budget_exhausted",
+                    headers={"Retry-After": str(BUDGET_RETRY_AFTER)},
+                )
             budget.held += size
+            budget._by_client[self._client] = mine
             self.size += size
+
+        def release(self) -> None:
+            """Give the claim back (once; later calls do nothing)."""
+            if not self.size:
+                return
+            budget = self._budget
+            budget.held -= self.size
+            left = budget._by_client.get(self._client, 0) - self.size
+            if left > 0:
+                budget._by_client[self._client] = left
+            else:
+                budget._by_client.pop(self._client, None)
+            self.size = 0
 
 
 async def read_body(request: web.Request, limit: int, claim: BodyBudget.Claim, budget_limit: int) -> bytearray:

@@ -164,6 +164,7 @@ class HealthSettings:
 class ServerSettings:
     max_body_bytes: int = 32 * 1024 * 1024  # one request body, decoded
     max_inflight_body_bytes: int = 256 * 1024 * 1024  # all request bodies held at once
+    max_inflight_body_bytes_per_client: int = 64 * 1024 * 1024  # ... and by one client (key, or address)
     max_response_bytes: int = 64 * 1024 * 1024  # one unstreamed upstream answer, decoded
     max_event_bytes: int = 8 * 1024 * 1024  # one SSE event of a streamed answer, decoded
     shutdown_timeout_seconds: float = 30.0
@@ -172,6 +173,8 @@ class ServerSettings:
     body_timeout_seconds: float = 60.0  # ... and its whole body within this
     keepalive_timeout_seconds: float = 75.0  # an idle client connection is closed after this
     listen_backlog: int = 1024  # connections the kernel queues until accepted (capped by net.core.somaxconn)
+    write_timeout_seconds: float = 60.0  # a client that reads none of its answer for this long is closed
+    max_held_answer_bytes: int = 256 * 1024 * 1024  # answer bytes waiting for clients that do not read
 
 
 # Server settings aiohttp takes once, when it starts listening: a reload cannot change them.

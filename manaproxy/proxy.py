@@ -29,6 +29,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from . import logfmt
+from .auth import CLIENT
 from .body import BodyBudget, parse_body, read_body
 from .config import Hedge, Target
 from .drain import SHUTTING_DOWN, Guard, shutting_down
@@ -78,9 +79,12 @@ async def forward(request: web.Request) -> web.StreamResponse:
     try:
         if drain.stopping:
             raise shutting_down()
-        # The body is held until the request ends: so is its share of the in-flight body budget.
+        # The body's share of the in-flight budget is held until the commit (see `_commit`) at most. The
+        # client is the key it was let in with, or without auth its address.
+        client = request.get(CLIENT) or request.remote or "-"
         async with guard:
-            with gateway.body_budget.reserve() as claim:
+            server = runtime.config.server
+            with gateway.body_budget.reserve(client, server.max_inflight_body_bytes_per_client) as claim:
                 return await _Forwarder(request, gateway, runtime, record, guard).run(claim)
     except ProxyError as err:
         return _refused(request, record, err)
@@ -206,7 +210,7 @@ def _refused(request: web.Request, record: RequestRecord, err: ProxyError) -> we
 class _Forwarder:
     """One request's walk down its chain."""
 
-    __slots__ = ("gateway", "guard", "record", "request", "runtime")
+    __slots__ = ("claim", "gateway", "guard", "raw", "record", "request", "runtime")
 
     def __init__(
         self, request: web.Request, gateway: Gateway, runtime: Runtime, record: RequestRecord, guard: Guard
@@ -216,8 +220,10 @@ class _Forwarder:
         self.runtime = runtime
         self.record = record
         self.guard = guard
+        self.raw = bytearray()
 
     async def run(self, claim: BodyBudget.Claim) -> web.StreamResponse:
+        self.claim = claim
         config = self.runtime.config
         server = config.server
         record = self.record
@@ -229,7 +235,9 @@ class _Forwarder:
         arrived = self.request.content.is_eof()
         try:
             async with contextlib.nullcontext() if arrived else asyncio.timeout(server.body_timeout_seconds):
-                raw = await read_body(self.request, server.max_body_bytes, claim, server.max_inflight_body_bytes)
+                raw = self.raw = await read_body(
+                    self.request, server.max_body_bytes, claim, server.max_inflight_body_bytes
+                )
         except TimeoutError:
             raise ProxyError(
                 408, f"request body did not arrive within {server.body_timeout_seconds:g}s", code="body_timeout"
@@ -395,6 +403,7 @@ class _Forwarder:
         self, target: Target, reply: Reply | StreamReply, slot: Slot, protocol: StreamProtocol
     ) -> web.StreamResponse:
         """COMMIT to `target`: its answer goes to the client, whole or streamed."""
+        self._let_go_of_body()
         record = self.record
         record.provider = target.provider
         record.target = str(target)
@@ -406,6 +415,14 @@ class _Forwarder:
             record.first_byte = perf_counter() - record.started
             return web.Response(status=reply.status, body=reply.body, content_type=None, headers=headers)
         return await self._relay(target, reply, slot, protocol)
+
+    def _let_go_of_body(self) -> None:
+        """At the commit no chain entry will be sent the body again: free its bytes and give its share of
+        the body budget back, so that a long answer does not hold it. Kept (to the request's end) only
+        while the upstream is still being sent it (a view of it is exported: an upstream answering early)."""
+        with contextlib.suppress(BufferError):
+            self.raw.clear()
+            self.claim.release()
 
     def _failed(self, target: Target, failure: UpstreamFailure) -> web.Response | None:
         """Note a failed attempt; None to fall back, or the caller's error relayed as the answer."""

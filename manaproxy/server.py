@@ -9,6 +9,13 @@ connection gets a 408 and is closed, so clients trickling header bytes cannot ho
 connection idle between requests is closed after `server.keepalive_timeout_seconds` (aiohttp's own
 keep-alive timer). Both are taken from the config when the server starts.
 
+Answers are bounded while they wait for their client (`HeldAnswers`): a connection whose transport buffer
+is above its high-water mark (the client reads nothing, or too little to drain it) is closed after
+`server.write_timeout_seconds` without relief, which cancels its handler and so closes its upstream
+connection; and all such buffers together stay under `server.max_held_answer_bytes`: a pause that would
+pass it closes the connections paused longest (the slowest readers) until they fit. Both read the
+current config, so they take effect on reload. Costs nothing per chunk: only pauses are timed.
+
 aiohttp answers a request its HTTP parser rejects (a control byte in a header, an over-long URL, too
 many or too large headers, an unsupported `Content-Encoding`) by itself, before any middleware sees it:
 a text/plain 400, logged at ERROR with a traceback that quotes the raw header line — a client's
@@ -21,12 +28,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
+from time import monotonic
 from typing import Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMethod, ContentEncodingError, HttpProcessingError, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
+from .config import ServerSettings
 from .errors import ProxyError, error_body
 from .gateway import GATEWAY
 
@@ -56,14 +66,78 @@ _HEADER_TIMEOUT_RESPONSE = b"".join(
 )
 
 
-class _RequestHandler(RequestHandler):
-    """aiohttp's per-connection protocol, with `handle_error` answering parser errors our way and a
-    deadline for the headers of each request."""
+class HeldAnswers:
+    """The connections whose answers wait in their transport buffer (writing paused), oldest pause first."""
 
-    def __init__(self, *args: Any, header_timeout: float = 10.0, **kwargs: Any) -> None:
+    def __init__(self, settings: Callable[[], ServerSettings]) -> None:
+        self._settings = settings
+        self._paused: dict[_RequestHandler, float] = {}  # handler -> when its writing paused
+
+    def __repr__(self) -> str:
+        return f"<HeldAnswers connections={len(self._paused)} held={self.held}>"
+
+    @property
+    def held(self) -> int:
+        """Answer bytes in the transport buffers of paused connections."""
+        return sum(handler.buffered() for handler in self._paused)
+
+    def paused(self, handler: _RequestHandler) -> float:
+        """Note `handler`'s pause, close the slowest readers past the budget; the write timeout in seconds."""
+        settings = self._settings()
+        self._paused[handler] = monotonic()
+        held = self.held
+        while held > settings.max_held_answer_bytes and self._paused:
+            slowest = next(iter(self._paused))
+            held -= slowest.buffered()
+            slowest.cut("answers held for slow readers passed server.max_held_answer_bytes")
+        return settings.write_timeout_seconds
+
+    def resumed(self, handler: _RequestHandler) -> None:
+        self._paused.pop(handler, None)
+
+
+class _RequestHandler(RequestHandler):
+    """aiohttp's per-connection protocol, with `handle_error` answering parser errors our way, a
+    deadline for the headers of each request and one for a client that does not read its answer."""
+
+    def __init__(
+        self, *args: Any, header_timeout: float = 10.0, held_answers: HeldAnswers | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self._header_timeout = header_timeout
         self._header_deadline: asyncio.TimerHandle | None = None
+        self._held_answers = held_answers
+        self._write_deadline: asyncio.TimerHandle | None = None
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._held_answers is not None and self.transport is not None:
+            timeout = self._held_answers.paused(self)
+            if self.transport is not None and self._write_deadline is None:
+                self._write_deadline = self._loop.call_later(timeout, self.cut, f"client read nothing for {timeout:g}s")
+
+    def resume_writing(self) -> None:
+        self._writing_done()
+        super().resume_writing()
+
+    def _writing_done(self) -> None:
+        if self._write_deadline is not None:
+            self._write_deadline.cancel()
+            self._write_deadline = None
+        if self._held_answers is not None:
+            self._held_answers.resumed(self)
+
+    def buffered(self) -> int:
+        return self.transport.get_write_buffer_size() if self.transport is not None else 0
+
+    def cut(self, why: str) -> None:
+        """Close the connection now, dropping what its buffer holds; the handler is cancelled with it."""
+        self._write_deadline = None
+        if self._held_answers is not None:
+            self._held_answers.resumed(self)
+        if self.transport is not None:
+            logger.info("connection from %s closed: %s (%d bytes unsent)", self._peer(), why, self.buffered())
+            self.transport.abort()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -78,6 +152,7 @@ class _RequestHandler(RequestHandler):
             self._header_deadline = None
 
     def connection_lost(self, exc: BaseException | None) -> None:
+        self._writing_done()
         if self._header_deadline is not None:
             self._header_deadline.cancel()
             self._header_deadline = None
@@ -152,6 +227,9 @@ class Runner(web.AppRunner):
         kwargs.setdefault("shutdown_timeout", _STRAGGLER_SECONDS)
         kwargs.setdefault("keepalive_timeout", server.keepalive_timeout_seconds)
         kwargs.setdefault("header_timeout", server.header_timeout_seconds)
+        gateway = app[GATEWAY]
+        self.held_answers = HeldAnswers(lambda: gateway.config.server)
+        kwargs.setdefault("held_answers", self.held_answers)
         super().__init__(app, **kwargs)
 
     async def _make_server(self) -> web.Server:

@@ -11,6 +11,8 @@ import time
 
 import pytest
 
+from manaproxy.health.probe import probe_one
+
 from .fakes import (
     chat_chunks,
     chat_completion,
@@ -265,7 +267,8 @@ async def test_429_with_retry_after_keeps_the_model_out_without_counting_an_outa
 
 async def test_a_listener_that_raises_cannot_break_the_state_machine(make_upstream, make_proxy, caplog):
     a, _b, proxy = await breaker_proxy(make_upstream, make_proxy)
-    a.default = status_reply(401, "invalid api key")  # our credentials: the provider's breaker
+    a.default = status_reply(401, "invalid api key")
+    a.models_status = 401  # the probe too: our credentials, the provider's breaker
     heard: list[tuple[str, bool]] = []
 
     def broken(provider: str, healthy: bool) -> None:
@@ -277,12 +280,12 @@ async def test_a_listener_that_raises_cannot_break_the_state_machine(make_upstre
     caplog.set_level(logging.WARNING, logger="manaproxy.health")
 
     assert await ask(proxy) == "b/m2"
-    assert await ask(proxy) == "b/m2"
+    await probe_one(proxy.gateway, proxy.gateway.runtime.providers["a"], 1.0)  # the credential check it asked for
     assert health.breaker("a") == "open"
     assert heard == [("a", False)]  # the listener after the broken one still heard
     assert "listener" in caplog.text
     assert "RuntimeError: listener bug" in caplog.text
-    assert "provider a unhealthy after 2 consecutive failures" in caplog.text
+    assert "provider a unhealthy after 1 consecutive failures" in caplog.text
 
     await wait_for(lambda: health.breaker("a") == "half_open", timeout=2)
     a.default = json_reply(chat_completion("m1"))

@@ -116,6 +116,7 @@ class Hedge:
     max_extra: int = 1  # `hedge_max`: extra attempts running at once
     min_delay: float = 0.05  # `hedge_min`: bounds of the `auto` delay
     max_delay: float = 10.0  # `hedge_max_delay`
+    budget_percent: float = 10.0  # `hedge_budget_percent`: extra attempts, as % of the alias's requests
 
     @property
     def auto(self) -> bool:
@@ -127,6 +128,9 @@ class Hedge:
         if self.after is not None:
             return self.after
         return None if p95 is None else min(max(p95, self.min_delay), self.max_delay)
+
+
+_HEDGE_EXTRAS = ("hedge_max", "hedge_min", "hedge_max_delay", "hedge_budget_percent")
 
 
 def targets_of(steps: tuple[Step, ...]) -> tuple[Target, ...]:
@@ -158,6 +162,7 @@ class HealthSettings:
     backoff_seconds: float = 60.0
     probe_interval_seconds: float = 30.0
     probe_timeout_seconds: float = 3.0
+    credential_check_seconds: float = 5.0  # a request's 401/403 probes the provider at most this often
 
 
 @dataclass(frozen=True, slots=True)
@@ -389,9 +394,7 @@ class _Parser:
         where = f"aliases.{name}"
         if not name.startswith(ALIAS_PREFIX) or len(name) == len(ALIAS_PREFIX):
             raise self.fail(where, f"alias names must start with {ALIAS_PREFIX!r} and name a class")
-        spec = self.mapping(
-            spec, where, ("description", "chain", "hedge_after", "hedge_max", "hedge_min", "hedge_max_delay")
-        )
+        spec = self.mapping(spec, where, ("description", "chain", "hedge_after", *_HEDGE_EXTRAS))
         chain_raw = spec.get("chain")
         if not isinstance(chain_raw, list) or not chain_raw:
             raise self.fail(f"{where}.chain", "must be a non-empty list of provider/model entries")
@@ -438,7 +441,7 @@ class _Parser:
 
     def hedge(self, spec: dict[str, Any], where: str) -> Hedge | None:
         raw = spec.get("hedge_after")
-        extras = [key for key in ("hedge_max", "hedge_min", "hedge_max_delay") if key in spec]
+        extras = [key for key in _HEDGE_EXTRAS if key in spec]
         if raw is None:
             if extras:
                 raise self.fail(f"{where}.{extras[0]}", "applies only with hedge_after")
@@ -453,10 +456,15 @@ class _Parser:
         max_delay = float(self.number(spec.get("hedge_max_delay", 10.0), f"{where}.hedge_max_delay", minimum=0.001))
         if max_delay < min_delay:
             raise self.fail(f"{where}.hedge_max_delay", f"must be >= hedge_min ({min_delay:g})")
-        return Hedge(after, max_extra, min_delay, max_delay)
+        budget = float(self.number(spec.get("hedge_budget_percent", 10), f"{where}.hedge_budget_percent", minimum=0))
+        if budget > 100 * max_extra:
+            raise self.fail(
+                f"{where}.hedge_budget_percent", f"must be <= 100 x hedge_max ({100 * max_extra}), got {budget:g}"
+            )
+        return Hedge(after, max_extra, min_delay, max_delay, budget)
 
     def health(self, raw: Any) -> HealthSettings:
-        fields = ("failure_threshold", "backoff_seconds", "probe_interval_seconds", "probe_timeout_seconds")
+        fields = tuple(HealthSettings.__dataclass_fields__)
         spec = self.mapping(raw, "health", fields)
         values: dict[str, Any] = {}
         for key, value in spec.items():

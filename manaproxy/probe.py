@@ -9,7 +9,9 @@ successful reload starts a round at once so new or changed providers do not wait
 
 Between rounds, a provider whose breaker is open is probed as soon as its recovery probe is due (1 s,
 2 s, 4 s … after it opened, see `health/breaker.py`), so a provider back after a short restart is noticed in
-about a second rather than at the end of `backoff_seconds`.
+about a second rather than at the end of `backoff_seconds`. So is a provider one of whose requests got
+401/403: its probe, with our key, tells whether the key is refused (the provider's breaker opens) or only
+that model or request (`health/tracker.py`).
 """
 
 from __future__ import annotations
@@ -98,6 +100,10 @@ class Prober:
         if not healthy:
             self._wake.set()
 
+    def on_probe_wanted(self, provider: str) -> None:
+        """Health listener: a provider wants a credential check now."""
+        self._wake.set()
+
     async def run(self) -> None:
         """Probe forever: a round at once and every `probe_interval_seconds` (read each time), and the
         recovery probes of open breakers whenever they are due."""
@@ -138,10 +144,12 @@ async def probe_loop(app: web.Application) -> AsyncIterator[None]:
     prober = Prober(gateway)
     listeners.append(prober.wake)
     gateway.health.add_listener(prober.on_transition)
+    gateway.health.add_probe_listener(prober.on_probe_wanted)
     task = asyncio.create_task(prober.run(), name="manaproxy-probes")
     yield
     listeners.remove(prober.wake)
     gateway.health.remove_listener(prober.on_transition)
+    gateway.health.remove_probe_listener(prober.on_probe_wanted)
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task

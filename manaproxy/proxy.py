@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import math
+import os
 import random
 from collections.abc import Callable
 from contextlib import AbstractContextManager, ExitStack, aclosing
@@ -278,7 +280,8 @@ class _Forwarder:
         raise exhausted(record.attempts)
 
     def _claim(self, target: Target, stream: bool) -> AbstractContextManager[Slot]:
-        return self.gateway.health.attempt(self.runtime.config.providers[target.provider], target.model, stream=stream)
+        provider = self.runtime.config.providers[target.provider]
+        return self.gateway.health.attempt(provider, target.model, stream=stream, client=_client(self.request))
 
     async def _try(self, target: Target, call: Call) -> web.StreamResponse | None:
         """Try one target. A response means the request is answered; None means fall back."""
@@ -322,8 +325,10 @@ class _Forwarder:
         target, as without hedging. Nothing is raced after the commit point."""
         record = self.record
         racers: dict[asyncio.Task[Reply | StreamReply | web.Response | None], _Racer] = {}
-        hedged = exhausted_plan = False
+        hedged = exhausted_plan = over_budget = False
         started = perf_counter()
+        budget = self.gateway.health.hedge_budget(record.alias or "", hedge.budget_percent)
+        budget.earn()
 
         def start(target: Target, *, beside_late: bool) -> None:
             record.calls.append(str(target))
@@ -347,12 +352,18 @@ class _Forwarder:
                 return None
             primary = next(iter(racers.values())).target
             while racers:
-                delay = None if exhausted_plan or len(racers) > hedge.max_extra else self._hedge_delay(hedge, primary)
+                late = exhausted_plan or over_budget or len(racers) > hedge.max_extra
+                delay = None if late else self._hedge_delay(hedge, primary)
                 youngest = max(racer.started for racer in racers.values())
                 timeout = None if delay is None else max(0.0, youngest + delay - perf_counter())
                 done, _ = await asyncio.wait(racers, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-                if not done:  # the attempt in flight is late: start the next target beside it
-                    hedged = start_next(beside_late=True) or hedged
+                if not done:  # the attempt in flight is late: start the next target beside it, if paid for
+                    if not budget.spend():
+                        over_budget = True
+                    elif start_next(beside_late=True):
+                        hedged = True
+                    else:
+                        budget.refund()
                     continue
                 winner: tuple[_Racer, Reply | StreamReply] | None = None
                 for task in done:
@@ -534,6 +545,19 @@ class _Forwarder:
             logfmt.value(target),
             logfmt.value(failure.detail),
         )
+
+
+_CLIENT_SALT = os.urandom(16)  # the client hash cannot be matched against a key outside this process
+
+
+def _client(request: web.Request) -> bytes | None:
+    """Who a request is, for what it teaches (`hedge_after: auto`): a hash of its key, never the key."""
+    headers = request.headers
+    authorization, api_key = headers.get("Authorization", ""), headers.get("X-API-Key", "")
+    if not authorization and not api_key:
+        return None
+    credentials = f"{authorization}\n{api_key}".encode("utf-8", "surrogateescape")
+    return hashlib.blake2b(credentials, digest_size=16, key=_CLIENT_SALT).digest()
 
 
 def _caller_error(failure: UpstreamFailure, target: Target) -> web.Response:

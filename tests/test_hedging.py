@@ -47,7 +47,8 @@ async def hedged_proxy(make_upstream, make_proxy, *, hedge_after: Any = 0.1, **a
     c = await make_upstream("c")
     for up, model in ((a, "m1"), (b, "m2"), (c, "m3")):
         up.default = chat_answer(model)
-    spec = {"chain": ["a/m1", "b/m2", "c/m3"], "hedge_after": hedge_after, **alias}
+    # These tests are about the race: every late request may hedge (the budget has tests of its own).
+    spec = {"chain": ["a/m1", "b/m2", "c/m3"], "hedge_after": hedge_after, "hedge_budget_percent": 100, **alias}
     proxy = await make_proxy(build_config({"a": a, "b": b, "c": c}, {"mana/x": spec}))
     return a, b, c, proxy
 
@@ -189,7 +190,7 @@ async def test_auto_hedges_at_the_p95_of_the_first_targets_recent_first_bytes(ma
 
     a.default = late("m1", 0.12)  # the first target gets slower for everyone (and stays the faster one) ...
     b.default = late("m2", 5)
-    for _ in range(22):  # a window of 42: these are past its 95th percentile
+    for _ in range(45):  # more than half of a window of 86: the median (which bounds the p95) moves too
         assert (await answered_by(proxy, stream=False))[0] == "a/m1"
     delay = (await hedge_view())["delay_seconds"]["unstreamed"]
     assert 0.1 <= delay <= 0.2  # ... and the delay follows it: late requests are hedged again, not all of them
@@ -208,6 +209,13 @@ async def test_auto_hedges_at_the_p95_of_the_first_targets_recent_first_bytes(ma
         ({"chain": ["a/m"], "hedge_after": "soon"}, "hedge_after", "expected a number"),
         ({"chain": ["a/m"], "hedge_max": 2}, "hedge_max", "applies only with hedge_after"),
         ({"chain": ["a/m"], "hedge_after": "auto", "hedge_max": 0}, "hedge_max", "must be >= 1"),
+        ({"chain": ["a/m"], "hedge_after": 1, "hedge_budget_percent": -1}, "hedge_budget_percent", "must be >= 0"),
+        (
+            {"chain": ["a/m"], "hedge_after": 1, "hedge_budget_percent": 150},
+            "hedge_budget_percent",
+            "<= 100 x hedge_max",
+        ),
+        ({"chain": ["a/m"], "hedge_budget_percent": 5}, "hedge_budget_percent", "applies only with hedge_after"),
         (
             {"chain": ["a/m"], "hedge_after": "auto", "hedge_min": 2, "hedge_max_delay": 1},
             "hedge_max_delay",
@@ -232,3 +240,75 @@ async def test_check_names_the_place_of_a_bad_pool(tmp_path):
 
     assert proc.returncode == 1
     assert b"aliases.mana/x.chain[0][1]: pools cannot be nested" in stderr
+
+
+# -- hedge_after: auto cannot be steered by one client; hedge_budget_percent bounds the cost ------------------
+
+
+async def unstreamed_delay(proxy, key: str | None = None) -> float | None:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    (alias,) = (await (await proxy.client.get("/v1/aliases", headers=headers)).json())["aliases"]
+    return alias["hedge"]["delay_seconds"]["unstreamed"]
+
+
+async def test_a_few_slow_requests_cannot_push_the_auto_delay_up_to_no_hedging(make_upstream, make_proxy):
+    a, b, _c, proxy = await hedged_proxy(make_upstream, make_proxy, hedge_after="auto", hedge_min=0.05)
+    for _ in range(30):  # the first target answers at once
+        await answered_by(proxy, stream=False)
+    a.default = late("m1", 1.0)
+    b.default = late("m2", 5)  # a wins each race: its slow answers are what is learnt
+
+    answers = await asyncio.gather(*(answered_by(proxy, stream=False) for _ in range(12)))
+    assert {resolved for resolved, _ in answers} == {"a/m1"}
+
+    delay = await unstreamed_delay(proxy)
+    assert delay is not None
+    assert delay <= 0.1
+    a.default = late("m1", 0.6)
+    b.default = chat_answer("m2")
+    assert (await answered_by(proxy, stream=False))[0] == "b/m2"  # late requests are still hedged
+
+
+async def test_one_client_key_flooding_instant_answers_cannot_pull_the_auto_delay_down(make_upstream, make_proxy):
+    a = await make_upstream("a")
+    b = await make_upstream("b")
+    a.default = late("m1", 0.15)
+    b.default = late("m2", 5)
+    spec = {"chain": ["a/m1", "b/m2"], "hedge_after": "auto", "hedge_min": 0.05, "hedge_budget_percent": 100}
+    proxy = await make_proxy(build_config({"a": a, "b": b}, {"mana/x": spec}), api_keys=[b"key-legit", b"key-flood"])
+
+    async def post(key: str) -> str:
+        resp = await proxy.client.post(CHAT, json=chat(), headers={"Authorization": f"Bearer {key}"})
+        assert resp.status == 200, await resp.text()
+        await resp.read()
+        return resp.headers["X-Mana-LLM-Resolved"]
+
+    for _ in range(3):  # 60 answers for the legitimate client, 0.15 s each
+        await asyncio.gather(*(post("key-legit") for _ in range(20)))
+    before = await unstreamed_delay(proxy, "key-legit")
+    assert before is not None
+    assert before >= 0.14
+
+    a.default = chat_answer("m1")
+    for _ in range(6):  # 300 instant answers for one other key
+        await asyncio.gather(*(post("key-flood") for _ in range(50)))
+
+    delay = await unstreamed_delay(proxy, "key-legit")
+    assert delay is not None
+    assert delay >= 0.14
+    a.default = late("m1", 0.1)
+    calls = b.calls
+    assert await post("key-legit") == "a/m1"
+    assert b.calls == calls  # an answer in its usual time is not hedged
+
+
+async def test_the_hedge_budget_caps_the_extra_upstream_requests(make_upstream, make_proxy):
+    a, b, c, proxy = await hedged_proxy(make_upstream, make_proxy, hedge_after=0.05, hedge_budget_percent=10)
+    a.default = late("m1", 0.2)  # every request is late: each would hedge without a budget
+
+    for _ in range(4):
+        answers = await asyncio.gather(*(answered_by(proxy, stream=False) for _ in range(10)))
+        assert all(resolved in ("a/m1", "b/m2") for resolved, _ in answers)
+
+    assert a.calls == 40
+    assert 1 <= b.calls + c.calls <= 1 + 4  # a reserve of one, and 10 % of 40 requests

@@ -52,7 +52,7 @@ async def test_a_provider_failure_that_echoes_our_key_is_shown_redacted(setup, c
     body = await resp.text()
 
     assert resp.status == 200  # fell back to b
-    detail = (await (await proxy.client.get("/v1/health")).json())["providers"]["a"]
+    detail = (await (await proxy.client.get("/v1/health")).json())["providers"]["a"]["models"]["m1"]  # 401: noted there
     assert "Bearer [redacted]" in detail["last_error"]
     assert KEY not in await everything_visible(proxy, caplog, body)
 

@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from manaproxy.app import create_app
 from manaproxy.config import parse_config
+from manaproxy.health.probe import probe_one
 from manaproxy.record import RequestRecord
 
 from .fakes import (
@@ -348,15 +349,15 @@ async def test_provider_healthy_follows_breaker_transitions(make_upstream, make_
     assert value(proxy, "mana_llm_provider_healthy", provider="b") == 1
     assert value(proxy, "mana_llm_alias_healthy_targets", alias="mana/x") == 2
 
-    a.queue(status_reply(401))  # our key refused: the provider's breaker
-    await post_chat(proxy, chat())
+    a.models_status = 401  # our key refused, the probe says: the provider's breaker
+    await probe_one(proxy.gateway, proxy.gateway.runtime.providers["a"], 1.0)
     assert value(proxy, "mana_llm_provider_healthy", provider="a") == 0
     assert value(proxy, "mana_llm_alias_healthy_targets", alias="mana/x") == 1
 
     await asyncio.sleep(0.25)  # backoff over: half-open, the next success closes the breaker
     assert value(proxy, "mana_llm_provider_healthy", provider="a") == 0
     await post_chat(proxy, chat())
-    assert a.calls == 2
+    assert a.calls == 1
     assert value(proxy, "mana_llm_provider_healthy", provider="a") == 1
     assert value(proxy, "mana_llm_alias_healthy_targets", alias="mana/x") == 2
 

@@ -129,8 +129,8 @@ async def test_aliases_show_pools_with_weights_and_the_hedge_setting(make_upstre
 
 async def test_pools_and_hedging_survive_a_reload(make_upstream, make_proxy, tmp_path):
     gpu1, gpu2, backup, proxy = await pool_proxy(
-        make_upstream, make_proxy, ["gpu1/q", "gpu2/q"], hedge_after=0.1, hedge_max=2
-    )
+        make_upstream, make_proxy, ["gpu1/q", "gpu2/q"], hedge_after=0.1, hedge_max=2, hedge_budget_percent=200
+    )  # a budget for two hedges in one request
     gpu1.default = gpu2.default = sse_reply(chat_chunks("q", ["late"]), first_delay=2)  # the pool is late
 
     resp = await proxy.client.post(CHAT, json=chat(stream=True))

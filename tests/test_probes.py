@@ -140,21 +140,21 @@ async def test_a_configured_probe_path_is_used_and_is_a_get(make_upstream, make_
 async def test_a_recovery_probe_closes_the_breaker_long_before_the_window_ends(make_upstream, make_proxy):
     a = await make_upstream("a")
     b = await make_upstream("b")
-    a.default = status_reply(403)  # our key refused: the provider's breaker, the one probes decide
+    a.models_status = 403  # our key refused: the provider's breaker, the one probes decide
     b.default = json_reply(chat_completion("m2"))
     settings = {**FAST, "probe_interval_seconds": 60, "backoff_seconds": 60}
     proxy = await make_proxy(build_config({"a": a, "b": b}, {"mana/x": ["a/m1", "b/m2"]}, health=settings), probes=True)
     health = proxy.gateway.health
-    for _ in range(2):
-        resp = await proxy.client.post("/v1/chat/completions", json=chat())
-        assert resp.headers["X-Mana-LLM-Resolved"] == "b/m2"
-    assert health.breaker("a") == "open"
+    await wait_for(lambda: health.breaker("a") == "open", timeout=2)  # the first round: out at once
     opened = time.monotonic()
+    resp = await proxy.client.post("/v1/chat/completions", json=chat())
+    assert resp.headers["X-Mana-LLM-Resolved"] == "b/m2"
+    a.models_status = 200
 
     await wait_for(lambda: health.breaker("a") == "closed", timeout=3)  # the first recovery probe, ~1 s on
 
-    assert 0.8 < time.monotonic() - opened < 3
-    assert a.calls == 2  # no real request was needed
+    assert 0.7 < time.monotonic() - opened < 3
+    assert a.calls == 0  # skipped meanwhile; no real request was needed
 
 
 async def test_a_probe_that_raises_marks_its_provider_unhealthy_and_probing_goes_on(
@@ -191,3 +191,25 @@ async def test_probes_stop_when_the_app_is_cleaned_up(make_upstream, make_proxy)
     calls = fast.models_calls
     await asyncio.sleep(0.2)  # four probe intervals
     assert fast.models_calls == calls
+
+
+async def test_a_401_about_our_key_takes_the_provider_out_once_the_probe_confirms_it(make_upstream, make_proxy):
+    a = await make_upstream("a")
+    b = await make_upstream("b")
+    b.default = json_reply(chat_completion("m2"))
+    settings = {"probe_interval_seconds": 60, "probe_timeout_seconds": 1, "backoff_seconds": 60}
+    aliases = {"mana/x": ["a/m1", "b/m2"], "mana/y": ["a/m9", "b/m2"]}
+    proxy = await make_proxy(build_config({"a": a, "b": b}, aliases, health=settings), probes=True)
+    health = proxy.gateway.health
+    await wait_for(lambda: health.get("a").breaker.last_check is not None, timeout=2)  # the startup round passed
+    a.default = status_reply(401, "invalid api key")  # the key is revoked: requests and probe alike refused
+    a.models_status = 401
+
+    resp = await proxy.client.post("/v1/chat/completions", json=chat())
+    assert resp.headers["X-Mana-LLM-Resolved"] == "b/m2"
+    await wait_for(lambda: health.breaker("a") == "open", timeout=2)  # the credential check it asked for
+
+    resp = await proxy.client.post("/v1/chat/completions", json=chat("mana/y"))
+    assert resp.headers["X-Mana-LLM-Resolved"] == "b/m2"
+    assert a.calls == 1  # every model of a is skipped now
+    assert health.get("a").breaker.last_error == "probe: HTTP 401: models failed"

@@ -11,6 +11,8 @@ import time
 
 import pytest
 
+from manaproxy.health.probe import probe_one
+
 from .fakes import (
     chat_chunks,
     chat_completion,
@@ -265,7 +267,8 @@ async def test_429_with_retry_after_keeps_the_model_out_without_counting_an_outa
 
 async def test_a_listener_that_raises_cannot_break_the_state_machine(make_upstream, make_proxy, caplog):
     a, _b, proxy = await breaker_proxy(make_upstream, make_proxy)
-    a.default = status_reply(401, "invalid api key")  # our credentials: the provider's breaker
+    a.default = status_reply(401, "invalid api key")
+    a.models_status = 401  # the probe too: our credentials, the provider's breaker
     heard: list[tuple[str, bool]] = []
 
     def broken(provider: str, healthy: bool) -> None:
@@ -277,12 +280,12 @@ async def test_a_listener_that_raises_cannot_break_the_state_machine(make_upstre
     caplog.set_level(logging.WARNING, logger="manaproxy.health")
 
     assert await ask(proxy) == "b/m2"
-    assert await ask(proxy) == "b/m2"
+    await probe_one(proxy.gateway, proxy.gateway.runtime.providers["a"], 1.0)  # the credential check it asked for
     assert health.breaker("a") == "open"
     assert heard == [("a", False)]  # the listener after the broken one still heard
     assert "listener" in caplog.text
     assert "RuntimeError: listener bug" in caplog.text
-    assert "provider a unhealthy after 2 consecutive failures" in caplog.text
+    assert "provider a unhealthy after 1 consecutive failures" in caplog.text
 
     await wait_for(lambda: health.breaker("a") == "half_open", timeout=2)
     a.default = json_reply(chat_completion("m1"))
@@ -399,3 +402,43 @@ async def test_a_provider_that_cannot_be_reached_is_skipped_for_every_model(make
     assert (view["status"], view["breaker"]) == ("unhealthy", "open")
     assert view["last_error"].startswith("cannot connect to 127.0.0.1:")
     assert (await get_json(proxy, "/health"))["providers"]["g"] == "unhealthy"
+
+
+# -- 401/403: our key, or only one model or request? A probe with our key decides ------------------------
+
+
+async def test_a_burst_of_403s_for_one_model_leaves_the_providers_other_models_and_aliases_in_use(
+    make_upstream, make_proxy
+):
+    """A client may name any `provider/model`: 403s it alone gets (a model the account may not use, a
+    moderation refusal) are about its requests, not our key — the probe of g's models answers."""
+    g, _b, proxy = await scoped_proxy_with_probes(make_upstream, make_proxy)
+    g.default = by_model(
+        {"forbidden-model": status_reply(403, "not allowed for this account"), "m2": json_reply(chat_completion("m2"))}
+    )
+    health = proxy.gateway.health
+
+    for _ in range(3):  # a burst, well past failure_threshold
+        replies = await asyncio.gather(*(proxy.client.post(CHAT, json=chat("g/forbidden-model")) for _ in range(8)))
+        assert {reply.status for reply in replies} == {502}  # our key looks refused to this client: a bad gateway
+        await asyncio.sleep(0.05)
+
+    assert await ask(proxy, chat("mana/two")) == "g/m2"  # the alias on the same provider still uses it
+    assert await ask(proxy, chat("g/m2")) == "g/m2"
+    assert (health.breaker("g"), health.breaker("g", "forbidden-model")) == ("closed", "closed")
+    view = (await get_json(proxy, "/v1/health"))["providers"]["g"]
+    assert view["status"] == "healthy"
+    assert view["models"]["forbidden-model"]["last_error"] == "HTTP 403: not allowed for this account"
+    assert g.models_calls <= 3  # the startup round and credential checks, at most one per credential_check_seconds
+
+
+async def scoped_proxy_with_probes(make_upstream, make_proxy):
+    """`scoped_proxy` with the probe loop running (interval 60 s: only the startup round and the checks)."""
+    g = await make_upstream("g")
+    b = await make_upstream("b")
+    b.default = json_reply(chat_completion("x"))
+    aliases = {"mana/one": ["g/m1", "b/x"], "mana/two": ["g/m2", "b/x"]}
+    settings = {**BREAKER, "probe_interval_seconds": 60, "probe_timeout_seconds": 1}
+    proxy = await make_proxy(build_config({"g": g, "b": b}, aliases, health=settings), probes=True)
+    await wait_for(lambda: proxy.gateway.health.get("g").breaker.last_check is not None, timeout=2)
+    return g, b, proxy

@@ -17,6 +17,8 @@ import orjson
 import pytest
 from aiohttp import web
 
+from manaproxy.health.probe import probe_one
+
 from .fakes import (
     GEMINI_MODEL,
     Recorded,
@@ -105,13 +107,15 @@ async def test_a_reload_keeps_the_health_of_unchanged_providers_and_resets_repoi
     b = await make_upstream("b")
     c = await make_upstream("c")
     a.default = status_reply(401, "invalid key")
+    a.models_status = 401
     b.default = json_reply(chat_completion("m2"))
     health = {"failure_threshold": 2, "backoff_seconds": 60}
     proxy = await make_proxy(build_config({"a": a, "b": b}, {"mana/x": ["a/m1", "b/m2"]}, health=health))
-    for _ in range(2):
-        assert await ask(proxy) == "b/m2"  # two 401s open a's breaker
-    b.default = status_reply(403)
-    await post_chat(proxy, chat("b/m2"), status=502)  # and b has one failure (its key refused: a bad gateway)
+    providers = proxy.gateway.runtime.providers
+    await probe_one(proxy.gateway, providers["a"], 1.0)  # a's key refused: its breaker opens
+    assert await ask(proxy) == "b/m2"
+    b.models_status = 503
+    await probe_one(proxy.gateway, providers["b"], 1.0)  # and b has one failure
     tracker = proxy.gateway.health
     assert (tracker.breaker("a"), tracker.get("b").breaker.consecutive_failures) == ("open", 1)
 

@@ -133,7 +133,7 @@ async def test_no_secret_reaches_the_log(make_upstream, make_proxy, caplog):
     assert "test-key" not in everything
 
     health = await (await proxy.client.get("/v1/health", headers={"Authorization": "Bearer test-key-client"})).json()
-    assert "HTTP 401" in health["providers"]["a"]["last_error"]
+    assert "HTTP 401" in health["providers"]["a"]["models"]["m1"]["last_error"]
     assert "test-key" not in str(health)
 
 

@@ -9,12 +9,21 @@ healthy⇄unhealthy transition of a provider; a listener that raises is logged a
 
 Health is scoped to what failed (the failure's `scope`, set where it is translated):
 - the **provider** breaker counts what says the upstream as a whole is broken — connect, DNS and TLS
-  errors, a connection reset before an answer, our key refused (401/403) — and every probe; while it is
-  open every model of the provider is skipped;
+  errors, a connection reset before an answer — and every probe; while it is open every model of the
+  provider is skipped;
 - each **target** (provider + model) has a breaker of its own for HTTP errors, timeouts waiting for that
   model, bad answers and failures mid-stream, and its own Retry-After window: a 429 on one Groq model, or
   a model that 500s, leaves the provider's other models in use.
-A success proves both. Target records exist for the models actually asked for, at most
+A success proves both.
+
+A 401/403 (`CREDENTIALS`) says our key is refused, or only this model or this request (a model the account
+may not use, a moderation refusal): a client may name any `provider/model` and send anything, so a request's
+401/403 alone never opens a breaker. It falls back, is noted on the target (its `last_error`), and asks for
+a credential check: the provider's probe, with our key and nothing of the client's, at most once per
+`credential_check_seconds`. A probe answered 401/403 is our key refused: the provider's breaker opens at
+once (recovery probes close it when the key works again).
+
+Target records exist for the models actually asked for, at most
 `MAX_TARGETS_PER_PROVIDER` per provider (a client may name any `provider/model`): past that, healthy
 records idle for the longest make room.
 
@@ -26,31 +35,29 @@ since been repointed or removed (`is_current`).
 from __future__ import annotations
 
 import logging
-import math
 import time
-from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
 from .. import logfmt
 from ..config import HealthSettings, ProviderConfig
-from ..providers.base import PROVIDER, UpstreamFailure
+from ..providers.base import CREDENTIALS, PROVIDER, UpstreamFailure
 from ..redact import Redactor
 from .breaker import OPENED, Breaker
+from .latency import Client, HedgeBudget, LatencySample
 
 # Pinned, not `__name__`: operators grep for it (deploy/README.md, "Other lines worth knowing").
 logger = logging.getLogger("manaproxy.health")
 
 Clock = Callable[[], float]
 Listener = Callable[[str, bool], None]
+ProbeListener = Callable[[str], None]
 
 # Skip reasons decided here rather than by a breaker (`breaker.py` has the others).
 UNCONFIGURED = "unconfigured"
 SATURATED = "saturated"
 
 MAX_TARGETS_PER_PROVIDER = 256
-TTFB_WINDOW = 200  # answered requests per target and stream kind kept for `ttfb_p95`
-TTFB_MIN_SAMPLES = 20  # fewer, and there is no p95 to go by
 
 
 def _identity(provider: ProviderConfig) -> tuple[object, ...]:
@@ -68,7 +75,7 @@ class TargetHealth:
         self.breaker = Breaker()
         self.in_flight = 0
         # Seconds to the answer (unstreamed) and to the first event (streamed) of the last answered requests.
-        self.ttfb: tuple[deque[float], deque[float]] = (deque(maxlen=TTFB_WINDOW), deque(maxlen=TTFB_WINDOW))
+        self.ttfb: tuple[LatencySample, LatencySample] = (LatencySample(), LatencySample())
 
     def __repr__(self) -> str:
         breaker = self.breaker
@@ -85,13 +92,15 @@ class TargetHealth:
 class ProviderHealth:
     """Mutable health record of one provider, and of the models of it that were asked for."""
 
-    __slots__ = ("breaker", "in_flight", "last_latency", "name", "targets")
+    __slots__ = ("breaker", "check_allowed_at", "check_wanted", "in_flight", "last_latency", "name", "targets")
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.breaker = Breaker()
         self.in_flight = 0
         self.last_latency: float | None = None
+        self.check_wanted = False  # a request got 401/403: a probe is to tell our key from the request
+        self.check_allowed_at = 0.0  # monotonic; credential checks are at most this often
         self.targets: dict[str, TargetHealth] = {}  # by model, oldest first
 
     def __repr__(self) -> str:
@@ -122,16 +131,24 @@ class Slot:
     breakers. Outcomes of a request that started on a config whose provider has since been repointed or
     removed are dropped: they are about an upstream the config no longer names."""
 
-    __slots__ = ("_model", "_probe", "_provider", "_stream", "_tracker")
+    __slots__ = ("_client", "_model", "_probe", "_provider", "_stream", "_tracker")
 
     def __init__(
-        self, tracker: HealthTracker, provider: ProviderConfig, model: str | None, *, probe: bool, stream: bool = False
+        self,
+        tracker: HealthTracker,
+        provider: ProviderConfig,
+        model: str | None,
+        *,
+        probe: bool,
+        stream: bool = False,
+        client: Client = None,
     ) -> None:
         self._tracker = tracker
         self._provider = provider
         self._model = model
         self._probe = probe
         self._stream = stream
+        self._client = client
 
     def __repr__(self) -> str:
         target = self._provider.name + (f"/{self._model}" if self._model else "")
@@ -141,7 +158,12 @@ class Slot:
         """The provider answered (a request: its first byte or whole answer; a probe: its check)."""
         if self._tracker.is_current(self._provider):
             self._tracker.succeeded(
-                self._provider.name, latency, model=self._model, probe=self._probe, stream=self._stream
+                self._provider.name,
+                latency,
+                model=self._model,
+                probe=self._probe,
+                stream=self._stream,
+                client=self._client,
             )
 
     def failed(self, failure: UpstreamFailure) -> None:
@@ -150,10 +172,15 @@ class Slot:
         if not tracker.is_current(self._provider):
             return
         name = self._provider.name
-        # A probe asks the provider as a whole; so do transport failures and refused credentials.
+        # A probe asks the provider as a whole; so do transport failures.
         model = None if self._probe or failure.scope == PROVIDER else self._model
         detail = f"probe: {failure.detail}" if self._probe else failure.detail
-        if failure.retry_after is not None:
+        if failure.scope == CREDENTIALS:
+            if self._probe:  # our key, and nothing of a client's, refused: nothing there can answer
+                tracker.failed(name, detail, probe=True, at_once=True)
+            else:  # our key, or only this model or request? A probe decides
+                tracker.denied(name, detail, model=self._model)
+        elif failure.retry_after is not None:
             tracker.rate_limited(name, failure.retry_after, detail, model=model)
         elif failure.provider_fault:
             tracker.failed(name, detail, model=model, probe=self._probe)
@@ -187,6 +214,8 @@ class HealthTracker:
         self._providers: dict[str, ProviderHealth] = {name: ProviderHealth(name) for name in providers}
         self._identities = {name: _identity(spec) for name, spec in providers.items()}
         self._listeners: list[Listener] = []
+        self._probe_listeners: list[ProbeListener] = []
+        self._hedge_budgets: dict[str, HedgeBudget] = {}  # by alias (configured names only)
 
     def __repr__(self) -> str:
         return f"<HealthTracker {list(self._providers.values())!r}>"
@@ -198,6 +227,13 @@ class HealthTracker:
 
     def remove_listener(self, listener: Listener) -> None:
         self._listeners.remove(listener)
+
+    def add_probe_listener(self, listener: ProbeListener) -> None:
+        """Call `listener(provider)` when a provider wants a probe now (a credential check)."""
+        self._probe_listeners.append(listener)
+
+    def remove_probe_listener(self, listener: ProbeListener) -> None:
+        self._probe_listeners.remove(listener)
 
     def reconfigure(self, settings: HealthSettings, providers: Mapping[str, ProviderConfig]) -> None:
         """After a reload: keep state of providers that still exist, add new ones, drop removed ones.
@@ -247,11 +283,15 @@ class HealthTracker:
         return list(self._providers)
 
     def recovery_probes(self) -> tuple[list[str], float | None]:
-        """(providers whose breaker wants a recovery probe now, monotonic time of the next one due later)."""
+        """(providers whose breaker wants a recovery probe now, or a credential check, monotonic time of the
+        next recovery probe due later)."""
         now = self._clock()
         due = []
         later: float | None = None
         for name, record in self._providers.items():
+            if record.check_wanted:
+                due.append(name)
+                continue
             breaker = record.breaker
             if breaker.healthy:
                 continue
@@ -289,7 +329,13 @@ class HealthTracker:
 
     @contextmanager
     def attempt(
-        self, provider: ProviderConfig, model: str | None = None, *, probe: bool = False, stream: bool = False
+        self,
+        provider: ProviderConfig,
+        model: str | None = None,
+        *,
+        probe: bool = False,
+        stream: bool = False,
+        client: Client = None,
     ) -> Iterator[Slot]:
         """Claim `provider` (and `model`) for one request, or probe, while the block runs; record its
         outcome on the slot.
@@ -297,9 +343,11 @@ class HealthTracker:
         A request counts as in flight (for `max_concurrent`) until the block exits, however it exits —
         a client that left must not hold a slot. When a breaker is half-open the first request to
         claim it is its trial, and the others skip it until that is decided. Probes neither count nor
-        claim.
+        claim. `client` (a hash of the client's key) is whose answer a time to first byte is.
         """
         record = self._providers.get(provider.name)  # None: removed by a reload that raced this request
+        if record is not None and probe:
+            record.check_wanted = False  # this probe is the credential check
         target = record.target(model) if record is not None and model is not None and not probe else None
         now = self._clock()
         trial = target_trial = 0
@@ -310,7 +358,7 @@ class HealthTracker:
             target.in_flight += 1
             target_trial = target.breaker.claim_trial(now)
         try:
-            yield Slot(self, provider, model, probe=probe, stream=stream)
+            yield Slot(self, provider, model, probe=probe, stream=stream, client=client)
         finally:
             if record is not None and not probe:
                 record.in_flight = max(0, record.in_flight - 1)
@@ -336,6 +384,7 @@ class HealthTracker:
         model: str | None = None,
         probe: bool = False,
         stream: bool = False,
+        client: Client = None,
     ) -> None:
         """A request got its answer (closes the model's and the provider's breaker), or a probe passed
         (closes the provider's)."""
@@ -350,15 +399,18 @@ class HealthTracker:
             target = record.targets.get(model) if model is not None else None
             if target is not None:
                 if latency is not None:
-                    target.ttfb[stream].append(latency)
+                    target.ttfb[stream].add(latency, client)
                 if target.breaker.succeeded(now):
                     logger.warning("model %s/%s recovered: breaker closed", provider, logfmt.value(model))
         if closed:
             logger.warning("provider %s recovered (%s): breaker closed", provider, why)
             self._notify(provider, True)
 
-    def failed(self, provider: str, error: str, *, model: str | None = None, probe: bool = False) -> None:
-        """Count a fault of the provider (`model` None) or of one of its models."""
+    def failed(
+        self, provider: str, error: str, *, model: str | None = None, probe: bool = False, at_once: bool = False
+    ) -> None:
+        """Count a fault of the provider (`model` None) or of one of its models; `at_once`: one is enough
+        to open the breaker (a probe refused our key)."""
         breaker = self._breaker(provider, model)
         if breaker is None:
             return
@@ -366,7 +418,7 @@ class HealthTracker:
         change = breaker.failed(
             self._clock(),
             self._redactor.line(error),
-            threshold=settings.failure_threshold,
+            threshold=1 if at_once else settings.failure_threshold,
             backoff=settings.backoff_seconds,
             probe=probe,
         )
@@ -390,6 +442,23 @@ class HealthTracker:
                 settings.backoff_seconds,
                 logfmt.value(breaker.last_error),
             )
+
+    def denied(self, provider: str, error: str, *, model: str | None = None) -> None:
+        """A request got 401/403: our key refused, or only this model or request. Noted on the target, and
+        a credential check (the provider's probe) asked for, at most once per `credential_check_seconds`;
+        the probe's answer is what counts (see the module's rule)."""
+        self.noted(provider, error, model=model)
+        record = self._providers.get(provider)
+        now = self._clock()
+        if record is None or record.check_wanted or now < record.check_allowed_at:
+            return
+        record.check_wanted = True
+        record.check_allowed_at = now + self.settings.credential_check_seconds
+        for listener in self._probe_listeners:
+            try:
+                listener(provider)
+            except Exception:
+                logger.exception("probe listener %r failed for provider %s", listener, provider)
 
     def rate_limited(self, provider: str, retry_after: float, error: str, *, model: str | None = None) -> None:
         """A 429 with Retry-After: keep the model (or provider) out that long, without counting an outage."""
@@ -426,13 +495,17 @@ class HealthTracker:
         return self.get(provider).breaker.is_healthy(now) and self.target(provider, model).breaker.is_healthy(now)
 
     def ttfb_p95(self, provider: str, model: str, *, stream: bool) -> float | None:
-        """The 95th percentile of the target's recent time to first byte (to the answer, unstreamed), or
-        None until `TTFB_MIN_SAMPLES` answers of that kind have been seen."""
-        samples = self.target(provider, model).ttfb[stream]
-        if len(samples) < TTFB_MIN_SAMPLES:
-            return None
-        ordered = sorted(samples)
-        return ordered[min(len(ordered) - 1, math.ceil(0.95 * len(ordered)) - 1)]
+        """The 95th percentile of the target's recent time to first byte (to the answer, unstreamed), at
+        most 4 × its median and with each client key's share capped (`latency.py`), or None until
+        `TTFB_MIN_SAMPLES` answers of that kind have been seen."""
+        return self.target(provider, model).ttfb[stream].estimate()
+
+    def hedge_budget(self, alias: str, percent: float) -> HedgeBudget:
+        """The hedge budget of `alias` (a configured alias's name); a new one when its percent changed."""
+        budget = self._hedge_budgets.get(alias)
+        if budget is None or budget.percent != percent:
+            budget = self._hedge_budgets[alias] = HedgeBudget(percent)
+        return budget
 
     def _kept_out_until(self, provider: str, model: str | None) -> float:
         """Monotonic time until which the provider (or, with `model`, that target) is kept out."""

@@ -49,8 +49,10 @@ class Verdict:
 def classify_status(status: int) -> Verdict:
     """Fall back on 3xx/401/403/404/408/425/429/5xx; other 4xx are the caller's fault and go back as is.
 
-    401/403 mean *our* provider credentials are wrong: a provider failure. 404 means the model is not
-    served there: fall back, but the provider itself is fine.
+    401/403 may mean *our* provider credentials are wrong, or that this model or this request is refused
+    (a model the account may not use, a moderation refusal): a fault either way, whose scope a probe with
+    our key decides (`CREDENTIALS`, see `health/tracker.py`). 404 means the model is not served there: fall
+    back, but the provider itself is fine.
     """
     if status >= 500 or status in (401, 403, 408, 425, 429) or 300 <= status < 400:
         # 3xx: redirects are never followed (they would carry our provider headers elsewhere).
@@ -61,8 +63,11 @@ def classify_status(status: int) -> Verdict:
 
 
 # What a failure says is broken, and so which breaker counts it (`health/tracker.py`).
-PROVIDER = "provider"  # the upstream as a whole: connect/DNS/TLS errors, a reset before headers, our key refused
+PROVIDER = "provider"  # the upstream as a whole: connect/DNS/TLS errors, a reset before headers
 TARGET = "target"  # one model there: HTTP errors, timeouts waiting for it, Retry-After windows, bad answers
+# 401/403: our key refused (the provider's) or this model or request refused (not health at all). Which one,
+# a probe of the provider with our key decides; a request's 401/403 alone never opens a breaker.
+CREDENTIALS = "credentials"
 
 
 class UpstreamFailure(Exception):
@@ -95,7 +100,7 @@ class UpstreamFailure(Exception):
         self.content_type = content_type
         self.shaped = shaped  # `body` is an OpenAI-shaped error (else the proxy wraps `detail` in one)
         self.headers = headers or []  # the upstream's response headers, for the client, when relayed
-        self.scope = scope  # PROVIDER or TARGET
+        self.scope = scope  # PROVIDER, TARGET or CREDENTIALS
         self.error = error  # the upstream's OpenAI-shaped error object, when it sent one
 
     def __repr__(self) -> str:
@@ -113,8 +118,8 @@ class UpstreamFailure(Exception):
         verdict = classify_status(status)
         retry_after = parse_retry_after(headers.get("Retry-After")) if status == 429 else None
         excerpt, error = _read_error(body)
-        # 401/403 refuse our credentials, which are the provider's, whatever the model.
-        scope = PROVIDER if status in (401, 403) else TARGET
+        # 401/403 refuse our credentials (the provider's, whatever the model), or only this model or request.
+        scope = CREDENTIALS if status in (401, 403) else TARGET
         return cls(
             f"http_{status}",
             f"HTTP {status}{excerpt}",

@@ -79,6 +79,35 @@ async def test_an_idle_keep_alive_connection_is_closed_and_a_busy_one_is_not(pro
     assert took < 2.5
 
 
+async def test_the_header_deadline_holds_for_the_next_request_on_a_kept_alive_connection(make_upstream, make_proxy):
+    up = await make_upstream("up")
+    # keep-alive far longer than the header deadline: only the deadline can close this connection in time
+    server = {"header_timeout_seconds": 0.5, "keepalive_timeout_seconds": 4.0}
+    proxy = await make_proxy(build_config({"a": up}, {"mana/x": ["a/m1"]}, server=server))
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.client.server.port)
+    request = raw_post(CHAT, orjson.dumps(chat())).replace(b"Connection: close", b"Connection: keep-alive")
+    writer.write(request)
+    head = await reader.readuntil(b"\r\n\r\n")
+    await reader.readexactly(int(split_response(head)[1]["content-length"]))
+    assert head.startswith(b"HTTP/1.1 200")
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")  # the second head never completes
+
+    async def trickle() -> None:
+        for n in range(100):
+            writer.write(b"X-Slow-%d: 1\r\n" % n)
+            await asyncio.sleep(0.05)
+
+    trickling = asyncio.create_task(trickle())
+    try:
+        answer, took = await read_all(reader, timeout=3.5)
+    finally:
+        trickling.cancel()
+        writer.close()
+
+    assert split_response(answer)[0] == 408
+    assert took < 3.0
+
+
 async def test_many_trickling_clients_do_not_hold_the_server(proxy):
     port = proxy.client.server.port
     connections = [await asyncio.open_connection("127.0.0.1", port) for _ in range(200)]

@@ -41,7 +41,7 @@ from .fakes import (
     status_reply,
     wait_for,
 )
-from .helpers import GOOGLE_KEY, Proxy, ask, build_config, chat, google_spec, sse_data
+from .helpers import GOOGLE_KEY, Proxy, ask, build_config, chat, google_spec, sse_data, value
 
 MODEL = GEMINI_MODEL
 
@@ -202,6 +202,22 @@ async def test_streamed_answer_through_openai_sdk(make_google_proxy, gemini):
     assert finishes == ["stop"]
     assert received[-1].choices == []
     assert (received[-1].usage.prompt_tokens, received[-1].usage.completion_tokens) == (5, 3)
+
+
+async def test_a_streamed_answers_usage_reaches_the_token_metrics_and_the_log_line(make_google_proxy, gemini, caplog):
+    caplog.set_level(logging.INFO, logger="manaproxy.request")
+    proxy = await google_only(make_google_proxy, gemini)
+    gemini.default = gemini_stream(gemini_chunks(["Hel", "lo"], usage=(6, 4)))
+    body = {"model": "mana/g", "messages": USER, "stream": True, "stream_options": {"include_usage": True}}
+
+    resp = await proxy.client.post("/v1/chat/completions", json=body)
+    await resp.read()
+
+    assert value(proxy, "mana_llm_tokens_total", provider="google", model=MODEL, type="prompt") == 6
+    assert value(proxy, "mana_llm_tokens_total", provider="google", model=MODEL, type="completion") == 4
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "manaproxy.request"]
+    assert "prompt_tokens=6" in line
+    assert "completion_tokens=4" in line
 
 
 async def test_stream_without_include_usage_has_no_usage_chunk_and_ends_with_done(make_google_proxy, gemini):

@@ -19,6 +19,7 @@ from .fakes import (
     chat_answer,
     chat_chunks,
     chat_completion,
+    gated_stream,
     json_reply,
     sse_reply,
     status_reply,
@@ -102,6 +103,46 @@ async def test_a_primary_that_answers_after_the_hedge_started_still_wins(make_up
     assert b.calls == 1  # the hedge was started ...
     await wait_for(lambda: b.requests[0].disconnected.is_set(), timeout=2)  # ... and cancelled at once
     assert value(proxy, "mana_llm_hedged_requests_total", alias="mana/x", outcome="primary_won") == 1
+
+
+async def test_the_loser_is_hung_up_on_at_the_commit_not_at_the_end_of_the_answer(make_upstream, make_proxy):
+    a, b, _c, proxy = await hedged_proxy(make_upstream, make_proxy)
+    a.default = late("m1", 5)
+    gate = asyncio.Event()
+    b.default = gated_stream(gate, "m2")  # the winner's answer goes on until the test lets it end
+
+    resp = await proxy.client.post(CHAT, json=chat(stream=True))
+    assert resp.headers["X-Mana-LLM-Resolved"] == "b/m2"
+    assert await resp.content.readuntil(b"\n\n")  # committed: the first event is relayed
+    await wait_for(lambda: bool(a.requests) and a.requests[0].disconnected.is_set(), timeout=3)
+    gate.set()
+    body = await resp.read()
+
+    assert body.endswith(b"data: [DONE]\n\n")
+
+
+async def test_each_further_hedge_waits_hedge_after_from_the_one_before(make_upstream, make_proxy):
+    hedge_after = 0.4
+    a, b, c, proxy = await hedged_proxy(make_upstream, make_proxy, hedge_after=hedge_after, hedge_max=2)
+    arrived: dict[str, float] = {}
+
+    def timed(name: str, model: str) -> Any:
+        behave = late(model, 2.0)
+
+        async def record_arrival(request: Any, recorded: Recorded) -> Any:
+            arrived[name] = time.monotonic()
+            return await behave(request, recorded)
+
+        return record_arrival
+
+    a.default, b.default, c.default = timed("a", "m1"), timed("b", "m2"), timed("c", "m3")
+
+    resolved, _ = await answered_by(proxy, stream=True)
+
+    assert resolved == "a/m1"
+    assert set(arrived) == {"a", "b", "c"}  # two hedges at once (hedge_max 2)
+    assert arrived["b"] - arrived["a"] >= hedge_after / 2
+    assert arrived["c"] - arrived["b"] >= hedge_after / 2  # timed from b, the youngest, not from a
 
 
 async def test_a_cancelled_loser_counts_as_neither_failure_nor_fallback(make_upstream, make_proxy):

@@ -13,8 +13,8 @@ import orjson
 import pytest
 from aiohttp import web
 
-from .fakes import Recorded, chat_chunks, chat_completion, json_reply, sse_event
-from .helpers import CHAT, build_config, chat, rss_mib
+from .fakes import Behavior, Recorded, chat_chunks, chat_completion, json_reply, sse_event
+from .helpers import CHAT, build_config, chat, rss_mib, value
 
 BIG = 7 * 2**20
 
@@ -182,3 +182,66 @@ async def test_a_gzip_bomb_from_the_upstream_costs_at_most_the_response_limit(ma
     assert resp.headers["X-Mana-LLM-Resolved"] == "b/m2"
     _, peak = rss_mib(process.proc.pid)
     assert peak - before < 64, f"peak {peak:.0f} MiB from {before:.0f} MiB"
+
+
+# -- server.max_event_bytes on openai streams ------------------------------------------------------------------
+
+MAX_EVENT = 10_000
+# Long enough that an unenforced limit shows as a timeout, not as the limit's own error.
+PATIENT = {"connect": 2, "first_byte": 3, "idle": 3, "total": 20}
+
+
+def endless_event(*, after: bytes = b"") -> Behavior:
+    """`after`, then one event that never ends: 1000-byte pieces of a `data:` line far past MAX_EVENT, then
+    silence with the connection open."""
+
+    async def behave(request: web.Request, recorded: Recorded) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        if after:
+            await response.write(after)
+        await response.write(b'data: {"choices":[{"index":0,"delta":{"content":"')
+        for _ in range(3 * MAX_EVENT // 1000):
+            await response.write(b"x" * 1000)
+            await asyncio.sleep(0.001)
+        await asyncio.sleep(60)
+        return response
+
+    return behave
+
+
+async def max_event_proxy(make_upstream, make_proxy):
+    a = await make_upstream("a")
+    b = await make_upstream("b")
+    b.default = json_reply(chat_completion("m2"))
+    providers = {"a": {"base_url": a, "timeouts": PATIENT}, "b": b}
+    config = build_config(providers, {"mana/x": ["a/m1", "b/m2"]}, server={"max_event_bytes": MAX_EVENT})
+    return a, await make_proxy(config)
+
+
+async def test_an_event_past_max_event_bytes_mid_stream_ends_the_stream_with_an_error_event(make_upstream, make_proxy):
+    a, proxy = await max_event_proxy(make_upstream, make_proxy)
+    a.default = endless_event(after=sse_event(chat_chunks("m1", ["hi"])[0]))
+
+    async with asyncio.timeout(10):
+        resp = await proxy.client.post(CHAT, json=chat(stream=True))
+        body = await resp.read()
+
+    assert resp.headers["X-Mana-LLM-Resolved"] == "a/m1"
+    *_, last = [event for event in body.split(b"\n\n") if event]
+    error = orjson.loads(last.removeprefix(b"data: "))["error"]
+    assert f"larger than {MAX_EVENT} bytes" in error["message"]  # not the idle timeout's error
+    assert b"x" * 1000 not in body  # the half event is never relayed
+
+
+async def test_a_first_event_past_max_event_bytes_falls_back(make_upstream, make_proxy):
+    a, proxy = await max_event_proxy(make_upstream, make_proxy)
+    a.default = endless_event()
+
+    async with asyncio.timeout(10):
+        resp = await proxy.client.post(CHAT, json=chat(stream=True))
+        await resp.read()
+
+    assert resp.headers["X-Mana-LLM-Resolved"] == "b/m2"
+    fallback = {"from_model": "a/m1", "to_model": "b/m2"}
+    assert value(proxy, "mana_llm_fallback_total", **fallback, reason="bad_response") == 1  # not a timeout

@@ -41,6 +41,9 @@ def test_paths_under_v1_are_kept_as_sent(raw_path, raw_query, expected):
         "/v1/a%5c..%5cb",
         "/v1/a\\b",
         "/v1//admin",
+        "/v1/chat//completions",  # an empty segment inside the path, not only at its start
+        "/v1/chat/completions//",
+        "/v1/a///b",
         "/v1/a b",
         "/v1/a%zz",
         "/v2/chat/completions",

@@ -83,6 +83,29 @@ async def test_the_least_loaded_member_serves_first(make_upstream, make_proxy):
     assert (busy.calls, idle.calls) == (1, 1)
 
 
+async def test_load_is_counted_per_unit_of_weight(make_upstream, make_proxy):
+    pool = [{"target": "gpu1/q", "weight": 3}, {"target": "gpu2/q", "weight": 1}]
+    gpu1, gpu2, _, proxy = await pool_proxy(make_upstream, make_proxy, pool)
+    gate = asyncio.Event()
+
+    async def held(request: Any, recorded: Recorded) -> Any:
+        await gate.wait()
+        return await json_reply(chat_completion("q"))(request, recorded)
+
+    gpu1.default = gpu2.default = held
+    tasks = []
+    for sent in range(1, 5):  # one at a time, each once the one before is in flight
+        tasks.append(asyncio.create_task(proxy.client.post(CHAT, json=chat())))
+        await wait_for(lambda sent=sent: gpu1.calls + gpu2.calls == sent)
+    in_flight = (gpu1.calls, gpu2.calls)
+    gate.set()
+    for task in tasks:
+        (await task).release()
+
+    # Whichever the first tie picks, 3:1 weights end at 3 and 1 in flight (counted unweighted: 2 and 2).
+    assert in_flight == (3, 1)
+
+
 async def test_a_member_that_is_down_is_covered_by_the_other(make_upstream, make_proxy):
     gpu2 = await make_upstream("gpu2")
     backup = await make_upstream("backup")

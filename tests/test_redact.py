@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import orjson
+import pytest
 
 from manaproxy.config import ProviderConfig
 from manaproxy.redact import REDACTED, Redactor
@@ -48,6 +49,26 @@ def test_bytes_stay_valid_json_and_lose_escaped_forms_too():
     redacted = redactor.bytes(body)
 
     assert orjson.loads(redacted) == {"error": {"message": f"key {REDACTED}"}}
+
+
+@pytest.mark.parametrize("key", ['test"key-with-quote-0123', "test\\key-with-backslash-0123", "test-key-tab\t-0123"])
+def test_a_key_echoed_json_escaped_is_redacted(key):
+    redactor = Redactor([provider("a", key)])
+    body = orjson.dumps({"error": {"message": f"bad key {key}"}})
+    assert key.encode() not in body  # the upstream's JSON escapes it
+
+    redacted = redactor.bytes(body)
+
+    assert orjson.loads(redacted) == {"error": {"message": f"bad key {REDACTED}"}}
+
+
+def test_key_shapes_in_bytes_are_redacted_configured_or_not():
+    fake = "sk-proj-" + "T" * 24
+    body = orjson.dumps({"error": {"message": f"Incorrect API key provided: {fake}"}})
+
+    redacted = Redactor([provider("a", "test-other-key-0000")]).bytes(body)
+
+    assert orjson.loads(redacted) == {"error": {"message": f"Incorrect API key provided: {REDACTED}"}}
 
 
 def test_old_keys_stay_known_after_learning_new_ones():

@@ -338,3 +338,27 @@ async def test_a_request_in_flight_finishes_on_the_config_it_started_with(make_u
         resp = await post_to(session, proxy.url, "mana/x")
         assert resp.headers["X-Mana-LLM-Resolved"] == "c/m3"
     assert b.calls == 1
+
+
+async def test_a_key_added_by_a_reload_is_redacted_when_an_upstream_echoes_it(make_upstream, make_proxy, tmp_path):
+    a = await make_upstream("a")
+    new_key = "test-reloaded-key-98765"  # no key shape: only the redactor's knowledge of it hides it
+
+    async def echo_key(request: web.Request, recorded: Recorded) -> web.StreamResponse:
+        key = request.headers.get("Authorization", "").removeprefix("Bearer ")
+        return web.json_response({"error": {"message": f"key {key} was rejected"}}, status=400)
+
+    a.default = echo_key
+    proxy = await make_proxy(
+        build_config({"a": {"base_url": a, "api_key": "test-first-key-0000"}}, {"mana/x": ["a/m1"]})
+    )
+    config = build_config({"a": {"base_url": a, "api_key": new_key}}, {"mana/x": ["a/m1"]})
+    assert proxy.reload_to(tmp_path, config)
+
+    resp = await proxy.client.post(CHAT, json=chat())
+    body = await resp.text()
+
+    assert a.requests[-1].headers["Authorization"] == f"Bearer {new_key}"  # the new key was sent ...
+    assert resp.status == 400
+    assert new_key not in body  # ... and its echo is not relayed
+    assert "key [redacted] was rejected" in body

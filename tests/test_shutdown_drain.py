@@ -83,3 +83,28 @@ async def test_a_request_arriving_on_an_open_connection_while_draining_is_refuse
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 503")
     assert orjson.loads(body)["error"]["code"] == "shutting_down"
+
+
+async def test_the_drain_takes_about_its_timeout_not_twice_it(make_upstream, serve):
+    drain = 3.0  # long enough that twice it stands apart from the moments a loaded machine adds
+    up = await make_upstream("up")
+    up.default = hang()
+    process = await serve(build_config({"up": up}, {"mana/a": ["up/m1"]}, server={"shutdown_timeout_seconds": drain}))
+
+    async with aiohttp.ClientSession() as session:
+        pending = asyncio.create_task(session.post(process.url + CHAT, json=chat("mana/a")))
+        await wait_for(lambda: bool(up.requests))
+        signalled = time.monotonic()
+        process.signal(signal.SIGTERM)
+        resp = await pending
+        answered = time.monotonic() - signalled
+        await resp.read()
+        code = await process.wait_exit()
+    exited = time.monotonic() - signalled
+
+    assert resp.status == 503
+    assert code == 0
+    assert drain - 0.1 <= answered < 1.5 * drain  # cut when the drain time is up
+    (line,) = process.lines_with("stopped after draining for")
+    assert float(line.rsplit("for ", 1)[1].split("s")[0]) < drain + 1.0  # as the process itself measured it
+    assert exited < 1.75 * drain

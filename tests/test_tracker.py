@@ -501,6 +501,24 @@ def test_a_request_from_before_the_breaker_opened_is_not_the_trial(
     assert tracker.skip_reason(provider()) == "half_open"  # only one trial at a time
 
 
+def test_a_stale_trial_ending_does_not_release_the_current_trial(
+    tracker: HealthTracker, clock: FakeClock, requests: ExitStack
+) -> None:
+    open_breaker(tracker)
+    clock.advance(SETTINGS.backoff_seconds)
+    stale = ExitStack()
+    stale.enter_context(tracker.attempt(provider()))  # trial 1: a stream that runs on ...
+    tracker.succeeded("a", probe=True)  # ... while a probe closes the breaker (trial 1 holds no claim now)
+    open_breaker(tracker)
+    clock.advance(SETTINGS.backoff_seconds)
+    requests.enter_context(tracker.attempt(provider()))  # trial 2
+    assert tracker.skip_reason(provider()) == "half_open"
+
+    stale.close()  # trial 1 ends
+
+    assert tracker.skip_reason(provider()) == "half_open"  # trial 2 is still deciding
+
+
 # -- secrets --------------------------------------------------------------------------------------
 
 

@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from manaproxy.app import create_app
 from manaproxy.config import parse_config
-from manaproxy.health.probe import probe_one
+from manaproxy.probe import probe_one
 from manaproxy.record import RequestRecord
 
 from .fakes import (

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from manaproxy.health.probe import probe_one
+from manaproxy.probe import probe_one
 
 from .fakes import (
     chat_chunks,

@@ -17,7 +17,7 @@ import orjson
 import pytest
 from aiohttp import web
 
-from manaproxy.health.probe import probe_one
+from manaproxy.probe import probe_one
 
 from .fakes import (
     GEMINI_MODEL,

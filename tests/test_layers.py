@@ -1,0 +1,104 @@
+"""The package's layers by role: every import inside `manaproxy/` runs from a higher layer to a lower one (or
+within one layer), as the README's code map draws them. Read from the source with `ast`, so a new upward
+arrow fails here before it becomes a cycle."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "manaproxy"
+
+# Bottom up. A module's layer is that of the longest prefix listed.
+LAYERS: list[set[str]] = [
+    {  # pure or nearly: config (with the kind names), routing, bytes-level SSE, bodies, redaction, records
+        "config",
+        "routing",
+        "sse",
+        "protocols",
+        "jsonmodel",
+        "headers",
+        "paths",
+        "body",
+        "redact",
+        "record",
+        "errors",
+        "requestid",
+        "logfmt",
+        "systemd",
+        "__init__",
+        "__version__",
+    },
+    {"auth", "cors"},  # the middlewares that say who may ask: the request path reads their request keys
+    {"health"},  # breakers and the tracker: no I/O
+    {"plan", "providers"},  # which target next (reads health); the kinds
+    {"gateway", "reload", "probe", "drain"},  # the runtime a reload swaps, the probe loop, the drain
+    {"proxy"},  # the request path
+    {"views"},  # the read-only HTTP surface
+    {"metrics", "reqlog"},  # the metrics middleware and recorder, the request log
+    {"app", "server", "cli", "__main__"},  # wiring and the command
+]
+
+# The one arrow still running up, with the move that removes it (issue 15, item 4): the failure taxonomy
+# that the tracker records lives in providers/base.py and belongs in a bottom-layer module of its own.
+KNOWN_UPWARD = {("health.tracker", "providers.base")}
+
+
+def _layer(module: str) -> int:
+    top = module.split(".")[0]
+    for index, names in enumerate(LAYERS):
+        if top in names:
+            return index
+    raise AssertionError(f"manaproxy.{module} is in no layer: add it to LAYERS (and to the README's code map)")
+
+
+def _module(path: Path) -> str:
+    return path.relative_to(PACKAGE).with_suffix("").as_posix().replace("/", ".").removesuffix(".__init__")
+
+
+def _imports(path: Path) -> set[str]:
+    """What `path` imports from manaproxy, as module names relative to the package."""
+    module = _module(path)
+    package = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if not isinstance(node, ast.ImportFrom):
+            continue
+        if node.level:
+            base = package[: len(package) - (node.level - 1)]
+        elif node.module and node.module.startswith("manaproxy."):
+            base, node.module = [], node.module.removeprefix("manaproxy.")
+        else:
+            continue
+        if node.module:
+            found.add(".".join([*base, node.module]))
+        else:  # `from . import probe, proxy`
+            found.update(".".join([*base, alias.name]) for alias in node.names)
+    return {name for name in found if name}
+
+
+def _arrows() -> set[tuple[str, str]]:
+    arrows = set()
+    for path in PACKAGE.rglob("*.py"):
+        arrows.update((_module(path), target) for target in _imports(path))
+    return arrows
+
+
+def test_every_import_runs_down_the_layers():
+    upward = sorted(
+        (source, target)
+        for source, target in _arrows()
+        if _layer(target) > _layer(source) and (source, target) not in KNOWN_UPWARD
+    )
+    assert upward == [], "imports from a lower layer up: " + ", ".join(f"{s} → {t}" for s, t in upward)
+
+
+def test_the_moves_of_this_layering_hold():
+    arrows = _arrows()
+    assert ("config", "providers") not in arrows  # config ↔ providers was a cycle; config owns KINDS
+    assert not any(
+        source.startswith("health") and target.split(".")[0] in {"gateway", "reload", "views"}
+        for source, target in arrows
+    )
+    assert not (PACKAGE / "health" / "probe.py").exists()
+    assert not (PACKAGE / "catalog.py").exists()

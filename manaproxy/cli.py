@@ -215,12 +215,13 @@ async def serve(config_path: str, host: str, port: int) -> int:
             await runner.cleanup()
             return 1
         logger.info(
-            "manaproxy %s listening on http://%s:%s (%s; up to %d open files)",
+            "manaproxy %s listening on http://%s:%s (%s; up to %d open files, %d client connections)",
             __version__,
             host,
             port,
             config.summary(),
             open_files,
+            runner.max_connections,
         )
         notify(f"READY=1\nSTATUS=serving {config.summary()}")
 

@@ -180,10 +180,12 @@ class ServerSettings:
     listen_backlog: int = 1024  # connections the kernel queues until accepted (capped by net.core.somaxconn)
     write_timeout_seconds: float = 60.0  # a client that reads none of its answer for this long is closed
     max_held_answer_bytes: int = 256 * 1024 * 1024  # answer bytes waiting for clients that do not read
+    # Client connections open at once; None: from the open-files limit (server.default_max_connections).
+    max_connections: int | None = None
 
 
 # Server settings aiohttp takes once, when it starts listening: a reload cannot change them.
-RESTART_ONLY_SETTINGS = ("header_timeout_seconds", "keepalive_timeout_seconds", "listen_backlog")
+RESTART_ONLY_SETTINGS = ("header_timeout_seconds", "keepalive_timeout_seconds", "listen_backlog", "max_connections")
 
 
 @dataclass(frozen=True, slots=True)
@@ -479,7 +481,7 @@ class _Parser:
         spec = self.mapping(raw, "server", fields)
         values: dict[str, Any] = {}
         for key, value in spec.items():
-            if ServerSettings.__dataclass_fields__[key].type == "int":  # sizes and counts
+            if ServerSettings.__dataclass_fields__[key].type in ("int", "int | None"):  # sizes and counts
                 values[key] = int(self.number(value, f"server.{key}", minimum=1, integer=True))
             elif key.endswith("_timeout_seconds"):
                 values[key] = float(self.number(value, f"server.{key}", minimum=0.001))

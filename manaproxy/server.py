@@ -22,12 +22,24 @@ a text/plain 400, logged at ERROR with a traceback that quotes the raw header li
 `Authorization` included. `_RequestHandler.handle_error` replaces that with one short WARNING that
 names the kind of error and the peer (never a header value), and an OpenAI-shaped error whose status
 says what was wrong: 414, 431, 415 or 400.
+
+Client connections are bounded in number too (`server.max_connections`; by default derived from the
+open-files limit, see `default_max_connections`): an idle keep-alive connection needs no key, so without a
+cap a client holding enough of them would use up the file descriptors a real request needs (its own and
+its upstream's). When a new connection takes the count past the cap, the connection that has been idle
+between requests the longest is closed (closing an idle keep-alive connection is ordinary HTTP: clients
+reconnect); when none is idle, the new connection is refused: it is accepted, answered an OpenAI-shaped
+503 `too_many_connections` with `Retry-After: 1` and `Connection: close` at once (without waiting for a
+request that may never come), half-closed, and closed once the client closes or after
+`_REFUSED_LINGER_SECONDS`, whatever it sends meanwhile discarded.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import resource
 from collections.abc import Callable
 from time import monotonic
 from typing import Any
@@ -64,6 +76,30 @@ _HEADER_TIMEOUT_RESPONSE = b"".join(
         b"Content-Length: %d\r\n\r\n",
     )
 )
+
+
+_REFUSED_RESPONSE = b"".join(
+    (
+        b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n",
+        b"Retry-After: 1\r\nContent-Length: %d\r\n\r\n",
+    )
+)
+# A refused connection is half-closed after its 503 and kept this long at most, so the client reads the
+# 503 rather than a reset (closing a socket with unread input sends RST).
+_REFUSED_LINGER_SECONDS = 1.0
+# Headroom kept out of the open-files limit for what is not a client connection: the listening socket,
+# Redis, the log, config reloads, DNS, probes.
+_OPEN_FILES_HEADROOM = 128
+_MAX_CONNECTIONS_CEILING = 1_000_000
+
+
+def default_max_connections(open_files: int) -> int:
+    """`server.max_connections` when the config sets none: half the open-files limit left after some
+    headroom, since a client connection that is streaming holds two files (its socket and the upstream's).
+    A 1024 limit gives 448; an unlimited one (`RLIM_INFINITY`, negative here) the ceiling."""
+    if open_files < 0 or open_files >= 2 * _MAX_CONNECTIONS_CEILING + _OPEN_FILES_HEADROOM:
+        return _MAX_CONNECTIONS_CEILING
+    return max(16, (open_files - _OPEN_FILES_HEADROOM) // 2)
 
 
 class HeldAnswers:
@@ -108,6 +144,7 @@ class _RequestHandler(RequestHandler):
         self._header_deadline: asyncio.TimerHandle | None = None
         self._held_answers = held_answers
         self._write_deadline: asyncio.TimerHandle | None = None
+        self.refused = False  # set by `_Server.connection_made` when the connection is over the cap
 
     def pause_writing(self) -> None:
         super().pause_writing()
@@ -140,10 +177,45 @@ class _RequestHandler(RequestHandler):
             self.transport.abort()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        self._arm_header_deadline()
+        super().connection_made(transport)  # calls `_Server.connection_made`, which may refuse us
+        if self.refused:
+            self._refuse()
+        else:
+            self._arm_header_deadline()
+
+    @property
+    def idle_keepalive(self) -> bool:
+        """Kept alive after an answer and waiting for the next request, no byte of it received yet."""
+        return (
+            self.transport is not None
+            and self._request_count > 0
+            and self._header_deadline is None
+            and self._waiting_for_request()
+            and not self._force_close
+        )
+
+    @property
+    def idle_since(self) -> float:
+        # aiohttp's keep-alive close time: set when the last answer was written, plus a constant.
+        return self._next_keepalive_close_time
+
+    def _refuse(self) -> None:
+        transport = self.transport
+        assert transport is not None
+        error = ProxyError(503, "too many open connections; retry shortly", code="too_many_connections")
+        body = error_body(error.message, status=503, code=error.code)
+        transport.write(_REFUSED_RESPONSE % len(body) + body)
+        if isinstance(transport, asyncio.WriteTransport) and transport.can_write_eof():
+            transport.write_eof()
+        self._header_deadline = self._loop.call_later(_REFUSED_LINGER_SECONDS, self.force_close)
+
+    def eof_received(self) -> None:
+        if self.refused:
+            self.force_close()
 
     def data_received(self, data: bytes) -> None:
+        if self.refused:
+            return  # read and dropped: the connection was answered 503 and is closing
         if self._header_deadline is None and self._waiting_for_request():
             self._arm_header_deadline()  # the first bytes of the next request on a kept-alive connection
         super().data_received(data)
@@ -204,11 +276,43 @@ class _RequestHandler(RequestHandler):
 
 
 class _Server(web.Server):
+    """aiohttp's server with our protocol class and the connection cap (see the module docstring)."""
+
+    def __init__(self, *args: Any, max_connections: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.max_connections = max_connections
+        self._last_refusal_logged = -math.inf
+
     def __call__(self) -> RequestHandler:
         return _RequestHandler(self, loop=self._loop, **self._kwargs)
 
+    def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
+        super().connection_made(handler, transport)
+        if len(self._connections) <= self.max_connections:
+            return
+        # Closed connections stay listed until their task ends: count only the open ones.
+        handlers = [each for each in self._connections if isinstance(each, _RequestHandler) and each is not handler]
+        open_now = 1 + sum(1 for each in handlers if each.transport is not None)
+        if open_now <= self.max_connections:
+            return
+        idle = [each for each in handlers if each.idle_keepalive]
+        if idle:
+            min(idle, key=lambda each: each.idle_since).force_close()
+            return
+        assert isinstance(handler, _RequestHandler)
+        handler.refused = True
+        now = self._loop.time()
+        if now - self._last_refusal_logged >= _REFUSAL_LOG_INTERVAL:  # one line per interval, not per flood
+            self._last_refusal_logged = now
+            logger.warning(
+                "%d client connections open, none idle (server.max_connections %d): refusing new ones with 503",
+                open_now - 1,
+                self.max_connections,
+            )
+
 
 _STRAGGLER_SECONDS = 2.0
+_REFUSAL_LOG_INTERVAL = 10.0
 
 
 class Runner(web.AppRunner):
@@ -216,7 +320,8 @@ class Runner(web.AppRunner):
 
     Defaults that every manaproxy server needs: `handler_cancellation` (a client that disconnects
     cancels its handler, so the upstream connection is closed at once), no aiohttp access log (the
-    request log line is ours), and the config's keep-alive and header timeouts.
+    request log line is ours), the config's keep-alive and header timeouts, and its connection cap
+    (`max_connections`: the setting, or derived from the open-files limit as it is now).
     """
 
     def __init__(self, app: web.Application, **kwargs: Any) -> None:
@@ -230,6 +335,9 @@ class Runner(web.AppRunner):
         gateway = app[GATEWAY]
         self.held_answers = HeldAnswers(lambda: gateway.config.server)
         kwargs.setdefault("held_answers", self.held_answers)
+        self.max_connections = server.max_connections or default_max_connections(
+            resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        )
         super().__init__(app, **kwargs)
 
     async def _make_server(self) -> web.Server:
@@ -240,5 +348,6 @@ class Runner(web.AppRunner):
             request_factory=server.request_factory,
             handler_cancellation=server.handler_cancellation,
             loop=asyncio.get_running_loop(),
+            max_connections=self.max_connections,
             **server._kwargs,
         )

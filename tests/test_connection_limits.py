@@ -11,6 +11,8 @@ import time
 import orjson
 import pytest
 
+from manaproxy.server import default_max_connections
+
 from .helpers import CHAT, build_config, chat, open_files_limit, raw_post, split_response
 
 FAST = {"header_timeout_seconds": 0.5, "keepalive_timeout_seconds": 1.0}
@@ -151,3 +153,54 @@ async def test_the_real_process_listens_with_the_configured_backlog(make_upstrea
     state, _recv_q, send_q, *_ = out.decode().split()
     assert state == "LISTEN"
     assert send_q == "77"
+
+
+async def test_past_max_connections_the_longest_idle_keep_alive_connection_is_closed_and_a_request_served(
+    make_upstream, make_proxy
+):
+    up = await make_upstream("up")
+    proxy = await make_proxy(build_config({"a": up}, {"mana/x": ["a/m1"]}, server={"max_connections": 20}))
+    request = raw_post(CHAT, orjson.dumps(chat())).replace(b"Connection: close", b"Connection: keep-alive")
+    idle = []
+    for _ in range(20):  # each asks once and stays open, idle, as keep-alive clients do
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        writer.write(request)
+        head = await reader.readuntil(b"\r\n\r\n")
+        await reader.readexactly(int(split_response(head)[1]["content-length"]))
+        idle.append((reader, writer))
+
+    resp = await proxy.client.post(CHAT, json=chat())  # the 21st connection
+
+    assert resp.status == 200
+    oldest, rest = idle[0], idle[1:]
+    assert (await read_all(oldest[0], timeout=2.0))[0] == b""  # closed, nothing sent
+    for reader, writer in rest:  # still open and still served
+        writer.write(request)
+        async with asyncio.timeout(5):
+            assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+        writer.close()
+    oldest[1].close()
+
+
+async def test_past_max_connections_with_none_idle_a_new_connection_gets_a_503_at_once(make_upstream, make_proxy):
+    up = await make_upstream("up")
+    proxy = await make_proxy(build_config({"a": up}, {"mana/x": ["a/m1"]}, server={"max_connections": 5}))
+    busy = [await asyncio.open_connection("127.0.0.1", proxy.port) for _ in range(5)]  # no request yet: not idle
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(raw_post(CHAT, orjson.dumps(chat())))
+    answer, took = await read_all(reader, timeout=3.0)
+    writer.close()
+    for _, each in busy:
+        each.close()
+
+    status, headers, body = split_response(answer)
+    assert (status, headers["connection"], headers["retry-after"]) == (503, "close", "1")
+    assert orjson.loads(body)["error"]["code"] == "too_many_connections"
+    assert took < 1.5
+    assert up.calls == 0
+
+
+@pytest.mark.parametrize(("open_files", "expected"), [(1024, 448), (4096, 1984), (100, 16), (-1, 1_000_000)])
+def test_the_default_connection_cap_leaves_headroom_and_two_files_per_stream(open_files, expected):
+    assert default_max_connections(open_files) == expected

@@ -173,3 +173,43 @@ async def test_a_cookie_an_upstream_set_is_never_sent_with_a_later_request(make_
 
     assert len(up.requests) == 2
     assert "Cookie" not in up.requests[1].headers
+
+
+ECHOING = {
+    "WWW-Authenticate": f'Bearer realm="api", error="invalid_token", token="{PROVIDER_KEY}"',
+    "X-Debug-Auth": f"Authorization: Bearer {PROVIDER_KEY}",
+    "x-ratelimit-debug": f"key {PROVIDER_KEY}",
+    "openai-debug": f"Bearer {PROVIDER_KEY}",
+}
+
+
+def answer_echoing_our_key(*, stream: bool, status: int):
+    async def behave(request: web.Request, recorded: Recorded) -> web.StreamResponse:
+        if stream:
+            response = web.StreamResponse(status=status, headers={"Content-Type": "text/event-stream", **ECHOING})
+            await response.prepare(request)
+            for chunk in chat_chunks("up-model", ["hi"]):
+                await response.write(sse_event(chunk))
+            await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+            return response
+        body = chat_completion("up-model") if status == 200 else error_body("refused", code="refused")
+        return web.json_response(body, status=status, headers=ECHOING)
+
+    return behave
+
+
+@pytest.mark.parametrize(
+    ("stream", "status", "relayed"),
+    [(False, 200, 200), (True, 200, 200), (False, 400, 400), (False, 429, 429), (False, 401, 502), (True, 429, 429)],
+)
+async def test_an_upstream_header_that_echoes_our_key_is_relayed_redacted(setup, stream, status, relayed):
+    up, proxy = setup
+    up.queue(answer_echoing_our_key(stream=stream, status=status))
+
+    resp = await proxy.client.post(CHAT, json=chat(stream=stream), headers={"Authorization": f"Bearer {CLIENT_KEY}"})
+    await resp.read()
+
+    assert resp.status == relayed
+    assert resp.headers["x-ratelimit-debug"] == "key [redacted]"
+    assert [(name, value) for name, value in resp.raw_headers if PROVIDER_KEY.encode() in value] == []

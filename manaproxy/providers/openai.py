@@ -105,6 +105,7 @@ class OpenAIStream:
         "_idle",
         "_max_event",
         "_protocol",
+        "_redactor",
         "_resp",
         "_rest",
         "_rewriter",
@@ -127,10 +128,12 @@ class OpenAIStream:
         protocol: StreamProtocol,
         idle: float,
         max_event: int,
+        redactor: Redactor,
     ) -> None:
         self.status = resp.status
-        self.headers = to_client(resp.headers)
+        self.headers = redactor.pairs(to_client(resp.headers))
         self._protocol = protocol
+        self._redactor = redactor
         self.complete = protocol.ended_by(first)
         self.usage: Usage | None = usage_of(first)
         self.first = rewriter.rewrite(first)
@@ -253,7 +256,7 @@ class OpenAIProvider:
         """An unstreamed answer read whole (within `max_response_bytes`), ready for the client."""
         data = await _read_body(resp, self._server.max_response_bytes)
         reply = self._reply(resp.status, data, resp.headers.get("Content-Type") or "application/json", resolved)
-        reply.headers = to_client(resp.headers)
+        reply.headers = self._redactor.pairs(to_client(resp.headers))
         return reply
 
     def _reply(self, status: int, body: bytes, content_type: str, resolved: str) -> Reply:
@@ -332,7 +335,16 @@ class OpenAIProvider:
                 reader.start_timeout()
             rewriter = ModelRewriter(resolved)
             return OpenAIStream(
-                resp, first, rest, buffer, decoder, rewriter, protocol=protocol, idle=idle, max_event=max_event
+                resp,
+                first,
+                rest,
+                buffer,
+                decoder,
+                rewriter,
+                protocol=protocol,
+                idle=idle,
+                max_event=max_event,
+                redactor=self._redactor,
             )
         except BaseException:
             resp.close()
@@ -341,8 +353,11 @@ class OpenAIProvider:
     async def _check_status(self, resp: aiohttp.ClientResponse) -> None:
         if resp.status >= 300:
             # Redacted here, at the source: the body may be relayed to the client, its text logged and shown.
+            # Its headers too: a lone entry's error is relayed with them (`proxy.exhausted`, `_caller_error`).
             data = self._redactor.bytes(await _read_error_body(resp))
-            raise UpstreamFailure.from_status(resp.status, resp.headers, data, resp.headers.get("Content-Type"))
+            failure = UpstreamFailure.from_status(resp.status, resp.headers, data, resp.headers.get("Content-Type"))
+            failure.headers = self._redactor.pairs(failure.headers)
+            raise failure
 
     async def list_models(self, timeout: float) -> list[ListedModel]:
         data = await self._get_json("/models", timeout)

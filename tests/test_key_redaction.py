@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from .fakes import echo_credentials, json_reply, sse_reply
+from .fakes import chat_chunks, echo_credentials, json_reply, sse_event, sse_reply
 from .helpers import CHAT, build_config, chat
 
 KEY = "test-provider-key-0123456789"
@@ -131,3 +131,44 @@ async def test_serve_warns_at_start_about_a_key_too_short_to_redact(serve):
 
     assert proc.lines_with("providers.a.api_key is shorter than 8 characters")
     assert SHORT_KEY not in proc.stderr
+
+
+def error_events(body: str) -> list[str]:
+    return [line for line in body.splitlines() if line.startswith("data:") and '"error"' in line]
+
+
+@pytest.mark.parametrize("one_chunk", [False, True])
+async def test_an_error_event_after_the_commit_is_redacted_and_the_stream_ends_with_one_error_event(
+    setup, caplog, one_chunk
+):
+    a, proxy = setup
+    chunks = chat_chunks("m1", ["Hello"])
+    error = {"error": {"message": f"Authorization: Bearer {KEY} is over quota", "type": "server_error"}}
+    events = [*chunks[:2], error, *chunks[2:]]
+    a.queue(sse_reply([b"".join(sse_event(e) for e in [*events, b"data: [DONE]\n\n"])] if one_chunk else events))
+
+    resp = await proxy.client.post(CHAT, json=chat(stream=True))
+    body = await resp.text()
+
+    assert resp.status == 200
+    assert '"content":"Hello"' in body  # what came before the error event is relayed
+    (event,) = error_events(body)
+    assert "upstream a/m1 failed mid-stream: upstream sent an error event" in event
+    assert "Bearer [redacted]" in event
+    assert "[DONE]" not in body
+    assert KEY not in await everything_visible(proxy, caplog, body)
+
+
+async def test_a_responses_error_event_after_the_commit_is_redacted_and_ends_the_stream_once(setup, caplog):
+    a, proxy = setup
+    created = {"type": "response.created", "response": {"id": "r1", "model": "m1"}}
+    failed = {"type": "error", "code": "bad", "message": f"bad key {KEY}", "param": None}
+    a.queue(sse_reply([b"event: response.created\n" + sse_event(created), b"event: error\n" + sse_event(failed)]))
+
+    resp = await proxy.client.post("/v1/responses", json={"model": "mana/x", "input": "hi", "stream": True})
+    body = await resp.text()
+
+    assert resp.status == 200
+    assert body.count("event: error") == 1
+    assert "upstream a/m1 failed mid-stream: upstream sent an error event: bad key [redacted]" in body
+    assert KEY not in await everything_visible(proxy, caplog, body)

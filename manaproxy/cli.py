@@ -24,6 +24,7 @@ from .auth import parse_keys
 from .config import ConfigError, load_config
 from .gateway import GATEWAY, Gateway
 from .logfmt import BatchedStreamHandler, OneLineFormatter
+from .redact import too_short
 from .reload import RELOADER
 from .server import Runner
 from .systemd import notify
@@ -156,6 +157,8 @@ def check(path: str) -> int:
     unconfigured = [name for name, spec in config.providers.items() if not spec.configured]
     note = f"; unconfigured (no key in env): {', '.join(unconfigured)}" if unconfigured else ""
     print(f"manaproxy: config ok: {config.summary()}{note}")
+    for warning in too_short(config.providers.values()):
+        print(f"manaproxy: warning: {warning}", file=sys.stderr)
     return 0
 
 
@@ -180,6 +183,8 @@ async def drain(runner: Runner, gateway: Gateway) -> None:
 async def serve(config_path: str, host: str, port: int) -> int:
     """Serve until SIGTERM/SIGINT, then drain; SIGHUP reloads `config_path`. Returns the exit code."""
     config = load_config(config_path)
+    for warning in too_short(config.providers.values()):
+        logger.warning("%s", warning)
     open_files = raise_open_files_limit()
     api_keys = parse_keys(os.environ.get("MANAPROXY_API_KEYS"))
     if not api_keys:

@@ -173,3 +173,142 @@ async def test_a_cookie_an_upstream_set_is_never_sent_with_a_later_request(make_
 
     assert len(up.requests) == 2
     assert "Cookie" not in up.requests[1].headers
+
+
+ECHOING = {
+    "WWW-Authenticate": f'Bearer realm="api", error="invalid_token", token="{PROVIDER_KEY}"',
+    "X-Debug-Auth": f"Authorization: Bearer {PROVIDER_KEY}",
+    "x-ratelimit-debug": f"key {PROVIDER_KEY}",
+    "openai-debug": f"Bearer {PROVIDER_KEY}",
+}
+
+
+def answer_echoing_our_key(*, stream: bool, status: int):
+    async def behave(request: web.Request, recorded: Recorded) -> web.StreamResponse:
+        if stream:
+            response = web.StreamResponse(status=status, headers={"Content-Type": "text/event-stream", **ECHOING})
+            await response.prepare(request)
+            for chunk in chat_chunks("up-model", ["hi"]):
+                await response.write(sse_event(chunk))
+            await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+            return response
+        body = chat_completion("up-model") if status == 200 else error_body("refused", code="refused")
+        return web.json_response(body, status=status, headers=ECHOING)
+
+    return behave
+
+
+@pytest.mark.parametrize(
+    ("stream", "status", "relayed"),
+    [(False, 200, 200), (True, 200, 200), (False, 400, 400), (False, 429, 429), (False, 401, 502), (True, 429, 429)],
+)
+async def test_an_upstream_header_that_echoes_our_key_is_relayed_redacted(setup, stream, status, relayed):
+    up, proxy = setup
+    up.queue(answer_echoing_our_key(stream=stream, status=status))
+
+    resp = await proxy.client.post(CHAT, json=chat(stream=stream), headers={"Authorization": f"Bearer {CLIENT_KEY}"})
+    await resp.read()
+
+    assert resp.status == relayed
+    assert resp.headers["x-ratelimit-debug"] == "key [redacted]"
+    assert [(name, value) for name, value in resp.raw_headers if PROVIDER_KEY.encode() in value] == []
+
+
+OVERRIDES_AND_SPELLINGS = {
+    "X-HTTP-Method-Override": "DELETE",
+    "X-HTTP-Method": "DELETE",
+    "X-Method-Override": "DELETE",
+    "Cookie2": "$Version=1",
+    "Via": "1.1 forged",
+    "Max-Forwards": "0",
+    "X_Api_Key": CLIENT_KEY,
+    "x_api_key": CLIENT_KEY,
+    "Api-Key": CLIENT_KEY,
+    "X_Forwarded_For": "1.2.3.4",
+    "OpenAI_Organization": "org-1",
+    "X-Custom-Trace": "t-1",
+}
+
+
+async def test_method_overrides_forwarding_headers_and_the_clients_key_in_any_spelling_never_reach_the_upstream(
+    setup,
+):
+    up, proxy = setup
+
+    resp = await proxy.client.post(
+        CHAT, json=chat(), headers={"Authorization": f"Bearer {CLIENT_KEY}", **OVERRIDES_AND_SPELLINGS}
+    )
+
+    assert resp.status == 200
+    seen = up.requests[0].headers
+    never = {name.lower().replace("_", "-") for name in OVERRIDES_AND_SPELLINGS} - {"x-custom-trace"}
+    assert [name for name in seen if name.lower().replace("_", "-") in never] == []
+    assert CLIENT_KEY not in "".join(seen.values())
+    assert seen["X-Custom-Trace"] == "t-1"
+    assert up.requests[0].method == "POST"
+
+
+UPSTREAMS_OWN = {
+    "Strict-Transport-Security": "max-age=63072000; includeSubDomains",
+    "Location": "https://evil.example/",
+    "Content-Location": "https://evil.example/",
+    "Set-Cookie": "upstream=1",
+    "Alt-Svc": 'h3=":443"',
+    "Content-Security-Policy": "default-src 'none'",
+    "Link": "<https://evil.example/>; rel=preload",
+    "Refresh": "0; url=https://evil.example/",
+    "X-Powered-By": "upstream",
+    "WWW-Authenticate": 'Bearer realm="upstream"',
+    "Access-Control-Allow-Origin": "*",
+    "Clear-Site-Data": '"*"',
+    "Cache-Control": "public, max-age=31536000",
+    "Vary": "Cookie",
+    "ETag": '"1"',
+}
+KEPT = {
+    "x-ratelimit-remaining-tokens": "999",
+    "retry-after": "3",
+    "retry-after-ms": "3000",
+    "openai-processing-ms": "7",
+    "openai-version": "2020-10-01",
+    "x-request-id": "req_up_2",
+}
+
+
+def answer_with_its_own_headers(*, stream: bool, status: int):
+    async def behave(request: web.Request, recorded: Recorded) -> web.StreamResponse:
+        headers = {**UPSTREAMS_OWN, **KEPT}
+        if stream:
+            response = web.StreamResponse(status=status, headers={"Content-Type": "text/event-stream", **headers})
+            await response.prepare(request)
+            for chunk in chat_chunks("up-model", ["hi"]):
+                await response.write(sse_event(chunk))
+            await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+            return response
+        body = chat_completion("up-model") if status == 200 else error_body("bad request", code="bad")
+        return web.json_response(body, status=status, headers=headers)
+
+    return behave
+
+
+@pytest.mark.parametrize(("stream", "status"), [(False, 200), (True, 200), (False, 400), (False, 429)])
+async def test_only_the_allowed_upstream_headers_reach_the_client(setup, stream, status):
+    up, proxy = setup
+    up.queue(answer_with_its_own_headers(stream=stream, status=status))
+
+    resp = await proxy.client.post(CHAT, json=chat(stream=stream), headers={"Authorization": f"Bearer {CLIENT_KEY}"})
+    await resp.read()
+
+    assert resp.status == status
+    assert {name: resp.headers.get(name) for name in KEPT if name != "x-request-id"} == {
+        name: value for name, value in KEPT.items() if name != "x-request-id"
+    }
+    assert resp.headers["X-Upstream-Request-ID"] == "req_up_2"
+    leaked = {
+        name: resp.headers.getall(name)
+        for name in UPSTREAMS_OWN
+        if UPSTREAMS_OWN[name] in resp.headers.getall(name, [])
+    }
+    assert leaked == {}

@@ -6,7 +6,7 @@ import orjson
 import pytest
 
 from manaproxy.config import ProviderConfig
-from manaproxy.redact import REDACTED, Redactor
+from manaproxy.redact import REDACTED, Redactor, too_short
 
 
 def provider(name: str, api_key: str | None = None, **headers: str) -> ProviderConfig:
@@ -90,3 +90,33 @@ def test_line_is_one_short_line():
 
 def test_repr_never_shows_a_secret():
     assert repr(Redactor([provider("a", "test-key-aaaa-1111")])) == "<Redactor 1 secrets>"
+
+
+def test_the_credential_strings_we_send_are_redacted_whatever_the_keys_length():
+    redactor = Redactor([provider("a", "k7short", **{"X-Auth-Token": "t5abc"})])
+    cases = [
+        ("Authorization: Bearer k7short", f"Authorization: Bearer {REDACTED}"),
+        ("authorization: bearer  k7short", f"authorization: bearer  {REDACTED}"),
+        ('{"x-api-key": "k7short"}', f'{{"x-api-key": "{REDACTED}"}}'),
+        ("x-auth-token: t5abc", f"x-auth-token: {REDACTED}"),
+        ('{"X-Auth-Token":"t5abc"}', f'{{"X-Auth-Token":"{REDACTED}"}}'),
+        ("the word k7short alone", "the word k7short alone"),  # too short to redact standing alone
+    ]
+    for text, expected in cases:
+        assert redactor.text(text) == expected
+        assert redactor.bytes(text.encode()) == expected.encode()
+
+
+def test_too_short_names_the_place_and_never_the_key():
+    warnings = too_short([provider("a", "k7short", **{"X-Api-Key": "abc"}), provider("b", "long-enough-key")])
+
+    assert [w.split(" is shorter")[0] for w in warnings] == ["providers.a.api_key", "providers.a.headers.X-Api-Key"]
+    assert "k7short" not in "".join(warnings)
+
+
+def test_header_values_are_redacted_pair_by_pair():
+    redactor = Redactor([provider("a", "test-key-aaaa-1111")])
+
+    pairs = redactor.pairs([("WWW-Authenticate", 'Bearer error="invalid", key="test-key-aaaa-1111"'), ("X-A", "1")])
+
+    assert pairs == [("WWW-Authenticate", f'Bearer error="invalid", key="{REDACTED}"'), ("X-A", "1")]

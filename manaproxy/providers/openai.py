@@ -17,6 +17,7 @@ bounded by `total` alone.
 from __future__ import annotations
 
 import asyncio
+import re
 import zlib
 from collections.abc import AsyncGenerator, Iterator
 from typing import Any
@@ -30,12 +31,23 @@ from ..body import SplicedPayload
 from ..config import ProviderConfig, ServerSettings
 from ..headers import to_client, to_upstream
 from ..jsonmodel import HEAD, model_span, replace_model
-from ..protocols import StreamProtocol
+from ..protocols import RESPONSES, StreamProtocol
 from ..redact import Redactor
-from ..sse import DONE_EVENT, EventBuffer, ModelRewriter, carries_usage, error_of, has_done, usage_from, usage_of
+from ..sse import (
+    DONE_EVENT,
+    EventBuffer,
+    ModelRewriter,
+    carries_usage,
+    data_json,
+    error_of,
+    has_done,
+    usage_from,
+    usage_of,
+)
 from .base import Call, ListedModel, MidStreamFailure, Reply, UpstreamFailure, Usage, translate_errors
 
 _ERROR_BODY_LIMIT = 1 << 20  # an error body is read (and decoded) this far at most
+_BOUNDARY = re.compile(rb"\r\n\r\n|\n\n|\r\r")  # the end of an SSE event, in any line ending
 _DECODE_SLICE = 1 << 20  # decompressed output per step: the event loop gets its turns in between
 
 
@@ -105,6 +117,7 @@ class OpenAIStream:
         "_idle",
         "_max_event",
         "_protocol",
+        "_redactor",
         "_resp",
         "_rest",
         "_rewriter",
@@ -127,10 +140,12 @@ class OpenAIStream:
         protocol: StreamProtocol,
         idle: float,
         max_event: int,
+        redactor: Redactor,
     ) -> None:
         self.status = resp.status
-        self.headers = to_client(resp.headers)
+        self.headers = redactor.pairs(to_client(resp.headers))
         self._protocol = protocol
+        self._redactor = redactor
         self.complete = protocol.ended_by(first)
         self.usage: Usage | None = usage_of(first)
         self.first = rewriter.rewrite(first)
@@ -142,17 +157,43 @@ class OpenAIStream:
         self._max_event = max_event
         self._rewriter = rewriter
 
-    def _ready(self, events: bytes) -> bytes:
-        """Note what the client-bound `events` complete or count, and rewrite their `model`."""
+    def _ready(self, events: bytes) -> tuple[bytes, MidStreamFailure | None]:
+        """Note what the client-bound `events` complete or count, and rewrite their `model`.
+
+        An upstream error event ends the stream: the events before it are relayed, it is not (it may quote
+        our key); the failure returned makes the proxy end the stream with its one error event instead.
+        """
+        failure = None
+        if b'"error"' in events:  # the cheap check; the events are cut and read only when it passes
+            events, failure = self._until_error(events)
         if not self.complete and self._protocol.ended_by(events):
             self.complete = True
         if carries_usage(events):
             self.usage = usage_of(events) or self.usage
-        return self._rewriter.rewrite(events)
+        return self._rewriter.rewrite(events), failure
+
+    def _until_error(self, events: bytes) -> tuple[bytes, MidStreamFailure | None]:
+        """`events` up to the first upstream error event, and that event as a failure (its message redacted)."""
+        start = 0
+        for boundary in _BOUNDARY.finditer(events):
+            event = events[start : boundary.end()]
+            error = error_of(event)
+            if error is None and self._protocol is RESPONSES and b'"type"' in event:
+                data = data_json(event)  # the Responses API's own `error` event: {"type": "error", "message" ...}
+                error = data if isinstance(data, dict) and data.get("type") == "error" else None
+            if error is not None:
+                message = self._redactor.line(str(error.get("message", "error event")), limit=120)
+                return events[:start], MidStreamFailure("upstream_error", f"upstream sent an error event: {message}")
+            start = boundary.end()
+        return events, None
 
     async def events(self) -> AsyncGenerator[bytes, None]:
         if self._rest:
-            yield self._ready(self._rest)
+            ready, failure = self._ready(self._rest)
+            if ready:
+                yield ready
+            if failure is not None:
+                raise failure
         content = self._resp.content
         buffer = self._buffer
         decoder = self._decoder
@@ -172,7 +213,7 @@ class OpenAIStream:
                 # drop any other half event, so that the stream ends without its end and gets an error event.
                 first_line = buffer.pending.lstrip().split(b"\n", 1)[0].strip()
                 if first_line and has_done(first_line):
-                    yield self._ready(DONE_EVENT)
+                    yield self._ready(DONE_EVENT)[0]
                 if self._protocol.ends_with_body:
                     self.complete = True
                 return
@@ -180,7 +221,11 @@ class OpenAIStream:
                 for piece in decoder.slices(chunk) if decoder is not None else (chunk,):
                     released = buffer.feed(piece)
                     if released:
-                        yield self._ready(released)
+                        ready, failure = self._ready(released)
+                        if ready:
+                            yield ready
+                        if failure is not None:
+                            raise failure
                     elif buffer.pending_size > self._max_event:
                         raise MidStreamFailure("upstream_error", f"upstream event larger than {self._max_event} bytes")
             except UpstreamFailure as failure:  # undecodable gzip
@@ -253,7 +298,7 @@ class OpenAIProvider:
         """An unstreamed answer read whole (within `max_response_bytes`), ready for the client."""
         data = await _read_body(resp, self._server.max_response_bytes)
         reply = self._reply(resp.status, data, resp.headers.get("Content-Type") or "application/json", resolved)
-        reply.headers = to_client(resp.headers)
+        reply.headers = self._redactor.pairs(to_client(resp.headers))
         return reply
 
     def _reply(self, status: int, body: bytes, content_type: str, resolved: str) -> Reply:
@@ -332,7 +377,16 @@ class OpenAIProvider:
                 reader.start_timeout()
             rewriter = ModelRewriter(resolved)
             return OpenAIStream(
-                resp, first, rest, buffer, decoder, rewriter, protocol=protocol, idle=idle, max_event=max_event
+                resp,
+                first,
+                rest,
+                buffer,
+                decoder,
+                rewriter,
+                protocol=protocol,
+                idle=idle,
+                max_event=max_event,
+                redactor=self._redactor,
             )
         except BaseException:
             resp.close()
@@ -341,8 +395,11 @@ class OpenAIProvider:
     async def _check_status(self, resp: aiohttp.ClientResponse) -> None:
         if resp.status >= 300:
             # Redacted here, at the source: the body may be relayed to the client, its text logged and shown.
+            # Its headers too: a lone entry's error is relayed with them (`proxy.exhausted`, `_caller_error`).
             data = self._redactor.bytes(await _read_error_body(resp))
-            raise UpstreamFailure.from_status(resp.status, resp.headers, data, resp.headers.get("Content-Type"))
+            failure = UpstreamFailure.from_status(resp.status, resp.headers, data, resp.headers.get("Content-Type"))
+            failure.headers = self._redactor.pairs(failure.headers)
+            raise failure
 
     async def list_models(self, timeout: float) -> list[ListedModel]:
         data = await self._get_json("/models", timeout)

@@ -164,8 +164,8 @@ def exhausted(attempts: list[Attempt]) -> ProxyError:
       that will be back in seconds makes "retry then" a truer answer than one entry's 404 or 500.)
     The list of entries and what each did is in the message and in `X-Mana-LLM-Attempts`.
     """
-    summary = ", ".join(f"{attempt.target}={attempt.summary}" for attempt in attempts)
-    headers = {ATTEMPTS_HEADER: quote(summary, safe=" /=,:._-@+")}
+    summary = ", ".join(attempt.listed for attempt in attempts)
+    headers = {ATTEMPTS_HEADER: quote(summary, safe=" /=,:._-@+%")}  # each item escaped: `Attempt.listed`
     tried = [attempt for attempt in attempts if attempt.tried]
     waiting = any(attempt.retry_after is not None for attempt in attempts if not attempt.tried)
     if len(tried) == 1 and tried[0].status is not None and not waiting:

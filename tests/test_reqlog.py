@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from urllib.parse import unquote
 
@@ -10,8 +11,8 @@ import pytest
 from manaproxy.record import Attempt, RequestRecord
 from manaproxy.reqlog import format_record
 
-from .fakes import chat_chunks, sse_reply, status_reply
-from .helpers import FIELDS, build_config, parse_logfmt
+from .fakes import chat_answer, chat_chunks, sse_reply, status_reply
+from .helpers import FIELDS, build_config, parse_logfmt, raw_exchange, raw_post, split_response
 
 
 def make_record(**changes: object) -> RequestRecord:
@@ -186,3 +187,26 @@ async def test_a_client_model_name_cannot_forge_logged_attempts(make_upstream, m
     assert resp.headers["X-Mana-LLM-Attempts"] == "a/status:500%2Ca/ok:won=HTTP 503"
     (record,) = [r for r in caplog.records if r.name == "manaproxy.request"]
     assert logged_attempts(parse_logfmt(record.getMessage())["attempts"]) == [(model, "http_503")]
+
+
+@pytest.mark.parametrize(
+    ("stream", "status"),
+    [(False, 200), (True, 200), (False, 400)],  # an answer, a stream, the upstream's own 4xx relayed
+)
+async def test_resolved_header_percent_encodes_a_non_ascii_model(make_upstream, make_proxy, caplog, stream, status):
+    a = await make_upstream("a")
+    a.default = chat_answer("m") if status == 200 else status_reply(status, "bad request")
+    proxy = await make_proxy(build_config({"a": a}, {"mana/x": ["a/m1"]}))
+    caplog.set_level(logging.INFO, logger="manaproxy.request")
+    model = "a/modèle 100%"
+    body = json.dumps({"model": model, "stream": stream, "messages": []}).encode()
+
+    raw = await raw_exchange(proxy.port, raw_post("/v1/chat/completions", body))
+
+    head = raw.partition(b"\r\n\r\n")[0]
+    assert head.isascii()
+    assert split_response(raw)[0] == status
+    assert b"\r\nX-Mana-LLM-Resolved: a/mod%C3%A8le 100%25\r\n" in head
+    assert unquote(split_response(raw)[1]["x-mana-llm-resolved"]) == model
+    (record,) = [r for r in caplog.records if r.name == "manaproxy.request"]
+    assert parse_logfmt(record.getMessage())["resolved"] == model  # the log line is text: logfmt quotes it

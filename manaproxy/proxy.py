@@ -59,6 +59,19 @@ from .routing import resolve
 logger = logging.getLogger("manaproxy.proxy")  # pinned: deploy/README.md documents it
 
 RESOLVED_HEADER = "X-Mana-LLM-Resolved"
+# Printable ASCII but `%`: what a resolved name keeps as it is (percent-encoding the rest, as UTF-8).
+_RESOLVED_SAFE = "".join(chr(code) for code in range(0x20, 0x7F) if chr(code) != "%")
+
+
+def resolved_value(target: Target) -> str:
+    """`X-Mana-LLM-Resolved`'s value: `provider/model`, percent-encoded (UTF-8) where it is not printable ASCII,
+    so a model named `modèle` goes out as `mod%C3%A8le` rather than as raw bytes in a header."""
+    name = str(target)
+    if name.isascii() and name.isprintable() and "%" not in name:
+        return name
+    return quote(name, safe=_RESOLVED_SAFE)
+
+
 _STREAM_HEADERS = {
     "Content-Type": "text/event-stream",
     "Cache-Control": "no-cache",
@@ -170,8 +183,8 @@ def exhausted(attempts: list[Attempt]) -> ProxyError:
       that will be back in seconds makes "retry then" a truer answer than one entry's 404 or 500.)
     The list of entries and what each did is in the message and in `X-Mana-LLM-Attempts`.
     """
-    summary = ", ".join(f"{attempt.target}={attempt.summary}" for attempt in attempts)
-    headers = {ATTEMPTS_HEADER: quote(summary, safe=" /=,:._-@+")}
+    summary = ", ".join(attempt.listed for attempt in attempts)
+    headers = {ATTEMPTS_HEADER: quote(summary, safe=" /=,:._-@+%")}  # each item escaped: `Attempt.listed`
     tried = [attempt for attempt in attempts if attempt.tried]
     waiting = any(attempt.retry_after is not None for attempt in attempts if not attempt.tried)
     if len(tried) == 1 and tried[0].status is not None and not waiting:
@@ -422,7 +435,9 @@ class _Forwarder:
         if isinstance(reply, Reply):
             if reply.usage is not None:
                 record.prompt_tokens, record.completion_tokens = reply.usage
-            headers = _answer_headers(reply.headers, {"Content-Type": reply.content_type, RESOLVED_HEADER: str(target)})
+            headers = _answer_headers(
+                reply.headers, {"Content-Type": reply.content_type, RESOLVED_HEADER: resolved_value(target)}
+            )
             record.first_byte = perf_counter() - record.started
             return web.Response(status=reply.status, body=reply.body, content_type=None, headers=headers)
         return await self._relay(target, reply, slot, protocol)
@@ -466,7 +481,7 @@ class _Forwarder:
         record = self.record
         response = web.StreamResponse(
             status=reply.status,
-            headers=_answer_headers(reply.headers, {**_STREAM_HEADERS, RESOLVED_HEADER: str(target)}),
+            headers=_answer_headers(reply.headers, {**_STREAM_HEADERS, RESOLVED_HEADER: resolved_value(target)}),
         )
         clean_end = False
         try:
@@ -568,7 +583,9 @@ def _caller_error(failure: UpstreamFailure, target: Target) -> web.Response:
         body = error_body(
             f"upstream {target} rejected the request: {failure.detail}", status=status, code=failure.reason
         )
-    headers = _answer_headers(failure.headers, {"Content-Type": JSON_CONTENT_TYPE, RESOLVED_HEADER: str(target)})
+    headers = _answer_headers(
+        failure.headers, {"Content-Type": JSON_CONTENT_TYPE, RESOLVED_HEADER: resolved_value(target)}
+    )
     return web.Response(status=status, body=body, content_type=None, headers=headers)
 
 

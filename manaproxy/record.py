@@ -21,6 +21,17 @@ HEDGE_WON = "hedge_won"
 HEDGED_LOST = "hedged_lost"
 WON = "won"
 
+# What separates the items of an attempts record and the parts of one (`,` `=` `:`), and the escape itself.
+_ITEM_ESCAPES = str.maketrans({"%": "%25", ",": "%2C", "=": "%3D", ":": "%3A"})
+_KEPT_COLONS = str.maketrans({"%": "%25", ",": "%2C", "=": "%3D"})
+
+
+def attempt_item(text: str, *, colons: bool = True) -> str:
+    """`text` (a target, a reason) made safe as one part of one item of an attempts record: `%`, `,`, `=`
+    and `:` percent-encoded, so a model named `up/status:500,up/ok:won` cannot forge items. `colons=False`
+    keeps `:` for a target whose record reads its reason after the last `:` (Ollama's `qwen2.5:7b`)."""
+    return text.translate(_ITEM_ESCAPES if colons else _KEPT_COLONS)
+
 
 @dataclass(slots=True)
 class Attempt:
@@ -40,6 +51,16 @@ class Attempt:
     def summary(self) -> str:
         """How the attempt reads in a 503's entry list: `HTTP 500`, `timeout`, `unhealthy` ..."""
         return f"HTTP {self.status}" if self.status is not None else self.reason
+
+    @property
+    def logged(self) -> str:
+        """How the attempt reads in the log's `attempts=`: `target:reason`, the reason after the last `:`."""
+        return f"{attempt_item(self.target, colons=False)}:{attempt_item(self.reason)}"
+
+    @property
+    def listed(self) -> str:
+        """How the attempt reads in `X-Mana-LLM-Attempts` and a 503's message: `target=summary`."""
+        return f"{attempt_item(self.target, colons=False)}={attempt_item(self.summary)}"
 
 
 @dataclass(slots=True)

@@ -18,7 +18,7 @@ def format_record(record: RequestRecord) -> str:
     """The request's log line: `key=value` pairs in a fixed order (documented in deploy/README.md).
     Every value goes through `logfmt.value` (one f-string: this runs for every request)."""
     v = logfmt.value
-    attempts = ",".join(f"{a.target}:{a.reason}" for a in record.attempts) if record.attempts else None
+    attempts = ",".join(a.logged for a in record.attempts) if record.attempts else None
     ttfb = None if record.first_byte is None else round(record.first_byte * 1000, 1)
     return (
         f"request_id={v(record.request_id)} endpoint={v(record.endpoint)} model={v(record.requested[:200])} "

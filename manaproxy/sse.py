@@ -178,23 +178,29 @@ class ModelRewriter:
 
 
 def _data_lines(events: bytes) -> list[tuple[int, int]]:
-    """(start, end) of each `data:` line in `events`, its line ending excluded (LF, CRLF or CR)."""
+    """(start, end) of each `data:` line in `events` that holds a `"model"`, its line ending excluded
+    (LF, CRLF or CR, mixed as they come).
+
+    Linear in `events` whatever its line endings: only lines holding a `"model"` are visited, and every
+    search covers bytes no earlier search covered — backwards to the line's start no further than the
+    last line visited, forwards to its end from where the next LF or CR was last found.
+    """
     lines = []
-    position = 0
     size = len(events)
-    carriage = b"\r" in events
-    while position < size:
-        end = events.find(b"\n", position)
-        if carriage:
-            cr = events.find(b"\r", position)
-            if cr != -1 and (end == -1 or cr < end):
-                end = cr
-        stop = size if end == -1 else end
-        if events.startswith(b"data:", position):
-            lines.append((position, stop))
-        if end == -1:
-            break
-        position = end + 2 if events.startswith(b"\r\n", end) else end + 1
+    lf = cr = -1  # the next LF / CR at or after the line being read (-2: none left)
+    done = 0  # bytes before this are behind us
+    while (found := events.find(b'"model"', done)) != -1:
+        start = max(events.rfind(b"\n", done, found), events.rfind(b"\r", done, found)) + 1
+        if lf != -2 and lf < found:
+            lf = events.find(b"\n", found)
+            lf = -2 if lf == -1 else lf
+        if cr != -2 and cr < found:
+            cr = events.find(b"\r", found)
+            cr = -2 if cr == -1 else cr
+        stop = min(size if lf == -2 else lf, size if cr == -2 else cr)
+        if events.startswith(b"data:", start):
+            lines.append((start, stop))
+        done = stop
     return lines
 
 

@@ -5,6 +5,8 @@ openai SDK, whose retries depend on exactly that."""
 
 from __future__ import annotations
 
+from urllib.parse import unquote
+
 import openai
 import pytest
 
@@ -89,3 +91,28 @@ async def test_a_provider_refusing_our_key_is_a_502_not_the_clients_401(a_and_b,
 
     assert resp.status == 502
     assert (await resp.json())["error"]["message"] == "a/m1: Incorrect API key provided"
+
+
+def attempts_of(header: str) -> list[tuple[str, str]]:
+    """`X-Mana-LLM-Attempts` read as its README documents it: items split on `, `, each split on its last
+    `=`, each part percent-decoded."""
+    return [tuple(unquote(part) for part in item.rsplit("=", 1)) for item in header.split(", ")]  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "model",
+    ["status:500,a/ok:won", "x=HTTP 200, a/y", "x%2C a/y=HTTP 200", "qwen2.5:7b", "é,=:%"],
+)
+async def test_a_model_name_cannot_forge_attempts(a_and_b, make_proxy, model):
+    a, b = a_and_b
+    a.default = status_reply(500, "boom")
+    b.default = status_reply(503, "busy")
+    proxy = await make_proxy(build_config({"a": a, "b": b}, {"mana/x": [f"a/{model}", "b/m2"]}))
+
+    resp = await proxy.client.post(CHAT, json=chat())
+
+    assert resp.status == 503
+    header = resp.headers["X-Mana-LLM-Attempts"]
+    assert attempts_of(header) == [(f"a/{model}", "HTTP 500"), ("b/m2", "HTTP 503")]
+    message = (await resp.json())["error"]["message"]
+    assert attempts_of(message.removeprefix("no chain entry could answer: ")) == attempts_of(header)

@@ -39,6 +39,7 @@ from .fakes import (
     hang,
     json_reply,
     status_reply,
+    stream_bytes,
     wait_for,
 )
 from .helpers import GOOGLE_KEY, Proxy, ask, build_config, chat, google_spec, sse_data, value
@@ -47,11 +48,18 @@ MODEL = GEMINI_MODEL
 
 
 async def google_only(
-    make_google_proxy: Any, gemini: FakeGemini, *, health: dict[str, Any] | None = None, **extra: Any
+    make_google_proxy: Any,
+    gemini: FakeGemini,
+    *,
+    health: dict[str, Any] | None = None,
+    server: dict[str, Any] | None = None,
+    **extra: Any,
 ) -> Proxy:
     """mana/g = [google/MODEL] on the fake Gemini; `extra`: more settings of the google provider."""
     return await make_google_proxy(
-        build_config({"google": google_spec(gemini, **extra)}, {"mana/g": [f"google/{MODEL}"]}, health=health)
+        build_config(
+            {"google": google_spec(gemini, **extra)}, {"mana/g": [f"google/{MODEL}"]}, health=health, server=server
+        )
     )
 
 
@@ -412,13 +420,13 @@ async def test_embeddings_through_openai_sdk(make_google_proxy, gemini):
 # -- errors and fallback -------------------------------------------------------------------------------------
 
 
-async def fallback_proxy(make_google_proxy, gemini, make_upstream, *, health=None) -> tuple[Proxy, Any]:
+async def fallback_proxy(make_google_proxy, gemini, make_upstream, *, health=None, server=None) -> tuple[Proxy, Any]:
     """mana/g = [google/MODEL, backup/m2]; the backup answers "from backup"."""
     backup = await make_upstream("backup")
     backup.default = json_reply(chat_completion("backup-model", "from backup"))
     providers = {"google": google_spec(gemini), "backup": backup}
     proxy = await make_google_proxy(
-        build_config(providers, {"mana/g": [f"google/{MODEL}", "backup/m2"]}, health=health)
+        build_config(providers, {"mana/g": [f"google/{MODEL}", "backup/m2"]}, health=health, server=server)
     )
     return proxy, backup
 
@@ -611,6 +619,81 @@ async def test_google_behind_a_failing_openai_provider(make_google_proxy, gemini
     assert down.calls == 1
     assert "".join(c.choices[0].delta.content or "" for c in received if c.choices) == "from gemini"
     assert {c.model for c in received} == {f"google/{MODEL}"}
+
+
+# -- answer size bounds: server.max_response_bytes and server.max_event_bytes, as for the openai kind ----------
+
+MIB = 1024 * 1024
+SMALL_BOUNDS = {"max_response_bytes": MIB, "max_event_bytes": MIB}
+
+
+async def test_an_unstreamed_answer_past_max_response_bytes_falls_back(make_google_proxy, gemini, make_upstream):
+    proxy, backup = await fallback_proxy(make_google_proxy, gemini, make_upstream, server=SMALL_BOUNDS)
+    gemini.default = json_reply(gemini_answer("x" * (6 * MIB)))
+    resp = await proxy.client.post("/v1/chat/completions", json={"model": "mana/g", "messages": USER})
+    assert resp.status == 200
+    assert resp.headers["X-Mana-LLM-Resolved"] == "backup/m2"
+    assert backup.calls == 1
+
+
+async def test_a_first_event_past_max_event_bytes_falls_back(make_google_proxy, gemini, make_upstream):
+    proxy, backup = await fallback_proxy(make_google_proxy, gemini, make_upstream, server=SMALL_BOUNDS)
+    gemini.default = gemini_stream([gemini_answer("x" * (3 * MIB))])
+    resp = await proxy.client.post("/v1/chat/completions", json={"model": "mana/g", "messages": USER, "stream": True})
+    assert resp.status == 200
+    assert resp.headers["X-Mana-LLM-Resolved"] == "backup/m2"
+    assert backup.calls == 1
+
+
+async def test_an_event_past_max_event_bytes_mid_stream_ends_with_an_error_event(
+    make_google_proxy, gemini, make_upstream
+):
+    proxy, backup = await fallback_proxy(make_google_proxy, gemini, make_upstream, server=SMALL_BOUNDS)
+    chunks = [gemini_answer("one ", finish=None, usage=None), gemini_answer("x" * (3 * MIB)), gemini_answer("end")]
+    gemini.default = gemini_stream(chunks)
+    resp = await proxy.client.post("/v1/chat/completions", json={"model": "mana/g", "messages": USER, "stream": True})
+    events = sse_data(await resp.text())
+    assert resp.status == 200
+    assert "[DONE]" not in events
+    assert [e["choices"][0]["delta"].get("content") for e in events[:-1]] == ["one "]
+    assert events[-1]["error"]["code"] == "upstream_error"
+    assert f"larger than {MIB} bytes" in events[-1]["error"]["message"]
+    assert backup.calls == 0  # committed: never another provider
+
+
+async def test_many_small_events_past_max_event_bytes_in_all_pass(make_google_proxy, gemini):
+    proxy = await google_only(make_google_proxy, gemini, server=SMALL_BOUNDS)
+    words = [f"{index:04d}" + "y" * 1000 for index in range(2000)]  # 2 MiB in all, in events of 1 KiB
+    gemini.default = gemini_stream(gemini_chunks(words))
+    resp = await proxy.client.post("/v1/chat/completions", json={"model": "mana/g", "messages": USER, "stream": True})
+    events = sse_data(await resp.text())
+    assert events[-1] == "[DONE]"
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1]) == "".join(words)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_an_answer_too_large_fails_as_it_does_for_the_openai_kind(
+    make_google_proxy, gemini, make_upstream, stream
+):
+    """A lone entry: google and openai kinds give the client the same status and error code."""
+    google = await google_only(make_google_proxy, gemini, server=SMALL_BOUNDS)
+    big = "x" * (3 * MIB)
+    gemini.default = gemini_stream([gemini_answer(big)]) if stream else json_reply(gemini_answer(big))
+    passthrough = await make_upstream("a")
+    passthrough.default = (
+        stream_bytes([b'data: {"model":"m1","choices":[{"delta":{"content":"' + big.encode() + b'"}}]}\n\n'])
+        if stream
+        else json_reply(chat_completion("m1", big))
+    )
+    openai_kind = await make_google_proxy(build_config({"a": passthrough}, {"mana/g": ["a/m1"]}, server=SMALL_BOUNDS))
+    answers = []
+    for proxy in (google, openai_kind):
+        resp = await proxy.client.post(
+            "/v1/chat/completions", json={"model": "mana/g", "messages": USER, "stream": stream}
+        )
+        answers.append((resp.status, (await resp.json())["error"]["code"]))
+    assert answers[0] == answers[1]
+    assert answers[0][0] >= 500
 
 
 # -- mid-stream failures -------------------------------------------------------------------------------------

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import logging
+from urllib.parse import unquote
 
 import pytest
 
 from manaproxy.record import Attempt, RequestRecord
 from manaproxy.reqlog import format_record
 
-from .fakes import chat_chunks, sse_reply, status_reply
-from .helpers import FIELDS, build_config, parse_logfmt
+from .fakes import chat_answer, chat_chunks, sse_reply, status_reply
+from .helpers import FIELDS, build_config, parse_logfmt, raw_exchange, raw_post, split_response
 
 
 def make_record(**changes: object) -> RequestRecord:
@@ -148,3 +150,63 @@ async def test_a_failed_request_logs_at_warning(make_upstream, make_proxy, caplo
     assert record.levelno == logging.WARNING
     fields = parse_logfmt(record.getMessage())
     assert (fields["status"], fields["error"], fields["attempts"]) == ("503", "all_failed", "a/m1:http_503")
+
+
+def logged_attempts(text: str) -> list[tuple[str, str]]:
+    """The log's `attempts=` read as deploy/README.md documents it: items split on `,`, each split on its
+    last `:`, each part percent-decoded."""
+    return [tuple(unquote(part) for part in item.rsplit(":", 1)) for item in text.split(",")]  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("target", "reason", "logged"),
+    [
+        ("a/m1", "http_503", "a/m1:http_503"),
+        ("gpu1/qwen2.5:7b", "hedged_lost", "gpu1/qwen2.5:7b:hedged_lost"),  # the reason is after the last `:`
+        ("up/status:500,up/ok:won", "http_500", "up/status:500%2Cup/ok:won:http_500"),
+        ("a/x=1%2C", "timeout", "a/x%3D1%252C:timeout"),
+        ("a/b", "odd:reason,x", "a/b:odd%3Areason%2Cx"),
+    ],
+)
+def test_attempts_escape_their_separators(target, reason, logged):
+    fields = parse_logfmt(
+        format_record(make_record(attempts=[Attempt(target, "a", reason), Attempt("c/m3", "c", "x")]))
+    )
+    assert fields["attempts"] == f"{logged},c/m3:x"
+    assert logged_attempts(fields["attempts"]) == [(target, reason), ("c/m3", "x")]
+
+
+async def test_a_client_model_name_cannot_forge_logged_attempts(make_upstream, make_proxy, caplog):
+    a = await make_upstream("a")
+    a.default = status_reply(503)
+    proxy = await make_proxy(build_config({"a": a}, {"mana/x": ["a/m1"]}))
+    caplog.set_level(logging.INFO, logger="manaproxy.request")
+    model = "a/status:500,a/ok:won"
+    resp = await proxy.client.post("/v1/chat/completions", json={"model": model, "messages": []})
+    assert resp.status == 503
+    assert resp.headers["X-Mana-LLM-Attempts"] == "a/status:500%2Ca/ok:won=HTTP 503"
+    (record,) = [r for r in caplog.records if r.name == "manaproxy.request"]
+    assert logged_attempts(parse_logfmt(record.getMessage())["attempts"]) == [(model, "http_503")]
+
+
+@pytest.mark.parametrize(
+    ("stream", "status"),
+    [(False, 200), (True, 200), (False, 400)],  # an answer, a stream, the upstream's own 4xx relayed
+)
+async def test_resolved_header_percent_encodes_a_non_ascii_model(make_upstream, make_proxy, caplog, stream, status):
+    a = await make_upstream("a")
+    a.default = chat_answer("m") if status == 200 else status_reply(status, "bad request")
+    proxy = await make_proxy(build_config({"a": a}, {"mana/x": ["a/m1"]}))
+    caplog.set_level(logging.INFO, logger="manaproxy.request")
+    model = "a/modèle 100%"
+    body = json.dumps({"model": model, "stream": stream, "messages": []}).encode()
+
+    raw = await raw_exchange(proxy.port, raw_post("/v1/chat/completions", body))
+
+    head = raw.partition(b"\r\n\r\n")[0]
+    assert head.isascii()
+    assert split_response(raw)[0] == status
+    assert b"\r\nX-Mana-LLM-Resolved: a/mod%C3%A8le 100%25\r\n" in head
+    assert unquote(split_response(raw)[1]["x-mana-llm-resolved"]) == model
+    (record,) = [r for r in caplog.records if r.name == "manaproxy.request"]
+    assert parse_logfmt(record.getMessage())["resolved"] == model  # the log line is text: logfmt quotes it

@@ -7,12 +7,14 @@ things that must stay byte-identical), and a seeded property test over random ch
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import orjson
 import pytest
 
+from manaproxy import sse
 from manaproxy.sse import (
     DONE_EVENT,
     EventBuffer,
@@ -24,6 +26,9 @@ from manaproxy.sse import (
     is_data_event,
     usage_of,
 )
+
+from .fakes import stream_bytes
+from .helpers import CHAT, chat
 
 RESOLVED = "groq/llama-3.3-70b-versatile"
 
@@ -494,3 +499,89 @@ def test_error_event_escapes_hostile_message() -> None:
     assert orjson.loads(event[6:])["error"]["message"] == 'a\n\ndata: [DONE]\n\n"}'
     assert orjson.loads(event[6:])["error"]["type"] == "timeout_error"
     assert orjson.loads(event[6:])["error"]["code"] is None
+
+
+# -- the line scan behind the slow path: linear whatever the line endings ------------------------
+
+# A `model` the fast path cannot reach (after a nested value), so the rewrite walks the event's lines.
+SLOW = b'data: {"choices":[{"index":0}],"model":"llama"}'
+SLOW_OUT = SLOW.replace(b'"llama"', b'"' + RESOLVED.encode() + b'"')
+
+
+@pytest.mark.parametrize(
+    ("events", "lines"),
+    [
+        (b"", []),
+        (b"data: x\n\n", []),  # no `model`: no line is visited
+        (SLOW + b"\n\n", [(0, len(SLOW))]),
+        (SLOW + b"\r\n\r\n", [(0, len(SLOW))]),
+        (SLOW + b"\r\r", [(0, len(SLOW))]),
+        (SLOW, [(0, len(SLOW))]),  # no line end at all
+        (b": c\n" + SLOW + b"\n\n", [(4, 4 + len(SLOW))]),
+        (b": c\r\n" + SLOW + b"\r\n\r\n", [(5, 5 + len(SLOW))]),
+        (b": c\r" + SLOW + b"\r\r", [(4, 4 + len(SLOW))]),
+        # mixed: a bare CR far before, LF after; CRLF then CR; the same line twice
+        (b"data: \r" + b"data: x\n" * 3 + SLOW + b"\n\n", [(31, 31 + len(SLOW))]),
+        (SLOW + b"\r\n" + SLOW + b"\r\r", [(0, len(SLOW)), (len(SLOW) + 2, 2 * len(SLOW) + 2)]),
+        (SLOW + b"\n" + SLOW + b"\r\n\r\n", [(0, len(SLOW)), (len(SLOW) + 1, 2 * len(SLOW) + 1)]),
+        (b'event: "model"\r' + SLOW + b"\n\n", [(15, 15 + len(SLOW))]),  # not a data line: skipped
+        (b'data: {"model":"a","x":"model"}\n', [(0, 31)]),  # two `"model"` in one line: one entry
+    ],
+)
+def test_data_lines_for_every_line_ending(events: bytes, lines: list[tuple[int, int]]) -> None:
+    assert sse._data_lines(events) == lines
+
+
+@pytest.mark.parametrize("line_end", [b"\n", b"\r\n", b"\r"])
+@pytest.mark.parametrize("stray", [b"", b"\n", b"\r\n", b"\r"])
+def test_slow_path_rewrite_for_every_line_ending(line_end: bytes, stray: bytes) -> None:
+    """Every line ending, and a stray other one earlier in the event: the model is rewritten, nothing else."""
+    head = b"data: x" + stray + b"data: y" + line_end if stray else b""
+    event = head + b"data: z" + line_end + SLOW + line_end + line_end
+    assert rewritten(event) == event.replace(SLOW, SLOW_OUT)
+
+
+class _CountingBytes(bytes):
+    """bytes that count how many bytes their searches cover (what `_data_lines` spends)."""
+
+    scanned = 0
+
+    def find(self, sub, start=None, end=None):  # type: ignore[no-untyped-def,override]
+        found = super().find(sub, start, end)
+        stop = len(self) if end is None else end
+        _CountingBytes.scanned += (stop if found == -1 else found + len(sub)) - (start or 0)
+        return found
+
+    def rfind(self, sub, start=None, end=None):  # type: ignore[no-untyped-def,override]
+        found = super().rfind(sub, start, end)
+        stop = len(self) if end is None else end
+        _CountingBytes.scanned += stop - (start or 0 if found == -1 else found)
+        return found
+
+
+@pytest.mark.parametrize("stray", [b"\r", b"\n"])
+@pytest.mark.parametrize("line_end", [b"\n", b"\r\n", b"\r"])
+def test_data_lines_searches_each_byte_a_bounded_number_of_times(line_end: bytes, stray: bytes) -> None:
+    """Many lines, one stray line end of another kind (the hostile case: it once cost lines × bytes)."""
+    for many in (b"data: x" + line_end, SLOW + line_end):
+        events = _CountingBytes(b"data: " + stray + many * 20_000 + SLOW + line_end + line_end)
+        _CountingBytes.scanned = 0
+        sse._data_lines(events)
+        assert _CountingBytes.scanned <= 4 * len(events)
+
+
+async def test_event_of_a_million_lines_with_one_bare_cr_is_relayed_at_once(one):
+    """A hostile upstream: one event of 1M short lines (7.6 MiB, under the 8 MiB event cap) with a bare
+    CR at its start and a `model` only the slow path reaches. Scanning it from every line start froze
+    the proxy for tens of seconds; now it is one pass."""
+    a, proxy = one
+    first = b'data: {"model":"m1","choices":[]}\n\n'
+    hostile = b"data: \r" + b"data: x\n" * 1_000_000 + SLOW + b"\n\n"
+    a.default = stream_bytes([first, hostile, b"data: [DONE]\n\n"], pause=0)
+    started = time.perf_counter()
+    resp = await proxy.client.post(CHAT, json=chat(stream=True))
+    body = await resp.read()
+    elapsed = time.perf_counter() - started
+    assert resp.status == 200
+    assert body.endswith(b'"model":"a/m1"}\n\ndata: [DONE]\n\n')
+    assert elapsed < 10, elapsed  # a few tenths of a second when idle; ~80 s before

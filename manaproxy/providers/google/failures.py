@@ -18,6 +18,7 @@ from google.genai import errors
 from ...errors import error_body
 from ...redact import Redactor
 from ..base import PROVIDER, UpstreamFailure, translate_errors
+from .bounds import AnswerTooLarge
 from .request import TranslationError
 
 logger = logging.getLogger(__name__)
@@ -90,6 +91,8 @@ def google_errors(phase: str, redactor: Redactor) -> Iterator[None]:
             yield
     except UpstreamFailure:
         raise
+    except AnswerTooLarge as exc:  # past `max_response_bytes` or `max_event_bytes`, as the openai kind
+        raise UpstreamFailure("too_large", str(exc)) from None
     except errors.APIError as exc:
         raise api_failure(exc, redactor) from None
     except ValueError as exc:  # unparseable JSON, unexpected response shapes

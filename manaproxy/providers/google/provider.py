@@ -9,6 +9,8 @@ target as `model` and counts usage, so nothing downstream parses them again.
 Timeouts: for streams `first_byte` bounds the wait for Gemini's first chunk and `idle` every later gap;
 for unstreamed answers `total` bounds the exchange. `total` is also the SDK's own per-request timeout, so
 it bounds a stream as a whole. The SDK's retries are off (one attempt): retrying is the chain's job.
+Sizes: `server.max_response_bytes` bounds an unstreamed answer, `server.max_event_bytes` one event of a
+stream, as for the openai kind (`bounds.py`: enforced under the SDK, as it reads).
 
 One `genai.Client` per provider object. Its aiohttp session is the SDK's own unless an application
 session is passed in; `aclose()` releases it, and the SDK's own finalizer closes it when a reload drops
@@ -40,6 +42,7 @@ from ...config import ProviderConfig, ServerSettings
 from ...redact import Redactor
 from ..base import PROVIDER, Call, ListedModel, MidStreamFailure, Reply, UpstreamFailure, Usage, within_idle
 from . import answer, request
+from .bounds import AnswerTooLarge, bounding_middleware
 from .failures import bad_request, google_errors
 
 _API_VERSIONS = ("v1", "v1beta", "v1alpha")
@@ -60,7 +63,9 @@ def _tls_context() -> ssl.SSLContext:
     )
 
 
-def _http_options(config: ProviderConfig, session: aiohttp.ClientSession | None) -> types.HttpOptions:
+def _http_options(
+    config: ProviderConfig, session: aiohttp.ClientSession | None, server: ServerSettings
+) -> types.HttpOptions:
     base_url = config.base_url or None
     api_version = "v1beta"
     if base_url is not None:
@@ -81,7 +86,11 @@ def _http_options(config: ProviderConfig, session: aiohttp.ClientSession | None)
         aiohttp_client=session,
         # `verify` reaches the SDK's httpx clients (unused for async calls), `ssl` its aiohttp requests.
         client_args={"verify": _tls_context()},
-        async_client_args={"verify": _tls_context(), "ssl": _tls_context()},
+        async_client_args={
+            "verify": _tls_context(),
+            "ssl": _tls_context(),
+            "middlewares": (bounding_middleware(server),),  # the answer's size bounds, as the SDK reads
+        },
     )
 
 
@@ -136,6 +145,8 @@ class GoogleStream:
                 break
             except MidStreamFailure:
                 raise
+            except AnswerTooLarge as exc:
+                raise MidStreamFailure("upstream_error", str(exc)) from None
             except errors.APIError as exc:
                 raise MidStreamFailure(
                     "upstream_error", f"google sent an error mid-stream: HTTP {exc.code} {exc.status or ''}".rstrip()
@@ -179,7 +190,9 @@ class GoogleProvider:
         if config.configured:
             try:
                 self._client = genai.Client(
-                    vertexai=False, api_key=config.api_key or None, http_options=_http_options(config, session)
+                    vertexai=False,
+                    api_key=config.api_key or None,
+                    http_options=_http_options(config, session, server if server is not None else ServerSettings()),
                 )
             except ValueError as exc:  # e.g. no API key anywhere
                 self._client_error = f"cannot create the google-genai client: {exc}"

@@ -47,10 +47,12 @@ ANSWERED = {
 }
 
 
-def answer_with_headers(*, stream: bool = False, status: int = 200):
+def answer_with_headers(*, stream: bool = False, status: int = 200, headers: dict[str, str] = ANSWERED):
+    """A chat answer (streamed or not; an error body unless 200) that carries `headers`."""
+
     async def behave(request: web.Request, recorded: Recorded) -> web.StreamResponse:
         if stream:
-            response = web.StreamResponse(status=status, headers={"Content-Type": "text/event-stream", **ANSWERED})
+            response = web.StreamResponse(status=status, headers={"Content-Type": "text/event-stream", **headers})
             await response.prepare(request)
             for chunk in chat_chunks("up-model", ["hi"]):
                 await response.write(sse_event(chunk))
@@ -58,7 +60,7 @@ def answer_with_headers(*, stream: bool = False, status: int = 200):
             await response.write_eof()
             return response
         body = chat_completion("up-model") if status == 200 else error_body("bad request", code="bad")
-        return web.json_response(body, status=status, headers=ANSWERED)
+        return web.json_response(body, status=status, headers=headers)
 
     return behave
 
@@ -183,29 +185,13 @@ ECHOING = {
 }
 
 
-def answer_echoing_our_key(*, stream: bool, status: int):
-    async def behave(request: web.Request, recorded: Recorded) -> web.StreamResponse:
-        if stream:
-            response = web.StreamResponse(status=status, headers={"Content-Type": "text/event-stream", **ECHOING})
-            await response.prepare(request)
-            for chunk in chat_chunks("up-model", ["hi"]):
-                await response.write(sse_event(chunk))
-            await response.write(b"data: [DONE]\n\n")
-            await response.write_eof()
-            return response
-        body = chat_completion("up-model") if status == 200 else error_body("refused", code="refused")
-        return web.json_response(body, status=status, headers=ECHOING)
-
-    return behave
-
-
 @pytest.mark.parametrize(
     ("stream", "status", "relayed"),
     [(False, 200, 200), (True, 200, 200), (False, 400, 400), (False, 429, 429), (False, 401, 502), (True, 429, 429)],
 )
 async def test_an_upstream_header_that_echoes_our_key_is_relayed_redacted(setup, stream, status, relayed):
     up, proxy = setup
-    up.queue(answer_echoing_our_key(stream=stream, status=status))
+    up.queue(answer_with_headers(stream=stream, status=status, headers=ECHOING))
 
     resp = await proxy.client.post(CHAT, json=chat(stream=stream), headers={"Authorization": f"Bearer {CLIENT_KEY}"})
     await resp.read()
@@ -276,27 +262,10 @@ KEPT = {
 }
 
 
-def answer_with_its_own_headers(*, stream: bool, status: int):
-    async def behave(request: web.Request, recorded: Recorded) -> web.StreamResponse:
-        headers = {**UPSTREAMS_OWN, **KEPT}
-        if stream:
-            response = web.StreamResponse(status=status, headers={"Content-Type": "text/event-stream", **headers})
-            await response.prepare(request)
-            for chunk in chat_chunks("up-model", ["hi"]):
-                await response.write(sse_event(chunk))
-            await response.write(b"data: [DONE]\n\n")
-            await response.write_eof()
-            return response
-        body = chat_completion("up-model") if status == 200 else error_body("bad request", code="bad")
-        return web.json_response(body, status=status, headers=headers)
-
-    return behave
-
-
 @pytest.mark.parametrize(("stream", "status"), [(False, 200), (True, 200), (False, 400), (False, 429)])
 async def test_only_the_allowed_upstream_headers_reach_the_client(setup, stream, status):
     up, proxy = setup
-    up.queue(answer_with_its_own_headers(stream=stream, status=status))
+    up.queue(answer_with_headers(stream=stream, status=status, headers={**UPSTREAMS_OWN, **KEPT}))
 
     resp = await proxy.client.post(CHAT, json=chat(stream=stream), headers={"Authorization": f"Bearer {CLIENT_KEY}"})
     await resp.read()

@@ -7,12 +7,15 @@
   `split_response`);
 - what comes back: `assert_openai_error`, `events_of`, `error_event_of`, `sse_data`;
 - metrics (`value`, `exists`, `scrape`, `varied_traffic`, `promtool`, `run_promtool`), the request log
-  line (`FIELDS`, `parse_logfmt`) and a process's resources (`rss_mib`, `open_files_limit`).
+  line (`FIELDS`, `parse_logfmt`) and a process's resources (`rss_mib`, `open_files_limit`);
+- bodies several modules send and read back: `big_request` (a chat request of any size), `AUDIO` and
+  `form_part` (a multipart upload and one of its fields as the upstream received it).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import shutil
 import subprocess
@@ -444,3 +447,30 @@ def open_files_limit(pid: int) -> tuple[str, str]:
         line = next(text for text in limits if text.startswith("Max open files"))
     soft, hard = line.split()[3:5]
     return soft, hard
+
+
+# -- bodies several modules send and read back ----------------------------------------------------------------
+
+
+def big_request(size: int, model: str = "mana/x") -> bytes:
+    """A chat request whose one message is `size` bytes of text, `model` last (as the openai SDK orders it)."""
+    text = b"abcdefghij" * (size // 10)
+    return (
+        b'{"messages": [{"role": "user", "content": "'
+        + text
+        + b'"}], "seed": 123456789012345678901234567890, "model": "'
+        + model.encode()
+        + b'"}'
+    )
+
+
+AUDIO = os.urandom(50_000) + b"\r\n--not-the-boundary\r\n" + os.urandom(1000)
+
+
+def form_part(body: bytes, name: str) -> bytes:
+    """The value of the form field `name` in a multipart body (the fake records bodies as bytes)."""
+    marker = f'name="{name}"'.encode()
+    start = body.index(marker)
+    value_start = body.index(b"\r\n\r\n", start) + 4
+    boundary_line = body[: body.index(b"\r\n")]
+    return body[value_start : body.index(b"\r\n" + boundary_line, value_start)]

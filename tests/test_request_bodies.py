@@ -18,7 +18,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from .fakes import chat_completion
-from .helpers import CHAT, build_config, raw_exchange, raw_post, raw_response, rss_mib, split_response
+from .helpers import CHAT, big_request, build_config, raw_exchange, raw_post, raw_response, rss_mib, split_response
 
 
 class Sink:
@@ -52,18 +52,6 @@ async def sink() -> AsyncIterator[Sink]:
     await fake.server.start_server()
     yield fake
     await fake.server.close()
-
-
-def big_request(size: int, model: str = "mana/x") -> bytes:
-    """A chat request whose one message is `size` bytes of text, `model` last (as the openai SDK orders it)."""
-    text = b"abcdefghij" * (size // 10)
-    return (
-        b'{"messages": [{"role": "user", "content": "'
-        + text
-        + b'"}], "seed": 123456789012345678901234567890, "model": "'
-        + model.encode()
-        + b'"}'
-    )
 
 
 def expected_upstream_body(raw: bytes, model: str = "m1") -> bytes:

@@ -7,7 +7,7 @@
   `split_response`);
 - what comes back: `assert_openai_error`, `events_of`, `error_event_of`, `sse_data`;
 - metrics (`value`, `exists`, `scrape`, `varied_traffic`, `promtool`, `run_promtool`), the request log
-  line (`FIELDS`, `parse_logfmt`) and a process's resources (`rss_mib`, `open_files_limit`);
+  line (`FIELDS`, `parse_logfmt`, `logged_attempts`) and a process's resources (`rss_mib`, `open_files_limit`);
 - bodies several modules send and read back: `big_request` (a chat request of any size), `AUDIO` and
   `form_part` (a multipart upload and one of its fields as the upstream received it).
 """
@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import openai
 import orjson
@@ -425,6 +426,12 @@ def parse_logfmt(line: str) -> dict[str, str]:
         pairs[key] = raw
         position = match.end()
     return pairs
+
+
+def logged_attempts(text: str) -> list[tuple[str, str]]:
+    """The log's `attempts=` read as deploy/README.md documents it: items split on `,`, each split on its
+    last `:`, each part percent-decoded."""
+    return [tuple(unquote(part) for part in item.rsplit(":", 1)) for item in text.split(",")]  # type: ignore[misc]
 
 
 # -- a process's resources ---------------------------------------------------------------------------------

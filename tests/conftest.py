@@ -1,12 +1,18 @@
-"""Fixtures: fake upstreams and a real manaproxy server on loopback, in this process or as `manaproxy serve`.
+"""The test tree's one naming rule: `test_<module>.py` holds a pure module's unit tests and is named after the
+module (test_paths.py for manaproxy/paths.py, test_google_answer.py for providers/google/answer.py);
+`test_<behaviour>.py` holds end-to-end tests and is named after the behaviour (test_path_confinement.py,
+test_provider_health.py). What test modules share lives in helpers.py (functions, classes, constants) and
+fakes.py (the fake upstreams and their scripted replies); no test module imports another test module
+(test_layers.py checks it).
+
+Fixtures: fake upstreams and a real manaproxy server on loopback, in this process or as `manaproxy serve`.
 
     async def test_x(make_upstream, make_proxy):
         up = await make_upstream("a")
         proxy = await make_proxy(build_config({"a": up}, {"mana/x": ["a/m1"]}))
         resp = await proxy.client.post(CHAT, json=chat("mana/x"))
 
-`proxy.base_url` (`http://127.0.0.1:PORT/v1`) is what the openai SDK gets as `base_url`. Functions and
-classes the tests share live in helpers.py, the fakes in fakes.py.
+`proxy.base_url` (`http://127.0.0.1:PORT/v1`) is what the openai SDK gets as `base_url`.
 """
 
 from __future__ import annotations

@@ -7,12 +7,15 @@
   `split_response`);
 - what comes back: `assert_openai_error`, `events_of`, `error_event_of`, `sse_data`;
 - metrics (`value`, `exists`, `scrape`, `varied_traffic`, `promtool`, `run_promtool`), the request log
-  line (`FIELDS`, `parse_logfmt`) and a process's resources (`rss_mib`, `open_files_limit`).
+  line (`FIELDS`, `parse_logfmt`, `logged_attempts`) and a process's resources (`rss_mib`, `open_files_limit`);
+- bodies several modules send and read back: `big_request` (a chat request of any size), `AUDIO` and
+  `form_part` (a multipart upload and one of its fields as the upstream received it).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import shutil
 import subprocess
@@ -21,6 +24,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import openai
 import orjson
@@ -424,6 +428,12 @@ def parse_logfmt(line: str) -> dict[str, str]:
     return pairs
 
 
+def logged_attempts(text: str) -> list[tuple[str, str]]:
+    """The log's `attempts=` read as deploy/README.md documents it: items split on `,`, each split on its
+    last `:`, each part percent-decoded."""
+    return [tuple(unquote(part) for part in item.rsplit(":", 1)) for item in text.split(",")]  # type: ignore[misc]
+
+
 # -- a process's resources ---------------------------------------------------------------------------------
 
 
@@ -444,3 +454,30 @@ def open_files_limit(pid: int) -> tuple[str, str]:
         line = next(text for text in limits if text.startswith("Max open files"))
     soft, hard = line.split()[3:5]
     return soft, hard
+
+
+# -- bodies several modules send and read back ----------------------------------------------------------------
+
+
+def big_request(size: int, model: str = "mana/x") -> bytes:
+    """A chat request whose one message is `size` bytes of text, `model` last (as the openai SDK orders it)."""
+    text = b"abcdefghij" * (size // 10)
+    return (
+        b'{"messages": [{"role": "user", "content": "'
+        + text
+        + b'"}], "seed": 123456789012345678901234567890, "model": "'
+        + model.encode()
+        + b'"}'
+    )
+
+
+AUDIO = os.urandom(50_000) + b"\r\n--not-the-boundary\r\n" + os.urandom(1000)
+
+
+def form_part(body: bytes, name: str) -> bytes:
+    """The value of the form field `name` in a multipart body (the fake records bodies as bytes)."""
+    marker = f'name="{name}"'.encode()
+    start = body.index(marker)
+    value_start = body.index(b"\r\n\r\n", start) + 4
+    boundary_line = body[: body.index(b"\r\n")]
+    return body[value_start : body.index(b"\r\n" + boundary_line, value_start)]

@@ -87,20 +87,26 @@ async def test_health_and_metrics_are_open(authed, path):
 async def test_keys_never_appear_in_any_response(authed):
     _up, proxy = authed
     seen: list[bytes] = []
-    for method, path, headers in [
-        ("GET", "/health", {}),
-        ("GET", "/v1/health", {"Authorization": "Bearer k1"}),
-        ("GET", "/v1/aliases", {"Authorization": "Bearer k1"}),
-        ("GET", "/v1/models", {"Authorization": "Bearer k1"}),
-        ("GET", "/metrics", {}),
-        ("POST", CHAT, {"Authorization": "Bearer k2"}),
-        ("POST", CHAT, {"Authorization": "Bearer k1-not-quite"}),
-        ("POST", CHAT, {}),
-        ("GET", "/nope", {"Authorization": "Bearer k1"}),
-    ]:
+    statuses: list[int] = []
+    requests = [
+        ("GET", "/health", {}, 200),
+        ("GET", "/v1/health", {"Authorization": "Bearer k1"}, 200),
+        ("GET", "/v1/aliases", {"Authorization": "Bearer k1"}, 200),
+        ("GET", "/v1/models", {"Authorization": "Bearer k1"}, 200),
+        ("GET", "/metrics", {}, 200),
+        ("POST", CHAT, {"Authorization": "Bearer k2"}, 200),
+        ("POST", CHAT, {"Authorization": "Bearer k1-not-quite"}, 401),
+        ("POST", CHAT, {}, 401),
+        ("GET", "/nope", {"Authorization": "Bearer k1"}, 404),
+    ]
+    for method, path, headers, _ in requests:
         resp = await proxy.client.request(method, path, json={"model": "mana/x"}, headers=headers)
+        statuses.append(resp.status)
         seen.append(await resp.read())
         seen.extend(value.encode() for value in resp.headers.values())
+
+    # Each answer is the one its request earns: a refusal everywhere would leave no key to find.
+    assert statuses == [status for *_, status in requests]
 
     everything = b"\n".join(seen)
     for secret in (b"k1", b"k2", b"k1-not-quite"):

@@ -1,13 +1,16 @@
-"""The catalog of what can be asked for: `/v1/models` (aliases + provider models, cached, failures left out),
-`/v1/models/{id}` and `/v1/aliases`.
+"""The catalog of what can be asked for, end to end: `/v1/models` (aliases + provider models, cached, failures
+left out, each model's `created` never 0), `/v1/models/{id}` and `/v1/aliases`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from .fakes import status_reply
 from .helpers import build_config
@@ -199,3 +202,31 @@ async def test_aliases_default_is_null_without_one(make_upstream, make_proxy):
 
     assert body["default"] is None
     assert body["aliases"][0]["chain"] == ["a/m1"]
+
+
+# -- each model's created: the upstream's, else the config's load time ---------------------------------------
+
+
+async def test_models_carry_the_upstreams_created_or_the_config_load_time(make_proxy):
+    async def models(request: web.Request) -> web.Response:
+        data = [
+            {"id": "dated", "object": "model", "created": 1712345678, "owned_by": "up"},
+            {"id": "undated", "object": "model", "owned_by": "up"},
+        ]
+        return web.json_response({"object": "list", "data": data})
+
+    app = web.Application()
+    app.router.add_get("/v1/models", models)
+    upstream = TestServer(app, host="127.0.0.1")
+    await upstream.start_server()
+    try:
+        before = int(time.time())
+        proxy = await make_proxy(build_config({"up": f"http://127.0.0.1:{upstream.port}/v1"}, {"mana/x": ["up/dated"]}))
+        listed = {item["id"]: item["created"] for item in (await (await proxy.client.get("/v1/models")).json())["data"]}
+        one = await (await proxy.client.get("/v1/models/mana/x")).json()
+    finally:
+        await upstream.close()
+
+    assert listed["up/dated"] == 1712345678
+    assert before <= listed["up/undated"] <= int(time.time())
+    assert listed["mana/x"] == listed["up/undated"] == one["created"] == proxy.config.loaded_unix

@@ -194,7 +194,7 @@ async def test_credential_errors_and_404_fall_back_and_a_request_alone_opens_no_
     await assert_answered_by_b(resp, b, stream=True)
 
     # Threshold 1, and still a is tried again: a 404 says nothing about a's health, and a 401/403 may be
-    # about this request or model only, which a probe with our key tells (test_probes.py).
+    # about this request or model only, which a probe with our key tells (test_provider_health.py).
     resp = await proxy.client.post(CHAT, json=chat(stream=True))
     assert resp.headers["X-Mana-LLM-Resolved"] == "b/m2"
     assert a.calls == 2

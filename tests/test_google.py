@@ -2,8 +2,8 @@
 
 `FakeGemini` (fakes.py) is a real aiohttp server on loopback speaking the Gemini REST API the SDK uses. It
 records every request, so tests assert on the translated body the SDK really sent, and scripts replies,
-Google-shaped errors, hangs and mid-stream cuts. The translation tables are tested as pure functions at
-the end.
+Google-shaped errors, hangs and mid-stream cuts. The translation tables are unit-tested as pure functions in
+test_google_request.py and test_google_answer.py.
 """
 
 from __future__ import annotations

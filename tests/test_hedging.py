@@ -81,6 +81,17 @@ async def test_a_slow_primary_is_beaten_by_the_hedge_and_hung_up_on(make_upstrea
     assert "attempts=a/m1:hedged_lost,b/m2:won" in line
 
 
+def hedged_series(proxy) -> dict[str, float]:
+    """Every `mana_llm_hedged_requests_total` series there is, by outcome: a request that never hedged adds none."""
+    return {
+        sample.labels["outcome"]: sample.value
+        for metric in proxy.registry.collect()
+        if metric.name == "mana_llm_hedged_requests"
+        for sample in metric.samples
+        if sample.name == "mana_llm_hedged_requests_total"
+    }
+
+
 @pytest.mark.parametrize("stream", [False, True])
 async def test_a_fast_primary_is_never_hedged(make_upstream, make_proxy, stream):
     a, b, _c, proxy = await hedged_proxy(make_upstream, make_proxy, hedge_after=0.3)
@@ -89,7 +100,11 @@ async def test_a_fast_primary_is_never_hedged(make_upstream, make_proxy, stream)
         assert (await answered_by(proxy, stream=stream))[0] == "a/m1"
 
     assert (a.calls, b.calls) == (5, 0)
-    assert value(proxy, "mana_llm_hedged_requests_total", alias="mana/x", outcome="primary_won") == 0
+    assert hedged_series(proxy) == {}  # not even a series at 0
+    # The control: one late primary, and the series this test looks for is there.
+    a.default = late("m1", 0.6)
+    assert (await answered_by(proxy, stream=stream))[0] == "b/m2"
+    assert hedged_series(proxy) == {"hedge_won": 1}
 
 
 async def test_a_primary_that_answers_after_the_hedge_started_still_wins(make_upstream, make_proxy):

@@ -102,3 +102,49 @@ def test_the_moves_of_this_layering_hold():
     )
     assert not (PACKAGE / "health" / "probe.py").exists()
     assert not (PACKAGE / "catalog.py").exists()
+
+
+# -- the test tree -------------------------------------------------------------------------------------------
+
+TESTS = Path(__file__).resolve().parent
+
+
+def _test_module_imports(path: Path) -> set[str]:
+    """The test modules `path` imports, however it spells the import (`from .test_x`, `from tests.test_x`,
+    `from . import test_x`, `import tests.test_x`)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            if not node.level and module != "tests" and not module.startswith("tests."):
+                continue  # a library or manaproxy
+            module = module.removeprefix("tests").lstrip(".")
+            found.update([module.split(".")[0]] if module else [alias.name for alias in node.names])
+        elif isinstance(node, ast.Import):
+            found.update(alias.name.removeprefix("tests.").split(".")[0] for alias in node.names)
+    return {name for name in found if name.startswith("test_")}
+
+
+def test_no_test_module_imports_another_test_module():
+    """Shared helpers live in helpers.py and fakes.py (conftest.py's rule): a test module imported by another
+    runs its tests' module-level setup twice and ties the two files' layouts together."""
+    imports = {path.name: _test_module_imports(path) for path in sorted(TESTS.glob("*.py"))}
+    crossing = {name: sorted(found) for name, found in imports.items() if found}
+    assert crossing == {}
+
+
+def test_the_test_module_import_check_sees_every_spelling(tmp_path):
+    spellings = [
+        "from .test_a import x",
+        "from tests.test_b import y",
+        "from . import test_c",
+        "from tests import test_d",
+        "import tests.test_e",
+        "from .helpers import test_not_a_module_name_but_a_helper",
+        "from .fakes import chat",
+        "import test_f",
+    ]
+    path = tmp_path / "test_probe.py"
+    path.write_text("\n".join(spellings) + "\n")
+
+    assert _test_module_imports(path) == {"test_a", "test_b", "test_c", "test_d", "test_e", "test_f"}

@@ -9,6 +9,7 @@ events (a `/health` answer, a log line, a datagram, a refused connection), never
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import socket
 import sys
@@ -153,12 +154,50 @@ async def test_readiness_notifications_reach_notify_socket(make_upstream, serve,
         sock.close()
 
 
-async def test_without_notify_socket_nothing_is_sent_and_sigint_also_stops(make_upstream, serve):
+# Put on the child's PYTHONPATH as sitecustomize.py: an audit hook that writes down every connect and send on
+# an AF_UNIX socket, the only way an sd_notify datagram can leave, wherever it would go.
+UNIX_SOCKET_AUDIT = """
+import os, socket, sys
+
+def _hook(event, args):
+    if event in ("socket.connect", "socket.sendto", "socket.sendmsg") and args[0].family == socket.AF_UNIX:
+        with open(os.environ["UNIX_SOCKET_AUDIT"], "a") as log:
+            log.write(f"{event} {args[1]!r}\\n")
+
+sys.addaudithook(_hook)
+"""
+
+
+async def test_without_notify_socket_nothing_is_sent_and_sigint_also_stops(make_upstream, serve, tmp_path):
     up: FakeUpstream = await make_upstream("up")
-    proxy = await serve(build_config({"up": up}, {"mana/a": ["up/m1"]}))
-    proxy.signal(signal.SIGINT)
-    assert await proxy.wait_exit() == 0
-    assert not proxy.lines_with("sd_notify")
+    config = build_config({"up": up}, {"mana/a": ["up/m1"]})
+    (tmp_path / "audit").mkdir()
+    (tmp_path / "audit" / "sitecustomize.py").write_text(UNIX_SOCKET_AUDIT)
+    python_path = os.pathsep.join(filter(None, [str(tmp_path / "audit"), os.environ.get("PYTHONPATH")]))
+    path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.setblocking(False)
+    try:
+        # The control: with $NOTIFY_SOCKET, the audit sees sd_notify's datagrams and they arrive.
+        audit = tmp_path / "with.log"
+        audit.touch()
+        proxy = await serve(config, PYTHONPATH=python_path, UNIX_SOCKET_AUDIT=str(audit), NOTIFY_SOCKET=str(path))
+        proxy.signal(signal.SIGINT)
+        assert await proxy.wait_exit() == 0
+        assert [message.splitlines()[0] for message in read_datagrams(sock)] == ["READY=1", "STOPPING=1"]
+        assert audit.read_text().splitlines() == [f"socket.connect {str(path)!r}"] * 2
+
+        audit = tmp_path / "without.log"
+        audit.touch()
+        proxy = await serve(config, PYTHONPATH=python_path, UNIX_SOCKET_AUDIT=str(audit))
+        proxy.signal(signal.SIGINT)
+        assert await proxy.wait_exit() == 0
+        assert audit.read_text() == ""  # no datagram went anywhere
+        assert read_datagrams(sock) == []
+        assert not proxy.lines_with("sd_notify")
+    finally:
+        sock.close()
 
 
 def test_an_app_created_before_the_event_loop_runs_serves_once_it_does():

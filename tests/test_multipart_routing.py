@@ -11,18 +11,7 @@ import pytest
 from aiohttp import FormData
 
 from .fakes import json_reply, status_reply
-from .helpers import build_config
-
-AUDIO = os.urandom(50_000) + b"\r\n--not-the-boundary\r\n" + os.urandom(1000)
-
-
-def form_part(body: bytes, name: str) -> bytes:
-    """The value of the form field `name` in a multipart body (the fake records bodies as bytes)."""
-    marker = f'name="{name}"'.encode()
-    start = body.index(marker)
-    value_start = body.index(b"\r\n\r\n", start) + 4
-    boundary_line = body[: body.index(b"\r\n")]
-    return body[value_start : body.index(b"\r\n" + boundary_line, value_start)]
+from .helpers import AUDIO, build_config, form_part
 
 
 @pytest.fixture

@@ -27,8 +27,7 @@ from .fakes import (
     status_reply,
     typed_events,
 )
-from .helpers import build_config
-from .test_multipart_routing import AUDIO, form_part
+from .helpers import AUDIO, build_config, form_part
 
 NODE_DIR = Path(__file__).parent / "node"
 NODE_TIMEOUT = 20.0  # seconds for one script; each takes well under one

@@ -15,8 +15,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from .fakes import Recorded, chat_chunks, chat_completion, hang, json_reply, sse_reply
-from .helpers import CHAT, build_config, raw_post, split_response
-from .test_request_bodies import big_request
+from .helpers import CHAT, big_request, build_config, raw_post, split_response
 
 
 async def open_client(port: int, request: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:

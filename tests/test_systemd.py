@@ -1,6 +1,6 @@
 """`systemd.notify`: sd_notify datagrams to `$NOTIFY_SOCKET`, which may be a path or an abstract `@name`;
 a missing socket costs a warning, never the process. (The datagrams a running `manaproxy serve` sends
-are checked in test_process.py.)"""
+are checked in test_lifecycle.py.)"""
 
 from __future__ import annotations
 

@@ -65,7 +65,7 @@ class Plan:
                 usable.append(member)
                 continue
             wait = health.retry_in(target.provider, target.model)
-            self._record.attempts.append(Attempt(str(target), target.provider, skip, tried=False, retry_after=wait))
+            self._record.attempts.append(Attempt.skipped(target, skip, wait))
         if not usable:
             self._pool = []
             return None

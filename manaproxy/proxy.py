@@ -34,25 +34,16 @@ from . import logfmt
 from .auth import CLIENT
 from .body import BodyBudget, parse_body, read_body
 from .config import Hedge, Target
-from .drain import SHUTTING_DOWN, Guard, shutting_down
+from .drain import Guard, shutting_down
 from .errors import JSON_CONTENT_TYPE, ProxyError, error_body
+from .failures import HEDGED_LOST, SHUTTING_DOWN, UPSTREAM_ERROR, WON, MidStreamFailure, UpstreamFailure
 from .gateway import GATEWAY, Gateway, Runtime
 from .health import Slot
 from .paths import addresses_stored_object, upstream_path
 from .plan import Plan
 from .protocols import StreamProtocol, for_path
-from .providers.base import Call, MidStreamFailure, Reply, StreamReply, UpstreamFailure
-from .record import (
-    CLIENT_DISCONNECTED,
-    COMPLETED,
-    HEDGE_WON,
-    HEDGED_LOST,
-    PRIMARY_WON,
-    UPSTREAM_ERROR,
-    WON,
-    Attempt,
-    RequestRecord,
-)
+from .providers.base import Call, Reply, StreamReply
+from .record import CLIENT_DISCONNECTED, COMPLETED, HEDGE_WON, PRIMARY_WON, Attempt, RequestRecord
 from .requestid import REQUEST_ID
 from .routing import resolve
 
@@ -187,8 +178,8 @@ def exhausted(attempts: list[Attempt]) -> ProxyError:
     headers = {ATTEMPTS_HEADER: quote(summary, safe=" /=,:._-@+%")}  # each item escaped: `Attempt.listed`
     tried = [attempt for attempt in attempts if attempt.tried]
     waiting = any(attempt.retry_after is not None for attempt in attempts if not attempt.tried)
-    if len(tried) == 1 and tried[0].status is not None and not waiting:
-        return _one_entrys_error(tried[0], headers)
+    if len(tried) == 1 and (failure := tried[0].failure) is not None and failure.status is not None and not waiting:
+        return _one_entrys_error(tried[0].target, failure, failure.status, headers)
     waits = [attempt.retry_after for attempt in attempts if attempt.retry_after is not None]
     if waits:
         headers["Retry-After"] = str(max(1, math.ceil(min(waits))))
@@ -197,18 +188,17 @@ def exhausted(attempts: list[Attempt]) -> ProxyError:
     return ProxyError(503, f"no chain entry could answer: {summary}", code="all_targets_failed", headers=headers)
 
 
-def _one_entrys_error(attempt: Attempt, headers: dict[str, str]) -> ProxyError:
+def _one_entrys_error(target: Target, failure: UpstreamFailure, status: int, headers: dict[str, str]) -> ProxyError:
     """The error of the one entry tried, as its provider answered it (see `exhausted`)."""
-    assert attempt.status is not None
-    own = {**dict(attempt.headers), **headers}
-    error = attempt.error or {}
+    own = {**dict(failure.headers), **headers}
+    error = failure.error or {}
     message = error.get("message")
-    text = f"{attempt.target}: {message if isinstance(message, str) else attempt.detail}"
-    if attempt.status in (401, 403) or attempt.status < 400:  # about our key, or a redirect: not the client's
-        return ProxyError(502, text, code=attempt.reason, headers=own)
-    if attempt.error is not None:
-        return ProxyError(attempt.status, text, headers=own, relayed=attempt.error)
-    return ProxyError(attempt.status, text, code=attempt.reason, headers=own)
+    text = f"{target}: {message if isinstance(message, str) else failure.detail}"
+    if status in (401, 403) or status < 400:  # about our key, or a redirect: not the client's
+        return ProxyError(502, text, code=failure.reason, headers=own)
+    if failure.error is not None:
+        return ProxyError(status, text, headers=own, relayed=failure.error)
+    return ProxyError(status, text, code=failure.reason, headers=own)
 
 
 def _refused(request: web.Request, record: RequestRecord, err: ProxyError) -> web.Response:
@@ -298,7 +288,7 @@ class _Forwarder:
 
     async def _try(self, target: Target, call: Call) -> web.StreamResponse | None:
         """Try one target. A response means the request is answered; None means fall back."""
-        self.record.calls.append(str(target))
+        self.record.calls.append(target)
         with self._claim(target, call.stream) as slot:
             started = perf_counter()
             try:
@@ -324,7 +314,7 @@ class _Forwarder:
         except Exception as exc:
             # A bug in a provider module must not cost the client its answer: log it, try the next entry.
             logger.exception("request %s: provider %s raised", record.request_id, target.provider)
-            internal = UpstreamFailure("internal", f"provider error: {type(exc).__name__}", provider_fault=False)
+            internal = UpstreamFailure.internal(f"provider error: {type(exc).__name__}")
             slot.failed(internal)
             return self._failed(target, internal)
         slot.succeeded(perf_counter() - started)
@@ -344,7 +334,7 @@ class _Forwarder:
         budget.earn()
 
         def start(target: Target, *, beside_late: bool) -> None:
-            record.calls.append(str(target))
+            record.calls.append(target)
             call = call_to(target)
             stack = ExitStack()
             slot = stack.enter_context(self._claim(target, call.stream))
@@ -396,7 +386,7 @@ class _Forwarder:
                         if not isinstance(result, Reply):
                             result.close(reuse=False)
                         racer.stack.close()
-                        record.attempts.append(Attempt(str(racer.target), racer.target.provider, HEDGED_LOST))
+                        record.attempts.append(Attempt(racer.target, HEDGED_LOST))
                 if winner is None:
                     continue
                 racer, reply = winner
@@ -406,9 +396,8 @@ class _Forwarder:
                 started = 0.0  # counted
                 if hedged:  # the request log shows the race: `attempts=gpu1/m:hedged_lost,gpu2/m:won`
                     record.hedge = HEDGE_WON if racer.hedge else PRIMARY_WON
-                    for target in losers:
-                        record.attempts.append(Attempt(str(target), target.provider, HEDGED_LOST))
-                    record.attempts.append(Attempt(str(racer.target), racer.target.provider, WON))
+                    record.attempts.extend(Attempt(target, HEDGED_LOST) for target in losers)
+                    record.attempts.append(Attempt(racer.target, WON))
                 with racer.stack:
                     return await self._commit(racer.target, reply, racer.slot, racer.call.protocol)
             return None
@@ -429,8 +418,7 @@ class _Forwarder:
         """COMMIT to `target`: its answer goes to the client, whole or streamed."""
         self._let_go_of_body()
         record = self.record
-        record.provider = target.provider
-        record.target = str(target)
+        record.target = target
         record.status = reply.status
         if isinstance(reply, Reply):
             if reply.usage is not None:
@@ -454,24 +442,12 @@ class _Forwarder:
         """Note a failed attempt; None to fall back, or the caller's error relayed as the answer."""
         record = self.record
         if failure.fallback:
-            record.attempts.append(
-                Attempt(
-                    str(target),
-                    target.provider,
-                    failure.reason,
-                    failure.detail,
-                    status=failure.status,
-                    retry_after=failure.retry_after,
-                    error=failure.error,
-                    headers=failure.headers,
-                )
-            )
+            record.attempts.append(Attempt.failed(target, failure))
             return None
         # The caller's request is wrong (400, 413, 422 ...): its error goes back as the upstream sent it.
         record.status = failure.status or 502
         record.error_type = failure.reason
-        record.provider = target.provider
-        record.target = str(target)
+        record.target = target
         return _caller_error(failure, target)
 
     async def _relay(
@@ -488,7 +464,6 @@ class _Forwarder:
             # COMMIT: from here on this answer belongs to `target`.
             await response.prepare(self.request)
             failure: MidStreamFailure | None = None
-            provider_fault = True
             try:
                 await self._pump(reply, response)
                 clean_end = True
@@ -498,12 +473,12 @@ class _Forwarder:
                 if not self.guard.cut:
                     raise  # the client went away
                 # The shutdown drain ran out of time: end the stream cleanly rather than cut the body.
-                failure, provider_fault = MidStreamFailure(SHUTTING_DOWN, "manaproxy is shutting down"), False
+                failure = MidStreamFailure.shutting_down()
             except ConnectionError:
                 raise
             except Exception:
                 logger.exception("request %s: relaying %s failed", record.request_id, logfmt.value(target))
-                failure, provider_fault = MidStreamFailure(UPSTREAM_ERROR, "internal error while relaying"), False
+                failure = MidStreamFailure.relay_error()
             if reply.complete:  # a cut after the protocol's end loses nothing
                 record.outcome = COMPLETED
             else:
@@ -511,7 +486,7 @@ class _Forwarder:
                     UPSTREAM_ERROR, f"upstream ended the stream without {protocol.end}"
                 )
                 self._end_with_error(target, failure)
-                if provider_fault:
+                if failure.provider_fault:
                     slot.failed_after_commit(failure.detail)
                 if failure.reason == SHUTTING_DOWN:
                     message = f"manaproxy is shutting down: the answer from {target} was cut short"

@@ -24,7 +24,6 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager, ExitStack, aclosing
 from dataclasses import dataclass
 from time import perf_counter
-from typing import Any
 from urllib.parse import quote
 
 from aiohttp import web
@@ -39,8 +38,9 @@ from .errors import JSON_CONTENT_TYPE, ProxyError, error_body
 from .failures import HEDGED_LOST, SHUTTING_DOWN, UPSTREAM_ERROR, WON, MidStreamFailure, UpstreamFailure
 from .gateway import GATEWAY, Gateway, Runtime
 from .health import Slot
+from .health.latency import HedgeBudget
 from .paths import addresses_stored_object, upstream_path
-from .plan import Plan
+from .plan import Plan, hedge_in
 from .protocols import StreamProtocol, for_path
 from .providers.base import Call, Reply, StreamReply
 from .record import CLIENT_DISCONNECTED, COMPLETED, HEDGE_WON, PRIMARY_WON, Attempt, RequestRecord
@@ -144,20 +144,123 @@ class _Racer:
     hedge: bool  # started beside a late attempt rather than first or after a failure
 
 
-async def _cancel(racers: dict[asyncio.Task[Any], _Racer]) -> None:
-    """Cancel attempts that lost (or whose request ended): their upstream connections close at once, their
-    claims on health are given back, and no outcome is recorded for them."""
-    tasks = list(racers)
-    for task in tasks:
-        task.cancel()
-    for task in tasks:
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            result = await task
-            if result is not None and not isinstance(result, Reply | web.StreamResponse):
-                result.close(reuse=False)  # it answered just as it was cancelled
-    for racer in racers.values():
-        racer.stack.close()
-    racers.clear()
+_Result = Reply | StreamReply | web.Response | None  # what one attempt's `_Forwarder._send` comes back with
+
+
+class _Race:
+    """One request's hedged walk down its chain: the attempts in flight, and whether more may start.
+
+    Which target comes next is the plan's (`Plan.next`), and when it starts beside those in flight too
+    (`plan.hedge_in`); this starts the attempts, waits for them and sorts out what each came back with.
+    """
+
+    __slots__ = ("_budget", "_call_to", "_forwarder", "_hedge", "_plan", "_primary", "hedged", "hedging", "racers")
+
+    def __init__(
+        self, forwarder: _Forwarder, plan: Plan, hedge: Hedge, call_to: Callable[[Target], Call], budget: HedgeBudget
+    ) -> None:
+        self._forwarder = forwarder
+        self._plan = plan
+        self._hedge = hedge
+        self._call_to = call_to
+        self._budget = budget
+        self._primary: Target | None = None  # the first target started: `hedge_after: auto` goes by its latency
+        self.racers: dict[asyncio.Task[_Result], _Racer] = {}
+        self.hedged = False  # a hedge was started
+        self.hedging = True  # more hedges may start: the plan and the budget have not run out
+
+    def __repr__(self) -> str:
+        return f"<_Race {[str(racer.target) for racer in self.racers.values()]} hedged={self.hedged}>"
+
+    def start_next(self, *, hedge: bool = False) -> bool:
+        """Start the plan's next target (`hedge`: beside late attempts); False when the plan has run out."""
+        target = self._plan.next()
+        if target is None:
+            self.hedging = False
+            return False
+        if self._primary is None:
+            self._primary = target
+        forwarder = self._forwarder
+        forwarder.record.calls.append(target)
+        call = self._call_to(target)
+        stack = ExitStack()
+        slot = stack.enter_context(forwarder._claim(target, call.stream))
+        task = asyncio.get_running_loop().create_task(forwarder._send(target, call, slot))
+        self.racers[task] = _Racer(target, call, slot, stack, perf_counter(), hedge=hedge)
+        return True
+
+    async def step(self) -> tuple[_Racer, Reply | StreamReply] | web.StreamResponse | None:
+        """Wait for the attempts in flight until one comes back or a hedge is due: the winner and its reply,
+        the caller's own error (the answer), or None to step again. A failed attempt is replaced by the next
+        target; one that answered in the same moment as the winner is a loser all the same."""
+        racers = self.racers
+        if not racers:
+            return None
+        wait = hedge_in(
+            racing=len(racers),
+            max_extra=self._hedge.max_extra,
+            hedging=self.hedging,
+            delay=self._delay(),
+            youngest=max(racer.started for racer in racers.values()),
+            now=perf_counter(),
+        )
+        done, _ = await asyncio.wait(racers, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+        if not done:
+            self._start_hedge()
+            return None
+        winner: tuple[_Racer, Reply | StreamReply] | None = None
+        for task in done:
+            racer = racers.pop(task)
+            result = task.result()
+            if isinstance(result, web.StreamResponse):  # the caller's own error: the answer
+                racer.stack.close()
+                return result
+            if result is None:  # failed (recorded): fall back, beside any survivor
+                racer.stack.close()
+                if len(racers) <= self._hedge.max_extra:
+                    self.start_next()
+            elif winner is None:
+                winner = (racer, result)
+            else:
+                if not isinstance(result, Reply):
+                    result.close(reuse=False)
+                racer.stack.close()
+                self._forwarder.record.attempts.append(Attempt(racer.target, HEDGED_LOST))
+        return winner
+
+    def _start_hedge(self) -> None:
+        """The attempts in flight are late: start the next target beside them, if the budget pays for it."""
+        if not self._budget.spend():
+            self.hedging = False
+        elif self.start_next(hedge=True):
+            self.hedged = True
+        else:
+            self._budget.refund()
+
+    def _delay(self) -> float | None:
+        """Seconds before late attempts get company: `hedge_after`, or for `auto` what the first target's
+        recent times to first byte say; None: no hedging (yet)."""
+        hedge = self._hedge
+        if not hedge.auto or self._primary is None:
+            return hedge.delay(None)
+        primary, streaming = self._primary, self._forwarder.record.streaming
+        return hedge.delay(self._forwarder.gateway.health.ttfb_p95(primary.provider, primary.model, stream=streaming))
+
+    async def cancel(self) -> None:
+        """Cancel the attempts in flight (they lost, or the request ended): their upstream connections close
+        at once, their claims on health are given back, and no outcome is recorded for them."""
+        racers = self.racers
+        tasks = list(racers)
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                result = await task
+                if result is not None and not isinstance(result, Reply | web.StreamResponse):
+                    result.close(reuse=False)  # it answered just as it was cancelled
+        for racer in racers.values():
+            racer.stack.close()
+        racers.clear()
 
 
 def exhausted(attempts: list[Attempt]) -> ProxyError:
@@ -327,74 +430,25 @@ class _Forwarder:
         closed); a cancelled loser is neither a failure nor a fallback. A failure is followed by the next
         target, as without hedging. Nothing is raced after the commit point."""
         record = self.record
-        racers: dict[asyncio.Task[Reply | StreamReply | web.Response | None], _Racer] = {}
-        hedged = exhausted_plan = over_budget = False
-        started = perf_counter()
         budget = self.gateway.health.hedge_budget(record.alias or "", hedge.budget_percent)
         budget.earn()
-
-        def start(target: Target, *, beside_late: bool) -> None:
-            record.calls.append(target)
-            call = call_to(target)
-            stack = ExitStack()
-            slot = stack.enter_context(self._claim(target, call.stream))
-            task = asyncio.get_running_loop().create_task(self._send(target, call, slot))
-            racers[task] = _Racer(target, call, slot, stack, perf_counter(), hedge=beside_late)
-
-        def start_next(*, beside_late: bool = False) -> bool:
-            nonlocal exhausted_plan
-            target = plan.next()
-            if target is None:
-                exhausted_plan = True
-                return False
-            start(target, beside_late=beside_late)
-            return True
-
+        race = _Race(self, plan, hedge, call_to, budget)
+        started = perf_counter()
         try:
-            if not start_next():
+            if not race.start_next():
                 return None
-            primary = next(iter(racers.values())).target
-            while racers:
-                late = exhausted_plan or over_budget or len(racers) > hedge.max_extra
-                delay = None if late else self._hedge_delay(hedge, primary)
-                youngest = max(racer.started for racer in racers.values())
-                timeout = None if delay is None else max(0.0, youngest + delay - perf_counter())
-                done, _ = await asyncio.wait(racers, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-                if not done:  # the attempt in flight is late: start the next target beside it, if paid for
-                    if not budget.spend():
-                        over_budget = True
-                    elif start_next(beside_late=True):
-                        hedged = True
-                    else:
-                        budget.refund()
+            while race.racers:
+                outcome = await race.step()
+                if outcome is None:
                     continue
-                winner: tuple[_Racer, Reply | StreamReply] | None = None
-                for task in done:
-                    racer = racers.pop(task)
-                    result = task.result()
-                    if isinstance(result, web.StreamResponse):  # the caller's own error: the answer
-                        racer.stack.close()
-                        await _cancel(racers)
-                        return result
-                    if result is None:  # failed (recorded): fall back, beside any survivor
-                        racer.stack.close()
-                        if len(racers) <= hedge.max_extra:
-                            start_next()
-                    elif winner is None:
-                        winner = (racer, result)
-                    else:  # answered in the same moment as the winner: a loser all the same
-                        if not isinstance(result, Reply):
-                            result.close(reuse=False)
-                        racer.stack.close()
-                        record.attempts.append(Attempt(racer.target, HEDGED_LOST))
-                if winner is None:
-                    continue
-                racer, reply = winner
-                losers = [other.target for other in racers.values()]
-                await _cancel(racers)
+                if isinstance(outcome, web.StreamResponse):
+                    return outcome
+                racer, reply = outcome
+                losers = [other.target for other in race.racers.values()]
+                await race.cancel()
                 record.upstream_wait += perf_counter() - started
                 started = 0.0  # counted
-                if hedged:  # the request log shows the race: `attempts=gpu1/m:hedged_lost,gpu2/m:won`
+                if race.hedged:  # the request log shows the race: `attempts=gpu1/m:hedged_lost,gpu2/m:won`
                     record.hedge = HEDGE_WON if racer.hedge else PRIMARY_WON
                     record.attempts.extend(Attempt(target, HEDGED_LOST) for target in losers)
                     record.attempts.append(Attempt(racer.target, WON))
@@ -402,15 +456,9 @@ class _Forwarder:
                     return await self._commit(racer.target, reply, racer.slot, racer.call.protocol)
             return None
         finally:
-            await _cancel(racers)  # the client left, or the drain cut the request, mid-race
+            await race.cancel()  # the client left, or the drain cut the request, mid-race
             if started:
                 record.upstream_wait += perf_counter() - started
-
-    def _hedge_delay(self, hedge: Hedge, primary: Target) -> float | None:
-        """Seconds before a late attempt gets company; None: no hedging (yet)."""
-        if not hedge.auto:
-            return hedge.delay(None)
-        return hedge.delay(self.gateway.health.ttfb_p95(primary.provider, primary.model, stream=self.record.streaming))
 
     async def _commit(
         self, target: Target, reply: Reply | StreamReply, slot: Slot, protocol: StreamProtocol

@@ -18,8 +18,8 @@ import asyncio
 from types import TracebackType
 
 from .errors import ProxyError
+from .failures import SHUTTING_DOWN
 
-SHUTTING_DOWN = "shutting_down"
 RETRY_AFTER_SECONDS = 1
 
 

@@ -33,8 +33,9 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from .config import ALIAS_PREFIX, Config, Target
+from .failures import HEDGED_LOST, WON
 from .gateway import Gateway
-from .record import HEDGED_LOST, WON, RequestRecord
+from .record import RequestRecord
 from .reload import Reloader
 
 M = TypeVar("M", Counter, Histogram)
@@ -234,8 +235,8 @@ class StateCollector(Collector):
         yield targets
 
 
-def _configured_targets(config: Config) -> frozenset[str]:
-    return frozenset(str(target) for alias in config.aliases.values() for target in alias.chain)
+def _configured_targets(config: Config) -> frozenset[Target]:
+    return frozenset(target for alias in config.aliases.values() for target in alias.chain)
 
 
 class Recorder:
@@ -244,27 +245,26 @@ class Recorder:
     def __init__(self, metrics: Metrics, gateway: Gateway) -> None:
         self.metrics = metrics
         self.gateway = gateway
-        self._targets_of: tuple[Config, frozenset[str]] | None = None
+        self._targets_of: tuple[Config, frozenset[Target]] | None = None
         self._gauged: set[str] = set()  # providers that have a `provider_healthy` series
         self._child = Children()
 
     def __repr__(self) -> str:
         return f"<Recorder gauged={sorted(self._gauged)}>"
 
-    def _targets(self) -> frozenset[str]:
+    def _targets(self) -> frozenset[Target]:
         config = self.gateway.config
         if self._targets_of is None or self._targets_of[0] is not config:
             self._targets_of = (config, _configured_targets(config))
         return self._targets_of[1]
 
-    def _bounded_target(self, target: str) -> str:
-        return target if target in self._targets() else OTHER
+    def _bounded_target(self, target: Target) -> str:
+        return str(target) if target in self._targets() else OTHER
 
-    def _target_labels(self, target: str) -> tuple[str, str]:
+    def _target_labels(self, target: Target) -> tuple[str, str]:
         """(provider, model) labels of the target that answered; `other` for what the config does not name."""
-        parsed = Target.parse(target)
-        provider = parsed.provider if parsed.provider in self.gateway.config.providers else OTHER
-        model = parsed.model if target in self._targets() else OTHER
+        provider = target.provider if target.provider in self.gateway.config.providers else OTHER
+        model = target.model if target in self._targets() else OTHER
         return provider, model
 
     def _requested_labels(self, record: RequestRecord) -> tuple[str, str]:
@@ -275,8 +275,9 @@ class Recorder:
             return ALIAS_PROVIDER, alias if alias in config.aliases else OTHER
         if record.requested_provider is not None:
             provider = record.requested_provider if record.requested_provider in config.providers else OTHER
-            target = record.requested if "/" in record.requested else f"{record.requested_provider}/{record.requested}"
-            return provider, Target.parse(target).model if target in self._targets() else OTHER
+            asked = record.requested if "/" in record.requested else f"{record.requested_provider}/{record.requested}"
+            target = Target(*asked.split("/", 1))  # as `Target.parse` splits it, unchecked: compared only
+            return provider, target.model if target in self._targets() else OTHER
         return OTHER, OTHER
 
     def on_request(self, record: RequestRecord) -> None:
@@ -314,10 +315,11 @@ class Recorder:
         attempts = [attempt for attempt in record.attempts if attempt.reason not in (HEDGED_LOST, WON)]
         if not attempts:
             return
+        last_next: Target | None
         if record.target is not None:
             last_next = record.target  # answered, or relayed the caller's 4xx
         elif record.error_type is not None:
-            last_next = ""  # the chain ran out
+            last_next = None  # the chain ran out
         else:
             last_next = self._in_flight(record)  # the client left while the next entry was being tried
         for index, attempt in enumerate(attempts):
@@ -325,19 +327,19 @@ class Recorder:
             self._child(
                 self.metrics.fallbacks,
                 self._bounded_target(attempt.target),
-                self._bounded_target(to_model) if to_model else "",
+                self._bounded_target(to_model) if to_model is not None else "",
                 _word(attempt.reason),
             ).inc()
 
     @staticmethod
-    def _in_flight(record: RequestRecord) -> str:
+    def _in_flight(record: RequestRecord) -> Target | None:
         """The target of the latest call still in flight when the client left: every call started, less
         those that failed (an answer, or a hedge that lost at the commit, means the request did not end here)."""
         calls = list(record.calls)
         for attempt in record.attempts:
             if attempt.tried and attempt.target in calls:  # a target is called at most once per request
                 calls.remove(attempt.target)
-        return calls[-1] if calls else ""
+        return calls[-1] if calls else None
 
     def on_health(self, provider: str, healthy: bool) -> None:
         spec = self.gateway.config.providers.get(provider)

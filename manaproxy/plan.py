@@ -8,6 +8,9 @@ in flight) and nothing else; sending, racing and committing are the proxy's.
   to weight, so that with no load a 3:1 pool sends 75 % / 25 % of its requests. A member that fails is
   followed by the pool's other members (chosen the same way), then by the next step.
 Every entry skipped is written to the request record once, with how long it is kept out.
+
+With hedging, when the next target starts is decided here too (`hedge_in`), from numbers the race hands in;
+the race itself (starting, cancelling, committing) is the proxy's.
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ class Plan:
                 usable.append(member)
                 continue
             wait = health.retry_in(target.provider, target.model)
-            self._record.attempts.append(Attempt(str(target), target.provider, skip, tried=False, retry_after=wait))
+            self._record.attempts.append(Attempt.skipped(target, skip, wait))
         if not usable:
             self._pool = []
             return None
@@ -82,3 +85,17 @@ class Plan:
         if len(tied) == 1:
             return tied[0]
         return self._rng.choices(tied, weights=[member.weight for member in tied])[0]
+
+
+def hedge_in(
+    *, racing: int, max_extra: int, hedging: bool, delay: float | None, youngest: float, now: float
+) -> float | None:
+    """Seconds the race waits for an answer before it starts the next target beside the `racing` attempts
+    in flight: `delay` after the `youngest` of them started (each hedge is timed from the one before it), at
+    once when that is past. None — wait for an answer, however long — when no hedge may start: `max_extra`
+    attempts already race beside the first, the plan or the hedge budget has run out (`hedging` False), or
+    there is no delay to go by (`hedge_after: auto` before it has learned one). An attempt that fails is
+    replaced at once while fewer than `1 + max_extra` are racing, as without hedging."""
+    if not hedging or racing > max_extra or delay is None:
+        return None
+    return max(0.0, youngest + delay - now)

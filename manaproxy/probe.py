@@ -44,10 +44,10 @@ async def probe_one(gateway: Gateway, provider: Provider, timeout: float) -> Non
         except UpstreamFailure as failure:
             slot.failed(failure)
         except TimeoutError:
-            slot.failed(UpstreamFailure("timeout", f"timed out after {timeout:g}s"))
+            slot.failed(UpstreamFailure.timeout(f"timed out after {timeout:g}s"))
         except Exception as exc:  # a provider bug must not stop the loop
             logger.debug("probe of %s raised", provider.config.name, exc_info=True)
-            slot.failed(UpstreamFailure("internal", type(exc).__name__))
+            slot.failed(UpstreamFailure.internal(type(exc).__name__, probe=True))
         else:
             slot.succeeded()
 

@@ -24,7 +24,6 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager, ExitStack, aclosing
 from dataclasses import dataclass
 from time import perf_counter
-from typing import Any
 from urllib.parse import quote
 
 from aiohttp import web
@@ -34,25 +33,17 @@ from . import logfmt
 from .auth import CLIENT
 from .body import BodyBudget, parse_body, read_body
 from .config import Hedge, Target
-from .drain import SHUTTING_DOWN, Guard, shutting_down
+from .drain import Guard, shutting_down
 from .errors import JSON_CONTENT_TYPE, ProxyError, error_body
+from .failures import HEDGED_LOST, SHUTTING_DOWN, UPSTREAM_ERROR, WON, MidStreamFailure, UpstreamFailure
 from .gateway import GATEWAY, Gateway, Runtime
 from .health import Slot
+from .health.latency import HedgeBudget
 from .paths import addresses_stored_object, upstream_path
-from .plan import Plan
+from .plan import Plan, hedge_in
 from .protocols import StreamProtocol, for_path
-from .providers.base import Call, MidStreamFailure, Reply, StreamReply, UpstreamFailure
-from .record import (
-    CLIENT_DISCONNECTED,
-    COMPLETED,
-    HEDGE_WON,
-    HEDGED_LOST,
-    PRIMARY_WON,
-    UPSTREAM_ERROR,
-    WON,
-    Attempt,
-    RequestRecord,
-)
+from .providers.base import Call, Reply, StreamReply
+from .record import CLIENT_DISCONNECTED, COMPLETED, HEDGE_WON, PRIMARY_WON, Attempt, RequestRecord
 from .requestid import REQUEST_ID
 from .routing import resolve
 
@@ -153,20 +144,123 @@ class _Racer:
     hedge: bool  # started beside a late attempt rather than first or after a failure
 
 
-async def _cancel(racers: dict[asyncio.Task[Any], _Racer]) -> None:
-    """Cancel attempts that lost (or whose request ended): their upstream connections close at once, their
-    claims on health are given back, and no outcome is recorded for them."""
-    tasks = list(racers)
-    for task in tasks:
-        task.cancel()
-    for task in tasks:
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            result = await task
-            if result is not None and not isinstance(result, Reply | web.StreamResponse):
-                result.close(reuse=False)  # it answered just as it was cancelled
-    for racer in racers.values():
-        racer.stack.close()
-    racers.clear()
+_Result = Reply | StreamReply | web.Response | None  # what one attempt's `_Forwarder._send` comes back with
+
+
+class _Race:
+    """One request's hedged walk down its chain: the attempts in flight, and whether more may start.
+
+    Which target comes next is the plan's (`Plan.next`), and when it starts beside those in flight too
+    (`plan.hedge_in`); this starts the attempts, waits for them and sorts out what each came back with.
+    """
+
+    __slots__ = ("_budget", "_call_to", "_forwarder", "_hedge", "_plan", "_primary", "hedged", "hedging", "racers")
+
+    def __init__(
+        self, forwarder: _Forwarder, plan: Plan, hedge: Hedge, call_to: Callable[[Target], Call], budget: HedgeBudget
+    ) -> None:
+        self._forwarder = forwarder
+        self._plan = plan
+        self._hedge = hedge
+        self._call_to = call_to
+        self._budget = budget
+        self._primary: Target | None = None  # the first target started: `hedge_after: auto` goes by its latency
+        self.racers: dict[asyncio.Task[_Result], _Racer] = {}
+        self.hedged = False  # a hedge was started
+        self.hedging = True  # more hedges may start: the plan and the budget have not run out
+
+    def __repr__(self) -> str:
+        return f"<_Race {[str(racer.target) for racer in self.racers.values()]} hedged={self.hedged}>"
+
+    def start_next(self, *, hedge: bool = False) -> bool:
+        """Start the plan's next target (`hedge`: beside late attempts); False when the plan has run out."""
+        target = self._plan.next()
+        if target is None:
+            self.hedging = False
+            return False
+        if self._primary is None:
+            self._primary = target
+        forwarder = self._forwarder
+        forwarder.record.calls.append(target)
+        call = self._call_to(target)
+        stack = ExitStack()
+        slot = stack.enter_context(forwarder._claim(target, call.stream))
+        task = asyncio.get_running_loop().create_task(forwarder._send(target, call, slot))
+        self.racers[task] = _Racer(target, call, slot, stack, perf_counter(), hedge=hedge)
+        return True
+
+    async def step(self) -> tuple[_Racer, Reply | StreamReply] | web.StreamResponse | None:
+        """Wait for the attempts in flight until one comes back or a hedge is due: the winner and its reply,
+        the caller's own error (the answer), or None to step again. A failed attempt is replaced by the next
+        target; one that answered in the same moment as the winner is a loser all the same."""
+        racers = self.racers
+        if not racers:
+            return None
+        wait = hedge_in(
+            racing=len(racers),
+            max_extra=self._hedge.max_extra,
+            hedging=self.hedging,
+            delay=self._delay(),
+            youngest=max(racer.started for racer in racers.values()),
+            now=perf_counter(),
+        )
+        done, _ = await asyncio.wait(racers, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+        if not done:
+            self._start_hedge()
+            return None
+        winner: tuple[_Racer, Reply | StreamReply] | None = None
+        for task in done:
+            racer = racers.pop(task)
+            result = task.result()
+            if isinstance(result, web.StreamResponse):  # the caller's own error: the answer
+                racer.stack.close()
+                return result
+            if result is None:  # failed (recorded): fall back, beside any survivor
+                racer.stack.close()
+                if len(racers) <= self._hedge.max_extra:
+                    self.start_next()
+            elif winner is None:
+                winner = (racer, result)
+            else:
+                if not isinstance(result, Reply):
+                    result.close(reuse=False)
+                racer.stack.close()
+                self._forwarder.record.attempts.append(Attempt(racer.target, HEDGED_LOST))
+        return winner
+
+    def _start_hedge(self) -> None:
+        """The attempts in flight are late: start the next target beside them, if the budget pays for it."""
+        if not self._budget.spend():
+            self.hedging = False
+        elif self.start_next(hedge=True):
+            self.hedged = True
+        else:
+            self._budget.refund()
+
+    def _delay(self) -> float | None:
+        """Seconds before late attempts get company: `hedge_after`, or for `auto` what the first target's
+        recent times to first byte say; None: no hedging (yet)."""
+        hedge = self._hedge
+        if not hedge.auto or self._primary is None:
+            return hedge.delay(None)
+        primary, streaming = self._primary, self._forwarder.record.streaming
+        return hedge.delay(self._forwarder.gateway.health.ttfb_p95(primary.provider, primary.model, stream=streaming))
+
+    async def cancel(self) -> None:
+        """Cancel the attempts in flight (they lost, or the request ended): their upstream connections close
+        at once, their claims on health are given back, and no outcome is recorded for them."""
+        racers = self.racers
+        tasks = list(racers)
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                result = await task
+                if result is not None and not isinstance(result, Reply | web.StreamResponse):
+                    result.close(reuse=False)  # it answered just as it was cancelled
+        for racer in racers.values():
+            racer.stack.close()
+        racers.clear()
 
 
 def exhausted(attempts: list[Attempt]) -> ProxyError:
@@ -187,8 +281,8 @@ def exhausted(attempts: list[Attempt]) -> ProxyError:
     headers = {ATTEMPTS_HEADER: quote(summary, safe=" /=,:._-@+%")}  # each item escaped: `Attempt.listed`
     tried = [attempt for attempt in attempts if attempt.tried]
     waiting = any(attempt.retry_after is not None for attempt in attempts if not attempt.tried)
-    if len(tried) == 1 and tried[0].status is not None and not waiting:
-        return _one_entrys_error(tried[0], headers)
+    if len(tried) == 1 and (failure := tried[0].failure) is not None and failure.status is not None and not waiting:
+        return _one_entrys_error(tried[0].target, failure, failure.status, headers)
     waits = [attempt.retry_after for attempt in attempts if attempt.retry_after is not None]
     if waits:
         headers["Retry-After"] = str(max(1, math.ceil(min(waits))))
@@ -197,18 +291,17 @@ def exhausted(attempts: list[Attempt]) -> ProxyError:
     return ProxyError(503, f"no chain entry could answer: {summary}", code="all_targets_failed", headers=headers)
 
 
-def _one_entrys_error(attempt: Attempt, headers: dict[str, str]) -> ProxyError:
+def _one_entrys_error(target: Target, failure: UpstreamFailure, status: int, headers: dict[str, str]) -> ProxyError:
     """The error of the one entry tried, as its provider answered it (see `exhausted`)."""
-    assert attempt.status is not None
-    own = {**dict(attempt.headers), **headers}
-    error = attempt.error or {}
+    own = {**dict(failure.headers), **headers}
+    error = failure.error or {}
     message = error.get("message")
-    text = f"{attempt.target}: {message if isinstance(message, str) else attempt.detail}"
-    if attempt.status in (401, 403) or attempt.status < 400:  # about our key, or a redirect: not the client's
-        return ProxyError(502, text, code=attempt.reason, headers=own)
-    if attempt.error is not None:
-        return ProxyError(attempt.status, text, headers=own, relayed=attempt.error)
-    return ProxyError(attempt.status, text, code=attempt.reason, headers=own)
+    text = f"{target}: {message if isinstance(message, str) else failure.detail}"
+    if status in (401, 403) or status < 400:  # about our key, or a redirect: not the client's
+        return ProxyError(502, text, code=failure.reason, headers=own)
+    if failure.error is not None:
+        return ProxyError(status, text, headers=own, relayed=failure.error)
+    return ProxyError(status, text, code=failure.reason, headers=own)
 
 
 def _refused(request: web.Request, record: RequestRecord, err: ProxyError) -> web.Response:
@@ -298,7 +391,7 @@ class _Forwarder:
 
     async def _try(self, target: Target, call: Call) -> web.StreamResponse | None:
         """Try one target. A response means the request is answered; None means fall back."""
-        self.record.calls.append(str(target))
+        self.record.calls.append(target)
         with self._claim(target, call.stream) as slot:
             started = perf_counter()
             try:
@@ -324,7 +417,7 @@ class _Forwarder:
         except Exception as exc:
             # A bug in a provider module must not cost the client its answer: log it, try the next entry.
             logger.exception("request %s: provider %s raised", record.request_id, target.provider)
-            internal = UpstreamFailure("internal", f"provider error: {type(exc).__name__}", provider_fault=False)
+            internal = UpstreamFailure.internal(f"provider error: {type(exc).__name__}")
             slot.failed(internal)
             return self._failed(target, internal)
         slot.succeeded(perf_counter() - started)
@@ -337,91 +430,35 @@ class _Forwarder:
         closed); a cancelled loser is neither a failure nor a fallback. A failure is followed by the next
         target, as without hedging. Nothing is raced after the commit point."""
         record = self.record
-        racers: dict[asyncio.Task[Reply | StreamReply | web.Response | None], _Racer] = {}
-        hedged = exhausted_plan = over_budget = False
-        started = perf_counter()
         budget = self.gateway.health.hedge_budget(record.alias or "", hedge.budget_percent)
         budget.earn()
-
-        def start(target: Target, *, beside_late: bool) -> None:
-            record.calls.append(str(target))
-            call = call_to(target)
-            stack = ExitStack()
-            slot = stack.enter_context(self._claim(target, call.stream))
-            task = asyncio.get_running_loop().create_task(self._send(target, call, slot))
-            racers[task] = _Racer(target, call, slot, stack, perf_counter(), hedge=beside_late)
-
-        def start_next(*, beside_late: bool = False) -> bool:
-            nonlocal exhausted_plan
-            target = plan.next()
-            if target is None:
-                exhausted_plan = True
-                return False
-            start(target, beside_late=beside_late)
-            return True
-
+        race = _Race(self, plan, hedge, call_to, budget)
+        started = perf_counter()
         try:
-            if not start_next():
+            if not race.start_next():
                 return None
-            primary = next(iter(racers.values())).target
-            while racers:
-                late = exhausted_plan or over_budget or len(racers) > hedge.max_extra
-                delay = None if late else self._hedge_delay(hedge, primary)
-                youngest = max(racer.started for racer in racers.values())
-                timeout = None if delay is None else max(0.0, youngest + delay - perf_counter())
-                done, _ = await asyncio.wait(racers, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-                if not done:  # the attempt in flight is late: start the next target beside it, if paid for
-                    if not budget.spend():
-                        over_budget = True
-                    elif start_next(beside_late=True):
-                        hedged = True
-                    else:
-                        budget.refund()
+            while race.racers:
+                outcome = await race.step()
+                if outcome is None:
                     continue
-                winner: tuple[_Racer, Reply | StreamReply] | None = None
-                for task in done:
-                    racer = racers.pop(task)
-                    result = task.result()
-                    if isinstance(result, web.StreamResponse):  # the caller's own error: the answer
-                        racer.stack.close()
-                        await _cancel(racers)
-                        return result
-                    if result is None:  # failed (recorded): fall back, beside any survivor
-                        racer.stack.close()
-                        if len(racers) <= hedge.max_extra:
-                            start_next()
-                    elif winner is None:
-                        winner = (racer, result)
-                    else:  # answered in the same moment as the winner: a loser all the same
-                        if not isinstance(result, Reply):
-                            result.close(reuse=False)
-                        racer.stack.close()
-                        record.attempts.append(Attempt(str(racer.target), racer.target.provider, HEDGED_LOST))
-                if winner is None:
-                    continue
-                racer, reply = winner
-                losers = [other.target for other in racers.values()]
-                await _cancel(racers)
+                if isinstance(outcome, web.StreamResponse):
+                    return outcome
+                racer, reply = outcome
+                losers = [other.target for other in race.racers.values()]
+                await race.cancel()
                 record.upstream_wait += perf_counter() - started
                 started = 0.0  # counted
-                if hedged:  # the request log shows the race: `attempts=gpu1/m:hedged_lost,gpu2/m:won`
+                if race.hedged:  # the request log shows the race: `attempts=gpu1/m:hedged_lost,gpu2/m:won`
                     record.hedge = HEDGE_WON if racer.hedge else PRIMARY_WON
-                    for target in losers:
-                        record.attempts.append(Attempt(str(target), target.provider, HEDGED_LOST))
-                    record.attempts.append(Attempt(str(racer.target), racer.target.provider, WON))
+                    record.attempts.extend(Attempt(target, HEDGED_LOST) for target in losers)
+                    record.attempts.append(Attempt(racer.target, WON))
                 with racer.stack:
                     return await self._commit(racer.target, reply, racer.slot, racer.call.protocol)
             return None
         finally:
-            await _cancel(racers)  # the client left, or the drain cut the request, mid-race
+            await race.cancel()  # the client left, or the drain cut the request, mid-race
             if started:
                 record.upstream_wait += perf_counter() - started
-
-    def _hedge_delay(self, hedge: Hedge, primary: Target) -> float | None:
-        """Seconds before a late attempt gets company; None: no hedging (yet)."""
-        if not hedge.auto:
-            return hedge.delay(None)
-        return hedge.delay(self.gateway.health.ttfb_p95(primary.provider, primary.model, stream=self.record.streaming))
 
     async def _commit(
         self, target: Target, reply: Reply | StreamReply, slot: Slot, protocol: StreamProtocol
@@ -429,8 +466,7 @@ class _Forwarder:
         """COMMIT to `target`: its answer goes to the client, whole or streamed."""
         self._let_go_of_body()
         record = self.record
-        record.provider = target.provider
-        record.target = str(target)
+        record.target = target
         record.status = reply.status
         if isinstance(reply, Reply):
             if reply.usage is not None:
@@ -454,24 +490,12 @@ class _Forwarder:
         """Note a failed attempt; None to fall back, or the caller's error relayed as the answer."""
         record = self.record
         if failure.fallback:
-            record.attempts.append(
-                Attempt(
-                    str(target),
-                    target.provider,
-                    failure.reason,
-                    failure.detail,
-                    status=failure.status,
-                    retry_after=failure.retry_after,
-                    error=failure.error,
-                    headers=failure.headers,
-                )
-            )
+            record.attempts.append(Attempt.failed(target, failure))
             return None
         # The caller's request is wrong (400, 413, 422 ...): its error goes back as the upstream sent it.
         record.status = failure.status or 502
         record.error_type = failure.reason
-        record.provider = target.provider
-        record.target = str(target)
+        record.target = target
         return _caller_error(failure, target)
 
     async def _relay(
@@ -488,7 +512,6 @@ class _Forwarder:
             # COMMIT: from here on this answer belongs to `target`.
             await response.prepare(self.request)
             failure: MidStreamFailure | None = None
-            provider_fault = True
             try:
                 await self._pump(reply, response)
                 clean_end = True
@@ -498,12 +521,12 @@ class _Forwarder:
                 if not self.guard.cut:
                     raise  # the client went away
                 # The shutdown drain ran out of time: end the stream cleanly rather than cut the body.
-                failure, provider_fault = MidStreamFailure(SHUTTING_DOWN, "manaproxy is shutting down"), False
+                failure = MidStreamFailure.shutting_down()
             except ConnectionError:
                 raise
             except Exception:
                 logger.exception("request %s: relaying %s failed", record.request_id, logfmt.value(target))
-                failure, provider_fault = MidStreamFailure(UPSTREAM_ERROR, "internal error while relaying"), False
+                failure = MidStreamFailure.relay_error()
             if reply.complete:  # a cut after the protocol's end loses nothing
                 record.outcome = COMPLETED
             else:
@@ -511,7 +534,7 @@ class _Forwarder:
                     UPSTREAM_ERROR, f"upstream ended the stream without {protocol.end}"
                 )
                 self._end_with_error(target, failure)
-                if provider_fault:
+                if failure.provider_fault:
                     slot.failed_after_commit(failure.detail)
                 if failure.reason == SHUTTING_DOWN:
                     message = f"manaproxy is shutting down: the answer from {target} was cut short"

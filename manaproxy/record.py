@@ -1,7 +1,9 @@
 """What one proxied request did, recorded once when it ends.
 
 The request path fills a `RequestRecord` as it goes and hands it, once, to every observer: the request
-log line (`reqlog.py`) and the metrics (`metrics.py`). Observers never run per chunk.
+log line (`reqlog.py`) and the metrics (`metrics.py`). Observers never run per chunk. The record holds
+what the request path had in hand — `Target`s, each failed attempt's `UpstreamFailure` — and each observer
+renders it (`str(target)`, the failure's `reason` word and `summary`).
 """
 
 from __future__ import annotations
@@ -9,17 +11,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-# Stream outcomes (also metric label values).
+from .config import Target
+from .failures import Reason, SkipReason, UpstreamFailure
+
+# Stream outcomes (also metric label values): the two below, and how a committed stream failed
+# (`failures.MidStreamReason`: `upstream_error`, `idle_timeout`, `shutting_down`).
 COMPLETED = "completed"
 CLIENT_DISCONNECTED = "client_disconnected"
-UPSTREAM_ERROR = "upstream_error"
-IDLE_TIMEOUT = "idle_timeout"
 
-# Hedged races: which attempt won (metric `outcome` values), and the attempts that lost (a reason word).
+# Hedged races: which attempt won (metric `outcome` values). The attempts of the race are `failures.RaceReason`s.
 PRIMARY_WON = "primary_won"
 HEDGE_WON = "hedge_won"
-HEDGED_LOST = "hedged_lost"
-WON = "won"
 
 # What separates the items of an attempts record and the parts of one (`,` `=` `:`), and the escape itself.
 _ITEM_ESCAPES = str.maketrans({"%": "%25", ",": "%2C", "=": "%3D", ":": "%3A"})
@@ -33,34 +35,45 @@ def attempt_item(text: str, *, colons: bool = True) -> str:
     return text.translate(_ITEM_ESCAPES if colons else _KEPT_COLONS)
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Attempt:
-    """One chain entry that was skipped or tried and failed (the one that answered is `record.target`)."""
+    """One chain entry that was skipped, raced, or tried and failed (the one that answered is `record.target`)."""
 
-    target: str  # provider/model
-    provider: str
-    reason: str  # short stable word: unhealthy, unconfigured, saturated, rate_limited, timeout, connect, http_503 ...
-    detail: str = ""
+    target: Target
+    reason: Reason  # short stable word: unhealthy, saturated, hedged_lost, timeout, connect, http_503 ...
+    failure: UpstreamFailure | None = None  # what the upstream did, when it was tried and failed
     tried: bool = True  # False when skipped without a call
-    status: int | None = None  # the upstream's HTTP status, when it answered one
-    retry_after: float | None = None  # seconds until it may be tried again (Retry-After, breaker window)
-    error: dict[str, object] | None = None  # the upstream's OpenAI-shaped error object, when it sent one
-    headers: list[tuple[str, str]] = field(default_factory=list)  # the upstream's headers, for the client
+    wait: float | None = None  # skipped: seconds until it may be tried again (breaker window, Retry-After)
+
+    @classmethod
+    def failed(cls, target: Target, failure: UpstreamFailure) -> Attempt:
+        return cls(target, failure.reason, failure)
+
+    @classmethod
+    def skipped(cls, target: Target, reason: SkipReason, wait: float | None) -> Attempt:
+        return cls(target, reason, tried=False, wait=wait)
 
     @property
-    def summary(self) -> str:
-        """How the attempt reads in a 503's entry list: `HTTP 500`, `timeout`, `unhealthy` ..."""
-        return f"HTTP {self.status}" if self.status is not None else self.reason
+    def status(self) -> int | None:
+        """The upstream's HTTP status, when it answered one."""
+        return self.failure.status if self.failure is not None else None
+
+    @property
+    def retry_after(self) -> float | None:
+        """Seconds until the entry may be tried again: its breaker window, or the upstream's Retry-After."""
+        return self.failure.retry_after if self.failure is not None else self.wait
 
     @property
     def logged(self) -> str:
         """How the attempt reads in the log's `attempts=`: `target:reason`, the reason after the last `:`."""
-        return f"{attempt_item(self.target, colons=False)}:{attempt_item(self.reason)}"
+        return f"{attempt_item(str(self.target), colons=False)}:{attempt_item(self.reason)}"
 
     @property
     def listed(self) -> str:
-        """How the attempt reads in `X-Mana-LLM-Attempts` and a 503's message: `target=summary`."""
-        return f"{attempt_item(self.target, colons=False)}={attempt_item(self.summary)}"
+        """How the attempt reads in `X-Mana-LLM-Attempts` and a 503's message: `target=summary`, the summary
+        the failure's (`HTTP 500`, `timeout`), else the reason (`unhealthy`)."""
+        summary = self.failure.summary if self.failure is not None else self.reason
+        return f"{attempt_item(str(self.target), colons=False)}={attempt_item(summary)}"
 
 
 @dataclass(slots=True)
@@ -69,15 +82,12 @@ class RequestRecord:
     endpoint: str  # the route path, e.g. /v1/chat/completions
     requested: str = ""  # the model the client asked for (unbounded: never a metric label as is)
     alias: str | None = None  # configured alias used, if any
-    provider: str | None = None  # provider that answered
-    target: str | None = None  # provider/model that answered
+    target: Target | None = None  # what answered (or relayed the caller's error)
     requested_provider: str | None = None  # configured provider named by the request (for error labels)
     streaming: bool = False
     status: int = 0
     attempts: list[Attempt] = field(default_factory=list)
-    calls: list[str] = field(
-        default_factory=list
-    )  # provider/model of every call started, in order (the last in flight)
+    calls: list[Target] = field(default_factory=list)  # every call started, in order (the last in flight)
     error_type: str | None = None  # short word when the request failed: all_failed, upstream_4xx, bad_request ...
     outcome: str | None = None  # for committed streams: completed / client_disconnected / upstream_error / idle_timeout
     hedge: str | None = None  # a hedged race took place: primary_won / hedge_won

@@ -31,7 +31,7 @@ import orjson
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from manaproxy.providers.base import UpstreamFailure
+from manaproxy.failures import CALLERS, PASS_ON, TARGET, UpstreamFailure
 
 
 @dataclass
@@ -580,7 +580,11 @@ class FaultyProvider:
         kind, _, text = model.partition(":")
         caller = kind == "caller"
         raise UpstreamFailure(
-            text, f"failed: {text}", fallback=not caller, provider_fault=False, status=400 if caller else None
+            text,
+            f"failed: {text}",
+            verdict=CALLERS if caller else PASS_ON,
+            scope=TARGET,
+            status=400 if caller else None,
         )
 
     async def list_models(self, timeout: float) -> list[str]:

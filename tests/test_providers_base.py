@@ -9,7 +9,7 @@ import orjson
 import pytest
 from multidict import CIMultiDict
 
-from manaproxy.providers.base import UpstreamFailure, Verdict, classify_status, parse_retry_after
+from manaproxy.failures import UpstreamFailure, Verdict, classify_status, parse_retry_after
 
 FALLBACK_AND_FAULT = Verdict(fallback=True, provider_fault=True)
 FALLBACK_ONLY = Verdict(fallback=True, provider_fault=False)
@@ -184,7 +184,7 @@ def test_from_status_detail_ignores_non_json_body_content() -> None:
 
 
 def test_summary_without_status_is_the_reason() -> None:
-    failure = UpstreamFailure("timeout", "timed out before the first byte")
+    failure = UpstreamFailure.timeout("timed out before the first byte")
     assert failure.summary == "timeout"
     assert failure.status is None
     assert (failure.fallback, failure.provider_fault) == (True, True)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from manaproxy.config import Target
+from manaproxy.failures import UpstreamFailure
 from manaproxy.record import Attempt, RequestRecord
 from manaproxy.reqlog import format_record
 
@@ -17,11 +19,13 @@ def make_record(**changes: object) -> RequestRecord:
         endpoint="/v1/chat/completions",
         requested="mana/x",
         alias="mana/x",
-        provider="b",
-        target="b/m2",
+        target=Target("b", "m2"),
         streaming=True,
         status=200,
-        attempts=[Attempt("a/m1", "a", "http_503", status=503), Attempt("c/m3", "c", "unhealthy", tried=False)],
+        attempts=[
+            Attempt.failed(Target("a", "m1"), UpstreamFailure.from_status(503, {}, b"", None)),
+            Attempt.skipped(Target("c", "m3"), "unhealthy", None),
+        ],
         outcome="completed",
         prompt_tokens=3,
         completion_tokens=7,
@@ -107,7 +111,7 @@ def test_an_overlong_model_is_cut():
 )
 def test_attempts_escape_their_separators(target, reason, logged):
     fields = parse_logfmt(
-        format_record(make_record(attempts=[Attempt(target, "a", reason), Attempt("c/m3", "c", "x")]))
+        format_record(make_record(attempts=[Attempt(Target.parse(target), reason), Attempt(Target("c", "m3"), "x")]))
     )
     assert fields["attempts"] == f"{logged},c/m3:x"
     assert logged_attempts(fields["attempts"]) == [(target, reason), ("c/m3", "x")]

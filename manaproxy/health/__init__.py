@@ -2,8 +2,9 @@
 (`tracker.py`). Rule of this package: no I/O and no HTTP; the probe loop (`manaproxy.probe`) feeds it and the
 views (`manaproxy.views.health`) read it."""
 
-from .breaker import CLOSED, HALF_OPEN, OPEN, RATE_LIMITED, UNHEALTHY, Breaker
-from .tracker import SATURATED, UNCONFIGURED, HealthTracker, ProviderHealth, Slot
+from ..failures import HALF_OPEN, RATE_LIMITED, SATURATED, UNCONFIGURED, UNHEALTHY
+from .breaker import CLOSED, OPEN, Breaker
+from .tracker import HealthTracker, ProviderHealth, Slot
 
 __all__ = [
     "CLOSED",

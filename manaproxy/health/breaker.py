@@ -21,12 +21,10 @@ A 429 with `Retry-After` keeps the upstream out for that long without counting a
 
 from __future__ import annotations
 
-# Why an upstream is skipped: short stable words, also fallback metric `reason` values.
-UNHEALTHY = "unhealthy"
-RATE_LIMITED = "rate_limited"
-HALF_OPEN = "half_open"  # the breaker's window is over and a trial request is deciding
+# Why an upstream is skipped (`HALF_OPEN` is also the state's name): words of the failure taxonomy.
+from ..failures import HALF_OPEN, RATE_LIMITED, UNHEALTHY, SkipReason
 
-# Breaker states, as `/v1/health` shows them.
+# Breaker states, as `/v1/health` shows them (and `HALF_OPEN`).
 CLOSED = "closed"
 OPEN = "open"
 
@@ -70,7 +68,7 @@ class Breaker:
         return f"<Breaker {state} failures={self.consecutive_failures} last_error={self.last_error!r}>"
 
     # -- decisions -------------------------------------------------------------------------------
-    def skip_reason(self, now: float) -> str | None:
+    def skip_reason(self, now: float) -> SkipReason | None:
         """Why the upstream must not be tried now, or None."""
         if self.unhealthy_until > now:
             return UNHEALTHY

@@ -41,7 +41,7 @@ from contextlib import contextmanager
 
 from .. import logfmt
 from ..config import HealthSettings, ProviderConfig
-from ..providers.base import CREDENTIALS, PROVIDER, UpstreamFailure
+from ..failures import CREDENTIALS, PROVIDER, SATURATED, UNCONFIGURED, SkipReason, UpstreamFailure
 from ..redact import Redactor
 from .breaker import OPENED, Breaker
 from .latency import Client, HedgeBudget, LatencySample
@@ -52,10 +52,6 @@ logger = logging.getLogger("manaproxy.health")
 Clock = Callable[[], float]
 Listener = Callable[[str, bool], None]
 ProbeListener = Callable[[str], None]
-
-# Skip reasons decided here rather than by a breaker (`breaker.py` has the others).
-UNCONFIGURED = "unconfigured"
-SATURATED = "saturated"
 
 MAX_TARGETS_PER_PROVIDER = 256
 
@@ -310,7 +306,7 @@ class HealthTracker:
         return self._wall_clock() + (monotonic_time - (self._clock() if now is None else now))
 
     # -- decisions -------------------------------------------------------------------------------
-    def skip_reason(self, provider: ProviderConfig, model: str | None = None) -> str | None:
+    def skip_reason(self, provider: ProviderConfig, model: str | None = None) -> SkipReason | None:
         """Why this provider (and its `model`, if given) must not be tried now, or None when it may be."""
         if not provider.configured:
             return UNCONFIGURED

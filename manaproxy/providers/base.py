@@ -6,143 +6,33 @@ A provider gets a `Call` — the client's request body (parsed once, `body.py`),
 completeness it has judged. Before anything reaches the client it raises `UpstreamFailure`; after the
 commit point a stream raises `MidStreamFailure`.
 
-Every exception from an upstream is translated once into this taxonomy, with a short stable `reason`
-(`connect`, `timeout`, `http_503` ...). Whether a failure lets the chain fall back and whether it counts
-against the provider is decided by `classify_status` and the constructors below — table-tested, nowhere
-else. The request path imports this module and nothing else of `providers/`.
+Every exception from an upstream is translated once into the failure taxonomy (`failures.py`, re-exported
+here), with a short stable `reason` (`connect`, `timeout`, `http_503` ...): `translate_errors` below for the
+transport, the named constructors of `UpstreamFailure` for the rest. The request path imports this module
+and nothing else of `providers/`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ssl
-import time
 from collections.abc import AsyncGenerator, Awaitable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from email.utils import parsedate_to_datetime
-from typing import Any, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 import aiohttp
-import orjson
-from multidict import CIMultiDictProxy
 
 from ..body import Body
 from ..config import ProviderConfig, Target
-from ..headers import to_client
+from ..failures import MidStreamFailure as MidStreamFailure  # re-exported: what a kind raises
+from ..failures import UpstreamFailure as UpstreamFailure
 from ..protocols import CHAT, StreamProtocol
 
 Usage = tuple[int, int]  # (prompt tokens, completion tokens)
 ListedModel = tuple[str, int | None]  # (model id, its `created` unix time when the upstream gave one)
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True, slots=True)
-class Verdict:
-    """What an upstream HTTP status means for the chain walk."""
-
-    fallback: bool  # try the next chain entry
-    provider_fault: bool  # count against the provider's health
-
-
-def classify_status(status: int) -> Verdict:
-    """Fall back on 3xx/401/403/404/408/425/429/5xx; other 4xx are the caller's fault and go back as is.
-
-    401/403 may mean *our* provider credentials are wrong, or that this model or this request is refused
-    (a model the account may not use, a moderation refusal): a fault either way, whose scope a probe with
-    our key decides (`CREDENTIALS`, see `health/tracker.py`). 404 means the model is not served there: fall
-    back, but the provider itself is fine.
-    """
-    if status >= 500 or status in (401, 403, 408, 425, 429) or 300 <= status < 400:
-        # 3xx: redirects are never followed (they would carry our provider headers elsewhere).
-        return Verdict(fallback=True, provider_fault=True)
-    if status == 404:
-        return Verdict(fallback=True, provider_fault=False)
-    return Verdict(fallback=False, provider_fault=False)
-
-
-# What a failure says is broken, and so which breaker counts it (`health/tracker.py`).
-PROVIDER = "provider"  # the upstream as a whole: connect/DNS/TLS errors, a reset before headers
-TARGET = "target"  # one model there: HTTP errors, timeouts waiting for it, Retry-After windows, bad answers
-# 401/403: our key refused (the provider's) or this model or request refused (not health at all). Which one,
-# a probe of the provider with our key decides; a request's 401/403 alone never opens a breaker.
-CREDENTIALS = "credentials"
-
-
-class UpstreamFailure(Exception):
-    """A target failed before anything reached the client."""
-
-    def __init__(
-        self,
-        reason: str,
-        detail: str,
-        *,
-        fallback: bool = True,
-        provider_fault: bool = True,
-        status: int | None = None,
-        retry_after: float | None = None,
-        body: bytes | None = None,
-        content_type: str | None = None,
-        shaped: bool = False,
-        headers: list[tuple[str, str]] | None = None,
-        scope: str = TARGET,
-        error: dict[str, Any] | None = None,
-    ) -> None:
-        super().__init__(detail)
-        self.reason = reason  # short stable word for logs and metrics
-        self.detail = detail  # short, sanitized human text (never a key or a full upstream body)
-        self.fallback = fallback
-        self.provider_fault = provider_fault
-        self.status = status
-        self.retry_after = retry_after
-        self.body = body  # the upstream's error body, relayed when we do not fall back
-        self.content_type = content_type
-        self.shaped = shaped  # `body` is an OpenAI-shaped error (else the proxy wraps `detail` in one)
-        self.headers = headers or []  # the upstream's response headers, for the client, when relayed
-        self.scope = scope  # PROVIDER, TARGET or CREDENTIALS
-        self.error = error  # the upstream's OpenAI-shaped error object, when it sent one
-
-    def __repr__(self) -> str:
-        return f"UpstreamFailure({self.reason!r}, {self.detail!r}, fallback={self.fallback})"
-
-    @property
-    def summary(self) -> str:
-        """How this failure reads in a 503's entry list: `HTTP 500`, `timeout`, `connect` ..."""
-        return f"HTTP {self.status}" if self.status is not None else self.reason
-
-    @classmethod
-    def from_status(
-        cls, status: int, headers: CIMultiDictProxy[str] | Mapping[str, str], body: bytes, content_type: str | None
-    ) -> UpstreamFailure:
-        verdict = classify_status(status)
-        retry_after = parse_retry_after(headers.get("Retry-After")) if status == 429 else None
-        excerpt, error = _read_error(body)
-        # 401/403 refuse our credentials (the provider's, whatever the model), or only this model or request.
-        scope = CREDENTIALS if status in (401, 403) else TARGET
-        return cls(
-            f"http_{status}",
-            f"HTTP {status}{excerpt}",
-            fallback=verdict.fallback,
-            provider_fault=verdict.provider_fault,
-            status=status,
-            retry_after=retry_after,
-            body=body,
-            content_type=content_type,
-            shaped=error is not None,
-            headers=to_client(headers),
-            scope=scope,
-            error=error,
-        )
-
-
-class MidStreamFailure(Exception):
-    """The upstream failed after the commit point; the stream is ended with an error event."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(detail)
-        self.reason = reason  # "upstream_error" | "idle_timeout"
-        self.detail = detail
 
 
 async def within_idle(read: Awaitable[T], idle: float, upstream: str) -> T:
@@ -160,68 +50,29 @@ async def within_idle(read: Awaitable[T], idle: float, upstream: str) -> T:
         raise MidStreamFailure("upstream_error", f"{upstream} exceeded its total timeout") from None
 
 
-def _read_error(body: bytes) -> tuple[str, dict[str, Any] | None]:
-    """(a short excerpt of an upstream error body's message, for logs and our own texts; the body's error
-    object when it is OpenAI-shaped, so that it can go to the client as it is)."""
-    try:
-        data: Any = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return "", None
-    if not isinstance(data, dict):
-        return "", None
-    err = data.get("error", data)
-    message = err.get("message") if isinstance(err, dict) else err
-    excerpt = ""
-    if isinstance(message, str) and message:
-        message = " ".join(message.split())
-        excerpt = ": " + (message if len(message) <= 120 else message[:117] + "...")
-    error = data.get("error")
-    return excerpt, error if isinstance(error, dict) else None
-
-
-def parse_retry_after(value: str | None) -> float | None:
-    """Retry-After as seconds (delta-seconds or an HTTP date); None when absent or unusable."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            moment = parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            return None
-        seconds = moment.timestamp() - time.time()
-    if seconds != seconds or seconds <= 0:
-        return None
-    return min(seconds, 3600.0)
-
-
 @contextmanager
 def translate_errors(phase: str) -> Iterator[None]:
     """Map client exceptions to `UpstreamFailure` (httpcore's map_exceptions, for one call site)."""
     try:
         yield
     except aiohttp.ConnectionTimeoutError:
-        raise UpstreamFailure("connect", f"timed out connecting {phase}", scope=PROVIDER) from None
+        raise UpstreamFailure.provider_failed("connect", f"timed out connecting {phase}") from None
     except TimeoutError:  # waiting for the model's first byte or answer
-        raise UpstreamFailure("timeout", f"timed out {phase}") from None
+        raise UpstreamFailure.timeout(f"timed out {phase}") from None
     except aiohttp.ClientConnectorDNSError as exc:
-        raise UpstreamFailure("dns", f"DNS lookup failed: {exc.host}", scope=PROVIDER) from None
+        raise UpstreamFailure.provider_failed("dns", f"DNS lookup failed: {exc.host}") from None
     except (aiohttp.ClientSSLError, ssl.SSLError):
-        raise UpstreamFailure("tls", "TLS handshake failed", scope=PROVIDER) from None
+        raise UpstreamFailure.provider_failed("tls", "TLS handshake failed") from None
     except aiohttp.ClientConnectorError as exc:
-        raise UpstreamFailure(
-            "connect",
-            f"cannot connect to {exc.host}:{exc.port}: {exc.os_error.strerror or exc.os_error}",
-            scope=PROVIDER,
+        raise UpstreamFailure.provider_failed(
+            "connect", f"cannot connect to {exc.host}:{exc.port}: {exc.os_error.strerror or exc.os_error}"
         ) from None
     except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError, aiohttp.ClientOSError, ConnectionError):
-        raise UpstreamFailure("closed", f"upstream closed the connection {phase}", scope=PROVIDER) from None
+        raise UpstreamFailure.provider_failed("closed", f"upstream closed the connection {phase}") from None
     except aiohttp.ClientResponseError as exc:
-        raise UpstreamFailure("protocol", f"bad response {phase}: {exc.message}", scope=PROVIDER) from None
+        raise UpstreamFailure.provider_failed("protocol", f"bad response {phase}: {exc.message}") from None
     except aiohttp.ClientError as exc:
-        raise UpstreamFailure("client_error", f"{type(exc).__name__} {phase}", scope=PROVIDER) from None
+        raise UpstreamFailure.provider_failed("client_error", f"{type(exc).__name__} {phase}") from None
 
 
 @dataclass(frozen=True, slots=True)

@@ -60,7 +60,7 @@ class _Decoder:
     def __init__(self, encoding: str) -> None:
         encoding = encoding.strip().lower()
         if encoding not in ("gzip", "x-gzip", "deflate"):
-            raise UpstreamFailure("bad_response", f"unsupported Content-Encoding {encoding[:40]!r}")
+            raise UpstreamFailure.bad_response(f"unsupported Content-Encoding {encoding[:40]!r}")
         self._inflate = zlib.decompressobj(wbits=47)  # 32 + 15: auto-detect a gzip or zlib header
 
     @classmethod
@@ -77,7 +77,7 @@ class _Decoder:
                     yield piece
                 chunk = self._inflate.unconsumed_tail
         except zlib.error:
-            raise UpstreamFailure("bad_response", "undecodable compressed body") from None
+            raise UpstreamFailure.bad_response("undecodable compressed body") from None
 
 
 async def _read_body(resp: aiohttp.ClientResponse, limit: int) -> bytes:
@@ -87,7 +87,7 @@ async def _read_body(resp: aiohttp.ClientResponse, limit: int) -> bytes:
     async for chunk in resp.content.iter_any():
         for piece in decoder.slices(chunk) if decoder is not None else (chunk,):
             if len(body) + len(piece) > limit:
-                raise UpstreamFailure("too_large", f"upstream answer larger than {limit} bytes")
+                raise UpstreamFailure.too_large(f"upstream answer larger than {limit} bytes")
             body += piece
             if decoder is not None:
                 await asyncio.sleep(0)  # inflating is the one step here that could hold the loop
@@ -314,12 +314,12 @@ class OpenAIProvider:
         except msgspec.ValidationError:  # JSON, but not an object
             return Reply(status, body, content_type)
         except (msgspec.DecodeError, RecursionError):
-            raise UpstreamFailure("bad_response", "upstream answered 2xx with invalid JSON") from None
+            raise UpstreamFailure.bad_response("upstream answered 2xx with invalid JSON") from None
         error = orjson.loads(bytes(head.error)) if head.error else None
         if error:
             message = error.get("message") if isinstance(error, dict) else error
-            raise UpstreamFailure(
-                "error_event", f"upstream answered 2xx with an error: {self._redactor.line(str(message), 120)}"
+            raise UpstreamFailure.error_event(
+                f"upstream answered 2xx with an error: {self._redactor.line(str(message), 120)}"
             )
         usage = usage_from({"usage": orjson.loads(bytes(head.usage))}) if head.usage else None
         model_raw = bytes(head.model)
@@ -356,18 +356,18 @@ class OpenAIProvider:
             while not first:
                 chunk = await resp.content.readany()
                 if not chunk:
-                    raise UpstreamFailure("closed", "upstream ended the stream before its first event")
+                    raise UpstreamFailure.ended_early("upstream ended the stream before its first event")
                 for piece in decoder.slices(chunk) if decoder is not None else (chunk,):
                     if first:  # the rest of this chunk comes after the first event
                         rest += buffer.feed(piece)
                         continue
                     first, rest = buffer.first_event(piece)
                     if not first and buffer.pending_size > max_event:
-                        raise UpstreamFailure("bad_response", f"no complete event in the first {max_event} bytes")
+                        raise UpstreamFailure.bad_response(f"no complete event in the first {max_event} bytes")
             error = error_of(first)
             if error is not None:
                 message = self._redactor.line(str(error.get("message", "error event")), limit=120)
-                raise UpstreamFailure("error_event", f"first event was an error: {message}")
+                raise UpstreamFailure.error_event(f"first event was an error: {message}")
             idle = self.config.timeouts.idle
             reader = resp.connection.protocol if resp.connection is not None else None
             if reader is not None:
@@ -405,7 +405,7 @@ class OpenAIProvider:
         data = await self._get_json("/models", timeout)
         items = data.get("data") if isinstance(data, dict) else None
         if not isinstance(items, list):
-            raise UpstreamFailure("bad_response", "models list has no 'data' array")
+            raise UpstreamFailure.bad_response("models list has no 'data' array")
         return [
             (item["id"], item["created"] if type(item.get("created")) is int else None)
             for item in items

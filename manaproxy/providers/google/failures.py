@@ -17,7 +17,7 @@ from google.genai import errors
 
 from ...errors import error_body
 from ...redact import Redactor
-from ..base import PROVIDER, UpstreamFailure, translate_errors
+from ..base import UpstreamFailure, translate_errors
 from .bounds import AnswerTooLarge
 from .request import TranslationError
 
@@ -42,19 +42,17 @@ def api_failure(exc: errors.APIError, redactor: Redactor) -> UpstreamFailure:
     """An HTTP error from Google, classified like any upstream status, with an OpenAI-shaped body."""
     code = exc.code if isinstance(exc.code, int) else 0
     if not 400 <= code <= 599:
-        return UpstreamFailure("bad_response", f"unexpected HTTP {code} from google")
+        return UpstreamFailure.bad_response(f"unexpected HTTP {code} from google")
     message = redactor.line(str(exc.message or exc.status or f"HTTP {code}"), limit=1000)
     status_name = exc.status if isinstance(exc.status, str) else None
     body = error_body(message, status=code, code=status_name)
     if code == 400 and "API_KEY_INVALID" in _error_reasons(exc):
         # Google answers a wrong or expired key with 400, not 401: our credentials, not the caller's request.
-        return UpstreamFailure("api_key_invalid", f"HTTP 400: {message[:120]}", status=400, body=body, scope=PROVIDER)
+        return UpstreamFailure.credentials_refused(f"HTTP 400: {message[:120]}", body)
     if code == 400 and status_name == "FAILED_PRECONDITION":
         # e.g. "User location is not supported for the API use", free tier unavailable: the provider
         # cannot serve anyone from here, whatever the request; another chain entry may.
-        return UpstreamFailure(
-            "failed_precondition", f"HTTP 400: {message[:120]}", status=400, body=body, scope=PROVIDER
-        )
+        return UpstreamFailure.failed_precondition(f"HTTP 400: {message[:120]}", body)
     retry_after = _retry_after(exc) if code == 429 else None
     headers = {"Retry-After": retry_after} if retry_after else {}
     return UpstreamFailure.from_status(code, headers, body, "application/json")
@@ -71,16 +69,7 @@ def _error_reasons(exc: errors.APIError) -> set[str]:
 
 def bad_request(error: TranslationError) -> UpstreamFailure:
     body = error_body(error.message, status=400, code=error.code, param=error.param)
-    return UpstreamFailure(
-        "bad_request",
-        error.message,
-        fallback=False,
-        provider_fault=False,
-        status=400,
-        body=body,
-        content_type="application/json",
-        shaped=True,
-    )
+    return UpstreamFailure.caller_error(error.message, body)
 
 
 @contextmanager
@@ -92,13 +81,13 @@ def google_errors(phase: str, redactor: Redactor) -> Iterator[None]:
     except UpstreamFailure:
         raise
     except AnswerTooLarge as exc:  # past `max_response_bytes` or `max_event_bytes`, as the openai kind
-        raise UpstreamFailure("too_large", str(exc)) from None
+        raise UpstreamFailure.too_large(str(exc)) from None
     except errors.APIError as exc:
         raise api_failure(exc, redactor) from None
     except ValueError as exc:  # unparseable JSON, unexpected response shapes
-        raise UpstreamFailure("bad_response", f"unusable answer from google {phase} ({type(exc).__name__})") from None
+        raise UpstreamFailure.bad_response(f"unusable answer from google {phase} ({type(exc).__name__})") from None
     except Exception as exc:  # an SDK bug must read as this provider failing, not as a proxy crash
         logger.debug("google-genai raised %s %s", type(exc).__name__, phase, exc_info=True)
-        raise UpstreamFailure(
-            "sdk_error", f"google-genai failed {phase} ({type(exc).__name__})", scope=PROVIDER
+        raise UpstreamFailure.provider_failed(
+            "sdk_error", f"google-genai failed {phase} ({type(exc).__name__})"
         ) from None

@@ -40,7 +40,7 @@ from google.genai.models import AsyncModels
 
 from ...config import ProviderConfig, ServerSettings
 from ...redact import Redactor
-from ..base import PROVIDER, Call, ListedModel, MidStreamFailure, Reply, UpstreamFailure, Usage, within_idle
+from ..base import Call, ListedModel, MidStreamFailure, Reply, UpstreamFailure, Usage, within_idle
 from . import answer, request
 from .bounds import AnswerTooLarge, bounding_middleware
 from .failures import bad_request, google_errors
@@ -209,9 +209,7 @@ class GoogleProvider:
     def _models(self) -> AsyncModels:
         if self._client is None:
             # Unconfigured is a deliberate state; a configured provider without a client is broken.
-            raise UpstreamFailure(
-                "unconfigured", self._client_error, provider_fault=self.config.configured, scope=PROVIDER
-            )
+            raise UpstreamFailure.unconfigured(self._client_error, configured=self.config.configured)
         return self._client.aio.models
 
     async def send(self, call: Call) -> Reply | GoogleStream:
@@ -235,9 +233,7 @@ class GoogleProvider:
             return await self._complete(call, chat, config)
         if path == "/embeddings":
             return await self._embed(call)
-        raise UpstreamFailure(
-            "unsupported", f"the google provider does not serve {call.path[:100]}", fallback=True, provider_fault=False
-        )
+        raise UpstreamFailure.unsupported(f"the google provider does not serve {call.path[:100]}")
 
     def _completion_id(self, call: Call) -> str:
         return f"chatcmpl-{call.request_id if len(call.request_id) <= 64 else uuid.uuid4().hex}"
@@ -273,7 +269,7 @@ class GoogleProvider:
                     try:
                         response = await anext(stream)
                     except StopAsyncIteration:
-                        raise UpstreamFailure("closed", "google ended the stream before its first chunk") from None
+                        raise UpstreamFailure.ended_early("google ended the stream before its first chunk") from None
                 first = translator.translate(response)
         except BaseException:
             if stream is not None:

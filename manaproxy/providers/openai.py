@@ -31,19 +31,18 @@ from ..body import SplicedPayload
 from ..config import ProviderConfig, ServerSettings
 from ..headers import to_client, to_upstream
 from ..jsonmodel import HEAD, model_span, replace_model
-from ..protocols import RESPONSES, StreamProtocol
-from ..redact import Redactor
-from ..sse import (
+from ..protocols import (
     DONE_EVENT,
-    EventBuffer,
-    ModelRewriter,
+    RESPONSES,
+    StreamProtocol,
     carries_usage,
-    data_json,
     error_of,
     has_done,
     usage_from,
     usage_of,
 )
+from ..redact import Redactor
+from ..sse import EventBuffer, ModelRewriter, data_json
 from .base import Call, ListedModel, MidStreamFailure, Reply, UpstreamFailure, Usage, translate_errors
 
 _ERROR_BODY_LIMIT = 1 << 20  # an error body is read (and decoded) this far at most

@@ -163,13 +163,27 @@ class OpenAIStream:
         our key); the failure returned makes the proxy end the stream with its one error event instead.
         """
         failure = None
+        if len(events) > self._max_event:  # only then can one of them be past the bound: a whole one in one read
+            events, failure = self._until_too_large(events)
         if b'"error"' in events:  # the cheap check; the events are cut and read only when it passes
-            events, failure = self._until_error(events)
+            events, error = self._until_error(events)
+            failure = error or failure  # an error event before the oversized one ends the stream first
         if not self.complete and self._protocol.ended_by(events):
             self.complete = True
         if carries_usage(events):
             self.usage = usage_of(events) or self.usage
         return self._rewriter.rewrite(events), failure
+
+    def _until_too_large(self, events: bytes) -> tuple[bytes, MidStreamFailure | None]:
+        """`events` up to the first event larger than `max_event_bytes`, and that event as a failure."""
+        start = 0
+        for boundary in _BOUNDARY.finditer(events):
+            if boundary.end() - start > self._max_event:
+                return events[:start], MidStreamFailure(
+                    "upstream_error", f"upstream event larger than {self._max_event} bytes"
+                )
+            start = boundary.end()
+        return events, None
 
     def _until_error(self, events: bytes) -> tuple[bytes, MidStreamFailure | None]:
         """`events` up to the first upstream error event, and that event as a failure (its message redacted)."""
@@ -267,7 +281,6 @@ class OpenAIProvider:
 
     def __repr__(self) -> str:
         return f"<OpenAIProvider {self.config.name} {self.config.base_url}>"
-
     async def send(self, call: Call) -> Reply | OpenAIStream:
         body = call.body.with_model(call.target.model)
         headers = {

@@ -281,6 +281,11 @@ class OpenAIProvider:
 
     def __repr__(self) -> str:
         return f"<OpenAIProvider {self.config.name} {self.config.base_url}>"
+
+    async def aclose(self) -> None:
+        """Nothing of its own to release: its connections are pooled in the application's session, and each
+        stream releases its own (`OpenAIStream.close`)."""
+
     async def send(self, call: Call) -> Reply | OpenAIStream:
         body = call.body.with_model(call.target.model)
         headers = {

@@ -89,6 +89,7 @@ def create_app(
         gateway.attach(session or make_session())
         yield
         gateway.flush()  # the records of the last requests: logged and counted before anything closes
+        await gateway.aclose()  # what each provider holds of its own, before the session it may pool on
         if session is None and gateway.session is not None:
             await gateway.session.close()
 

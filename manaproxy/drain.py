@@ -8,6 +8,9 @@ ended the way its protocol ends cleanly: a stream that has begun gets an error e
 shutdown waits twice its timeout — and no client sees a broken body. Requests that arrive on connections
 still open while draining are refused the same way.
 
+The same bookkeeping tells a reload when the requests that started on the old runtime have all ended
+(`requests_ended`), so that its providers are closed only then.
+
 A cut is a cancellation delivered through the request's `Guard` (an `asyncio.Timeout` set to "now"), so
 code under it tells a cut (`guard.cut`) from a client that went away (a plain cancellation).
 """
@@ -69,6 +72,8 @@ class Drain:
     def __init__(self) -> None:
         self._guards: set[Guard] = set()
         self._idle: asyncio.Event | None = None  # set when the last request leaves (made when first awaited)
+        # `requests_ended`: the requests each future still waits for.
+        self._waiters: list[tuple[set[Guard], asyncio.Future[None]]] = []
         self.stopping = False
 
     def __repr__(self) -> str:
@@ -89,6 +94,18 @@ class Drain:
         self._guards.discard(guard)
         if not self._guards and self._idle is not None:
             self._idle.set()
+        if self._waiters:
+            self._waiters = [(waiting, future) for waiting, future in self._waiters if _still(waiting, future, guard)]
+
+    def requests_ended(self) -> asyncio.Future[None]:
+        """A future done once every request in flight now has ended (at once when none is); requests that
+        start later do not delay it. A reload waits on it before closing what the old runtime held."""
+        future = asyncio.get_running_loop().create_future()
+        if self._guards:
+            self._waiters.append((set(self._guards), future))
+        else:
+            future.set_result(None)
+        return future
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until no request is in flight, at most `timeout` seconds; True if none is left."""
@@ -107,3 +124,14 @@ class Drain:
         for guard in guards:
             guard.fire()
         return len(guards)
+
+
+def _still(waiting: set[Guard], future: asyncio.Future[None], left: Guard) -> bool:
+    """Whether `future` still waits for requests now that `left` has ended (resolving it when not)."""
+    waiting.discard(left)
+    if future.done():  # cancelled: its waiter is gone
+        return False
+    if waiting:
+        return True
+    future.set_result(None)
+    return False

@@ -5,6 +5,10 @@ provider. `Gateway.runtime` is replaced as a whole by `Gateway.apply` (the reloa
 `reload.py` decides when). A request reads it once when it starts and keeps that runtime to its end, so
 a reload never changes a request half-way. Health state and the redactor live in the `Gateway`, not the
 runtime, so they survive reloads.
+
+A runtime's providers are closed (`Provider.aclose`) when the runtime is done with: after a reload once
+every request in flight at the swap has ended (those started on it; later ones run on the new runtime), and
+at shutdown (`Gateway.aclose`, from the app's cleanup) at once.
 """
 
 from __future__ import annotations
@@ -36,6 +40,15 @@ class Runtime:
     providers: Mapping[str, Provider]
 
 
+async def close_providers(runtime: Runtime) -> None:
+    """`aclose()` every provider of `runtime`; one that fails is logged and the others still closed."""
+    for name, provider in runtime.providers.items():
+        try:
+            await provider.aclose()
+        except Exception:
+            logger.exception("closing provider %s failed", name)
+
+
 def build_runtime(config: Config, session: aiohttp.ClientSession | None, redactor: Redactor) -> Runtime:
     """The runtime for `config`; without a session yet (before startup) it has no provider objects."""
     if session is None:
@@ -59,6 +72,7 @@ class Gateway:
     body_budget: BodyBudget = field(default_factory=BodyBudget)  # request bodies held by all requests
     drain: Drain = field(default_factory=Drain)  # requests in flight, for the shutdown drain
     _finished: list[RequestRecord] = field(default_factory=list)  # records not yet handed to the observers
+    _retiring: set[asyncio.Task[None]] = field(default_factory=set)  # closing replaced runtimes (`_retire`)
 
     def __repr__(self) -> str:
         return f"<Gateway {self.runtime.config.summary()}>"
@@ -84,7 +98,32 @@ class Gateway:
         self.redactor.learn(config.providers.values())
         runtime = build_runtime(config, self.session, self.redactor)
         self.health.reconfigure(config.health, config.providers)
-        self.runtime = runtime
+        replaced, self.runtime = self.runtime, runtime
+        self._retire(replaced)
+
+    def _retire(self, runtime: Runtime) -> None:
+        """Close `runtime`'s providers once the requests that started on it have ended."""
+        if not runtime.providers:
+            return  # no session yet: nothing was built
+        requests_ended = self.drain.requests_ended()
+        task = asyncio.get_running_loop().create_task(self._close_after(runtime, requests_ended))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    @staticmethod
+    async def _close_after(runtime: Runtime, requests_ended: asyncio.Future[None]) -> None:
+        try:
+            await requests_ended
+        finally:  # at shutdown (cancelled) too
+            await close_providers(runtime)
+
+    async def aclose(self) -> None:
+        """Shutdown: close every provider now, those of replaced runtimes still waiting for requests too."""
+        retiring = list(self._retiring)
+        for task in retiring:
+            task.cancel()
+        await asyncio.gather(*retiring, return_exceptions=True)
+        await close_providers(self.runtime)
 
     def observe(self, record: RequestRecord) -> None:
         """Queue a finished request's record for the observers, who see it at the end of this turn of the

@@ -1,12 +1,13 @@
-"""Server-sent events at the byte level: cut at event boundaries, rewrite `model`, write our own events.
+"""Server-sent events at the byte level: cut at event boundaries, rewrite `model`, frame our own events.
 
-Rule of this module: the relay never re-encodes an upstream event on the fast path, and its cost is
-linear in the bytes relayed. `ModelRewriter` finds the top-level `"model": "..."` of each `data:` JSON
-line with an anchored, backtracking-free regex that reads only the members before it, and splices the
-new value in; later chunks repeating the same member get one `bytes.replace`. Only an event whose
-top-level `model` comes after a nested value (llama.cpp sorts keys: `{"choices": [...], ..., "model":
-...}`) is parsed and re-encoded. Everything else — comments, `[DONE]`, usage chunks, unknown fields,
-line endings — passes through byte for byte.
+Rule of this module: SSE framing and the `model` rewrite only; what an event *says* (an end marker,
+usage, an error) is `protocols.py`'s. The relay never re-encodes an upstream event on the fast path, and
+its cost is linear in the bytes relayed. `ModelRewriter` finds the top-level `"model": "..."` of each
+`data:` JSON line with an anchored, backtracking-free regex that reads only the members before it, and
+splices the new value in; later chunks repeating the same member get one `bytes.replace`. Only an event
+whose top-level `model` comes after a nested value (llama.cpp sorts keys: `{"choices": [...], ...,
+"model": ...}`) is parsed and re-encoded. Everything else — comments, `[DONE]`, usage chunks, unknown
+fields, line endings — passes through byte for byte.
 
 Only complete events are ever released (`EventBuffer`), so an error event we append after an upstream
 failure can never merge with half an upstream event; each byte fed is searched for a boundary once.
@@ -33,9 +34,8 @@ _MODEL_AT = re.compile(
     + rb")"
 )
 _BOUNDARY = re.compile(rb"\r\n\r\n|\n\n|\r\r")
-_LINE_END = re.compile(rb"\r\n|\n|\r")
+LINE_END = re.compile(rb"\r\n|\n|\r")  # a line ending of SSE: LF, CRLF or CR
 
-DONE_EVENT = b"data: [DONE]\n\n"
 _EVENT_ENDS = (b"\n\n", b"\r\n\r\n", b"\r\r")  # what ends an event (the blank line, in any line ending)
 
 
@@ -207,7 +207,7 @@ def _data_lines(events: bytes) -> list[tuple[int, int]]:
 def data_json(event: bytes) -> Any:
     """Decode the JSON carried by an event's `data:` line(s); None when there is none."""
     parts = []
-    for line in _LINE_END.split(event):
+    for line in LINE_END.split(event):
         if line.startswith(b"data:"):
             value = line[5:]
             parts.append(value[1:] if value.startswith(b" ") else value)
@@ -219,68 +219,6 @@ def data_json(event: bytes) -> Any:
         return None
 
 
-def error_of(event: bytes) -> dict[str, Any] | None:
-    """The `error` object of an upstream error event (`data: {"error": ...}`), if it is one."""
-    if b'"error"' not in event:
-        return None
-    data = data_json(event)
-    if isinstance(data, dict) and data.get("error") is not None:
-        error = data["error"]
-        return error if isinstance(error, dict) else {"message": str(error)}
-    return None
-
-
-def carries_usage(events: bytes) -> bool:
-    """Whether `events` may hold a usage object (the cheap check before `usage_of`, run on every chunk):
-    one search that `"prompt_tokens"` and `"input_tokens"` both pass (and a few others, which
-    `usage_of` then rules out)."""
-    return b'_tokens"' in events
-
-
-def usage_of(events: bytes) -> tuple[int, int] | None:
-    """(prompt, completion) tokens from a usage chunk among `events`, if one is there."""
-    if not carries_usage(events):
-        return None
-    found = None
-    for line in _LINE_END.split(events):
-        if line.startswith(b"data:") and (b'"prompt_tokens"' in line or b'"input_tokens"' in line):
-            found = usage_from(data_json(line)) or found
-    return found
-
-
-def usage_from(data: Any) -> tuple[int, int] | None:
-    """(prompt, completion) tokens from a decoded response object's `usage`."""
-    if not isinstance(data, dict):
-        return None
-    usage = data.get("usage")
-    for holder in ("x_groq", "response"):  # Groq's streamed usage; the Responses API's final event
-        if isinstance(usage, dict):
-            break
-        extra = data.get(holder)
-        usage = extra.get("usage") if isinstance(extra, dict) else None
-    if not isinstance(usage, dict):
-        return None
-    # Chat completions count prompt/completion tokens, the Responses API input/output tokens.
-    prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
-    completion = usage.get("completion_tokens", usage.get("output_tokens", 0))
-    if isinstance(prompt, int) and isinstance(completion, int) and not isinstance(prompt, bool):
-        return prompt, completion
-    return None
-
-
-_DONE_LINE = re.compile(rb"(?m)^data: ?\[DONE\]\r?$")
-
-
-def has_done(events: bytes) -> bool:
-    """True when a `data: [DONE]` line is among `events` (as a line of its own, not inside some text)."""
-    return b"[DONE]" in events and _DONE_LINE.search(events) is not None
-
-
 def data_event(data: Any) -> bytes:
     """One `data: <json>` event of our own."""
     return b"data: " + orjson.dumps(data) + b"\n\n"
-
-
-def error_event(message: str, *, error_type: str = "server_error", code: str | None = None) -> bytes:
-    """Our own terminal error event, in the shape the OpenAI SDKs raise on."""
-    return data_event({"error": {"message": message, "type": error_type, "param": None, "code": code}})

@@ -31,7 +31,7 @@ import orjson
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from manaproxy.failures import CALLERS, PASS_ON, TARGET, UpstreamFailure
+from manaproxy.failures import CALLERS, PASS_ON, TARGET, MidStreamFailure, UpstreamFailure
 
 
 @dataclass
@@ -313,15 +313,17 @@ def stream_bytes(
     status: int = 200,
     content_type: str = "text/event-stream",
     cut: bool = False,
+    headers: Mapping[str, str] | None = None,
 ) -> Behavior:
     """Send `pieces` verbatim, one write each with a pause between, so each tends to be its own TCP segment.
 
-    `cut`: drop the connection after the last piece instead of ending the body cleanly.
+    `cut`: drop the connection after the last piece instead of ending the body cleanly. `headers`: more
+    response headers.
     """
     parts = list(pieces)
 
     async def behave(request: web.Request, recorded: Recorded) -> web.StreamResponse:
-        response = web.StreamResponse(status=status, headers={"Content-Type": content_type})
+        response = web.StreamResponse(status=status, headers={**(headers or {}), "Content-Type": content_type})
         await response.prepare(request)
         for index, part in enumerate(parts):
             if index and pause:
@@ -554,20 +556,27 @@ class FaultyProvider:
 
     - `raises`: raises a RuntimeError, as a bug in a provider module would;
     - `breaks-contract`: returns something that is neither a `Reply` nor a `StreamReply`;
-    - `stream`: a stream of three events that ends complete;
+    - `stream`: a stream of three events that ends complete, reporting usage (3 prompt, 4 completion tokens);
     - `stream-held`: a stream that sends its first event, then nothing until it is closed;
+    - `stream-gated`: a stream that sends its first event, then the rest once the test sets `gate`;
     - `stream-raises`: a stream whose next event raises a RuntimeError after the first;
+    - `stream-fails`: a stream that fails after its first event as the contract says (`MidStreamFailure`);
+    - `stream-short`: a stream that ends after two events without its end (`[DONE]`), so incomplete;
     - `caller:<text>` / `fallback:<text>`: fails before the first byte with `<text>` (the client's own words
       when it names the model) as its reason, as the caller's error or as a failure that falls back.
 
     Its probe raises a RuntimeError when the provider's `probe` setting is `/raises`, and succeeds otherwise.
-    It counts its probes and records, for each stream, the `reuse` its `close` was called with.
+    It counts its probes and records, for each stream, the `reuse` its `close` was called with; it counts
+    the streams open (sent, not yet closed) and, for each `aclose`, how many were open then.
     """
 
     def __init__(self, config: Any, session: Any, redactor: Any, server: Any) -> None:
         self.config = config
         self.probes = 0
         self.closed_with: list[bool] = []
+        self.open_streams = 0
+        self.open_at_aclose: list[int] = []
+        self.gate = asyncio.Event()
 
     async def send(self, call: Any) -> Any:
         model = call.target.model
@@ -595,6 +604,9 @@ class FaultyProvider:
         if self.config.probe == "/raises":
             raise RuntimeError("a bug in the provider's probe")
 
+    async def aclose(self) -> None:
+        self.open_at_aclose.append(self.open_streams)
+
 
 class FaultyStream:
     """The stream of a `FaultyProvider` (see there)."""
@@ -606,18 +618,23 @@ class FaultyStream:
             {"id": "faulty-1", "model": resolved, "choices": [{"index": 0, "delta": {"content": "one"}}]}
         )
         self.complete = False
-        self.usage = None
+        self.usage: tuple[int, int] | None = None
         self._provider = provider
         self._model = model
         self._resolved = resolved
         self._closed = asyncio.Event()
+        provider.open_streams += 1
 
     async def events(self) -> Any:
         if self._model == "stream-held":
             await self._closed.wait()
+        if self._model == "stream-gated":
+            await self._provider.gate.wait()
         if self._model == "stream-raises":
             raise RuntimeError("a bug while relaying")
-        for word in ("two", "three"):
+        if self._model == "stream-fails":
+            raise MidStreamFailure("upstream_error", "the faulty upstream failed mid-stream")
+        for word in ("two",) if self._model == "stream-short" else ("two", "three"):
             yield sse_event(
                 {
                     "id": "faulty-1",
@@ -625,10 +642,15 @@ class FaultyStream:
                     "choices": [{"index": 0, "delta": {"content": word}}],
                 }
             )
+        if self._model == "stream-short":
+            return
         self.complete = True
+        self.usage = (3, 4)
         yield b"data: [DONE]\n\n"
 
     def close(self, *, reuse: bool) -> None:
+        if not self._closed.is_set():
+            self._provider.open_streams -= 1
         self._provider.closed_with.append(reuse)
         self._closed.set()
 
@@ -736,3 +758,299 @@ def tool_call_chunks(model: str, name: str, arguments: str, call_id: str = "call
     chunks = [{**head, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]} for delta in deltas]
     chunks.append({**head, "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]})
     return chunks
+
+
+# -- every provider kind, scripted alike: the provider contract suite (test_provider_contract.py) ---------------
+
+# Our provider key in the contract suite: of no known key shape, so only the configured key's redaction hides it.
+CONTRACT_KEY = "contract-provider-key-0123456789"
+CONTRACT_USAGE = (6, 4)  # (prompt, completion) tokens of every scripted answer that reports usage
+
+
+def headers_quoting(key: str) -> dict[str, str]:
+    """Response headers a client would get relayed (`headers.py`), each quoting `key`."""
+    return {"x-ratelimit-note": f"key {key} is near its limit", "x-request-id": key, "openai-echo": f"Bearer {key}"}
+
+
+class ScriptedKind:
+    """A provider kind and what stands behind it, scripted alike whatever the kind, so that one contract test
+    runs against every kind. Each script method sets up how the provider under test (named as its kind)
+    answers next; `model` is the model its chain entry names (the faulty kind plays a script by its model).
+    A kind that cannot play a script leaves it unimplemented: the suite runs each behaviour with the kinds it
+    applies to."""
+
+    name = ""
+    model = ""
+    usage = CONTRACT_USAGE  # what the scripted answers report
+
+    def spec(self) -> dict[str, Any]:
+        """The provider's settings (its key included)."""
+        raise NotImplementedError
+
+    def answer(self) -> None:
+        """An unstreamed answer reporting `usage`."""
+        raise NotImplementedError
+
+    def stream(self) -> None:
+        """A streamed answer of a few events, reporting `usage` when the request asks for it."""
+        raise NotImplementedError
+
+    def larger_answer(self, size: int) -> None:
+        """An unstreamed answer of more than `size` bytes."""
+        raise NotImplementedError
+
+    def larger_first_event(self, size: int) -> None:
+        """A stream whose first event is more than `size` bytes."""
+        raise NotImplementedError
+
+    def larger_later_event(self, size: int) -> None:
+        """A stream whose first event is small and whose second is more than `size` bytes."""
+        raise NotImplementedError
+
+    def cut_after_first(self) -> None:
+        """A stream that fails after its first event."""
+        raise NotImplementedError
+
+    def silent_after_first(self) -> None:
+        """A stream that sends its first event, then nothing, its connection open."""
+        raise NotImplementedError
+
+    def end_short(self) -> None:
+        """A stream whose body ends cleanly, but before the protocol's end (no `[DONE]`, no finish reason)."""
+        raise NotImplementedError
+
+    def silent_before_first(self) -> None:
+        """An answer that never begins."""
+        raise NotImplementedError
+
+    def stream_until_released(self) -> None:
+        """A stream that sends its first event, then the rest once `release` is called."""
+        raise NotImplementedError
+
+    def release(self, provider: Any) -> None:
+        raise NotImplementedError
+
+    def echo_key_error(self, status: int) -> None:
+        """An error with this status whose body and headers quote our key."""
+        raise NotImplementedError
+
+    def echo_key_answer(self, *, stream: bool) -> None:
+        """An answer whose headers quote our key."""
+        raise NotImplementedError
+
+    def echo_key_event(self) -> None:
+        """A stream whose second event is an error quoting our key."""
+        raise NotImplementedError
+
+    def upstream_hung_up(self, provider: Any) -> bool:
+        """Whether the upstream exchange of the latest request was torn down by us."""
+        raise NotImplementedError
+
+    def held(self, provider: Any) -> list[str]:
+        """What `provider` holds of its own that `aclose` must release, still open."""
+        raise NotImplementedError
+
+
+class OpenAIKind(ScriptedKind):
+    """The `openai` kind in front of a `FakeUpstream`."""
+
+    name = "openai"
+    model = "m1"
+
+    def __init__(self, upstream: FakeUpstream) -> None:
+        self.upstream = upstream
+        self._gate = asyncio.Event()
+
+    def _chunks(self, words: list[str], usage: tuple[int, int] | None = None) -> list[bytes]:
+        return [sse_event(chunk) for chunk in chat_chunks("upstream-name", words, usage=usage)]
+
+    def spec(self) -> dict[str, Any]:
+        return {"base_url": self.upstream.base_url, "api_key": CONTRACT_KEY}
+
+    def answer(self) -> None:
+        self.upstream.queue(json_reply(chat_completion("upstream-name", usage=self.usage)))
+
+    def stream(self) -> None:
+        self.upstream.queue(sse_reply(chat_chunks("upstream-name", ["Hel", "lo", "!"], usage=self.usage)))
+
+    def larger_answer(self, size: int) -> None:
+        self.upstream.queue(json_reply(chat_completion("upstream-name", "x" * size)))
+
+    def larger_first_event(self, size: int) -> None:
+        self.upstream.queue(stream_bytes([*self._chunks(["x" * size, "end"])[1:], b"data: [DONE]\n\n"]))
+
+    def larger_later_event(self, size: int) -> None:
+        self.upstream.queue(stream_bytes([*self._chunks(["one ", "x" * size, "end"]), b"data: [DONE]\n\n"]))
+
+    def cut_after_first(self) -> None:
+        self.upstream.queue(sse_reply(chat_chunks("upstream-name", ["one ", "two ", "three"]), cut_after=2))
+
+    def silent_after_first(self) -> None:
+        self.upstream.queue(sse_reply(chat_chunks("upstream-name", ["one ", "two ", "three"]), hang_after=2))
+
+    def silent_before_first(self) -> None:
+        self.upstream.queue(hang())
+
+    def end_short(self) -> None:
+        self.upstream.queue(sse_reply(chat_chunks("upstream-name", ["one ", "two"]), done=False))
+
+    def stream_until_released(self) -> None:
+        events = self._chunks(["one ", "two"])
+        self.upstream.queue(stream_bytes_after(events[:1], self._gate, [*events[1:], b"data: [DONE]\n\n"]))
+
+    def release(self, provider: Any) -> None:
+        self._gate.set()
+
+    def echo_key_error(self, status: int) -> None:
+        body = error_body(f"rejected key {CONTRACT_KEY}")
+        self.upstream.queue(json_reply(body, status=status, headers=headers_quoting(CONTRACT_KEY)))
+
+    def echo_key_answer(self, *, stream: bool) -> None:
+        headers = headers_quoting(CONTRACT_KEY)
+        if stream:
+            events = [*self._chunks(["Hel", "lo"]), b"data: [DONE]\n\n"]
+            self.upstream.queue(stream_bytes(events, headers=headers))
+        else:
+            self.upstream.queue(json_reply(chat_completion("upstream-name"), headers=headers))
+
+    def echo_key_event(self) -> None:
+        error = sse_event(error_body(f"upstream rejected key {CONTRACT_KEY} mid-answer"))
+        self.upstream.queue(stream_bytes([*self._chunks(["one "])[:2], error]))
+
+    def upstream_hung_up(self, provider: Any) -> bool:
+        return self.upstream.requests[-1].disconnected.is_set()
+
+    def held(self, provider: Any) -> list[str]:
+        return []  # its connections are pooled in the application's session
+
+
+class GoogleKind(ScriptedKind):
+    """The `google` kind (google-genai) in front of a `FakeGemini`."""
+
+    name = "google"
+    model = GEMINI_MODEL
+
+    def __init__(self, gemini: FakeGemini) -> None:
+        self.gemini = gemini
+        self._gate = asyncio.Event()
+
+    def spec(self) -> dict[str, Any]:
+        return {"kind": "google", "base_url": self.gemini.base_url, "api_key": CONTRACT_KEY}
+
+    def answer(self) -> None:
+        self.gemini.queue(json_reply(gemini_answer("Hello!", usage=self.usage)))
+
+    def stream(self) -> None:
+        self.gemini.queue(gemini_stream(gemini_chunks(["Hel", "lo", "!"], usage=self.usage)))
+
+    def larger_answer(self, size: int) -> None:
+        self.gemini.queue(json_reply(gemini_answer("x" * size)))
+
+    def larger_first_event(self, size: int) -> None:
+        self.gemini.queue(gemini_stream([gemini_answer("x" * size, finish=None, usage=None), gemini_answer("end")]))
+
+    def larger_later_event(self, size: int) -> None:
+        # Written apart (`stream_bytes` pauses between writes): the SDK reads ahead, and a first read that
+        # holds the start of the large event too fails before the first event, which is the other case.
+        chunks = [gemini_answer("one ", finish=None, usage=None), gemini_answer("x" * size), gemini_answer("end")]
+        self.gemini.queue(stream_bytes([b"data: " + orjson.dumps(chunk) + b"\r\n\r\n" for chunk in chunks], pause=0.05))
+
+    def cut_after_first(self) -> None:
+        self.gemini.queue(gemini_stream(gemini_chunks(["one ", "two ", "three"]), cut_after=1))
+
+    def silent_after_first(self) -> None:
+        self.gemini.queue(gemini_stream(gemini_chunks(["one ", "two ", "three"]), hang_after=1))
+
+    def silent_before_first(self) -> None:
+        self.gemini.queue(hang())
+
+    def end_short(self) -> None:
+        self.gemini.queue(gemini_stream([gemini_answer(word, finish=None, usage=None) for word in ("one ", "two")]))
+
+    def stream_until_released(self) -> None:
+        events = [b"data: " + orjson.dumps(chunk) + b"\r\n\r\n" for chunk in gemini_chunks(["one ", "two"])]
+        self.gemini.queue(stream_bytes_after(events[:1], self._gate, events[1:]))
+
+    def release(self, provider: Any) -> None:
+        self._gate.set()
+
+    def echo_key_error(self, status: int) -> None:
+        names = {400: "INVALID_ARGUMENT", 429: "RESOURCE_EXHAUSTED", 503: "UNAVAILABLE"}
+        error = {"code": status, "message": f"rejected key {CONTRACT_KEY}", "status": names.get(status, "INTERNAL")}
+        self.gemini.queue(json_reply({"error": error}, status=status, headers=headers_quoting(CONTRACT_KEY)))
+
+    def echo_key_answer(self, *, stream: bool) -> None:
+        headers = headers_quoting(CONTRACT_KEY)
+        if stream:
+            events = [b"data: " + orjson.dumps(chunk) + b"\r\n\r\n" for chunk in gemini_chunks(["Hel", "lo"])]
+            self.gemini.queue(stream_bytes(events, headers=headers))
+        else:
+            self.gemini.queue(json_reply(gemini_answer("Hello!"), headers=headers))
+
+    def echo_key_event(self) -> None:
+        first = b"data: " + orjson.dumps(gemini_answer("one ", finish=None, usage=None)) + b"\r\n\r\n"
+        error = {"error": {"code": 500, "message": f"upstream rejected key {CONTRACT_KEY}", "status": "INTERNAL"}}
+        self.gemini.queue(stream_bytes([first, b"data: " + orjson.dumps(error) + b"\r\n\r\n"]))
+
+    def upstream_hung_up(self, provider: Any) -> bool:
+        return self.gemini.requests[-1].disconnected.is_set()
+
+    def held(self, provider: Any) -> list[str]:
+        api = provider._client._api_client
+        clients = {"the SDK's async HTTP client": api._async_httpx_client, "the SDK's HTTP client": api._httpx_client}
+        held = [name for name, client in clients.items() if client is not None and not client.is_closed]
+        return held + [f"{len(provider._closing)} stream(s) being closed"] * bool(provider._closing)
+
+
+class FaultyKind(ScriptedKind):
+    """The faulty test kind (`FaultyProvider`): no upstream, each script a model it plays."""
+
+    name = "faulty"
+    model = "stream"
+    usage = (3, 4)
+
+    def spec(self) -> dict[str, Any]:
+        return {"kind": "faulty", "base_url": "http://127.0.0.1:9/v1", "api_key": CONTRACT_KEY}
+
+    def stream(self) -> None:
+        self.model = "stream"
+
+    def cut_after_first(self) -> None:
+        self.model = "stream-fails"
+
+    def silent_after_first(self) -> None:
+        self.model = "stream-held"
+
+    def end_short(self) -> None:
+        self.model = "stream-short"
+
+    def stream_until_released(self) -> None:
+        self.model = "stream-gated"
+
+    def release(self, provider: Any) -> None:
+        provider.gate.set()
+
+    def upstream_hung_up(self, provider: Any) -> bool:
+        return provider.closed_with[-1:] == [False]
+
+    def held(self, provider: Any) -> list[str]:
+        if not provider.open_at_aclose:
+            return ["the provider (not closed)"]
+        return [f"{open_streams} stream(s) open at aclose" for open_streams in provider.open_at_aclose if open_streams]
+
+
+def stream_bytes_after(before: list[bytes], gate: asyncio.Event, after: list[bytes]) -> Behavior:
+    """An SSE body: `before`, then, once `gate` is set, `after`."""
+
+    async def behave(request: web.Request, recorded: Recorded) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for part in before:
+            await response.write(part)
+        await gate.wait()
+        for part in after:
+            await response.write(part)
+        await response.write_eof()
+        return response
+
+    return behave

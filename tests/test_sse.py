@@ -1,4 +1,4 @@
-"""`sse.py`: event splitting across arbitrary chunk boundaries, the bytes-level `model` rewrite, helpers.
+"""`sse.py`: event splitting across arbitrary chunk boundaries, the bytes-level `model` rewrite.
 
 The rewrite is checked two ways: a table of hand-written events (key orders of real servers, escapes,
 things that must stay byte-identical), and a seeded property test over random chunks built with orjson.
@@ -15,17 +15,8 @@ import orjson
 import pytest
 
 from manaproxy import sse
-from manaproxy.sse import (
-    DONE_EVENT,
-    EventBuffer,
-    ModelRewriter,
-    data_json,
-    error_event,
-    error_of,
-    has_done,
-    is_data_event,
-    usage_of,
-)
+from manaproxy.protocols import DONE_EVENT
+from manaproxy.sse import EventBuffer, ModelRewriter, data_json, is_data_event
 
 from .fakes import stream_bytes
 from .helpers import CHAT, chat
@@ -390,115 +381,6 @@ def test_property_rewrite_of_split_streams() -> None:
         decoded = [orjson.loads(line[6:]) for line in out.split(b"\n\n") if line.startswith(b"data: {")]
         assert decoded == [{**obj, "model": RESOLVED} for obj in objects]
         assert out.endswith(DONE_EVENT)
-
-
-# -- helpers --------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("event", "expected"),
-    [
-        (
-            b'data: {"error": {"message": "overloaded", "type": "server_error"}}\n\n',
-            {
-                "message": "overloaded",
-                "type": "server_error",
-            },
-        ),
-        (b'data: {"error": "boom"}\n\n', {"message": "boom"}),
-        (b'data: {"error": 5}\r\n\r\n', {"message": "5"}),
-        (b'event: error\ndata: {"error": {"message": "x"}}\n\n', {"message": "x"}),
-        (b'data: {"choices": [], "error": null}\n\n', None),
-        (b'data: {"meta": {"error": {"message": "x"}}}\n\n', None),
-        (b': "error"\n\n', None),
-        (b'data: "error" not json\n\n', None),
-        (data(chunk(content="error")), None),
-        (DONE_EVENT, None),
-    ],
-)
-def test_error_of(event: bytes, expected: dict[str, Any] | None) -> None:
-    assert error_of(event) == expected
-
-
-GROQ_USAGE_CHUNK = {
-    "id": "c1",
-    "model": "llama",
-    "choices": [{"delta": {}, "finish_reason": "stop"}],
-    "x_groq": {"id": "req_1", "usage": {"prompt_tokens": 10, "completion_tokens": 4, "total_tokens": 14}},
-}
-
-
-@pytest.mark.parametrize(
-    ("events", "expected"),
-    [
-        (data(chunk(usage={"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5})), (3, 2)),
-        (data(GROQ_USAGE_CHUNK), (10, 4)),
-        (data({**GROQ_USAGE_CHUNK, "usage": None}), (10, 4)),
-        (data(chunk(usage={"prompt_tokens": 7})), (7, 0)),
-        (data(chunk(usage={"prompt_tokens": 3, "completion_tokens": 2}), sep=b"\r\n\r\n"), (3, 2)),
-        (
-            data(chunk(usage={"prompt_tokens": 1, "completion_tokens": 1}))
-            + data(chunk(usage={"prompt_tokens": 9, "completion_tokens": 8}))
-            + DONE_EVENT,
-            (9, 8),
-        ),
-        (data(chunk()) + DONE_EVENT, None),
-        (data(chunk(content='"prompt_tokens": 3')), None),
-        (data(chunk(usage={"prompt_tokens": True, "completion_tokens": 1})), None),
-        (data(chunk(usage={"prompt_tokens": "3", "completion_tokens": 1})), None),
-        (b': "prompt_tokens": 3\n\n', None),
-        (b'data: {"usage": {"prompt_tokens": 3,\n\n', None),
-    ],
-)
-def test_usage_of(events: bytes, expected: tuple[int, int] | None) -> None:
-    assert usage_of(events) == expected
-
-
-@pytest.mark.parametrize(
-    ("events", "expected"),
-    [
-        (DONE_EVENT, True),
-        (b"data:[DONE]\n\n", True),
-        (b"data: [DONE]\r\n\r\n", True),
-        (data(chunk()) + DONE_EVENT, True),
-        (data(chunk()), False),
-        (b": [DONE]\n\n", False),
-        (b"data: [DON", False),
-    ],
-)
-def test_has_done(events: bytes, expected: bool) -> None:
-    assert has_done(events) is expected
-
-
-def test_has_done_ignores_done_text_inside_content() -> None:
-    # A model explaining OpenAI streaming writes exactly this text; a stream cut after it must not
-    # count as complete (proxy.py would then end it without an error event).
-    assert has_done(data(chunk(content="the stream ends with data: [DONE] and a blank line"))) is False
-
-
-def test_error_event_shape() -> None:
-    event = error_event("upstream x/y failed mid-stream: boom", code="upstream_error")
-    assert event.startswith(b"data: ")
-    assert event.endswith(b"\n\n")
-    assert event.count(b"\n") == 2
-    assert orjson.loads(event[6:]) == {
-        "error": {
-            "message": "upstream x/y failed mid-stream: boom",
-            "type": "server_error",
-            "param": None,
-            "code": "upstream_error",
-        }
-    }
-    assert error_of(event) == orjson.loads(event[6:])["error"]
-    assert not has_done(event)
-
-
-def test_error_event_escapes_hostile_message() -> None:
-    event = error_event('a\n\ndata: [DONE]\n\n"}', error_type="timeout_error")
-    assert event.count(b"\n") == 2  # newlines in the message cannot end the event early
-    assert orjson.loads(event[6:])["error"]["message"] == 'a\n\ndata: [DONE]\n\n"}'
-    assert orjson.loads(event[6:])["error"]["type"] == "timeout_error"
-    assert orjson.loads(event[6:])["error"]["code"] is None
 
 
 # -- the line scan behind the slow path: linear whatever the line endings ------------------------

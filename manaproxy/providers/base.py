@@ -125,7 +125,39 @@ class StreamReply(Protocol):
 
 
 class Provider(Protocol):
-    """One provider kind (openai passthrough, google translation); see `config.KINDS`."""
+    """One provider kind (openai passthrough, google translation); see `config.KINDS`.
+
+    Made by `build_provider(config, session, redactor, server)`. What every kind owes the request path —
+    and what `tests/test_provider_contract.py` runs against every kind alike (a new kind joins that suite's
+    parametrisation and passes it before it ships):
+
+    - **Client-ready answers.** `send` returns a `Reply` or a `StreamReply` whose bytes go to the client as
+      they are: their `model` is the resolved target (`str(call.target)`), never the upstream's name; their
+      usage is counted (`usage`: what `mana_llm_tokens_total` and the request log line report); a stream
+      knows whether its protocol's end went by (`complete`).
+    - **Bounded answers** (the `server` settings it was built with). An unstreamed answer larger than
+      `server.max_response_bytes`, or a stream whose first event is larger than `server.max_event_bytes`,
+      fails the attempt before anything reached the client (`UpstreamFailure` with `too_large`, which falls
+      back: the chain moves on); a later event past `max_event_bytes` is a `MidStreamFailure`. Nothing is
+      read or buffered past either bound.
+    - **Timeouts** (`config.timeouts`): `connect` bounds setting up the connection, `first_byte` the wait
+      for a stream's first event, `idle` every gap between a stream's later events (`MidStreamFailure`
+      `idle_timeout`), `total` the whole exchange. Before the first event each is an `UpstreamFailure`.
+    - **One failure taxonomy.** Every upstream failure before the first event is an `UpstreamFailure`
+      (classified by `classify_status` and the helpers here); after it `events()` raises
+      `MidStreamFailure` — the proxy then ends the stream with one error event in the protocol's shape and
+      no end marker — and never yields an error event or an end marker of its own for an incomplete answer.
+    - **Keys redacted.** Whatever the upstream says goes through the `redactor` before it is relayed or
+      logged — error bodies, response headers, the message of an error event — so no provider key reaches
+      a client, a log line or a metric, even when the upstream echoes one.
+    - **Connections released.** `StreamReply.close(reuse=False)` tears the upstream exchange down at once (a
+      client that left stops the generation it was paying for); `reuse=True`, after a clean end, may pool it.
+    - **`aclose()`** releases what the kind holds of its own — sessions, SDK clients, background tasks — and
+      may be called more than once. It never closes the application's `session`, which the providers of the
+      next runtime share. The runtime calls it once every request that started on the provider's runtime has
+      ended (after a reload, `Gateway.apply`) and at shutdown. A probe or a model listing may still hold the
+      provider for its own timeout: a call after `aclose` answers or fails as an `UpstreamFailure`.
+    """
 
     config: ProviderConfig
 
@@ -139,4 +171,8 @@ class Provider(Protocol):
 
     async def probe(self, timeout: float) -> None:
         """A health check that spends no tokens; raises `UpstreamFailure` when unhealthy."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release what the kind holds of its own (never the application's session); idempotent."""
         ...

@@ -31,19 +31,18 @@ from ..body import SplicedPayload
 from ..config import ProviderConfig, ServerSettings
 from ..headers import to_client, to_upstream
 from ..jsonmodel import HEAD, model_span, replace_model
-from ..protocols import RESPONSES, StreamProtocol
-from ..redact import Redactor
-from ..sse import (
+from ..protocols import (
     DONE_EVENT,
-    EventBuffer,
-    ModelRewriter,
+    RESPONSES,
+    StreamProtocol,
     carries_usage,
-    data_json,
     error_of,
     has_done,
     usage_from,
     usage_of,
 )
+from ..redact import Redactor
+from ..sse import EventBuffer, ModelRewriter, data_json
 from .base import Call, ListedModel, MidStreamFailure, Reply, UpstreamFailure, Usage, translate_errors
 
 _ERROR_BODY_LIMIT = 1 << 20  # an error body is read (and decoded) this far at most
@@ -164,13 +163,27 @@ class OpenAIStream:
         our key); the failure returned makes the proxy end the stream with its one error event instead.
         """
         failure = None
+        if len(events) > self._max_event:  # only then can one of them be past the bound: a whole one in one read
+            events, failure = self._until_too_large(events)
         if b'"error"' in events:  # the cheap check; the events are cut and read only when it passes
-            events, failure = self._until_error(events)
+            events, error = self._until_error(events)
+            failure = error or failure  # an error event before the oversized one ends the stream first
         if not self.complete and self._protocol.ended_by(events):
             self.complete = True
         if carries_usage(events):
             self.usage = usage_of(events) or self.usage
         return self._rewriter.rewrite(events), failure
+
+    def _until_too_large(self, events: bytes) -> tuple[bytes, MidStreamFailure | None]:
+        """`events` up to the first event larger than `max_event_bytes`, and that event as a failure."""
+        start = 0
+        for boundary in _BOUNDARY.finditer(events):
+            if boundary.end() - start > self._max_event:
+                return events[:start], MidStreamFailure(
+                    "upstream_error", f"upstream event larger than {self._max_event} bytes"
+                )
+            start = boundary.end()
+        return events, None
 
     def _until_error(self, events: bytes) -> tuple[bytes, MidStreamFailure | None]:
         """`events` up to the first upstream error event, and that event as a failure (its message redacted)."""
@@ -268,6 +281,10 @@ class OpenAIProvider:
 
     def __repr__(self) -> str:
         return f"<OpenAIProvider {self.config.name} {self.config.base_url}>"
+
+    async def aclose(self) -> None:
+        """Nothing of its own to release: its connections are pooled in the application's session, and each
+        stream releases its own (`OpenAIStream.close`)."""
 
     async def send(self, call: Call) -> Reply | OpenAIStream:
         body = call.body.with_model(call.target.model)

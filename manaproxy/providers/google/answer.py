@@ -16,7 +16,8 @@ from typing import Any
 import orjson
 from google.genai import types
 
-from ...sse import DONE_EVENT, data_event
+from ...protocols import DONE_EVENT
+from ...sse import data_event
 
 # Gemini finish reasons that mean "stopped by a content policy"; MAX_TOKENS is `length`; the rest `stop`.
 _CONTENT_FILTER = frozenset(

@@ -11,6 +11,7 @@ is raised in the SDK's read and the provider turns it into the same failure the 
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -20,6 +21,7 @@ from ...config import ServerSettings
 
 # What ends an event for the SDK: a blank line, the SDK splitting on LF and stripping a CR.
 _EVENT_ENDS = (b"\n\n", b"\n\r\n")
+_EVENT_END = re.compile(rb"\n\r?\n")  # the same, as one pattern
 
 
 class AnswerTooLarge(Exception):
@@ -55,16 +57,26 @@ class _BoundedContent:
         return self._events()
 
     async def _events(self) -> AsyncIterator[bytes]:
-        """The body's chunks as they come, counting the bytes of the event being read (linear: each chunk is
-        searched once, with the 2 bytes before it for a blank line split across chunks)."""
-        pending = 0  # bytes since the last blank line
+        """The body's chunks as they come, counting the bytes of each event (linear: each chunk is searched
+        once, with the 2 bytes before it for a blank line split across chunks). A chunk that could hold an
+        event past the bound has every event it ends measured: a whole event may come in one read."""
+        limit = self._max_event
+        pending = 0  # bytes of the event being read (since the last blank line)
         tail = b""
         async for chunk in self._content.iter_any():
             window = tail + chunk
-            end = max((index + len(sep) if (index := window.rfind(sep)) != -1 else 0) for sep in _EVENT_ENDS)
-            pending = len(window) - end if end else pending + len(chunk)
-            if pending > self._max_event:
-                raise AnswerTooLarge(f"google event larger than {self._max_event} bytes")
+            if pending + len(chunk) > limit:
+                start = len(tail) - pending  # where the event being read began, in `window` (< 0: before it)
+                for boundary in _EVENT_END.finditer(window):
+                    if boundary.end() - start > limit:
+                        raise AnswerTooLarge(f"google event larger than {limit} bytes")
+                    start = boundary.end()
+                pending = len(window) - start
+            else:
+                end = max((index + len(sep) if (index := window.rfind(sep)) != -1 else 0) for sep in _EVENT_ENDS)
+                pending = len(window) - end if end else pending + len(chunk)
+            if pending > limit:
+                raise AnswerTooLarge(f"google event larger than {limit} bytes")
             tail = window[-2:]
             yield chunk
 

@@ -12,9 +12,10 @@ it bounds a stream as a whole. The SDK's retries are off (one attempt): retrying
 Sizes: `server.max_response_bytes` bounds an unstreamed answer, `server.max_event_bytes` one event of a
 stream, as for the openai kind (`bounds.py`: enforced under the SDK, as it reads).
 
-One `genai.Client` per provider object. Its aiohttp session is the SDK's own unless an application
-session is passed in; `aclose()` releases it, and the SDK's own finalizer closes it when a reload drops
-the provider.
+One `genai.Client` per provider object, its requests pooled in the application's aiohttp session. The
+SDK's abandoned streams are closed in tasks of the provider's own; `aclose()` (called by the runtime once
+a reload's old providers are done with, and at shutdown) waits for those and closes what the client holds
+besides the application's session.
 """
 
 from __future__ import annotations
@@ -47,8 +48,6 @@ from .failures import bad_request, google_errors
 
 _API_VERSIONS = ("v1", "v1beta", "v1alpha")
 _SERVABLE_ACTIONS = frozenset({"generateContent", "streamGenerateContent", "embedContent", "batchEmbedContents"})
-# Tasks closing abandoned SDK streams; held here so the loop does not drop them half-way.
-_CLOSING: set[asyncio.Task[None]] = set()
 
 
 @functools.cache
@@ -103,19 +102,31 @@ async def _aclose(stream: Any) -> None:
         await stream.aclose()
 
 
-def _close_later(stream: Any) -> None:
-    """Close an SDK stream generator (releasing its connection) without awaiting it here."""
+def _close_later(stream: Any, closing: set[asyncio.Task[None]]) -> None:
+    """Close an SDK stream generator (releasing its connection) without awaiting it here; the task is held
+    in `closing` (the provider's) so the loop does not drop it half-way and `aclose` can wait for it."""
     if not hasattr(stream, "aclose"):
         return
     task = asyncio.get_running_loop().create_task(_aclose(stream))
-    _CLOSING.add(task)
-    task.add_done_callback(_CLOSING.discard)
+    closing.add(task)
+    task.add_done_callback(closing.discard)
 
 
 class GoogleStream:
     """A Gemini stream past its first chunk, relayed as OpenAI chunk events."""
 
-    __slots__ = ("_ended", "_idle", "_stream", "_translator", "complete", "first", "headers", "status", "usage")
+    __slots__ = (
+        "_closing",
+        "_ended",
+        "_idle",
+        "_stream",
+        "_translator",
+        "complete",
+        "first",
+        "headers",
+        "status",
+        "usage",
+    )
 
     def __init__(
         self,
@@ -123,6 +134,7 @@ class GoogleStream:
         translator: answer.ChunkTranslator,
         first: bytes,
         idle: float,
+        closing: set[asyncio.Task[None]],
     ) -> None:
         self.status = 200
         self.headers: list[tuple[str, str]] = []  # the SDK's HTTP exchange is its own
@@ -133,6 +145,7 @@ class GoogleStream:
         self._translator = translator
         self._idle = idle
         self._ended = False
+        self._closing = closing
 
     async def events(self) -> AsyncGenerator[bytes, None]:
         stream = self._stream
@@ -167,7 +180,7 @@ class GoogleStream:
     def close(self, *, reuse: bool) -> None:
         if not self._ended:
             self._ended = True
-            _close_later(self._stream)
+            _close_later(self._stream, self._closing)
 
 
 class GoogleProvider:
@@ -187,6 +200,8 @@ class GoogleProvider:
         self.session = session
         self._client: genai.Client | None = None
         self._client_error = "provider is not configured (empty api_key)"
+        self._closing: set[asyncio.Task[None]] = set()  # abandoned SDK streams being closed
+        self._closed = False
         if config.configured:
             try:
                 self._client = genai.Client(
@@ -201,7 +216,13 @@ class GoogleProvider:
         return f"<GoogleProvider {self.config.name} {self.config.base_url or 'default endpoint'}>"
 
     async def aclose(self) -> None:
-        """Release what the SDK holds besides the application's session."""
+        """Wait for the abandoned streams being closed, then release what the SDK client holds besides the
+        application's session (its own HTTP clients); once only."""
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
+        if self._closed:
+            return
+        self._closed = True
         if self._client is not None:
             await self._client.aio.aclose()
             self._client.close()
@@ -273,9 +294,9 @@ class GoogleProvider:
                 first = translator.translate(response)
         except BaseException:
             if stream is not None:
-                _close_later(stream)
+                _close_later(stream, self._closing)
             raise
-        return GoogleStream(stream, translator, first, self.config.timeouts.idle)
+        return GoogleStream(stream, translator, first, self.config.timeouts.idle, self._closing)
 
     async def _embed(self, call: Call) -> Reply:
         try:

@@ -28,7 +28,7 @@ check:  ## validate $(CONFIG) without serving
 test:  ## the whole suite
 	$(BIN)/python -m pytest
 
-lint:  ## ruff (lint + format check) and mypy --strict
+lint:  ## ruff (lint + format check) and mypy --strict (manaproxy and bench, setup.cfg [mypy])
 	$(BIN)/ruff check manaproxy tests bench
 	$(BIN)/ruff format --check manaproxy tests bench
 	$(BIN)/mypy

@@ -2,7 +2,7 @@
 
 `python bench/chaos.py [--requests 2000] [--concurrency 32] [--rate 40] [--seed 1] [--max-seconds 60]
 [--stream-share 0.5] [--sighup-every S] [--keep-logs]` (docs/chaos.md has the long version):
-- starts four fault-injecting upstreams (bench/chaos_upstream.py, one process each; `gamma` stops listening
+- starts four fault-injecting upstreams (bench/upstream.py, one process each; `gamma` stops listening
   for 1 s every 5 s) and `python -m manaproxy serve` from this checkout with a generated config: short
   timeouts, a quick breaker, three aliases whose chains cross the upstreams;
 - drives the requests through it (bench/chaos_load.py) and classifies every answer: complete (and of
@@ -66,7 +66,7 @@ IDLE_AFTER = 3.0
 @dataclass(frozen=True, slots=True)
 class Upstream:
     name: str
-    mix: str  # fault=weight,... (bench/chaos_upstream.py)
+    mix: str  # fault=weight,... (bench/upstream.py)
     role: str
     flap_every: float = 0.0
     flap_down: float = 1.0
@@ -295,9 +295,10 @@ class Chaos:
         python = sys.executable
         for upstream in UPSTREAMS:
             port = free_port()
-            argv = [python, str(ROOT / "bench" / "chaos_upstream.py"), "--name", upstream.name, "--port", str(port)]
-            # Each upstream's draws are seeded by the seed and its name (bench/chaos_upstream.py).
+            argv = [python, str(ROOT / "bench" / "upstream.py"), "--name", upstream.name, "--port", str(port)]
+            # Each upstream's draws are seeded by the seed and its name (bench/upstream.py).
             argv += ["--seed", str(self.args.seed), "--mix", upstream.mix, "--hang-seconds", f"{HANG_SECONDS:g}"]
+            argv += ["--tokens", "4-16"]
             if upstream.flap_every:
                 argv += ["--flap-every", f"{upstream.flap_every:g}", "--flap-down", f"{upstream.flap_down:g}"]
             service = Service(upstream.name, argv, self.workdir / f"{upstream.name}.log", child_env(self.workdir))
@@ -329,7 +330,7 @@ class Chaos:
         for name, port in self.upstream_ports.items():
             for _ in range(5):  # gamma may be down for a second
                 try:
-                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/chaos/stats", timeout=2) as resp:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/stats", timeout=2) as resp:
                         stats[name] = json.loads(resp.read())
                     break
                 except (urllib.error.URLError, ConnectionError, TimeoutError):

@@ -3,7 +3,7 @@ against the bare passthrough (bench/bare.py: the floor) and against LiteLLM's pr
 on one machine, in one run, against one fake upstream.
 
 Method (docs/bench.md has the long version):
-- every system runs as its own process: fake upstreams (bench/fake_upstream.py), bare, manaproxy, LiteLLM;
+- every system runs as its own process: fake upstreams (bench/upstream.py), bare, manaproxy, LiteLLM;
 - unstreamed scenarios are driven by wrk (bench/wrk_post.lua), streamed ones by bench/loadgen.py;
 - each (scenario, target) gets a warm-up, then a timed run; trials go round-robin over scenarios and
   targets, so background load from other work on the machine falls on every target alike; figures

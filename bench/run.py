@@ -29,7 +29,6 @@ import json
 import math
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -42,7 +41,7 @@ from typing import Any
 import aiohttp
 from goals import goals_table
 from hotspots import parse_raw, start_recording, summarize
-from procs import Service, machine_busy, memory_kib, set_affinity, unwind_on_signals
+from procs import Service, children_cpu, machine_busy, memory_kib, set_affinity, unwind_on_signals
 from promhist import Histogram
 from report import (
     Scenario,
@@ -272,11 +271,11 @@ class Bench:
         before = scrape_overhead(target) if target.name == "manaproxy" else None
         cpu_before = {s.name: s.cpu_seconds() for s in self.services}
         busy_before, _ = machine_busy()
-        children_before = _children_cpu()
+        children_before = children_cpu()
         wall = time.perf_counter()
         figures = self.drive(target, scenario, self.args.duration)
         wall = time.perf_counter() - wall
-        children = _children_cpu() - children_before
+        children = children_cpu() - children_before
         busy, _ = machine_busy()
         cpu = {s.name: s.cpu_seconds() - cpu_before[s.name] for s in self.services}
         if before is not None:
@@ -329,11 +328,6 @@ class Bench:
         summary = summarize(parse_raw(raw_path.read_text()))
         summary["raw"] = str(raw_path.relative_to(ROOT))
         return summary
-
-
-def _children_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
 
 
 def _venv_tool(name: str) -> str | None:

@@ -24,7 +24,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -38,7 +37,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from procs import Service, free_port, machine_busy, percentile, unwind_on_signals
+from procs import Service, children_cpu, free_port, machine_busy, percentile, unwind_on_signals
 from prometheus_client.parser import text_string_to_metric_families
 from targets import ROOT, Pin, child_env
 
@@ -228,14 +227,14 @@ class Run:
             hedged_before = hedged_counts(self._get(f"{base}/metrics"), variant.alias)
             cpu_before = {svc.name: svc.cpu_seconds() for svc in self.services}
             busy_before, _ = machine_busy()
-            children_before = _children_cpu()
+            children_before = children_cpu()
             wall = time.perf_counter()
             raw = self.drive(base, variant.alias, s.requests)
             upstream = self.upstream_stats()
             wall = time.perf_counter() - wall
             busy, _ = machine_busy()
             ours = sum(svc.cpu_seconds() - cpu_before.get(svc.name, 0.0) for svc in self.services)
-            foreign = (busy - busy_before - ours - (_children_cpu() - children_before)) / wall
+            foreign = (busy - busy_before - ours - (children_cpu() - children_before)) / wall
             hedged_after = hedged_counts(self._get(f"{base}/metrics"), variant.alias)
             figures.update(summarize(raw, upstream))
             figures["hedged"] = {k: hedged_after.get(k, 0) - hedged_before.get(k, 0) for k in hedged_after}
@@ -249,11 +248,6 @@ class Run:
             f"  extra {figures['extra_pct']:.1f} %  served {figures['served']}"
         )
         return figures
-
-
-def _children_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
 
 
 def hedged_counts(metrics_text: str, alias: str) -> dict[str, float]:

@@ -29,8 +29,8 @@ once (`handler_cancellation`, as a model server aborts a generation nobody reads
 
 `--protocol` swaps aiohttp for a bare `asyncio.Protocol` with one timer callback per event writing prebuilt
 HTTP/1.1 chunks, for the `scale` scenario (aiohttp spends ≈20 µs per event: 10,000 streams at 10 events/s
-would need two cores for the upstream alone): `ok` answers only, events on a fixed schedule from the request's
-arrival, keep-alive without pipelining, and a client's FIN answered with a reset so that thousands of pooled
+would need two cores for the upstream alone): chat and models only, `ok` answers of a fixed length, events on
+a fixed schedule from the request's arrival, keep-alive without pipelining, and a client's FIN answered with a reset so that thousands of pooled
 connections closed by a proxy leave no TIME_WAIT behind. Not part of manaproxy: a bench tool.
 """
 
@@ -98,7 +98,7 @@ class Upstream:
     late_s: float = 2.0
     mix: dict[str, float] = field(default_factory=lambda: {"ok": 1.0})
     hang_s: float = 6.0
-    rng: random.Random = field(init=False)
+    rng: random.Random = field(init=False, repr=False)
     injected: Counter[str] = field(default_factory=Counter)  # faults drawn
     received: int = 0  # chat requests that reached the handler
     completed: int = 0  # answered as drawn, to the end
@@ -106,7 +106,7 @@ class Upstream:
     in_flight: int = 0
     flaps: int = 0
     dropped_connections: int = 0  # reset by a flap
-    ids: count[int] = field(default_factory=count)
+    ids: count[int] = field(default_factory=count, repr=False)
 
     def __post_init__(self) -> None:
         self.reset(self.seed)

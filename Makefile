@@ -6,7 +6,7 @@ CONFIG ?= aliases.yaml
 HOST   ?= 127.0.0.1
 PORT   ?= 3025
 
-.PHONY: install run test lint format demo bench chaos check clean
+.PHONY: install bench-deps run test lint format demo bench chaos check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,11 @@ install: $(BIN)/python  ## venv + editable install with test extras, and the Nod
 	@if command -v npm >/dev/null; then npm ci --prefix tests/node --no-audit --no-fund --loglevel=error; \
 	else echo "npm not found: the Node openai SDK tests will be skipped"; fi
 
+# The fake upstream of demo, bench and chaos needs the `bench` extra (aiohttp-sse; py-spy for bench's profile),
+# which `make install` leaves out: installed here on first use.
+bench-deps: $(BIN)/python
+	@$(BIN)/python -c 'import aiohttp_sse' 2>/dev/null || $(BIN)/python -m pip install --quiet -e '.[bench]'
+
 run:  ## serve the shipped aliases.yaml on $(HOST):$(PORT)
 	$(BIN)/manaproxy serve --config $(CONFIG) --host $(HOST) --port $(PORT)
 
@@ -28,7 +33,7 @@ check:  ## validate $(CONFIG) without serving
 test:  ## the whole suite
 	$(BIN)/python -m pytest
 
-lint:  ## ruff (lint + format check) and mypy --strict
+lint:  ## ruff (lint + format check) and mypy --strict (manaproxy and bench, setup.cfg [mypy])
 	$(BIN)/ruff check manaproxy tests bench
 	$(BIN)/ruff format --check manaproxy tests bench
 	$(BIN)/mypy
@@ -37,13 +42,13 @@ format:
 	$(BIN)/ruff check --fix manaproxy tests bench
 	$(BIN)/ruff format manaproxy tests bench
 
-demo:  ## a fake upstream + manaproxy in front of it, and a streamed answer through curl
+demo: bench-deps  ## a fake upstream + manaproxy in front of it, and a streamed answer through curl
 	bash docs/demo.sh
 
-bench:  ## throughput and latency: manaproxy vs direct (and LiteLLM when installed); BENCH_ARGS=--with-litellm
+bench: bench-deps  ## throughput and latency: manaproxy vs direct (and LiteLLM when installed); BENCH_ARGS=--with-litellm
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
-chaos:  ## fault-injecting load through manaproxy, bounded; exits 1 on a silent truncation or a 500 (docs/chaos.md)
+chaos: bench-deps  ## fault-injecting load through manaproxy, bounded; exits 1 on a silent truncation or a 500 (docs/chaos.md)
 	$(BIN)/python bench/chaos.py $(CHAOS_ARGS)
 
 clean:

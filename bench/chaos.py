@@ -2,7 +2,7 @@
 
 `python bench/chaos.py [--requests 2000] [--concurrency 32] [--rate 40] [--seed 1] [--max-seconds 60]
 [--stream-share 0.5] [--sighup-every S] [--keep-logs]` (docs/chaos.md has the long version):
-- starts four fault-injecting upstreams (bench/chaos_upstream.py, one process each; `gamma` stops listening
+- starts four fault-injecting upstreams (bench/upstream.py, one process each; `gamma` stops listening
   for 1 s every 5 s) and `python -m manaproxy serve` from this checkout with a generated config: short
   timeouts, a quick breaker, three aliases whose chains cross the upstreams;
 - drives the requests through it (bench/chaos_load.py) and classifies every answer: complete (and of
@@ -49,10 +49,10 @@ from chaos_load import (
     plan,
     run_load,
 )
-from procs import Service, free_port, percentile, unwind_on_signals
+from procs import Service, free_port, memory_kib, percentile, unwind_on_signals
 from prometheus_client.parser import text_string_to_metric_families
+from targets import ROOT, child_env
 
-ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 
 # Provider timeouts and breaker: short, so that faults cost little time and the breaker moves a lot.
@@ -66,7 +66,7 @@ IDLE_AFTER = 3.0
 @dataclass(frozen=True, slots=True)
 class Upstream:
     name: str
-    mix: str  # fault=weight,... (bench/chaos_upstream.py)
+    mix: str  # fault=weight,... (bench/upstream.py)
     role: str
     flap_every: float = 0.0
     flap_down: float = 1.0
@@ -118,11 +118,6 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def child_env(home: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
-    """A minimal environment: no keys of the caller's leak in (MANAPROXY_API_KEYS unset: auth off)."""
-    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home), "LANG": "C.UTF-8", **(extra or {})}
-
-
 def manaproxy_config(ports: dict[str, int]) -> str:
     def flow(mapping: dict[str, float]) -> str:
         return "{" + ", ".join(f"{key}: {value:g}" for key, value in mapping.items()) + "}"
@@ -138,13 +133,6 @@ def manaproxy_config(ports: dict[str, int]) -> str:
 
 
 # -- the proxy process, seen from /proc ----------------------------------------------------------------
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
-
-
 def socket_inodes(pid: int) -> tuple[int, set[str]]:
     """(open fds, inodes of the sockets among them)."""
     fds = os.listdir(f"/proc/{pid}/fd")
@@ -163,7 +151,7 @@ TCP_STATES = {"01": "established", "06": "time_wait", "08": "close_wait", "0A": 
 def snapshot(pid: int, proxy_port: int, upstream_ports: set[int]) -> dict[str, int]:
     """RSS, fds and the proxy's TCP connections by peer and state, now."""
     fds, inodes = socket_inodes(pid)
-    figures = {"rss_kib": rss_kib(pid), "fds": fds}
+    figures = {"rss_kib": memory_kib(pid)["VmRSS"], "fds": fds}
     connections: Counter[str] = Counter()
     listed = 0
     for table in ("tcp", "tcp6"):
@@ -192,7 +180,7 @@ def snapshot(pid: int, proxy_port: int, upstream_ports: set[int]) -> dict[str, i
 async def sample_peak(pid: int, stop: asyncio.Event, peak: dict[str, int]) -> None:
     while not stop.is_set():
         with contextlib.suppress(OSError):
-            peak["rss_kib"] = max(peak.get("rss_kib", 0), rss_kib(pid))
+            peak["rss_kib"] = max(peak.get("rss_kib", 0), memory_kib(pid)["VmRSS"])
             peak["fds"] = max(peak.get("fds", 0), len(os.listdir(f"/proc/{pid}/fd")))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), 0.5)
@@ -295,9 +283,10 @@ class Chaos:
         python = sys.executable
         for upstream in UPSTREAMS:
             port = free_port()
-            argv = [python, str(ROOT / "bench" / "chaos_upstream.py"), "--name", upstream.name, "--port", str(port)]
-            # Each upstream's draws are seeded by the seed and its name (bench/chaos_upstream.py).
+            argv = [python, str(ROOT / "bench" / "upstream.py"), "--name", upstream.name, "--port", str(port)]
+            # Each upstream's draws are seeded by the seed and its name (bench/upstream.py).
             argv += ["--seed", str(self.args.seed), "--mix", upstream.mix, "--hang-seconds", f"{HANG_SECONDS:g}"]
+            argv += ["--tokens", "4-16"]
             if upstream.flap_every:
                 argv += ["--flap-every", f"{upstream.flap_every:g}", "--flap-down", f"{upstream.flap_down:g}"]
             service = Service(upstream.name, argv, self.workdir / f"{upstream.name}.log", child_env(self.workdir))
@@ -329,7 +318,7 @@ class Chaos:
         for name, port in self.upstream_ports.items():
             for _ in range(5):  # gamma may be down for a second
                 try:
-                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/chaos/stats", timeout=2) as resp:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/stats", timeout=2) as resp:
                         stats[name] = json.loads(resp.read())
                     break
                 except (urllib.error.URLError, ConnectionError, TimeoutError):

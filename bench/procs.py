@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -77,6 +78,12 @@ def machine_busy() -> tuple[float, float]:
     values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
     total = sum(values[:8])  # user nice system idle iowait irq softirq steal (guest is inside user)
     return sum(values[:3]) / CLOCK_TICKS, total / CLOCK_TICKS
+
+
+def children_cpu() -> float:
+    """User + system CPU time of this process's waited-for children (the load generators it ran), in seconds."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def memory_kib(pid: int) -> dict[str, int]:

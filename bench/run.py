@@ -3,7 +3,7 @@ against the bare passthrough (bench/bare.py: the floor) and against LiteLLM's pr
 on one machine, in one run, against one fake upstream.
 
 Method (docs/bench.md has the long version):
-- every system runs as its own process: fake upstreams (bench/fake_upstream.py), bare, manaproxy, LiteLLM;
+- every system runs as its own process: fake upstreams (bench/upstream.py), bare, manaproxy, LiteLLM;
 - unstreamed scenarios are driven by wrk (bench/wrk_post.lua), streamed ones by bench/loadgen.py;
 - each (scenario, target) gets a warm-up, then a timed run; trials go round-robin over scenarios and
   targets, so background load from other work on the machine falls on every target alike; figures
@@ -29,7 +29,6 @@ import json
 import math
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -42,7 +41,7 @@ from typing import Any
 import aiohttp
 from goals import goals_table
 from hotspots import parse_raw, start_recording, summarize
-from procs import Service, machine_busy, memory_kib, set_affinity, unwind_on_signals
+from procs import Service, children_cpu, machine_busy, memory_kib, set_affinity, unwind_on_signals
 from promhist import Histogram
 from report import (
     Scenario,
@@ -272,11 +271,11 @@ class Bench:
         before = scrape_overhead(target) if target.name == "manaproxy" else None
         cpu_before = {s.name: s.cpu_seconds() for s in self.services}
         busy_before, _ = machine_busy()
-        children_before = _children_cpu()
+        children_before = children_cpu()
         wall = time.perf_counter()
         figures = self.drive(target, scenario, self.args.duration)
         wall = time.perf_counter() - wall
-        children = _children_cpu() - children_before
+        children = children_cpu() - children_before
         busy, _ = machine_busy()
         cpu = {s.name: s.cpu_seconds() - cpu_before[s.name] for s in self.services}
         if before is not None:
@@ -329,11 +328,6 @@ class Bench:
         summary = summarize(parse_raw(raw_path.read_text()))
         summary["raw"] = str(raw_path.relative_to(ROOT))
         return summary
-
-
-def _children_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
 
 
 def _venv_tool(name: str) -> str | None:

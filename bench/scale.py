@@ -1,6 +1,6 @@
 """The `scale` scenario: 10,000 concurrent slow streams through one proxy process (`bench/run.py --scenarios scale`).
 
-A slow upstream (bench/slow_upstream.py: a role event at once, then `chunks` events `interval` apart)
+A slow upstream (bench/upstream.py --protocol: a role event at once, then `chunks` events `interval` apart)
 answers every stream. For each target in turn (direct, bare, manaproxy) bench/scale_client.py opens
 `streams` streams over `ramp` seconds, one connection each, and reads them to the end; every target gets
 the same count. Per target: errors, time to the first event (TTFT) and total time, the peak of streams open
@@ -71,8 +71,8 @@ class ScaleSettings:
 
 def start_slow_upstream(settings: ScaleSettings, workdir: Path, pin: Pin) -> tuple[Service, int]:
     port = free_port()
-    argv = [sys.executable, str(ROOT / "bench" / "slow_upstream.py"), "--port", str(port)]
-    argv += ["--chunks", str(settings.chunks), "--interval-ms", f"{settings.interval_ms:g}"]
+    argv = [sys.executable, str(ROOT / "bench" / "upstream.py"), "--protocol", "--port", str(port)]
+    argv += ["--tokens", str(settings.chunks), "--gap-ms", f"{settings.interval_ms:g}"]
     service = Service("slow-upstream", pin(argv), workdir / "slow-upstream.log", child_env(workdir), cwd=ROOT)
     service.wait_ready(f"http://127.0.0.1:{port}/v1/models", timeout=20)
     return service, port

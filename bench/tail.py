@@ -3,7 +3,7 @@
 `python bench/tail.py [--scenarios tail,pool] [--requests 2000] [--concurrency 16] [--seed 1] [--warmup 200]`
 (also run by `make bench`, see bench/run.py; docs/bench.md has the method and the figures).
 
-- `tail`: two upstreams (bench/tail_upstream.py) whose first byte comes after 20 ms for 95 % of requests and
+- `tail`: two upstreams (bench/upstream.py) whose first byte comes after 20 ms for 95 % of requests and
   after 2 s for 5 %, drawn independently per request from a per-run seed. The same requests go through three
   aliases of one manaproxy config: a plain chain `[u1/m, u2/m]`, the same chain with `hedge_after: 0.1` and
   with `hedge_after: auto`. For each: TTFT p50/p99/p99.9 at the client, the upstream requests beyond the
@@ -24,7 +24,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -38,15 +37,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from procs import Service, free_port, machine_busy, percentile, unwind_on_signals
+from procs import Service, children_cpu, free_port, machine_busy, percentile, unwind_on_signals
 from prometheus_client.parser import text_string_to_metric_families
 from targets import ROOT, Pin, child_env
 
 TAIL = "tail"
 POOL = "pool"
 HEDGED_METRIC = "mana_llm_hedged_requests"
-LOAD = ROOT / "bench" / "tail_load.py"
-UPSTREAM = ROOT / "bench" / "tail_upstream.py"
+LOAD = ROOT / "bench" / "loadgen.py"
+UPSTREAM = ROOT / "bench" / "upstream.py"
 IDLE_WAIT_S = 5.0  # after a run, how long the upstreams may take to see their cancelled requests end
 # Targets of the routing issue for `hedge_after: auto`.
 AUTO_P99_OVER_P50 = 5.0
@@ -76,9 +75,13 @@ class Upstream:
     chunks: int
     chunk_ms: float
 
-    def seed(self, run_seed: int) -> int:
-        """Each upstream draws from its own sequence: the two are independent, and every run alike."""
-        return run_seed * 1000 + sum(self.name.encode())
+    def argv(self, seed: int) -> list[str]:
+        """bench/upstream.py's options: a slow draw is its `late` fault. Its draws are seeded by the seed and
+        its name: the upstreams are independent, and every run alike."""
+        mix = f"ok={1 - self.slow_share:g},late={self.slow_share:g}" if self.slow_share else "ok=1"
+        argv = ["--name", self.name, "--seed", str(seed), "--tokens", str(self.chunks), "--mix", mix]
+        argv += ["--first-ms", f"{self.fast_ms:g}", "--late-ms", f"{self.slow_ms:g}", "--gap-ms", f"{self.chunk_ms:g}"]
+        return argv
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,9 +154,7 @@ class Run:
     def start_upstreams(self, upstreams: Sequence[Upstream]) -> None:
         for up in upstreams:
             port = free_port()
-            argv = [sys.executable, str(UPSTREAM), "--port", str(port), "--seed", str(up.seed(self.settings.seed))]
-            argv += ["--fast-ms", f"{up.fast_ms:g}", "--slow-ms", f"{up.slow_ms:g}"]
-            argv += ["--slow-share", f"{up.slow_share:g}", "--chunks", str(up.chunks), "--chunk-ms", f"{up.chunk_ms:g}"]
+            argv = [sys.executable, str(UPSTREAM), "--port", str(port), *up.argv(self.settings.seed)]
             service = Service(up.name, self.pin_client(argv), self.workdir / f"{up.name}.log", child_env(self.workdir))
             self.services.append(service)
             service.wait_ready(f"http://127.0.0.1:{port}/v1/models", timeout=20)
@@ -185,17 +186,17 @@ class Run:
 
     # -- upstream counts ----------------------------------------------------------------------------
     def reset_upstreams(self) -> None:
-        for name, port in self.ports.items():
-            body = json.dumps({"seed": self.upstreams[name].seed(self.settings.seed)}).encode()
-            request = urllib.request.Request(f"http://127.0.0.1:{port}/tail/reset", data=body, method="POST")
+        body = json.dumps({"seed": self.settings.seed}).encode()
+        for port in self.ports.values():
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/reset", data=body, method="POST")
             with urllib.request.urlopen(request, timeout=10):
                 pass
 
-    def upstream_stats(self) -> dict[str, dict[str, int]]:
+    def upstream_stats(self) -> dict[str, dict[str, Any]]:
         """Counts per upstream, once the requests they hold have ended (a cancelled one ends at once)."""
         deadline = time.monotonic() + IDLE_WAIT_S
         while True:
-            stats = {name: self._get(f"http://127.0.0.1:{port}/tail/stats") for name, port in self.ports.items()}
+            stats = {name: self._get(f"http://127.0.0.1:{port}/stats") for name, port in self.ports.items()}
             if all(s["in_flight"] == 0 for s in stats.values()) or time.monotonic() > deadline:
                 return stats
             time.sleep(0.05)
@@ -204,10 +205,11 @@ class Run:
     def drive(self, base: str, alias: str, requests: int) -> dict[str, Any]:
         s = self.settings
         argv = [sys.executable, str(LOAD), "--url", f"{base}/v1/chat/completions", "--model", alias]
-        argv += ["--requests", str(requests), "--concurrency", str(s.concurrency)]
+        argv += ["--stream", "--samples", "--requests", str(requests), "--concurrency", str(s.concurrency)]
+        argv += ["--timeout", "30"]
         done = subprocess.run(self.pin_client(argv), capture_output=True, text=True, check=False, timeout=900)
         if done.returncode != 0:
-            raise RuntimeError(f"tail_load.py failed ({done.returncode}): {done.stderr.strip()[-500:]}")
+            raise RuntimeError(f"loadgen.py failed ({done.returncode}): {done.stderr.strip()[-500:]}")
         result: dict[str, Any] = json.loads(done.stdout)
         return result
 
@@ -225,14 +227,14 @@ class Run:
             hedged_before = hedged_counts(self._get(f"{base}/metrics"), variant.alias)
             cpu_before = {svc.name: svc.cpu_seconds() for svc in self.services}
             busy_before, _ = machine_busy()
-            children_before = _children_cpu()
+            children_before = children_cpu()
             wall = time.perf_counter()
             raw = self.drive(base, variant.alias, s.requests)
             upstream = self.upstream_stats()
             wall = time.perf_counter() - wall
             busy, _ = machine_busy()
             ours = sum(svc.cpu_seconds() - cpu_before.get(svc.name, 0.0) for svc in self.services)
-            foreign = (busy - busy_before - ours - (_children_cpu() - children_before)) / wall
+            foreign = (busy - busy_before - ours - (children_cpu() - children_before)) / wall
             hedged_after = hedged_counts(self._get(f"{base}/metrics"), variant.alias)
             figures.update(summarize(raw, upstream))
             figures["hedged"] = {k: hedged_after.get(k, 0) - hedged_before.get(k, 0) for k in hedged_after}
@@ -246,11 +248,6 @@ class Run:
             f"  extra {figures['extra_pct']:.1f} %  served {figures['served']}"
         )
         return figures
-
-
-def _children_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
 
 
 def hedged_counts(metrics_text: str, alias: str) -> dict[str, float]:
@@ -279,7 +276,7 @@ def hedge_delay(aliases_view: dict[str, Any], alias: str) -> float | None:
 PCTS = (50, 99, 99.9)
 
 
-def summarize(raw: dict[str, Any], upstream: dict[str, dict[str, int]]) -> dict[str, Any]:
+def summarize(raw: dict[str, Any], upstream: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Percentiles, shares and upstream counts of one run (pure)."""
     samples = raw["samples"]
     ttft = [s[0] for s in samples]
@@ -289,8 +286,8 @@ def summarize(raw: dict[str, Any], upstream: dict[str, dict[str, int]]) -> dict[
     figures: dict[str, Any] = {
         "requests": raw["requests"],
         "ok": raw["ok"],
-        "errors": sum(raw["errors"].values()),
-        "error_kinds": raw["errors"],
+        "errors": raw["errors"],
+        "error_kinds": raw["errors_by_kind"],
         "elapsed_s": raw["elapsed_s"],
         "rps": raw["ok"] / raw["elapsed_s"] if raw["elapsed_s"] else math.nan,
         "upstream": upstream,
@@ -398,7 +395,7 @@ def tail_lines(tail: dict[str, Any], settings: dict[str, Any]) -> list[str]:
             f"- Target (`auto`: TTFT p99 ≤ {AUTO_P99_OVER_P50:g}× p50 for ≤ {AUTO_EXTRA_PCT:g} % extra upstream "
             f"requests): p99 ÷ p50 = {ratio:.1f}×, extra {auto['extra_pct']:.1f} % → **{'met' if met else 'not met'}**.",
         ]
-    slow = {name: sum(u["slow"] for u in v["upstream"].values()) for name, v in variants.items()}
+    slow = {name: sum(u["injected"].get("late", 0) for u in v["upstream"].values()) for name, v in variants.items()}
     hung = {name: sum(u["hung_up"] for u in v["upstream"].values()) for name, v in variants.items()}
     lines += [
         "- Slow draws met (both upstreams): "

@@ -66,7 +66,7 @@ def child_env(home: Path, extra: Mapping[str, str] | None = None) -> dict[str, s
 
 def start_upstream(tokens: int, workdir: Path, pin: Pin) -> tuple[Service, int]:
     port = free_port()
-    argv = pin([sys.executable, str(ROOT / "bench" / "fake_upstream.py"), "--port", str(port), "--tokens", str(tokens)])
+    argv = pin([sys.executable, str(ROOT / "bench" / "upstream.py"), "--port", str(port), "--tokens", str(tokens)])
     service = Service(f"upstream-{tokens}", argv, workdir / f"upstream-{tokens}.log", child_env(workdir), cwd=ROOT)
     service.wait_ready(f"http://127.0.0.1:{port}/v1/models", timeout=20)
     return service, port

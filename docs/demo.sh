@@ -4,12 +4,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
 PORT=${DEMO_PORT:-3026}
+log=$(mktemp "${TMPDIR:-/tmp}/demo-manaproxy.XXXXXX")  # outside the checkout: nothing to commit by mistake
 
-"$BIN/python" bench/fake_upstream.py --port 3100 --delay-ms 60 &
+"$BIN/python" bench/upstream.py --port 3100 --gap-ms 60 &
 upstream=$!
-"$BIN/manaproxy" serve --config docs/demo.yaml --port "$PORT" 2>demo-manaproxy.log &
+"$BIN/manaproxy" serve --config docs/demo.yaml --port "$PORT" 2>"$log" &
 proxy=$!
-trap 'kill $upstream $proxy 2>/dev/null; wait 2>/dev/null' EXIT
+trap 'kill $upstream $proxy 2>/dev/null; wait 2>/dev/null; rm -f "$log"' EXIT
 
 for _ in $(seq 50); do
     curl -fs "http://127.0.0.1:$PORT/health" >/dev/null 2>&1 && break
@@ -24,6 +25,5 @@ echo
 echo "== GET /v1/aliases — the first entry was tried, failed (connect) and is now skipped"
 curl -s "http://127.0.0.1:$PORT/v1/aliases"
 echo
-echo "== manaproxy's log (also in demo-manaproxy.log)"
-cat demo-manaproxy.log
-rm -f demo-manaproxy.log
+echo "== manaproxy's log"
+cat "$log"

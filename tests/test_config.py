@@ -262,8 +262,9 @@ BAD_DOCUMENTS = [
     pytest.param(doc(providers={"mana": {"base_url": "http://h"}}), ["providers.mana"], id="provider-named-mana"),
     pytest.param(doc(providers={"a b": {"base_url": "http://h"}}), ["providers.a b"], id="provider-name-space"),
     pytest.param(doc(providers={"a": "http://h"}), ["providers.a", "mapping"], id="provider-not-mapping"),
-    pytest.param(doc(providers={}), ["providers", "at least one"], id="no-providers-empty"),
-    pytest.param("aliases: {}\n", ["providers", "at least one"], id="no-providers-missing"),
+    # `providers:` may be empty or absent (built-in providers); a chain entry must still name a known one.
+    pytest.param(doc(providers={}), ["aliases.mana/x.chain[0]", "undeclared provider 'a'"], id="no-providers-empty"),
+    pytest.param("aliases: {}\n", ["providers", "none declared and no built-in one"], id="no-providers-missing"),
     pytest.param(doc(providers=["a"]), ["providers", "mapping"], id="providers-a-list"),
     pytest.param(doc(aliases=["mana/x"]), ["aliases", "mapping"], id="aliases-a-list"),
     pytest.param(doc(health={"failure_threshold": 0}), ["health.failure_threshold"], id="threshold-zero"),
@@ -420,7 +421,7 @@ def test_load_config_error_names_the_file_and_place(tmp_path: Path) -> None:
 
 # -- the shipped aliases.yaml ---------------------------------------------------------------------
 
-SHIPPED_PROVIDERS = {"ollama", "openrouter", "groq", "together", "google"}
+SHIPPED_PROVIDERS = {"ollama", "openrouter", "groq", "google"}  # built in, named by its chains (together is not)
 SHIPPED_ALIASES = {"mana/fast-text", "mana/long-form", "mana/structured", "mana/reasoning", "mana/vision"}
 
 
@@ -442,7 +443,8 @@ def test_shipped_config_groq_is_configured_with_key_in_env() -> None:
     config = load_config(SHIPPED, env={"GROQ_API_KEY": "test-key-1"})
     assert config.providers["groq"].configured
     assert config.providers["groq"].api_key == "test-key-1"
-    assert not config.providers["together"].configured
+    assert "together" not in config.providers  # named by no chain and no TOGETHER_API_KEY
+    assert not config.providers["openrouter"].configured
     assert "test-key-1" not in repr(config)
 
 

@@ -13,6 +13,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "manaproxy"
 LAYERS: list[set[str]] = [
     {  # pure or nearly: config (with the kind names), routing, bytes-level SSE, bodies, redaction, records
         "config",
+        "dotenv",
         "routing",
         "sse",
         "protocols",

@@ -444,3 +444,67 @@ def open_files_limit(pid: int) -> tuple[str, str]:
         line = next(text for text in limits if text.startswith("Max open files"))
     soft, hard = line.split()[3:5]
     return soft, hard
+
+
+# -- mana-llm's own aliases.yaml (issue 17), as its operators have it ---------------------------------------
+
+# Verbatim but for its comments: block-list chains, no `providers:` section.
+MANA_LLM_ALIASES = """\
+aliases:
+  mana/fast-text:
+    description: "Short answers, classification, single-shot Q&A"
+    chain:
+      - ollama/qwen2.5:7b
+      - groq/llama-3.1-8b-instant
+      - openrouter/anthropic/claude-3-haiku
+
+  mana/long-form:
+    description: "Writing, essays, stories, longer prose"
+    chain:
+      - ollama/gemma3:12b
+      - groq/llama-3.3-70b-versatile
+      - openrouter/anthropic/claude-3.5-haiku
+
+  mana/structured:
+    description: "JSON output (comic storyboards, research subqueries, tag suggestions)"
+    chain:
+      - ollama/qwen2.5:7b
+      - groq/llama-3.1-8b-instant
+      - openrouter/openai/gpt-4o-mini
+
+  mana/reasoning:
+    description: "Agent missions, tool calls, multi-step plans"
+    chain:
+      - openrouter/anthropic/claude-3.5-sonnet
+      - groq/llama-3.3-70b-versatile
+
+  mana/vision:
+    description: "Multimodal (image + text)"
+    chain:
+      - ollama/llava:7b
+      - google/gemini-2.0-flash-exp
+      - openrouter/openai/gpt-4o
+
+default: mana/fast-text
+"""
+
+# The same file with flow-list chains, as issue 17 quotes it.
+MANA_LLM_ALIASES_FLOW = """\
+aliases:
+  mana/fast-text:
+    description: "Short answers, classification, single-shot Q&A"
+    chain: [ollama/qwen2.5:7b, groq/llama-3.1-8b-instant, openrouter/anthropic/claude-3-haiku]
+  mana/long-form:
+    description: "Writing, essays, stories, longer prose"
+    chain: [ollama/gemma3:12b, groq/llama-3.3-70b-versatile, openrouter/anthropic/claude-3.5-haiku]
+  mana/structured:
+    description: "JSON output (comic storyboards, research subqueries, tag suggestions)"
+    chain: [ollama/qwen2.5:7b, groq/llama-3.1-8b-instant, openrouter/openai/gpt-4o-mini]
+  mana/reasoning:
+    description: "Agent missions, tool calls, multi-step plans"
+    chain: [openrouter/anthropic/claude-3.5-sonnet, groq/llama-3.3-70b-versatile]
+  mana/vision:
+    description: "Multimodal (image + text)"
+    chain: [ollama/llava:7b, google/gemini-2.0-flash-exp, openrouter/openai/gpt-4o]
+default: mana/fast-text
+"""

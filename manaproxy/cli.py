@@ -1,5 +1,8 @@
 """The `manaproxy` command: `serve` and `check`.
 
+Both read an env file first (`--env-file PATH`, else `./.env` when present, as mana-llm did) into the process
+environment, where variables already set win; what the file held is never logged or printed, only its names.
+
 Signals only schedule work: SIGHUP sets off a reload task (`reload.Reloader.schedule`), SIGTERM/SIGINT set the stop event;
 the reload and the drain run in the event loop and log there. systemd hears about each phase through
 sd_notify (`READY=1` once listening, `RELOADING=1` … `READY=1` around a reload, `STOPPING=1`).
@@ -15,13 +18,15 @@ import resource
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from aiohttp import web
 
 from . import __version__
 from .app import create_app
 from .auth import parse_keys
-from .config import ConfigError, load_config
+from .config import BUILTIN_PROVIDERS, Config, ConfigError, load_config
+from .dotenv import DEFAULT_ENV_FILE, DotenvError, EnvFile, merge
 from .gateway import GATEWAY, Gateway
 from .logfmt import BatchedStreamHandler, OneLineFormatter
 from .redact import too_short
@@ -127,14 +132,39 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=None, help=f"port (default $PORT or {DEFAULT_PORT})")
     check = commands.add_parser("check", help="validate a config file and exit (like nginx -t)")
     check.add_argument("--config", default=DEFAULT_CONFIG, help=f"aliases file (default {DEFAULT_CONFIG})")
+    for command in (serve, check):
+        command.add_argument(
+            "--env-file",
+            default=None,
+            metavar="PATH",
+            help=f"KEY=VALUE file read into the environment (default {DEFAULT_ENV_FILE} when present); "
+            "variables already set win",
+        )
     return parser
+
+
+def load_env_file(path: str | None) -> EnvFile | None:
+    """Merge `path` (or `./.env` if there is one) into `os.environ`; None when there is no file to read."""
+    if path is None:
+        if not Path(DEFAULT_ENV_FILE).is_file():
+            return None
+        path = DEFAULT_ENV_FILE
+    return merge(path, os.environ)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "check":
-        return check(args.config)
+        return check(args.config, args.env_file)
+    try:
+        env_file = load_env_file(args.env_file)  # before logging and the port: LOG_LEVEL and PORT may be in it
+    except DotenvError as exc:
+        setup_logging(os.environ.get("LOG_LEVEL"))
+        logger.error("invalid env file, not starting: %s", exc)
+        return EXIT_INVALID_CONFIG
     setup_logging(os.environ.get("LOG_LEVEL"))
+    if env_file is not None:
+        logger.info("%s", env_file.describe())
     port = args.port if args.port is not None else _default_port()
     try:
         load_config(args.config)  # fail fast, before the event loop starts
@@ -148,8 +178,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     return uvloop.run(serve(args.config, args.host, port))
 
 
-def check(path: str) -> int:
+def check(path: str, env_file_path: str | None = None) -> int:
     try:
+        env_file = load_env_file(env_file_path)
         config = load_config(path)
     except ConfigError as exc:
         print(f"manaproxy: config invalid: {exc}", file=sys.stderr)
@@ -157,9 +188,28 @@ def check(path: str) -> int:
     unconfigured = [name for name, spec in config.providers.items() if not spec.configured]
     note = f"; unconfigured (no key in env): {', '.join(unconfigured)}" if unconfigured else ""
     print(f"manaproxy: config ok: {config.summary()}{note}")
+    if env_file is not None:
+        print(f"  env file: {env_file.describe()}")
+    for line in provider_lines(config):
+        print(f"  {line}")
     for warning in too_short(config.providers.values()):
         print(f"manaproxy: warning: {warning}", file=sys.stderr)
     return 0
+
+
+def provider_lines(config: Config) -> list[str]:
+    """Per provider: built in or declared, configured or why not. Never a key or a URL (it may carry one)."""
+    lines = []
+    for name, spec in config.providers.items():
+        origin = "built in" if spec.builtin else "declared"
+        if spec.configured:
+            state = "configured"
+        elif spec.builtin:
+            state = f"unconfigured ({BUILTIN_PROVIDERS[name][0]} is not set)"
+        else:
+            state = "unconfigured (its api_key is empty)"
+        lines.append(f"provider {name}: {origin}, {state}")
+    return lines
 
 
 async def drain(runner: Runner, gateway: Gateway) -> None:
@@ -183,6 +233,8 @@ async def drain(runner: Runner, gateway: Gateway) -> None:
 async def serve(config_path: str, host: str, port: int) -> int:
     """Serve until SIGTERM/SIGINT, then drain; SIGHUP reloads `config_path`. Returns the exit code."""
     config = load_config(config_path)
+    for line in provider_lines(config):
+        logger.info("%s", line)
     for warning in too_short(config.providers.values()):
         logger.warning("%s", warning)
     open_files = raise_open_files_limit()

@@ -1,9 +1,12 @@
 """Configuration: `aliases.yaml` + environment → frozen dataclasses.
 
-Rule of this module: nothing past it touches raw YAML. `load_config` either returns a complete,
-validated `Config` or raises `ConfigError` whose message names the offending place
-(`aliases.mana/fast-text.chain[1]`, `providers.groq.timeouts.idle` ...). A `Config` is immutable;
-a reload builds a new one and swaps a single reference (see `gateway.Gateway.apply`).
+Rule of this module: nothing past it touches raw YAML or reads the environment itself (it is handed a
+mapping). `load_config` either returns a complete, validated `Config` or raises `ConfigError` whose message
+names the offending place (`aliases.mana/fast-text.chain[1]`, `providers.groq.timeouts.idle` ...). A `Config`
+is immutable; a reload builds a new one and swaps a single reference (see `gateway.Gateway.apply`).
+
+The built-in providers (`BUILTIN_PROVIDERS`: mana-llm's, from its environment variables) are built here too,
+at each load, so a reload sees the environment as it is then.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import os
 import re
 import time
 from collections.abc import Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -33,6 +37,23 @@ KINDS: dict[str, str] = {
 _PROVIDER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _HEADER_NAME_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # RFC 9110 token
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+# The providers that exist without being declared, as mana-llm built them from its environment: name → the
+# variables each is built from. The first one makes it present on its own (set and not empty); otherwise a
+# built-in provider is present when a chain names it. A `providers:` entry of the same name replaces it
+# wholly. Present only when used or asked for, so a config that names none stays exactly as declared (no
+# probes to a local Ollama nobody runs).
+BUILTIN_PROVIDERS: Mapping[str, tuple[str, ...]] = MappingProxyType(
+    {
+        "ollama": ("OLLAMA_URL", "OLLAMA_TIMEOUT"),
+        "openrouter": ("OPENROUTER_API_KEY", "OPENROUTER_BASE_URL", "OPENROUTER_REFERER"),
+        "groq": ("GROQ_API_KEY", "GROQ_BASE_URL"),
+        "together": ("TOGETHER_API_KEY", "TOGETHER_BASE_URL"),
+        "google": ("GOOGLE_API_KEY",),
+    }
+)
+OLLAMA_DEFAULT_URL = "http://localhost:11434"
+OLLAMA_DEFAULT_TIMEOUT = 120.0  # seconds, mana-llm's OLLAMA_TIMEOUT default
 
 
 class ConfigError(ValueError):
@@ -81,6 +102,7 @@ class ProviderConfig:
     probe: str | None = None
     # Client headers sent on: True (all end-to-end ones), False (none), or these names (lower case).
     forward_headers: bool | frozenset[str] = True
+    builtin: bool = False  # built from the environment (BUILTIN_PROVIDERS), not declared under `providers:`
 
     @property
     def configured(self) -> bool:
@@ -298,12 +320,18 @@ class _Parser:
     def config(self, raw: dict[str, Any]) -> Config:
         top = self.mapping(raw, "top level", ("providers", "aliases", "default", "health", "server"))
         providers_raw = self.mapping(top.get("providers"), "providers")
-        if not providers_raw:
-            raise self.fail("providers", "at least one provider is required")
-        providers = {name: self.provider(name, spec) for name, spec in providers_raw.items()}
+        declared = {name: self.provider(name, spec) for name, spec in providers_raw.items()}
 
         aliases_raw = self.mapping(top.get("aliases"), "aliases")
-        aliases = {name: self.alias(name, spec, providers) for name, spec in aliases_raw.items()}
+        known = declared.keys() | BUILTIN_PROVIDERS.keys()
+        aliases = {name: self.alias(name, spec, known) for name, spec in aliases_raw.items()}
+        named = {target.provider for alias in aliases.values() for target in alias.chain}
+        providers = {**declared, **self.builtins(declared, named)}
+        if not providers:
+            raise self.fail(
+                "providers",
+                "none declared and no built-in one in use (name one in a chain, set OLLAMA_URL or a provider key)",
+            )
 
         default = top.get("default")
         if default is not None:
@@ -320,19 +348,63 @@ class _Parser:
             source=self.source,
         )
 
-    def provider(self, name: str, spec: Any) -> ProviderConfig:
-        where = f"providers.{name}"
+    def builtins(self, declared: Mapping[str, ProviderConfig], named: set[str]) -> dict[str, ProviderConfig]:
+        """The built-in providers in use: not declared, and named by a chain or asked for by their variable."""
+        built = {}
+        for name, variables in BUILTIN_PROVIDERS.items():
+            if name in declared or (name not in named and not self.env.get(variables[0], "").strip()):
+                continue
+            where = f"built-in provider {name} (from {', '.join(variables)})"
+            built[name] = self.provider(name, self.builtin_spec(name, where), where=where, builtin=True)
+        return built
+
+    def builtin_spec(self, name: str, where: str) -> dict[str, Any]:
+        """What mana-llm built from its environment, as a `providers:` entry would say it (values expanded)."""
+        env = self.env
+        if name == "ollama":
+            url = env.get("OLLAMA_URL", "").strip().rstrip("/") or OLLAMA_DEFAULT_URL
+            raw_timeout = env.get("OLLAMA_TIMEOUT", "").strip()
+            try:
+                total = float(raw_timeout) if raw_timeout else OLLAMA_DEFAULT_TIMEOUT
+            except ValueError:
+                total = math.nan
+            if not math.isfinite(total) or total <= 0:
+                raise self.fail(where, "OLLAMA_TIMEOUT must be a number of seconds > 0")
+            # mana-llm's httpx timeout bounded each read, a model's cold load included: the first byte gets the
+            # whole of it too, so a loading model is waited for rather than skipped.
+            timeouts = {"connect": min(5.0, total), "first_byte": total, "idle": min(60.0, total), "total": total}
+            return {"base_url": url + "/v1", "timeouts": timeouts}
+        if name == "google":
+            return {"kind": "google", "api_key": env.get("GOOGLE_API_KEY", "")}
+        defaults = {
+            "openrouter": "https://openrouter.ai/api/v1",
+            "groq": "https://api.groq.com/openai/v1",
+            "together": "https://api.together.xyz/v1",
+        }
+        prefix = name.upper()
+        spec: dict[str, Any] = {
+            "base_url": env.get(f"{prefix}_BASE_URL", "").strip() or defaults[name],
+            "api_key": env.get(f"{prefix}_API_KEY", ""),
+        }
+        if name == "openrouter":  # OpenRouter's optional app attribution
+            referer = env.get("OPENROUTER_REFERER", "").strip() or "https://github.com/manaproxy/manaproxy"
+            spec["headers"] = {"HTTP-Referer": referer, "X-Title": "manaproxy"}
+        return spec
+
+    def provider(self, name: str, spec: Any, *, where: str | None = None, builtin: bool = False) -> ProviderConfig:
+        where = where or f"providers.{name}"
         if not _PROVIDER_NAME_RE.match(name) or name == ALIAS_PREFIX.rstrip("/"):
             raise self.fail(where, "provider names are letters, digits, '_', '.', '-' and not 'mana'")
         allowed = ("kind", "base_url", "api_key", "headers", "timeouts", "max_concurrent", "probe", "forward_headers")
         spec = self.mapping(spec, where, allowed)
+        expand = not builtin  # a built-in's values come from the environment already: never expanded twice
         kind = self.string(spec.get("kind", "openai"), f"{where}.kind")
         if kind not in KINDS:
             raise self.fail(f"{where}.kind", f"unknown kind {kind!r} (known: {', '.join(KINDS)})")
 
         base_url = ""
         if "base_url" in spec:
-            base_url = self.string(spec["base_url"], f"{where}.base_url").rstrip("/")
+            base_url = self.string(spec["base_url"], f"{where}.base_url", expand=expand).rstrip("/")
             try:
                 parts = urlsplit(base_url)
                 valid = parts.scheme in ("http", "https") and bool(parts.hostname)
@@ -346,10 +418,14 @@ class _Parser:
 
         api_key = None
         if "api_key" in spec:
-            api_key = "" if spec["api_key"] is None else self.string(spec["api_key"], f"{where}.api_key").strip()
+            api_key = (
+                ""
+                if spec["api_key"] is None
+                else self.string(spec["api_key"], f"{where}.api_key", expand=expand).strip()
+            )
 
         headers_raw = self.mapping(spec.get("headers"), f"{where}.headers")
-        headers = {k: self.string(v, f"{where}.headers.{k}") for k, v in headers_raw.items()}
+        headers = {k: self.string(v, f"{where}.headers.{k}", expand=expand) for k, v in headers_raw.items()}
         for header, value in headers.items():
             if not _HEADER_NAME_RE.match(header):
                 raise self.fail(f"{where}.headers", f"{header!r} is not a valid HTTP header name")
@@ -379,6 +455,7 @@ class _Parser:
             max_concurrent=max_concurrent,
             forward_headers=forward_headers,
             probe=probe,
+            builtin=builtin,
         )
 
     def forward_headers(self, value: Any, where: str) -> bool | frozenset[str]:
@@ -392,7 +469,7 @@ class _Parser:
                 raise self.fail(f"{where}[{index}]", f"{header!r} is not a valid HTTP header name")
         return frozenset(header.lower() for header in names)
 
-    def alias(self, name: str, spec: Any, providers: Mapping[str, ProviderConfig]) -> Alias:
+    def alias(self, name: str, spec: Any, providers: AbstractSet[str]) -> Alias:
         where = f"aliases.{name}"
         if not name.startswith(ALIAS_PREFIX) or len(name) == len(ALIAS_PREFIX):
             raise self.fail(where, f"alias names must start with {ALIAS_PREFIX!r} and name a class")
@@ -410,17 +487,18 @@ class _Parser:
         description = self.string(spec.get("description", ""), f"{where}.description", expand=False)
         return Alias(name=name, description=description, steps=tuple(steps), hedge=self.hedge(spec, where))
 
-    def target(self, entry: Any, where: str, providers: Mapping[str, ProviderConfig]) -> Target:
+    def target(self, entry: Any, where: str, providers: AbstractSet[str]) -> Target:
         text = self.string(entry, where)
         try:
             target = Target.parse(text)
         except ValueError as exc:
             raise self.fail(where, str(exc)) from None
         if target.provider not in providers:
-            raise self.fail(where, f"{text!r} names undeclared provider {target.provider!r}")
+            builtin = ", ".join(BUILTIN_PROVIDERS)
+            raise self.fail(where, f"{text!r} names undeclared provider {target.provider!r} (built in: {builtin})")
         return target
 
-    def pool(self, entries: list[Any], where: str, providers: Mapping[str, ProviderConfig]) -> Step:
+    def pool(self, entries: list[Any], where: str, providers: AbstractSet[str]) -> Step:
         if not entries:
             raise self.fail(where, "a pool needs at least one member")
         members = []

@@ -76,7 +76,7 @@ async def serve(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[ServePr
         path.write_text(config_text)
         env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "MANAPROXY_API_KEYS", "PORT")}
         env.update({"LOG_LEVEL": "info", "PYTHONUNBUFFERED": "1", **extra_env})
-        process = ServeProcess(path, env)
+        process = ServeProcess(path, env, cwd=tmp_path)  # no `.env` of the checkout's is read
         started.append(process)
         return await process.start(wait=wait)
 

@@ -481,3 +481,67 @@ def form_part(body: bytes, name: str) -> bytes:
     value_start = body.index(b"\r\n\r\n", start) + 4
     boundary_line = body[: body.index(b"\r\n")]
     return body[value_start : body.index(b"\r\n" + boundary_line, value_start)]
+
+
+# -- mana-llm's own aliases.yaml (issue 17), as its operators have it ---------------------------------------
+
+# Verbatim but for its comments: block-list chains, no `providers:` section.
+MANA_LLM_ALIASES = """\
+aliases:
+  mana/fast-text:
+    description: "Short answers, classification, single-shot Q&A"
+    chain:
+      - ollama/qwen2.5:7b
+      - groq/llama-3.1-8b-instant
+      - openrouter/anthropic/claude-3-haiku
+
+  mana/long-form:
+    description: "Writing, essays, stories, longer prose"
+    chain:
+      - ollama/gemma3:12b
+      - groq/llama-3.3-70b-versatile
+      - openrouter/anthropic/claude-3.5-haiku
+
+  mana/structured:
+    description: "JSON output (comic storyboards, research subqueries, tag suggestions)"
+    chain:
+      - ollama/qwen2.5:7b
+      - groq/llama-3.1-8b-instant
+      - openrouter/openai/gpt-4o-mini
+
+  mana/reasoning:
+    description: "Agent missions, tool calls, multi-step plans"
+    chain:
+      - openrouter/anthropic/claude-3.5-sonnet
+      - groq/llama-3.3-70b-versatile
+
+  mana/vision:
+    description: "Multimodal (image + text)"
+    chain:
+      - ollama/llava:7b
+      - google/gemini-2.0-flash-exp
+      - openrouter/openai/gpt-4o
+
+default: mana/fast-text
+"""
+
+# The same file with flow-list chains, as issue 17 quotes it.
+MANA_LLM_ALIASES_FLOW = """\
+aliases:
+  mana/fast-text:
+    description: "Short answers, classification, single-shot Q&A"
+    chain: [ollama/qwen2.5:7b, groq/llama-3.1-8b-instant, openrouter/anthropic/claude-3-haiku]
+  mana/long-form:
+    description: "Writing, essays, stories, longer prose"
+    chain: [ollama/gemma3:12b, groq/llama-3.3-70b-versatile, openrouter/anthropic/claude-3.5-haiku]
+  mana/structured:
+    description: "JSON output (comic storyboards, research subqueries, tag suggestions)"
+    chain: [ollama/qwen2.5:7b, groq/llama-3.1-8b-instant, openrouter/openai/gpt-4o-mini]
+  mana/reasoning:
+    description: "Agent missions, tool calls, multi-step plans"
+    chain: [openrouter/anthropic/claude-3.5-sonnet, groq/llama-3.3-70b-versatile]
+  mana/vision:
+    description: "Multimodal (image + text)"
+    chain: [ollama/llava:7b, google/gemini-2.0-flash-exp, openrouter/openai/gpt-4o]
+default: mana/fast-text
+"""

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import aiohttp
@@ -27,10 +28,13 @@ def free_port() -> int:
 class ServeProcess:
     """One `manaproxy serve` child process, its stderr collected line by line."""
 
-    def __init__(self, config_path: Path, env: dict[str, str]) -> None:
+    def __init__(self, config_path: Path, env: dict[str, str], *, cwd: Path = ROOT, args: Sequence[str] = ()) -> None:
         self.config_path = config_path
         self.port = free_port()
-        self.env = env
+        # This checkout's manaproxy, whatever the working directory (where `serve` looks for a `.env`).
+        self.env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))}
+        self.cwd = cwd
+        self.args = tuple(args)  # more `serve` options (`--env-file ...`)
         self.lines: list[str] = []
         self._new_line = asyncio.Condition()
         self.proc: asyncio.subprocess.Process | None = None
@@ -50,7 +54,8 @@ class ServeProcess:
             str(self.config_path),
             "--port",
             str(self.port),
-            cwd=ROOT,
+            *self.args,
+            cwd=self.cwd,
             env=self.env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,

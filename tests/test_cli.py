@@ -83,7 +83,11 @@ def test_check_valid_config_prints_one_line_summary(tmp_path: Path) -> None:
     result = run("check", "--config", str(path))
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert len(lines) == 1
+    # The summary, then one line per provider: declared or built in, configured or not (never a key).
+    assert lines[1:] == [
+        "  provider local: declared, configured",
+        "  provider cloud: declared, unconfigured (its api_key is empty)",
+    ]
     assert lines[0].startswith("manaproxy: config ok: ")
     assert str(path) in lines[0]
     assert "2 providers (1 configured)" in lines[0]
@@ -104,7 +108,8 @@ def test_check_counts_provider_whose_key_is_in_env(tmp_path: Path) -> None:
 def test_check_shipped_config() -> None:
     result = run("check", "--config", str(SHIPPED), env={"GROQ_API_KEY": "test-key-groq"})
     assert result.returncode == 0, result.stderr
-    assert "5 providers (2 configured), 5 aliases, default mana/fast-text" in result.stdout
+    assert "4 providers (2 configured), 5 aliases, default mana/fast-text" in result.stdout
+    assert "  provider groq: built in, configured" in result.stdout.splitlines()
     assert "test-key-groq" not in result.stdout + result.stderr
 
 

@@ -26,6 +26,8 @@ from manaproxy.config import (
     parse_config,
 )
 
+from .helpers import MANA_LLM_ALIASES, MANA_LLM_ALIASES_FLOW
+
 SHIPPED = Path(__file__).resolve().parent.parent / "aliases.yaml"
 
 MINIMAL = """
@@ -262,8 +264,9 @@ BAD_DOCUMENTS = [
     pytest.param(doc(providers={"mana": {"base_url": "http://h"}}), ["providers.mana"], id="provider-named-mana"),
     pytest.param(doc(providers={"a b": {"base_url": "http://h"}}), ["providers.a b"], id="provider-name-space"),
     pytest.param(doc(providers={"a": "http://h"}), ["providers.a", "mapping"], id="provider-not-mapping"),
-    pytest.param(doc(providers={}), ["providers", "at least one"], id="no-providers-empty"),
-    pytest.param("aliases: {}\n", ["providers", "at least one"], id="no-providers-missing"),
+    # `providers:` may be empty or absent (built-in providers); a chain entry must still name a known one.
+    pytest.param(doc(providers={}), ["aliases.mana/x.chain[0]", "undeclared provider 'a'"], id="no-providers-empty"),
+    pytest.param("aliases: {}\n", ["providers", "none declared and no built-in one"], id="no-providers-missing"),
     pytest.param(doc(providers=["a"]), ["providers", "mapping"], id="providers-a-list"),
     pytest.param(doc(aliases=["mana/x"]), ["aliases", "mapping"], id="aliases-a-list"),
     pytest.param(doc(health={"failure_threshold": 0}), ["health.failure_threshold"], id="threshold-zero"),
@@ -420,7 +423,7 @@ def test_load_config_error_names_the_file_and_place(tmp_path: Path) -> None:
 
 # -- the shipped aliases.yaml ---------------------------------------------------------------------
 
-SHIPPED_PROVIDERS = {"ollama", "openrouter", "groq", "together", "google"}
+SHIPPED_PROVIDERS = {"ollama", "openrouter", "groq", "google"}  # built in, named by its chains (together is not)
 SHIPPED_ALIASES = {"mana/fast-text", "mana/long-form", "mana/structured", "mana/reasoning", "mana/vision"}
 
 
@@ -442,10 +445,113 @@ def test_shipped_config_groq_is_configured_with_key_in_env() -> None:
     config = load_config(SHIPPED, env={"GROQ_API_KEY": "test-key-1"})
     assert config.providers["groq"].configured
     assert config.providers["groq"].api_key == "test-key-1"
-    assert not config.providers["together"].configured
+    assert "together" not in config.providers  # named by no chain and no TOGETHER_API_KEY
+    assert not config.providers["openrouter"].configured
     assert "test-key-1" not in repr(config)
 
 
 def test_shipped_config_env_overrides_base_url() -> None:
     config = load_config(SHIPPED, env={"OLLAMA_URL": "http://127.0.0.1:9999"})
     assert config.providers["ollama"].base_url == "http://127.0.0.1:9999/v1"
+
+
+# -- built-in providers (mana-llm's, from its environment) ----------------------------------------------
+
+
+@pytest.mark.parametrize("text", [MANA_LLM_ALIASES, MANA_LLM_ALIASES_FLOW], ids=["block-lists", "flow-lists"])
+def test_mana_llm_file_loads_with_built_in_providers(text: str) -> None:
+    config = parse_config(text, env={"GROQ_API_KEY": "test-key-builtin-1"})
+    assert list(config.providers) == ["ollama", "openrouter", "groq", "google"]  # the ones its chains name
+    assert all(spec.builtin for spec in config.providers.values())
+    assert {name for name, spec in config.providers.items() if spec.configured} == {"ollama", "groq"}
+    ollama, openrouter, groq, google = config.providers.values()
+    assert ollama.base_url == "http://localhost:11434/v1"
+    assert ollama.api_key is None
+    assert ollama.timeouts == Timeouts(connect=5, first_byte=120, idle=60, total=120)
+    assert openrouter.base_url == "https://openrouter.ai/api/v1"
+    assert dict(openrouter.headers) == {
+        "HTTP-Referer": "https://github.com/manaproxy/manaproxy",
+        "X-Title": "manaproxy",
+    }
+    assert (groq.base_url, groq.api_key) == ("https://api.groq.com/openai/v1", "test-key-builtin-1")
+    assert (google.kind, google.configured) == ("google", False)
+    assert [str(t) for t in config.aliases["mana/vision"].chain] == [
+        "ollama/llava:7b",
+        "google/gemini-2.0-flash-exp",
+        "openrouter/openai/gpt-4o",
+    ]
+    assert config.aliases["mana/reasoning"].description == "Agent missions, tool calls, multi-step plans"
+    assert config.default == "mana/fast-text"
+
+
+def test_built_in_providers_read_their_variables() -> None:
+    env = {
+        "OLLAMA_URL": "http://gpu:11434/",
+        "OLLAMA_TIMEOUT": "30",
+        "TOGETHER_API_KEY": " test-key-together ",
+        "TOGETHER_BASE_URL": "http://127.0.0.1:9/together/v1",
+        "OPENROUTER_REFERER": "https://mana.how",
+        "GROQ_BASE_URL": "",  # empty: the default, as ${VAR:-default}
+    }
+    config = parse_config(MANA_LLM_ALIASES, env=env)
+    assert list(config.providers) == ["ollama", "openrouter", "groq", "together", "google"]  # together: key set
+    assert config.providers["ollama"].base_url == "http://gpu:11434/v1"
+    assert config.providers["ollama"].timeouts == Timeouts(connect=5, first_byte=30, idle=30, total=30)
+    assert config.providers["together"].base_url == "http://127.0.0.1:9/together/v1"
+    assert config.providers["together"].api_key == "test-key-together"
+    assert config.providers["openrouter"].headers["HTTP-Referer"] == "https://mana.how"
+    assert config.providers["groq"].base_url == "https://api.groq.com/openai/v1"
+
+
+def test_a_built_in_provider_is_there_only_when_named_or_asked_for() -> None:
+    text = doc(aliases={"mana/x": {"chain": ["a/m1"]}})
+    assert list(parse_config(text, env={}).providers) == ["a"]
+    asked = parse_config(text, env={"GOOGLE_API_KEY": "test-key-g", "OLLAMA_URL": "http://127.0.0.1:9"})
+    assert [(name, spec.builtin) for name, spec in asked.providers.items()] == [
+        ("a", False),
+        ("ollama", True),
+        ("google", True),
+    ]
+    named = parse_config(doc(aliases={"mana/x": {"chain": ["a/m1", "groq/m2"]}}), env={})
+    assert list(named.providers) == ["a", "groq"]
+    assert not named.providers["groq"].configured  # named, but GROQ_API_KEY unset: skipped like a declared one
+
+
+def test_a_declared_provider_replaces_the_built_in_one_wholly() -> None:
+    text = doc(
+        providers={"ollama": {"base_url": "http://127.0.0.1:9/v1"}, "groq": {"base_url": "http://127.0.0.1:8/v1"}},
+        aliases={"mana/x": {"chain": ["ollama/m", "groq/m"]}},
+    )
+    config = parse_config(text, env={"OLLAMA_URL": "http://other:1", "OLLAMA_TIMEOUT": "7", "GROQ_API_KEY": "k"})
+    ollama, groq = config.providers["ollama"], config.providers["groq"]
+    assert (ollama.builtin, ollama.base_url, ollama.timeouts) == (False, "http://127.0.0.1:9/v1", Timeouts())
+    assert (groq.builtin, groq.api_key, groq.configured) == (False, None, True)  # no key: none is sent
+    assert list(config.providers) == ["ollama", "groq"]
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "places"),
+    [
+        (
+            MANA_LLM_ALIASES.replace("groq/llama-3.1-8b-instant", "grok/x", 1),
+            {},
+            ["aliases.mana/fast-text.chain[1]", "'grok'"],
+        ),
+        (MANA_LLM_ALIASES, {"OLLAMA_TIMEOUT": "soon"}, ["built-in provider ollama", "OLLAMA_TIMEOUT"]),
+        (MANA_LLM_ALIASES, {"OLLAMA_TIMEOUT": "0"}, ["built-in provider ollama", "OLLAMA_TIMEOUT"]),
+        (MANA_LLM_ALIASES, {"OLLAMA_URL": "gpu:11434"}, ["built-in provider ollama (from OLLAMA_URL", "base_url"]),
+        (MANA_LLM_ALIASES, {"GROQ_BASE_URL": "ftp://x"}, ["built-in provider groq (from GROQ_API_KEY, GROQ_BASE_URL"]),
+        ("aliases: {}\n", {}, ["providers", "none declared"]),
+    ],
+    ids=["unknown-provider", "timeout-not-a-number", "timeout-zero", "bad-ollama-url", "bad-groq-url", "nothing"],
+)
+def test_built_in_provider_errors_name_their_place(text: str, env: dict[str, str], places: list[str]) -> None:
+    message = config_error(text, env)
+    for place in places:
+        assert place in message
+
+
+def test_a_built_in_key_never_reaches_repr_or_summary() -> None:
+    config = parse_config(MANA_LLM_ALIASES, env={"OPENROUTER_API_KEY": "test-key-or-secret"})
+    assert config.providers["openrouter"].configured
+    assert "test-key-or-secret" not in repr(config) + config.summary()

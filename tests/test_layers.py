@@ -14,6 +14,7 @@ LAYERS: list[set[str]] = [
     {  # pure or nearly: config (with the kind names), routing, bytes-level SSE, bodies, redaction, records, failures
         "config",
         "failures",
+        "dotenv",
         "routing",
         "sse",
         "protocols",

@@ -17,6 +17,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from manaproxy import __version__
 from manaproxy.probe import probe_one
 
 from .fakes import (
@@ -94,7 +95,12 @@ async def test_breaker_opens_after_threshold_and_skips_without_calling(make_upst
     assert health["providers"]["b"]["last_latency_seconds"] is not None
 
     liveness = await get_json(proxy, "/health")
-    assert liveness == {"status": "healthy", "providers": {"a": "healthy", "b": "healthy"}}
+    assert liveness == {
+        "status": "healthy",
+        "service": "mana-llm",  # mana-llm's /health shape (issue 17)
+        "version": __version__,
+        "providers": {"a": "healthy", "b": "healthy"},
+    }
 
     (alias,) = (await get_json(proxy, "/v1/aliases"))["aliases"]
     first, second = alias["entries"]
@@ -327,7 +333,12 @@ async def test_health_stays_200_when_a_provider_is_down(make_upstream, make_prox
 
     # Liveness: the process answers; a provider outage shows in the status, not as a failed check.
     assert resp.status == 200
-    assert await resp.json() == {"status": "degraded", "providers": {"a": "unhealthy", "b": "healthy"}}
+    assert await resp.json() == {
+        "status": "degraded",
+        "service": "mana-llm",
+        "version": __version__,
+        "providers": {"a": "unhealthy", "b": "healthy"},
+    }
 
 
 # -- scope: a model's failures are that model's, the provider's transport failures everyone's ------------

@@ -36,6 +36,7 @@ from .helpers import (
     DONE,
     FAST_PROBES,
     FIELDS,
+    MANA_LLM_ALIASES,
     ask,
     build_config,
     chat,
@@ -362,3 +363,23 @@ async def test_a_key_added_by_a_reload_is_redacted_when_an_upstream_echoes_it(ma
     assert resp.status == 400
     assert new_key not in body  # ... and its echo is not relayed
     assert "key [redacted] was rejected" in body
+
+
+async def test_a_reload_builds_the_built_in_providers_from_the_environment_then(make_proxy, tmp_path, monkeypatch):
+    """Built-in providers are made at each load: a reload reads the process environment as it is then."""
+    text = MANA_LLM_ALIASES
+    monkeypatch.delenv("GROQ_API_KEY", raising=False)
+    monkeypatch.delenv("TOGETHER_API_KEY", raising=False)
+    proxy = await make_proxy(text, env={})
+    assert not proxy.gateway.config.providers["groq"].configured
+
+    monkeypatch.setenv("GROQ_API_KEY", "test-key-after-reload")
+    monkeypatch.setenv("TOGETHER_API_KEY", "test-key-together-reload")
+    assert proxy.reload_to(tmp_path, text)
+    providers = proxy.gateway.config.providers
+    assert providers["groq"].configured
+    assert providers["groq"].builtin
+    assert providers["together"].configured  # present now: its key is set
+    health = await (await proxy.client.get("/v1/health")).json()
+    assert health["providers"]["groq"]["configured"] is True
+    assert "test-key-after-reload" not in str(health)

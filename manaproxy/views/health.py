@@ -10,6 +10,7 @@ from collections.abc import Iterable
 
 from aiohttp import web
 
+from .. import __version__
 from ..config import ProviderConfig
 from ..gateway import GATEWAY
 from ..health import RATE_LIMITED, UNCONFIGURED, Breaker, HealthTracker
@@ -75,15 +76,22 @@ def _current(request: web.Request) -> tuple[str, dict[str, dict[str, object]]]:
     return overall_status([str(item["status"]) for item in view.values()]), view
 
 
+# `service` of `GET /health`: mana-llm's own value. manaproxy takes mana-llm's place in front of the apps, as its
+# metric names (`mana_llm_*`) and scrape job do, so uptime checks and dashboards that read it keep working;
+# `version` is manaproxy's.
+SERVICE = "mana-llm"
+
+
 async def liveness(request: web.Request) -> web.Response:
-    """`GET /health`: always 200 while serving; the status says how many providers are up."""
+    """`GET /health`: always 200 while serving; the status says how many providers are up (mana-llm's shape:
+    `status`, `service`, `version`, `providers`)."""
     status, view = _current(request)
     providers = {
         name: "healthy" if item["status"] == "healthy" else "unhealthy"
         for name, item in view.items()
         if item["configured"]
     }
-    return json_response({"status": status, "providers": providers})
+    return json_response({"status": status, "service": SERVICE, "version": __version__, "providers": providers})
 
 
 async def health_detail(request: web.Request) -> web.Response:

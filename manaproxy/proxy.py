@@ -38,6 +38,7 @@ from .drain import SHUTTING_DOWN, Guard, shutting_down
 from .errors import JSON_CONTENT_TYPE, ProxyError, error_body
 from .gateway import GATEWAY, Gateway, Runtime
 from .health import Slot
+from .kinds import request_kind
 from .paths import addresses_stored_object, upstream_path
 from .plan import Plan
 from .protocols import StreamProtocol, for_path
@@ -169,7 +170,7 @@ async def _cancel(racers: dict[asyncio.Task[Any], _Racer]) -> None:
     racers.clear()
 
 
-def exhausted(attempts: list[Attempt]) -> ProxyError:
+def exhausted(attempts: list[Attempt], max_retry_after: float = 5.0) -> ProxyError:
     """The answer when every chain entry failed or was skipped, keeping what the providers meant.
 
     - one entry was tried and answered an HTTP status, and no other is only waiting → that status and the
@@ -178,9 +179,14 @@ def exhausted(attempts: list[Attempt]) -> ProxyError:
       have had from that provider. But a 401/403 about our provider key, or a redirect we do not follow, is
       a 502: the client's own key is fine;
     - every entry tried answered 429 → 429, with the smallest wait among the entries;
-    - otherwise 503, with `Retry-After` when an entry is only kept out for a while (breaker window, rate
-      limit): the seconds until the first of them may be tried again, rounded up, at least 1. (An entry
-      that will be back in seconds makes "retry then" a truer answer than one entry's 404 or 500.)
+    - a lone entry, not tried because its breaker keeps it out, whose last failure was an HTTP error → that
+      error as above (status, error object, headers), plus our `Retry-After`: an SDK's retry that meets the
+      open breaker ends with the provider's status and message, as its direct call would;
+    - otherwise 503, with `Retry-After` when an entry is only kept out for a while (breaker, rate limit).
+    Every `Retry-After` written here is the seconds until the first such entry will really be tried again
+    (its next recovery probe or trial, or the end of its rate limit), rounded up, at least 1 and at most
+    `max_retry_after` (`health.max_retry_after_seconds`). (An entry that will be back in seconds makes
+    "retry then" a truer answer than one entry's 404 or 500.)
     The list of entries and what each did is in the message and in `X-Mana-LLM-Attempts`.
     """
     summary = ", ".join(attempt.listed for attempt in attempts)
@@ -191,24 +197,38 @@ def exhausted(attempts: list[Attempt]) -> ProxyError:
         return _one_entrys_error(tried[0], headers)
     waits = [attempt.retry_after for attempt in attempts if attempt.retry_after is not None]
     if waits:
-        headers["Retry-After"] = str(max(1, math.ceil(min(waits))))
+        headers["Retry-After"] = str(max(1, min(math.ceil(min(waits)), math.floor(max_retry_after))))
+    if len(attempts) == 1 and not tried and attempts[0].last_status is not None:
+        return _one_entrys_error(attempts[0], headers, status=attempts[0].last_status)
     if tried and all(attempt.status == 429 for attempt in tried):
         return ProxyError(429, f"every chain entry is rate limited: {summary}", code="rate_limited", headers=headers)
     return ProxyError(503, f"no chain entry could answer: {summary}", code="all_targets_failed", headers=headers)
 
 
-def _one_entrys_error(attempt: Attempt, headers: dict[str, str]) -> ProxyError:
-    """The error of the one entry tried, as its provider answered it (see `exhausted`)."""
-    assert attempt.status is not None
+def _one_entrys_error(attempt: Attempt, headers: dict[str, str], status: int | None = None) -> ProxyError:
+    """The error of the one entry, as its provider answered it (see `exhausted`); `status`: its last
+    answer's, when it was kept out rather than tried."""
+    status = attempt.status if status is None else status
+    assert status is not None
     own = {**dict(attempt.headers), **headers}
     error = attempt.error or {}
     message = error.get("message")
-    text = f"{attempt.target}: {message if isinstance(message, str) else attempt.detail}"
-    if attempt.status in (401, 403) or attempt.status < 400:  # about our key, or a redirect: not the client's
+    text = f"{attempt.target}: {message if isinstance(message, str) else attempt.detail or f'HTTP {status}'}"
+    if status in (401, 403) or status < 400:  # about our key, or a redirect: not the client's
         return ProxyError(502, text, code=attempt.reason, headers=own)
     if attempt.error is not None:
-        return ProxyError(attempt.status, text, headers=own, relayed=attempt.error)
-    return ProxyError(attempt.status, text, code=attempt.reason, headers=own)
+        return ProxyError(status, text, headers=own, relayed=attempt.error)
+    return ProxyError(status, text, code=attempt.reason, headers=own)
+
+
+def _stored_object(path: str) -> ProxyError:
+    """The answer to a request for an object stored at one provider (a file, a stored response ...)."""
+    return ProxyError(
+        404,
+        f"manaproxy routes requests by their 'model'; {path[:100]} addresses an object stored at one "
+        "provider: call that provider directly",
+        code="unsupported_endpoint",
+    )
 
 
 def _refused(request: web.Request, record: RequestRecord, err: ProxyError) -> web.Response:
@@ -225,7 +245,7 @@ def _refused(request: web.Request, record: RequestRecord, err: ProxyError) -> we
 class _Forwarder:
     """One request's walk down its chain."""
 
-    __slots__ = ("claim", "gateway", "guard", "raw", "record", "request", "runtime")
+    __slots__ = ("claim", "gateway", "guard", "kind", "raw", "record", "request", "runtime")
 
     def __init__(
         self, request: web.Request, gateway: Gateway, runtime: Runtime, record: RequestRecord, guard: Guard
@@ -236,6 +256,7 @@ class _Forwarder:
         self.record = record
         self.guard = guard
         self.raw = bytearray()
+        self.kind = ""  # the request's kind, for health (`kinds.py`)
 
     async def run(self, claim: BodyBudget.Claim) -> web.StreamResponse:
         self.claim = claim
@@ -258,14 +279,11 @@ class _Forwarder:
                 408, f"request body did not arrive within {server.body_timeout_seconds:g}s", code="body_timeout"
             ) from None
         record.client_wait += perf_counter() - started
+        if not raw.strip() and addresses_stored_object(path):  # `responses.cancel` sends no body at all
+            raise _stored_object(url.path)
         body = parse_body(raw, self.request.headers.get("Content-Type", ""))
         if body.model is None and addresses_stored_object(path):
-            raise ProxyError(
-                404,
-                f"manaproxy routes requests by their 'model'; {url.path[:100]} addresses an object stored at one "
-                "provider: call that provider directly",
-                code="unsupported_endpoint",
-            )
+            raise _stored_object(url.path)
         record.streaming = body.stream
         record.requested = body.model or ""
         route = resolve(body.model, config)
@@ -275,7 +293,8 @@ class _Forwarder:
         accept = self.request.headers.get("Accept")
         protocol = for_path(path)
         headers = self.request.headers
-        plan = Plan(route.steps, config, self.gateway.health, record, _RNG)
+        self.kind = request_kind(path, raw)
+        plan = Plan(route.steps, config, self.gateway.health, record, _RNG, self.kind)
 
         def call_to(target: Target) -> Call:
             return Call(path, body, target, record.request_id, accept, protocol, headers)
@@ -290,11 +309,13 @@ class _Forwarder:
             if answer is not None:
                 return answer
         record.error_type = "all_failed"
-        raise exhausted(record.attempts)
+        raise exhausted(record.attempts, config.health.max_retry_after_seconds)
 
     def _claim(self, target: Target, stream: bool) -> AbstractContextManager[Slot]:
         provider = self.runtime.config.providers[target.provider]
-        return self.gateway.health.attempt(provider, target.model, stream=stream, client=_client(self.request))
+        return self.gateway.health.attempt(
+            provider, target.model, stream=stream, client=_client(self.request), kind=self.kind
+        )
 
     async def _try(self, target: Target, call: Call) -> web.StreamResponse | None:
         """Try one target. A response means the request is answered; None means fall back."""
@@ -479,10 +500,10 @@ class _Forwarder:
     ) -> web.StreamResponse:
         """Commit to `target` and relay its stream; a failure from here on ends it with an error event."""
         record = self.record
-        response = web.StreamResponse(
-            status=reply.status,
-            headers=_answer_headers(reply.headers, {**_STREAM_HEADERS, RESOLVED_HEADER: resolved_value(target)}),
-        )
+        ours = {**_STREAM_HEADERS, RESOLVED_HEADER: resolved_value(target)}
+        if any(name.lower() == "content-type" for name, _ in reply.headers):
+            del ours["Content-Type"]  # the upstream's, `; charset=utf-8` and all (`headers.to_client`)
+        response = web.StreamResponse(status=reply.status, headers=_answer_headers(reply.headers, ours))
         clean_end = False
         try:
             # COMMIT: from here on this answer belongs to `target`.

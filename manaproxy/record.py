@@ -46,6 +46,9 @@ class Attempt:
     retry_after: float | None = None  # seconds until it may be tried again (Retry-After, breaker window)
     error: dict[str, object] | None = None  # the upstream's OpenAI-shaped error object, when it sent one
     headers: list[tuple[str, str]] = field(default_factory=list)  # the upstream's headers, for the client
+    # Skipped while kept out: the HTTP status of the entry's last failure (`error`, `headers` are that answer's);
+    # a lone entry kept out answers with it (`proxy.exhausted`).
+    last_status: int | None = None
 
     @property
     def summary(self) -> str:

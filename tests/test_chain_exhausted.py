@@ -38,12 +38,12 @@ async def test_a_lone_404_stays_a_404_and_the_sdk_does_not_retry_it(a_and_b, mak
 async def test_429s_everywhere_are_a_429_with_the_smallest_retry_after(a_and_b, make_proxy):
     a, b = a_and_b
     a.default = status_reply(429, "slow down", headers={"Retry-After": "20"})
-    b.default = status_reply(429, "slow down", headers={"Retry-After": "7"})
+    b.default = status_reply(429, "slow down", headers={"Retry-After": "3"})  # under the 5 s cap
     proxy = await make_proxy(build_config({"a": a, "b": b}, {"mana/x": ["a/m1", "b/m2"]}))
 
     resp = await proxy.client.post(CHAT, json=chat())
 
-    assert (resp.status, resp.headers["Retry-After"]) == (429, "7")
+    assert (resp.status, resp.headers["Retry-After"]) == (429, "3")
     body = await resp.json()
     assert (body["error"]["type"], body["error"]["code"]) == ("rate_limit_error", "rate_limited")
     assert resp.headers["X-Mana-LLM-Attempts"] == "a/m1=HTTP 429, b/m2=HTTP 429"
@@ -51,17 +51,17 @@ async def test_429s_everywhere_are_a_429_with_the_smallest_retry_after(a_and_b, 
 
 async def test_entries_kept_out_for_a_while_give_a_503_that_says_when(a_and_b, make_proxy):
     a, b = a_and_b
-    a.default = status_reply(429, "slow down", headers={"Retry-After": "12.2"})
+    a.default = status_reply(500)
     b.default = status_reply(500)
     health = {"failure_threshold": 1, "backoff_seconds": 40}
     proxy = await make_proxy(build_config({"a": a, "b": b}, {"mana/x": ["a/m1", "b/m2"]}, health=health))
-    await proxy.client.post(CHAT, json=chat())  # a rate-limited for 12.2 s, b's breaker open for 40 s
+    await proxy.client.post(CHAT, json=chat())  # both breakers open for 40 s, their first trial in 1 s
 
     resp = await proxy.client.post(CHAT, json=chat())
 
     assert resp.status == 503
-    assert resp.headers["Retry-After"] == "13"  # the first back, rounded up
-    assert resp.headers["X-Mana-LLM-Attempts"] == "a/m1=rate_limited, b/m2=unhealthy"
+    assert resp.headers["Retry-After"] == "1"  # when the first trial goes, not the window's end
+    assert resp.headers["X-Mana-LLM-Attempts"] == "a/m1=unhealthy, b/m2=unhealthy"
     assert (await resp.json())["error"]["code"] == "all_targets_failed"
 
 

@@ -15,9 +15,10 @@ else. The request path imports this module and nothing else of `providers/`.
 from __future__ import annotations
 
 import asyncio
+import re
 import ssl
 import time
-from collections.abc import AsyncGenerator, Awaitable, Iterator, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
@@ -195,6 +196,57 @@ def parse_retry_after(value: str | None) -> float | None:
     if seconds != seconds or seconds <= 0:
         return None
     return min(seconds, 3600.0)
+
+
+# OpenAI's and Groq's `x-ratelimit-reset-*` durations: `6m0s`, `1.5s`, `20ms`, `1h2m3.5s`.
+_DURATION_RE = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m(?!s))?(?:(\d+(?:\.\d+)?)s)?(?:(\d+(?:\.\d+)?)ms)?")
+
+
+def parse_duration(value: str) -> float | None:
+    """`6m0s`, `1.5s`, `20ms`, or plain seconds (`2`, `0.5`) as seconds; None when unusable."""
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        match = _DURATION_RE.fullmatch(value)
+        if match is None or not value:
+            return None
+        hours, minutes, secs, millis = (float(part) if part else 0.0 for part in match.groups())
+        seconds = hours * 3600 + minutes * 60 + secs + millis / 1000
+    if seconds != seconds or seconds <= 0:
+        return None
+    return min(seconds, 3600.0)
+
+
+def rate_limit_hint(headers: Iterable[tuple[str, str]]) -> float | None:
+    """How long a 429 says to wait, in seconds, from its headers: `retry-after-ms` (Azure's; the SDKs prefer
+    it), else `Retry-After` (seconds or an HTTP date), else the `x-ratelimit-reset-*` of a limit that is used
+    up (its `x-ratelimit-remaining-*` is 0) or, when none says so, the longest of them. None: no hint."""
+    lower = {name.lower(): value for name, value in headers}
+    millis = lower.get("retry-after-ms")
+    if millis is not None:
+        try:
+            seconds = float(millis) / 1000
+        except ValueError:
+            seconds = float("nan")
+        if seconds == seconds and seconds > 0:
+            return min(seconds, 3600.0)
+    seconds_after = parse_retry_after(lower.get("retry-after"))
+    if seconds_after is not None:
+        return seconds_after
+    resets = {
+        name[len("x-ratelimit-reset-") :]: value
+        for name, value in lower.items()
+        if name.startswith("x-ratelimit-reset-")
+    }
+    waits = {name: parse_duration(value) for name, value in resets.items()}
+    used_up = [
+        wait
+        for name, wait in waits.items()
+        if wait is not None and lower.get(f"x-ratelimit-remaining-{name}", "").strip() == "0"
+    ]
+    known = used_up or [wait for wait in waits.values() if wait is not None]
+    return max(known) if known else None
 
 
 @contextmanager

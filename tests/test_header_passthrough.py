@@ -249,7 +249,6 @@ UPSTREAMS_OWN = {
     "Access-Control-Allow-Origin": "*",
     "Clear-Site-Data": '"*"',
     "Cache-Control": "public, max-age=31536000",
-    "Vary": "Cookie",
     "ETag": '"1"',
 }
 KEPT = {

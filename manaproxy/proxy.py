@@ -42,7 +42,7 @@ from .kinds import request_kind
 from .paths import addresses_stored_object, upstream_path
 from .plan import Plan
 from .protocols import StreamProtocol, for_path
-from .providers.base import Call, MidStreamFailure, Reply, StreamReply, UpstreamFailure
+from .providers.base import Call, MidStreamFailure, Reply, StreamReply, UpstreamFailure, rate_limit_hint
 from .record import (
     CLIENT_DISCONNECTED,
     COMPLETED,
@@ -139,6 +139,8 @@ async def other_method(request: web.Request) -> web.Response:
 
 
 ATTEMPTS_HEADER = "X-Mana-LLM-Attempts"
+RETRY_AFTER_MS = "retry-after-ms"
+RETRY_MARGIN = 0.2  # seconds added to a precise wait (`retry-after-ms`): a probe due then has answered by then
 _RNG = random.Random()  # pool choices: ties broken at random in proportion to weight
 
 
@@ -185,8 +187,9 @@ def exhausted(attempts: list[Attempt], max_retry_after: float = 5.0) -> ProxyErr
     - otherwise 503, with `Retry-After` when an entry is only kept out for a while (breaker, rate limit).
     Every `Retry-After` written here is the seconds until the first such entry will really be tried again
     (its next recovery probe or trial, or the end of its rate limit), rounded up, at least 1 and at most
-    `max_retry_after` (`health.max_retry_after_seconds`). (An entry that will be back in seconds makes
-    "retry then" a truer answer than one entry's 404 or 500.)
+    `max_retry_after` (`health.max_retry_after_seconds`); `retry-after-ms` beside it says the same wait to
+    the millisecond, plus `RETRY_MARGIN` for a probe then due to have answered (the SDKs prefer it). (An
+    entry that will be back in seconds makes "retry then" a truer answer than one entry's 404 or 500.)
     The list of entries and what each did is in the message and in `X-Mana-LLM-Attempts`.
     """
     summary = ", ".join(attempt.listed for attempt in attempts)
@@ -197,7 +200,9 @@ def exhausted(attempts: list[Attempt], max_retry_after: float = 5.0) -> ProxyErr
         return _one_entrys_error(tried[0], headers)
     waits = [attempt.retry_after for attempt in attempts if attempt.retry_after is not None]
     if waits:
-        headers["Retry-After"] = str(max(1, min(math.ceil(min(waits)), math.floor(max_retry_after))))
+        wait = min(*waits, max_retry_after)
+        headers["Retry-After"] = str(max(1, min(math.ceil(wait), math.floor(max_retry_after))))
+        headers[RETRY_AFTER_MS] = str(round((wait + RETRY_MARGIN) * 1000))
     if len(attempts) == 1 and not tried and attempts[0].last_status is not None:
         return _one_entrys_error(attempts[0], headers, status=attempts[0].last_status)
     if tried and all(attempt.status == 429 for attempt in tried):
@@ -210,7 +215,8 @@ def _one_entrys_error(attempt: Attempt, headers: dict[str, str], status: int | N
     answer's, when it was kept out rather than tried."""
     status = attempt.status if status is None else status
     assert status is not None
-    own = {**dict(attempt.headers), **headers}
+    ours = {name.lower() for name in headers}  # our retry headers replace the provider's, whatever their case
+    own = {**{name: value for name, value in attempt.headers if name.lower() not in ours}, **headers}
     error = attempt.error or {}
     message = error.get("message")
     text = f"{attempt.target}: {message if isinstance(message, str) else attempt.detail or f'HTTP {status}'}"
@@ -482,7 +488,7 @@ class _Forwarder:
                     failure.reason,
                     failure.detail,
                     status=failure.status,
-                    retry_after=failure.retry_after,
+                    retry_after=_rate_limit_wait(failure),
                     error=failure.error,
                     headers=failure.headers,
                 )
@@ -594,6 +600,13 @@ def _client(request: web.Request) -> bytes | None:
         return None
     credentials = f"{authorization}\n{api_key}".encode("utf-8", "surrogateescape")
     return hashlib.blake2b(credentials, digest_size=16, key=_CLIENT_SALT).digest()
+
+
+def _rate_limit_wait(failure: UpstreamFailure) -> float | None:
+    """Seconds a failure says to wait: its Retry-After, or for a 429 any hint it gave (`rate_limit_hint`)."""
+    if failure.retry_after is not None or failure.status != 429:
+        return failure.retry_after
+    return rate_limit_hint(failure.headers)
 
 
 def _caller_error(failure: UpstreamFailure, target: Target) -> web.Response:

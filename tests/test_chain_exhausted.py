@@ -116,3 +116,41 @@ async def test_a_model_name_cannot_forge_attempts(a_and_b, make_proxy, model):
     assert attempts_of(header) == [(f"a/{model}", "HTTP 500"), ("b/m2", "HTTP 503")]
     message = (await resp.json())["error"]["message"]
     assert attempts_of(message.removeprefix("no chain entry could answer: ")) == attempts_of(header)
+
+
+# -- issue 16: a lone entry kept out, and how long a Retry-After may say ----------------------------
+
+
+async def test_a_lone_entry_kept_out_answers_with_the_providers_last_error_and_when_it_is_tried_again(
+    a_and_b, make_proxy
+):
+    a, _ = a_and_b
+    a.default = status_reply(500, "model crashed", headers={"x-ratelimit-remaining-requests": "41"})
+    health = {"failure_threshold": 2, "backoff_seconds": 60}
+    proxy = await make_proxy(build_config({"a": a}, {"mana/x": ["a/m1"]}, health=health))
+    for _ in range(2):  # the breaker opens
+        assert (await proxy.client.post(CHAT, json=chat())).status == 500
+
+    resp = await proxy.client.post(CHAT, json=chat())
+
+    assert resp.status == 500  # the provider's, not our 503
+    error = (await resp.json())["error"]
+    assert (error["message"], error["type"], error["code"]) == ("a/m1: model crashed", "server_error", "500")
+    assert resp.headers["x-ratelimit-remaining-requests"] == "41"  # its headers
+    assert resp.headers["X-Mana-LLM-Attempts"] == "a/m1=unhealthy"
+    assert resp.headers["Retry-After"] == "1"  # its first trial, not the 60 s window
+    assert 1000 <= int(resp.headers["retry-after-ms"]) <= 1200
+    assert a.calls == 2
+
+
+@pytest.mark.parametrize(("setting", "retry_after", "millis"), [(None, "5", "5200"), (2, "2", "2200")])
+async def test_every_retry_after_we_write_is_capped(a_and_b, make_proxy, setting, retry_after, millis):
+    a, b = a_and_b
+    a.default = status_reply(429, "slow down", headers={"Retry-After": "30"})
+    b.default = status_reply(429, "slow down", headers={"Retry-After": "20"})
+    health = {} if setting is None else {"max_retry_after_seconds": setting}
+    proxy = await make_proxy(build_config({"a": a, "b": b}, {"mana/x": ["a/m1", "b/m2"]}, health=health))
+
+    resp = await proxy.client.post(CHAT, json=chat())
+
+    assert (resp.status, resp.headers["Retry-After"], resp.headers["retry-after-ms"]) == (429, retry_after, millis)

@@ -52,13 +52,14 @@ class Plan:
     def __repr__(self) -> str:
         return f"<Plan left in step: {[str(member.target) for member in self._pool]}>"
 
-    def next(self) -> Target | None:
-        """The next target to try, or None when the chain has run out."""
+    def next(self, *, last_resort: bool = True) -> Target | None:
+        """The next target to try, or None when the chain has run out. `last_resort=False`: not an entry
+        kept out by a rate limit (a hedge beside an attempt still running: another entry is being tried)."""
         while True:
             if not self._pool:
                 step = next(self._steps, None)
                 if step is None:
-                    return self._last_resort()
+                    return self._last_resort() if last_resort else None
                 self._pool = list(step.members)
             member = self._pick()
             if member is not None:

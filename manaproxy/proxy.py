@@ -380,7 +380,7 @@ class _Forwarder:
 
         def start_next(*, beside_late: bool = False) -> bool:
             nonlocal exhausted_plan
-            target = plan.next()
+            target = plan.next(last_resort=not beside_late)  # a rate-limited entry never goes as a hedge
             if target is None:
                 exhausted_plan = True
                 return False

@@ -48,6 +48,12 @@ def make_session(*, limit: int = 0) -> aiohttp.ClientSession:
     )
 
 
+async def say_nothing_of_us(request: web.Request, response: web.StreamResponse) -> None:
+    """`on_response_prepare`: no `Server: Python/3.11 aiohttp/…` on any answer — what software and version
+    serves is no client's business (and a gift to whoever scans for a vulnerable one)."""
+    response.headers.popall("Server", None)
+
+
 def create_app(
     config: Config,
     *,
@@ -81,6 +87,7 @@ def create_app(
     app[RELOADER] = reloader
     app[catalog.MODELS_CACHE] = catalog.ModelsCache()
     app.on_response_prepare.append(echo_request_id)
+    app.on_response_prepare.append(say_nothing_of_us)
     if origins:
         app.on_response_prepare.append(cors_headers(origins))
 

@@ -185,6 +185,7 @@ class HealthSettings:
     probe_interval_seconds: float = 30.0
     probe_timeout_seconds: float = 3.0
     credential_check_seconds: float = 5.0  # a request's 401/403 probes the provider at most this often
+    max_retry_after_seconds: float = 5.0  # the most a `Retry-After` manaproxy writes ever says
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,7 +13,23 @@ from aiohttp.typedefs import Handler, Middleware
 
 from .errors import ProxyError
 
-EXPOSED = "X-Request-ID, X-Mana-LLM-Resolved, X-Mana-LLM-Attempts, Retry-After"
+# Response headers a browser app may read. Each named: with credentials, CORS takes no wildcard.
+EXPOSED = ", ".join(
+    (
+        "X-Request-ID",
+        "X-Upstream-Request-ID",
+        "X-Mana-LLM-Resolved",
+        "X-Mana-LLM-Attempts",
+        "Retry-After",
+        "retry-after-ms",
+        "x-ratelimit-limit-requests",
+        "x-ratelimit-limit-tokens",
+        "x-ratelimit-remaining-requests",
+        "x-ratelimit-remaining-tokens",
+        "x-ratelimit-reset-requests",
+        "x-ratelimit-reset-tokens",
+    )
+)
 
 
 def _allowed(origin: str, origins: frozenset[str]) -> bool:

@@ -15,8 +15,9 @@ breaker; the request record (`record.py`) keeps it on its `Attempt`.
 
 from __future__ import annotations
 
+import re
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Any, Final, Literal, NewType
@@ -174,7 +175,7 @@ class UpstreamFailure(Exception):
         cls, status: int, headers: CIMultiDictProxy[str] | Mapping[str, str], body: bytes, content_type: str | None
     ) -> UpstreamFailure:
         """An upstream's error status, as `classify_status` reads it; its body and headers kept for relaying."""
-        retry_after = parse_retry_after(headers.get("Retry-After")) if status == 429 else None
+        retry_after = rate_limit_hint(headers.items()) if status == 429 else None  # any hint it gave
         excerpt, error = _read_error(body)
         return cls(
             http_reason(status),
@@ -327,3 +328,54 @@ def parse_retry_after(value: str | None) -> float | None:
     if seconds != seconds or seconds <= 0:
         return None
     return min(seconds, 3600.0)
+
+
+# OpenAI's and Groq's `x-ratelimit-reset-*` durations: `6m0s`, `1.5s`, `20ms`, `1h2m3.5s`.
+_DURATION_RE = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m(?!s))?(?:(\d+(?:\.\d+)?)s)?(?:(\d+(?:\.\d+)?)ms)?")
+
+
+def parse_duration(value: str) -> float | None:
+    """`6m0s`, `1.5s`, `20ms`, or plain seconds (`2`, `0.5`) as seconds; None when unusable."""
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        match = _DURATION_RE.fullmatch(value)
+        if match is None or not value:
+            return None
+        hours, minutes, secs, millis = (float(part) if part else 0.0 for part in match.groups())
+        seconds = hours * 3600 + minutes * 60 + secs + millis / 1000
+    if seconds != seconds or seconds <= 0:
+        return None
+    return min(seconds, 3600.0)
+
+
+def rate_limit_hint(headers: Iterable[tuple[str, str]]) -> float | None:
+    """How long a 429 says to wait, in seconds, from its headers: `retry-after-ms` (Azure's; the SDKs prefer
+    it), else `Retry-After` (seconds or an HTTP date), else the `x-ratelimit-reset-*` of a limit that is used
+    up (its `x-ratelimit-remaining-*` is 0) or, when none says so, the longest of them. None: no hint."""
+    lower = {name.lower(): value for name, value in headers}
+    millis = lower.get("retry-after-ms")
+    if millis is not None:
+        try:
+            seconds = float(millis) / 1000
+        except ValueError:
+            seconds = float("nan")
+        if seconds == seconds and seconds > 0:
+            return min(seconds, 3600.0)
+    seconds_after = parse_retry_after(lower.get("retry-after"))
+    if seconds_after is not None:
+        return seconds_after
+    resets = {
+        name[len("x-ratelimit-reset-") :]: value
+        for name, value in lower.items()
+        if name.startswith("x-ratelimit-reset-")
+    }
+    waits = {name: parse_duration(value) for name, value in resets.items()}
+    used_up = [
+        wait
+        for name, wait in waits.items()
+        if wait is not None and lower.get(f"x-ratelimit-remaining-{name}", "").strip() == "0"
+    ]
+    known = used_up or [wait for wait in waits.values() if wait is not None]
+    return max(known) if known else None

@@ -15,8 +15,9 @@ Rule of this module: pure, and the one place that decides.
 - Upstream → client (an allow-list: nothing an upstream says about itself — `Set-Cookie`, `Location`,
   `Strict-Transport-Security`, `Alt-Svc`, CSP … — belongs on our answers): `RELAYED` and the `RELAYED_PREFIXES`
   families (`x-ratelimit-*`, `openai-*` but the account's `openai-organization`/`openai-project` …), its
-  `x-request-id` as `X-Upstream-Request-ID`; never a hop-by-hop header. Every value relayed is redacted by the
-  provider (`redact.Redactor.pairs`). Ours (`Content-Type`, `X-Request-ID`, `X-Mana-LLM-*`, CORS, `Vary`) win.
+  `x-request-id` as `X-Upstream-Request-ID`, and `Vary`; never a hop-by-hop header. (A relayed stream keeps its
+  `Content-Type` with its parameters, `; charset=utf-8`: the provider adds it, `providers/openai.py`.) Every value relayed is redacted by the provider (`redact.Redactor.pairs`).
+  Ours (`Content-Type` of other answers, `X-Request-ID`, `X-Mana-LLM-*`, CORS) win; CORS adds `Vary: Origin`.
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ RELAYED = frozenset(
         "request-id",  # Anthropic's id
         "content-disposition",  # a file answer's name (audio, files)
         "content-language",
+        "vary",
     }
 )
 RELAYED_PREFIXES = ("x-ratelimit-", "ratelimit-", "openai-", "anthropic-ratelimit-")
@@ -126,6 +128,7 @@ def to_client(upstream: CIMultiDictProxy[str] | Mapping[str, str]) -> list[tuple
         lower = name.lower()
         if lower == "x-request-id":
             out.append((UPSTREAM_REQUEST_ID, value))
+
         elif _relayed(lower) and lower not in dropped:
             out.append((name, value))
     return out

@@ -7,7 +7,12 @@ in flight) and nothing else; sending, racing and committing are the proxy's.
   the fewest requests in flight per unit of weight comes first; a tie is broken at random in proportion
   to weight, so that with no load a 3:1 pool sends 75 % / 25 % of its requests. A member that fails is
   followed by the pool's other members (chosen the same way), then by the next step.
-Every entry skipped is written to the request record once, with how long it is kept out.
+- An entry kept out only by a rate limit is skipped while another entry can be tried: once the rest of the
+  chain has been tried or skipped, the one whose limit ends first is tried anyway (as a direct call would
+  be), so a lone entry's 429 reaches the client as the provider's own, with its headers, on every try.
+Every entry skipped is written to the request record once, with how long until it is really tried again
+(and, kept out by its breaker, the last error it answered: a lone entry answers with it).
+Health is read for the request's kind (`kinds.py`): a model's breakers count each kind apart.
 
 With hedging, when the next target starts is decided here too (`hedge_in`), from numbers the race hands in;
 the race itself (starting, cancelling, committing) is the proxy's.
@@ -19,14 +24,15 @@ import random
 from collections.abc import Iterator
 
 from .config import Config, Member, Step, Target
-from .health import HealthTracker
+from .health import RATE_LIMITED, UNHEALTHY, HealthTracker
+from .kinds import CHAT
 from .record import Attempt, RequestRecord
 
 
 class Plan:
     """The targets one request may try, handed out one at a time (`next()`)."""
 
-    __slots__ = ("_config", "_health", "_pool", "_record", "_rng", "_steps")
+    __slots__ = ("_config", "_deferred", "_health", "_kind", "_pool", "_record", "_rng", "_steps")
 
     def __init__(
         self,
@@ -35,6 +41,7 @@ class Plan:
         health: HealthTracker,
         record: RequestRecord,
         rng: random.Random,
+        kind: str = CHAT,
     ) -> None:
         self._steps: Iterator[Step] = iter(steps)
         self._pool: list[Member] = []  # members of the current step not yet handed out nor skipped
@@ -42,17 +49,20 @@ class Plan:
         self._health = health
         self._record = record
         self._rng = rng
+        self._kind = kind
+        self._deferred: list[tuple[Attempt, Target]] = []  # skipped for a rate limit only, in chain order
 
     def __repr__(self) -> str:
         return f"<Plan left in step: {[str(member.target) for member in self._pool]}>"
 
-    def next(self) -> Target | None:
-        """The next target to try, or None when the chain has run out."""
+    def next(self, *, last_resort: bool = True) -> Target | None:
+        """The next target to try, or None when the chain has run out. `last_resort=False`: not an entry
+        kept out by a rate limit (a hedge beside an attempt still running: another entry is being tried)."""
         while True:
             if not self._pool:
                 step = next(self._steps, None)
                 if step is None:
-                    return None
+                    return self._last_resort() if last_resort else None
                 self._pool = list(step.members)
             member = self._pick()
             if member is not None:
@@ -63,12 +73,16 @@ class Plan:
         usable = []
         for member in self._pool:
             target = member.target
-            skip = health.skip_reason(self._config.providers[target.provider], target.model)
+            skip = health.skip_reason(self._config.providers[target.provider], target.model, self._kind)
             if skip is None:
                 usable.append(member)
                 continue
-            wait = health.retry_in(target.provider, target.model)
-            self._record.attempts.append(Attempt.skipped(target, skip, wait))
+            wait = health.retry_in(target.provider, target.model, self._kind)
+            last = health.last_failure(target.provider, target.model, self._kind) if skip == UNHEALTHY else None
+            attempt = Attempt.skipped(target, skip, wait, last)
+            if skip == RATE_LIMITED:
+                self._deferred.append((attempt, target))
+            self._record.attempts.append(attempt)
         if not usable:
             self._pool = []
             return None
@@ -76,6 +90,17 @@ class Plan:
         usable.remove(chosen)
         self._pool = usable  # the skipped are not looked at again for this request
         return chosen
+
+    def _last_resort(self) -> Target | None:
+        """The chain has run out: the entry kept out by a rate limit that ends first, tried anyway (its skip
+        is struck from the record: it is tried after all), or None."""
+        if not self._deferred:
+            return None
+        attempt, target = min(self._deferred, key=lambda item: item[0].retry_after or 0.0)
+        self._deferred = []
+        attempts = self._record.attempts
+        del attempts[next(index for index, item in enumerate(attempts) if item is attempt)]
+        return target
 
     def _least_loaded(self, members: list[Member]) -> Member:
         health = self._health

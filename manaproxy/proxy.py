@@ -39,6 +39,7 @@ from .failures import HEDGED_LOST, SHUTTING_DOWN, UPSTREAM_ERROR, WON, MidStream
 from .gateway import GATEWAY, Gateway, Runtime
 from .health import Slot
 from .health.latency import HedgeBudget
+from .kinds import request_kind
 from .paths import addresses_stored_object, upstream_path
 from .plan import Plan, hedge_in
 from .protocols import StreamProtocol, for_path
@@ -129,6 +130,8 @@ async def other_method(request: web.Request) -> web.Response:
 
 
 ATTEMPTS_HEADER = "X-Mana-LLM-Attempts"
+RETRY_AFTER_MS = "retry-after-ms"
+RETRY_MARGIN = 0.2  # seconds added to a precise wait (`retry-after-ms`): a probe due then has answered by then
 _RNG = random.Random()  # pool choices: ties broken at random in proportion to weight
 
 
@@ -174,7 +177,7 @@ class _Race:
 
     def start_next(self, *, hedge: bool = False) -> bool:
         """Start the plan's next target (`hedge`: beside late attempts); False when the plan has run out."""
-        target = self._plan.next()
+        target = self._plan.next(last_resort=not hedge)  # a rate-limited entry never goes as a hedge
         if target is None:
             self.hedging = False
             return False
@@ -263,7 +266,7 @@ class _Race:
         racers.clear()
 
 
-def exhausted(attempts: list[Attempt]) -> ProxyError:
+def exhausted(attempts: list[Attempt], max_retry_after: float = 5.0) -> ProxyError:
     """The answer when every chain entry failed or was skipped, keeping what the providers meant.
 
     - one entry was tried and answered an HTTP status, and no other is only waiting → that status and the
@@ -272,9 +275,15 @@ def exhausted(attempts: list[Attempt]) -> ProxyError:
       have had from that provider. But a 401/403 about our provider key, or a redirect we do not follow, is
       a 502: the client's own key is fine;
     - every entry tried answered 429 → 429, with the smallest wait among the entries;
-    - otherwise 503, with `Retry-After` when an entry is only kept out for a while (breaker window, rate
-      limit): the seconds until the first of them may be tried again, rounded up, at least 1. (An entry
-      that will be back in seconds makes "retry then" a truer answer than one entry's 404 or 500.)
+    - a lone entry, not tried because its breaker keeps it out, whose last failure was an HTTP error → that
+      error as above (status, error object, headers), plus our `Retry-After`: an SDK's retry that meets the
+      open breaker ends with the provider's status and message, as its direct call would;
+    - otherwise 503, with `Retry-After` when an entry is only kept out for a while (breaker, rate limit).
+    Every `Retry-After` written here is the seconds until the first such entry will really be tried again
+    (its next recovery probe or trial, or the end of its rate limit), rounded up, at least 1 and at most
+    `max_retry_after` (`health.max_retry_after_seconds`); `retry-after-ms` beside it says the same wait to
+    the millisecond, plus `RETRY_MARGIN` for a probe then due to have answered (the SDKs prefer it). (An
+    entry that will be back in seconds makes "retry then" a truer answer than one entry's 404 or 500.)
     The list of entries and what each did is in the message and in `X-Mana-LLM-Attempts`.
     """
     summary = ", ".join(attempt.listed for attempt in attempts)
@@ -285,23 +294,40 @@ def exhausted(attempts: list[Attempt]) -> ProxyError:
         return _one_entrys_error(tried[0].target, failure, failure.status, headers)
     waits = [attempt.retry_after for attempt in attempts if attempt.retry_after is not None]
     if waits:
-        headers["Retry-After"] = str(max(1, math.ceil(min(waits))))
+        wait = min(*waits, max_retry_after)
+        headers["Retry-After"] = str(max(1, min(math.ceil(wait), math.floor(max_retry_after))))
+        headers[RETRY_AFTER_MS] = str(round((wait + RETRY_MARGIN) * 1000))
+    lone = attempts[0] if len(attempts) == 1 and not tried else None
+    if lone is not None and (last := lone.last) is not None and last.status is not None:
+        return _one_entrys_error(lone.target, last, last.status, headers)
     if tried and all(attempt.status == 429 for attempt in tried):
         return ProxyError(429, f"every chain entry is rate limited: {summary}", code="rate_limited", headers=headers)
     return ProxyError(503, f"no chain entry could answer: {summary}", code="all_targets_failed", headers=headers)
 
 
 def _one_entrys_error(target: Target, failure: UpstreamFailure, status: int, headers: dict[str, str]) -> ProxyError:
-    """The error of the one entry tried, as its provider answered it (see `exhausted`)."""
-    own = {**dict(failure.headers), **headers}
+    """The error of the one entry, as its provider answered it (see `exhausted`): `failure` is the attempt's,
+    or, when the entry was kept out rather than tried, its last one."""
+    ours = {name.lower() for name in headers}  # our retry headers replace the provider's, whatever their case
+    own = {**{name: value for name, value in failure.headers if name.lower() not in ours}, **headers}
     error = failure.error or {}
     message = error.get("message")
-    text = f"{target}: {message if isinstance(message, str) else failure.detail}"
+    text = f"{target}: {message if isinstance(message, str) else failure.detail or f'HTTP {status}'}"
     if status in (401, 403) or status < 400:  # about our key, or a redirect: not the client's
         return ProxyError(502, text, code=failure.reason, headers=own)
     if failure.error is not None:
         return ProxyError(status, text, headers=own, relayed=failure.error)
     return ProxyError(status, text, code=failure.reason, headers=own)
+
+
+def _stored_object(path: str) -> ProxyError:
+    """The answer to a request for an object stored at one provider (a file, a stored response ...)."""
+    return ProxyError(
+        404,
+        f"manaproxy routes requests by their 'model'; {path[:100]} addresses an object stored at one "
+        "provider: call that provider directly",
+        code="unsupported_endpoint",
+    )
 
 
 def _refused(request: web.Request, record: RequestRecord, err: ProxyError) -> web.Response:
@@ -318,7 +344,7 @@ def _refused(request: web.Request, record: RequestRecord, err: ProxyError) -> we
 class _Forwarder:
     """One request's walk down its chain."""
 
-    __slots__ = ("claim", "gateway", "guard", "raw", "record", "request", "runtime")
+    __slots__ = ("claim", "gateway", "guard", "kind", "raw", "record", "request", "runtime")
 
     def __init__(
         self, request: web.Request, gateway: Gateway, runtime: Runtime, record: RequestRecord, guard: Guard
@@ -329,6 +355,7 @@ class _Forwarder:
         self.record = record
         self.guard = guard
         self.raw = bytearray()
+        self.kind = ""  # the request's kind, for health (`kinds.py`)
 
     async def run(self, claim: BodyBudget.Claim) -> web.StreamResponse:
         self.claim = claim
@@ -351,14 +378,11 @@ class _Forwarder:
                 408, f"request body did not arrive within {server.body_timeout_seconds:g}s", code="body_timeout"
             ) from None
         record.client_wait += perf_counter() - started
+        if not raw.strip() and addresses_stored_object(path):  # `responses.cancel` sends no body at all
+            raise _stored_object(url.path)
         body = parse_body(raw, self.request.headers.get("Content-Type", ""))
         if body.model is None and addresses_stored_object(path):
-            raise ProxyError(
-                404,
-                f"manaproxy routes requests by their 'model'; {url.path[:100]} addresses an object stored at one "
-                "provider: call that provider directly",
-                code="unsupported_endpoint",
-            )
+            raise _stored_object(url.path)
         record.streaming = body.stream
         record.requested = body.model or ""
         route = resolve(body.model, config)
@@ -368,7 +392,8 @@ class _Forwarder:
         accept = self.request.headers.get("Accept")
         protocol = for_path(path)
         headers = self.request.headers
-        plan = Plan(route.steps, config, self.gateway.health, record, _RNG)
+        self.kind = request_kind(path, raw)
+        plan = Plan(route.steps, config, self.gateway.health, record, _RNG, self.kind)
 
         def call_to(target: Target) -> Call:
             return Call(path, body, target, record.request_id, accept, protocol, headers)
@@ -383,11 +408,13 @@ class _Forwarder:
             if answer is not None:
                 return answer
         record.error_type = "all_failed"
-        raise exhausted(record.attempts)
+        raise exhausted(record.attempts, config.health.max_retry_after_seconds)
 
     def _claim(self, target: Target, stream: bool) -> AbstractContextManager[Slot]:
         provider = self.runtime.config.providers[target.provider]
-        return self.gateway.health.attempt(provider, target.model, stream=stream, client=_client(self.request))
+        return self.gateway.health.attempt(
+            provider, target.model, stream=stream, client=_client(self.request), kind=self.kind
+        )
 
     async def _try(self, target: Target, call: Call) -> web.StreamResponse | None:
         """Try one target. A response means the request is answered; None means fall back."""
@@ -503,10 +530,10 @@ class _Forwarder:
     ) -> web.StreamResponse:
         """Commit to `target` and relay its stream; a failure from here on ends it with an error event."""
         record = self.record
-        response = web.StreamResponse(
-            status=reply.status,
-            headers=_answer_headers(reply.headers, {**_STREAM_HEADERS, RESOLVED_HEADER: resolved_value(target)}),
-        )
+        ours = {**_STREAM_HEADERS, RESOLVED_HEADER: resolved_value(target)}
+        if any(name.lower() == "content-type" for name, _ in reply.headers):
+            del ours["Content-Type"]  # the upstream's, `; charset=utf-8` and all (`headers.to_client`)
+        response = web.StreamResponse(status=reply.status, headers=_answer_headers(reply.headers, ours))
         clean_end = False
         try:
             # COMMIT: from here on this answer belongs to `target`.

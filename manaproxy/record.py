@@ -43,15 +43,20 @@ class Attempt:
     reason: Reason  # short stable word: unhealthy, saturated, hedged_lost, timeout, connect, http_503 ...
     failure: UpstreamFailure | None = None  # what the upstream did, when it was tried and failed
     tried: bool = True  # False when skipped without a call
-    wait: float | None = None  # skipped: seconds until it may be tried again (breaker window, Retry-After)
+    wait: float | None = None  # skipped: seconds until it is really tried again (next probe or trial, Retry-After)
+    # Skipped while its breaker keeps it out: the entry's last failure; a lone entry kept out answers with it
+    # (`proxy.exhausted`), as the SDK's retry would have met it direct.
+    last: UpstreamFailure | None = None
 
     @classmethod
     def failed(cls, target: Target, failure: UpstreamFailure) -> Attempt:
         return cls(target, failure.reason, failure)
 
     @classmethod
-    def skipped(cls, target: Target, reason: SkipReason, wait: float | None) -> Attempt:
-        return cls(target, reason, tried=False, wait=wait)
+    def skipped(
+        cls, target: Target, reason: SkipReason, wait: float | None, last: UpstreamFailure | None = None
+    ) -> Attempt:
+        return cls(target, reason, tried=False, wait=wait, last=last)
 
     @property
     def status(self) -> int | None:

@@ -270,9 +270,20 @@ class _RequestHandler(RequestHandler):
         logger.log(level, "malformed request from %s: %s (HTTP %d)", request.remote, error.code, error.status)
         if request.writer.output_size > 0:
             raise ConnectionError("response already started; cannot answer the malformed request")
-        response = error.response()
+        answer = error.response()
+        response = _Unsigned(status=answer.status, body=answer.body, headers=answer.headers)
         response.force_close()
         return response
+
+
+class _Unsigned(web.Response):
+    """A response that names no server software. The app's answers lose aiohttp's `Server` default in an
+    `on_response_prepare` hook (`app.say_nothing_of_us`); one answered before any app sees the request (a
+    malformed one) has no hook, so it drops the header once aiohttp has set it."""
+
+    async def _prepare_headers(self) -> None:
+        await super()._prepare_headers()
+        self.headers.popall("Server", None)
 
 
 class _Server(web.Server):

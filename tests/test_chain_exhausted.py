@@ -38,12 +38,12 @@ async def test_a_lone_404_stays_a_404_and_the_sdk_does_not_retry_it(a_and_b, mak
 async def test_429s_everywhere_are_a_429_with_the_smallest_retry_after(a_and_b, make_proxy):
     a, b = a_and_b
     a.default = status_reply(429, "slow down", headers={"Retry-After": "20"})
-    b.default = status_reply(429, "slow down", headers={"Retry-After": "7"})
+    b.default = status_reply(429, "slow down", headers={"Retry-After": "3"})  # under the 5 s cap
     proxy = await make_proxy(build_config({"a": a, "b": b}, {"mana/x": ["a/m1", "b/m2"]}))
 
     resp = await proxy.client.post(CHAT, json=chat())
 
-    assert (resp.status, resp.headers["Retry-After"]) == (429, "7")
+    assert (resp.status, resp.headers["Retry-After"]) == (429, "3")
     body = await resp.json()
     assert (body["error"]["type"], body["error"]["code"]) == ("rate_limit_error", "rate_limited")
     assert resp.headers["X-Mana-LLM-Attempts"] == "a/m1=HTTP 429, b/m2=HTTP 429"
@@ -51,17 +51,17 @@ async def test_429s_everywhere_are_a_429_with_the_smallest_retry_after(a_and_b, 
 
 async def test_entries_kept_out_for_a_while_give_a_503_that_says_when(a_and_b, make_proxy):
     a, b = a_and_b
-    a.default = status_reply(429, "slow down", headers={"Retry-After": "12.2"})
+    a.default = status_reply(500)
     b.default = status_reply(500)
     health = {"failure_threshold": 1, "backoff_seconds": 40}
     proxy = await make_proxy(build_config({"a": a, "b": b}, {"mana/x": ["a/m1", "b/m2"]}, health=health))
-    await proxy.client.post(CHAT, json=chat())  # a rate-limited for 12.2 s, b's breaker open for 40 s
+    await proxy.client.post(CHAT, json=chat())  # both breakers open for 40 s, their first trial in 1 s
 
     resp = await proxy.client.post(CHAT, json=chat())
 
     assert resp.status == 503
-    assert resp.headers["Retry-After"] == "13"  # the first back, rounded up
-    assert resp.headers["X-Mana-LLM-Attempts"] == "a/m1=rate_limited, b/m2=unhealthy"
+    assert resp.headers["Retry-After"] == "1"  # when the first trial goes, not the window's end
+    assert resp.headers["X-Mana-LLM-Attempts"] == "a/m1=unhealthy, b/m2=unhealthy"
     assert (await resp.json())["error"]["code"] == "all_targets_failed"
 
 
@@ -116,3 +116,41 @@ async def test_a_model_name_cannot_forge_attempts(a_and_b, make_proxy, model):
     assert attempts_of(header) == [(f"a/{model}", "HTTP 500"), ("b/m2", "HTTP 503")]
     message = (await resp.json())["error"]["message"]
     assert attempts_of(message.removeprefix("no chain entry could answer: ")) == attempts_of(header)
+
+
+# -- issue 16: a lone entry kept out, and how long a Retry-After may say ----------------------------
+
+
+async def test_a_lone_entry_kept_out_answers_with_the_providers_last_error_and_when_it_is_tried_again(
+    a_and_b, make_proxy
+):
+    a, _ = a_and_b
+    a.default = status_reply(500, "model crashed", headers={"x-ratelimit-remaining-requests": "41"})
+    health = {"failure_threshold": 2, "backoff_seconds": 60}
+    proxy = await make_proxy(build_config({"a": a}, {"mana/x": ["a/m1"]}, health=health))
+    for _ in range(2):  # the breaker opens
+        assert (await proxy.client.post(CHAT, json=chat())).status == 500
+
+    resp = await proxy.client.post(CHAT, json=chat())
+
+    assert resp.status == 500  # the provider's, not our 503
+    error = (await resp.json())["error"]
+    assert (error["message"], error["type"], error["code"]) == ("a/m1: model crashed", "server_error", "500")
+    assert resp.headers["x-ratelimit-remaining-requests"] == "41"  # its headers
+    assert resp.headers["X-Mana-LLM-Attempts"] == "a/m1=unhealthy"
+    assert resp.headers["Retry-After"] == "1"  # its first trial, not the 60 s window
+    assert 1000 <= int(resp.headers["retry-after-ms"]) <= 1200
+    assert a.calls == 2
+
+
+@pytest.mark.parametrize(("setting", "retry_after", "millis"), [(None, "5", "5200"), (2, "2", "2200")])
+async def test_every_retry_after_we_write_is_capped(a_and_b, make_proxy, setting, retry_after, millis):
+    a, b = a_and_b
+    a.default = status_reply(429, "slow down", headers={"Retry-After": "30"})
+    b.default = status_reply(429, "slow down", headers={"Retry-After": "20"})
+    health = {} if setting is None else {"max_retry_after_seconds": setting}
+    proxy = await make_proxy(build_config({"a": a, "b": b}, {"mana/x": ["a/m1", "b/m2"]}, health=health))
+
+    resp = await proxy.client.post(CHAT, json=chat())
+
+    assert (resp.status, resp.headers["Retry-After"], resp.headers["retry-after-ms"]) == (429, retry_after, millis)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from .fakes import status_reply
 from .helpers import CHAT, assert_openai_error, build_config
 
 ORIGIN = "http://app.example"
@@ -81,3 +82,28 @@ async def test_no_cors_headers_when_cors_is_off(routed_proxy):
     assert resp.status == 200
     assert "Access-Control-Allow-Origin" not in resp.headers
     assert "Access-Control-Allow-Origin" not in preflight.headers
+
+
+async def test_a_browser_may_read_the_rate_limit_and_retry_headers_each_by_name(cors):
+    up, proxy = cors
+    limits = {
+        "retry-after-ms": "200",
+        "x-ratelimit-remaining-requests": "0",
+        "x-ratelimit-reset-requests": "1.5s",
+        "x-ratelimit-limit-tokens": "1000",
+    }
+    up.default = status_reply(429, "slow down", headers=limits)
+
+    resp = await proxy.client.post(
+        CHAT, json={"model": "mana/x"}, headers={"Origin": ORIGIN, "Authorization": "Bearer k1"}
+    )
+
+    assert resp.status == 429
+    exposed = {name.strip().lower() for name in resp.headers["Access-Control-Expose-Headers"].split(",")}
+    assert "*" not in exposed  # no wildcard: with credentials CORS does not take one
+    on_the_answer = {name.lower() for name in resp.headers} - {"content-type", "content-length", "date"}
+    browser_reads = {"retry-after", "x-mana-llm-resolved", "x-mana-llm-attempts", "x-request-id", *limits}
+    assert browser_reads - exposed == set()
+    assert {
+        name for name in on_the_answer if name.startswith(("x-ratelimit-", "retry-after", "x-mana-llm-"))
+    } <= exposed

@@ -249,7 +249,6 @@ UPSTREAMS_OWN = {
     "Access-Control-Allow-Origin": "*",
     "Clear-Site-Data": '"*"',
     "Cache-Control": "public, max-age=31536000",
-    "Vary": "Cookie",
     "ETag": '"1"',
 }
 KEPT = {
@@ -281,3 +280,20 @@ async def test_only_the_allowed_upstream_headers_reach_the_client(setup, stream,
         if UPSTREAMS_OWN[name] in resp.headers.getall(name, [])
     }
     assert leaked == {}
+
+
+async def test_a_stream_keeps_its_content_type_and_vary_and_nothing_says_what_serves(setup):
+    up, proxy = setup
+    own = {"Content-Type": "text/event-stream; charset=utf-8", "Vary": "Accept-Encoding"}
+    up.queue(answer_with_headers(stream=True, headers=own), answer_with_headers(headers={"Vary": "Accept-Encoding"}))
+    auth = {"Authorization": f"Bearer {CLIENT_KEY}"}
+
+    streamed = await proxy.client.post(CHAT, json=chat(stream=True), headers=auth)
+    await streamed.read()
+    whole = await proxy.client.post(CHAT, json=chat(), headers=auth)
+    ours = await proxy.client.post(CHAT, json=chat("mana/nope"), headers=auth)
+    liveness = await proxy.client.get("/health")
+
+    assert (streamed.headers["Content-Type"], streamed.headers["Vary"]) == (own["Content-Type"], "Accept-Encoding")
+    assert whole.headers["Vary"] == "Accept-Encoding"
+    assert [resp.headers.get("Server") for resp in (streamed, whole, ours, liveness)] == [None] * 4

@@ -368,3 +368,22 @@ async def test_the_hedge_budget_caps_the_extra_upstream_requests(make_upstream, 
 
     assert a.calls == 40
     assert 1 <= b.calls + c.calls <= 1 + 4  # a reserve of one, and 10 % of 40 requests
+
+
+async def test_a_rate_limited_entry_never_goes_as_a_hedge_but_still_as_the_last_resort(make_upstream, make_proxy):
+    a = await make_upstream("a")
+    b = await make_upstream("b")
+    a.default = late("m1", 0.4)
+    b.queue(status_reply(429, "slow down", headers={"retry-after-ms": "30000"}))
+    b.default = chat_answer("m2")
+    spec = {"chain": ["b/m2", "a/m1"], "hedge_after": 0.1, "hedge_budget_percent": 100}
+    proxy = await make_proxy(build_config({"a": a, "b": b}, {"mana/x": spec}))
+    assert (await proxy.client.post(CHAT, json=chat())).status == 200  # b: 429, then a (late) answers
+
+    late_answer = await proxy.client.post(CHAT, json=chat())  # a is late, b rate-limited: no hedge to b
+    a.default = status_reply(500)
+    last_resort = await proxy.client.post(CHAT, json=chat())  # a fails: b is the only entry left
+
+    assert (late_answer.status, late_answer.headers["X-Mana-LLM-Resolved"]) == (200, "a/m1")
+    assert (last_resort.status, last_resort.headers["X-Mana-LLM-Resolved"]) == (200, "b/m2")
+    assert b.calls == 2

@@ -27,6 +27,7 @@ LAYERS: list[set[str]] = [
         "errors",
         "requestid",
         "logfmt",
+        "kinds",
         "systemd",
         "__init__",
         "__version__",

@@ -86,3 +86,12 @@ async def test_the_real_server_logs_a_malformed_request_without_its_key(make_ups
     assert CLIENT_KEY not in process.stderr
     assert "Traceback" not in process.stderr
     assert not process.lines_with("ERROR")
+
+
+@pytest.mark.parametrize("case", list(CASES))
+async def test_a_malformed_requests_answer_names_no_server_software(proxy, case):
+    request, _status, _code = CASES[case]
+
+    raw = await raw_exchange(proxy.client.server.port, request)
+
+    assert "server" not in split_response(raw)[1]  # no `Server: Python/3.11 aiohttp/...`

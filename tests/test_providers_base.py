@@ -9,7 +9,14 @@ import orjson
 import pytest
 from multidict import CIMultiDict
 
-from manaproxy.failures import UpstreamFailure, Verdict, classify_status, parse_retry_after
+from manaproxy.failures import (
+    UpstreamFailure,
+    Verdict,
+    classify_status,
+    parse_duration,
+    parse_retry_after,
+    rate_limit_hint,
+)
 
 FALLBACK_AND_FAULT = Verdict(fallback=True, provider_fault=True)
 FALLBACK_ONLY = Verdict(fallback=True, provider_fault=False)
@@ -188,3 +195,51 @@ def test_summary_without_status_is_the_reason() -> None:
     assert failure.summary == "timeout"
     assert failure.status is None
     assert (failure.fallback, failure.provider_fault) == (True, True)
+
+
+# -- how long a 429 says to wait (issue 16) -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        ("6m0s", 360.0),
+        ("1.5s", 1.5),
+        ("20ms", 0.02),
+        ("1h2m3s", 3600.0),  # capped at an hour, as Retry-After
+        ("2m3s", 123.0),
+        ("7m12.5s", 432.5),
+        ("2", 2.0),
+        ("0s", None),
+        ("", None),
+        ("soon", None),
+        ("m", None),
+    ],
+)
+def test_parse_duration(value: str, seconds: float | None) -> None:
+    assert parse_duration(value) == seconds
+
+
+@pytest.mark.parametrize(
+    ("headers", "seconds"),
+    [
+        ([("retry-after-ms", "250"), ("Retry-After", "3")], 0.25),  # the SDKs prefer it: so do we
+        ([("Retry-After-Ms", "junk"), ("Retry-After", "3")], 3.0),
+        ([("Retry-After", "3"), ("x-ratelimit-reset-requests", "20s")], 3.0),
+        (
+            [
+                ("x-ratelimit-remaining-requests", "0"),
+                ("x-ratelimit-reset-requests", "1.5s"),
+                ("x-ratelimit-remaining-tokens", "900"),
+                ("x-ratelimit-reset-tokens", "6m0s"),
+            ],
+            1.5,  # the limit that is used up says when
+        ),
+        ([("x-ratelimit-reset-requests", "1.5s"), ("x-ratelimit-reset-tokens", "20ms")], 1.5),  # else the longest
+        ([("x-ratelimit-reset-tokens", "never")], None),
+        ([("x-ratelimit-remaining-tokens", "0")], None),
+        ([], None),
+    ],
+)
+def test_rate_limit_hint(headers: list[tuple[str, str]], seconds: float | None) -> None:
+    assert rate_limit_hint(headers) == seconds

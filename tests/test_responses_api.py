@@ -112,3 +112,15 @@ async def test_a_stream_of_another_endpoint_is_complete_when_its_body_ends(one):
     body = await resp.read()
 
     assert body == events[0].replace(b'"up-model"', b'"a/m1"') + events[1]
+
+
+async def test_cancel_without_a_body_gets_the_stored_object_explanation(one):
+    up, proxy = one
+
+    resp = await proxy.client.post("/v1/responses/resp_1/cancel")  # what `client.responses.cancel` sends
+
+    assert resp.status == 404
+    error = (await resp.json())["error"]
+    assert error["code"] == "unsupported_endpoint"
+    assert "stored at one provider" in error["message"]
+    assert up.calls == 0

@@ -7,10 +7,12 @@ import logging
 from collections.abc import Iterator
 from contextlib import ExitStack
 
+import orjson
 import pytest
 
 from manaproxy.config import HealthSettings, ProviderConfig
 from manaproxy.health import HealthTracker
+from manaproxy.providers.base import UpstreamFailure
 from manaproxy.views.health import snapshot
 
 SETTINGS = HealthSettings(failure_threshold=3, backoff_seconds=60.0)
@@ -564,3 +566,106 @@ def test_reconfigure_with_configs_resets_a_provider_whose_upstream_changed(clock
     assert tracker.skip_reason(moved) is None  # pointed elsewhere: tried now
     assert tracker.skip_reason(provider("b")) == "unhealthy"  # same upstream: state kept
     assert heard == [("a", False), ("b", False), ("a", True)]
+
+
+# -- rate limits, kinds of request, trials (issue 16) -----------------------------------------------
+
+
+def _failure(status: int, message: str = "boom", headers: list[tuple[str, str]] | None = None) -> UpstreamFailure:
+    return UpstreamFailure.from_status(status, dict(headers or []), orjson.dumps({"error": {"message": message}}), None)
+
+
+def _fail(tracker: HealthTracker, failure: UpstreamFailure, kind: str = "chat", model: str = "m") -> None:
+    with tracker.attempt(provider(), model, kind=kind) as slot:
+        slot.failed(failure)
+
+
+def test_a_429_without_a_hint_keeps_the_model_out_for_a_growing_default_that_a_success_resets(
+    tracker: HealthTracker, clock: FakeClock
+) -> None:
+    waits = []
+    for _ in range(7):
+        _fail(tracker, _failure(429, "slow down"))
+        waits.append(tracker.retry_in("a", "m"))
+        clock.advance(100)
+    assert waits == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
+    assert tracker.target("a", "m").breaker.consecutive_failures == 0  # never an outage
+    with tracker.attempt(provider(), "m") as slot:
+        slot.succeeded()
+    _fail(tracker, _failure(429, "slow down"))
+    assert tracker.retry_in("a", "m") == 1.0
+
+
+@pytest.mark.parametrize(
+    ("headers", "wait"),
+    [
+        ([("retry-after-ms", "1500")], 1.5),
+        ([("Retry-After", "7")], 7.0),
+        ([("x-ratelimit-remaining-tokens", "0"), ("x-ratelimit-reset-tokens", "6m0s")], 360.0),
+    ],
+)
+def test_a_429_keeps_the_model_out_for_its_hint(tracker: HealthTracker, headers, wait) -> None:
+    _fail(tracker, _failure(429, "slow down", headers))
+    assert (tracker.skip_reason(provider(), "m"), tracker.retry_in("a", "m")) == ("rate_limited", wait)
+
+
+def test_a_kinds_failures_leave_the_models_other_kinds_in_use(tracker: HealthTracker) -> None:
+    for _ in range(SETTINGS.failure_threshold):
+        _fail(tracker, _failure(500), kind="chat+image")
+    assert tracker.skip_reason(provider(), "m", "chat+image") == "unhealthy"
+    assert (tracker.skip_reason(provider(), "m"), tracker.skip_reason(provider(), "m", "embeddings")) == (None, None)
+    assert tracker.breaker("a", "m", "chat+image") == "open"
+    models = snapshot(tracker, [provider()])["a"]["models"]
+    assert models["m"]["kinds"]["chat+image"]["breaker"] == "open"  # type: ignore[index]
+    assert models["m"]["breaker"] == "closed"  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    ("status", "message"),
+    [(501, "Not Implemented"), (500, "image input is not supported"), (500, "Unsupported content type")],
+)
+def test_a_missing_endpoint_or_feature_counts_against_nothing(tracker: HealthTracker, status, message) -> None:
+    for _ in range(SETTINGS.failure_threshold + 1):
+        _fail(tracker, _failure(status, message))
+    record = tracker.target("a", "m")
+    assert (record.breaker.consecutive_failures, tracker.skip_reason(provider(), "m")) == (0, None)
+    assert record.breaker.last_error == f"HTTP {status}: {message}"
+
+
+def test_an_open_models_breaker_lets_a_trial_request_through_at_each_growing_interval(
+    tracker: HealthTracker, clock: FakeClock
+) -> None:
+    for _ in range(SETTINGS.failure_threshold):
+        _fail(tracker, _failure(500))
+    assert (tracker.skip_reason(provider(), "m"), tracker.retry_in("a", "m")) == ("unhealthy", 1.0)
+    clock.advance(1.0)
+    assert tracker.skip_reason(provider(), "m") is None  # the trial's time
+    with tracker.attempt(provider(), "m") as slot:
+        assert tracker.skip_reason(provider(), "m") == "unhealthy"  # one trial at a time
+        slot.failed(_failure(500))
+    assert tracker.retry_in("a", "m") == 2.0  # the next trial waits twice as long
+    clock.advance(2.0)
+    with tracker.attempt(provider(), "m") as slot:
+        slot.succeeded()
+    assert (tracker.breaker("a", "m"), tracker.skip_reason(provider(), "m")) == ("closed", None)
+
+
+def test_retry_in_of_an_open_provider_is_its_next_probe_not_the_window(
+    tracker: HealthTracker, clock: FakeClock
+) -> None:
+    open_breaker(tracker)
+    assert tracker.retry_in("a") == 1.0  # not backoff_seconds (60)
+    clock.advance(0.4)
+    assert tracker.retry_in("a", "m") == pytest.approx(0.6)
+
+
+def test_the_last_http_failure_of_a_kind_is_kept_for_the_lone_entry_answer(tracker: HealthTracker) -> None:
+    _fail(tracker, _failure(500, "model crashed"))
+    with tracker.attempt(provider(), "m") as slot:
+        slot.failed(UpstreamFailure.timeout("timed out before the first byte"))
+    assert tracker.last_failure("a", "m") is None  # the last failure had no status
+    _fail(tracker, _failure(500, "model crashed"))
+    last = tracker.last_failure("a", "m")
+    assert last is not None
+    assert (last.status, last.error) == (500, {"message": "model crashed"})
+    assert tracker.last_failure("a", "m", "embeddings") is None

@@ -16,7 +16,15 @@ Breaker (closed → open → half-open):
 Against flapping (`GET /models` answers while completions fail, so probes close what requests open
 again): each close by a probe doubles the next outage's first probe delay; a real request's success
 resets it.
-A 429 with `Retry-After` keeps the upstream out for that long without counting as an outage.
+A model's breakers (one per kind of request, `kinds.py`) also let a real request through as the trial at
+each of those times (`trials`): a model has no probe of its own, and a trial that fails doubles the wait.
+
+A 429 is a rate limit, never an outage: it keeps the upstream out (`rate_limited_until`) for the provider's
+hint, or without one for a short default that doubles from 1 s to 30 s and a success resets.
+
+`retry_at` is when the upstream will really be tried again — the next recovery probe or trial, or the end of
+a rate limit — which is what every `Retry-After` manaproxy writes says (not the end of a window that a probe
+may cut short).
 """
 
 from __future__ import annotations
@@ -33,6 +41,9 @@ OPENED = "opened"
 REOPENED = "reopened"
 
 FIRST_PROBE_DELAY = 1.0  # seconds from opening to the first recovery probe
+# A 429 without a hint keeps the upstream out this long, doubling on each such 429 up to the maximum.
+FIRST_RATE_LIMIT_DELAY = 1.0
+MAX_RATE_LIMIT_DELAY = 30.0
 
 
 class Breaker:
@@ -45,13 +56,17 @@ class Breaker:
         "last_error",
         "probe_at",
         "probe_delay",
+        "rate_limit_delay",
         "rate_limited_until",
         "trial",
         "trial_in_flight",
+        "trials",
         "unhealthy_until",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, *, trials: bool = False) -> None:
+        # While open, a real request may be the trial at each probe time (a model's breaker: no probe of its own).
+        self.trials = trials
         self.healthy = True  # closed; False from opening until a success closes it again
         self.consecutive_failures = 0
         self.unhealthy_until = 0.0  # monotonic; > now means open
@@ -62,6 +77,7 @@ class Breaker:
         self.last_check: float | None = None  # monotonic
         self.probe_delay = FIRST_PROBE_DELAY  # from (re)opening to the next recovery probe
         self.probe_at = 0.0  # monotonic time of the next recovery probe while not closed
+        self.rate_limit_delay = FIRST_RATE_LIMIT_DELAY  # how long the next 429 without a hint keeps it out
 
     def __repr__(self) -> str:
         state = "healthy" if self.healthy else "unhealthy"
@@ -70,7 +86,7 @@ class Breaker:
     # -- decisions -------------------------------------------------------------------------------
     def skip_reason(self, now: float) -> SkipReason | None:
         """Why the upstream must not be tried now, or None."""
-        if self.unhealthy_until > now:
+        if self.unhealthy_until > now and not self._trial_due(now):
             return UNHEALTHY
         if self.rate_limited_until > now:
             return RATE_LIMITED
@@ -92,14 +108,28 @@ class Breaker:
         """Whether a recovery probe is due (the breaker is not closed and its probe time has come)."""
         return not self.healthy and self.probe_at <= now
 
+    def _trial_due(self, now: float) -> bool:
+        """A breaker with `trials`, open, whose next trial time has come and whose trial is not under way."""
+        return self.trials and not self.healthy and not self.trial_in_flight and self.probe_at <= now
+
     def unavailable_until(self) -> float:
         """Monotonic time until which the upstream is kept out (breaker or rate limit); 0 when it is not."""
         return max(self.unhealthy_until, self.rate_limited_until)
 
+    def retry_at(self, now: float) -> float:
+        """Monotonic time at which the upstream will really be tried again (the next recovery probe or trial
+        request, or the end of a rate limit); 0 when it is not kept out."""
+        at = self.rate_limited_until if self.rate_limited_until > now else 0.0
+        if self.unhealthy_until > now:  # a probe (or trial) comes before the window's end
+            at = max(at, min(self.probe_at, self.unhealthy_until), now)
+        elif not self.healthy and self.trial_in_flight:
+            at = max(at, now)  # a trial is deciding right now
+        return at
+
     # -- trials ----------------------------------------------------------------------------------
     def claim_trial(self, now: float) -> int:
         """A trial number (> 0) when a request starting now is the half-open trial, else 0."""
-        if not self.healthy and not self.trial_in_flight and self.unhealthy_until <= now:
+        if not self.healthy and not self.trial_in_flight and (self.unhealthy_until <= now or self._trial_due(now)):
             self.trial += 1
             self.trial_in_flight = True
             return self.trial
@@ -115,6 +145,7 @@ class Breaker:
         """A real request got its answer: closes the breaker whatever its state. True if it was open."""
         self.last_check = now
         self.probe_delay = FIRST_PROBE_DELAY
+        self.rate_limit_delay = FIRST_RATE_LIMIT_DELAY
         return self._close()
 
     def probe_succeeded(self, now: float, backoff: float) -> bool:
@@ -135,7 +166,8 @@ class Breaker:
         return recovered
 
     def failed(self, now: float, error: str, *, threshold: int, backoff: float, probe: bool = False) -> str | None:
-        """Count a fault. Returns `opened` or `reopened` when it (re)opened the breaker, else None."""
+        """Count a fault. Returns `opened` or `reopened` when it (re)opened the breaker, else None. `probe`: the
+        failure is a recovery probe's or a trial request's (the next one then waits twice as long)."""
         self.last_check = now
         self.last_error = error
         self.consecutive_failures += 1
@@ -161,10 +193,14 @@ class Breaker:
         self.unhealthy_until = now + backoff
         self.probe_at = now + min(self.probe_delay, backoff)
 
-    def rate_limited(self, now: float, seconds: float, error: str) -> None:
-        """A 429 with Retry-After: out for that long, without counting as an outage."""
+    def rate_limited(self, now: float, seconds: float | None, error: str) -> None:
+        """A 429: out for `seconds` (the provider's hint), or without one for the growing default; never
+        counted as an outage."""
         self.last_check = now
         self.last_error = error
+        if seconds is None:
+            seconds = self.rate_limit_delay
+            self.rate_limit_delay = min(self.rate_limit_delay * 2, MAX_RATE_LIMIT_DELAY)
         self.rate_limited_until = max(self.rate_limited_until, now + seconds)
 
     def noted(self, now: float, error: str) -> None:

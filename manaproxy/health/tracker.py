@@ -11,10 +11,17 @@ Health is scoped to what failed (the failure's `scope`, set where it is translat
 - the **provider** breaker counts what says the upstream as a whole is broken — connect, DNS and TLS
   errors, a connection reset before an answer — and every probe; while it is open every model of the
   provider is skipped;
-- each **target** (provider + model) has a breaker of its own for HTTP errors, timeouts waiting for that
-  model, bad answers and failures mid-stream, and its own Retry-After window: a 429 on one Groq model, or
-  a model that 500s, leaves the provider's other models in use.
-A success proves both.
+- each **target** (provider + model) has breakers of its own for HTTP errors, timeouts waiting for that
+  model, bad answers and failures mid-stream — one per kind of request (`kinds.py`: the endpoint and the
+  input's shape, so image requests a text-only model refuses, or embeddings a server was started without,
+  never block its plain chat) — and one rate limit: a 429 on one Groq model, or a model that 500s, leaves the
+  provider's other models in use. A model's breakers let one real request through as a trial at each
+  recovery time (1 s, 2 s, 4 s …, `breaker.py`), as probes do for a provider.
+A success proves the provider and the kind it was.
+
+What is not a failure: a 429 is a rate limit (the provider's hint, `failures.rate_limit_hint`, else a
+short growing default, `breaker.py`); a 501, or a 5xx saying the feature is "not supported", says the
+endpoint or feature is missing there (`missing_feature`): both fall back and neither counts.
 
 A 401/403 (`CREDENTIALS`) says our key is refused, or only this model or this request (a model the account
 may not use, a moderation refusal): a client may name any `provider/model` and send anything, so a request's
@@ -35,15 +42,26 @@ since been repointed or removed (`is_current`).
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
 from .. import logfmt
 from ..config import HealthSettings, ProviderConfig
-from ..failures import CREDENTIALS, PROVIDER, SATURATED, UNCONFIGURED, SkipReason, UpstreamFailure
+from ..failures import (
+    CREDENTIALS,
+    PROVIDER,
+    RATE_LIMITED,
+    SATURATED,
+    UNCONFIGURED,
+    SkipReason,
+    UpstreamFailure,
+    rate_limit_hint,
+)
+from ..kinds import CHAT
 from ..redact import Redactor
-from .breaker import OPENED, Breaker
+from .breaker import FIRST_RATE_LIMIT_DELAY, OPENED, Breaker
 from .latency import Client, HedgeBudget, LatencySample
 
 # Pinned, not `__name__`: operators grep for it (deploy/README.md, "Other lines worth knowing").
@@ -55,6 +73,18 @@ ProbeListener = Callable[[str], None]
 
 MAX_TARGETS_PER_PROVIDER = 256
 
+# llama.cpp's 500 "image input is not supported", vLLM's "... is not supported", "Not Implemented" ...
+_UNSUPPORTED_RE = re.compile(r"\bnot supported\b|\bunsupported\b|\bnot implemented\b", re.IGNORECASE)
+
+
+def missing_feature(failure: UpstreamFailure) -> bool:
+    """A 501, or a 5xx whose message says the feature is not supported: the endpoint or feature is missing
+    there, not broken. It falls back, and counts against nothing."""
+    status = failure.status
+    if status is None or status < 500:
+        return False
+    return status == 501 or _UNSUPPORTED_RE.search(failure.detail) is not None
+
 
 def _identity(provider: ProviderConfig) -> tuple[object, ...]:
     """What makes a provider the same upstream across a reload (its health history then still applies)."""
@@ -62,13 +92,17 @@ def _identity(provider: ProviderConfig) -> tuple[object, ...]:
 
 
 class TargetHealth:
-    """Mutable health record of one model of a provider."""
+    """Mutable health record of one model of a provider: `breaker` counts plain chat requests (`kinds.CHAT`)
+    and holds the model's rate limit and last error; every other kind of request has a breaker in `kinds`."""
 
-    __slots__ = ("breaker", "in_flight", "model", "ttfb")
+    __slots__ = ("breaker", "in_flight", "kinds", "last_failures", "model", "ttfb")
 
     def __init__(self, model: str) -> None:
         self.model = model
-        self.breaker = Breaker()
+        self.breaker = Breaker(trials=True)
+        self.kinds: dict[str, Breaker] = {}  # by kind (bounded: `kinds.py`), but CHAT's is `breaker`
+        # The last HTTP failure of each kind: what a lone entry kept out answers with (`proxy.exhausted`).
+        self.last_failures: dict[str, UpstreamFailure] = {}
         self.in_flight = 0
         # Seconds to the answer (unstreamed) and to the first event (streamed) of the last answered requests.
         self.ttfb: tuple[LatencySample, LatencySample] = (LatencySample(), LatencySample())
@@ -81,8 +115,37 @@ class TargetHealth:
     @property
     def idle(self) -> bool:
         """Nothing here worth keeping: no request in flight, closed, no window running."""
-        breaker = self.breaker
-        return not self.in_flight and breaker.healthy and not breaker.consecutive_failures
+        breakers = (self.breaker, *self.kinds.values())
+        return not self.in_flight and all(b.healthy and not b.consecutive_failures for b in breakers)
+
+    def of_kind(self, kind: str) -> Breaker:
+        """The breaker that counts requests of `kind` (made on first use)."""
+        if kind == CHAT:
+            return self.breaker
+        breaker = self.kinds.get(kind)
+        if breaker is None:
+            breaker = self.kinds[kind] = Breaker(trials=True)
+        return breaker
+
+    def skip_reason(self, kind: str, now: float) -> SkipReason | None:
+        """Why a request of `kind` must not be sent to this model now: its kind's breaker, or the model's
+        rate limit."""
+        if kind == CHAT:
+            return self.breaker.skip_reason(now)
+        breaker = self.kinds.get(kind)
+        reason = breaker.skip_reason(now) if breaker is not None else None
+        if reason is None and self.breaker.rate_limited_until > now:
+            reason = RATE_LIMITED
+        return reason
+
+    def retry_at(self, kind: str, now: float) -> float:
+        """When a request of `kind` will really be sent to this model again (0: it is not kept out)."""
+        if kind == CHAT:
+            return self.breaker.retry_at(now)
+        breaker = self.kinds.get(kind)
+        at = breaker.retry_at(now) if breaker is not None else 0.0
+        limit = self.breaker.rate_limited_until
+        return max(at, limit) if limit > now else at
 
 
 class ProviderHealth:
@@ -127,7 +190,7 @@ class Slot:
     breakers. Outcomes of a request that started on a config whose provider has since been repointed or
     removed are dropped: they are about an upstream the config no longer names."""
 
-    __slots__ = ("_client", "_model", "_probe", "_provider", "_stream", "_tracker")
+    __slots__ = ("_client", "_kind", "_model", "_probe", "_provider", "_stream", "_tracker", "_trial")
 
     def __init__(
         self,
@@ -138,6 +201,8 @@ class Slot:
         probe: bool,
         stream: bool = False,
         client: Client = None,
+        kind: str = CHAT,
+        trial: bool = False,
     ) -> None:
         self._tracker = tracker
         self._provider = provider
@@ -145,6 +210,8 @@ class Slot:
         self._probe = probe
         self._stream = stream
         self._client = client
+        self._kind = kind
+        self._trial = trial  # this request is its model's trial while that breaker is open
 
     def __repr__(self) -> str:
         target = self._provider.name + (f"/{self._model}" if self._model else "")
@@ -160,6 +227,7 @@ class Slot:
                 probe=self._probe,
                 stream=self._stream,
                 client=self._client,
+                kind=self._kind,
             )
 
     def failed(self, failure: UpstreamFailure) -> None:
@@ -176,10 +244,17 @@ class Slot:
                 tracker.failed(name, detail, probe=True, at_once=True)
             else:  # our key, or only this model or request? A probe decides
                 tracker.denied(name, detail, model=self._model)
-        elif failure.retry_after is not None:
-            tracker.rate_limited(name, failure.retry_after, detail, model=model)
+        elif failure.status == 429 or failure.retry_after is not None:
+            # A rate limit, never an outage: out for the provider's hint, or the short growing default.
+            hint = failure.retry_after if failure.retry_after is not None else rate_limit_hint(failure.headers)
+            tracker.rate_limited(name, hint, detail, model=model)
+        elif missing_feature(failure):  # the endpoint or feature is missing there, not broken
+            tracker.noted(name, detail, model=model)
         elif failure.provider_fault:
-            tracker.failed(name, detail, model=model, probe=self._probe)
+            trial = self._trial and model is not None  # a failed trial: the next one waits twice as long
+            tracker.failed(name, detail, model=model, kind=self._kind, probe=self._probe or trial)
+            if model is not None:  # what a lone entry kept out answers with: its last HTTP error, if that
+                tracker.remember(name, model, self._kind, failure if failure.status is not None else None)
         elif failure.fallback or self._probe:
             tracker.noted(name, detail, model=model)
         # A caller error (400, 422 ...) says nothing about the provider: its record is left alone.
@@ -187,7 +262,7 @@ class Slot:
     def failed_after_commit(self, detail: str) -> None:
         """The model failed mid-stream, after the commit point: a fault of that target."""
         if self._tracker.is_current(self._provider):
-            self._tracker.failed(self._provider.name, detail, model=self._model)
+            self._tracker.failed(self._provider.name, detail, model=self._model, kind=self._kind)
 
 
 class HealthTracker:
@@ -306,8 +381,9 @@ class HealthTracker:
         return self._wall_clock() + (monotonic_time - (self._clock() if now is None else now))
 
     # -- decisions -------------------------------------------------------------------------------
-    def skip_reason(self, provider: ProviderConfig, model: str | None = None) -> SkipReason | None:
-        """Why this provider (and its `model`, if given) must not be tried now, or None when it may be."""
+    def skip_reason(self, provider: ProviderConfig, model: str | None = None, kind: str = CHAT) -> SkipReason | None:
+        """Why this provider (and its `model`, if given, for a request of `kind`) must not be tried now, or
+        None when it may be."""
         if not provider.configured:
             return UNCONFIGURED
         record = self.get(provider.name)
@@ -316,7 +392,7 @@ class HealthTracker:
         if reason is None and model is not None:
             target = record.targets.get(model)
             if target is not None:
-                reason = target.breaker.skip_reason(now)
+                reason = target.skip_reason(kind, now)
         if reason is not None:
             return reason
         if provider.max_concurrent and record.in_flight >= provider.max_concurrent:
@@ -332,9 +408,10 @@ class HealthTracker:
         probe: bool = False,
         stream: bool = False,
         client: Client = None,
+        kind: str = CHAT,
     ) -> Iterator[Slot]:
-        """Claim `provider` (and `model`) for one request, or probe, while the block runs; record its
-        outcome on the slot.
+        """Claim `provider` (and `model`, for a request of `kind`) for one request, or probe, while the block
+        runs; record its outcome on the slot.
 
         A request counts as in flight (for `max_concurrent`) until the block exits, however it exits —
         a client that left must not hold a slot. When a breaker is half-open the first request to
@@ -350,27 +427,46 @@ class HealthTracker:
         if record is not None and not probe:
             record.in_flight += 1
             trial = record.breaker.claim_trial(now)
-        if target is not None:
+        kind_breaker = target.of_kind(kind) if target is not None else None
+        if target is not None and kind_breaker is not None:
             target.in_flight += 1
-            target_trial = target.breaker.claim_trial(now)
+            target_trial = kind_breaker.claim_trial(now)
         try:
-            yield Slot(self, provider, model, probe=probe, stream=stream, client=client)
+            yield Slot(
+                self, provider, model, probe=probe, stream=stream, client=client, kind=kind, trial=bool(target_trial)
+            )
         finally:
             if record is not None and not probe:
                 record.in_flight = max(0, record.in_flight - 1)
                 record.breaker.release_trial(trial)
-            if target is not None:
+            if target is not None and kind_breaker is not None:
                 target.in_flight = max(0, target.in_flight - 1)
-                target.breaker.release_trial(target_trial)
+                kind_breaker.release_trial(target_trial)
 
     # -- outcomes (what a Slot records) ------------------------------------------------------------
-    def _breaker(self, provider: str, model: str | None) -> Breaker | None:
+    def _breaker(self, provider: str, model: str | None, kind: str = CHAT) -> Breaker | None:
         """The breaker an outcome of this scope goes to (None for a model past the tracking bound)."""
         record = self.get(provider)
         if model is None:
             return record.breaker
         target = record.target(model) if provider in self._providers else None
-        return target.breaker if target is not None else None
+        return target.of_kind(kind) if target is not None else None
+
+    def remember(self, provider: str, model: str, kind: str, failure: UpstreamFailure | None) -> None:
+        """Keep the model's last HTTP failure of `kind` (None: its last failure had no status): a lone chain
+        entry kept out answers with it."""
+        record = self._providers.get(provider)
+        target = record.targets.get(model) if record is not None else None
+        if target is None:
+            return
+        if failure is None:
+            target.last_failures.pop(kind, None)
+        else:
+            target.last_failures[kind] = failure
+
+    def last_failure(self, provider: str, model: str, kind: str = CHAT) -> UpstreamFailure | None:
+        """The model's last HTTP failure of `kind` (its status, error object and headers), if any."""
+        return self.target(provider, model).last_failures.get(kind)
 
     def succeeded(
         self,
@@ -381,9 +477,10 @@ class HealthTracker:
         probe: bool = False,
         stream: bool = False,
         client: Client = None,
+        kind: str = CHAT,
     ) -> None:
-        """A request got its answer (closes the model's and the provider's breaker), or a probe passed
-        (closes the provider's)."""
+        """A request got its answer (closes the provider's breaker and the model's of its kind, and ends the
+        model's growing rate-limit default), or a probe passed (closes the provider's)."""
         record = self.get(provider)
         now = self._clock()
         if latency is not None:
@@ -396,20 +493,32 @@ class HealthTracker:
             if target is not None:
                 if latency is not None:
                     target.ttfb[stream].add(latency, client)
-                if target.breaker.succeeded(now):
-                    logger.warning("model %s/%s recovered: breaker closed", provider, logfmt.value(model))
+                if kind != CHAT:  # an answer ends the model's growing rate-limit default whatever its kind
+                    target.breaker.rate_limit_delay = FIRST_RATE_LIMIT_DELAY
+                if target.of_kind(kind).succeeded(now):
+                    logger.warning("model %s/%s recovered (%s): breaker closed", provider, logfmt.value(model), kind)
         if closed:
             logger.warning("provider %s recovered (%s): breaker closed", provider, why)
             self._notify(provider, True)
 
     def failed(
-        self, provider: str, error: str, *, model: str | None = None, probe: bool = False, at_once: bool = False
+        self,
+        provider: str,
+        error: str,
+        *,
+        model: str | None = None,
+        kind: str = CHAT,
+        probe: bool = False,
+        at_once: bool = False,
     ) -> None:
-        """Count a fault of the provider (`model` None) or of one of its models; `at_once`: one is enough
-        to open the breaker (a probe refused our key)."""
-        breaker = self._breaker(provider, model)
+        """Count a fault of the provider (`model` None) or of one of its models for requests of `kind`;
+        `at_once`: one is enough to open the breaker (a probe refused our key); `probe`: a recovery probe's
+        or trial request's failure."""
+        breaker = self._breaker(provider, model, kind)
         if breaker is None:
             return
+        if model is not None and kind != CHAT:
+            self.noted(provider, error, model=model)  # the model's last error, whatever its kind
         settings = self.settings
         change = breaker.failed(
             self._clock(),
@@ -421,6 +530,8 @@ class HealthTracker:
         if change is None:
             return
         what = f"provider {provider}" if model is None else f"model {provider}/{logfmt.value(model)}"
+        if model is not None and kind != CHAT:
+            what = f"{what} ({kind})"
         if change == OPENED:
             logger.warning(
                 "%s unhealthy after %d consecutive failures, out for %gs: %s",
@@ -456,8 +567,9 @@ class HealthTracker:
             except Exception:
                 logger.exception("probe listener %r failed for provider %s", listener, provider)
 
-    def rate_limited(self, provider: str, retry_after: float, error: str, *, model: str | None = None) -> None:
-        """A 429 with Retry-After: keep the model (or provider) out that long, without counting an outage."""
+    def rate_limited(self, provider: str, retry_after: float | None, error: str, *, model: str | None = None) -> None:
+        """A 429: keep the model (or provider) out for its hint (None: the short growing default), without
+        counting an outage."""
         breaker = self._breaker(provider, model)
         if breaker is not None:
             breaker.rate_limited(self._clock(), retry_after, self._redactor.line(error))
@@ -476,10 +588,13 @@ class HealthTracker:
                 logger.exception("health listener %r failed for provider %s", listener, provider)
 
     # -- reporting -------------------------------------------------------------------------------
-    def breaker(self, provider: str, model: str | None = None) -> str:
-        """`closed`, `open` or `half_open` of the provider's (or one model's) breaker."""
-        record = self.get(provider) if model is None else self.target(provider, model)
-        return record.breaker.state(self._clock())
+    def breaker(self, provider: str, model: str | None = None, kind: str = CHAT) -> str:
+        """`closed`, `open` or `half_open` of the provider's (or one model's, for requests of `kind`) breaker."""
+        if model is None:
+            return self.get(provider).breaker.state(self._clock())
+        target = self.target(provider, model)
+        breaker = target.kinds.get(kind, Breaker()) if kind != CHAT else target.breaker
+        return breaker.state(self._clock())
 
     def status(self, provider: str) -> str:
         """'healthy' or 'unhealthy' (open breaker, or never recovered after one) of the provider."""
@@ -510,10 +625,14 @@ class HealthTracker:
             until = max(until, self.target(provider, model).breaker.unavailable_until())
         return until
 
-    def retry_in(self, provider: str, model: str | None = None) -> float | None:
-        """Seconds until the provider (or, with `model`, that target) may be tried again, if it is kept out."""
-        wait = self._kept_out_until(provider, model) - self._clock()
-        return wait if wait > 0 else None
+    def retry_in(self, provider: str, model: str | None = None, kind: str = CHAT) -> float | None:
+        """Seconds until the provider (or, with `model`, that target, for a request of `kind`) will really be
+        tried again — its next recovery probe or trial, or the end of its rate limit — if it is kept out."""
+        now = self._clock()
+        at = self.get(provider).breaker.retry_at(now)
+        if model is not None:
+            at = max(at, self.target(provider, model).retry_at(kind, now))
+        return max(0.0, at - now) if at else None
 
     def unavailable_until(self, provider: str, model: str | None = None) -> float | None:
         """Unix time until which the provider (or, with `model`, that target) is kept out, if it is."""

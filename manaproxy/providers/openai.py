@@ -142,7 +142,9 @@ class OpenAIStream:
         redactor: Redactor,
     ) -> None:
         self.status = resp.status
-        self.headers = redactor.pairs(to_client(resp.headers))
+        # The stream's own Content-Type goes too, parameters (`; charset=utf-8`) and all, as a direct call has it.
+        stream_type = ("Content-Type", resp.headers.get("Content-Type", "text/event-stream"))
+        self.headers = redactor.pairs([*to_client(resp.headers), stream_type])
         self._protocol = protocol
         self._redactor = redactor
         self.complete = protocol.ended_by(first)

@@ -37,7 +37,8 @@ def _breaker_view(tracker: HealthTracker, breaker: Breaker, now: float) -> dict[
 
 def snapshot(tracker: HealthTracker, providers: Iterable[ProviderConfig]) -> dict[str, dict[str, object]]:
     """Per-provider view for `/v1/health`: the provider's own breaker (transport failures, probes) and, under
-    `models`, the breaker of each of its models that has been asked for (HTTP errors, Retry-After windows)."""
+    `models`, the breaker of each of its models that has been asked for (HTTP errors of plain chat, rate limits),
+    with `kinds` holding the model's breakers for other kinds of request (`embeddings`, `chat+image` ...)."""
     now = tracker.now()
     view: dict[str, dict[str, object]] = {}
     for provider in providers:
@@ -52,7 +53,12 @@ def snapshot(tracker: HealthTracker, providers: Iterable[ProviderConfig]) -> dic
             max_concurrent=provider.max_concurrent,
             last_latency_seconds=None if record.last_latency is None else round(record.last_latency, 4),
             models={
-                model: {**_breaker_view(tracker, target.breaker, now), "in_flight": target.in_flight}
+                model: {
+                    **_breaker_view(tracker, target.breaker, now),
+                    "in_flight": target.in_flight,
+                    # Breakers of the other kinds of request than plain chat (`kinds.py`): embeddings, chat+image ...
+                    "kinds": {kind: _breaker_view(tracker, breaker, now) for kind, breaker in target.kinds.items()},
+                }
                 for model, target in record.targets.items()
             },
         )

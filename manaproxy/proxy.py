@@ -32,7 +32,7 @@ from multidict import CIMultiDict
 
 from . import logfmt
 from .auth import CLIENT
-from .body import BodyBudget, parse_body, read_body
+from .body import BodyBudget, parse, read_body
 from .config import Hedge, Target
 from .drain import SHUTTING_DOWN, Guard, shutting_down
 from .errors import JSON_CONTENT_TYPE, ProxyError, error_body
@@ -258,7 +258,7 @@ class _Forwarder:
                 408, f"request body did not arrive within {server.body_timeout_seconds:g}s", code="body_timeout"
             ) from None
         record.client_wait += perf_counter() - started
-        body = parse_body(raw, self.request.headers.get("Content-Type", ""))
+        body = await parse(raw, self.request.headers.get("Content-Type", ""), server)  # large: in a thread
         if body.model is None and addresses_stored_object(path):
             raise ProxyError(
                 404,

@@ -89,7 +89,7 @@ def test_model_and_stream_are_read(raw, model, stream):
         (b'{"model": ["a"]}', "invalid_model"),
         (b'{"stream": "yes"}', "invalid_stream"),
         (b'{"stream": 1}', "invalid_stream"),
-        (b'{"a": ' + b"[" * 5000 + b"]" * 5000 + b"}", "invalid_json"),
+        (b'{"a": ' + b"[" * 5000 + b"]" * 5000 + b"}", "json_too_deep"),
     ],
 )
 def test_what_the_proxy_cannot_read_is_a_400(raw, code):

@@ -365,6 +365,9 @@ class OpenAIProvider:
                     if not first and buffer.pending_size > max_event:
                         raise UpstreamFailure("bad_response", f"no complete event in the first {max_event} bytes")
             error = error_of(first)
+            if error is None and protocol is RESPONSES and b'"type"' in first:
+                data = data_json(first)  # the Responses API's own `error` event: {"type": "error", "message" ...}
+                error = data if isinstance(data, dict) and data.get("type") == "error" else None
             if error is not None:
                 message = self._redactor.line(str(error.get("message", "error event")), limit=120)
                 raise UpstreamFailure("error_event", f"first event was an error: {message}")
@@ -393,6 +396,8 @@ class OpenAIProvider:
             raise
 
     async def _check_status(self, resp: aiohttp.ClientResponse) -> None:
+        if not 200 <= resp.status <= 599:  # 999, or a final 1xx: no HTTP answer to relay; a lone entry's is a 502
+            raise UpstreamFailure("bad_response", f"upstream answered HTTP status {resp.status}", status=502)
         if resp.status >= 300:
             # Redacted here, at the source: the body may be relayed to the client, its text logged and shown.
             # Its headers too: a lone entry's error is relayed with them (`proxy.exhausted`, `_caller_error`).

@@ -53,6 +53,8 @@ BUDGET_RETRY_AFTER = 1
 # Bodies larger than this are parsed (and, for the kinds that translate, decoded) in a worker thread: the
 # loop keeps its turns between the bounded C calls that do it. Below it, the hop would cost more than the parse.
 OFF_LOOP_BYTES = 256 * 1024
+# Bytes of body read between two turns given to the loop (a few milliseconds of inflating).
+_YIELD_EVERY = 1024 * 1024
 
 
 class BodyBudget:
@@ -154,12 +156,19 @@ async def read_body(request: web.Request, limit: int, claim: BodyBudget.Claim, b
     # One buffer that grows in place (glibc moves large blocks with mremap, not by copying): a body is
     # held once, never as a list of chunks plus their join.
     body = bytearray()
+    unyielded = 0
     try:
         async for chunk in request.content.iter_any():
             if len(body) + len(chunk) > limit:
                 raise ProxyError(413, f"request body exceeds the limit of {limit} bytes", code="request_too_large")
             claim.grow(len(chunk), budget_limit)
             body += chunk
+            unyielded += len(chunk)
+            if unyielded > _YIELD_EVERY:
+                # A compressed body is inflated as it is read, and a read of buffered bytes does not
+                # yield: without this, 30 KiB of gzip would hold the loop for the whole 30 MB.
+                unyielded = 0
+                await asyncio.sleep(0)
     except RequestPayloadError:  # e.g. `Content-Encoding: gzip` on a body that is not gzip
         raise bad_request("request body could not be decoded", code="invalid_body") from None
     return body
@@ -442,7 +451,7 @@ _MARKERS: dict[type, str] = {_ModelSeen: "model", _StreamSeen: "stream"}
 
 def _duplicate_member(raw: Buffer) -> str | None:
     """The name of a top-level member (`model` or `stream`) that `raw` holds twice, in any spelling."""
-    escaped = _ESCAPED_LETTER.search(raw) is not None
+    escaped = b"\\u00" in raw and _ESCAPED_LETTER.search(raw) is not None
     names = [name for name in _READ_FIELDS if escaped or raw.count(b'"%s"' % name.encode()) > 1]
     if not names:  # each key appears at most once in the bytes, nested or not: no duplicate possible
         return None
@@ -466,38 +475,44 @@ _DEPTH_STEP = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")  # opening +1, closi
 _STRUCTURE_SLICE = 256 * 1024
 
 
-def _too_many_items(max_items: int) -> ProxyError:
-    return ProxyError(
-        413, f"request body holds more than {max_items} JSON values (server.max_json_items)", code="json_too_many_items"
-    )
-
-
-def _check_structure(raw: Buffer, max_depth: int, max_items: int) -> None:
+def _check_structure(raw: Buffer, max_depth: int, max_items: int, slice_size: int = _STRUCTURE_SLICE) -> None:
     """Refuse a JSON text nested deeper than `max_depth` (400 `json_too_deep`) or holding more than
     `max_items` values and members (413 `json_too_many_items`; counted as the `,`, `[` and `{` outside
     strings) before anything decodes it whole: 30 KiB of gzip can inflate to ten million empty arrays.
 
-    Counted on the bytes: the brackets and commas of the raw text bound those outside strings from above,
-    so the common body costs three `bytes.count`. A body past a limit that way is looked at closer, slice
-    by slice: escapes dropped (`\\` pairs, then `\"`, as a JSON reader meets them left to right), the
-    text between quotes dropped, and a running depth summed over the brackets left.
+    A small body is counted on its bytes first: the brackets and commas of the raw text bound those
+    outside strings from above, so the common body costs three `bytes.count`. A large one (parsed in a
+    worker thread), or one past a limit that way, is read slice by slice, every step a short C call so
+    that the loop gets the GIL in between: escapes dropped (`\\` pairs, then `\"`, as a JSON reader meets
+    them left to right; a slice never ends inside a run of backslashes), the text between quotes dropped,
+    and a running depth summed over the brackets left.
     """
-    opened = raw.count(b"[") + raw.count(b"{")
-    if opened <= max_depth and opened + raw.count(b",") <= max_items:
-        return
-    text = raw.replace(b"\\\\", b"").replace(b'\\"', b"") if b"\\" in raw else raw
-    if text.count(b'"') > 4 * (max_items + 1):  # a value or member holds at most two strings
-        raise _too_many_items(max_items)
+    if len(raw) <= OFF_LOOP_BYTES and slice_size == _STRUCTURE_SLICE:
+        opened = raw.count(b"[") + raw.count(b"{")
+        if opened <= max_depth and opened + raw.count(b",") <= max_items:
+            return
     items = depth = 0
     in_string = False
-    for start in range(0, len(text), _STRUCTURE_SLICE):
-        pieces = text[start : start + _STRUCTURE_SLICE].split(b'"')
+    start = 0
+    while start < len(raw):
+        end = start + slice_size
+        while end < len(raw) and raw[end - 1] == 0x5C:  # "\\": keep an escape whole
+            end += 1
+        text = raw[start:end] if start or end < len(raw) else raw  # a small body: no copy
+        start = end
+        if b"\\" in text:
+            text = text.replace(b"\\\\", b"").replace(b'\\"', b"")
+        pieces = text.split(b'"')
         outside = b"".join(pieces[1::2] if in_string else pieces[::2])
         in_string ^= len(pieces) % 2 == 0  # an odd number of quotes in the slice
         opened = outside.count(b"[") + outside.count(b"{")
         items += opened + outside.count(b",")
         if items > max_items:
-            raise _too_many_items(max_items)
+            raise ProxyError(
+                413,
+                f"request body holds more than {max_items} JSON values (server.max_json_items)",
+                code="json_too_many_items",
+            )
         if depth + opened <= max_depth:
             depth += opened - outside.count(b"]") - outside.count(b"}")
             continue

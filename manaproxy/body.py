@@ -320,12 +320,12 @@ def _field_text(raw: Buffer, span: tuple[int, int], name: str) -> str:
         raise bad_request(f"the form field {name!r} is not UTF-8 text", code=f"invalid_{name}", param=name) from None
 
 
-def _disposition_names(value: str) -> set[str]:
-    """The field names a Content-Disposition value gives its part: `name`, and `name*` decoded (RFC 8187,
-    `utf-8''model`). Parsers read one or the other; the proxy takes both into account. 400 when the
-    value cannot be parsed (a parser that guesses could read another name than ours)."""
+def _disposition_names(value: str) -> list[tuple[str, str]]:
+    """The field names a Content-Disposition value gives its part, as `(parameter, name)` pairs: `name`,
+    and `name*` decoded (RFC 8187, `utf-8''model`). 400 when the value cannot be parsed (a parser that
+    guesses could read another name than ours)."""
     position = _DISPOSITION_TYPE.match(value).end()  # type: ignore[union-attr]  # matches the empty string
-    names = set()
+    names = []
     while position < len(value):
         param = _DISPOSITION_PARAM.match(value, position)
         if param is None or param.end() == position:
@@ -335,9 +335,7 @@ def _disposition_names(value: str) -> set[str]:
         position = param.end()
         key = param.group(1).lower()
         text = _QUOTED_PAIR.sub(r"\1", param.group(2)) if param.group(2) is not None else param.group(3)
-        if key == "name":
-            names.add(text)
-        elif key == "name*":
+        if key == "name*":
             charset, quote, rest = text.partition("'")
             _, quote2, encoded = rest.partition("'")
             if quote and quote2:
@@ -345,13 +343,19 @@ def _disposition_names(value: str) -> set[str]:
                     text = unquote(encoded, encoding=charset or "utf-8", errors="strict")
                 except (LookupError, UnicodeDecodeError):
                     raise bad_request("a multipart part's name* cannot be decoded", code="invalid_body") from None
-            names.add(text)
+        if key in ("name", "name*"):
+            names.append((key, text))
     return names
 
 
 def _part_names(head: str) -> set[str]:
-    """The field names of a part whose header block is `head` (lines without their CRLF, latin-1)."""
-    names: set[str] = set()
+    """The field names of a part whose header block is `head` (lines without their CRLF, latin-1).
+
+    Parsers differ on a part named twice (first or last `name`; `name` or `name*`) and on one named by
+    `name*` alone (RFC 7578 forbids it; aiohttp reads it, Starlette does not): when one of the names is
+    a field the proxy reads, the part is refused with 400 `ambiguous_model` (or `ambiguous_stream`).
+    """
+    names: list[tuple[str, str]] = []
     dispositions = 0
     for line in head.split("\r\n"):
         if line[:1] in (" ", "\t"):  # obsolete line folding: parsers join or drop it differently
@@ -359,10 +363,18 @@ def _part_names(head: str) -> set[str]:
         header, colon, value = line.partition(":")
         if colon and header.strip().lower() == "content-disposition":
             dispositions += 1
-            names |= _disposition_names(value)
+            names += _disposition_names(value)
     if dispositions > 1:
         raise bad_request("a multipart part has two Content-Disposition headers", code="invalid_body")
-    return names
+    distinct = {name for _, name in names}
+    read = sorted(distinct.intersection(_READ_FIELDS))
+    if read and (len(distinct) > 1 or all(key == "name*" for key, _ in names)):
+        raise bad_request(
+            f"a form part is named {read[0]!r} ambiguously (two names, or name* alone): parsers disagree",
+            code=f"ambiguous_{read[0]}",
+            param=read[0],
+        )
+    return distinct
 
 
 def _form_fields(raw: Buffer, boundary: bytes, max_parts: int) -> dict[str, tuple[int, int]]:
@@ -370,7 +382,8 @@ def _form_fields(raw: Buffer, boundary: bytes, max_parts: int) -> dict[str, tupl
 
     One pass with `bytes.find` for each delimiter: a 25 MB audio file costs a few milliseconds and no copy.
     A form with more than `max_parts` parts is refused (413) before any is walked; one with a second
-    `model` or `stream` field (whichever of `name` or `name*` says so) with 400 `duplicate_model` (...).
+    `model` or `stream` field with 400 `duplicate_model` (`duplicate_stream`), one with a part named so
+    ambiguously with 400 `ambiguous_model` (see `_part_names`).
     """
     delimiter = b"--" + boundary
     closing = b"\r\n" + delimiter

@@ -44,17 +44,38 @@ async def whisper(make_upstream, make_proxy):
             ('form-data; name="file"; filename="a.wav"', AUDIO),
             ('form-data; name="model"', b"whisper-large-v3"),
         ],
-        # aiohttp reads `name*`; manaproxy used to ignore it.
-        [('form-data; name="model"', b"mana/tiny"), ("form-data; name*=utf-8''model", b"whisper-large-v3")],
-        [('form-data; name="model"', b"mana/tiny"), ("form-data; NAME*=UTF-8''mod%65l", b"whisper-large-v3")],
-        # One part, two names: parsers that prefer `name` and those that prefer `name*` disagree.
-        [('form-data; name="model"', b"mana/tiny"), ("form-data; name=\"prompt\"; name*=utf-8''model", b"x")],
+        # The second also by `name*` (which aiohttp reads; manaproxy used to ignore it), its names agreeing.
+        [
+            ('form-data; name="model"', b"mana/tiny"),
+            ("form-data; name=model; NAME*=UTF-8''mod%65l", b"whisper-large-v3"),
+        ],
     ],
 )
 async def test_a_form_with_two_model_fields_is_refused(whisper, parts):
     a, proxy = whisper
     resp = await proxy.client.post(TRANSCRIPTIONS, data=form(*parts), headers=FORM_TYPE)
     await assert_openai_error(resp, 400, "duplicate_model", param="model")
+    assert a.calls == 0
+
+
+@pytest.mark.parametrize(
+    "disposition",
+    [
+        # Alone beside a file, and after a real model field (where it used to be ignored).
+        "form-data; name*=utf-8''model",  # aiohttp reads a model field, Starlette none
+        "form-data; NAME*=UTF-8''mod%65l",
+        "form-data; name=\"prompt\"; name*=utf-8''model",
+        'form-data; name="prompt"; name="model"',  # first-wins and last-wins again
+    ],
+)
+@pytest.mark.parametrize("after_a_model_field", [False, True])
+async def test_a_part_named_model_ambiguously_is_refused(whisper, disposition, after_a_model_field):
+    a, proxy = whisper
+    parts = [(disposition, b"mana/large"), ('form-data; name="file"; filename="a.wav"', AUDIO)]
+    if after_a_model_field:
+        parts.insert(0, ('form-data; name="model"', b"mana/tiny"))
+    resp = await proxy.client.post(TRANSCRIPTIONS, data=form(*parts), headers=FORM_TYPE)
+    await assert_openai_error(resp, 400, "ambiguous_model", param="model")
     assert a.calls == 0
 
 

@@ -176,13 +176,13 @@ def test_the_structure_count_matches_the_decoded_structure_whatever_the_slices(s
 @pytest.mark.parametrize(
     ("disposition", "names"),
     [
-        ('form-data; name="model"', {"model"}),
-        ('form-data; filename="a;name=model;b"; name="file"', {"file"}),
-        ('form-data; name="a\\"b"', {'a"b'}),
-        ("form-data; name=model;", {"model"}),
-        ("form-data; NAME*=UTF-8''mod%65l", {"model"}),
-        ("form-data; name=\"x\"; name*=utf-8''model", {"x", "model"}),
-        ("form-data", set()),
+        ('form-data; name="model"', [("name", "model")]),
+        ('form-data; filename="a;name=model;b"; name="file"', [("name", "file")]),
+        ('form-data; name="a\\"b"', [("name", 'a"b')]),
+        ("form-data; name=model;", [("name", "model")]),
+        ("form-data; NAME*=UTF-8''mod%65l", [("name*", "model")]),
+        ("form-data; name=\"x\"; name*=utf-8''model", [("name", "x"), ("name*", "model")]),
+        ("form-data", []),
     ],
 )
 def test_content_disposition_names_are_read_as_rfc_7578_and_8187_say(disposition, names):

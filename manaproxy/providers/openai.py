@@ -396,7 +396,7 @@ class OpenAIProvider:
             raise
 
     async def _check_status(self, resp: aiohttp.ClientResponse) -> None:
-        if not 200 <= resp.status <= 599:  # 999, or a final 1xx: no HTTP answer to relay; a lone entry's is a 502
+        if not 200 <= resp.status <= 599:  # 999, 600: no HTTP answer to relay as such; a lone entry gets a 502
             raise UpstreamFailure("bad_response", f"upstream answered HTTP status {resp.status}", status=502)
         if resp.status >= 300:
             # Redacted here, at the source: the body may be relayed to the client, its text logged and shown.

@@ -54,6 +54,15 @@ async def say_nothing_of_us(request: web.Request, response: web.StreamResponse) 
     response.headers.popall("Server", None)
 
 
+async def _expect_later(request: web.Request) -> None:
+    """The `Expect` check of the proxied routes. aiohttp's own sends `100 Continue` before any middleware
+    has run (the key check included); ours refuses only what it cannot meet, and `body.read_body` sends
+    the `100 Continue` when the request, its key checked, is about to read its body."""
+    expect = request.headers.get("Expect", "")
+    if request.version == aiohttp.HttpVersion11 and expect.lower() != "100-continue":
+        raise web.HTTPExpectationFailed(text=f"Unknown Expect: {expect[:100]}")
+
+
 def create_app(
     config: Config,
     *,
@@ -111,6 +120,6 @@ def create_app(
     app.router.add_get("/v1/models/{model:.+}", catalog.get_model)
     app.router.add_get("/v1/aliases", catalog.list_aliases)
     for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/{path:.+}"):
-        app.router.add_post(path, proxy.forward)
-    app.router.add_route("*", "/v1/{path:.+}", proxy.other_method)
+        app.router.add_post(path, proxy.forward, expect_handler=_expect_later)
+    app.router.add_route("*", "/v1/{path:.+}", proxy.other_method, expect_handler=_expect_later)
     return app

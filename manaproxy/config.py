@@ -195,6 +195,9 @@ class ServerSettings:
     max_inflight_body_bytes_per_client: int = 64 * 1024 * 1024  # ... and by one client (key, or address)
     max_response_bytes: int = 64 * 1024 * 1024  # one unstreamed upstream answer, decoded
     max_event_bytes: int = 8 * 1024 * 1024  # one SSE event of a streamed answer, decoded
+    max_json_depth: int = 128  # nesting of a JSON request body (arrays and objects)
+    max_json_items: int = 1_000_000  # values and members of a JSON request body, all levels
+    max_form_parts: int = 1000  # parts of a multipart/form-data request body
     shutdown_timeout_seconds: float = 30.0
     models_cache_seconds: float = 60.0
     header_timeout_seconds: float = 10.0  # a request's headers must arrive within this

@@ -244,9 +244,10 @@ class UpstreamFailure(Exception):
         return cls("closed", detail, verdict=FAULT, scope=TARGET)
 
     @classmethod
-    def bad_response(cls, detail: str) -> UpstreamFailure:
-        """An answer that cannot be used: invalid JSON, an undecodable body, an unexpected shape or status."""
-        return cls("bad_response", detail, verdict=FAULT, scope=TARGET)
+    def bad_response(cls, detail: str, *, status: int | None = None) -> UpstreamFailure:
+        """An answer that cannot be used: invalid JSON, an undecodable body, an unexpected shape or status.
+        `status`: what a lone entry's failure answers the client (502 for a status outside HTTP's)."""
+        return cls("bad_response", detail, verdict=FAULT, scope=TARGET, status=status)
 
     @classmethod
     def too_large(cls, detail: str) -> UpstreamFailure:

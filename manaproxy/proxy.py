@@ -31,7 +31,7 @@ from multidict import CIMultiDict
 
 from . import logfmt
 from .auth import CLIENT
-from .body import BodyBudget, parse_body, read_body
+from .body import BodyBudget, parse, read_body
 from .config import Hedge, Target
 from .drain import Guard, shutting_down
 from .errors import JSON_CONTENT_TYPE, ProxyError, error_body
@@ -380,7 +380,7 @@ class _Forwarder:
         record.client_wait += perf_counter() - started
         if not raw.strip() and addresses_stored_object(path):  # `responses.cancel` sends no body at all
             raise _stored_object(url.path)
-        body = parse_body(raw, self.request.headers.get("Content-Type", ""))
+        body = await parse(raw, self.request.headers.get("Content-Type", ""), server)  # large: in a thread
         if body.model is None and addresses_stored_object(path):
             raise _stored_object(url.path)
         record.streaming = body.stream

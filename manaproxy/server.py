@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import re
 import resource
 from collections.abc import Callable
 from time import monotonic
@@ -46,7 +47,9 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMethod, ContentEncodingError, HttpProcessingError, LineTooLong
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.http_parser import HttpRequestParserPy
+from aiohttp.web_protocol import MAX_MSG_QUEUE_SIZE, RequestHandler
+from aiohttp.web_protocol import RequestPayloadError as _PayloadError
 
 from .config import ServerSettings
 from .errors import ProxyError, error_body
@@ -132,6 +135,12 @@ class HeldAnswers:
         self._paused.pop(handler, None)
 
 
+# A request head with an `Upgrade` header. aiohttp's C parser (llhttp) pauses on one it does not support
+# (`h2c`) and never answers that request nor any pipelined after it; its pure-Python parser declines the
+# upgrade and reads on. A connection that sends one is parsed in Python from then on.
+_UPGRADE_HEADER = re.compile(rb"(?i)\nupgrade[ \t]*:")
+
+
 class _RequestHandler(RequestHandler):
     """aiohttp's per-connection protocol, with `handle_error` answering parser errors our way, a
     deadline for the headers of each request and one for a client that does not read its answer."""
@@ -145,6 +154,11 @@ class _RequestHandler(RequestHandler):
         self._held_answers = held_answers
         self._write_deadline: asyncio.TimerHandle | None = None
         self.refused = False  # set by `_Server.connection_made` when the connection is over the cap
+        self._parser_settings = {
+            key: kwargs[key] for key in ("max_line_size", "max_field_size", "max_headers") if key in kwargs
+        }
+        self._read_size = kwargs.get("read_bufsize", 2**16)
+        self._pure_parser = False
 
     def pause_writing(self) -> None:
         super().pause_writing()
@@ -218,6 +232,8 @@ class _RequestHandler(RequestHandler):
             return  # read and dropped: the connection was answered 503 and is closing
         if self._header_deadline is None and self._waiting_for_request():
             self._arm_header_deadline()  # the first bytes of the next request on a kept-alive connection
+        if not self._pure_parser and self._waiting_for_request() and _UPGRADE_HEADER.search(data):
+            self._parse_in_python()
         super().data_received(data)
         if self._header_deadline is not None and not self._waiting_for_request():
             self._header_deadline.cancel()  # a whole request head arrived
@@ -229,6 +245,19 @@ class _RequestHandler(RequestHandler):
             self._header_deadline.cancel()
             self._header_deadline = None
         super().connection_lost(exc)
+
+    def _parse_in_python(self) -> None:
+        """Parse this connection's requests with aiohttp's pure-Python parser (see `_UPGRADE_HEADER`)."""
+        self._pure_parser = True
+        self._parser = HttpRequestParserPy(
+            self,
+            self._loop,
+            self._read_size,
+            payload_exception=_PayloadError,
+            auto_decompress=True,
+            max_msg_queue_size=MAX_MSG_QUEUE_SIZE,
+            **self._parser_settings,
+        )
 
     def _waiting_for_request(self) -> bool:
         """No request head is complete and none is being handled: what arrives now is a new head."""

@@ -3,10 +3,13 @@ on with only `model` changed."""
 
 from __future__ import annotations
 
+import random
+from typing import Any
+
 import orjson
 import pytest
 
-from manaproxy.body import BodyBudget, parse_body
+from manaproxy.body import BodyBudget, _check_structure, _disposition_names, parse_body
 from manaproxy.errors import ProxyError
 
 
@@ -89,7 +92,7 @@ def test_model_and_stream_are_read(raw, model, stream):
         (b'{"model": ["a"]}', "invalid_model"),
         (b'{"stream": "yes"}', "invalid_stream"),
         (b'{"stream": 1}', "invalid_stream"),
-        (b'{"a": ' + b"[" * 5000 + b"]" * 5000 + b"}", "invalid_json"),
+        (b'{"a": ' + b"[" * 5000 + b"]" * 5000 + b"}", "json_too_deep"),
     ],
 )
 def test_what_the_proxy_cannot_read_is_a_400(raw, code):
@@ -124,3 +127,72 @@ def test_the_budget_refuses_past_its_limit_and_gets_every_byte_back():
         assert caught.value.headers == {"Retry-After": "1"}
         assert budget.held == 60
     assert budget.held == 0
+
+
+def _structure(value: Any, depth: int = 1) -> tuple[int, int]:
+    """(nesting depth, items as `_check_structure` counts them) of a decoded JSON value."""
+    if isinstance(value, list):
+        inner = [_structure(item, depth + 1) for item in value]
+        return max([depth, *(d for d, _ in inner)]), 1 + max(len(value) - 1, 0) + sum(n for _, n in inner)
+    if isinstance(value, dict):
+        inner = [_structure(item, depth + 1) for item in value.values()]
+        return max([depth, *(d for d, _ in inner)]), 1 + max(len(value) - 1, 0) + sum(n for _, n in inner)
+    return depth - 1, 0
+
+
+def _random_json(rng: random.Random, depth: int = 0) -> Any:
+    kind = rng.randrange(6 if depth < 6 else 3)
+    if kind == 0:
+        return rng.choice(["", "[[{", "]}],", '\\"', "\\\\", '"]', "\\", 'a\\\\"b', "é", "x" * rng.randrange(30)])
+    if kind == 1:
+        return rng.randrange(-5, 5)
+    if kind == 2:
+        return rng.choice([None, True, 1.5])
+    if kind in (3, 4):
+        return [_random_json(rng, depth + 1) for _ in range(rng.randrange(4))]
+    return {
+        rng.choice(["[", "}", '"', "\\", "k", ","]) + str(i): _random_json(rng, depth + 1)
+        for i in range(rng.randrange(4))
+    }
+
+
+@pytest.mark.parametrize("slice_size", [1, 2, 3, 7, 64, 256 * 1024])
+def test_the_structure_count_matches_the_decoded_structure_whatever_the_slices(slice_size):
+    rng = random.Random(slice_size)
+    for _ in range(300):
+        value = {"model": "m", "x": _random_json(rng)}
+        raw = orjson.dumps(value)
+        depth, items = _structure(value)
+        _check_structure(raw, depth, items, slice_size)  # exactly at both limits: accepted
+        with pytest.raises(ProxyError) as deep:
+            _check_structure(raw, depth - 1, items, slice_size)
+        assert (deep.value.status, deep.value.code) == (400, "json_too_deep")
+        if items:
+            with pytest.raises(ProxyError) as many:
+                _check_structure(raw, depth, items - 1, slice_size)
+            assert (many.value.status, many.value.code) == (413, "json_too_many_items")
+
+
+@pytest.mark.parametrize(
+    ("disposition", "names"),
+    [
+        ('form-data; name="model"', [("name", "model")]),
+        ('form-data; filename="a;name=model;b"; name="file"', [("name", "file")]),
+        ('form-data; name="a\\"b"', [("name", 'a"b')]),
+        ("form-data; name=model;", [("name", "model")]),
+        ("form-data; NAME*=UTF-8''mod%65l", [("name*", "model")]),
+        ("form-data; name=\"x\"; name*=utf-8''model", [("name", "x"), ("name*", "model")]),
+        ("form-data", []),
+    ],
+)
+def test_content_disposition_names_are_read_as_rfc_7578_and_8187_say(disposition, names):
+    assert _disposition_names(disposition) == names
+
+
+@pytest.mark.parametrize(
+    "disposition", ['form-data; name="model', "form-data; name=a b", "form-data; name*=bogus''x%ff"]
+)
+def test_a_content_disposition_no_parser_would_read_alike_is_a_400(disposition):
+    with pytest.raises(ProxyError) as caught:
+        _disposition_names(disposition)
+    assert (caught.value.status, caught.value.code) == (400, "invalid_body")

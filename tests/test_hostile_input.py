@@ -34,16 +34,17 @@ HOSTILE_BODIES: list[tuple[bytes, int, str | None]] = [
     *((body, 400, "invalid_json") for body in random_bodies()),
     (b"\xef\xbb\xbf{}", 400, "invalid_json"),  # BOM
     (b'{"model": "\\ud800"}', 400, "invalid_json"),  # lone surrogate
-    # Nested beyond what the parser reads; deep, but read, and sent on as it came.
-    (b'{"model": "mana/x", "messages": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400, "invalid_json"),
-    (b'{"model": "mana/x", "messages": ' + b"[" * 500 + b"]" * 500 + b"}", 200, None),
+    # Nested beyond `server.max_json_depth` (128); deep, but within it, and sent on as it came.
+    (b'{"model": "mana/x", "messages": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400, "json_too_deep"),
+    (b'{"model": "mana/x", "messages": ' + b"[" * 500 + b"]" * 500 + b"}", 400, "json_too_deep"),
+    (b'{"model": "mana/x", "messages": ' + b"[" * 127 + b"]" * 127 + b"}", 200, None),
     # Numbers no float holds: the client's bytes go upstream as they are (body.py).
     (b'{"model": "mana/x", "n": 1e999}', 200, None),
     (b'{"model": "mana/x", "n": 123456789012345678901234567890}', 200, None),
-    (b'{"model": "mana/x", "model": 5}', 400, "invalid_model"),
+    (b'{"model": "mana/x", "model": 5}', 400, "duplicate_model"),  # first-wins and last-wins parsers disagree
     (b'{"model": "mana/x"} trailing', 400, "invalid_json"),
     (b"\x00" * 50, 400, "invalid_json"),
-    (b"{" * 300, 400, "invalid_json"),
+    (b"{" * 300, 400, "json_too_deep"),  # the structure is bounded before the JSON is read
 ]
 
 

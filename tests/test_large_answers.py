@@ -244,4 +244,4 @@ async def test_a_first_event_past_max_event_bytes_falls_back(make_upstream, make
 
     assert resp.headers["X-Mana-LLM-Resolved"] == "b/m2"
     fallback = {"from_model": "a/m1", "to_model": "b/m2"}
-    assert value(proxy, "mana_llm_fallback_total", **fallback, reason="bad_response") == 1  # not a timeout
+    assert value(proxy, "mana_llm_fallback_total", **fallback, reason="too_large") == 1  # not a timeout

@@ -174,14 +174,8 @@ async def test_an_answer_past_max_response_bytes_fails_the_attempt_and_the_chain
 PAST = [pytest.param(LIMIT + LIMIT // 8, id="just-past"), pytest.param(4 * LIMIT, id="far-past")]
 
 
-# The openai kind's first event is read in `OpenAIProvider._open_stream`, which names a first event past the
-# bound `bad_response` (not `too_large`) and releases one that comes whole in one read. Left to the change that
-# hardens `_open_stream` (issue 15's sibling work); this mark goes when it lands.
-OPEN_STREAM_GAP = pytest.mark.xfail(reason="openai _open_stream: first event past max_event_bytes", strict=False)
-
-
 @pytest.mark.parametrize("size", PAST)
-@pytest.mark.parametrize("kind", [pytest.param("openai", marks=OPEN_STREAM_GAP), "google"], indirect=True)
+@pytest.mark.parametrize("kind", WIRE, indirect=True)
 async def test_a_first_event_past_max_event_bytes_fails_the_attempt_and_the_chain_moves_on(
     kind, make_proxy, make_upstream, size
 ):

@@ -103,6 +103,15 @@ async def _read_error_body(resp: aiohttp.ClientResponse) -> bytes:
         return b""  # an error body that large says nothing a client could use
 
 
+def _largest_event(events: bytes) -> int:
+    """The size of the largest of the complete SSE `events`."""
+    largest = start = 0
+    for boundary in _BOUNDARY.finditer(events):
+        largest = max(largest, boundary.end() - start)
+        start = boundary.end()
+    return largest
+
+
 class OpenAIStream:
     """An upstream SSE stream past its first data event, relayed with `model` rewritten.
 
@@ -382,8 +391,13 @@ class OpenAIProvider:
                         continue
                     first, rest = buffer.first_event(piece)
                     if not first and buffer.pending_size > max_event:
-                        raise UpstreamFailure.bad_response(f"no complete event in the first {max_event} bytes")
+                        raise UpstreamFailure.too_large(f"no complete event in the first {max_event} bytes")
+            if len(first) > max_event and _largest_event(first) > max_event:  # one that came whole in one read
+                raise UpstreamFailure.too_large(f"upstream event larger than {max_event} bytes")
             error = error_of(first)
+            if error is None and protocol is RESPONSES and b'"type"' in first:
+                data = data_json(first)  # the Responses API's own `error` event: {"type": "error", "message" ...}
+                error = data if isinstance(data, dict) and data.get("type") == "error" else None
             if error is not None:
                 message = self._redactor.line(str(error.get("message", "error event")), limit=120)
                 raise UpstreamFailure.error_event(f"first event was an error: {message}")
@@ -412,6 +426,8 @@ class OpenAIProvider:
             raise
 
     async def _check_status(self, resp: aiohttp.ClientResponse) -> None:
+        if not 200 <= resp.status <= 599:  # 999, 600: no HTTP answer to relay as such; a lone entry gets a 502
+            raise UpstreamFailure.bad_response(f"upstream answered HTTP status {resp.status}", status=502)
         if resp.status >= 300:
             # Redacted here, at the source: the body may be relayed to the client, its text logged and shown.
             # Its headers too: a lone entry's error is relayed with them (`proxy.exhausted`, `_caller_error`).

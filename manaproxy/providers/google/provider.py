@@ -28,8 +28,8 @@ import re
 import ssl
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -39,6 +39,7 @@ from google import genai
 from google.genai import errors, types
 from google.genai.models import AsyncModels
 
+from ...body import OFF_LOOP_BYTES
 from ...config import ProviderConfig, ServerSettings
 from ...redact import Redactor
 from ..base import Call, ListedModel, MidStreamFailure, Reply, UpstreamFailure, Usage, within_idle
@@ -93,7 +94,17 @@ def _http_options(
     )
 
 
+T = TypeVar("T")
+
 _MODEL_NAME_RE = re.compile(r"^(?:models/|tunedModels/)?[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+async def _translated(call: Call, translate: Callable[[Mapping[str, Any]], T]) -> T:
+    """`translate` applied to the whole request object: the decode and the walk in a worker thread when the
+    body is large (`body.OFF_LOOP_BYTES`), so that no large body is decoded on the event loop."""
+    if len(call.body.raw) > OFF_LOOP_BYTES:
+        return await asyncio.to_thread(lambda: translate(call.body.payload))
+    return translate(call.body.payload)
 
 
 async def _aclose(stream: Any) -> None:
@@ -243,7 +254,7 @@ class GoogleProvider:
             raise bad_request(error)
         if path == "/chat/completions":
             try:
-                chat = request.chat_request(call.body.payload)
+                chat = await _translated(call, request.chat_request)
             except request.TranslationError as error:
                 raise bad_request(error) from None
             config = chat.config.model_copy(
@@ -300,7 +311,7 @@ class GoogleProvider:
 
     async def _embed(self, call: Call) -> Reply:
         try:
-            embed = request.embeddings_request(call.body.payload)
+            embed = await _translated(call, request.embeddings_request)
         except request.TranslationError as error:
             raise bad_request(error) from None
         models = self._models()

@@ -1054,3 +1054,23 @@ def stream_bytes_after(before: list[bytes], gate: asyncio.Event, after: list[byt
         return response
 
     return behave
+
+
+# -- SSE bytes for the byte-level tests (test_sse.py, test_protocols.py) ------------------------------------
+
+
+def chunk(model: str = "m", content: str = "hi", **extra: Any) -> dict[str, Any]:
+    """An OpenAI chat.completion.chunk object (OpenAI key order: model before choices)."""
+    return {
+        "id": "chatcmpl-1",
+        "object": "chat.completion.chunk",
+        "created": 1700000000,
+        "model": model,
+        "choices": [{"index": 0, "delta": {"content": content}, "finish_reason": None}],
+        **extra,
+    }
+
+
+def data(obj: Any, *, sep: bytes = b"\n\n") -> bytes:
+    """`obj` as one SSE `data:` event."""
+    return b"data: " + orjson.dumps(obj) + sep

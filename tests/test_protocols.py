@@ -25,24 +25,7 @@ from manaproxy.protocols import (
 )
 from manaproxy.sse import data_json
 
-from .fakes import typed_events
-
-
-def chunk(model: str = "m", content: str = "hi", **extra: Any) -> dict[str, Any]:
-    """An OpenAI chat.completion.chunk object."""
-    return {
-        "id": "chatcmpl-1",
-        "object": "chat.completion.chunk",
-        "created": 1700000000,
-        "model": model,
-        "choices": [{"index": 0, "delta": {"content": content}, "finish_reason": None}],
-        **extra,
-    }
-
-
-def data(obj: Any, *, sep: bytes = b"\n\n") -> bytes:
-    return b"data: " + orjson.dumps(obj) + sep
-
+from .fakes import chunk, data, typed_events
 
 # -- an answer's errors and usage ----------------------------------------------------------------
 

@@ -18,26 +18,10 @@ from manaproxy import sse
 from manaproxy.protocols import DONE_EVENT
 from manaproxy.sse import EventBuffer, ModelRewriter, data_json, is_data_event
 
-from .fakes import stream_bytes
+from .fakes import chunk, data, stream_bytes
 from .helpers import CHAT, chat
 
 RESOLVED = "groq/llama-3.3-70b-versatile"
-
-
-def chunk(model: str = "m", content: str = "hi", **extra: Any) -> dict[str, Any]:
-    """An OpenAI chat.completion.chunk object (OpenAI key order: model before choices)."""
-    return {
-        "id": "chatcmpl-1",
-        "object": "chat.completion.chunk",
-        "created": 1700000000,
-        "model": model,
-        "choices": [{"index": 0, "delta": {"content": content}, "finish_reason": None}],
-        **extra,
-    }
-
-
-def data(obj: Any, *, sep: bytes = b"\n\n") -> bytes:
-    return b"data: " + orjson.dumps(obj) + sep
 
 
 def events_of(line_end: bytes) -> list[bytes]:

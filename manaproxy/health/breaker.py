@@ -46,6 +46,7 @@ class Breaker:
         "probe_at",
         "probe_delay",
         "rate_limited_until",
+        "since",
         "trial",
         "trial_in_flight",
         "unhealthy_until",
@@ -62,6 +63,7 @@ class Breaker:
         self.last_check: float | None = None  # monotonic
         self.probe_delay = FIRST_PROBE_DELAY  # from (re)opening to the next recovery probe
         self.probe_at = 0.0  # monotonic time of the next recovery probe while not closed
+        self.since: float | None = None  # monotonic: it last opened, closed or began a rate-limit window
 
     def __repr__(self) -> str:
         state = "healthy" if self.healthy else "unhealthy"
@@ -115,7 +117,7 @@ class Breaker:
         """A real request got its answer: closes the breaker whatever its state. True if it was open."""
         self.last_check = now
         self.probe_delay = FIRST_PROBE_DELAY
-        return self._close()
+        return self._close(now)
 
     def probe_succeeded(self, now: float, backoff: float) -> bool:
         """A probe succeeded: closes a breaker that is not closed. True if it closed it."""
@@ -124,13 +126,15 @@ class Breaker:
             # `/models` answering says nothing of the completions that failed: the count stands.
             return False
         self.probe_delay = min(self.probe_delay * 2, backoff)  # until a real request succeeds
-        return self._close()
+        return self._close(now)
 
-    def _close(self) -> bool:
+    def _close(self, now: float) -> bool:
         self.consecutive_failures = 0
         self.unhealthy_until = 0.0
         self.trial_in_flight = False  # decided (a streamed trial may run on; it holds no claim)
         recovered = not self.healthy
+        if recovered:
+            self.since = now
         self.healthy = True
         return recovered
 
@@ -155,6 +159,7 @@ class Breaker:
             return None
         self._open(now, backoff)
         self.healthy = False
+        self.since = now
         return OPENED
 
     def _open(self, now: float, backoff: float) -> None:
@@ -165,6 +170,8 @@ class Breaker:
         """A 429 with Retry-After: out for that long, without counting as an outage."""
         self.last_check = now
         self.last_error = error
+        if self.rate_limited_until <= now and self.healthy:
+            self.since = now
         self.rate_limited_until = max(self.rate_limited_until, now + seconds)
 
     def noted(self, now: float, error: str) -> None:

@@ -1,4 +1,4 @@
-"""The `manaproxy` command: `serve` and `check`.
+"""The `manaproxy` command: `serve`, `check` and `status` (`statuscli.py`).
 
 Signals only schedule work: SIGHUP sets off a reload task (`reload.Reloader.schedule`), SIGTERM/SIGINT set the stop event;
 the reload and the drain run in the event loop and log there. systemd hears about each phase through
@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 from aiohttp import web
 
-from . import __version__
+from . import __version__, statuscli
 from .app import create_app
 from .auth import parse_keys
 from .config import ConfigError, load_config
@@ -127,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=None, help=f"port (default $PORT or {DEFAULT_PORT})")
     check = commands.add_parser("check", help="validate a config file and exit (like nginx -t)")
     check.add_argument("--config", default=DEFAULT_CONFIG, help=f"aliases file (default {DEFAULT_CONFIG})")
+    statuscli.add_parser(commands, f"http://{DEFAULT_HOST}:{os.environ.get('PORT') or DEFAULT_PORT}")
     return parser
 
 
@@ -134,6 +135,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "check":
         return check(args.config)
+    if args.command == "status":
+        return statuscli.main(args)
     setup_logging(os.environ.get("LOG_LEVEL"))
     port = args.port if args.port is not None else _default_port()
     try:

@@ -30,7 +30,7 @@ from .failures import RecentFailures
 
 logger = logging.getLogger(__name__)
 
-QUEUE_EVENTS = 256  # events waiting for one stream; past it the stream is dropped
+QUEUE_EVENTS = 1024  # events waiting for one stream; past it the stream is dropped
 HEARTBEAT_SECONDS = 15.0
 RETRY_AFTER_SECONDS = 10  # a stream refused for the client limit: when to try again
 _STREAM_HEADERS = {
@@ -143,15 +143,19 @@ async def event_stream(request: web.Request) -> web.StreamResponse:
     try:
         await response.prepare(request)
         await response.write(b"retry: 2000\n: manaproxy events\n\n")
+        queue = subscriber.queue
         while True:
             try:
                 async with asyncio.timeout(HEARTBEAT_SECONDS):
-                    event = await subscriber.queue.get()
+                    batch = [await queue.get()]
             except TimeoutError:
-                event = b": keep-alive\n\n"
-            if event is None:
+                batch = [b": keep-alive\n\n"]
+            while batch[-1] is not None and not queue.empty():  # what arrived meanwhile goes in one write
+                batch.append(queue.get_nowait())
+            if len(batch) > 1 or batch[0] is not None:
+                await response.write(b"".join(event for event in batch if event is not None))
+            if batch[-1] is None:
                 break
-            await response.write(event)
         return response
     except ConnectionError:  # dropped, or the client went away mid-write
         return response

@@ -564,3 +564,38 @@ def test_reconfigure_with_configs_resets_a_provider_whose_upstream_changed(clock
     assert tracker.skip_reason(moved) is None  # pointed elsewhere: tried now
     assert tracker.skip_reason(provider("b")) == "unhealthy"  # same upstream: state kept
     assert heard == [("a", False), ("b", False), ("a", True)]
+
+
+def test_since_is_when_the_present_status_began(tracker: HealthTracker, clock: FakeClock) -> None:
+    """`since_unix` in `/v1/health`: null while healthy from the start, then when the breaker opened, when it
+    closed, when a rate-limit window began and when it ended."""
+
+    def since(model: str | None = None) -> float | None:
+        view = snapshot(tracker, [provider("a")])["a"]
+        item = view if model is None else view["models"][model]  # type: ignore[index]
+        return item["since_unix"]  # type: ignore[index, return-value]
+
+    assert since() is None
+    clock.advance(5)
+    for _ in range(SETTINGS.failure_threshold):
+        tracker.failed("a", "boom")
+    assert since() == clock.wall()
+    opened = clock.wall()
+    clock.advance(2)
+    tracker.failed("a", "boom")  # still open: no new status
+    assert since() == opened
+    clock.advance(3)
+    tracker.succeeded("a")
+    assert since() == clock.wall()
+
+    with tracker.attempt(provider("a"), "m1") as slot:
+        slot.succeeded()
+    clock.advance(1)
+    tracker.rate_limited("a", 10, "HTTP 429", model="m1")
+    limited = clock.wall()
+    assert since("m1") == limited
+    clock.advance(4)
+    tracker.rate_limited("a", 10, "HTTP 429", model="m1")  # the same window, stretched: the same status
+    assert since("m1") == limited
+    clock.advance(20)
+    assert since("m1") == limited + 14  # healthy again since the window ended

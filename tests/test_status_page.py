@@ -248,3 +248,19 @@ async def test_with_auth_on_no_data_until_a_key_and_the_key_never_in_a_url(
     assert [url for url in urls if KEY in url] == []
     assert KEY not in await page.js("return location.href")
     await check_clean(page)
+
+
+@pytest.mark.timeout(60)
+async def test_the_page_says_when_it_lost_contact(browser: Any, make_upstream: Any, make_proxy: Any) -> None:
+    _, _, proxy = await incident_proxy(make_upstream, make_proxy)
+    page = Page(browser, proxy)
+    await page.open(width=1280, height=1000)
+    await page.until("document.querySelector('[data-alias]')", what="the page's data")
+    assert await page.js("return document.querySelector('#lost').hidden")
+    await proxy.client.server.close()  # manaproxy gone
+    banner = await page.until(
+        "!document.querySelector('#lost').hidden && document.querySelector('#lost').textContent", what="the banner"
+    )
+    assert banner.startswith("Lost contact with manaproxy since ")
+    assert await page.status_of("#overall") == "unknown"
+    assert await page.js("return document.querySelectorAll('[data-alias]').length") == 4  # the last picture stays

@@ -23,6 +23,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from ..drain import shutting_down
 from ..errors import ProxyError
 from ..gateway import GATEWAY, Gateway
 from ..reload import Reloader
@@ -132,6 +133,8 @@ async def event_stream(request: web.Request) -> web.StreamResponse:
     hub = request.app[EVENTS]
     transport = request.transport if isinstance(request.transport, asyncio.Transport) else None
     subscriber = hub.subscribe(server.max_event_clients, transport)
+    if subscriber is None and hub.closed:
+        raise shutting_down()
     if subscriber is None:
         raise ProxyError(
             503,

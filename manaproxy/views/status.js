@@ -197,7 +197,7 @@
     }
     const reload = health.reloads[0];
     if (reload && reload.result !== 'success') {
-      line('failure', 'reload rejected', el('span', {class: 'dim'}, clock(reload.time_unix) + ', the previous config serves'),
+      line('failure', 'last reload', el('span', {class: 'dim'}, clock(reload.time_unix) + ', the previous config serves'),
         el('span', {class: 'mono error'}, reload.error || ''));
     }
     const recent = failures.failures.filter((f) => Date.now() / 1000 - f.time_unix < 300).length;

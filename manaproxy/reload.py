@@ -38,7 +38,6 @@ class ReloadOutcome:
 
     time_unix: float
     result: str  # SUCCESS or FAILURE
-    source: str  # the file that was read
     error: str | None = None  # the rejection's place and reason, keys redacted (as its log line)
 
 
@@ -76,7 +75,7 @@ class Reloader:
             result = SUCCESS
         if error is not None:
             error = self.gateway.redactor.line(error, limit=500)
-        self.recent.append(ReloadOutcome(time.time(), result, str(path), error))
+        self.recent.append(ReloadOutcome(time.time(), result, error))
         for listener in self.listeners:
             try:
                 listener(result)

@@ -7,6 +7,7 @@ startup, under typed `AppKey`s; a reload swaps `Gateway.runtime`, never an app k
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator, Sequence
 
 import aiohttp
@@ -25,7 +26,7 @@ from .metrics import instrument
 from .reload import RELOADER, Reloader
 from .reqlog import log_request
 from .requestid import echo_request_id, request_id_middleware
-from .views import catalog
+from .views import catalog, events, failures, status
 from .views import health as health_views
 
 logger = logging.getLogger(__name__)
@@ -82,6 +83,10 @@ def create_app(
     reloader = Reloader(gateway)
     metrics = instrument(gateway, reloader, registry)
     gateway.observers.append(log_request)
+    recent_failures = failures.RecentFailures()
+    gateway.observers.append(recent_failures.observe)
+    event_hub = events.EventHub()
+    events.connect(event_hub, gateway, reloader, recent_failures)
 
     origins = frozenset(cors_origins)
     middlewares: list[Middleware] = [metrics.middleware, request_id_middleware, error_middleware]
@@ -95,6 +100,10 @@ def create_app(
     app[GATEWAY] = gateway
     app[RELOADER] = reloader
     app[catalog.MODELS_CACHE] = catalog.ModelsCache()
+    app[failures.RECENT_FAILURES] = recent_failures
+    app[events.EVENTS] = event_hub
+    app[health_views.STARTED_UNIX] = time.time()
+    app.on_shutdown.append(event_hub.close)  # open streams must not hold the drain
     app.on_response_prepare.append(echo_request_id)
     app.on_response_prepare.append(say_nothing_of_us)
     if origins:
@@ -119,6 +128,9 @@ def create_app(
     app.router.add_get("/v1/models", catalog.list_models)
     app.router.add_get("/v1/models/{model:.+}", catalog.get_model)
     app.router.add_get("/v1/aliases", catalog.list_aliases)
+    app.router.add_get("/v1/failures", failures.list_failures)
+    app.router.add_get("/v1/events", events.event_stream)
+    app.router.add_get("/status", status.page_handler(auth=bool(api_keys)))
     for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/{path:.+}"):
         app.router.add_post(path, proxy.forward, expect_handler=_expect_later)
     app.router.add_route("*", "/v1/{path:.+}", proxy.other_method, expect_handler=_expect_later)

@@ -23,8 +23,9 @@ logger = logging.getLogger(__name__)
 # Which configured key let a request in, as `key#<index>` (never the key): the client, for fair shares.
 CLIENT = web.RequestKey("client", str)
 
-# Liveness and scraping stay open: load balancers and Prometheus carry no client key.
-OPEN_PATHS = frozenset({"/health", "/metrics"})
+# Liveness and scraping stay open: load balancers and Prometheus carry no client key. So does the status
+# page: it holds no data, and its script sends the key it asks for with each request for data.
+OPEN_PATHS = frozenset({"/health", "/metrics", "/status"})
 
 
 def parse_keys(value: str | None) -> tuple[bytes, ...]:

@@ -1,6 +1,6 @@
-"""The `manaproxy` command: `serve` and `check`.
+"""The `manaproxy` command: `serve`, `check` and `status` (`statuscli.py`).
 
-Both read an env file first (`--env-file PATH`, else `./.env` when present, as mana-llm did) into the process
+`serve` and `check` read an env file first (`--env-file PATH`, else `./.env` when present, as mana-llm did) into the process
 environment, where variables already set win; what the file held is never logged or printed, only its names.
 
 Signals only schedule work: SIGHUP sets off a reload task (`reload.Reloader.schedule`), SIGTERM/SIGINT set the stop event;
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from . import __version__
+from . import __version__, statuscli
 from .app import create_app
 from .auth import parse_keys
 from .config import BUILTIN_PROVIDERS, Config, ConfigError, load_config
@@ -140,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"KEY=VALUE file read into the environment (default {DEFAULT_ENV_FILE} when present); "
             "variables already set win",
         )
+    statuscli.add_parser(commands, f"http://{DEFAULT_HOST}:{os.environ.get('PORT') or DEFAULT_PORT}")
     return parser
 
 
@@ -156,6 +157,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "check":
         return check(args.config, args.env_file)
+    if args.command == "status":
+        return statuscli.main(args)
     try:
         env_file = load_env_file(args.env_file)  # before logging and the port: LOG_LEVEL and PORT may be in it
     except DotenvError as exc:

@@ -208,6 +208,8 @@ class ServerSettings:
     max_held_answer_bytes: int = 256 * 1024 * 1024  # answer bytes waiting for clients that do not read
     # Client connections open at once; None: from the open-files limit (server.default_max_connections).
     max_connections: int | None = None
+    status_page: bool = True  # `GET /status` and its live stream `GET /v1/events`
+    max_event_clients: int = 16  # `GET /v1/events` streams open at once
 
 
 # Server settings aiohttp takes once, when it starts listening: a reload cannot change them.
@@ -563,7 +565,11 @@ class _Parser:
         spec = self.mapping(raw, "server", fields)
         values: dict[str, Any] = {}
         for key, value in spec.items():
-            if ServerSettings.__dataclass_fields__[key].type in ("int", "int | None"):  # sizes and counts
+            if ServerSettings.__dataclass_fields__[key].type == "bool":
+                if not isinstance(value, bool):
+                    raise self.fail(f"server.{key}", f"expected true or false, got {value!r}"[:200])
+                values[key] = value
+            elif ServerSettings.__dataclass_fields__[key].type in ("int", "int | None"):  # sizes and counts
                 values[key] = int(self.number(value, f"server.{key}", minimum=1, integer=True))
             elif key.endswith("_timeout_seconds"):
                 values[key] = float(self.number(value, f"server.{key}", minimum=0.001))

@@ -80,6 +80,7 @@ async def forward(request: web.Request) -> web.StreamResponse:
         request_id=request[REQUEST_ID],
         endpoint=request.match_info.route.resource.canonical if request.match_info.route.resource else request.path,
         started=perf_counter(),
+        client=request.get(CLIENT),
     )
     drain = gateway.drain
     guard = drain.guard()

@@ -89,6 +89,7 @@ class RequestRecord:
     alias: str | None = None  # configured alias used, if any
     target: Target | None = None  # what answered (or relayed the caller's error)
     requested_provider: str | None = None  # configured provider named by the request (for error labels)
+    client: str | None = None  # the client key's name (`key#<i>`) when auth is on; never the key
     streaming: bool = False
     status: int = 0
     attempts: list[Attempt] = field(default_factory=list)

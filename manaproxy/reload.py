@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from aiohttp import web
 
@@ -26,6 +28,18 @@ FAILURE = "failure"
 
 ReloadListener = Callable[[str], None]
 
+# How many reload outcomes `Reloader.recent` keeps (the status page and `/v1/health` show them).
+RECENT_RELOADS = 10
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadOutcome:
+    """One reload attempt, for people: when, how it went, and why a rejected one was rejected."""
+
+    time_unix: float
+    result: str  # SUCCESS or FAILURE
+    error: str | None = None  # the rejection's place and reason, keys redacted (as its log line)
+
 
 class Reloader:
     """Reloads the gateway's config from disk and tells its listeners how it went."""
@@ -34,6 +48,7 @@ class Reloader:
         self.gateway = gateway
         # Called with SUCCESS or FAILURE after each attempt (metrics count them; probes start a round).
         self.listeners: list[ReloadListener] = []
+        self.recent: deque[ReloadOutcome] = deque(maxlen=RECENT_RELOADS)  # oldest first
         self._tasks: set[asyncio.Task[None]] = set()
 
     def __repr__(self) -> str:
@@ -41,22 +56,26 @@ class Reloader:
 
     def reload(self, path: str) -> bool:
         """Re-read `path`; swap it in if valid, else keep the current config. Never raises."""
+        error = None
         try:
             config = load_config(path)
             before = self.gateway.config.server
             self.gateway.apply(config)
         except ConfigError as exc:
             logger.error("reload rejected, keeping the previous config: %s", exc)
-            result = FAILURE
-        except Exception:
+            result, error = FAILURE, str(exc)
+        except Exception as exc:
             logger.exception("reload failed, keeping the previous config")
-            result = FAILURE
+            result, error = FAILURE, f"internal error: {type(exc).__name__}"
         else:
             logger.info("reloaded %s", config.summary())
             for name in RESTART_ONLY_SETTINGS:
                 if getattr(before, name) != getattr(config.server, name):
                     logger.warning("server.%s changed: it takes effect at the next restart", name)
             result = SUCCESS
+        if error is not None:
+            error = self.gateway.redactor.line(error, limit=500)
+        self.recent.append(ReloadOutcome(time.time(), result, error))
         for listener in self.listeners:
             try:
                 listener(result)

@@ -39,7 +39,7 @@ LAYERS: list[set[str]] = [
     {"proxy"},  # the request path
     {"views"},  # the read-only HTTP surface
     {"metrics", "reqlog"},  # the metrics middleware and recorder, the request log
-    {"app", "server", "cli", "__main__"},  # wiring and the command
+    {"app", "server", "cli", "statuscli", "__main__"},  # wiring and the command
 ]
 
 

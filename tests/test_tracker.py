@@ -669,3 +669,38 @@ def test_the_last_http_failure_of_a_kind_is_kept_for_the_lone_entry_answer(track
     assert last is not None
     assert (last.status, last.error) == (500, {"message": "model crashed"})
     assert tracker.last_failure("a", "m", "embeddings") is None
+
+
+def test_since_is_when_the_present_status_began(tracker: HealthTracker, clock: FakeClock) -> None:
+    """`since_unix` in `/v1/health`: null while healthy from the start, then when the breaker opened, when it
+    closed, when a rate-limit window began and when it ended."""
+
+    def since(model: str | None = None) -> float | None:
+        view = snapshot(tracker, [provider("a")])["a"]
+        item = view if model is None else view["models"][model]  # type: ignore[index]
+        return item["since_unix"]  # type: ignore[index, return-value]
+
+    assert since() is None
+    clock.advance(5)
+    for _ in range(SETTINGS.failure_threshold):
+        tracker.failed("a", "boom")
+    assert since() == clock.wall()
+    opened = clock.wall()
+    clock.advance(2)
+    tracker.failed("a", "boom")  # still open: no new status
+    assert since() == opened
+    clock.advance(3)
+    tracker.succeeded("a")
+    assert since() == clock.wall()
+
+    with tracker.attempt(provider("a"), "m1") as slot:
+        slot.succeeded()
+    clock.advance(1)
+    tracker.rate_limited("a", 10, "HTTP 429", model="m1")
+    limited = clock.wall()
+    assert since("m1") == limited
+    clock.advance(4)
+    tracker.rate_limited("a", 10, "HTTP 429", model="m1")  # the same window, stretched: the same status
+    assert since("m1") == limited
+    clock.advance(20)
+    assert since("m1") == limited + 14  # healthy again since the window ended

@@ -58,6 +58,7 @@ class Breaker:
         "probe_delay",
         "rate_limit_delay",
         "rate_limited_until",
+        "since",
         "trial",
         "trial_in_flight",
         "trials",
@@ -78,6 +79,7 @@ class Breaker:
         self.probe_delay = FIRST_PROBE_DELAY  # from (re)opening to the next recovery probe
         self.probe_at = 0.0  # monotonic time of the next recovery probe while not closed
         self.rate_limit_delay = FIRST_RATE_LIMIT_DELAY  # how long the next 429 without a hint keeps it out
+        self.since: float | None = None  # monotonic: it last opened, closed or began a rate-limit window
 
     def __repr__(self) -> str:
         state = "healthy" if self.healthy else "unhealthy"
@@ -146,7 +148,7 @@ class Breaker:
         self.last_check = now
         self.probe_delay = FIRST_PROBE_DELAY
         self.rate_limit_delay = FIRST_RATE_LIMIT_DELAY
-        return self._close()
+        return self._close(now)
 
     def probe_succeeded(self, now: float, backoff: float) -> bool:
         """A probe succeeded: closes a breaker that is not closed. True if it closed it."""
@@ -155,13 +157,15 @@ class Breaker:
             # `/models` answering says nothing of the completions that failed: the count stands.
             return False
         self.probe_delay = min(self.probe_delay * 2, backoff)  # until a real request succeeds
-        return self._close()
+        return self._close(now)
 
-    def _close(self) -> bool:
+    def _close(self, now: float) -> bool:
         self.consecutive_failures = 0
         self.unhealthy_until = 0.0
         self.trial_in_flight = False  # decided (a streamed trial may run on; it holds no claim)
         recovered = not self.healthy
+        if recovered:
+            self.since = now
         self.healthy = True
         return recovered
 
@@ -187,6 +191,7 @@ class Breaker:
             return None
         self._open(now, backoff)
         self.healthy = False
+        self.since = now
         return OPENED
 
     def _open(self, now: float, backoff: float) -> None:
@@ -198,6 +203,8 @@ class Breaker:
         counted as an outage."""
         self.last_check = now
         self.last_error = error
+        if self.rate_limited_until <= now and self.healthy:
+            self.since = now
         if seconds is None:
             seconds = self.rate_limit_delay
             self.rate_limit_delay = min(self.rate_limit_delay * 2, MAX_RATE_LIMIT_DELAY)

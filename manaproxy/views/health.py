@@ -1,12 +1,14 @@
 """`GET /health` (liveness, for load balancers) and `GET /v1/health` (per-provider detail, for people on call).
 
 Rule of this module: read-only. It shows the tracker's state and never a secret: `last_error` went
-through the redactor when it was recorded.
+through the redactor when it was recorded, and so did a rejected reload's error.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
+from typing import Any
 
 from aiohttp import web
 
@@ -14,7 +16,11 @@ from .. import __version__
 from ..config import ProviderConfig
 from ..gateway import GATEWAY
 from ..health import RATE_LIMITED, UNCONFIGURED, Breaker, HealthTracker
+from ..reload import RELOADER
 from .json import json_response
+
+# When the application was made (`create_app`): the process's uptime in `/v1/health`.
+STARTED_UNIX = web.AppKey("started_unix", float)
 
 
 def _breaker_view(tracker: HealthTracker, breaker: Breaker, now: float) -> dict[str, object]:
@@ -25,9 +31,13 @@ def _breaker_view(tracker: HealthTracker, breaker: Breaker, now: float) -> dict[
         status = RATE_LIMITED
     else:
         status = "healthy"
+    since = breaker.since
+    if status == "healthy" and breaker.rate_limited_until > (since or 0.0):
+        since = breaker.rate_limited_until  # healthy again since its rate-limit window ended
     return {
         "status": status,
         "breaker": breaker.state(now),
+        "since_unix": None if since is None else round(tracker.unix(since, now), 3),
         "consecutive_failures": breaker.consecutive_failures,
         "last_error": breaker.last_error,
         "last_check_unix": None if breaker.last_check is None else round(tracker.unix(breaker.last_check, now), 3),
@@ -100,7 +110,30 @@ async def liveness(request: web.Request) -> web.Response:
     return json_response({"status": status, "service": SERVICE, "version": __version__, "providers": providers})
 
 
+def process_view(request: web.Request) -> dict[str, Any]:
+    """The process: version, uptime, the config file serving now and when it was loaded."""
+    config = request.app[GATEWAY].config
+    started = request.app[STARTED_UNIX]
+    return {
+        "version": __version__,
+        "started_unix": round(started, 3),
+        "uptime_seconds": round(time.time() - started, 1),
+        "config": config.source,
+        "config_loaded_unix": config.loaded_unix,
+    }
+
+
+def reloads_view(request: web.Request) -> list[dict[str, Any]]:
+    """The last reloads, newest first: when, `success` or `failure`, and a rejected one's error."""
+    return [
+        {"time_unix": round(outcome.time_unix, 3), "result": outcome.result, "error": outcome.error}
+        for outcome in reversed(request.app[RELOADER].recent)
+    ]
+
+
 async def health_detail(request: web.Request) -> web.Response:
-    """`GET /v1/health`: every provider's breaker, last error, in-flight count …"""
+    """`GET /v1/health`: every provider's breaker, last error, in-flight count …; the process and its reloads."""
     status, view = _current(request)
-    return json_response({"status": status, "providers": view})
+    return json_response(
+        {"status": status, "providers": view, "process": process_view(request), "reloads": reloads_view(request)}
+    )

@@ -98,6 +98,7 @@ class RequestRecord:
     duration: float = 0.0
     upstream_wait: float = 0.0  # seconds spent waiting on upstreams
     client_wait: float = 0.0  # seconds spent reading the client's body and writing to a slow client
+    client: str = "anonymous"  # the client's name (`auth.Identity`; never a key)
 
     @property
     def overhead(self) -> float:

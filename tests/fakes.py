@@ -736,3 +736,31 @@ def tool_call_chunks(model: str, name: str, arguments: str, call_id: str = "call
     chunks = [{**head, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]} for delta in deltas]
     chunks.append({**head, "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]})
     return chunks
+
+
+def usage_stream(model: str, words: Iterable[str], *, usage: tuple[int, int] = (9, 4)) -> Behavior:
+    """A stream as OpenAI sends it: with `stream_options: {"include_usage": true}` in the request, every chunk
+    carries `"usage":null` and a last chunk (`"choices":[]`) the usage; without it, no usage at all."""
+    words = list(words)
+
+    async def behave(request: web.Request, recorded: Recorded) -> web.StreamResponse:
+        options = recorded.json.get("stream_options") if isinstance(recorded.json, dict) else None
+        asked = isinstance(options, dict) and options.get("include_usage") is True
+        chunks = chat_chunks(model, words, usage=usage if asked else None)
+        if asked:
+            chunks = [chunk if chunk.get("choices") == [] else {**chunk, "usage": None} for chunk in chunks]
+        return await sse_reply(chunks)(request, recorded)
+
+    return behave
+
+
+def refuses_stream_options(then: Behavior) -> Behavior:
+    """A server that does not know `stream_options`: 400 naming it when the request has it, else `then`."""
+
+    async def behave(request: web.Request, recorded: Recorded) -> web.StreamResponse:
+        if isinstance(recorded.json, dict) and "stream_options" in recorded.json:
+            body = error_body("Unrecognized request argument supplied: stream_options")
+            return web.json_response(body, status=400)
+        return await then(request, recorded)
+
+    return behave

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import re
 
-import orjson
-
 from ..sse import data_json
 
 _BOUNDARY = re.compile(rb"\r\n\r\n|\n\n|\r\r")
@@ -31,17 +29,6 @@ def may_inject(stream_options: bytes) -> bool:
     """Whether a request whose `stream_options` member is `stream_options` (raw JSON; b"" when absent) may be
     sent with `include_usage` added: only when it has none (one it has is the client's, as it is)."""
     return not stream_options
-
-
-def asked_usage(stream_options: bytes) -> bool:
-    """Whether the client's own `stream_options` asks for usage (`{"include_usage": true}`)."""
-    if not stream_options:
-        return False
-    try:
-        options = orjson.loads(stream_options)
-    except orjson.JSONDecodeError:
-        return False
-    return isinstance(options, dict) and options.get("include_usage") is True
 
 
 class UsageStripper:

@@ -18,12 +18,13 @@ Lua script does in one round trip, behind the same `LimitBackend` interface (`li
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import NamedTuple, Protocol
 
 from aiohttp import web
 
@@ -45,14 +46,15 @@ class Rule:
     kind: str  # REQUESTS or TOKENS: the 429's `type`, and which x-ratelimit-* trio shows it
     limit: int
     period: float
+    interval: float = field(init=False)  # seconds per request (or token): GCRA's emission interval
 
-    @property
-    def interval(self) -> float:
-        return self.period / self.limit
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "interval", self.period / self.limit)
 
 
+@functools.lru_cache(maxsize=4096)
 def rules_of(client: ClientSpec) -> tuple[Rule, ...]:
-    """The client's limits as rules (none when it has no limit)."""
+    """The client's limits as rules (none when it has no limit); made once per client of a config."""
     rules = []
     if client.requests_per_minute is not None:
         rules.append(Rule("requests_per_minute", REQUESTS, client.requests_per_minute, 60.0))
@@ -63,8 +65,12 @@ def rules_of(client: ClientSpec) -> tuple[Rule, ...]:
     return tuple(rules)
 
 
-@dataclass(frozen=True, slots=True)
-class Window:
+@functools.lru_cache(maxsize=4096)
+def token_rules_of(client: ClientSpec) -> tuple[Rule, ...]:
+    return tuple(rule for rule in rules_of(client) if rule.kind == TOKENS)
+
+
+class Window(NamedTuple):  # a tuple: several are made per request (a frozen dataclass costs 4x more)
     """One rule after a check: what is left, when it is whole again, and (refused) when to retry."""
 
     rule: Rule
@@ -73,8 +79,9 @@ class Window:
     retry_after: float = 0.0  # > 0: this rule refused the request; seconds until it has room for one
 
 
-@dataclass(frozen=True, slots=True)
-class Verdict:
+class Verdict(NamedTuple):
+    """Whether a request may pass, and each of its client's rules after the check."""
+
     allowed: bool
     windows: tuple[Window, ...]
 
@@ -95,32 +102,26 @@ def gcra(
     added to the token rules, always "allowed" (an answer already given is never taken back).
     Returns the new tats (unchanged when refused) and the verdict.
     """
-    bases = [max(tat, now) for tat in tats]
+    bases = [tat if tat > now else now for tat in tats]
     allowed = True
     waits = [0.0] * len(rules)
     if requests > 0:
         for index, rule in enumerate(rules):
             need = requests if rule.kind == REQUESTS else 1
-            left = (now + rule.period - bases[index]) / rule.interval + _EPSILON
-            if left < need:
+            if (now + rule.period - bases[index]) / rule.interval + _EPSILON < need:
                 allowed = False
                 waits[index] = max(bases[index] + need * rule.interval - rule.period - now, _EPSILON)
     new = list(tats)
-    if allowed:
-        for index, rule in enumerate(rules):
+    windows = []
+    for index, rule in enumerate(rules):
+        base = bases[index]
+        if allowed:
             cost = requests if rule.kind == REQUESTS else tokens
             if cost:
-                new[index] = bases[index] = bases[index] + cost * rule.interval
-    windows = tuple(
-        Window(
-            rule,
-            remaining=max(0, math.floor((now + rule.period - bases[index]) / rule.interval + _EPSILON)),
-            reset=max(0.0, bases[index] - now),
-            retry_after=waits[index],
-        )
-        for index, rule in enumerate(rules)
-    )
-    return new, Verdict(allowed, windows)
+                new[index] = base = base + cost * rule.interval
+        left = math.floor((now + rule.period - base) / rule.interval + _EPSILON)
+        windows.append(Window(rule, left if left > 0 else 0, base - now, waits[index]))
+    return new, Verdict(allowed, tuple(windows))
 
 
 class LimitBackend(Protocol):
@@ -145,6 +146,14 @@ class MemoryBackend:
 
     async def take(self, client: str, rules: Sequence[Rule], *, requests: int, tokens: int) -> Verdict:
         return self.take_now(client, rules, requests=requests, tokens=tokens)
+
+    def count_tokens(self, client: str, rules: Sequence[Rule], tokens: int) -> None:
+        """`take(requests=0)` without a verdict: the tokens of an answer given (`gcra`'s count after the fact)."""
+        stored = self._tats
+        now = self._clock()
+        for rule in rules:
+            key = (client, rule.name)
+            stored[key] = max(stored.get(key, 0.0), now) + tokens * rule.interval
 
     def take_now(self, client: str, rules: Sequence[Rule], *, requests: int, tokens: int) -> Verdict:
         """`take` without the await (the memory backend never waits)."""
@@ -283,12 +292,12 @@ class Limiter:
     def spend(self, client: ClientSpec, tokens: int) -> None:
         """Count `tokens` of an answer given to `client` against its token limits (in the background: the
         answer is over, nothing waits on it)."""
-        rules = tuple(rule for rule in rules_of(client) if rule.kind == TOKENS)
+        rules = token_rules_of(client)
         if not rules or tokens <= 0:
             return
         backend = self.backend
         if isinstance(backend, MemoryBackend):  # no I/O: counted now, before the next request can look
-            backend.take_now(client.name, rules, requests=0, tokens=tokens)
+            backend.count_tokens(client.name, rules, tokens)
             return
         task = asyncio.get_running_loop().create_task(self._spend(client.name, rules, tokens))
         self._tasks.add(task)

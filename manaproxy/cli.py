@@ -213,6 +213,9 @@ async def serve(config_path: str, host: str, port: int) -> int:
         logger.warning("no client keys (MANAPROXY_API_KEYS unset, no clients: in the config): authentication is OFF")
     else:
         logger.info("clients: %s", ", ".join(clients.clients))
+        for client in clients.clients.values():
+            if not client.keys:
+                logger.warning("%s has no key (empty after expansion): it cannot authenticate", client.where)
     reloader = app[RELOADER]
     gateway = app[GATEWAY]
     runner = Runner(app)

@@ -42,14 +42,18 @@ class Identity:
     name: str  # the client's name; `anonymous` with auth off (a metric label, a log value)
     client: ClientSpec | None  # its allow-list and limits; None with auth off
     share: str  # whose share of the in-flight body budget it draws on: the client, or with auth off its address
+    # Its key in the `hedge_after: auto` latency sample (a salted hash of the name); None with auth off, where
+    # anyone may send anything and no identity can be trusted to be one client.
+    sample_key: bytes | None = None
 
-    @property
-    def sample_key(self) -> bytes | None:
-        """Its key in the `hedge_after: auto` latency sample (a salted hash of the name); None with auth off,
-        where anyone may send anything and no identity can be trusted to be one client."""
-        if self.client is None:
-            return None
-        return hashlib.blake2b(self.name.encode(), digest_size=16, key=_SAMPLE_SALT).digest()
+    @classmethod
+    def of_client(cls, client: ClientSpec) -> Identity:
+        sample_key = hashlib.blake2b(client.name.encode(), digest_size=16, key=_SAMPLE_SALT).digest()
+        return cls(client.name, client, client.name, sample_key)
+
+    @classmethod
+    def anonymous(cls, request: web.Request) -> Identity:
+        return cls(ANONYMOUS, None, request.remote or "-")
 
 
 IDENTITY = web.RequestKey("identity", Identity)
@@ -60,9 +64,7 @@ CLIENT = web.RequestKey("client", str)
 def identity_of(request: web.Request) -> Identity:
     """The request's identity; one with auth off for a request the middleware did not see (an open path)."""
     identity = request.get(IDENTITY)
-    if identity is None:
-        identity = Identity(ANONYMOUS, None, request.remote or "-")
-    return identity
+    return identity if identity is not None else Identity.anonymous(request)
 
 
 def presented_keys(request: web.Request) -> list[bytes]:
@@ -87,14 +89,14 @@ def auth_middleware(current: Callable[[], ClientTable]) -> Middleware:
     async def check_key(request: web.Request, handler: Handler) -> web.StreamResponse:
         clients = current()
         if not clients.enabled:
-            request[IDENTITY] = Identity(ANONYMOUS, None, request.remote or "-")
+            request[IDENTITY] = Identity.anonymous(request)
             return await handler(request)
         if request.path in OPEN_PATHS or request.method == "OPTIONS":
             return await handler(request)
         presented = presented_keys(request)
         client = clients.identify(presented) if presented else None
         if client is not None:
-            request[IDENTITY] = Identity(client.name, client, client.name)
+            request[IDENTITY] = Identity.of_client(client)
             request[CLIENT] = client.name
             return await handler(request)
         if not presented:

@@ -27,7 +27,7 @@ from .config import ANONYMOUS, ClientSpec
 from .errors import ProxyError
 from .requestid import REQUEST_ID
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("manaproxy.auth")  # pinned: deploy/README.md documents it
 
 # Liveness and scraping stay open: load balancers and Prometheus carry no client key.
 OPEN_PATHS = frozenset({"/health", "/metrics"})

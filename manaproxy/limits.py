@@ -31,7 +31,7 @@ from aiohttp import web
 from .config import ClientSpec, LimitSettings
 from .errors import ProxyError
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("manaproxy.limits")  # pinned: deploy/README.md documents it
 
 REQUESTS = "requests"
 TOKENS = "tokens"

@@ -48,7 +48,7 @@ from ..sse import (
 from .base import Call, ListedModel, MidStreamFailure, Reply, UpstreamFailure, Usage, translate_errors
 from .streamusage import UsageStripper, may_inject
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("manaproxy.providers.openai")  # pinned: deploy/README.md documents it
 
 _ERROR_BODY_LIMIT = 1 << 20  # an error body is read (and decoded) this far at most
 _BOUNDARY = re.compile(rb"\r\n\r\n|\n\n|\r\r")  # the end of an SSE event, in any line ending

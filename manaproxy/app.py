@@ -18,10 +18,12 @@ from prometheus_client import CollectorRegistry
 
 from . import probe, proxy
 from .auth import auth_middleware
+from .clients import parse_env_clients
 from .config import Config
 from .cors import cors_headers, cors_middleware
 from .errors import error_middleware
 from .gateway import GATEWAY, Gateway
+from .limits import ratelimit_headers
 from .metrics import instrument
 from .reload import RELOADER, Reloader
 from .reqlog import log_request
@@ -76,10 +78,12 @@ def create_app(
     """Build the application for `config`.
 
     `session`: the upstream `ClientSession` (one is made, and closed on cleanup, when not given).
-    `api_keys`: client keys; empty means auth is off. `registry`: a prometheus `CollectorRegistry`
+    `api_keys`: the entries of `MANAPROXY_API_KEYS` (`name:key` or bare keys); with none, and no `clients:` in
+    the config, auth is off (`ConfigError` for a client declared in both places). `registry`: a prometheus `CollectorRegistry`
     for `/metrics` (None: a fresh one with the process metrics). `probes`: run the active health probes.
     """
-    gateway = Gateway.for_config(config)
+    env_clients = parse_env_clients([key.decode("utf-8", "surrogateescape") for key in api_keys])
+    gateway = Gateway.for_config(config, env_clients)
     reloader = Reloader(gateway)
     metrics = instrument(gateway, reloader, registry)
     gateway.observers.append(log_request)
@@ -92,8 +96,7 @@ def create_app(
     middlewares: list[Middleware] = [metrics.middleware, request_id_middleware, error_middleware]
     if origins:
         middlewares.append(cors_middleware(origins))
-    if api_keys:
-        middlewares.append(auth_middleware(tuple(api_keys)))
+    middlewares.append(auth_middleware(lambda: gateway.runtime.clients))  # off while no client is declared
 
     # The proxy enforces its own (reloadable) body limit while streaming the body in.
     app = web.Application(middlewares=middlewares, client_max_size=2**62)
@@ -106,6 +109,7 @@ def create_app(
     app.on_shutdown.append(event_hub.close)  # open streams must not hold the drain
     app.on_response_prepare.append(echo_request_id)
     app.on_response_prepare.append(say_nothing_of_us)
+    app.on_response_prepare.append(ratelimit_headers)
     if origins:
         app.on_response_prepare.append(cors_headers(origins))
 

@@ -1,38 +1,71 @@
 """Client authentication: `Authorization: Bearer <key>` (what the OpenAI SDKs send) or `X-API-Key`; a
-request is let in when any credential it offers is valid.
+request is let in when any credential it offers is a client's key, and is that client from then on.
 
-Keys come from `MANAPROXY_API_KEYS`; when it is unset, auth is off (and startup warns). Every key is
-compared in constant time, and all of them are always compared, so timing reveals nothing.
+The clients are the current runtime's `ClientTable` (`MANAPROXY_API_KEYS` and the config's `clients:`), read
+per request, so a reload adds, removes and rotates keys for the next request while those in flight keep who
+they are. No client declared anywhere: auth is off (startup warns) and every request is `anonymous`. Keys are
+found by digest and compared in constant time (`clients.py`), and never logged.
+
+Who a request is gets decided here, once, as an `Identity` (`IDENTITY`): its name for logs and metrics, its
+client's allow-list and limits, its share of the body budget and its key in the hedge latency sample.
 """
 
 from __future__ import annotations
 
-import hmac
+import hashlib
 import logging
-from collections.abc import Iterable
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from . import logfmt
+from .clients import ClientTable
+from .config import ANONYMOUS, ClientSpec
 from .errors import ProxyError
 from .requestid import REQUEST_ID
 
-logger = logging.getLogger(__name__)
-
-# Which configured key let a request in, as `key#<index>` (never the key): the client, for fair shares.
-CLIENT = web.RequestKey("client", str)
+logger = logging.getLogger("manaproxy.auth")  # pinned: deploy/README.md documents it
 
 # Liveness and scraping stay open: load balancers and Prometheus carry no client key. So does the status
 # page: it holds no data, and its script sends the key it asks for with each request for data.
 OPEN_PATHS = frozenset({"/health", "/metrics", "/status"})
 
+_SAMPLE_SALT = os.urandom(16)  # the sample key of a client cannot be matched outside this process
 
-def parse_keys(value: str | None) -> tuple[bytes, ...]:
-    """Comma-separated keys from the environment; blanks ignored."""
-    if not value:
-        return ()
-    return tuple(key.strip().encode() for key in value.split(",") if key.strip())
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who a request is (never a key)."""
+
+    name: str  # the client's name; `anonymous` with auth off (a metric label, a log value)
+    client: ClientSpec | None  # its allow-list and limits; None with auth off
+    share: str  # whose share of the in-flight body budget it draws on: the client, or with auth off its address
+    # Its key in the `hedge_after: auto` latency sample (a salted hash of the name); None with auth off, where
+    # anyone may send anything and no identity can be trusted to be one client.
+    sample_key: bytes | None = None
+
+    @classmethod
+    def of_client(cls, client: ClientSpec) -> Identity:
+        sample_key = hashlib.blake2b(client.name.encode(), digest_size=16, key=_SAMPLE_SALT).digest()
+        return cls(client.name, client, client.name, sample_key)
+
+    @classmethod
+    def anonymous(cls, request: web.Request) -> Identity:
+        return cls(ANONYMOUS, None, request.remote or "-")
+
+
+IDENTITY = web.RequestKey("identity", Identity)
+# The client's name, for what only needs who it is (the same as `IDENTITY.name`; set only with auth on).
+CLIENT = web.RequestKey("client", str)
+
+
+def identity_of(request: web.Request) -> Identity:
+    """The request's identity; one with auth off for a request the middleware did not see (an open path)."""
+    identity = request.get(IDENTITY)
+    return identity if identity is not None else Identity.anonymous(request)
 
 
 def presented_keys(request: web.Request) -> list[bytes]:
@@ -50,38 +83,27 @@ def presented_keys(request: web.Request) -> list[bytes]:
     return keys
 
 
-def key_matches(presented: bytes, keys: Iterable[bytes]) -> bool:
-    matched = False
-    for key in keys:
-        matched |= hmac.compare_digest(presented, key)
-    return matched
+def auth_middleware(current: Callable[[], ClientTable]) -> Middleware:
+    """The middleware; `current()` is the client table in force (the gateway's runtime's)."""
 
-
-def _key_name(presented: list[bytes], keys: tuple[bytes, ...]) -> str:
-    """`key#<i>` for the first configured key among `presented`, every pair compared (constant time)."""
-    found = -1
-    for index, key in enumerate(keys):
-        matched = False
-        for offered in presented:
-            matched |= hmac.compare_digest(offered, key)
-        if matched and found < 0:
-            found = index
-    return f"key#{found}"
-
-
-def auth_middleware(keys: tuple[bytes, ...]) -> Middleware:
     @web.middleware
     async def check_key(request: web.Request, handler: Handler) -> web.StreamResponse:
+        clients = current()
+        if not clients.enabled:
+            request[IDENTITY] = Identity.anonymous(request)
+            return await handler(request)
         if request.path in OPEN_PATHS or request.method == "OPTIONS":
             return await handler(request)
         presented = presented_keys(request)
+        client = clients.identify(presented) if presented else None
+        if client is not None:
+            request[IDENTITY] = Identity.of_client(client)
+            request[CLIENT] = client.name
+            return await handler(request)
         if not presented:
             message, code = "missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key'", "missing_api_key"
-        elif not any([key_matches(key, keys) for key in presented]):  # a list: every key is compared
-            message, code = "invalid API key", "invalid_api_key"
         else:
-            request[CLIENT] = _key_name(presented, keys)
-            return await handler(request)
+            message, code = "invalid API key", "invalid_api_key"
         # One line, so rejected clients show up in the journal; never the presented key itself, and the
         # path escaped: it is the client's (`/v1/health%0a<2>FORGED` must not start a line of its own).
         logger.info(

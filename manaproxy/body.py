@@ -202,16 +202,24 @@ class SplicedPayload(payload.Payload):
                 await writer.write(part)
 
 
+# What `with_model(..., include_usage=True)` puts first in the object: usage on a stream the client did not ask
+# it for (`providers/streamusage.py` takes the extra chunk out again).
+USAGE_MEMBER = b'"stream_options":{"include_usage":true}'
+
+
 class RequestBody:
     """A client's JSON request object: its bytes as received and the members the proxy reads."""
 
-    __slots__ = ("_model_span", "_payload", "_reencoded", "model", "raw", "stream")
+    __slots__ = ("_model_span", "_payload", "_reencoded", "model", "raw", "stream", "stream_options")
     content_type = JSON_CONTENT_TYPE
 
-    def __init__(self, raw: Buffer, model: str | None, stream: bool, model_raw: bytes) -> None:
+    def __init__(
+        self, raw: Buffer, model: str | None, stream: bool, model_raw: bytes, stream_options: bytes = b""
+    ) -> None:
         self.raw = raw
         self.model = model
         self.stream = stream
+        self.stream_options = stream_options  # the member's raw JSON; b"" when absent
         self._payload: dict[str, Any] | None = None
         self._model_span = model_span(raw, model_raw)
         # Bytes that do not tell which `model` member is the top-level one: the object re-encoded once, here
@@ -249,13 +257,21 @@ class RequestBody:
             raise bad_request("request body is nested too deeply", code="json_too_deep") from None
         return b"}" if encoded == b"{}" else b"," + encoded[1:]
 
-    def with_model(self, model: str) -> bytes | SplicedPayload:
-        """The JSON body to send upstream: the client's bytes with `model` set to `model`."""
+    def with_model(self, model: str, *, include_usage: bool = False) -> bytes | SplicedPayload:
+        """The JSON body to send upstream: the client's bytes with `model` set to `model`; with `include_usage`
+        (only for a body without `stream_options`), `USAGE_MEMBER` spliced in first."""
         span = self._model_span
-        if span is None:
-            head = memoryview(b'{"model":')
+        if span is None:  # bytes that do not tell which member is the top-level one: the re-encoded rest
+            head = memoryview(b"{" + USAGE_MEMBER + b',"model":' if include_usage else b'{"model":')
             return _spliced((head, orjson.dumps(model), memoryview(self._reencoded)), self.content_type)
-        return _spliced(replace_model(self.raw, span, orjson.dumps(model)), self.content_type)
+        pieces = replace_model(self.raw, span, orjson.dumps(model))
+        if include_usage:
+            opening = _OPENING.match(self.raw)
+            inside = opening.end() if opening is not None else 1  # just inside the top-level `{`
+            head = pieces[0]
+            # The object holds at least the `model` member (or gets it): a comma always follows ours.
+            return _spliced((head[:inside], USAGE_MEMBER + b",", head[inside:], *pieces[1:]), self.content_type)
+        return _spliced(pieces, self.content_type)
 
 
 class MultipartBody:
@@ -280,7 +296,7 @@ class MultipartBody:
     def payload(self) -> dict[str, Any]:
         raise bad_request("a multipart form cannot be translated for this provider", code="unsupported_body")
 
-    def with_model(self, model: str) -> bytes | SplicedPayload:
+    def with_model(self, model: str, *, include_usage: bool = False) -> bytes | SplicedPayload:
         """The form to send upstream: the client's bytes with the `model` field's value replaced."""
         if self._model_span is None:
             raise bad_request("the form has no 'model' field", code="model_required", param="model")
@@ -289,7 +305,10 @@ class MultipartBody:
         return _spliced((view[:start], model.encode(), view[end:]), self.content_type)
 
 
-def _spliced(pieces: tuple[memoryview, bytes, memoryview], content_type: str) -> bytes | SplicedPayload:
+_OPENING = re.compile(rb"\s*\{")
+
+
+def _spliced(pieces: tuple[memoryview | bytes, ...], content_type: str) -> bytes | SplicedPayload:
     """A body made of `pieces` (views of the client's bytes around a new value): joined when it is small,
     else sent slice by slice as they are (`SplicedPayload`), never copied whole."""
     if sum(len(piece) for piece in pieces) < SplicedPayload.SLICE:
@@ -567,4 +586,4 @@ def parse_json(raw: Buffer, max_depth: int = 128, max_items: int = 1_000_000) ->
     stream_raw = bytes(head.stream)
     if stream_raw not in (b"", b"true", b"false", b"null"):
         raise bad_request("'stream' must be a boolean", code="invalid_stream", param="stream")
-    return RequestBody(raw, model, stream_raw == b"true", model_raw)
+    return RequestBody(raw, model, stream_raw == b"true", model_raw, bytes(head.stream_options))

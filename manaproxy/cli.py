@@ -24,7 +24,7 @@ from aiohttp import web
 
 from . import __version__, statuscli
 from .app import create_app
-from .auth import parse_keys
+from .clients import ENV_VAR, ClientTable, parse_env_clients
 from .config import BUILTIN_PROVIDERS, Config, ConfigError, load_config
 from .dotenv import DEFAULT_ENV_FILE, DotenvError, EnvFile, merge
 from .gateway import GATEWAY, Gateway
@@ -170,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.info("%s", env_file.describe())
     port = args.port if args.port is not None else _default_port()
     try:
-        load_config(args.config)  # fail fast, before the event loop starts
+        load_checked(args.config)  # fail fast, before the event loop starts
     except ConfigError as exc:
         logger.error("invalid config, not starting: %s", exc)
         return EXIT_INVALID_CONFIG
@@ -181,20 +181,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     return uvloop.run(serve(args.config, args.host, port))
 
 
+def _env_entries() -> list[str]:
+    """The entries of `MANAPROXY_API_KEYS` (name:key pairs or bare keys), blanks left out."""
+    return [entry.strip() for entry in os.environ.get(ENV_VAR, "").split(",") if entry.strip()]
+
+
+def load_checked(path: str) -> tuple[Config, ClientTable]:
+    """The config at `path` and its clients with those of `MANAPROXY_API_KEYS`; `ConfigError` when either is
+    invalid or a client is declared in both places."""
+    config = load_config(path)
+    return config, ClientTable(parse_env_clients(_env_entries()), config.clients)
+
+
 def check(path: str, env_file_path: str | None = None) -> int:
     try:
         env_file = load_env_file(env_file_path)
-        config = load_config(path)
+        config, clients = load_checked(path)
     except ConfigError as exc:
         print(f"manaproxy: config invalid: {exc}", file=sys.stderr)
         return 1
     unconfigured = [name for name, spec in config.providers.items() if not spec.configured]
     note = f"; unconfigured (no key in env): {', '.join(unconfigured)}" if unconfigured else ""
-    print(f"manaproxy: config ok: {config.summary()}{note}")
+    who = f"clients {', '.join(clients.clients)}" if clients.enabled else "no clients (authentication off)"
+    print(f"manaproxy: config ok: {config.summary()}{note}; {who}")
     if env_file is not None:
         print(f"  env file: {env_file.describe()}")
     for line in provider_lines(config):
         print(f"  {line}")
+    for client in clients.clients.values():
+        if not client.keys:
+            print(
+                f"manaproxy: warning: {client.where} has no key (empty after expansion): it cannot authenticate",
+                file=sys.stderr,
+            )
     for warning in too_short(config.providers.values()):
         print(f"manaproxy: warning: {warning}", file=sys.stderr)
     return 0
@@ -241,11 +260,17 @@ async def serve(config_path: str, host: str, port: int) -> int:
     for warning in too_short(config.providers.values()):
         logger.warning("%s", warning)
     open_files = raise_open_files_limit()
-    api_keys = parse_keys(os.environ.get("MANAPROXY_API_KEYS"))
-    if not api_keys:
-        logger.warning("MANAPROXY_API_KEYS is not set: client authentication is OFF")
+    api_keys = [entry.encode("utf-8", "surrogateescape") for entry in _env_entries()]
     cors = [origin.strip() for origin in os.environ.get("CORS_ORIGINS", "").split(",") if origin.strip()]
     app = create_app(config, api_keys=api_keys, cors_origins=cors)
+    clients = app[GATEWAY].runtime.clients
+    if not clients.enabled:
+        logger.warning("no client keys (MANAPROXY_API_KEYS unset, no clients: in the config): authentication is OFF")
+    else:
+        logger.info("clients: %s", ", ".join(clients.clients))
+        for client in clients.clients.values():
+            if not client.keys:
+                logger.warning("%s has no key (empty after expansion): it cannot authenticate", client.where)
     reloader = app[RELOADER]
     gateway = app[GATEWAY]
     runner = Runner(app)

@@ -103,6 +103,9 @@ class ProviderConfig:
     # Client headers sent on: True (all end-to-end ones), False (none), or these names (lower case).
     forward_headers: bool | frozenset[str] = True
     builtin: bool = False  # built from the environment (BUILTIN_PROVIDERS), not declared under `providers:`
+    # `inject`: ask an openai-kind upstream for usage on streams the client did not ask it for (see
+    # `streamusage.py`); `passthrough`: send streamed requests as they came.
+    stream_usage: str = "inject"
 
     @property
     def configured(self) -> bool:
@@ -212,6 +215,39 @@ class ServerSettings:
     max_event_clients: int = 16  # `GET /v1/events` streams open at once
 
 
+STREAM_USAGE_MODES = ("inject", "passthrough")
+# A client's name is a metric label and a log value: short, lower case, no separators of ours.
+CLIENT_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+ANONYMOUS = "anonymous"  # who a request is when auth is off: no client may be called that
+LIMIT_BACKENDS = ("memory",)  # `redis` comes with the shared Redis connection (issue 19)
+LIMIT_ERROR_POLICIES = ("open", "closed")
+
+
+@dataclass(frozen=True, slots=True)
+class ClientSpec:
+    """One named client: its keys (never shown), the models it may name, its limits (None: no limit)."""
+
+    name: str
+    keys: tuple[str, ...] = field(default=(), repr=False)
+    models: tuple[str, ...] = ()  # allow-list of aliases, provider/model names or globs; empty: any model
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+    tokens_per_day: int | None = None
+    where: str = ""  # where it is declared (`clients.<name>`, `MANAPROXY_API_KEYS[2]`), for errors
+
+    @property
+    def limited(self) -> bool:
+        return (self.requests_per_minute, self.tokens_per_minute, self.tokens_per_day) != (None, None, None)
+
+
+@dataclass(frozen=True, slots=True)
+class LimitSettings:
+    """`limits:`: where the per-client limit windows are kept, and what a backend failure means."""
+
+    backend: str = "memory"
+    on_backend_error: str = "open"  # open: let the request in (a WARNING and a metric); closed: refuse it
+
+
 # Server settings aiohttp takes once, when it starts listening: a reload cannot change them.
 RESTART_ONLY_SETTINGS = ("header_timeout_seconds", "keepalive_timeout_seconds", "listen_backlog", "max_connections")
 
@@ -224,6 +260,8 @@ class Config:
     health: HealthSettings = HealthSettings()
     server: ServerSettings = ServerSettings()
     source: str = "<memory>"
+    clients: Mapping[str, ClientSpec] = field(default_factory=lambda: MappingProxyType({}))
+    limits: LimitSettings = LimitSettings()
     loaded_unix: int = field(default_factory=lambda: int(time.time()))  # `created` of what has no date of its own
 
     def summary(self) -> str:
@@ -324,7 +362,9 @@ class _Parser:
 
     # -- sections -----------------------------------------------------------------------------
     def config(self, raw: dict[str, Any]) -> Config:
-        top = self.mapping(raw, "top level", ("providers", "aliases", "default", "health", "server"))
+        top = self.mapping(
+            raw, "top level", ("providers", "aliases", "default", "health", "server", "clients", "limits")
+        )
         providers_raw = self.mapping(top.get("providers"), "providers")
         declared = {name: self.provider(name, spec) for name, spec in providers_raw.items()}
 
@@ -352,6 +392,8 @@ class _Parser:
             health=self.health(top.get("health")),
             server=self.server(top.get("server")),
             source=self.source,
+            clients=MappingProxyType(self.clients(top.get("clients"), providers, aliases)),
+            limits=self.limits(top.get("limits")),
         )
 
     def builtins(self, declared: Mapping[str, ProviderConfig], named: set[str]) -> dict[str, ProviderConfig]:
@@ -401,7 +443,17 @@ class _Parser:
         where = where or f"providers.{name}"
         if not _PROVIDER_NAME_RE.match(name) or name == ALIAS_PREFIX.rstrip("/"):
             raise self.fail(where, "provider names are letters, digits, '_', '.', '-' and not 'mana'")
-        allowed = ("kind", "base_url", "api_key", "headers", "timeouts", "max_concurrent", "probe", "forward_headers")
+        allowed = (
+            "kind",
+            "base_url",
+            "api_key",
+            "headers",
+            "timeouts",
+            "max_concurrent",
+            "probe",
+            "forward_headers",
+            "stream_usage",
+        )
         spec = self.mapping(spec, where, allowed)
         expand = not builtin  # a built-in's values come from the environment already: never expanded twice
         kind = self.string(spec.get("kind", "openai"), f"{where}.kind")
@@ -451,6 +503,9 @@ class _Parser:
             probe = self.string(spec["probe"], f"{where}.probe")
             if not probe.startswith("/"):
                 raise self.fail(f"{where}.probe", "must be a path starting with '/' (relative to base_url)")
+        stream_usage = self.choice(spec.get("stream_usage", "inject"), f"{where}.stream_usage", STREAM_USAGE_MODES)
+        if "stream_usage" in spec and kind != "openai":
+            raise self.fail(f"{where}.stream_usage", "applies only to kind openai")
         return ProviderConfig(
             name=name,
             kind=kind,
@@ -462,6 +517,7 @@ class _Parser:
             forward_headers=forward_headers,
             probe=probe,
             builtin=builtin,
+            stream_usage=stream_usage,
         )
 
     def forward_headers(self, value: Any, where: str) -> bool | frozenset[str]:
@@ -576,3 +632,92 @@ class _Parser:
             else:
                 values[key] = float(self.number(value, f"server.{key}"))
         return ServerSettings(**values)
+
+    # -- clients and their limits (issue 19) ------------------------------------------------------------
+    def choice(self, value: Any, where: str, choices: tuple[str, ...]) -> str:
+        text = self.string(value, where).strip()
+        if text not in choices:
+            raise self.fail(where, f"expected one of {', '.join(choices)}, got {text!r}")
+        return text
+
+    def clients(
+        self, raw: Any, providers: Mapping[str, ProviderConfig], aliases: Mapping[str, Alias]
+    ) -> dict[str, ClientSpec]:
+        clients: dict[str, ClientSpec] = {}
+        seen: dict[str, str] = {}  # key -> the client holding it
+        for name, spec in self.mapping(raw, "clients").items():
+            client = self.client(name, spec, providers, aliases)
+            for key in client.keys:
+                if key in seen:  # never the key itself in the message
+                    raise self.fail(f"clients.{name}", f"shares a key with client {seen[key]!r}")
+                seen[key] = name
+            clients[name] = client
+        return clients
+
+    def client(
+        self, name: str, spec: Any, providers: Mapping[str, ProviderConfig], aliases: Mapping[str, Alias]
+    ) -> ClientSpec:
+        where = f"clients.{name}"
+        if not CLIENT_NAME_RE.match(name) or name == ANONYMOUS:
+            raise self.fail(where, "client names are [a-z0-9][a-z0-9._-]{0,62} and not 'anonymous'")
+        limits = ("requests_per_minute", "tokens_per_minute", "tokens_per_day")
+        spec = self.mapping(spec, where, ("key", "keys", "models", *limits))
+        if ("key" in spec) == ("keys" in spec):
+            raise self.fail(where, "needs exactly one of 'key' or 'keys'")
+        if "key" in spec:
+            listed: list[Any] = [spec["key"]]
+            places = [f"{where}.key"]
+        else:
+            if not isinstance(spec["keys"], list) or not spec["keys"]:
+                raise self.fail(f"{where}.keys", "must be a non-empty list of keys")
+            listed = spec["keys"]
+            places = [f"{where}.keys[{index}]" for index in range(len(listed))]
+        keys: list[str] = []
+        for value, place in zip(listed, places, strict=True):
+            # A key that expands to nothing (`${VAR}` unset) lets no one in; the rest of the client stands.
+            key = "" if value is None else self.string(value, place).strip()
+            if any(c in key for c in ", \t\r\n\0"):
+                raise self.fail(place, "a key cannot contain commas, spaces or control characters")
+            if key and key in keys:
+                raise self.fail(place, "the same key is listed twice")
+            if key:
+                keys.append(key)
+        models_raw = spec.get("models")
+        models: list[str] = []
+        if models_raw is not None:
+            if not isinstance(models_raw, list):
+                raise self.fail(f"{where}.models", "expected a list of aliases, provider/model names or globs")
+            for index, entry in enumerate(models_raw):
+                models.append(self.allowed_model(entry, f"{where}.models[{index}]", providers, aliases))
+        values = {
+            key: int(self.number(spec[key], f"{where}.{key}", minimum=1, integer=True)) for key in limits if key in spec
+        }
+        return ClientSpec(name, tuple(keys), tuple(models), where=where, **values)
+
+    def allowed_model(
+        self, entry: Any, where: str, providers: Mapping[str, ProviderConfig], aliases: Mapping[str, Alias]
+    ) -> str:
+        """One allow-list entry: a declared alias, a declared provider's `provider/model`, or a glob."""
+        text = self.string(entry, where).strip()
+        if not text:
+            raise self.fail(where, "an empty model name")
+        if any(c in text for c in "*?["):
+            return text  # a glob: matched against the name a request gives (see clients.model_allowed)
+        if text.startswith(ALIAS_PREFIX):
+            if text not in aliases:
+                raise self.fail(where, f"{text!r} is not a declared alias")
+            return text
+        provider = text.partition("/")[0] if "/" in text else "ollama"
+        if provider not in providers:
+            raise self.fail(where, f"{text!r} names undeclared provider {provider!r}")
+        return text
+
+    def limits(self, raw: Any) -> LimitSettings:
+        spec = self.mapping(raw, "limits", ("backend", "on_backend_error"))
+        backend = self.string(spec.get("backend", "memory"), "limits.backend").strip()
+        if backend == "redis":
+            raise self.fail("limits.backend", "'redis' is not available in this build (only 'memory')")
+        if backend not in LIMIT_BACKENDS:
+            raise self.fail("limits.backend", f"expected one of {', '.join(LIMIT_BACKENDS)}, got {backend!r}")
+        policy = self.choice(spec.get("on_backend_error", "open"), "limits.on_backend_error", LIMIT_ERROR_POLICIES)
+        return LimitSettings(backend, policy)

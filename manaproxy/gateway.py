@@ -1,10 +1,11 @@
 """The application's long-lived state and the one reference a reload swaps.
 
-A `Runtime` is everything derived from one `Config`: the config itself and a provider object per
-provider. `Gateway.runtime` is replaced as a whole by `Gateway.apply` (the reload's single atomic step;
+A `Runtime` is everything derived from one `Config`: the config itself, a provider object per
+provider and the table of client keys (those of `MANAPROXY_API_KEYS`, fixed for the process, and the
+config's `clients:`). `Gateway.runtime` is replaced as a whole by `Gateway.apply` (the reload's single atomic step;
 `reload.py` decides when). A request reads it once when it starts and keeps that runtime to its end, so
-a reload never changes a request half-way. Health state and the redactor live in the `Gateway`, not the
-runtime, so they survive reloads.
+a reload never changes a request half-way. Health state, the redactor and the client limit windows live in
+the `Gateway`, not the runtime, so they survive reloads.
 
 A runtime's providers are closed (`Provider.aclose`) when the runtime is done with: after a reload once
 every request in flight at the swap has ended (those started on it; later ones run on the new runtime), and
@@ -23,9 +24,11 @@ import aiohttp
 from aiohttp import web
 
 from .body import BodyBudget
-from .config import Config
+from .clients import ClientTable
+from .config import ClientSpec, Config, LimitSettings
 from .drain import Drain
 from .health import HealthTracker
+from .limits import Limiter, MemoryBackend
 from .providers import build_provider
 from .providers.base import Provider
 from .record import Observer, RequestRecord
@@ -38,6 +41,7 @@ logger = logging.getLogger(__name__)
 class Runtime:
     config: Config
     providers: Mapping[str, Provider]
+    clients: ClientTable = field(default_factory=ClientTable)
 
 
 async def close_providers(runtime: Runtime) -> None:
@@ -49,14 +53,21 @@ async def close_providers(runtime: Runtime) -> None:
             logger.exception("closing provider %s failed", name)
 
 
-def build_runtime(config: Config, session: aiohttp.ClientSession | None, redactor: Redactor) -> Runtime:
-    """The runtime for `config`; without a session yet (before startup) it has no provider objects."""
+def build_runtime(
+    config: Config,
+    session: aiohttp.ClientSession | None,
+    redactor: Redactor,
+    env_clients: tuple[ClientSpec, ...] = (),
+) -> Runtime:
+    """The runtime for `config`; without a session yet (before startup) it has no provider objects.
+    Raises `ConfigError` when a client of `env_clients` and one of the config share a name or a key."""
+    clients = ClientTable(env_clients, config.clients)
     if session is None:
-        return Runtime(config, MappingProxyType({}))
+        return Runtime(config, MappingProxyType({}), clients)
     providers = {
         name: build_provider(spec, session, redactor, config.server) for name, spec in config.providers.items()
     }
-    return Runtime(config, MappingProxyType(providers))
+    return Runtime(config, MappingProxyType(providers), clients)
 
 
 @dataclass(eq=False)
@@ -71,6 +82,8 @@ class Gateway:
     observers: list[Observer] = field(default_factory=list)
     body_budget: BodyBudget = field(default_factory=BodyBudget)  # request bodies held by all requests
     drain: Drain = field(default_factory=Drain)  # requests in flight, for the shutdown drain
+    env_clients: tuple[ClientSpec, ...] = ()  # from MANAPROXY_API_KEYS, read once at start
+    limiter: Limiter = field(default_factory=lambda: Limiter(MemoryBackend(), LimitSettings()))
     _finished: list[RequestRecord] = field(default_factory=list)  # records not yet handed to the observers
     _retiring: set[asyncio.Task[None]] = field(default_factory=set)  # closing replaced runtimes (`_retire`)
 
@@ -78,11 +91,14 @@ class Gateway:
         return f"<Gateway {self.runtime.config.summary()}>"
 
     @classmethod
-    def for_config(cls, config: Config) -> Gateway:
-        """A gateway serving `config`, its providers built once a session is attached."""
+    def for_config(cls, config: Config, env_clients: tuple[ClientSpec, ...] = ()) -> Gateway:
+        """A gateway serving `config` (and the clients of `MANAPROXY_API_KEYS`, `env_clients`), its providers
+        built once a session is attached. Raises `ConfigError` for a client declared in both places."""
         redactor = Redactor(config.providers.values())
         health = HealthTracker(config.health, config.providers, redactor=redactor)
-        return cls(runtime=build_runtime(config, None, redactor), health=health, redactor=redactor)
+        runtime = build_runtime(config, None, redactor, env_clients)
+        limiter = Limiter(MemoryBackend(), config.limits)
+        return cls(runtime=runtime, health=health, redactor=redactor, env_clients=env_clients, limiter=limiter)
 
     @property
     def config(self) -> Config:
@@ -91,13 +107,15 @@ class Gateway:
     def attach(self, session: aiohttp.ClientSession) -> None:
         """Give the gateway its upstream session and build the provider objects that use it."""
         self.session = session
-        self.runtime = build_runtime(self.runtime.config, session, self.redactor)
+        self.runtime = build_runtime(self.runtime.config, session, self.redactor, self.env_clients)
 
     def apply(self, config: Config) -> None:
         """Swap in a new, already validated config: one reference, so in-flight requests keep theirs."""
+        ClientTable(self.env_clients, config.clients)  # a name or key in both places: refused, nothing changed
         self.redactor.learn(config.providers.values())
-        runtime = build_runtime(config, self.session, self.redactor)
+        runtime = build_runtime(config, self.session, self.redactor, self.env_clients)
         self.health.reconfigure(config.health, config.providers)
+        self.limiter.settings = config.limits  # the windows stay: a reload does not give a client a fresh minute
         replaced, self.runtime = self.runtime, runtime
         self._retire(replaced)
 

@@ -23,6 +23,7 @@ class Head(msgspec.Struct):
     stream: msgspec.Raw = msgspec.field(default_factory=msgspec.Raw)
     usage: msgspec.Raw = msgspec.field(default_factory=msgspec.Raw)
     error: msgspec.Raw = msgspec.field(default_factory=msgspec.Raw)
+    stream_options: msgspec.Raw = msgspec.field(default_factory=msgspec.Raw)
 
 
 HEAD = msgspec.json.Decoder(Head)

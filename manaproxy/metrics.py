@@ -29,7 +29,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from .config import ALIAS_PREFIX, Config, Target
@@ -41,6 +41,7 @@ from .reload import Reloader
 M = TypeVar("M", Counter, Histogram)
 
 OTHER = "other"
+DIRECT = "direct"  # `alias` label of a client's request that named a provider/model (or a bare model)
 ALIAS_PROVIDER = "mana"  # `provider` label of an alias request that no target answered: what the caller asked for
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -146,6 +147,18 @@ class Metrics:
             registry=registry,
         )
         self.reloads = Counter("mana_llm_config_reloads", "Config reload attempts", ["result"], registry=registry)
+        self.client_requests = Counter(
+            "mana_llm_client_requests",
+            "Proxied requests by client (its name; anonymous with auth off), alias asked for and status class",
+            ["client", "alias", "status_class"],
+            registry=registry,
+        )
+        self.client_tokens = Counter(
+            "mana_llm_client_tokens",
+            "Tokens reported by upstreams, by client and by the provider/model that answered",
+            ["client", "provider", "model", "type"],
+            registry=registry,
+        )
         self.hedged = Counter(
             "mana_llm_hedged_requests",
             "Requests of a hedging alias that raced a second attempt, by which won",
@@ -202,7 +215,7 @@ class StateCollector(Collector):
     def __init__(self, gateway: Gateway) -> None:
         self._gateway = gateway
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         config = self._gateway.config
         health = self._gateway.health
         in_flight = GaugeMetricFamily("mana_llm_requests_in_flight", "Upstream calls in flight", labels=["provider"])
@@ -233,6 +246,12 @@ class StateCollector(Collector):
         for target, ok in usable.items():
             targets.add_metric([str(target)], 1 if ok else 0)
         yield targets
+        errors = CounterMetricFamily(
+            "mana_llm_client_limit_errors",
+            "Client limit checks the limit backend failed (let in or refused as limits.on_backend_error says)",
+        )
+        errors.add_metric([], self._gateway.limiter.errors)
+        yield errors
 
 
 def _configured_targets(config: Config) -> frozenset[Target]:
@@ -308,6 +327,27 @@ class Recorder:
                 self._child(m.hedged, record.alias, _word(record.hedge)).inc()
         if record.error_type is not None:
             self._child(m.llm_errors, *self._requested_labels(record), _word(record.error_type)).inc()
+        self._client(record)
+
+    def _client(self, record: RequestRecord) -> None:
+        """`mana_llm_client_requests_total` and `mana_llm_client_tokens_total`. The client label is a name the
+        config (or MANAPROXY_API_KEYS) declared, or `anonymous`; the alias one a configured alias, `direct` for
+        a request naming a provider/model or a bare model, `other` for anything else."""
+        m = self.metrics
+        client = record.client
+        if record.alias is not None or record.requested.startswith(ALIAS_PREFIX) or not record.requested:
+            asked = record.alias or record.requested or self.gateway.config.default or ""
+            alias = asked if asked in self.gateway.config.aliases else OTHER
+        else:
+            alias = DIRECT
+        status_class = f"{min(max(record.status, 100), 599) // 100}xx" if record.status else OTHER
+        self._child(m.client_requests, client, alias, status_class).inc()
+        if record.target is not None and (record.prompt_tokens is not None or record.completion_tokens is not None):
+            provider, model = self._target_labels(record.target)
+            if record.prompt_tokens is not None:
+                self._child(m.client_tokens, client, provider, model, "prompt").inc(record.prompt_tokens)
+            if record.completion_tokens is not None:
+                self._child(m.client_tokens, client, provider, model, "completion").inc(record.completion_tokens)
 
     def _fallbacks(self, record: RequestRecord) -> None:
         """One count per skipped or failed chain entry, naming the entry the request went to next. The

@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import math
-import os
 import random
 from collections.abc import Callable
 from contextlib import AbstractContextManager, ExitStack, aclosing
@@ -30,9 +28,10 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from . import logfmt
-from .auth import CLIENT
+from .auth import Identity, identity_of
 from .body import BodyBudget, parse, read_body
-from .config import Hedge, Target
+from .clients import model_allowed
+from .config import ALIAS_PREFIX, ClientSpec, Hedge, Target
 from .drain import Guard, shutting_down
 from .errors import JSON_CONTENT_TYPE, ProxyError, error_body
 from .failures import HEDGED_LOST, SHUTTING_DOWN, UPSTREAM_ERROR, WON, MidStreamFailure, UpstreamFailure
@@ -40,13 +39,14 @@ from .gateway import GATEWAY, Gateway, Runtime
 from .health import Slot
 from .health.latency import HedgeBudget
 from .kinds import request_kind
+from .limits import VERDICT
 from .paths import addresses_stored_object, upstream_path
 from .plan import Plan, hedge_in
 from .protocols import StreamProtocol, for_path
 from .providers.base import Call, Reply, StreamReply
 from .record import CLIENT_DISCONNECTED, COMPLETED, HEDGE_WON, PRIMARY_WON, Attempt, RequestRecord
 from .requestid import REQUEST_ID
-from .routing import resolve
+from .routing import BARE_MODEL_PROVIDER, resolve
 
 logger = logging.getLogger("manaproxy.proxy")  # pinned: deploy/README.md documents it
 
@@ -80,7 +80,6 @@ async def forward(request: web.Request) -> web.StreamResponse:
         request_id=request[REQUEST_ID],
         endpoint=request.match_info.route.resource.canonical if request.match_info.route.resource else request.path,
         started=perf_counter(),
-        client=request.get(CLIENT),
     )
     drain = gateway.drain
     guard = drain.guard()
@@ -88,12 +87,13 @@ async def forward(request: web.Request) -> web.StreamResponse:
         if drain.stopping:
             raise shutting_down()
         # The body's share of the in-flight budget is held until the commit (see `_commit`) at most. The
-        # client is the key it was let in with, or without auth its address.
-        client = request.get(CLIENT) or request.remote or "-"
+        # client is the one it was let in as, or without auth its address.
+        identity = identity_of(request)
+        record.client = identity.name
         async with guard:
             server = runtime.config.server
-            with gateway.body_budget.reserve(client, server.max_inflight_body_bytes_per_client) as claim:
-                return await _Forwarder(request, gateway, runtime, record, guard).run(claim)
+            with gateway.body_budget.reserve(identity.share, server.max_inflight_body_bytes_per_client) as claim:
+                return await _Forwarder(request, gateway, runtime, record, guard, identity).run(claim)
     except ProxyError as err:
         return _refused(request, record, err)
     except TimeoutError:
@@ -116,6 +116,9 @@ async def forward(request: web.Request) -> web.StreamResponse:
         raise
     finally:
         record.duration = perf_counter() - record.started
+        client = identity_of(request).client
+        if client is not None and record.prompt_tokens is not None:
+            gateway.limiter.spend(client, record.prompt_tokens + (record.completion_tokens or 0))
         gateway.observe(record)
 
 
@@ -345,16 +348,23 @@ def _refused(request: web.Request, record: RequestRecord, err: ProxyError) -> we
 class _Forwarder:
     """One request's walk down its chain."""
 
-    __slots__ = ("claim", "gateway", "guard", "kind", "raw", "record", "request", "runtime")
+    __slots__ = ("claim", "gateway", "guard", "identity", "kind", "raw", "record", "request", "runtime")
 
     def __init__(
-        self, request: web.Request, gateway: Gateway, runtime: Runtime, record: RequestRecord, guard: Guard
+        self,
+        request: web.Request,
+        gateway: Gateway,
+        runtime: Runtime,
+        record: RequestRecord,
+        guard: Guard,
+        identity: Identity,
     ) -> None:
         self.request = request
         self.gateway = gateway
         self.runtime = runtime
         self.record = record
         self.guard = guard
+        self.identity = identity
         self.raw = bytearray()
         self.kind = ""  # the request's kind, for health (`kinds.py`)
 
@@ -386,6 +396,9 @@ class _Forwarder:
             raise _stored_object(url.path)
         record.streaming = body.stream
         record.requested = body.model or ""
+        client = self.identity.client
+        if client is not None:
+            await self._admit(client, body.model or config.default or "")
         route = resolve(body.model, config)
         record.alias = route.alias
         if route.alias is None:
@@ -411,10 +424,28 @@ class _Forwarder:
         record.error_type = "all_failed"
         raise exhausted(record.attempts, config.health.max_retry_after_seconds)
 
+    async def _admit(self, client: ClientSpec, model: str) -> None:
+        """The client's allow-list (403) and limits (429), before routing and before any upstream call. The
+        allow-list sees the name the request gave, and `ollama/<name>` for a bare model name."""
+        names = [model]
+        if "/" not in model and not model.startswith(ALIAS_PREFIX):
+            names.append(f"{BARE_MODEL_PROVIDER}/{model}")
+        if not model_allowed(client, names):
+            shown = model if len(model) <= 150 else model[:150] + "..."
+            raise ProxyError(
+                403,
+                f"client {client.name!r} may not use the model '{shown}'",
+                code="model_not_allowed",
+                param="model",
+            )
+        verdict = await self.gateway.limiter.admit(client)  # raises the 429 (error_type: its code)
+        if verdict is not None:
+            self.request[VERDICT] = verdict
+
     def _claim(self, target: Target, stream: bool) -> AbstractContextManager[Slot]:
         provider = self.runtime.config.providers[target.provider]
         return self.gateway.health.attempt(
-            provider, target.model, stream=stream, client=_client(self.request), kind=self.kind
+            provider, target.model, stream=stream, client=self.identity.sample_key, kind=self.kind
         )
 
     async def _try(self, target: Target, call: Call) -> web.StreamResponse | None:
@@ -611,19 +642,6 @@ class _Forwarder:
             logfmt.value(target),
             logfmt.value(failure.detail),
         )
-
-
-_CLIENT_SALT = os.urandom(16)  # the client hash cannot be matched against a key outside this process
-
-
-def _client(request: web.Request) -> bytes | None:
-    """Who a request is, for what it teaches (`hedge_after: auto`): a hash of its key, never the key."""
-    headers = request.headers
-    authorization, api_key = headers.get("Authorization", ""), headers.get("X-API-Key", "")
-    if not authorization and not api_key:
-        return None
-    credentials = f"{authorization}\n{api_key}".encode("utf-8", "surrogateescape")
-    return hashlib.blake2b(credentials, digest_size=16, key=_CLIENT_SALT).digest()
 
 
 def _caller_error(failure: UpstreamFailure, target: Target) -> web.Response:

@@ -89,7 +89,6 @@ class RequestRecord:
     alias: str | None = None  # configured alias used, if any
     target: Target | None = None  # what answered (or relayed the caller's error)
     requested_provider: str | None = None  # configured provider named by the request (for error labels)
-    client: str | None = None  # the client key's name (`key#<i>`) when auth is on; never the key
     streaming: bool = False
     status: int = 0
     attempts: list[Attempt] = field(default_factory=list)
@@ -104,6 +103,7 @@ class RequestRecord:
     duration: float = 0.0
     upstream_wait: float = 0.0  # seconds spent waiting on upstreams
     client_wait: float = 0.0  # seconds spent reading the client's body and writing to a slow client
+    client: str = "anonymous"  # the client's name (`auth.Identity`; never a key)
 
     @property
     def overhead(self) -> float:

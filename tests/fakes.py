@@ -1056,6 +1056,22 @@ def stream_bytes_after(before: list[bytes], gate: asyncio.Event, after: list[byt
     return behave
 
 
+def usage_stream(model: str, words: Iterable[str], *, usage: tuple[int, int] = (9, 4)) -> Behavior:
+    """A stream as OpenAI sends it: with `stream_options: {"include_usage": true}` in the request, every chunk
+    carries `"usage":null` and a last chunk (`"choices":[]`) the usage; without it, no usage at all."""
+    words = list(words)
+
+    async def behave(request: web.Request, recorded: Recorded) -> web.StreamResponse:
+        options = recorded.json.get("stream_options") if isinstance(recorded.json, dict) else None
+        asked = isinstance(options, dict) and options.get("include_usage") is True
+        chunks = chat_chunks(model, words, usage=usage if asked else None)
+        if asked:
+            chunks = [chunk if chunk.get("choices") == [] else {**chunk, "usage": None} for chunk in chunks]
+        return await sse_reply(chunks)(request, recorded)
+
+    return behave
+
+
 # -- SSE bytes for the byte-level tests (test_sse.py, test_protocols.py) ------------------------------------
 
 
@@ -1074,3 +1090,15 @@ def chunk(model: str = "m", content: str = "hi", **extra: Any) -> dict[str, Any]
 def data(obj: Any, *, sep: bytes = b"\n\n") -> bytes:
     """`obj` as one SSE `data:` event."""
     return b"data: " + orjson.dumps(obj) + sep
+
+
+def refuses_stream_options(then: Behavior) -> Behavior:
+    """A server that does not know `stream_options`: 400 naming it when the request has it, else `then`."""
+
+    async def behave(request: web.Request, recorded: Recorded) -> web.StreamResponse:
+        if isinstance(recorded.json, dict) and "stream_options" in recorded.json:
+            body = error_body("Unrecognized request argument supplied: stream_options")
+            return web.json_response(body, status=400)
+        return await then(request, recorded)
+
+    return behave

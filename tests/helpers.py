@@ -403,6 +403,7 @@ FIELDS = [
     "prompt_tokens",
     "completion_tokens",
     "error",
+    "client",
 ]
 
 _PAIR_RE = re.compile(r'([a-z_]+)=("(?:[^"\\]|\\.)*"|[^ "]+)(?: |$)')

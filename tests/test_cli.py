@@ -228,3 +228,21 @@ def test_help_version_and_usage() -> None:
     assert version.stdout.startswith("manaproxy ")
     assert bare.returncode == 2  # argparse usage error: a command is required
     assert "usage: manaproxy" in bare.stderr
+
+
+# -- check: clients (issue 19) ------------------------------------------------------------------------------
+
+
+def test_check_names_the_clients_and_refuses_a_key_in_both_places(tmp_path: Path) -> None:
+    path = write(tmp_path, VALID + "clients:\n  bot: {key: '${BOT_KEY}'}\n  idle: {key: '${UNSET_KEY}'}\n")
+    env = {"BOT_KEY": "sk-bot-0123456789", "MANAPROXY_API_KEYS": "chat:sk-chat-0123456789,sk-bare-0123456789"}
+
+    ok = run("check", "--config", str(path), env=env)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.splitlines()[0].endswith("; clients chat, key-2, bot, idle")
+    assert "clients.idle has no key" in ok.stderr
+
+    clash = run("check", "--config", str(path), env={**env, "MANAPROXY_API_KEYS": "sk-bot-0123456789"})
+    assert clash.returncode == 1
+    assert "clients.bot: a key of client 'bot' is also MANAPROXY_API_KEYS[1]'s" in clash.stderr
+    assert "sk-bot" not in clash.stdout + clash.stderr

@@ -7,6 +7,7 @@ error message must name. `ConfigError` must be the only exception a document can
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -555,3 +556,92 @@ def test_a_built_in_key_never_reaches_repr_or_summary() -> None:
     config = parse_config(MANA_LLM_ALIASES, env={"OPENROUTER_API_KEY": "test-key-or-secret"})
     assert config.providers["openrouter"].configured
     assert "test-key-or-secret" not in repr(config) + config.summary()
+
+
+# -- clients, limits, stream_usage (issue 19) ------------------------------------------------------------------
+
+
+def _with(extra: str) -> str:
+    return MINIMAL + extra
+
+
+def test_clients_section_parses_keys_models_and_limits():
+    config = parse_config(
+        _with(
+            """
+clients:
+  telegram-bot:
+    key: ${BOT_KEY}
+    models: [mana/x, a/*, a/m1, gemma3:4b]
+    requests_per_minute: 120
+    tokens_per_minute: "200000"
+    tokens_per_day: 5000000
+  chat.backend_2:
+    keys: [sk-one, "${ROTATED:-sk-two}", "${UNSET}"]
+limits: {backend: memory, on_backend_error: closed}
+"""
+        ).replace("aliases:", "  ollama:\n    base_url: http://127.0.0.1:9/v1\naliases:"),
+        env={"BOT_KEY": " sk-bot "},
+    )
+    bot = config.clients["telegram-bot"]
+    assert bot.keys == ("sk-bot",)
+    assert bot.models == ("mana/x", "a/*", "a/m1", "gemma3:4b")
+    assert (bot.requests_per_minute, bot.tokens_per_minute, bot.tokens_per_day) == (120, 200000, 5000000)
+    assert config.clients["chat.backend_2"].keys == ("sk-one", "sk-two")  # an empty expansion lets no one in
+    assert config.clients["chat.backend_2"].requests_per_minute is None
+    assert (config.limits.backend, config.limits.on_backend_error) == ("memory", "closed")
+    assert "sk-bot" not in repr(config)
+
+
+def test_defaults_without_clients():
+    config = parse_config(MINIMAL, env={})
+    assert dict(config.clients) == {}
+    assert (config.limits.backend, config.limits.on_backend_error) == ("memory", "open")
+    assert config.providers["a"].stream_usage == "inject"
+
+
+@pytest.mark.parametrize(
+    ("extra", "place"),
+    [
+        ("clients:\n  Bad_Name: {key: k}\n", "clients.Bad_Name"),
+        ("clients:\n  anonymous: {key: k}\n", "clients.anonymous"),
+        ("clients:\n  a: {}\n", "clients.a: needs exactly one of 'key' or 'keys'"),
+        ("clients:\n  a: {key: k, keys: [j]}\n", "clients.a: needs exactly one"),
+        ("clients:\n  a: {keys: []}\n", "clients.a.keys"),
+        ("clients:\n  a: {key: 'k,j'}\n", "clients.a.key: a key cannot contain commas"),
+        ("clients:\n  a: {keys: [k, k]}\n", "clients.a.keys[1]: the same key is listed twice"),
+        ("clients:\n  a: {key: k1}\n  b: {key: k1}\n", "clients.b: shares a key with client 'a'"),
+        ("clients:\n  a: {key: k, models: mana/x}\n", "clients.a.models"),
+        ("clients:\n  a: {key: k, models: [mana/nope]}\n", "clients.a.models[0]: 'mana/nope' is not a declared alias"),
+        ("clients:\n  a: {key: k, models: [zz/m]}\n", "clients.a.models[0]: 'zz/m' names undeclared provider"),
+        ("clients:\n  a: {key: k, requests_per_minute: 0}\n", "clients.a.requests_per_minute"),
+        ("clients:\n  a: {key: k, tokens_per_day: 1.5}\n", "clients.a.tokens_per_day"),
+        ("clients:\n  a: {key: k, budget: 5}\n", "clients.a: unknown key 'budget'"),
+        ("limits: {backend: redis}\n", "limits.backend: 'redis' is not available in this build"),
+        ("limits: {backend: disk}\n", "limits.backend"),
+        ("limits: {on_backend_error: maybe}\n", "limits.on_backend_error"),
+        ("limits: {window: 5}\n", "limits: unknown key 'window'"),
+    ],
+)
+def test_client_and_limit_errors_name_their_place(extra, place):
+    with pytest.raises(ConfigError, match=re.escape(place)) as caught:
+        parse_config(_with(extra), env={})
+    assert "k1" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("spec", "error"),
+    [
+        ("{base_url: http://127.0.0.1:9/v1, stream_usage: passthrough}", None),
+        ("{base_url: http://127.0.0.1:9/v1, stream_usage: inject}", None),
+        ("{base_url: http://127.0.0.1:9/v1, stream_usage: sometimes}", "providers.b.stream_usage"),
+        ("{kind: google, api_key: x, stream_usage: inject}", "providers.b.stream_usage: applies only to kind openai"),
+    ],
+)
+def test_stream_usage(spec, error):
+    text = MINIMAL.replace("aliases:", f"  b: {spec}\naliases:")
+    if error is None:
+        assert parse_config(text, env={}).providers["b"].stream_usage in ("inject", "passthrough")
+    else:
+        with pytest.raises(ConfigError, match=re.escape(error)):
+            parse_config(text, env={})

@@ -455,7 +455,13 @@ async def test_upstream_request_carries_provider_identity_not_the_clients(make_u
         env={"A_KEY": "test-key-a"},
         api_keys=[b"client-key-1"],
     )
-    payload = chat(stream=True, temperature=0.2, tools=[{"type": "function", "function": {"name": "f"}}], user="u1")
+    payload = chat(
+        stream=True,
+        temperature=0.2,
+        tools=[{"type": "function", "function": {"name": "f"}}],
+        user="u1",
+        stream_options={"include_usage": True},  # the client's own: sent as it is (no usage injected)
+    )
     client_headers = {
         "Authorization": "Bearer client-key-1",
         "X-API-Key": "client-key-1",

@@ -29,11 +29,12 @@ LAYERS: list[set[str]] = [
         "logfmt",
         "kinds",
         "systemd",
+        "clients",
         "__init__",
         "__version__",
     },
     {"auth", "cors"},  # the middlewares that say who may ask: the request path reads their request keys
-    {"health"},  # breakers and the tracker: no I/O
+    {"health", "limits"},  # breakers and the tracker: no I/O; the client limit windows
     {"plan", "providers"},  # which target next (reads health); the kinds
     {"gateway", "reload", "probe", "drain"},  # the runtime a reload swaps, the probe loop, the drain
     {"proxy"},  # the request path

@@ -83,7 +83,7 @@ async def test_failures_lists_failed_and_fallen_back_requests_newest_first_witho
     assert oldest["time_unix"] <= newest["time_unix"] <= time.time()
     assert {key: value for key, value in oldest.items() if key not in ("time_unix", "duration_seconds")} == {
         "request_id": "req-fallback",
-        "client": "key#1",
+        "client": "key-2",
         "endpoint": CHAT,
         "model": "mana/x",
         "alias": "mana/x",

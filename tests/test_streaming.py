@@ -44,6 +44,10 @@ VARIED_STREAM = (
 )
 
 
+# VARIED_STREAM ends with a usage chunk: what a server sends to a client that asked for it.
+USAGE_ASKED = {"include_usage": True}
+
+
 def relabelled(raw: bytes, old: bytes = b"m1", new: bytes = b"a/m1") -> bytes:
     """`raw` with exactly the top-level model values replaced, as the client must see it."""
     return raw.replace(b'"model":"' + old + b'"', b'"model":"' + new + b'"').replace(
@@ -55,7 +59,7 @@ async def test_stream_passes_through_byte_for_byte_except_model(make_upstream, m
     a, _b, proxy = await two_entry_proxy(make_upstream, make_proxy)
     a.default = stream_bytes([VARIED_STREAM], pause=0)
 
-    resp = await proxy.client.post(CHAT, json=chat(stream=True))
+    resp = await proxy.client.post(CHAT, json=chat(stream=True, stream_options=USAGE_ASKED))
 
     assert resp.status == 200
     body = await resp.read()
@@ -68,7 +72,7 @@ async def test_crlf_line_endings_pass_through(make_upstream, make_proxy):
     raw = VARIED_STREAM.replace(b"\n", b"\r\n")
     a.default = stream_bytes([raw], pause=0)
 
-    resp = await proxy.client.post(CHAT, json=chat(stream=True))
+    resp = await proxy.client.post(CHAT, json=chat(stream=True, stream_options=USAGE_ASKED))
 
     body = await resp.read()
     assert body == relabelled(raw)
@@ -96,7 +100,7 @@ async def test_event_split_across_tcp_writes_is_reassembled(make_upstream, make_
     pieces = [raw[start:end] for start, end in zip([0, *cuts], [*cuts, len(raw)], strict=True)]
     a.default = stream_bytes(pieces, pause=0.01)
 
-    resp = await proxy.client.post(CHAT, json=chat(stream=True))
+    resp = await proxy.client.post(CHAT, json=chat(stream=True, stream_options=USAGE_ASKED))
 
     assert await resp.read() == relabelled(raw)
 

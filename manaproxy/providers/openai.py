@@ -17,6 +17,7 @@ bounded by `total` alone.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import zlib
 from collections.abc import AsyncGenerator, Iterator
@@ -27,11 +28,12 @@ import msgspec
 import orjson
 from yarl import URL
 
-from ..body import SplicedPayload
+from ..body import RequestBody, SplicedPayload
 from ..config import ProviderConfig, ServerSettings
 from ..headers import to_client, to_upstream
 from ..jsonmodel import HEAD, model_span, replace_model
 from ..protocols import (
+    CHAT,
     DONE_EVENT,
     RESPONSES,
     StreamProtocol,
@@ -44,6 +46,9 @@ from ..protocols import (
 from ..redact import Redactor
 from ..sse import EventBuffer, ModelRewriter, data_json
 from .base import Call, ListedModel, MidStreamFailure, Reply, UpstreamFailure, Usage, translate_errors
+from .streamusage import UsageStripper, may_inject
+
+logger = logging.getLogger("manaproxy.providers.openai")  # pinned: deploy/README.md documents it
 
 _ERROR_BODY_LIMIT = 1 << 20  # an error body is read (and decoded) this far at most
 _BOUNDARY = re.compile(rb"\r\n\r\n|\n\n|\r\r")  # the end of an SSE event, in any line ending
@@ -129,6 +134,7 @@ class OpenAIStream:
         "_resp",
         "_rest",
         "_rewriter",
+        "_stripper",
         "complete",
         "first",
         "headers",
@@ -149,6 +155,7 @@ class OpenAIStream:
         idle: float,
         max_event: int,
         redactor: Redactor,
+        strip_usage: bool = False,
     ) -> None:
         self.status = resp.status
         # The stream's own Content-Type goes too, parameters (`; charset=utf-8`) and all, as a direct call has it.
@@ -158,7 +165,9 @@ class OpenAIStream:
         self._redactor = redactor
         self.complete = protocol.ended_by(first)
         self.usage: Usage | None = usage_of(first)
-        self.first = rewriter.rewrite(first)
+        # We asked for usage the client did not: what that adds is taken out again (`streamusage.py`).
+        self._stripper = UsageStripper() if strip_usage else None
+        self.first = rewriter.rewrite(first if self._stripper is None else self._stripper.strip(first))
         self._resp = resp
         self._buffer = buffer
         self._decoder = decoder
@@ -183,6 +192,8 @@ class OpenAIStream:
             self.complete = True
         if carries_usage(events):
             self.usage = usage_of(events) or self.usage
+        if self._stripper is not None:
+            events = self._stripper.strip(events)
         return self._rewriter.rewrite(events), failure
 
     def _until_too_large(self, events: bytes) -> tuple[bytes, MidStreamFailure | None]:
@@ -262,6 +273,11 @@ class OpenAIStream:
             self._resp.close()
 
 
+def _names_stream_options(failure: UpstreamFailure) -> bool:
+    """An upstream's 400 about the `stream_options` we added (a server that does not know the field)."""
+    return failure.status == 400 and b"stream_options" in (failure.body or b"")
+
+
 class OpenAIProvider:
     """Provider of kind `openai`."""
 
@@ -277,6 +293,9 @@ class OpenAIProvider:
         self._redactor = redactor if redactor is not None else Redactor([config])
         self._server = server if server is not None else ServerSettings()
         self._session = session
+        # The upstream answered 400 naming `stream_options` to a request we added it to: not again until a
+        # reload (which builds a new provider object).
+        self._no_stream_options = False
         headers = {"Accept-Encoding": "identity", **config.headers}
         if config.api_key:
             headers["Authorization"] = f"Bearer {config.api_key}"
@@ -298,7 +317,8 @@ class OpenAIProvider:
         stream releases its own (`OpenAIStream.close`)."""
 
     async def send(self, call: Call) -> Reply | OpenAIStream:
-        body = call.body.with_model(call.target.model)
+        inject = self._injects_usage(call)
+        body = call.body.with_model(call.target.model, include_usage=inject)
         headers = {
             **to_upstream(call.headers, self.config.forward_headers),
             **self._headers,
@@ -311,9 +331,32 @@ class OpenAIProvider:
         if call.stream:
             with translate_errors("before the first byte"):
                 async with asyncio.timeout(self.config.timeouts.first_byte):
+                    try:
+                        return await self._open_stream(url, body, headers, resolved, call.protocol, strip_usage=inject)
+                    except UpstreamFailure as failure:
+                        if not (inject and _names_stream_options(failure)):
+                            raise
+                    self._no_stream_options = True
+                    logger.warning(
+                        "provider %s refused stream_options (HTTP 400): streams go to it without usage "
+                        "until the next reload (set stream_usage: passthrough to say so)",
+                        self.config.name,
+                    )
+                    body = call.body.with_model(call.target.model)
                     return await self._open_stream(url, body, headers, resolved, call.protocol)
         with translate_errors("waiting for the answer"):
             return await self._exchange(url, body, headers, resolved)
+
+    def _injects_usage(self, call: Call) -> bool:
+        """Whether `call` goes upstream asking for usage the client did not ask for (`streamusage.py`)."""
+        return (
+            call.stream
+            and call.protocol is CHAT
+            and self.config.stream_usage == "inject"
+            and not self._no_stream_options
+            and isinstance(call.body, RequestBody)
+            and may_inject(call.body.stream_options)
+        )
 
     async def _exchange(self, url: URL, body: bytes | SplicedPayload, headers: dict[str, str], resolved: str) -> Reply:
         async with self._session.post(
@@ -367,6 +410,8 @@ class OpenAIProvider:
         headers: dict[str, str],
         resolved: str,
         protocol: StreamProtocol,
+        *,
+        strip_usage: bool = False,
     ) -> Reply | OpenAIStream:
         resp = await self._session.post(url, data=body, headers=headers, timeout=self._timeout, allow_redirects=False)
         try:
@@ -420,6 +465,7 @@ class OpenAIProvider:
                 idle=idle,
                 max_event=max_event,
                 redactor=self._redactor,
+                strip_usage=strip_usage,
             )
         except BaseException:
             resp.close()

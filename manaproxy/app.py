@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry
 
 from . import probe, proxy
 from .auth import auth_middleware
+from .cache import cache_header
 from .config import Config
 from .cors import cors_headers, cors_middleware
 from .errors import error_middleware
@@ -81,6 +82,7 @@ def create_app(
     app[RELOADER] = reloader
     app[catalog.MODELS_CACHE] = catalog.ModelsCache()
     app.on_response_prepare.append(echo_request_id)
+    app.on_response_prepare.append(cache_header)
     if origins:
         app.on_response_prepare.append(cors_headers(origins))
 
@@ -92,6 +94,14 @@ def create_app(
         if session is None and gateway.session is not None:
             await gateway.session.close()
 
+    async def shared_redis(app: web.Application) -> AsyncIterator[None]:
+        # The one Redis connection (when `redis.url` is set): opened once, closed once after the last store.
+        gateway.redis.open(gateway.config.redis)
+        yield
+        await gateway.cache.close()
+        await gateway.redis.close()
+
+    app.cleanup_ctx.append(shared_redis)
     app.cleanup_ctx.append(upstream_session)
     if probes:
         app.cleanup_ctx.append(probe.probe_loop)

@@ -19,6 +19,7 @@ import aiohttp
 from aiohttp import web
 
 from .body import BodyBudget
+from .cache import ResponseCache
 from .config import Config
 from .drain import Drain
 from .health import HealthTracker
@@ -26,6 +27,7 @@ from .providers import build_provider
 from .providers.base import Provider
 from .record import Observer, RequestRecord
 from .redact import Redactor
+from .redislink import RedisLink
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +60,12 @@ class Gateway:
     observers: list[Observer] = field(default_factory=list)
     body_budget: BodyBudget = field(default_factory=BodyBudget)  # request bodies held by all requests
     drain: Drain = field(default_factory=Drain)  # requests in flight, for the shutdown drain
+    redis: RedisLink = field(default_factory=RedisLink)  # the one Redis connection, opened at startup (app.py)
+    cache: ResponseCache = field(init=False)  # the response cache, in memory or through `redis`
     _finished: list[RequestRecord] = field(default_factory=list)  # records not yet handed to the observers
+
+    def __post_init__(self) -> None:
+        self.cache = ResponseCache(self.redis)
 
     def __repr__(self) -> str:
         return f"<Gateway {self.runtime.config.summary()}>"

@@ -32,6 +32,7 @@ from multidict import CIMultiDict
 from . import logfmt
 from .auth import CLIENT
 from .body import BodyBudget, parse_body, read_body
+from .cache import Lookup, Tee
 from .config import Hedge, Target
 from .drain import Guard, shutting_down
 from .errors import JSON_CONTENT_TYPE, ProxyError, error_body
@@ -318,7 +319,7 @@ def _refused(request: web.Request, record: RequestRecord, err: ProxyError) -> we
 class _Forwarder:
     """One request's walk down its chain."""
 
-    __slots__ = ("claim", "gateway", "guard", "raw", "record", "request", "runtime")
+    __slots__ = ("cached", "claim", "gateway", "guard", "raw", "record", "request", "runtime")
 
     def __init__(
         self, request: web.Request, gateway: Gateway, runtime: Runtime, record: RequestRecord, guard: Guard
@@ -329,6 +330,7 @@ class _Forwarder:
         self.record = record
         self.guard = guard
         self.raw = bytearray()
+        self.cached: Lookup | None = None  # the request's route caches (`cache.py`)
 
     async def run(self, claim: BodyBudget.Claim) -> web.StreamResponse:
         self.claim = claim
@@ -369,6 +371,10 @@ class _Forwarder:
         protocol = for_path(path)
         headers = self.request.headers
         plan = Plan(route.steps, config, self.gateway.health, record, _RNG)
+        # The cache: looked up before any chain entry is tried; a miss is stored once it has been sent.
+        cached = self.cached = await self.gateway.cache.lookup(self.request, config, route, path, body, record)
+        if cached is not None and cached.hit is not None:
+            return self.gateway.cache.replay(cached, record)
 
         def call_to(target: Target) -> Call:
             return Call(path, body, target, record.request_id, accept, protocol, headers)
@@ -475,6 +481,8 @@ class _Forwarder:
                 reply.headers, {"Content-Type": reply.content_type, RESOLVED_HEADER: resolved_value(target)}
             )
             record.first_byte = perf_counter() - record.started
+            if self.cached is not None:
+                self.gateway.cache.store_reply(self.cached, reply, headers[RESOLVED_HEADER])
             return web.Response(status=reply.status, body=reply.body, content_type=None, headers=headers)
         return await self._relay(target, reply, slot, protocol)
 
@@ -503,6 +511,9 @@ class _Forwarder:
     ) -> web.StreamResponse:
         """Commit to `target` and relay its stream; a failure from here on ends it with an error event."""
         record = self.record
+        tee: Tee | None = None
+        if self.cached is not None:
+            reply = tee = self.gateway.cache.tee(self.cached, reply)
         response = web.StreamResponse(
             status=reply.status,
             headers=_answer_headers(reply.headers, {**_STREAM_HEADERS, RESOLVED_HEADER: resolved_value(target)}),
@@ -544,6 +555,8 @@ class _Forwarder:
             if reply.usage is not None:
                 record.prompt_tokens, record.completion_tokens = reply.usage
             await response.write_eof()
+            if tee is not None and clean_end and self.cached is not None:
+                self.gateway.cache.store_stream(self.cached, tee, response.headers[RESOLVED_HEADER])
         except ConnectionError:
             record.outcome = record.outcome or CLIENT_DISCONNECTED
         finally:

@@ -25,7 +25,7 @@ def format_record(record: RequestRecord) -> str:
         f"resolved={v(record.target)} attempts={v(attempts)} status={record.status} "
         f"stream={'true' if record.streaming else 'false'} outcome={v(record.outcome)} ttfb_ms={v(ttfb)} "
         f"duration_ms={round(record.duration * 1000, 1)} prompt_tokens={v(record.prompt_tokens)} "
-        f"completion_tokens={v(record.completion_tokens)} error={v(record.error_type)}"
+        f"completion_tokens={v(record.completion_tokens)} error={v(record.error_type)} cache={v(record.cache)}"
     )
 
 

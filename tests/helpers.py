@@ -403,6 +403,7 @@ FIELDS = [
     "prompt_tokens",
     "completion_tokens",
     "error",
+    "cache",
 ]
 
 _PAIR_RE = re.compile(r'([a-z_]+)=("(?:[^"\\]|\\.)*"|[^ "]+)(?: |$)')

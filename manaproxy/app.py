@@ -98,7 +98,7 @@ def create_app(
         # The one Redis connection (when `redis.url` is set): opened once, closed once after the last store.
         gateway.redis.open(gateway.config.redis)
         yield
-        await gateway.cache.close()
+        await gateway.cache.settle()
         await gateway.redis.close()
 
     app.cleanup_ctx.append(shared_redis)

@@ -109,10 +109,9 @@ def cache_key(*, path: str, model: str, body: bytes, client: bytes | None, gener
     return KEY_PREFIX + digest.hexdigest()
 
 
-def directives(request: web.Request) -> tuple[bool, bool]:
-    """(look up, store) as the request's `Cache-Control` asks: `no-cache` skips the lookup (the answer is
+def directives(header: str | None) -> tuple[bool, bool]:
+    """(look up, store) as a request's `Cache-Control` asks: `no-cache` skips the lookup (the answer is
     still stored), `no-store` skips both."""
-    header = request.headers.get("Cache-Control")
     if not header:
         return True, True
     words = {word.strip().split("=", 1)[0].lower() for word in header.split(",")}
@@ -247,7 +246,7 @@ class ResponseCache:
             return None
         settings = config.cache
         self.memory.max_bytes = settings.max_bytes  # a reload may change it
-        look, store = directives(request)
+        look, store = directives(request.headers.get("Cache-Control"))
         canonical = canonical_body(body.raw) if store and isinstance(body, RequestBody) else None
         if canonical is None:
             _note(request, record, BYPASS)
@@ -313,8 +312,8 @@ class ResponseCache:
     async def _save_redis(self, key: str, blob: bytes, ttl: float) -> None:
         await self.link.run(FEATURE, lambda client: client.set(key, blob, px=max(1, round(ttl * 1000))))
 
-    async def close(self) -> None:
-        """Let the stores under way finish (each is bounded by the Redis timeout), at shutdown."""
+    async def settle(self) -> None:
+        """Let the stores under way finish (each is bounded by the Redis timeout): at shutdown, and in tests."""
         if self._pending:
             await asyncio.gather(*self._pending, return_exceptions=True)
 

@@ -35,6 +35,7 @@ from multidict import CIMultiDict
 from .auth import CLIENT, presented_keys
 from .body import Body, RequestBody
 from .config import Config, ProviderConfig
+from .protocols import StreamProtocol
 from .providers.base import Reply, StreamReply
 from .record import RequestRecord
 from .redislink import DEGRADED, RedisLink
@@ -292,10 +293,11 @@ class ResponseCache:
         """`reply`, keeping a copy of the bytes relayed (up to `max_entry_bytes`) for `store_stream`."""
         return Tee(reply, lookup.max_entry_bytes if lookup.store and reply.status == 200 else -1)
 
-    def store_stream(self, lookup: Lookup, tee: Tee, resolved: str) -> None:
-        """Store a relayed stream: call only when it ended complete, after its last byte was sent."""
+    def store_stream(self, lookup: Lookup, tee: Tee, resolved: str, protocol: StreamProtocol) -> None:
+        """Store a relayed stream that ended complete (a Responses stream: `response.completed`), after its
+        last byte was sent."""
         body = tee.kept()
-        if body is not None and tee.complete:
+        if body is not None and tee.complete and protocol.succeeded(body):
             self._save(lookup, Entry(time.time(), True, "text/event-stream", resolved, body))
 
     def _save(self, lookup: Lookup, entry: Entry) -> None:

@@ -21,6 +21,7 @@ from .sse import error_event, has_done
 _RESPONSES_END = re.compile(
     rb'(?m)^event: ?response\.(?:completed|incomplete|failed)\r?$|"type"\s*:\s*"response\.(?:completed|incomplete|failed)"'
 )
+_RESPONSES_COMPLETED = re.compile(rb'(?m)^event: ?response\.completed\r?$|"type"\s*:\s*"response\.completed"')
 _RESPONSES_END_WORDS = (b"response.completed", b"response.incomplete", b"response.failed")
 
 
@@ -41,6 +42,15 @@ class StreamProtocol:
         if self.name == "responses":
             return any(word in events for word in _RESPONSES_END_WORDS) and _RESPONSES_END.search(events) is not None
         return False
+
+    def succeeded(self, events: bytes) -> bool:
+        """Whether a complete stream (`events`, all of it) is a success worth replaying: for the Responses
+        API only one whose last event is `response.completed` (not `incomplete` or `failed`); any other
+        protocol's complete stream is."""
+        if self.name != "responses":
+            return True
+        last = events.rstrip().rpartition(b"\n\n")[2]
+        return _RESPONSES_COMPLETED.search(last) is not None
 
     def error_event(self, message: str, code: str | None = None) -> bytes:
         """Our terminal error event: what this protocol's clients (the openai SDKs) raise on."""

@@ -556,7 +556,7 @@ class _Forwarder:
                 record.prompt_tokens, record.completion_tokens = reply.usage
             await response.write_eof()
             if tee is not None and clean_end and self.cached is not None:
-                self.gateway.cache.store_stream(self.cached, tee, response.headers[RESOLVED_HEADER])
+                self.gateway.cache.store_stream(self.cached, tee, response.headers[RESOLVED_HEADER], protocol)
         except ConnectionError:
             record.outcome = record.outcome or CLIENT_DISCONNECTED
         finally:

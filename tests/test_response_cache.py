@@ -22,8 +22,10 @@ from .fakes import (
     chat_chunks,
     chat_completion,
     json_reply,
+    responses_stream,
     sse_reply,
     status_reply,
+    typed_events,
     wait_for,
 )
 from .helpers import CHAT, DONE, Proxy, build_config, chat, parse_logfmt, value
@@ -413,3 +415,21 @@ async def test_a_redis_password_never_reaches_a_log_line_or_a_response(make_upst
     assert len(warnings) == 1
     assert "redis://***@127.0.0.1:" in warnings[0]
     assert not [r for r in caplog.records if "hunter2" in r.getMessage()]
+
+
+async def test_a_responses_stream_is_stored_only_when_it_completed(cached):
+    up, proxy = cached
+    body = {"model": "mana/x", "input": "hi", "stream": True}
+    up.queue(
+        responses_stream(typed_events("m1", end="response.failed")),
+        responses_stream(typed_events("m1", end="response.incomplete")),
+        responses_stream(typed_events("m1")),
+    )
+    for end in ("response.failed", "response.incomplete", "response.completed"):
+        resp, answer = await post(proxy, body, path="/v1/responses")
+        assert (resp.status, resp.headers[CACHE]) == (200, "miss")
+        assert f"event: {end}".encode() in answer
+    resp, replayed = await post(proxy, body, path="/v1/responses")
+    assert resp.headers[CACHE] == "hit"
+    assert replayed == answer
+    assert up.calls == 3

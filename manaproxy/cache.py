@@ -233,6 +233,8 @@ class ResponseCache:
         self.link = link
         self.memory = MemoryStore(0)
         self._pending: set[asyncio.Task[None]] = set()
+        # Each alias's `generation` under one config (aliases only: direct model names are the clients').
+        self._generations: tuple[Config | None, dict[str, bytes]] = (None, {})
 
     def __repr__(self) -> str:
         return f"<ResponseCache {self.memory!r} {self.link!r} pending={len(self._pending)}>"
@@ -257,7 +259,7 @@ class ResponseCache:
             model=route.requested,
             body=canonical,
             client=client_identity(request),
-            generation=generation(config, route),
+            generation=self._generation(config, route),
         )
         redis = settings.backend == "redis"
         lookup = Lookup(key, ttl, store, redis, settings.max_entry_bytes)
@@ -276,6 +278,18 @@ class ResponseCache:
             lookup.hit = None
         _note(request, record, HIT if lookup.hit is not None else MISS)
         return lookup
+
+    def _generation(self, config: Config, route: Route) -> bytes:
+        if route.alias is None:
+            return generation(config, route)
+        of, generations = self._generations
+        if of is not config:  # a reload: every alias's generation is computed afresh
+            generations = {}
+            self._generations = (config, generations)
+        found = generations.get(route.alias)
+        if found is None:
+            found = generations[route.alias] = generation(config, route)
+        return found
 
     def replay(self, lookup: Lookup, record: RequestRecord) -> web.StreamResponse:
         """The answer to a hit: the stored bytes. No provider answered it: the record has no target."""

@@ -370,11 +370,11 @@ class _Forwarder:
         accept = self.request.headers.get("Accept")
         protocol = for_path(path)
         headers = self.request.headers
-        plan = Plan(route.steps, config, self.gateway.health, record, _RNG)
         # The cache: looked up before any chain entry is tried; a miss is stored once it has been sent.
         cached = self.cached = await self.gateway.cache.lookup(self.request, config, route, path, body, record)
         if cached is not None and cached.hit is not None:
             return self.gateway.cache.replay(cached, record)
+        plan = Plan(route.steps, config, self.gateway.health, record, _RNG)
 
         def call_to(target: Target) -> Call:
             return Call(path, body, target, record.request_id, accept, protocol, headers)

@@ -433,3 +433,15 @@ async def test_a_responses_stream_is_stored_only_when_it_completed(cached):
     assert resp.headers[CACHE] == "hit"
     assert replayed == answer
     assert up.calls == 3
+
+
+async def test_a_reload_that_changes_redis_says_it_waits_for_a_restart(
+    cached, backend, redis_if_needed, tmp_path, caplog
+):
+    up, proxy = cached
+    caplog.set_level(logging.WARNING, logger="manaproxy.reload")
+    assert proxy.reload_to(tmp_path, cache_config(up, backend, redis_if_needed) + "\n# touched\n")
+    assert not [r for r in caplog.records if r.name == "manaproxy.reload"]
+    assert proxy.reload_to(tmp_path, cache_config(up, backend, redis_if_needed, timeout=0.25))
+    warnings = [r.getMessage() for r in caplog.records if r.name == "manaproxy.reload"]
+    assert warnings == (["redis: changed: it takes effect at the next restart"] if backend == "redis" else [])

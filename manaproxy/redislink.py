@@ -9,7 +9,8 @@ is logged once as a WARNING when it starts and once as an INFO when it ends; eac
 is counted per feature (`errors`, exported as `mana_llm_redis_errors_total{feature}`). The URL may hold a
 password: only `RedisSettings.redacted_url` is ever shown.
 
-The link is opened once at startup (`app.shared_redis`, a cleanup_ctx) from the `redis:` section and
+The `redis` package is imported only when a URL is configured (it costs ≈8 MB and 0.1 s that a process
+without Redis need not pay). The link is opened once at startup (`app.shared_redis`, a cleanup_ctx) from the `redis:` section and
 closed at shutdown; a reload that changes `redis:` takes effect at the next restart.
 """
 
@@ -21,14 +22,12 @@ import enum
 import logging
 from collections.abc import Awaitable, Callable
 from time import monotonic
-from typing import TypeVar
-
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from typing import TYPE_CHECKING, TypeVar
 
 from .config import RedisSettings
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
 
 logger = logging.getLogger("manaproxy.redis")
 
@@ -58,6 +57,10 @@ class RedisLink:
         self._down_since: float | None = None  # monotonic; set while the link is down (no command is sent)
         self._failing = False  # an outage is under way (warned once): down, or commands refused
         self._reconnect: asyncio.Task[None] | None = None
+        # What a failed command raises, once the `redis` package is imported (`open`): the link is down, or
+        # Redis answered with a refusal.
+        self._unreachable: tuple[type[BaseException], ...] = (TimeoutError, OSError)
+        self._refusals: tuple[type[BaseException], ...] = ()
 
     def __repr__(self) -> str:
         state = "unconfigured" if self._client is None else ("down" if self._down_since is not None else "up")
@@ -77,6 +80,15 @@ class RedisLink:
         self.settings = settings
         if not settings.url:
             return
+        import redis.asyncio as aioredis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+        from redis.exceptions import ConnectionError as RedisConnectionError
+        from redis.exceptions import RedisError
+        from redis.exceptions import TimeoutError as RedisTimeoutError
+
+        self._unreachable = (TimeoutError, OSError, RedisConnectionError, RedisTimeoutError)
+        self._refusals = (RedisError,)
         self._client = aioredis.Redis.from_url(
             settings.url,
             socket_timeout=settings.timeout_seconds,
@@ -94,7 +106,7 @@ class RedisLink:
             self._reconnect = None
         if self._client is not None:
             client, self._client = self._client, None
-            with contextlib.suppress(RedisError, OSError):  # a connection that is already gone
+            with contextlib.suppress(*self._refusals, *self._unreachable):  # a connection that is already gone
                 await client.aclose()
 
     async def run(self, feature: str, command: Callable[[aioredis.Redis], Awaitable[T]]) -> T | Degraded:
@@ -106,11 +118,11 @@ class RedisLink:
         try:
             async with asyncio.timeout(self.settings.timeout_seconds):
                 result = await command(client)
-        except (TimeoutError, OSError, aioredis.ConnectionError, aioredis.TimeoutError) as exc:
+        except self._unreachable as exc:
             self._count(feature)
             self._went_down(exc)
             return DEGRADED
-        except RedisError as exc:  # Redis answered, but refused: full (OOM), read-only replica, ...
+        except self._refusals as exc:  # Redis answered, but refused: full (OOM), read-only replica, ...
             self._count(feature)
             self._refused(exc)
             return DEGRADED
@@ -135,7 +147,7 @@ class RedisLink:
             )
         self._reconnect = asyncio.get_running_loop().create_task(self._reconnect_loop(), name="manaproxy-redis")
 
-    def _refused(self, exc: RedisError) -> None:
+    def _refused(self, exc: BaseException) -> None:
         if not self._failing:
             self._failing = True
             logger.warning(
@@ -154,7 +166,7 @@ class RedisLink:
             try:
                 async with asyncio.timeout(timeout):
                     await client.ping()
-            except (TimeoutError, OSError, RedisError):
+            except (*self._unreachable, *self._refusals):
                 continue
             down_for = monotonic() - (self._down_since or monotonic())
             self._down_since = None

@@ -326,7 +326,7 @@ class ResponseCache:
         task.add_done_callback(self._pending.discard)
 
     async def _save_redis(self, key: str, blob: bytes, ttl: float) -> None:
-        await self.link.run(FEATURE, lambda client: client.set(key, blob, px=max(1, round(ttl * 1000))))
+        await self.link.run(FEATURE, lambda client: client.set(key, blob, px=max(1, round(ttl * 1000))), write=True)
 
     async def settle(self) -> None:
         """Let the stores under way finish (each is bounded by the Redis timeout): at shutdown, and in tests."""

@@ -5,13 +5,14 @@ when Redis is down, slow or refuses a command (full, read-only ...), the caller 
 never an exception, never a wait past the timeout — and goes on without the feature. A connection failure
 marks the link down: from then on commands return `DEGRADED` at once, without touching the network, while
 one background task pings Redis until it answers (reconnection is never paid for by a request). An outage
-is logged once as a WARNING when it starts and once as an INFO when it ends; each command that did not run
-is counted per feature (`errors`, exported as `mana_llm_redis_errors_total{feature}`). The URL may hold a
-password: only `RedisSettings.redacted_url` is ever shown.
+is logged once as a WARNING when it starts and once as an INFO when it ends (for Redis refusing writes,
+full or read-only: when a write succeeds again); each command that did not run is counted per feature
+(`errors`, exported as `mana_llm_redis_errors_total{feature}`). The URL may hold a password: only
+`RedisSettings.redacted_url` is ever shown.
 
 The `redis` package is imported only when a URL is configured (it costs ≈8 MB and 0.1 s that a process
-without Redis need not pay). The link is opened once at startup (`app.shared_redis`, a cleanup_ctx) from the `redis:` section and
-closed at shutdown; a reload that changes `redis:` takes effect at the next restart.
+without Redis need not pay). The link is opened once at startup (`app.shared_redis`, a cleanup_ctx) from
+the `redis:` section and closed at shutdown; a reload that changes `redis:` takes effect at the next restart.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ class RedisLink:
         self.errors: dict[str, int] = {}  # feature -> commands that did not run (failed, timed out, skipped)
         self._client: aioredis.Redis | None = None
         self._down_since: float | None = None  # monotonic; set while the link is down (no command is sent)
-        self._failing = False  # an outage is under way (warned once): down, or commands refused
+        self._refusing = False  # Redis refuses commands (full ...): warned once, until a write succeeds
         self._reconnect: asyncio.Task[None] | None = None
         # What a failed command raises, once the `redis` package is imported (`open`): the link is down, or
         # Redis answered with a refusal.
@@ -109,8 +110,12 @@ class RedisLink:
             with contextlib.suppress(*self._refusals, *self._unreachable):  # a connection that is already gone
                 await client.aclose()
 
-    async def run(self, feature: str, command: Callable[[aioredis.Redis], Awaitable[T]]) -> T | Degraded:
-        """Run `command` on the client within the timeout: its result, or `DEGRADED` (counted for `feature`)."""
+    async def run(
+        self, feature: str, command: Callable[[aioredis.Redis], Awaitable[T]], *, write: bool = False
+    ) -> T | Degraded:
+        """Run `command` on the client within the timeout: its result, or `DEGRADED` (counted for `feature`).
+        `write`: the command writes (a refusal to write — Redis full, a read-only replica — ends only when a
+        write succeeds again: reads answering meanwhile say nothing about it)."""
         client = self._client
         if client is None or self._down_since is not None:
             self._count(feature)
@@ -126,9 +131,9 @@ class RedisLink:
             self._count(feature)
             self._refused(exc)
             return DEGRADED
-        if self._failing:
-            self._failing = False
-            logger.info("redis %s: commands succeed again", self.settings.redacted_url)
+        if write and self._refusing:
+            self._refusing = False
+            logger.info("redis %s: writes succeed again", self.settings.redacted_url)
         return result
 
     def _count(self, feature: str) -> None:
@@ -138,18 +143,16 @@ class RedisLink:
         if self._down_since is not None:
             return
         self._down_since = monotonic()
-        if not self._failing:
-            self._failing = True
-            logger.warning(
-                "redis %s is unreachable (%s): features that use it go on without it until it is back",
-                self.settings.redacted_url,
-                _describe(exc),
-            )
+        logger.warning(
+            "redis %s is unreachable (%s): features that use it go on without it until it is back",
+            self.settings.redacted_url,
+            _describe(exc),
+        )
         self._reconnect = asyncio.get_running_loop().create_task(self._reconnect_loop(), name="manaproxy-redis")
 
     def _refused(self, exc: BaseException) -> None:
-        if not self._failing:
-            self._failing = True
+        if not self._refusing:
+            self._refusing = True
             logger.warning(
                 "redis %s refused a command (%s): features that use it go on without it",
                 self.settings.redacted_url,
@@ -170,7 +173,6 @@ class RedisLink:
                 continue
             down_for = monotonic() - (self._down_since or monotonic())
             self._down_since = None
-            self._failing = False
             self._reconnect = None
             logger.info("redis %s is back after %.1fs", self.settings.redacted_url, down_for)
             return

@@ -445,3 +445,44 @@ async def test_a_reload_that_changes_redis_says_it_waits_for_a_restart(
     assert proxy.reload_to(tmp_path, cache_config(up, backend, redis_if_needed, timeout=0.25))
     warnings = [r.getMessage() for r in caplog.records if r.name == "manaproxy.reload"]
     assert warnings == (["redis: changed: it takes effect at the next restart"] if backend == "redis" else [])
+
+
+async def test_a_full_redis_refuses_stores_and_costs_no_request(make_upstream, make_proxy, redis_server, caplog):
+    import redis as redis_client
+
+    up = await make_upstream("a")
+    up.default = numbered()
+    proxy = await make_proxy(cache_config(up, "redis", redis_server))
+    caplog.set_level(logging.INFO, logger="manaproxy.redis")
+    admin = redis_client.Redis.from_url(redis_server.url)
+    admin.config_set("maxmemory", 1)  # every write is refused (OOM, noeviction); reads still answer
+    try:
+        for number in (1, 2, 3):
+            resp, body = await post(proxy, chat())
+            assert (resp.status, resp.headers[CACHE]) == (200, "miss")
+            assert f"answer {number}".encode() in body
+        assert value(proxy, "mana_llm_redis_errors_total", feature="cache") == 3
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == 1
+        assert "refused" in warnings[0]
+    finally:
+        admin.config_set("maxmemory", 0)
+        admin.close()
+    await post(proxy, chat())  # stored now
+    resp, body = await post(proxy, chat())
+    assert resp.headers[CACHE] == "hit"
+    assert b"answer 4" in body
+    assert any("writes succeed again" in r.getMessage() for r in caplog.records if r.levelno == logging.INFO)
+
+
+async def test_the_memory_backend_reports_its_bytes(make_upstream, make_proxy):
+    up = await make_upstream("a")
+    up.default = numbered()
+    proxy = await make_proxy(cache_config(up, "memory", None, cache={"max_bytes": 3000}))
+    assert value(proxy, "mana_llm_cache_bytes") == 0
+    _, first = await post(proxy, chat())
+    held = value(proxy, "mana_llm_cache_bytes")
+    assert held == len(first) + 256
+    for index in range(20):  # more than 3000 bytes of entries: the least recently used go
+        await post(proxy, chat(seed=index))
+    assert 0 < value(proxy, "mana_llm_cache_bytes") <= 3000

@@ -228,11 +228,11 @@ async def test_a_hit_leaves_the_llm_health_and_fallback_series_alone(cached, cap
 async def test_entries_expire_after_their_ttl(make_upstream, make_proxy, backend, redis_if_needed):
     up = await make_upstream("a")
     up.default = numbered()
-    proxy = await make_proxy(cache_config(up, backend, redis_if_needed, alias_cache={"ttl_seconds": 0.3}))
+    proxy = await make_proxy(cache_config(up, backend, redis_if_needed, alias_cache={"ttl_seconds": 0.5}))
     await post(proxy, chat())
     resp, _ = await post(proxy, chat())
     assert resp.headers[CACHE] == "hit"
-    await asyncio.sleep(0.4)
+    await asyncio.sleep(0.6)
     resp, body = await post(proxy, chat())
     assert resp.headers[CACHE] == "miss"
     assert b"answer 2" in body

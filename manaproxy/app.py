@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 
 from . import probe, proxy
 from .auth import auth_middleware
+from .cache import cache_header
 from .clients import parse_env_clients
 from .config import Config
 from .cors import cors_headers, cors_middleware
@@ -110,6 +111,7 @@ def create_app(
     app.on_response_prepare.append(echo_request_id)
     app.on_response_prepare.append(say_nothing_of_us)
     app.on_response_prepare.append(ratelimit_headers)
+    app.on_response_prepare.append(cache_header)
     if origins:
         app.on_response_prepare.append(cors_headers(origins))
 
@@ -122,6 +124,14 @@ def create_app(
         if session is None and gateway.session is not None:
             await gateway.session.close()
 
+    async def shared_redis(app: web.Application) -> AsyncIterator[None]:
+        # The one Redis connection (when `redis.url` is set): opened once, closed once after the last store.
+        gateway.redis.open(gateway.config.redis)
+        yield
+        await gateway.cache.settle()
+        await gateway.redis.close()
+
+    app.cleanup_ctx.append(shared_redis)
     app.cleanup_ctx.append(upstream_session)
     if probes:
         app.cleanup_ctx.append(probe.probe_loop)

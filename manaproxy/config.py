@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
@@ -169,6 +169,7 @@ class Alias:
     description: str
     steps: tuple[Step, ...]
     hedge: Hedge | None = None
+    cache_ttl: float | None = None  # `cache: true | {ttl_seconds: N}`: seconds its answers are kept; None: not cached
 
     @property
     def chain(self) -> tuple[Target, ...]:
@@ -248,6 +249,46 @@ class LimitSettings:
     on_backend_error: str = "open"  # open: let the request in (a WARNING and a metric); closed: refuse it
 
 
+@dataclass(frozen=True, slots=True)
+class RedisSettings:
+    """The one Redis connection (`redis:`); no `url`: none, each process keeps its own state in memory."""
+
+    url: str = field(default="", repr=False)  # may hold a password: `redacted_url` for anything shown
+    timeout_seconds: float = 0.05  # every command; past it the feature degrades and the request goes on
+
+    @property
+    def redacted_url(self) -> str:
+        return redact_url(self.url)
+
+
+def redact_url(url: str) -> str:
+    """`url` with any password (and user name) replaced by `***`: what a log line or an error may show."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None and parts.username is None:
+            return url
+        host = parts.hostname or ""
+        if parts.port is not None:
+            host = f"{host}:{parts.port}"
+        return urlunsplit((parts.scheme, f"***@{host}", parts.path, parts.query, parts.fragment))
+    except ValueError:
+        return "<unparseable url>"
+
+
+CACHE_BACKENDS = ("memory", "redis")
+
+
+@dataclass(frozen=True, slots=True)
+class CacheSettings:
+    """Where cached answers live (`cache:`); which requests cache is the aliases' (`Alias.cache_ttl`)."""
+
+    backend: str = "memory"  # memory | redis
+    ttl_seconds: float = 3600.0  # default for aliases that cache
+    max_bytes: int = 256 * 1024 * 1024  # memory backend: LRU bound on stored bytes
+    max_entry_bytes: int = 4 * 1024 * 1024  # answers larger than this are not stored
+    direct: bool = False  # `provider/model` requests cache too (with `ttl_seconds`)
+
+
 # Server settings aiohttp takes once, when it starts listening: a reload cannot change them.
 RESTART_ONLY_SETTINGS = ("header_timeout_seconds", "keepalive_timeout_seconds", "listen_backlog", "max_connections")
 
@@ -259,6 +300,8 @@ class Config:
     default: str | None = None
     health: HealthSettings = HealthSettings()
     server: ServerSettings = ServerSettings()
+    redis: RedisSettings = RedisSettings()
+    cache: CacheSettings = CacheSettings()
     source: str = "<memory>"
     clients: Mapping[str, ClientSpec] = field(default_factory=lambda: MappingProxyType({}))
     limits: LimitSettings = LimitSettings()
@@ -316,6 +359,7 @@ class _Parser:
     def __init__(self, env: Mapping[str, str], source: str) -> None:
         self.env = env
         self.source = source
+        self.default_ttl = CacheSettings().ttl_seconds  # `cache.ttl_seconds`, once `shared_state` has read it
 
     def fail(self, where: str, message: str) -> ConfigError:
         return ConfigError(f"{self.source}: {where}: {message}")
@@ -363,11 +407,14 @@ class _Parser:
     # -- sections -----------------------------------------------------------------------------
     def config(self, raw: dict[str, Any]) -> Config:
         top = self.mapping(
-            raw, "top level", ("providers", "aliases", "default", "health", "server", "clients", "limits")
+            raw,
+            "top level",
+            ("providers", "aliases", "default", "health", "server", "clients", "limits", "redis", "cache"),
         )
         providers_raw = self.mapping(top.get("providers"), "providers")
         declared = {name: self.provider(name, spec) for name, spec in providers_raw.items()}
 
+        shared = self.shared_state(top)  # before the aliases: `cache: true` takes its ttl from it
         aliases_raw = self.mapping(top.get("aliases"), "aliases")
         known = declared.keys() | BUILTIN_PROVIDERS.keys()
         aliases = {name: self.alias(name, spec, known) for name, spec in aliases_raw.items()}
@@ -391,6 +438,7 @@ class _Parser:
             default=default,
             health=self.health(top.get("health")),
             server=self.server(top.get("server")),
+            **shared,
             source=self.source,
             clients=MappingProxyType(self.clients(top.get("clients"), providers, aliases)),
             limits=self.limits(top.get("limits")),
@@ -535,7 +583,7 @@ class _Parser:
         where = f"aliases.{name}"
         if not name.startswith(ALIAS_PREFIX) or len(name) == len(ALIAS_PREFIX):
             raise self.fail(where, f"alias names must start with {ALIAS_PREFIX!r} and name a class")
-        spec = self.mapping(spec, where, ("description", "chain", "hedge_after", *_HEDGE_EXTRAS))
+        spec = self.mapping(spec, where, ("description", "chain", "hedge_after", "cache", *_HEDGE_EXTRAS))
         chain_raw = spec.get("chain")
         if not isinstance(chain_raw, list) or not chain_raw:
             raise self.fail(f"{where}.chain", "must be a non-empty list of provider/model entries")
@@ -547,7 +595,13 @@ class _Parser:
             else:
                 steps.append(Step.single(self.target(entry, entry_where, providers)))
         description = self.string(spec.get("description", ""), f"{where}.description", expand=False)
-        return Alias(name=name, description=description, steps=tuple(steps), hedge=self.hedge(spec, where))
+        return Alias(
+            name=name,
+            description=description,
+            steps=tuple(steps),
+            hedge=self.hedge(spec, where),
+            cache_ttl=self.alias_cache(spec.get("cache"), f"{where}.cache"),
+        )
 
     def target(self, entry: Any, where: str, providers: AbstractSet[str]) -> Target:
         text = self.string(entry, where)
@@ -721,3 +775,72 @@ class _Parser:
             raise self.fail("limits.backend", f"expected one of {', '.join(LIMIT_BACKENDS)}, got {backend!r}")
         policy = self.choice(spec.get("on_backend_error", "open"), "limits.on_backend_error", LIMIT_ERROR_POLICIES)
         return LimitSettings(backend, policy)
+
+    # -- shared state: redis and the response cache --------------------------------------------------
+    def shared_state(self, top: dict[str, Any]) -> dict[str, Any]:
+        """`redis=` and `cache=` of the `Config`; the per-alias `cache:` is checked against them by `alias_cache`."""
+        redis = self.redis(top.get("redis"))
+        cache = self.cache(top.get("cache"))
+        if cache.backend == "redis" and not redis.url:
+            raise self.fail("cache.backend", "'redis' needs redis.url")
+        self.default_ttl = cache.ttl_seconds
+        return {"redis": redis, "cache": cache}
+
+    def redis(self, raw: Any) -> RedisSettings:
+        spec = self.mapping(raw, "redis", ("url", "timeout_seconds"))
+        url = self.string(spec.get("url") or "", "redis.url").strip()
+        if url:
+            try:
+                parts = urlsplit(url)
+                valid = parts.scheme in ("redis", "rediss", "unix") and bool(parts.hostname or parts.path)
+                parts.port  # noqa: B018 - raises ValueError for a port that is not 0-65535
+            except ValueError:
+                valid = False
+            if not valid:
+                raise self.fail("redis.url", f"{redact_url(url)!r} is not a redis://, rediss:// or unix:// URL")
+        timeout = float(self.number(spec.get("timeout_seconds", 0.05), "redis.timeout_seconds", minimum=0.001))
+        return RedisSettings(url=url, timeout_seconds=timeout)
+
+    def cache(self, raw: Any) -> CacheSettings:
+        spec = self.mapping(raw, "cache", ("backend", "ttl_seconds", "max_bytes", "max_entry_bytes", "direct"))
+        backend = self.string(spec.get("backend", "memory"), "cache.backend").strip() or "memory"
+        if backend not in CACHE_BACKENDS:
+            raise self.fail("cache.backend", f"unknown backend {backend!r} (known: {', '.join(CACHE_BACKENDS)})")
+        defaults = CacheSettings()
+        direct = spec.get("direct", False)
+        if not isinstance(direct, bool):
+            raise self.fail("cache.direct", f"expected true or false, got {direct!r}")
+        return CacheSettings(
+            backend=backend,
+            ttl_seconds=self.ttl(spec.get("ttl_seconds", defaults.ttl_seconds), "cache.ttl_seconds"),
+            max_bytes=int(
+                self.number(spec.get("max_bytes", defaults.max_bytes), "cache.max_bytes", minimum=1, integer=True)
+            ),
+            max_entry_bytes=int(
+                self.number(
+                    spec.get("max_entry_bytes", defaults.max_entry_bytes),
+                    "cache.max_entry_bytes",
+                    minimum=1,
+                    integer=True,
+                )
+            ),
+            direct=direct,
+        )
+
+    def ttl(self, raw: Any, where: str) -> float:
+        ttl = float(self.number(raw, where, minimum=0.001))
+        if ttl > 365 * 86400:
+            raise self.fail(where, f"must be at most a year (31536000), got {raw}")
+        return ttl
+
+    def alias_cache(self, raw: Any, where: str) -> float | None:
+        """An alias's `cache:`: absent or false → None; true → the top-level `cache.ttl_seconds`;
+        `{ttl_seconds: N}` → N."""
+        if raw is None or raw is False:
+            return None
+        if raw is True:
+            return self.default_ttl
+        spec = self.mapping(raw, where, ("ttl_seconds",))
+        if "ttl_seconds" not in spec:
+            return self.default_ttl
+        return self.ttl(spec["ttl_seconds"], f"{where}.ttl_seconds")

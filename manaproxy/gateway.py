@@ -24,6 +24,7 @@ import aiohttp
 from aiohttp import web
 
 from .body import BodyBudget
+from .cache import ResponseCache
 from .clients import ClientTable
 from .config import ClientSpec, Config, LimitSettings
 from .drain import Drain
@@ -33,6 +34,7 @@ from .providers import build_provider
 from .providers.base import Provider
 from .record import Observer, RequestRecord
 from .redact import Redactor
+from .redislink import RedisLink
 
 logger = logging.getLogger(__name__)
 
@@ -84,8 +86,13 @@ class Gateway:
     drain: Drain = field(default_factory=Drain)  # requests in flight, for the shutdown drain
     env_clients: tuple[ClientSpec, ...] = ()  # from MANAPROXY_API_KEYS, read once at start
     limiter: Limiter = field(default_factory=lambda: Limiter(MemoryBackend(), LimitSettings()))
+    redis: RedisLink = field(default_factory=RedisLink)  # the one Redis connection, opened at startup (app.py)
+    cache: ResponseCache = field(init=False)  # the response cache, in memory or through `redis`
     _finished: list[RequestRecord] = field(default_factory=list)  # records not yet handed to the observers
     _retiring: set[asyncio.Task[None]] = field(default_factory=set)  # closing replaced runtimes (`_retire`)
+
+    def __post_init__(self) -> None:
+        self.cache = ResponseCache(self.redis)
 
     def __repr__(self) -> str:
         return f"<Gateway {self.runtime.config.summary()}>"

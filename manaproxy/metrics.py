@@ -32,6 +32,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from . import cache
 from .config import ALIAS_PREFIX, Config, Target
 from .failures import HEDGED_LOST, WON
 from .gateway import Gateway
@@ -41,7 +42,7 @@ from .reload import Reloader
 M = TypeVar("M", Counter, Histogram)
 
 OTHER = "other"
-DIRECT = "direct"  # `alias` label of a client's request that named a provider/model (or a bare model)
+DIRECT = "direct"  # `alias` label of a request that named a provider/model (or a bare model), and of its cache counter
 ALIAS_PROVIDER = "mana"  # `provider` label of an alias request that no target answered: what the caller asked for
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -144,6 +145,12 @@ class Metrics:
             "mana_llm_proxy_overhead_seconds",
             "Time spent in manaproxy itself per LLM request, excluding upstream and client waits",
             buckets=OVERHEAD_BUCKETS,
+            registry=registry,
+        )
+        self.cache_requests = Counter(
+            "mana_llm_cache_requests",
+            "Requests of caching aliases (and cached provider/model requests: alias `direct`) by what the cache did",
+            ["alias", "result"],
             registry=registry,
         )
         self.reloads = Counter("mana_llm_config_reloads", "Config reload attempts", ["result"], registry=registry)
@@ -254,6 +261,31 @@ class StateCollector(Collector):
         yield errors
 
 
+class SharedStateCollector(Collector):
+    """What the response cache and the Redis link hold, read at scrape time.
+
+    `mana_llm_cache_bytes`: bytes of the memory backend's entries (0 with the redis backend).
+    `mana_llm_redis_errors_total{feature}`: Redis commands that did not run (failed, timed out, or skipped
+    while Redis is down), by the feature that asked.
+    """
+
+    def __init__(self, gateway: Gateway) -> None:
+        self._gateway = gateway
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        stored = GaugeMetricFamily("mana_llm_cache_bytes", "Bytes held by the memory backend of the response cache")
+        stored.add_metric([], self._gateway.cache.memory.size)
+        yield stored
+        errors = CounterMetricFamily(
+            "mana_llm_redis_errors",
+            "Redis commands that did not run (failed, timed out, skipped while Redis is down), by feature",
+            labels=["feature"],
+        )
+        for feature, count in {cache.FEATURE: 0, **self._gateway.redis.errors}.items():
+            errors.add_metric([feature], count)
+        yield errors
+
+
 def _configured_targets(config: Config) -> frozenset[Target]:
     return frozenset(target for alias in config.aliases.values() for target in alias.chain)
 
@@ -302,6 +334,10 @@ class Recorder:
     def on_request(self, record: RequestRecord) -> None:
         m = self.metrics
         m.overhead.observe(record.overhead)
+        if record.cache is not None:
+            self._child(m.cache_requests, self._cache_alias(record), _word(record.cache)).inc()
+            if record.cache == cache.HIT:  # no provider answered: the LLM, health and fallback series stay as they are
+                return
         self._fallbacks(record)
         streaming = "true" if record.streaming else "false"
         target = record.target
@@ -348,6 +384,12 @@ class Recorder:
                 self._child(m.client_tokens, client, provider, model, "prompt").inc(record.prompt_tokens)
             if record.completion_tokens is not None:
                 self._child(m.client_tokens, client, provider, model, "completion").inc(record.completion_tokens)
+
+    def _cache_alias(self, record: RequestRecord) -> str:
+        """`alias` label of the cache counter: the configured alias, or `direct` for a provider/model request."""
+        if record.alias is None:
+            return DIRECT
+        return record.alias if record.alias in self.gateway.config.aliases else OTHER
 
     def _fallbacks(self, record: RequestRecord) -> None:
         """One count per skipped or failed chain entry, naming the entry the request went to next. The
@@ -424,6 +466,7 @@ def instrument(gateway: Gateway, reloader: Reloader, registry: CollectorRegistry
     disable_created_metrics()  # type: ignore[no-untyped-call]
     metrics = Metrics(registry if registry is not None else default_registry())
     metrics.registry.register(StateCollector(gateway))
+    metrics.registry.register(SharedStateCollector(gateway))
     recorder = Recorder(metrics, gateway)
     gateway.observers.append(recorder.on_request)
     gateway.health.add_listener(recorder.on_health)

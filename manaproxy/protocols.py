@@ -29,6 +29,7 @@ _DONE_LINE = re.compile(rb"(?m)^data: ?\[DONE\]\r?$")
 _RESPONSES_END = re.compile(
     rb'(?m)^event: ?response\.(?:completed|incomplete|failed)\r?$|"type"\s*:\s*"response\.(?:completed|incomplete|failed)"'
 )
+_RESPONSES_COMPLETED = re.compile(rb'(?m)^event: ?response\.completed\r?$|"type"\s*:\s*"response\.completed"')
 
 
 # -- an answer's usage and errors ---------------------------------------------------------------------------
@@ -115,6 +116,9 @@ class StreamProtocol:
     # Our error event: `data: {"error": ...}`, or when named, a typed event `event: <name>` whose data carries
     # the error's fields at the top level (`type`, `code`, `message`, `param`) and the `error` object too.
     error_event_type: str | None = None
+    # What a complete stream's last event must match to be a success worth replaying (the response cache);
+    # None: any complete stream is one. The Responses API ends `incomplete` or `failed` too.
+    success_pattern: re.Pattern[bytes] | None = None
 
     def ended_by(self, events: bytes) -> bool:
         """Whether the protocol's end is among `events` (complete SSE events)."""
@@ -124,6 +128,15 @@ class StreamProtocol:
             and any(word in events for word in self.end_words)
             and pattern.search(events) is not None
         )
+
+    def succeeded(self, events: bytes) -> bool:
+        """Whether a complete stream (`events`, all of it) is a success worth replaying: for the Responses
+        API only one whose last event is `response.completed` (not `incomplete` or `failed`); any other
+        protocol's complete stream is."""
+        if self.success_pattern is None:
+            return True
+        last = events.rstrip().rpartition(b"\n\n")[2]
+        return self.success_pattern.search(last) is not None
 
     def error_event(self, message: str, code: str | None = None) -> bytes:
         """Our terminal error event: what this protocol's clients (the openai SDKs) raise on."""
@@ -142,6 +155,7 @@ RESPONSES = StreamProtocol(
     end_words=(b"response.completed", b"response.incomplete", b"response.failed"),
     end_pattern=_RESPONSES_END,
     error_event_type="error",  # the Responses API's own `error` event
+    success_pattern=_RESPONSES_COMPLETED,
 )
 OTHER = StreamProtocol("other", "the end of the body", ends_with_body=True)
 

@@ -30,6 +30,7 @@ from multidict import CIMultiDict
 from . import logfmt
 from .auth import Identity, identity_of
 from .body import BodyBudget, parse, read_body
+from .cache import Lookup, Tee
 from .clients import model_allowed
 from .config import ALIAS_PREFIX, ClientSpec, Hedge, Target
 from .drain import Guard, shutting_down
@@ -348,7 +349,7 @@ def _refused(request: web.Request, record: RequestRecord, err: ProxyError) -> we
 class _Forwarder:
     """One request's walk down its chain."""
 
-    __slots__ = ("claim", "gateway", "guard", "identity", "kind", "raw", "record", "request", "runtime")
+    __slots__ = ("cached", "claim", "gateway", "guard", "identity", "kind", "raw", "record", "request", "runtime")
 
     def __init__(
         self,
@@ -367,6 +368,7 @@ class _Forwarder:
         self.identity = identity
         self.raw = bytearray()
         self.kind = ""  # the request's kind, for health (`kinds.py`)
+        self.cached: Lookup | None = None  # the request's route caches (`cache.py`)
 
     async def run(self, claim: BodyBudget.Claim) -> web.StreamResponse:
         self.claim = claim
@@ -406,6 +408,10 @@ class _Forwarder:
         accept = self.request.headers.get("Accept")
         protocol = for_path(path)
         headers = self.request.headers
+        # The cache: looked up before any chain entry is tried; a miss is stored once it has been sent.
+        cached = self.cached = await self.gateway.cache.lookup(self.request, config, route, path, body, record)
+        if cached is not None and cached.hit is not None:
+            return self.gateway.cache.replay(cached, record)
         self.kind = request_kind(path, raw)
         plan = Plan(route.steps, config, self.gateway.health, record, _RNG, self.kind)
 
@@ -534,6 +540,8 @@ class _Forwarder:
                 reply.headers, {"Content-Type": reply.content_type, RESOLVED_HEADER: resolved_value(target)}
             )
             record.first_byte = perf_counter() - record.started
+            if self.cached is not None:
+                self.gateway.cache.store_reply(self.cached, reply, headers[RESOLVED_HEADER])
             return web.Response(status=reply.status, body=reply.body, content_type=None, headers=headers)
         return await self._relay(target, reply, slot, protocol)
 
@@ -562,6 +570,9 @@ class _Forwarder:
     ) -> web.StreamResponse:
         """Commit to `target` and relay its stream; a failure from here on ends it with an error event."""
         record = self.record
+        tee: Tee | None = None
+        if self.cached is not None:
+            reply = tee = self.gateway.cache.tee(self.cached, reply)
         ours = {**_STREAM_HEADERS, RESOLVED_HEADER: resolved_value(target)}
         if any(name.lower() == "content-type" for name, _ in reply.headers):
             del ours["Content-Type"]  # the upstream's, `; charset=utf-8` and all (`headers.to_client`)
@@ -603,6 +614,8 @@ class _Forwarder:
             if reply.usage is not None:
                 record.prompt_tokens, record.completion_tokens = reply.usage
             await response.write_eof()
+            if tee is not None and clean_end and self.cached is not None:
+                self.gateway.cache.store_stream(self.cached, tee, response.headers[RESOLVED_HEADER], protocol)
         except ConnectionError:
             record.outcome = record.outcome or CLIENT_DISCONNECTED
         finally:

@@ -96,6 +96,7 @@ class RequestRecord:
     error_type: str | None = None  # short word when the request failed: all_failed, upstream_4xx, bad_request ...
     outcome: str | None = None  # for committed streams: completed / client_disconnected / upstream_error / idle_timeout
     hedge: str | None = None  # a hedged race took place: primary_won / hedge_won
+    cache: str | None = None  # a request of a caching alias: hit / miss / bypass / error (`cache.py`)
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     started: float = 0.0  # perf_counter

@@ -60,6 +60,7 @@ class Reloader:
         try:
             config = load_config(path)
             before = self.gateway.config.server
+            redis_before = self.gateway.config.redis
             self.gateway.apply(config)
         except ConfigError as exc:
             logger.error("reload rejected, keeping the previous config: %s", exc)
@@ -72,6 +73,8 @@ class Reloader:
             for name in RESTART_ONLY_SETTINGS:
                 if getattr(before, name) != getattr(config.server, name):
                     logger.warning("server.%s changed: it takes effect at the next restart", name)
+            if redis_before != config.redis:  # the one Redis connection is opened at startup (redislink.py)
+                logger.warning("redis: changed: it takes effect at the next restart")
             result = SUCCESS
         if error is not None:
             error = self.gateway.redactor.line(error, limit=500)

@@ -26,6 +26,7 @@ def format_record(record: RequestRecord) -> str:
         f"stream={'true' if record.streaming else 'false'} outcome={v(record.outcome)} ttfb_ms={v(ttfb)} "
         f"duration_ms={round(record.duration * 1000, 1)} prompt_tokens={v(record.prompt_tokens)} "
         f"completion_tokens={v(record.completion_tokens)} error={v(record.error_type)} client={v(record.client)}"
+        f" cache={v(record.cache)}"
     )
 
 

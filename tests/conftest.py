@@ -18,7 +18,7 @@ Fixtures: fake upstreams and a real manaproxy server on loopback, in this proces
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from manaproxy.providers.google import GoogleProvider
 
 from .fakes import FAULTY_KIND, FakeGemini, FakeUpstream, chat_answer, chat_completion, json_reply, status_reply
 from .helpers import Proxy, ProxyTestServer, build_config
-from .processes import ServeProcess
+from .processes import RedisServer, ServeProcess
 
 
 @pytest.fixture
@@ -146,3 +146,13 @@ def faulty_kind(monkeypatch: pytest.MonkeyPatch) -> str:
     """Registers the provider kind `faulty` (fakes.FaultyProvider) for this test; returns its name."""
     monkeypatch.setitem(KINDS, "faulty", FAULTY_KIND)
     return "faulty"
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A real `redis-server` of its own for the test, on a unix socket; killed and removed at the end."""
+    server = RedisServer().start()
+    try:
+        yield server
+    finally:
+        server.cleanup()

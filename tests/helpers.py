@@ -344,6 +344,7 @@ async def varied_traffic(make_upstream: MakeUpstream, make_proxy: MakeProxy) -> 
         "mana/fast-text": ["openrouter/meta/llama-3.1-8b", "google/gemini-2.0-flash"],
         "mana/local": ["ollama/gemma3:4b"],
         "mana/hedged": {"chain": ["ollama/gemma3:4b", "google/gemini-2.0-flash"], "hedge_after": 0.05},
+        "mana/cached": {"chain": ["ollama/gemma3:4b"], "cache": True},
     }
     proxy = await make_proxy(build_config(providers, aliases, default="mana/fast-text"))
     ollama.queue(json_reply(chat_completion("gemma3:4b"), delay=0.5))  # late: the hedge to google wins
@@ -355,6 +356,8 @@ async def varied_traffic(make_upstream: MakeUpstream, make_proxy: MakeProxy) -> 
         await post_chat(proxy, chat("google/gemini-2.0-flash", stream=stream))
         await post_chat(proxy, {"messages": [], "stream": stream})  # the default alias
         await post_chat(proxy, chat("mana/missing", stream=stream), status=404)
+    for _ in range(2):  # a miss, then a hit (the memory backend)
+        await post_chat(proxy, chat("mana/cached"))
     await post_chat(proxy, chat("groq/llama-3.3-70b-versatile"), status=503)  # the chain runs out
     ollama.queue(status_reply(400, "bad request"))
     await post_chat(proxy, chat("mana/local"), status=400)
@@ -404,6 +407,7 @@ FIELDS = [
     "completion_tokens",
     "error",
     "client",
+    "cache",
 ]
 
 _PAIR_RE = re.compile(r'([a-z_]+)=("(?:[^"\\]|\\.)*"|[^ "]+)(?: |$)')

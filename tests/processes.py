@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -161,3 +163,70 @@ async def next_datagram(sock: socket.socket, timeout: float = 5.0) -> str:
                 return sock.recv(4096).decode()
             except BlockingIOError:
                 await asyncio.sleep(0.01)
+
+
+class RedisServer:
+    """A real `redis-server` child on a unix socket in its own temporary directory (no persistence), for the
+    cache's tests: `url` for `redis.url`; `kill`, `start` again (the same socket: a restart), `pause`/`resume`
+    (SIGSTOP/SIGCONT: a Redis that accepts connections and answers nothing)."""
+
+    def __init__(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not installed (apt-get install redis-server; .ci/run does)")
+        self.binary = binary
+        # A short directory: a unix socket path must fit in 108 bytes, and pytest's tmp_path may not.
+        self.directory = Path(tempfile.mkdtemp(prefix="manaproxy-redis-"))
+        self.socket = self.directory / "redis.sock"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __repr__(self) -> str:
+        return f"<RedisServer {self.socket} pid={self.proc.pid if self.proc else None}>"
+
+    @property
+    def url(self) -> str:
+        return f"unix://{self.socket}"
+
+    def start(self, timeout: float = 5.0) -> RedisServer:
+        """Start it and wait (at most `timeout` seconds) until it answers PING."""
+        self.socket.unlink(missing_ok=True)
+        argv = [self.binary, "--port", "0", "--unixsocket", str(self.socket), "--unixsocketperm", "700"]
+        argv += ["--save", "", "--appendonly", "no", "--dir", str(self.directory), "--loglevel", "warning"]
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.socket.exists():
+                with socket.socket(socket.AF_UNIX) as sock:
+                    try:
+                        sock.settimeout(1.0)
+                        sock.connect(str(self.socket))
+                        sock.sendall(b"PING\r\n")
+                        if sock.recv(16).startswith(b"+PONG"):
+                            return self
+                    except OSError:
+                        pass
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited with status {self.proc.returncode}")
+            time.sleep(0.01)
+        self.kill()
+        raise RuntimeError(f"redis-server did not answer within {timeout:g}s")
+
+    def kill(self) -> None:
+        """SIGKILL, and wait for it to be gone (its socket file stays behind, refusing connections)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=5)
+
+    def pause(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
+    def cleanup(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.resume()
+        self.kill()
+        shutil.rmtree(self.directory, ignore_errors=True)

@@ -645,3 +645,60 @@ def test_stream_usage(spec, error):
     else:
         with pytest.raises(ConfigError, match=re.escape(error)):
             parse_config(text, env={})
+
+
+# -- redis: and cache: (issue 18) ------------------------------------------------------------------------------
+
+
+def test_cache_and_redis_defaults() -> None:
+    config = parse_config(MINIMAL, env={}, source="t.yaml")
+    assert (config.redis.url, config.redis.timeout_seconds) == ("", 0.05)
+    assert config.cache.backend == "memory"
+    assert (config.cache.ttl_seconds, config.cache.max_bytes, config.cache.max_entry_bytes) == (3600, 2**28, 2**22)
+    assert config.cache.direct is False
+    assert config.aliases["mana/x"].cache_ttl is None
+
+
+def test_the_documented_cache_section_reads_from_the_environment() -> None:
+    text = doc(
+        aliases={
+            "mana/x": {"chain": ["a/m1"], "cache": True},
+            "mana/y": {"chain": ["a/m1"], "cache": {"ttl_seconds": 86400}},
+            "mana/z": {"chain": ["a/m1"], "cache": False},
+        },
+        redis={"url": "${REDIS_URL:-}", "timeout_seconds": 0.05},
+        cache={"backend": "${CACHE_BACKEND:-memory}", "ttl_seconds": "${CACHE_TTL:-3600}"},
+    )
+    env = {"REDIS_URL": "redis://:hunter2@127.0.0.1:6379/0", "CACHE_BACKEND": "redis", "CACHE_TTL": "60"}
+    config = parse_config(text, env=env, source="t.yaml")
+    assert config.redis.url == "redis://:hunter2@127.0.0.1:6379/0"
+    assert config.redis.redacted_url == "redis://***@127.0.0.1:6379/0"
+    assert "hunter2" not in repr(config)
+    assert (config.cache.backend, config.cache.ttl_seconds) == ("redis", 60)
+    assert [config.aliases[name].cache_ttl for name in ("mana/x", "mana/y", "mana/z")] == [60, 86400, None]
+
+    unset = parse_config(text, env={}, source="t.yaml")
+    assert (unset.redis.url, unset.cache.backend, unset.aliases["mana/x"].cache_ttl) == ("", "memory", 3600)
+
+
+@pytest.mark.parametrize(
+    ("top", "aliases", "place"),
+    [
+        ({"cache": {"backend": "redis"}}, None, "cache.backend: 'redis' needs redis.url"),
+        ({"cache": {"backend": "disk"}}, None, "cache.backend: unknown backend"),
+        ({"cache": {"ttl": 5}}, None, "cache: unknown key 'ttl'"),
+        ({"cache": {"ttl_seconds": 0}}, None, "cache.ttl_seconds: must be >= 0.001"),
+        ({"cache": {"max_bytes": 1.5}}, None, "cache.max_bytes: expected a whole number"),
+        ({"cache": {"direct": "yes"}}, None, "cache.direct: expected true or false"),
+        ({"redis": {"url": "http://127.0.0.1:6379"}}, None, "redis.url: 'http://127.0.0.1:6379' is not a redis://"),
+        ({"redis": {"url": "redis://:hunter2@h:99999"}}, None, "redis.url: "),
+        ({"redis": {"timeout_seconds": 0}}, None, "redis.timeout_seconds: must be >= 0.001"),
+        ({}, {"mana/x": {"chain": ["a/m1"], "cache": "yes"}}, "aliases.mana/x.cache: expected a mapping"),
+        ({}, {"mana/x": {"chain": ["a/m1"], "cache": {"ttl": 1}}}, "aliases.mana/x.cache: unknown key 'ttl'"),
+        ({}, {"mana/x": {"chain": ["a/m1"], "cache": {"ttl_seconds": -1}}}, "aliases.mana/x.cache.ttl_seconds"),
+    ],
+)
+def test_cache_and_redis_errors_name_their_place(top: dict[str, Any], aliases: Any, place: str) -> None:
+    message = config_error(doc(aliases=aliases, **top))
+    assert f"t.yaml: {place}" in message
+    assert "hunter2" not in message

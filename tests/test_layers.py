@@ -36,7 +36,14 @@ LAYERS: list[set[str]] = [
     {"auth", "cors"},  # the middlewares that say who may ask: the request path reads their request keys
     {"health", "limits"},  # breakers and the tracker: no I/O; the client limit windows
     {"plan", "providers"},  # which target next (reads health); the kinds
-    {"gateway", "reload", "probe", "drain"},  # the runtime a reload swaps, the probe loop, the drain
+    {
+        "redislink",
+        "cache",
+        "gateway",
+        "reload",
+        "probe",
+        "drain",
+    },  # shared state (Redis, the response cache), the runtime a reload swaps, the probe loop, the drain
     {"proxy"},  # the request path
     {"views"},  # the read-only HTTP surface
     {"metrics", "reqlog"},  # the metrics middleware and recorder, the request log

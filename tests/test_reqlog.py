@@ -42,7 +42,7 @@ def test_line_has_every_field_in_order():
     assert line == (
         "request_id=req-1 endpoint=/v1/chat/completions model=mana/x resolved=b/m2 "
         "attempts=a/m1:http_503,c/m3:unhealthy status=200 stream=true outcome=completed ttfb_ms=123.4 "
-        "duration_ms=1500.0 prompt_tokens=3 completion_tokens=7 error=- client=anonymous"
+        "duration_ms=1500.0 prompt_tokens=3 completion_tokens=7 error=- client=anonymous cache=-"
     )
     assert list(parse_logfmt(line)) == FIELDS
 

@@ -1,0 +1,186 @@
+"""The one Redis connection manaproxy uses (response cache today; client limits and shared health later).
+
+Rule of this module: Redis is never in the way. Every command is bounded by `redis.timeout_seconds`;
+when Redis is down, slow or refuses a command (full, read-only ...), the caller gets `DEGRADED` back —
+never an exception, never a wait past the timeout — and goes on without the feature. A connection failure
+marks the link down: from then on commands return `DEGRADED` at once, without touching the network, while
+one background task pings Redis until it answers (reconnection is never paid for by a request). An outage
+is logged once as a WARNING when it starts and once as an INFO when it ends (for Redis refusing writes,
+full or read-only: when a write succeeds again); each command that did not run is counted per feature
+(`errors`, exported as `mana_llm_redis_errors_total{feature}`). The URL may hold a password: only
+`RedisSettings.redacted_url` is ever shown.
+
+The `redis` package is imported only when a URL is configured (it costs ≈8 MB and 0.1 s that a process
+without Redis need not pay). The link is opened once at startup (`app.shared_redis`, a cleanup_ctx) from
+the `redis:` section and closed at shutdown; a reload that changes `redis:` takes effect at the next restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+from collections.abc import Awaitable, Callable
+from time import monotonic
+from typing import TYPE_CHECKING, TypeVar
+
+from .config import RedisSettings
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
+
+logger = logging.getLogger("manaproxy.redis")
+
+T = TypeVar("T")
+
+
+class Degraded(enum.Enum):
+    """What a command returns when it did not run: the caller goes on without the feature."""
+
+    DEGRADED = "degraded"
+
+
+DEGRADED = Degraded.DEGRADED
+
+# The background task's pace while Redis is down, and how long its ping may take (at least the commands').
+RECONNECT_SECONDS = 0.5
+_PING_TIMEOUT_FLOOR = 1.0
+
+
+class RedisLink:
+    """The shared Redis client with its outage state; unconfigured (every command `DEGRADED`) until `open`."""
+
+    def __init__(self) -> None:
+        self.settings = RedisSettings()
+        self.errors: dict[str, int] = {}  # feature -> commands that did not run (failed, timed out, skipped)
+        self._client: aioredis.Redis | None = None
+        self._down_since: float | None = None  # monotonic; set while the link is down (no command is sent)
+        self._refusing = False  # Redis refuses commands (full ...): warned once, until a write succeeds
+        self._reconnect: asyncio.Task[None] | None = None
+        # What a failed command raises, once the `redis` package is imported (`open`): the link is down, or
+        # Redis answered with a refusal.
+        self._unreachable: tuple[type[BaseException], ...] = (TimeoutError, OSError)
+        self._refusals: tuple[type[BaseException], ...] = ()
+
+    def __repr__(self) -> str:
+        state = "unconfigured" if self._client is None else ("down" if self._down_since is not None else "up")
+        return f"<RedisLink {self.settings.redacted_url or '-'} {state} errors={self.errors}>"
+
+    @property
+    def configured(self) -> bool:
+        return self._client is not None
+
+    @property
+    def up(self) -> bool:
+        """Configured, and not known to be down (a command may still time out)."""
+        return self._client is not None and self._down_since is None
+
+    def open(self, settings: RedisSettings) -> None:
+        """Create the client for `settings.url` (connections are made on first use); no URL: stay unconfigured."""
+        self.settings = settings
+        if not settings.url:
+            return
+        import redis.asyncio as aioredis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+        from redis.exceptions import ConnectionError as RedisConnectionError
+        from redis.exceptions import RedisError
+        from redis.exceptions import TimeoutError as RedisTimeoutError
+
+        self._unreachable = (TimeoutError, OSError, RedisConnectionError, RedisTimeoutError)
+        self._refusals = (RedisError,)
+        self._client = aioredis.Redis.from_url(
+            settings.url,
+            socket_timeout=settings.timeout_seconds,
+            socket_connect_timeout=max(settings.timeout_seconds, _PING_TIMEOUT_FLOOR),
+            retry=Retry(NoBackoff(), 0),  # one try per command: the timeout is ours, and a retry is a wait
+            health_check_interval=0,
+        )
+        logger.info("redis: using %s (commands time out after %gs)", settings.redacted_url, settings.timeout_seconds)
+
+    async def close(self) -> None:
+        """Stop reconnecting and close the connections (once, at shutdown)."""
+        if self._reconnect is not None:
+            self._reconnect.cancel()
+            await asyncio.gather(self._reconnect, return_exceptions=True)
+            self._reconnect = None
+        if self._client is not None:
+            client, self._client = self._client, None
+            with contextlib.suppress(*self._refusals, *self._unreachable):  # a connection that is already gone
+                await client.aclose()
+
+    async def run(
+        self, feature: str, command: Callable[[aioredis.Redis], Awaitable[T]], *, write: bool = False
+    ) -> T | Degraded:
+        """Run `command` on the client within the timeout: its result, or `DEGRADED` (counted for `feature`).
+        `write`: the command writes (a refusal to write — Redis full, a read-only replica — ends only when a
+        write succeeds again: reads answering meanwhile say nothing about it)."""
+        client = self._client
+        if client is None or self._down_since is not None:
+            self._count(feature)
+            return DEGRADED
+        try:
+            async with asyncio.timeout(self.settings.timeout_seconds):
+                result = await command(client)
+        except self._unreachable as exc:
+            self._count(feature)
+            self._went_down(exc)
+            return DEGRADED
+        except self._refusals as exc:  # Redis answered, but refused: full (OOM), read-only replica, ...
+            self._count(feature)
+            self._refused(exc)
+            return DEGRADED
+        if write and self._refusing:
+            self._refusing = False
+            logger.info("redis %s: writes succeed again", self.settings.redacted_url)
+        return result
+
+    def _count(self, feature: str) -> None:
+        self.errors[feature] = self.errors.get(feature, 0) + 1
+
+    def _went_down(self, exc: BaseException) -> None:
+        if self._down_since is not None:
+            return
+        self._down_since = monotonic()
+        logger.warning(
+            "redis %s is unreachable (%s): features that use it go on without it until it is back",
+            self.settings.redacted_url,
+            _describe(exc),
+        )
+        self._reconnect = asyncio.get_running_loop().create_task(self._reconnect_loop(), name="manaproxy-redis")
+
+    def _refused(self, exc: BaseException) -> None:
+        if not self._refusing:
+            self._refusing = True
+            logger.warning(
+                "redis %s refused a command (%s): features that use it go on without it",
+                self.settings.redacted_url,
+                _describe(exc),
+            )
+
+    async def _reconnect_loop(self) -> None:
+        """Ping Redis every `RECONNECT_SECONDS` until it answers, then let commands through again."""
+        client = self._client
+        assert client is not None
+        timeout = max(self.settings.timeout_seconds, _PING_TIMEOUT_FLOOR)
+        while True:
+            await asyncio.sleep(RECONNECT_SECONDS)
+            try:
+                async with asyncio.timeout(timeout):
+                    await client.ping()
+            except (*self._unreachable, *self._refusals):
+                continue
+            down_for = monotonic() - (self._down_since or monotonic())
+            self._down_since = None
+            self._reconnect = None
+            logger.info("redis %s is back after %.1fs", self.settings.redacted_url, down_for)
+            return
+
+
+def _describe(exc: BaseException) -> str:
+    """A short reason for the log: the exception's type and first line, never a URL (it may hold a password)."""
+    if isinstance(exc, TimeoutError) and not str(exc):
+        return "timed out"
+    text = str(exc).splitlines()[0][:120] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -243,15 +243,15 @@ def render(snapshot: Snapshot, url: str, *, colour: bool) -> list[str]:
 
 
 # -- the command -------------------------------------------------------------------------------------------
-def _once(args: argparse.Namespace, key: str | None, out: TextIO, colour: bool) -> int:
+def _look(args: argparse.Namespace, key: str | None, colour: bool) -> tuple[int, str]:
+    """One look: (the exit status it gives, the text to show). The verdict is known before anything is shown,
+    so a Ctrl-C right after a line was printed exits with that line's verdict."""
     try:
         snapshot = asyncio.run(fetch(args.url, key))
     except Unreachable as exc:
         if args.json:
-            print(json.dumps({"status": UNREACHABLE, "url": args.url, "error": str(exc)}), file=out, flush=True)
-        else:
-            print(f"manaproxy {args.url}  {_paint(UNREACHABLE, colour)}: {exc}", file=out, flush=True)
-        return EXIT_CODES[UNREACHABLE]
+            return EXIT_CODES[UNREACHABLE], json.dumps({"status": UNREACHABLE, "url": args.url, "error": str(exc)})
+        return EXIT_CODES[UNREACHABLE], f"manaproxy {args.url}  {_paint(UNREACHABLE, colour)}: {exc}"
     status, reasons = assess(snapshot)
     if args.json:
         document = {
@@ -262,10 +262,8 @@ def _once(args: argparse.Namespace, key: str | None, out: TextIO, colour: bool) 
             "aliases": snapshot.aliases,
             "failures": snapshot.failures["failures"],
         }
-        print(json.dumps(document, indent=None if args.watch else 2), file=out, flush=True)
-    else:
-        print("\n".join(render(snapshot, args.url, colour=colour)), file=out, flush=True)
-    return EXIT_CODES[status]
+        return EXIT_CODES[status], json.dumps(document, indent=None if args.watch else 2)
+    return EXIT_CODES[status], "\n".join(render(snapshot, args.url, colour=colour))
 
 
 def main(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
@@ -278,7 +276,8 @@ def main(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
         while True:
             if args.watch and not args.json:
                 out.write("\x1b[H\x1b[2J" if tty else "\n")  # redraw in place on a terminal
-            code = _once(args, key, out, colour)
+            code, text = _look(args, key, colour)
+            print(text, file=out, flush=True)
             if not args.watch:
                 return code
             time.sleep(WATCH_SECONDS)

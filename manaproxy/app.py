@@ -112,6 +112,7 @@ def create_app(
     app.cleanup_ctx.append(upstream_session)
     if probes:
         app.cleanup_ctx.append(probe.probe_loop)
+    app.cleanup_ctx.append(metrics.sharing)  # with workers only (hostmetrics.py)
 
     app.router.add_get("/health", health_views.liveness)
     app.router.add_get("/v1/health", health_views.health_detail)

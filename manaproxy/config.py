@@ -20,7 +20,7 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
@@ -208,10 +208,21 @@ class ServerSettings:
     max_held_answer_bytes: int = 256 * 1024 * 1024  # answer bytes waiting for clients that do not read
     # Client connections open at once; None: from the open-files limit (server.default_max_connections).
     max_connections: int | None = None
+    # Worker processes sharing the port (supervisor.py): a count, or "auto" for one per usable CPU.
+    workers: int | Literal["auto"] = 1
 
+
+# A bound on `server.workers`, against a typo that would start thousands of processes.
+MAX_WORKERS = 256
 
 # Server settings aiohttp takes once, when it starts listening: a reload cannot change them.
-RESTART_ONLY_SETTINGS = ("header_timeout_seconds", "keepalive_timeout_seconds", "listen_backlog", "max_connections")
+RESTART_ONLY_SETTINGS = (
+    "header_timeout_seconds",
+    "keepalive_timeout_seconds",
+    "listen_backlog",
+    "max_connections",
+    "workers",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -563,10 +574,20 @@ class _Parser:
         spec = self.mapping(raw, "server", fields)
         values: dict[str, Any] = {}
         for key, value in spec.items():
-            if ServerSettings.__dataclass_fields__[key].type in ("int", "int | None"):  # sizes and counts
+            if key == "workers":
+                values[key] = self.workers(value)
+            elif ServerSettings.__dataclass_fields__[key].type in ("int", "int | None"):  # sizes and counts
                 values[key] = int(self.number(value, f"server.{key}", minimum=1, integer=True))
             elif key.endswith("_timeout_seconds"):
                 values[key] = float(self.number(value, f"server.{key}", minimum=0.001))
             else:
                 values[key] = float(self.number(value, f"server.{key}"))
         return ServerSettings(**values)
+
+    def workers(self, value: Any) -> int | Literal["auto"]:
+        if isinstance(value, str) and value.strip() == "auto":
+            return "auto"
+        count = int(self.number(value, "server.workers", minimum=1, integer=True))
+        if count > MAX_WORKERS:
+            raise self.fail("server.workers", f"must be auto or at most {MAX_WORKERS}, got {count}")
+        return count

@@ -38,8 +38,8 @@ LAYERS: list[set[str]] = [
     {"gateway", "reload", "probe", "drain"},  # the runtime a reload swaps, the probe loop, the drain
     {"proxy"},  # the request path
     {"views"},  # the read-only HTTP surface
-    {"metrics", "reqlog"},  # the metrics middleware and recorder, the request log
-    {"app", "server", "cli", "__main__"},  # wiring and the command
+    {"metrics", "hostmetrics", "reqlog"},  # the metrics middleware and recorder (for the host too), the request log
+    {"app", "server", "cli", "supervisor", "__main__"},  # wiring, the command and its workers' supervisor
 ]
 
 

@@ -98,3 +98,26 @@ def test_outside_a_loop_and_on_flush_nothing_waits():
         return stream.getvalue()
 
     assert asyncio.run(log_then_flush()).endswith("WARNING pending\n")
+
+
+def test_a_shared_stream_gets_whole_lines_in_writes_a_pipe_keeps_whole() -> None:
+    """Workers share their supervisor's stderr: each write holds whole lines and at most PIPE_BUF bytes
+    (unless one line alone is longer), so no other process's write lands inside a line."""
+
+    class Writes(io.StringIO):
+        def __init__(self) -> None:
+            super().__init__()
+            self.writes: list[str] = []
+
+        def write(self, text: str) -> int:
+            self.writes.append(text)
+            return len(text)
+
+    stream = Writes()
+    handler = BatchedStreamHandler(stream, shared=True)
+    lines = [f"line {index} " + "x" * 300 for index in range(40)] + ["long " + "y" * 5000, "last"]
+    handler._write(lines)
+    assert "".join(stream.writes) == "\n".join(lines) + "\n"
+    assert all(write.endswith("\n") for write in stream.writes)
+    assert all(len(write.encode()) <= 4096 for write in stream.writes if "long" not in write)
+    assert len(stream.writes) > 3

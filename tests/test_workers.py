@@ -201,3 +201,14 @@ async def test_a_worker_that_cannot_listen_stops_the_start_with_exit_1(make_upst
         assert await proxy.wait_exit(timeout=15) == 1
     assert proxy.lines_with("before listening: stopping")
     assert len(proxy.lines_with("cannot listen on")) >= 1
+
+
+async def test_workers_whose_supervisor_is_killed_drain_and_exit(make_upstream, serve):
+    up = await make_upstream("up")
+    up.default = json_reply(chat_completion("m1"))
+    proxy = await serve(build_config({"up": up}, {"mana/a": ["up/m1"]}, server=TWO), wait=False)
+    pids = await started(proxy)
+    proxy.signal(signal.SIGKILL)  # no forwarded SIGTERM: each worker learns it from its link
+    for pid in pids:
+        await proxy.wait_line(lambda text, pid=pid: f"pid={pid} stopped after draining" in text)
+    assert len(proxy.lines_with("the supervisor is gone: stopping")) == 2

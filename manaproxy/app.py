@@ -22,6 +22,7 @@ from .cors import cors_headers, cors_middleware
 from .errors import error_middleware
 from .gateway import GATEWAY, Gateway
 from .metrics import instrument
+from .readtimer import lazy_read_timeouts
 from .reload import RELOADER, Reloader
 from .reqlog import log_request
 from .requestid import echo_request_id, request_id_middleware
@@ -37,6 +38,7 @@ def make_session(*, limit: int = 0) -> aiohttp.ClientSession:
     connector = aiohttp.TCPConnector(
         limit=limit, limit_per_host=0, resolver=AsyncResolver(), ttl_dns_cache=300, keepalive_timeout=60
     )
+    lazy_read_timeouts(connector)  # a stream's idle bound without a new timer per chunk (readtimer.py)
     return aiohttp.ClientSession(
         connector=connector,
         auto_decompress=False,

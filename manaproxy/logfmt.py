@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Iterator
 from typing import TextIO
 
@@ -48,6 +49,27 @@ class OneLineFormatter(logging.Formatter):
     The safety net behind `value()`: should a call site ever log an outside value raw, its control
     characters are escaped here. A traceback (`exc_info`) still follows on lines of its own.
     """
+
+    def __init__(self, fmt: str | None = None, datefmt: str | None = None) -> None:
+        super().__init__(fmt, datefmt)
+        # Per line, `logging` searches the format for `asctime` and runs strftime: once is enough, and once a
+        # second (the milliseconds are appended as logging does). One tuple, swapped whole: threads may log.
+        self._uses_time = super().usesTime()
+        self._stamp: tuple[int, str] = (-1, "")
+
+    def usesTime(self) -> bool:
+        return self._uses_time
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        if datefmt is not None or self.converter is not time.localtime:
+            return super().formatTime(record, datefmt)
+        second = int(record.created)
+        cached, stamp = self._stamp
+        if cached != second:
+            stamp = time.strftime(self.default_time_format, time.localtime(second))
+            self._stamp = (second, stamp)
+        msec_format = self.default_msec_format
+        return msec_format % (stamp, record.msecs) if msec_format else stamp
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         if not record.message.isprintable():

@@ -35,7 +35,7 @@ LAYERS: list[set[str]] = [
     {"auth", "cors"},  # the middlewares that say who may ask: the request path reads their request keys
     {"health"},  # breakers and the tracker: no I/O
     {"plan", "providers"},  # which target next (reads health); the kinds
-    {"gateway", "reload", "probe", "drain"},  # the runtime a reload swaps, the probe loop, the drain
+    {"gateway", "reload", "probe", "drain", "readtimer"},  # the runtime a reload swaps, the probe loop, the drain
     {"proxy"},  # the request path
     {"views"},  # the read-only HTTP surface
     {"metrics", "hostmetrics", "reqlog"},  # the metrics middleware and recorder (for the host too), the request log

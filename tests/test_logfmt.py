@@ -121,3 +121,14 @@ def test_a_shared_stream_gets_whole_lines_in_writes_a_pipe_keeps_whole() -> None
     assert all(write.endswith("\n") for write in stream.writes)
     assert all(len(write.encode()) <= 4096 for write in stream.writes if "long" not in write)
     assert len(stream.writes) > 3
+
+
+def test_the_time_stamp_kept_for_a_second_reads_as_loggings_own() -> None:
+    """`OneLineFormatter` runs strftime once a second, not once a line: the stamps are logging's, to the ms."""
+    ours = OneLineFormatter("%(asctime)s %(message)s")
+    theirs = logging.Formatter("%(asctime)s %(message)s")
+    for created in (1_700_000_000.001, 1_700_000_000.5, 1_700_000_000.999, 1_700_000_001.0, 1_700_000_061.25):
+        record = logging.makeLogRecord({"msg": "hello", "created": created, "msecs": (created % 1) * 1000})
+        assert ours.format(record) == theirs.format(record)
+    assert ours.usesTime()
+    assert not OneLineFormatter("%(message)s").usesTime()

@@ -1,8 +1,8 @@
 """Metrics for the whole host when workers share it: prometheus_client's multiprocess mode.
 
-Rule of this module: it is in play only when `$PROMETHEUS_MULTIPROC_DIR` is set, which the supervisor
-does for its workers (supervisor.py) and which is what makes prometheus_client keep every value in a
-per-process file there; with one process (`server.workers: 1`) nothing here runs.
+Rule of this module: it is in play only in a worker of a supervisor (supervisor.py), which sets
+`$PROMETHEUS_MULTIPROC_DIR` (what makes prometheus_client keep every value in a per-process file there) and
+`$MANAPROXY_WORKER`; with one process (`server.workers: 1`) nothing here runs, whatever the environment.
 
 A scrape of `/metrics`, whichever worker answers it, reads every worker's files (`MultiProcessCollector`):
 counters and histograms are summed, those of dead workers included, so no counter goes backwards when a
@@ -28,6 +28,7 @@ from prometheus_client.registry import Collector
 logger = logging.getLogger(__name__)
 
 ENV = "PROMETHEUS_MULTIPROC_DIR"
+WORKER_ENV = "MANAPROXY_WORKER"  # the worker's index, set by the supervisor
 PUBLISH_SECONDS = 1.0
 
 Mode = Literal["livesum", "livemin", "livemax", "liveall"]
@@ -44,7 +45,7 @@ PROVIDER_HEALTHY_MODE: Mode = "livemin"
 
 def shared_dir() -> str | None:
     """The directory every worker's metric files are in, or None with one process."""
-    return os.environ.get(ENV) or None
+    return (os.environ.get(ENV) or None) if os.environ.get(WORKER_ENV) else None
 
 
 def host_registry(path: str) -> CollectorRegistry:

@@ -34,6 +34,7 @@ from typing import Literal
 
 from prometheus_client.multiprocess import mark_process_dead
 
+from . import hostmetrics
 from .config import Config, ConfigError, load_config
 from .systemd import notify
 
@@ -229,7 +230,8 @@ class Supervisor:
     async def _spawn(self, index: int) -> Worker:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         env = {key: value for key, value in os.environ.items() if key not in ("NOTIFY_SOCKET", "WATCHDOG_PID")}
-        env["PROMETHEUS_MULTIPROC_DIR"] = self.metrics_dir
+        env[hostmetrics.ENV] = self.metrics_dir
+        env[hostmetrics.WORKER_ENV] = str(index)
         try:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,

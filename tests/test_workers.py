@@ -95,6 +95,8 @@ async def test_requests_spread_over_workers_are_counted_exactly_once(make_upstre
     assert await settled(proxy) == {"http": 120, "llm": 120, "in_flight": 0}
     for _ in range(4):  # whichever worker a scrape reaches, it reports the host
         assert await counted(proxy) == {"http": 120, "llm": 120, "in_flight": 0}
+    proxy.signal(signal.SIGTERM)
+    assert await proxy.wait_exit() == 0
 
 
 async def test_a_killed_worker_is_restarted_and_no_count_goes_backwards(make_upstream, serve):
@@ -116,6 +118,8 @@ async def test_a_killed_worker_is_restarted_and_no_count_goes_backwards(make_ups
     await proxy.wait_line(lambda _: len(proxy.lines_with("request_id=")) == 80)
     assert new_pid in request_pids(proxy)
     assert await settled(proxy) == {"http": 80, "llm": 80, "in_flight": 0}
+    proxy.signal(signal.SIGTERM)
+    assert await proxy.wait_exit() == 0
 
 
 async def test_sighup_reloads_every_worker_reported_once_and_systemd_hears_the_supervisor_only(

@@ -118,7 +118,6 @@ class Worker:
         self.proc = proc
         # The writer is never written to but must stay referenced: a collected StreamWriter closes the link.
         self.reader, self.writer = link
-        self.started = time.monotonic()
         self.listening: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.reload_result: asyncio.Future[str] | None = None
 
@@ -197,32 +196,28 @@ class Supervisor:
         """Keep worker `index` running until the supervisor stops: start it, restart it when it dies."""
         failures = 0
         while not self._stop.is_set():
-            worker = await self._spawn(index)
-            code = await worker.proc.wait()
-            self._gone(worker)
+            started = time.monotonic()
+            try:
+                worker = await self._spawn(index)
+            except OSError as exc:  # no process could be made (out of memory, of processes, of files)
+                pid, code, what = 0, 1, f"could not be started: {exc}"
+            else:
+                code = await worker.proc.wait()
+                self._gone(worker)
+                pid, what = worker.proc.pid, describe_exit(code)
             if self._stop.is_set():
                 return
             if not self._ready:
-                logger.error(
-                    "worker %d (pid %d) %s before listening: stopping", index, worker.proc.pid, describe_exit(code)
-                )
+                logger.error("worker %d (pid %d) %s before listening: stopping", index, pid, what)
                 if self._startup_failed is not None and not self._startup_failed.done():
                     self._startup_failed.set_result(code)
                 self._changed.set()
                 return
-            failures = 0 if time.monotonic() - worker.started >= _STABLE_SECONDS else failures + 1
+            failures = 0 if time.monotonic() - started >= _STABLE_SECONDS else failures + 1
             delay = min(_MAX_BACKOFF_SECONDS, _FIRST_BACKOFF_SECONDS * 2 ** max(0, failures - 1))
             level = logging.ERROR if code == -signal.SIGKILL else logging.WARNING
             hint = " (out of memory?)" if code == -signal.SIGKILL else ""
-            logger.log(
-                level,
-                "worker %d (pid %d) %s%s; restarting it in %gs",
-                index,
-                worker.proc.pid,
-                describe_exit(code),
-                hint,
-                delay,
-            )
+            logger.log(level, "worker %d (pid %d) %s%s; restarting it in %gs", index, pid, what, hint, delay)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay):
                     await self._stop.wait()
@@ -253,6 +248,9 @@ class Supervisor:
                 # forwards it once (a worker signalled twice would reload twice).
                 process_group=0,
             )
+        except BaseException:
+            ours.close()
+            raise
         finally:
             theirs.close()
         worker = self.workers[index] = Worker(index, proc, await asyncio.open_connection(sock=ours))

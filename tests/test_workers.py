@@ -216,3 +216,20 @@ async def test_workers_whose_supervisor_is_killed_drain_and_exit(make_upstream, 
     for pid in pids:
         await proxy.wait_line(lambda text, pid=pid: f"pid={pid} stopped after draining" in text)
     assert len(proxy.lines_with("the supervisor is gone: stopping")) == 2
+
+
+async def test_auto_starts_one_worker_per_cpu_the_process_may_use(make_upstream, serve):
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("one usable CPU: `auto` is one process")
+    up = await make_upstream("up")
+    mine = set(cpus)
+    os.sched_setaffinity(0, set(cpus[:2]))  # the child inherits it: `auto` must count 2, however big the machine
+    try:
+        proxy = await serve(build_config({"up": up}, {"mana/a": ["up/m1"]}, server={"workers": "auto"}), wait=False)
+    finally:
+        os.sched_setaffinity(0, mine)
+    assert len(await started(proxy)) == 2
+    assert proxy.lines_with("with 2 workers")
+    proxy.signal(signal.SIGTERM)
+    assert await proxy.wait_exit() == 0

@@ -26,6 +26,7 @@ from .errors import error_middleware
 from .gateway import GATEWAY, Gateway
 from .limits import ratelimit_headers
 from .metrics import instrument
+from .readtimer import lazy_read_timeouts
 from .reload import RELOADER, Reloader
 from .reqlog import log_request
 from .requestid import echo_request_id, request_id_middleware
@@ -41,6 +42,7 @@ def make_session(*, limit: int = 0) -> aiohttp.ClientSession:
     connector = aiohttp.TCPConnector(
         limit=limit, limit_per_host=0, resolver=AsyncResolver(), ttl_dns_cache=300, keepalive_timeout=60
     )
+    lazy_read_timeouts(connector)  # a stream's idle bound without a new timer per chunk (readtimer.py)
     return aiohttp.ClientSession(
         connector=connector,
         auto_decompress=False,
@@ -135,6 +137,7 @@ def create_app(
     app.cleanup_ctx.append(upstream_session)
     if probes:
         app.cleanup_ctx.append(probe.probe_loop)
+    app.cleanup_ctx.append(metrics.sharing)  # with workers only (hostmetrics.py)
 
     app.router.add_get("/health", health_views.liveness)
     app.router.add_get("/v1/health", health_views.health_detail)

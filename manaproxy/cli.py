@@ -6,6 +6,11 @@ environment, where variables already set win; what the file held is never logged
 Signals only schedule work: SIGHUP sets off a reload task (`reload.Reloader.schedule`), SIGTERM/SIGINT set the stop event;
 the reload and the drain run in the event loop and log there. systemd hears about each phase through
 sd_notify (`READY=1` once listening, `RELOADING=1` … `READY=1` around a reload, `STOPPING=1`).
+
+With `server.workers` > 1, `serve` runs the supervisor (supervisor.py) instead, which starts this same command
+once per worker (`--worker INDEX:FD`, not for users): a worker reads no env file (it inherits the supervisor's
+environment), listens with `SO_REUSEPORT`, tags its log lines with `pid=`, and tells its supervisor (not systemd)
+when it listens and how each reload went.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from .logfmt import BatchedStreamHandler, OneLineFormatter
 from .redact import too_short
 from .reload import RELOADER
 from .server import Runner
+from .supervisor import LISTENING, WORKER_ARG, WorkerLink, supervise, worker_count
 from .systemd import notify
 
 logger = logging.getLogger("manaproxy")
@@ -73,15 +79,17 @@ def _stderr_is_journal() -> bool:
         return False
 
 
-def setup_logging(level_name: str | None) -> None:
-    """Log to stderr: `time LEVEL logger: message`, or journald's `<priority>` form under systemd."""
+def setup_logging(level_name: str | None, *, worker: bool = False) -> None:
+    """Log to stderr: `time LEVEL logger: message`, or journald's `<priority>` form under systemd. A worker's
+    messages start with `pid=N` (its lines share the supervisor's stderr) and are written whole (`shared`)."""
     name = (level_name or "info").upper()
     level = logging.getLevelNamesMapping().get(name)
-    handler = BatchedStreamHandler(sys.stderr)
+    handler = BatchedStreamHandler(sys.stderr, shared=worker)
+    message = f"pid={os.getpid()} %(message)s" if worker else "%(message)s"
     if _stderr_is_journal():
-        handler.setFormatter(JournalFormatter("%(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(JournalFormatter("%(levelname)s %(name)s: " + message))
     else:
-        handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(name)s: " + message))
     logging.basicConfig(level=level if level is not None else logging.INFO, handlers=[handler])
     if level is None:
         logger.warning("LOG_LEVEL=%r is not a level; using INFO", level_name)
@@ -130,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", default=DEFAULT_CONFIG, help=f"aliases file (default {DEFAULT_CONFIG})")
     serve.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST})")
     serve.add_argument("--port", type=int, default=None, help=f"port (default $PORT or {DEFAULT_PORT})")
+    serve.add_argument(WORKER_ARG, default=None, help=argparse.SUPPRESS)  # INDEX:FD, from the supervisor
     check = commands.add_parser("check", help="validate a config file and exit (like nginx -t)")
     check.add_argument("--config", default=DEFAULT_CONFIG, help=f"aliases file (default {DEFAULT_CONFIG})")
     for command in (serve, check):
@@ -159,26 +168,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         return check(args.config, args.env_file)
     if args.command == "status":
         return statuscli.main(args)
+    link = WorkerLink(args.worker) if args.worker is not None else None
     try:
-        env_file = load_env_file(args.env_file)  # before logging and the port: LOG_LEVEL and PORT may be in it
+        # Before logging and the port: LOG_LEVEL and PORT may be in it. A worker has its supervisor's environment.
+        env_file = load_env_file(args.env_file) if link is None else None
     except DotenvError as exc:
         setup_logging(os.environ.get("LOG_LEVEL"))
         logger.error("invalid env file, not starting: %s", exc)
         return EXIT_INVALID_CONFIG
-    setup_logging(os.environ.get("LOG_LEVEL"))
+    setup_logging(os.environ.get("LOG_LEVEL"), worker=link is not None)
     if env_file is not None:
         logger.info("%s", env_file.describe())
     port = args.port if args.port is not None else _default_port()
     try:
-        load_checked(args.config)  # fail fast, before the event loop starts
+        config, _ = load_checked(args.config)  # fail fast, before the event loop starts
     except ConfigError as exc:
         logger.error("invalid config, not starting: %s", exc)
         return EXIT_INVALID_CONFIG
+    workers = worker_count(config.server.workers)
+    if link is None and workers > 1:
+        return asyncio.run(supervise(config, args.config, args.host, port, workers))
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency, but optional in spirit
-        return asyncio.run(serve(args.config, args.host, port))
-    return uvloop.run(serve(args.config, args.host, port))
+        return asyncio.run(serve(args.config, args.host, port, link))
+    return uvloop.run(serve(args.config, args.host, port, link))
 
 
 def _env_entries() -> list[str]:
@@ -252,8 +266,9 @@ async def drain(runner: Runner, gateway: Gateway) -> None:
     logger.info("stopped after draining for %.1fs", loop.time() - started)
 
 
-async def serve(config_path: str, host: str, port: int) -> int:
-    """Serve until SIGTERM/SIGINT, then drain; SIGHUP reloads `config_path`. Returns the exit code."""
+async def serve(config_path: str, host: str, port: int, link: WorkerLink | None = None) -> int:
+    """Serve until SIGTERM/SIGINT, then drain; SIGHUP reloads `config_path`. Returns the exit code.
+    `link`: this is a worker of a supervisor, which it tells when it listens and how each reload went."""
     config = load_config(config_path)
     for line in provider_lines(config):
         logger.info("%s", line)
@@ -289,11 +304,14 @@ async def serve(config_path: str, host: str, port: int) -> int:
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
+    if link is not None:
+        reloader.listeners.append(link.reloaded)
+        link.watch(stop.set)
     try:
         await runner.setup()
         try:
             backlog = gateway.config.server.listen_backlog
-            site = web.TCPSite(runner, host, port, reuse_address=True, backlog=backlog)
+            site = web.TCPSite(runner, host, port, reuse_address=True, reuse_port=link is not None, backlog=backlog)
             await site.start()
         except OSError as exc:
             logger.error("cannot listen on %s:%s: %s", host, port, exc.strerror or exc)
@@ -308,7 +326,9 @@ async def serve(config_path: str, host: str, port: int) -> int:
             open_files,
             runner.max_connections,
         )
-        notify(f"READY=1\nSTATUS=serving {config.summary()}")
+        notify(f"READY=1\nSTATUS=serving {config.summary()}")  # a worker has no $NOTIFY_SOCKET: nothing is sent
+        if link is not None:
+            link.send(LISTENING)
 
         await stop.wait()
         notify("STOPPING=1")

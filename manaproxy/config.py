@@ -20,7 +20,7 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 import yaml
@@ -214,6 +214,8 @@ class ServerSettings:
     max_connections: int | None = None
     status_page: bool = True  # `GET /status` and its live stream `GET /v1/events`
     max_event_clients: int = 16  # `GET /v1/events` streams open at once
+    # Worker processes sharing the port (supervisor.py): a count, or "auto" for one per usable CPU.
+    workers: int | Literal["auto"] = 1
 
 
 STREAM_USAGE_MODES = ("inject", "passthrough")
@@ -289,8 +291,17 @@ class CacheSettings:
     direct: bool = False  # `provider/model` requests cache too (with `ttl_seconds`)
 
 
+# A bound on `server.workers`, against a typo that would start thousands of processes.
+MAX_WORKERS = 256
+
 # Server settings aiohttp takes once, when it starts listening: a reload cannot change them.
-RESTART_ONLY_SETTINGS = ("header_timeout_seconds", "keepalive_timeout_seconds", "listen_backlog", "max_connections")
+RESTART_ONLY_SETTINGS = (
+    "header_timeout_seconds",
+    "keepalive_timeout_seconds",
+    "listen_backlog",
+    "max_connections",
+    "workers",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -675,7 +686,9 @@ class _Parser:
         spec = self.mapping(raw, "server", fields)
         values: dict[str, Any] = {}
         for key, value in spec.items():
-            if ServerSettings.__dataclass_fields__[key].type == "bool":
+            if key == "workers":
+                values[key] = self.workers(value)
+            elif ServerSettings.__dataclass_fields__[key].type == "bool":
                 if not isinstance(value, bool):
                     raise self.fail(f"server.{key}", f"expected true or false, got {value!r}"[:200])
                 values[key] = value
@@ -844,3 +857,11 @@ class _Parser:
         if "ttl_seconds" not in spec:
             return self.default_ttl
         return self.ttl(spec["ttl_seconds"], f"{where}.ttl_seconds")
+
+    def workers(self, value: Any) -> int | Literal["auto"]:
+        if isinstance(value, str) and value.strip() == "auto":
+            return "auto"
+        count = int(self.number(value, "server.workers", minimum=1, integer=True))
+        if count > MAX_WORKERS:
+            raise self.fail("server.workers", f"must be auto or at most {MAX_WORKERS}, got {count}")
+        return count

@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+from collections.abc import Iterator
 from typing import TextIO
 
 _ESCAPES = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
@@ -48,6 +50,27 @@ class OneLineFormatter(logging.Formatter):
     characters are escaped here. A traceback (`exc_info`) still follows on lines of its own.
     """
 
+    def __init__(self, fmt: str | None = None, datefmt: str | None = None) -> None:
+        super().__init__(fmt, datefmt)
+        # Per line, `logging` searches the format for `asctime` and runs strftime: once is enough, and once a
+        # second (the milliseconds are appended as logging does). One tuple, swapped whole: threads may log.
+        self._uses_time = super().usesTime()
+        self._stamp: tuple[int, str] = (-1, "")
+
+    def usesTime(self) -> bool:
+        return self._uses_time
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        if datefmt is not None or self.converter is not time.localtime:
+            return super().formatTime(record, datefmt)
+        second = int(record.created)
+        cached, stamp = self._stamp
+        if cached != second:
+            stamp = time.strftime(self.default_time_format, time.localtime(second))
+            self._stamp = (second, stamp)
+        msec_format = self.default_msec_format
+        return msec_format % (stamp, record.msecs) if msec_format else stamp
+
     def formatMessage(self, record: logging.LogRecord) -> str:
         if not record.message.isprintable():
             record.message = "".join(char if char.isprintable() else _escape(char) for char in record.message)
@@ -62,9 +85,12 @@ class BatchedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
     Lines keep their order: one buffer, written whole.
     """
 
-    def __init__(self, stream: TextIO) -> None:
+    def __init__(self, stream: TextIO, *, shared: bool = False) -> None:
         super().__init__(stream)
         self._pending: list[str] = []
+        # Other processes write to the same stream (workers of one supervisor): write whole lines in writes
+        # of at most PIPE_BUF bytes, which a pipe never interleaves with another writer's.
+        self._shared = shared
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -90,8 +116,31 @@ class BatchedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
     def _write(self, lines: list[str]) -> None:
         try:
+            if self._shared:
+                for chunk in _whole_lines(lines, _PIPE_BUF):
+                    self.stream.write(chunk)
+                    self.stream.flush()
+                return
             self.stream.write("\n".join(lines) + "\n")
             self.stream.flush()
         except Exception:
             # What `StreamHandler.emit` does with a failed write (stderr closed ...): report, carry on.
             self.handleError(logging.makeLogRecord({"msg": lines[0]}))
+
+
+_PIPE_BUF = 4096  # POSIX's minimum, Linux's value: a write this small to a pipe is atomic
+
+
+def _whole_lines(lines: list[str], limit: int) -> Iterator[str]:
+    """`lines` joined into chunks of whole lines, each at most `limit` bytes unless one line alone is longer."""
+    chunk: list[str] = []
+    size = 0
+    for line in lines:
+        length = len(line.encode()) + 1
+        if chunk and size + length > limit:
+            yield "\n".join(chunk) + "\n"
+            chunk, size = [], 0
+        chunk.append(line)
+        size += length
+    if chunk:
+        yield "\n".join(chunk) + "\n"

@@ -4,6 +4,7 @@ The `mana_llm_*` names and labels are a contract with an existing Grafana dashbo
 Everything is recorded once per request from its `RequestRecord` (never per chunk), plus health
 transitions (listener) and reloads (listener); in-flight counts and per-alias health are read from the
 health tracker at scrape time. docs/metrics.md is the reference for every name, label and value.
+With workers (`server.workers` > 1) a scrape reports the whole host: hostmetrics.py.
 
 Rule of this module: labels stay bounded. A client-supplied string becomes a label value only when it
 names a configured alias, a configured provider or a `provider/model` entry of a configured alias chain;
@@ -14,7 +15,7 @@ stream outcomes) are checked against a short-word pattern all the same.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from time import perf_counter
 from typing import TypeVar, cast
 
@@ -36,6 +37,7 @@ from . import cache
 from .config import ALIAS_PREFIX, Config, Target
 from .failures import HEDGED_LOST, WON
 from .gateway import Gateway
+from .hostmetrics import PROVIDER_HEALTHY_MODE, SharedState, host_registry, shared_dir
 from .record import RequestRecord
 from .reload import Reloader
 
@@ -81,6 +83,9 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        # What `/metrics` reports: `registry`, or with workers every worker's metric files (hostmetrics.py).
+        self.scrape_registry = registry
+        self.shared: SharedState | None = None  # with workers: this worker's scrape-time gauges, published
         self.llm_requests = Counter(
             "mana_llm_llm_requests",
             "LLM requests: answered ones by resolved provider/model, the others by what the caller asked for",
@@ -120,6 +125,7 @@ class Metrics:
             "1 while the provider's breaker is closed, 0 while it is open or half-open",
             ["provider"],
             registry=registry,
+            multiprocess_mode=PROVIDER_HEALTHY_MODE,
         )
         self.http_requests = Counter(
             "mana_llm_requests", "HTTP requests by route pattern", ["method", "endpoint", "status"], registry=registry
@@ -205,7 +211,17 @@ class Metrics:
 
     async def view(self, request: web.Request) -> web.Response:
         """`GET /metrics`: Prometheus' text format."""
-        return web.Response(body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        if self.shared is not None:
+            self.shared.publish()  # this worker's own gauges as of now; the others' are at most a second old
+        return web.Response(body=generate_latest(self.scrape_registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def sharing(self, app: web.Application) -> AsyncIterator[None]:
+        """`cleanup_ctx`: with workers, publish this worker's scrape-time gauges while the app runs."""
+        if self.shared is None:
+            yield
+            return
+        async for _ in self.shared.sharing()(app):
+            yield
 
 
 class StateCollector(Collector):
@@ -464,9 +480,17 @@ def instrument(gateway: Gateway, reloader: Reloader, registry: CollectorRegistry
     the gateway's finished requests, its health transitions and the reloader's outcomes."""
     # `*_created` series only add noise to the dashboard's queries.
     disable_created_metrics()  # type: ignore[no-untyped-call]
-    metrics = Metrics(registry if registry is not None else default_registry())
-    metrics.registry.register(StateCollector(gateway))
-    metrics.registry.register(SharedStateCollector(gateway))
+    shared = shared_dir()
+    if registry is None:
+        # With workers, process metrics would be those of whichever worker a scrape reached: none then.
+        registry = CollectorRegistry() if shared is not None else default_registry()
+    metrics = Metrics(registry)
+    if shared is None:
+        metrics.registry.register(StateCollector(gateway))
+        metrics.registry.register(SharedStateCollector(gateway))
+    else:
+        metrics.shared = SharedState([StateCollector(gateway), SharedStateCollector(gateway)], metrics.registry)
+        metrics.scrape_registry = host_registry(shared)
     recorder = Recorder(metrics, gateway)
     gateway.observers.append(recorder.on_request)
     gateway.health.add_listener(recorder.on_health)

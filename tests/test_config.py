@@ -702,3 +702,22 @@ def test_cache_and_redis_errors_name_their_place(top: dict[str, Any], aliases: A
     message = config_error(doc(aliases=aliases, **top))
     assert f"t.yaml: {place}" in message
     assert "hunter2" not in message
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"), [("1", 1), ("4", 4), ("auto", "auto"), ('"auto"', "auto"), ("256", 256)]
+)
+def test_server_workers_is_a_count_or_auto(value: str, expected: object) -> None:
+    config = parse_config(f"{MANA_LLM_ALIASES}\nserver: {{workers: {value}}}\n", env={})
+    assert config.server.workers == expected
+    assert parse_config(MANA_LLM_ALIASES, env={}).server.workers == 1
+
+
+@pytest.mark.parametrize(
+    ("value", "words"),
+    [("0", "must be >= 1"), ("2.5", "whole number"), ("many", "expected a number"), ("257", "at most 256")],
+)
+def test_server_workers_refuses_what_is_no_count(value: str, words: str) -> None:
+    message = config_error(f"{MANA_LLM_ALIASES}\nserver: {{workers: {value}}}\n", {})
+    assert "server.workers" in message
+    assert words in message

@@ -43,11 +43,12 @@ LAYERS: list[set[str]] = [
         "reload",
         "probe",
         "drain",
+        "readtimer",
     },  # shared state (Redis, the response cache), the runtime a reload swaps, the probe loop, the drain
     {"proxy"},  # the request path
     {"views"},  # the read-only HTTP surface
-    {"metrics", "reqlog"},  # the metrics middleware and recorder, the request log
-    {"app", "server", "cli", "statuscli", "__main__"},  # wiring and the command
+    {"metrics", "hostmetrics", "reqlog"},  # the metrics middleware and recorder (for the host too), the request log
+    {"app", "server", "cli", "statuscli", "supervisor", "__main__"},  # wiring, the command and its workers' supervisor
 ]
 
 

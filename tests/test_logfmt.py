@@ -98,3 +98,37 @@ def test_outside_a_loop_and_on_flush_nothing_waits():
         return stream.getvalue()
 
     assert asyncio.run(log_then_flush()).endswith("WARNING pending\n")
+
+
+def test_a_shared_stream_gets_whole_lines_in_writes_a_pipe_keeps_whole() -> None:
+    """Workers share their supervisor's stderr: each write holds whole lines and at most PIPE_BUF bytes
+    (unless one line alone is longer), so no other process's write lands inside a line."""
+
+    class Writes(io.StringIO):
+        def __init__(self) -> None:
+            super().__init__()
+            self.writes: list[str] = []
+
+        def write(self, text: str) -> int:
+            self.writes.append(text)
+            return len(text)
+
+    stream = Writes()
+    handler = BatchedStreamHandler(stream, shared=True)
+    lines = [f"line {index} " + "x" * 300 for index in range(40)] + ["long " + "y" * 5000, "last"]
+    handler._write(lines)
+    assert "".join(stream.writes) == "\n".join(lines) + "\n"
+    assert all(write.endswith("\n") for write in stream.writes)
+    assert all(len(write.encode()) <= 4096 for write in stream.writes if "long" not in write)
+    assert len(stream.writes) > 3
+
+
+def test_the_time_stamp_kept_for_a_second_reads_as_loggings_own() -> None:
+    """`OneLineFormatter` runs strftime once a second, not once a line: the stamps are logging's, to the ms."""
+    ours = OneLineFormatter("%(asctime)s %(message)s")
+    theirs = logging.Formatter("%(asctime)s %(message)s")
+    for created in (1_700_000_000.001, 1_700_000_000.5, 1_700_000_000.999, 1_700_000_001.0, 1_700_000_061.25):
+        record = logging.makeLogRecord({"msg": "hello", "created": created, "msecs": (created % 1) * 1000})
+        assert ours.format(record) == theirs.format(record)
+    assert ours.usesTime()
+    assert not OneLineFormatter("%(message)s").usesTime()

@@ -554,3 +554,32 @@ async def test_every_series_the_seed_dashboard_reads_is_in_the_scrape(make_upstr
     assert present("mana_llm_alias_healthy_targets", alias="mana/long-form")
     assert present("mana_llm_requests_total", endpoint="/v1/chat/completions", status="200")
     assert present("mana_llm_request_latency_seconds_bucket", endpoint="/v1/aliases")
+
+
+def test_a_multiprocess_directory_in_the_environment_alone_changes_nothing(monkeypatch, tmp_path):
+    """Only a worker of a supervisor (`MANAPROXY_WORKER` set beside it) reports the host from metric files: one
+    process keeps its own registry, process metrics and scrape-time gauges, whatever else the environment holds."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from manaproxy.gateway import Gateway
+    from manaproxy.metrics import instrument
+    from manaproxy.reload import Reloader
+
+    from .helpers import build_config
+
+    config = parse_config(build_config({"up": "http://127.0.0.1:9/v1"}, {"mana/a": ["up/m1"]}), env={})
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    gateway = Gateway.for_config(config)
+    single = instrument(gateway, Reloader(gateway))
+    assert single.shared is None
+    assert single.scrape_registry is single.registry
+    text = generate_latest(single.registry).decode()
+    assert "process_cpu_seconds_total" in text
+    assert 'mana_llm_requests_in_flight{provider="up"} 0.0' in text
+
+    monkeypatch.setenv("MANAPROXY_WORKER", "1")
+    gateway = Gateway.for_config(config)
+    worker = instrument(gateway, Reloader(gateway), CollectorRegistry())
+    assert worker.shared is not None
+    assert worker.scrape_registry is not worker.registry
+    assert "process_cpu_seconds_total" not in generate_latest(worker.scrape_registry).decode()

@@ -61,7 +61,10 @@ async def node_app(node_bin: str) -> AsyncIterator[Launch]:
 
         async def run_calls(base_url: str, model: str, calls: tuple[str, ...]) -> list[Outcome]:
             spec = json.dumps({"baseURL": base_url, "model": model, "calls": list(calls)}).encode() + b"\n"
-            out, err = await asyncio.wait_for(process.communicate(spec), NODE_TIMEOUT)
+            try:
+                out, err = await asyncio.wait_for(process.communicate(spec), NODE_TIMEOUT)
+            except TimeoutError:  # e.g. the SDK obeying a Retry-After of a whole breaker window
+                raise AssertionError(f"the app's calls to {base_url} took over {NODE_TIMEOUT:g}s") from None
             assert process.returncode == 0, err.decode()
             outcomes = json.loads(out.decode().splitlines()[-1])["outcomes"]
             return [Outcome(o["error"], o["status"], o["message"], o["elapsed"]) for o in outcomes]

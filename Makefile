@@ -13,7 +13,7 @@ $(BIN)/python:
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
 # tests/node brings its own Node (openai 7 needs >= 22) from the registry; npm runs on whatever Node there is,
-# so its engine warnings are noise. Without npm and node, tests/test_node_sdk.py skips.
+# so its engine warnings are noise. Without npm and node, tests/test_node_sdk*.py skip.
 install: $(BIN)/python  ## venv + editable install with test extras, and the Node clients the tests drive
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	@if command -v npm >/dev/null; then npm ci --prefix tests/node --no-audit --no-fund --loglevel=error; \

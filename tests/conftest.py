@@ -5,7 +5,8 @@ test_provider_health.py). What test modules share lives in helpers.py (functions
 fakes.py (the fake upstreams and their scripted replies); no test module imports another test module
 (test_layers.py checks it).
 
-Fixtures: fake upstreams and a real manaproxy server on loopback, in this process or as `manaproxy serve`.
+Fixtures: fake upstreams and a real manaproxy server on loopback, in this process or as `manaproxy serve`;
+`node` runs a client script of tests/node/ (the Node openai SDK) and returns the JSON line it prints.
 
     async def test_x(make_upstream, make_proxy):
         up = await make_upstream("a")
@@ -17,7 +18,10 @@ Fixtures: fake upstreams and a real manaproxy server on loopback, in this proces
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
+import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,7 +34,7 @@ from manaproxy.config import KINDS, parse_config
 from manaproxy.providers.google import GoogleProvider
 
 from .fakes import FAULTY_KIND, FakeGemini, FakeUpstream, chat_answer, chat_completion, json_reply, status_reply
-from .helpers import Proxy, ProxyTestServer, build_config
+from .helpers import NODE_DIR, NODE_TIMEOUT, Proxy, ProxyTestServer, build_config, node_env
 from .processes import RedisServer, ServeProcess
 
 
@@ -156,3 +160,45 @@ def redis_server() -> Iterator[RedisServer]:
         yield server
     finally:
         server.cleanup()
+
+
+# -- the Node openai SDK (tests/node) ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def node_bin() -> str:
+    """The Node that tests/node installs, or skip where there is no Node at all; never skip silently where
+    Node exists but `make install` has not installed the client packages."""
+    bundled = NODE_DIR / "node_modules" / ".bin" / "node"
+    if bundled.exists():
+        return str(bundled)
+    if shutil.which("node") is None:
+        pytest.skip("node is not on PATH: the Node openai SDK tests need node and npm")
+    pytest.fail("tests/node/node_modules is missing: run make install (it runs npm ci --prefix tests/node)")
+
+
+@pytest.fixture
+def node(node_bin):
+    """`await node("chat.mjs", baseURL=..., model=...)`: run a client script with that spec, return its JSON."""
+    env = node_env()
+
+    async def run(script: str, **spec: Any) -> dict[str, Any]:
+        process = await asyncio.create_subprocess_exec(
+            node_bin,
+            str(NODE_DIR / script),
+            json.dumps(spec),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=env,
+        )
+        try:
+            async with asyncio.timeout(NODE_TIMEOUT):
+                out, err = await process.communicate()
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+            raise AssertionError(f"node {script} did not finish within {NODE_TIMEOUT:g}s") from None
+        assert process.returncode == 0, err.decode()
+        return json.loads(out.decode().splitlines()[-1])
+
+    return run

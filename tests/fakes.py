@@ -1102,3 +1102,64 @@ def refuses_stream_options(then: Behavior) -> Behavior:
         return await then(request, recorded)
 
     return behave
+
+
+# -- issue 16's upstreams: replies chosen by the request, and an upstream that restarts ---------------------
+
+# llama.cpp's answer to an image sent to a text-only model.
+NO_IMAGES = "image input is not supported - hint: if this is unexpected, you may need to provide the mmproj"
+
+
+def by_body(when: Callable[[Recorded], bool], then: Behavior, otherwise: Behavior) -> Behavior:
+    """A behavior: `then` for requests `when` matches, `otherwise` for the rest."""
+
+    async def behave(request: web.Request, recorded: Recorded) -> web.StreamResponse:
+        return await (then if when(recorded) else otherwise)(request, recorded)
+
+    return behave
+
+
+def has_image(recorded: Recorded) -> bool:
+    return b'"image_url"' in recorded.body
+
+
+def is_embedding(recorded: Recorded) -> bool:
+    return recorded.path.endswith("/embeddings")
+
+
+class Restarting:
+    """An OpenAI-compatible upstream (model `m`) on a fixed port that can go away and come back (a restart)."""
+
+    def __init__(self) -> None:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = int(sock.getsockname()[1])
+        self.runner: web.AppRunner | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    async def start(self) -> None:
+        async def models(request: web.Request) -> web.Response:
+            return web.json_response({"object": "list", "data": [{"id": "m", "object": "model"}]})
+
+        async def complete(request: web.Request) -> web.Response:
+            return web.json_response(chat_completion("m"))
+
+        app = web.Application()
+        app.router.add_get("/v1/models", models)
+        app.router.add_post("/v1/chat/completions", complete)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", self.port, reuse_address=True).start()
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
+
+    async def restart_for(self, seconds: float) -> None:
+        await self.stop()
+        await asyncio.sleep(seconds)
+        await self.start()

@@ -9,19 +9,22 @@
 - metrics (`value`, `exists`, `scrape`, `varied_traffic`, `promtool`, `run_promtool`), the request log
   line (`FIELDS`, `parse_logfmt`, `logged_attempts`) and a process's resources (`rss_mib`, `open_files_limit`);
 - bodies several modules send and read back: `big_request` (a chat request of any size), `AUDIO` and
-  `form_part` (a multipart upload and one of its fields as the upstream received it).
+  `form_part` (a multipart upload and one of its fields as the upstream received it);
+- issue 16's cases, run by an SDK with its own retries direct and through manaproxy: `RETRY_CASES`,
+  `direct_and_through`, the table's `Outcome` and `Row`, `print_table`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
@@ -40,12 +43,17 @@ from manaproxy.reload import RELOADER, Reloader
 from manaproxy.server import Runner
 
 from .fakes import (
+    NO_IMAGES,
     FakeGemini,
     FakeUpstream,
+    Restarting,
+    by_body,
     chat_answer,
     chat_chunks,
     chat_completion,
     closed_port_url,
+    has_image,
+    is_embedding,
     json_reply,
     sse_reply,
     status_reply,
@@ -550,3 +558,207 @@ aliases:
     chain: [ollama/llava:7b, google/gemini-2.0-flash-exp, openrouter/openai/gpt-4o]
 default: mana/fast-text
 """
+
+
+# -- the Node openai SDK (tests/node; the `node` fixture in conftest.py runs its scripts) ------------------
+
+NODE_DIR = Path(__file__).parent / "node"
+NODE_TIMEOUT = 20.0  # seconds for one script; each takes well under one
+
+
+def node_env() -> dict[str, str]:
+    """The environment a client script runs in: ours, without what would configure the SDK or Node."""
+    return {name: value for name, value in os.environ.items() if not name.startswith(("OPENAI_", "NODE_"))}
+
+
+# -- issue 16: direct vs through manaproxy, through an SDK's own retries ----------------------------------
+#
+# Each case scripts the same upstream twice — once called directly, once through manaproxy (a one-entry alias,
+# `failure_threshold: 2`, probes on) — and an app (an SDK with its DEFAULT retries) makes the same calls to
+# both. Per call, a `Row` compares the outcome, the error class, the status, the provider's message and the
+# elapsed time. test_sdk_retries.py runs the cases with the Python SDK, test_node_sdk_retries.py with Node's.
+
+RETRY_HEALTH = {"failure_threshold": 2, "backoff_seconds": 60}
+ELAPSED_SLACK = 1.0  # seconds: through manaproxy within this of direct
+# The one difference no gateway can remove: without an HTTP answer the SDK raises APIConnectionError; a
+# gateway answers with one (503, listing the entry and why). Both SDKs name their classes alike.
+INHERENT = {("APIConnectionError", "InternalServerError")}
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one app call ended in."""
+
+    error: str  # the error's class, or "-" when it succeeded
+    status: int | None
+    message: str  # the error's message as the app reads it (the error object's `message`)
+    elapsed: float
+
+    def cell(self) -> str:
+        what = "ok" if self.error == "-" else f"{self.error} {self.status or ''}".strip()
+        return f"{what} {self.elapsed:.2f}s"
+
+
+@dataclass(frozen=True)
+class Row:
+    case: str
+    call: str
+    direct: Outcome
+    through: Outcome
+
+    @property
+    def differences(self) -> list[str]:
+        """How the call through manaproxy differs from direct (empty: indistinguishable)."""
+        direct, through = self.direct, self.through
+        found = []
+        if direct.error != through.error and (direct.error, through.error) not in INHERENT:
+            found.append(f"class {direct.error} != {through.error}")
+        if direct.error == through.error and direct.status != through.status:
+            found.append(f"status {direct.status} != {through.status}")
+        # Ours prefixes the entry: `a/m: <the provider's message>`. (No HTTP answer direct: no message to keep.)
+        if direct.error == through.error and direct.message not in through.message:
+            found.append(f"message {direct.message!r} not in {through.message!r}")
+        if abs(through.elapsed - direct.elapsed) > ELAPSED_SLACK:
+            found.append(f"elapsed {direct.elapsed:.2f}s vs {through.elapsed:.2f}s")
+        return found
+
+    def line(self) -> str:
+        same = "same" if not self.differences else "; ".join(self.differences)
+        if not self.differences and self.direct.error != self.through.error:
+            same = "inherent (no HTTP answer direct)"
+        return f"| {self.case} | {self.call} | {self.direct.cell()} | {self.through.cell()} | {same} |"
+
+
+def print_table(rows: Sequence[Row]) -> None:
+    """The whole "direct vs through manaproxy" table (pytest shows it with `-s`)."""
+    if rows:
+        print("\n| case | call | direct | through manaproxy | difference |\n|---|---|---|---|---|")
+        for row in rows:
+            print(row.line())
+
+
+CHAT_OK = json_reply(chat_completion("m"))
+
+
+@dataclass(frozen=True)
+class RetryCase:
+    """One case of issue 16: the app's calls (chat, image, embeddings) and the upstream they meet."""
+
+    name: str
+    calls: tuple[str, ...]
+    script: Callable[[FakeUpstream], None] = lambda up: None
+    upstream: str = "fake"  # fake (scripted), restart (down 0.3 s as the call begins), dead (nothing listens)
+    expect: tuple[str, ...] = field(default=())  # each call's error class through manaproxy ("-": none)
+
+
+def _queue(*behaviors: Any) -> Callable[[FakeUpstream], None]:
+    def script(up: FakeUpstream) -> None:
+        up.queue(*behaviors)
+        up.default = CHAT_OK
+
+    return script
+
+
+def _default(behavior: Any) -> Callable[[FakeUpstream], None]:
+    def script(up: FakeUpstream) -> None:
+        up.default = behavior
+
+    return script
+
+
+RETRY_CASES = [
+    RetryCase(
+        "429 429 200, no hint", ("chat",), _queue(status_reply(429, "slow down"), status_reply(429, "slow down"))
+    ),
+    RetryCase(
+        "429 429 200, retry-after-ms only",
+        ("chat",),
+        _queue(*[status_reply(429, "slow down", headers={"retry-after-ms": "200"})] * 2),
+    ),
+    RetryCase("upstream restarts for 0.3 s", ("chat",), upstream="restart"),
+    RetryCase("dead lone provider", ("chat",), upstream="dead", expect=("InternalServerError",)),
+    RetryCase(
+        "images refused (llama.cpp 500), then text",
+        ("image", "image", "chat"),
+        _default(by_body(has_image, status_reply(500, NO_IMAGES), CHAT_OK)),
+        expect=("InternalServerError", "InternalServerError", "-"),
+    ),
+    RetryCase(
+        "images fail (500 boom), then text",
+        ("image", "image", "chat"),
+        _default(by_body(has_image, status_reply(500, "boom"), CHAT_OK)),
+        expect=("InternalServerError", "InternalServerError", "-"),
+    ),
+    RetryCase(
+        "embeddings 501 (no --embeddings), then chat",
+        ("embeddings", "embeddings", "chat"),
+        _default(by_body(is_embedding, status_reply(501, "This server does not support embeddings"), CHAT_OK)),
+        expect=("InternalServerError", "InternalServerError", "-"),
+    ),
+    RetryCase(
+        "lone 500 on every try",
+        ("chat",),
+        _default(status_reply(500, "model crashed")),
+        expect=("InternalServerError",),
+    ),
+]
+
+# The app: (base URL, model, the calls to make one after the other) -> one Outcome per call.
+App = Callable[[str, str, tuple[str, ...]], Awaitable[list[Outcome]]]
+# Readies an app (a Node process started and waiting) before the case's clock starts: an outage that begins
+# as the app makes its first call must not pass while the app is still starting.
+Launch = Callable[[], Awaitable[App]]
+
+
+@contextlib.asynccontextmanager
+async def retry_upstream(case: RetryCase, make_upstream: MakeUpstream) -> AsyncIterator[tuple[str, Callable[[], None]]]:
+    """(base URL of a fresh upstream scripted for `case`, what to do just before the app's first call)."""
+    if case.upstream == "dead":
+        yield closed_port_url(), lambda: None
+        return
+    if case.upstream == "restart":
+        upstream = Restarting()
+        await upstream.start()
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            yield upstream.base_url, lambda: tasks.append(asyncio.ensure_future(upstream.restart_for(0.3)))
+            await asyncio.gather(*tasks)
+        finally:
+            await upstream.stop()
+        return
+    fake = await make_upstream(case.name)
+    fake.models = ["m"]
+    case.script(fake)
+    yield fake.base_url, lambda: None
+
+
+async def _direct(case: RetryCase, launch: Launch, make_upstream: MakeUpstream) -> list[Outcome]:
+    app = await launch()
+    async with retry_upstream(case, make_upstream) as (base_url, before):
+        before()
+        await asyncio.sleep(0.05)  # as through manaproxy, whose startup probe runs meanwhile
+        return await app(base_url, "m", case.calls)
+
+
+async def _through(
+    case: RetryCase, launch: Launch, make_upstream: MakeUpstream, make_proxy: MakeProxy
+) -> list[Outcome]:
+    app = await launch()
+    async with retry_upstream(case, make_upstream) as (base_url, before):
+        # A restart begins as manaproxy starts: its startup probe fails too, and with the app's first try
+        # that is `failure_threshold` failures: the provider's breaker opens (the worst case of a restart).
+        before()
+        proxy = await make_proxy(build_config({"a": base_url}, {"mana/x": ["a/m"]}, health=RETRY_HEALTH), probes=True)
+        await asyncio.sleep(0.05)  # the startup probe round
+        return await app(proxy.base_url, "mana/x", case.calls)
+
+
+async def direct_and_through(
+    case: RetryCase, launch: Launch, make_upstream: MakeUpstream, make_proxy: MakeProxy
+) -> list[Row]:
+    """Run `case` with an app of `launch`'s direct and with another through manaproxy, both at once (each has
+    its own upstream and timings: they share the wall clock), and pair the two outcomes of each call."""
+    direct, through = await asyncio.gather(
+        _direct(case, launch, make_upstream), _through(case, launch, make_upstream, make_proxy)
+    )
+    return [Row(case.name, call, d, t) for call, d, t in zip(case.calls, direct, through, strict=True)]

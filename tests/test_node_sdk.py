@@ -1,18 +1,15 @@
 """The official Node `openai` SDK pointed at manaproxy by base URL, as a Node app would use it.
 
 Each test starts the proxy and its fake upstreams here, runs one small client script from tests/node/ in a
-real Node process (the Node that tests/node/package.json installs: openai 7 needs Node >= 22) and asserts on
-the JSON line the script prints: what the SDK returned, or the class, status, code and headers of what it threw.
+real Node process (the `node` fixture in conftest.py: the Node that tests/node/package.json installs, as
+openai 7 needs Node >= 22) and asserts on the JSON line the script prints: what the SDK returned, or the
+class, status, code and headers of what it threw.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-import os
-import shutil
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -28,49 +25,6 @@ from .fakes import (
     typed_events,
 )
 from .helpers import AUDIO, build_config, form_part
-
-NODE_DIR = Path(__file__).parent / "node"
-NODE_TIMEOUT = 20.0  # seconds for one script; each takes well under one
-
-
-@pytest.fixture(scope="session")
-def node_bin() -> str:
-    """The Node that tests/node installs, or skip where there is no Node at all; never skip silently where
-    Node exists but `make install` has not installed the client packages."""
-    bundled = NODE_DIR / "node_modules" / ".bin" / "node"
-    if bundled.exists():
-        return str(bundled)
-    if shutil.which("node") is None:
-        pytest.skip("node is not on PATH: the Node openai SDK tests need node and npm")
-    pytest.fail("tests/node/node_modules is missing: run make install (it runs npm ci --prefix tests/node)")
-
-
-@pytest.fixture
-def node(node_bin):
-    """`await node("chat.mjs", baseURL=..., model=...)`: run a client script with that spec, return its JSON."""
-    env = {name: value for name, value in os.environ.items() if not name.startswith(("OPENAI_", "NODE_"))}
-
-    async def run(script: str, **spec: Any) -> dict[str, Any]:
-        process = await asyncio.create_subprocess_exec(
-            node_bin,
-            str(NODE_DIR / script),
-            json.dumps(spec),
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=env,
-        )
-        try:
-            async with asyncio.timeout(NODE_TIMEOUT):
-                out, err = await process.communicate()
-        except TimeoutError:
-            process.kill()
-            await process.wait()
-            raise AssertionError(f"node {script} did not finish within {NODE_TIMEOUT:g}s") from None
-        assert process.returncode == 0, err.decode()
-        return json.loads(out.decode().splitlines()[-1])
-
-    return run
-
 
 # -- answers ---------------------------------------------------------------------------------------------
 

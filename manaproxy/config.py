@@ -90,6 +90,14 @@ class Timeouts:
 
 
 @dataclass(frozen=True, slots=True)
+class AutoConcurrency:
+    """`max_concurrent: auto`: the bounds of the limit learned per target (`health/capacity.py`)."""
+
+    min_concurrent: int = 1
+    max_concurrent_limit: int = 64
+
+
+@dataclass(frozen=True, slots=True)
 class ProviderConfig:
     name: str
     kind: str
@@ -98,11 +106,12 @@ class ProviderConfig:
     api_key: str | None = field(default=None, repr=False)
     headers: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), repr=False)
     timeouts: Timeouts = Timeouts()
-    max_concurrent: int = 0
+    max_concurrent: int = 0  # 0: no limit (and with `auto_concurrency`, none fixed)
     probe: str | None = None
     # Client headers sent on: True (all end-to-end ones), False (none), or these names (lower case).
     forward_headers: bool | frozenset[str] = True
     builtin: bool = False  # built from the environment (BUILTIN_PROVIDERS), not declared under `providers:`
+    auto_concurrency: AutoConcurrency | None = None  # `max_concurrent: auto`: each target's limit is learned
 
     @property
     def configured(self) -> bool:
@@ -399,7 +408,18 @@ class _Parser:
         where = where or f"providers.{name}"
         if not _PROVIDER_NAME_RE.match(name) or name == ALIAS_PREFIX.rstrip("/"):
             raise self.fail(where, "provider names are letters, digits, '_', '.', '-' and not 'mana'")
-        allowed = ("kind", "base_url", "api_key", "headers", "timeouts", "max_concurrent", "probe", "forward_headers")
+        allowed = (
+            "kind",
+            "base_url",
+            "api_key",
+            "headers",
+            "timeouts",
+            "max_concurrent",
+            "min_concurrent",
+            "max_concurrent_limit",
+            "probe",
+            "forward_headers",
+        )
         spec = self.mapping(spec, where, allowed)
         expand = not builtin  # a built-in's values come from the environment already: never expanded twice
         kind = self.string(spec.get("kind", "openai"), f"{where}.kind")
@@ -442,7 +462,7 @@ class _Parser:
         timeouts = Timeouts(
             **{k: float(self.number(v, f"{where}.timeouts.{k}", minimum=0.001)) for k, v in timeouts_raw.items()}
         )
-        max_concurrent = int(self.number(spec.get("max_concurrent", 0), f"{where}.max_concurrent", integer=True))
+        max_concurrent, auto_concurrency = self.concurrency(spec, where)
         forward_headers = self.forward_headers(spec.get("forward_headers", True), f"{where}.forward_headers")
         probe = None
         if spec.get("probe") is not None:
@@ -460,7 +480,24 @@ class _Parser:
             forward_headers=forward_headers,
             probe=probe,
             builtin=builtin,
+            auto_concurrency=auto_concurrency,
         )
+
+    def concurrency(self, spec: dict[str, Any], where: str) -> tuple[int, AutoConcurrency | None]:
+        """`max_concurrent` (a number, or `auto` with its bounds `min_concurrent` and `max_concurrent_limit`)."""
+        raw = spec.get("max_concurrent", 0)
+        bounds = [key for key in ("min_concurrent", "max_concurrent_limit") if key in spec]
+        if not (isinstance(raw, str) and raw.strip() == "auto"):
+            if bounds:
+                raise self.fail(f"{where}.{bounds[0]}", "applies only with max_concurrent: auto")
+            return int(self.number(raw, f"{where}.max_concurrent", integer=True)), None
+        low = int(self.number(spec.get("min_concurrent", 1), f"{where}.min_concurrent", minimum=1, integer=True))
+        high = int(
+            self.number(spec.get("max_concurrent_limit", 64), f"{where}.max_concurrent_limit", minimum=1, integer=True)
+        )
+        if high < low:
+            raise self.fail(f"{where}.max_concurrent_limit", f"must be >= min_concurrent ({low})")
+        return 0, AutoConcurrency(low, high)
 
     def forward_headers(self, value: Any, where: str) -> bool | frozenset[str]:
         if isinstance(value, bool):

@@ -197,6 +197,9 @@ class StateCollector(Collector):
     `ManaLLMAliasAllEntriesUnhealthy` alert).
     `mana_llm_target_healthy{target}`: 1 while a chain entry can be used (provider and model breakers
     closed), for the `provider/model` entries of configured aliases only.
+    `mana_llm_concurrency_limit{target}`: the requests a chain entry may have in flight — learned
+    (`max_concurrent: auto`) or its provider's fixed `max_concurrent` — for entries of configured aliases that
+    have a limit.
     """
 
     def __init__(self, gateway: Gateway) -> None:
@@ -233,6 +236,21 @@ class StateCollector(Collector):
         for target, ok in usable.items():
             targets.add_metric([str(target)], 1 if ok else 0)
         yield targets
+        limits = GaugeMetricFamily(
+            "mana_llm_concurrency_limit",
+            "Requests the chain entry (provider/model) may have in flight: learned (max_concurrent: auto) or fixed",
+            labels=["target"],
+        )
+        for target in usable:
+            spec = config.providers[target.provider]
+            if spec.auto_concurrency is not None:
+                capacity = health.target(target.provider, target.model).capacity
+                limits.add_metric(
+                    [str(target)], spec.auto_concurrency.min_concurrent if capacity is None else capacity.allowed
+                )
+            elif spec.max_concurrent:
+                limits.add_metric([str(target)], spec.max_concurrent)
+        yield limits
 
 
 def _configured_targets(config: Config) -> frozenset[Target]:

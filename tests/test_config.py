@@ -15,6 +15,7 @@ import yaml
 
 from manaproxy.config import (
     Alias,
+    AutoConcurrency,
     ConfigError,
     HealthSettings,
     ServerSettings,
@@ -555,3 +556,29 @@ def test_a_built_in_key_never_reaches_repr_or_summary() -> None:
     config = parse_config(MANA_LLM_ALIASES, env={"OPENROUTER_API_KEY": "test-key-or-secret"})
     assert config.providers["openrouter"].configured
     assert "test-key-or-secret" not in repr(config) + config.summary()
+
+
+def test_max_concurrent_auto_and_its_bounds():
+    provider = parse_config(provider_doc(max_concurrent="auto"), env={}).providers["a"]
+    assert (provider.max_concurrent, provider.auto_concurrency) == (0, AutoConcurrency(1, 64))
+    text = provider_doc(max_concurrent="auto", min_concurrent=2, max_concurrent_limit=8)
+    assert parse_config(text, env={}).providers["a"].auto_concurrency == AutoConcurrency(2, 8)
+    assert parse_config(provider_doc(max_concurrent=4), env={}).providers["a"].auto_concurrency is None
+
+
+@pytest.mark.parametrize(
+    ("spec", "where"),
+    [
+        ({"max_concurrent": 4, "min_concurrent": 2}, "providers.a.min_concurrent"),
+        ({"max_concurrent_limit": 8}, "providers.a.max_concurrent_limit"),
+        ({"max_concurrent": "auto", "min_concurrent": 0}, "providers.a.min_concurrent"),
+        (
+            {"max_concurrent": "auto", "min_concurrent": 4, "max_concurrent_limit": 2},
+            "providers.a.max_concurrent_limit",
+        ),
+        ({"max_concurrent": "many"}, "providers.a.max_concurrent"),
+    ],
+    ids=["min-without-auto", "limit-without-auto", "min-zero", "limit-under-min", "not-a-number"],
+)
+def test_max_concurrent_auto_refuses(spec, where):
+    assert where in config_error(provider_doc(**spec))

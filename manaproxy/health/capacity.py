@@ -111,6 +111,20 @@ class Capacity:
         value = record.value()
         return None if math.isinf(value) else value
 
+    def view(self, now: float) -> dict[str, object]:
+        """What `/v1/health` shows: the limit, and the times it is based on (seconds, by signal)."""
+        return {
+            "limit": self.allowed,
+            "learned": round(self.limit, 2),
+            "ceiling": self.ceiling,
+            "min_concurrent": self.bounds.min_concurrent,
+            "max_concurrent_limit": self.bounds.max_concurrent_limit,
+            "floor_seconds": {
+                signal: round(value, 4) for signal in self._floors if (value := self.floor(signal, now)) is not None
+            },
+            "last_seconds": None if self.last is None else {self.last[0]: round(self.last[1], 4)},
+        }
+
     def observe(self, signal: str, seconds: float, *, started: float, concurrency: int, now: float) -> None:
         """An answer of a request started at `started` with `concurrency` requests in flight to the target
         (itself included) took `seconds` by `signal`."""

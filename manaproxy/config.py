@@ -121,10 +121,13 @@ class ProviderConfig:
 
 @dataclass(frozen=True, slots=True)
 class Member:
-    """One target of a chain step, with its share of the step's traffic."""
+    """One target of a chain step, with its share of the step's traffic, and (a pool member written as a
+    mapping) a limit of its own on the requests in flight to that target: fixed, or learned (`auto`)."""
 
     target: Target
     weight: float = 1.0
+    max_concurrent: int = 0  # 0: none of its own (its provider's applies)
+    auto_concurrency: AutoConcurrency | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -548,14 +551,16 @@ class _Parser:
             if isinstance(entry, list):
                 raise self.fail(member_where, "pools cannot be nested")
             if isinstance(entry, dict):
-                spec = self.mapping(entry, member_where, ("target", "weight"))
+                keys = ("target", "weight", "max_concurrent", "min_concurrent", "max_concurrent_limit")
+                spec = self.mapping(entry, member_where, keys)
                 if "target" not in spec:
                     raise self.fail(member_where, "a pool member needs a target")
                 target = self.target(spec["target"], f"{member_where}.target", providers)
                 weight = float(self.number(spec.get("weight", 1), f"{member_where}.weight"))
                 if weight <= 0:
                     raise self.fail(f"{member_where}.weight", f"must be > 0, got {spec.get('weight')}")
-                members.append(Member(target, weight))
+                max_concurrent, auto_concurrency = self.concurrency(spec, member_where)
+                members.append(Member(target, weight, max_concurrent, auto_concurrency))
             else:
                 members.append(Member(self.target(entry, member_where, providers)))
         return Step(tuple(members), pool=True)

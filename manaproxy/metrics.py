@@ -32,9 +32,10 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from .config import ALIAS_PREFIX, Config, Target
+from .config import ALIAS_PREFIX, Config, Member, Target
 from .failures import HEDGED_LOST, WON
 from .gateway import Gateway
+from .health import HealthTracker
 from .record import RequestRecord
 from .reload import Reloader
 
@@ -241,16 +242,29 @@ class StateCollector(Collector):
             "Requests the chain entry (provider/model) may have in flight: learned (max_concurrent: auto) or fixed",
             labels=["target"],
         )
-        for target in usable:
-            spec = config.providers[target.provider]
-            if spec.auto_concurrency is not None:
-                capacity = health.target(target.provider, target.model).capacity
-                limits.add_metric(
-                    [str(target)], spec.auto_concurrency.min_concurrent if capacity is None else capacity.allowed
-                )
-            elif spec.max_concurrent:
-                limits.add_metric([str(target)], spec.max_concurrent)
+        in_force: dict[Target, int] = {}
+        for alias in config.aliases.values():
+            for step in alias.steps:
+                for member in step.members:
+                    limit = _limit(config, health, member)
+                    if limit:
+                        in_force[member.target] = limit
+        for target, limit in in_force.items():
+            limits.add_metric([str(target)], limit)
         yield limits
+
+
+def _limit(config: Config, health: HealthTracker, member: Member) -> int:
+    """The limit in force on requests in flight to a chain entry: the member's own, else its provider's; fixed,
+    or learned (its `min_concurrent` until the target's first request); 0: none."""
+    provider = config.providers[member.target.provider]
+    if member.max_concurrent:
+        return member.max_concurrent
+    bounds = member.auto_concurrency or provider.auto_concurrency
+    if bounds is None:
+        return provider.max_concurrent
+    capacity = health.target(member.target.provider, member.target.model).capacity
+    return bounds.min_concurrent if capacity is None else capacity.allowed
 
 
 def _configured_targets(config: Config) -> frozenset[Target]:

@@ -32,7 +32,7 @@ from multidict import CIMultiDict
 from . import logfmt
 from .auth import CLIENT
 from .body import BodyBudget, parse, read_body
-from .config import Hedge, Step, Target
+from .config import Hedge, Member, Step, Target
 from .drain import Guard, shutting_down
 from .errors import JSON_CONTENT_TYPE, ProxyError, error_body
 from .failures import (
@@ -430,7 +430,8 @@ class _Forwarder:
             if now >= deadline or not await health.slot_freed(saturated, deadline - now):
                 break
             record.attempts[:] = [attempt for attempt in record.attempts if attempt.reason != SATURATED]
-            steps = tuple(Step.single(target) for target in saturated)
+            members = {member.target: member for step in route.steps for member in step.members}
+            steps = tuple(Step((members.get(target) or Member(target),)) for target in saturated)
         record.error_type = "all_failed"
         raise exhausted(record.attempts, config.health.max_retry_after_seconds)
 

@@ -582,3 +582,16 @@ def test_max_concurrent_auto_and_its_bounds():
 )
 def test_max_concurrent_auto_refuses(spec, where):
     assert where in config_error(provider_doc(**spec))
+
+
+def test_a_pool_member_may_have_a_limit_of_its_own():
+    chain = [
+        [{"target": "a/m", "max_concurrent": "auto", "max_concurrent_limit": 4}, {"target": "a/n", "max_concurrent": 2}]
+    ]
+    text = doc(providers={"a": {"base_url": "http://127.0.0.1:9/v1"}}, aliases={"mana/x": {"chain": chain}})
+    first, second = parse_config(text, env={}).aliases["mana/x"].steps[0].members
+    assert (first.max_concurrent, first.auto_concurrency) == (0, AutoConcurrency(1, 4))
+    assert (second.max_concurrent, second.auto_concurrency) == (2, None)
+    chain = [[{"target": "a/m", "min_concurrent": 2}]]
+    text = doc(providers={"a": {"base_url": "http://127.0.0.1:9/v1"}}, aliases={"mana/x": {"chain": chain}})
+    assert "aliases.mana/x.chain[0][0].min_concurrent" in config_error(text)

@@ -137,3 +137,24 @@ async def test_a_failing_targets_limit_does_not_collapse_and_it_serves_again(mak
     served = await load(proxy, clients=3, seconds=2.5)  # the breaker's trial (after 1 s) finds it well
     assert "gpu/m1" in served[-3:]
     assert (await learned(proxy))["concurrency"]["limit"] >= grown
+
+
+async def test_a_pool_member_s_own_limit_holds_for_that_target(make_upstream, make_proxy):
+    gpu = Slots(4, prefill=0.5, words=2)
+    a = await make_upstream("gpu")
+    b = await make_upstream("cloud")
+    a.default, b.default = gpu.behavior(), chat_answer("m2")
+    chain = [[{"target": "gpu/m1", "max_concurrent": "auto", "max_concurrent_limit": 2}], "cloud/m2"]
+    proxy = await make_proxy(build_config({"gpu": a, "cloud": b}, {"mana/x": {"chain": chain}}))  # no provider limit
+    first = asyncio.create_task(proxy.client.post(CHAT, json=chat(stream=True)))
+    await wait_for(lambda: gpu.serving == 1)
+
+    resp = await proxy.client.post(CHAT, json=chat(stream=True))
+
+    assert resp.headers["X-Mana-LLM-Resolved"] == "cloud/m2"  # the member's learned limit: 1 until it answers
+    await resp.read()
+    assert (await learned(proxy))["concurrency"]["max_concurrent_limit"] == 2
+    metrics = await (await proxy.client.get("/metrics")).text()
+    assert 'mana_llm_concurrency_limit{target="gpu/m1"} 1.0' in metrics
+    assert 'mana_llm_concurrency_limit{target="cloud/m2"}' not in metrics  # no limit, no series
+    assert (await first).headers["X-Mana-LLM-Resolved"] == "gpu/m1"

@@ -54,7 +54,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
 from .. import logfmt
-from ..config import HealthSettings, ProviderConfig, Target
+from ..config import AutoConcurrency, HealthSettings, Member, ProviderConfig, Target
 from ..failures import (
     CREDENTIALS,
     PROVIDER,
@@ -421,9 +421,11 @@ class HealthTracker:
         return self._wall_clock() + (monotonic_time - (self._clock() if now is None else now))
 
     # -- decisions -------------------------------------------------------------------------------
-    def skip_reason(self, provider: ProviderConfig, model: str | None = None, kind: str = CHAT) -> SkipReason | None:
-        """Why this provider (and its `model`, if given, for a request of `kind`) must not be tried now, or
-        None when it may be."""
+    def skip_reason(
+        self, provider: ProviderConfig, model: str | None = None, kind: str = CHAT, member: Member | None = None
+    ) -> SkipReason | None:
+        """Why this provider (and its `model`, if given, for a request of `kind`; as the pool `member`, if
+        given, with a limit of its own) must not be tried now, or None when it may be."""
         if not provider.configured:
             return UNCONFIGURED
         record = self.get(provider.name)
@@ -437,18 +439,34 @@ class HealthTracker:
             return reason
         if provider.max_concurrent and record.in_flight + record.probing >= provider.max_concurrent:
             return SATURATED
-        if provider.auto_concurrency is not None and model is not None:
-            target = record.targets.get(model)
-            capacity = target.capacity if target is not None else None
-            if capacity is not None and target is not None and target.in_flight + record.probing >= capacity.allowed:
-                return SATURATED
+        if model is None:
+            return None
+        fixed = member.max_concurrent if member is not None else 0
+        bounds = member.auto_concurrency if member is not None else None
+        if not fixed and bounds is None:
+            bounds = provider.auto_concurrency
+        if not fixed and bounds is None:
+            return None
+        target = record.targets.get(model)
+        if target is None:
+            return None  # nothing in flight there yet
+        if not fixed:  # learned: a member's own `auto` makes the target learn from its first request on
+            capacity = self.capacity(provider, model, bounds)
+            fixed = capacity.allowed if capacity is not None else 0
+        if fixed and target.in_flight + record.probing >= fixed:
+            return SATURATED
         return None
 
-    def capacity(self, provider: ProviderConfig, model: str) -> Capacity | None:
-        """The learned limit of the target (`max_concurrent: auto`), made on first use; None for a provider
-        with no `auto`, or a model past the tracking bound."""
-        bounds = provider.auto_concurrency
+    def capacity(self, provider: ProviderConfig, model: str, bounds: AutoConcurrency | None = None) -> Capacity | None:
+        """The learned limit of the target, made on first use with `bounds` (default: the provider's
+        `max_concurrent: auto`, or what it was made with); None when there are none, or for a model past the
+        tracking bound. What it learned stays when the bounds change (a reload, or a pool member's own)."""
         record = self._providers.get(provider.name)
+        target = record.targets.get(model) if record is not None else None
+        if bounds is None:
+            if target is not None and target.capacity is not None and provider.auto_concurrency is None:
+                return target.capacity  # made by a pool member's own `auto`
+            bounds = provider.auto_concurrency
         target = record.target(model) if bounds is not None and record is not None else None
         if target is None or bounds is None:
             return None
@@ -471,7 +489,7 @@ class HealthTracker:
         """An answer of the target, started at `started` with `concurrency` in flight, came after `seconds`
         (to its first event when streamed; `tokens` output tokens unstreamed, when its usage said): what its
         learned limit learns from."""
-        capacity = self.capacity(provider, model) if provider.auto_concurrency is not None else None
+        capacity = self.capacity(provider, model)
         if capacity is None:
             return
         if stream:

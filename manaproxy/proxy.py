@@ -416,7 +416,7 @@ class _Forwarder:
                     if answer is not None:
                         return answer
             else:
-                answer = await self._race(plan, route.hedge, call_to)
+                answer = await self._race(plan, route.hedge, call_to, first=deadline is None)
                 if answer is not None:
                     return answer
             # Entries skipped only for being at their limit: wait for the first place any of them frees (a
@@ -477,15 +477,19 @@ class _Forwarder:
         slot.succeeded(perf_counter() - started, tokens)
         return reply
 
-    async def _race(self, plan: Plan, hedge: Hedge, call_to: Callable[[Target], Call]) -> web.StreamResponse | None:
+    async def _race(
+        self, plan: Plan, hedge: Hedge, call_to: Callable[[Target], Call], *, first: bool = True
+    ) -> web.StreamResponse | None:
         """Walk the chain with hedging: once the attempt in flight has no first event (or, unstreamed, no
         answer) `hedge` seconds after it started, the next target starts beside it, at most `max_extra` at
         once. The first to answer is committed and every other cancelled at once (its upstream connection
         closed); a cancelled loser is neither a failure nor a fallback. A failure is followed by the next
-        target, as without hedging. Nothing is raced after the commit point."""
+        target, as without hedging. Nothing is raced after the commit point. A request earns its share of the
+        hedge budget once (`first`), however often it walks the chain again after waiting for a free place."""
         record = self.record
         budget = self.gateway.health.hedge_budget(record.alias or "", hedge.budget_percent)
-        budget.earn()
+        if first:
+            budget.earn()
         race = _Race(self, plan, hedge, call_to, budget)
         started = perf_counter()
         try:

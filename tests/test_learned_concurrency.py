@@ -158,3 +158,25 @@ async def test_a_pool_member_s_own_limit_holds_for_that_target(make_upstream, ma
     assert 'mana_llm_concurrency_limit{target="gpu/m1"} 1.0' in metrics
     assert 'mana_llm_concurrency_limit{target="cloud/m2"}' not in metrics  # no limit, no series
     assert (await first).headers["X-Mana-LLM-Resolved"] == "gpu/m1"
+
+
+async def test_a_hedge_never_starts_on_a_saturated_target_and_a_hedged_request_waits_too(make_upstream, make_proxy):
+    gpu, cloud = Slots(1, prefill=0.3, words=2), Slots(1, model="m2", prefill=0.3, words=2)
+    a = await make_upstream("gpu")
+    b = await make_upstream("cloud")
+    a.default, b.default = gpu.behavior(), cloud.behavior()
+    one = {**AUTO, "max_concurrent_limit": 1}
+    providers = {"gpu": {"base_url": a, **one}, "cloud": {"base_url": b, **one}}
+    aliases = {"mana/x": {"chain": ["gpu/m1", "cloud/m2"], "hedge_after": 0.05, "hedge_budget_percent": 100}}
+    proxy = await make_proxy(build_config(providers, aliases))
+    direct = asyncio.create_task(proxy.client.post(CHAT, json=chat("cloud/m2", stream=True)))  # the cloud is full
+    await wait_for(lambda: cloud.serving == 1)
+
+    hedged, waiting = await asyncio.gather(
+        proxy.client.post(CHAT, json=chat(stream=True)), proxy.client.post(CHAT, json=chat(stream=True))
+    )
+
+    assert (hedged.status, waiting.status) == (200, 200)  # one served at once, the other after a wait
+    assert (await direct).status == 200
+    assert a.calls + b.calls == 3  # late past 50 ms, yet no hedge: it had nowhere to go but a full target
+    assert (gpu.most, cloud.most) == (1, 1)

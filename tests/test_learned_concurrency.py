@@ -180,3 +180,15 @@ async def test_a_hedge_never_starts_on_a_saturated_target_and_a_hedged_request_w
     assert (await direct).status == 200
     assert a.calls + b.calls == 3  # late past 50 ms, yet no hedge: it had nowhere to go but a full target
     assert (gpu.most, cloud.most) == (1, 1)
+
+
+async def test_an_unstreamed_answer_is_timed_per_output_token(make_upstream, make_proxy):
+    gpu = Slots(2, prefill=0.02, words=5, per_word=0.02)  # 5 tokens in ≈ 0.12 s: ≈ 0.024 s a token
+    _a, _b, proxy = await gpu_and_cloud(make_upstream, make_proxy, gpu)
+
+    resp = await proxy.client.post(CHAT, json=chat())
+
+    assert resp.headers["X-Mana-LLM-Resolved"] == "gpu/m1"
+    floors = (await learned(proxy))["concurrency"]["floor_seconds"]
+    assert set(floors) == {"per_token"}
+    assert 0.02 <= floors["per_token"] < 0.1

@@ -6,7 +6,7 @@ CONFIG ?= aliases.yaml
 HOST   ?= 127.0.0.1
 PORT   ?= 3025
 
-.PHONY: install bench-deps run test lint format demo bench bench-workers chaos check clean
+.PHONY: install bench-deps run test lint format demo bench bench-workers bench-gpu chaos check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,9 @@ bench: bench-deps  ## throughput and latency: manaproxy vs direct (and LiteLLM w
 
 bench-workers: bench-deps  ## server.workers 1 against auto (and bare): throughput, CPU per request and per event (≈2 min)
 	$(BIN)/python bench/workers.py $(WORKERS_ARGS)
+
+bench-gpu: bench-deps  ## learned concurrency: a fake busy GPU before a cloud; no limit vs max_concurrent: K vs auto (≈6 min; GPU_ARGS)
+	$(BIN)/python bench/gpu.py $(GPU_ARGS)
 
 chaos: bench-deps  ## fault-injecting load through manaproxy, bounded; exits 1 on a silent truncation or a 500 (docs/chaos.md)
 	$(BIN)/python bench/chaos.py $(CHAOS_ARGS)

@@ -90,6 +90,14 @@ class Timeouts:
 
 
 @dataclass(frozen=True, slots=True)
+class AutoConcurrency:
+    """`max_concurrent: auto`: the bounds of the limit learned per target (`health/capacity.py`)."""
+
+    min_concurrent: int = 1
+    max_concurrent_limit: int = 64
+
+
+@dataclass(frozen=True, slots=True)
 class ProviderConfig:
     name: str
     kind: str
@@ -98,7 +106,7 @@ class ProviderConfig:
     api_key: str | None = field(default=None, repr=False)
     headers: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), repr=False)
     timeouts: Timeouts = Timeouts()
-    max_concurrent: int = 0
+    max_concurrent: int = 0  # 0: no limit (and with `auto_concurrency`, none fixed)
     probe: str | None = None
     # Client headers sent on: True (all end-to-end ones), False (none), or these names (lower case).
     forward_headers: bool | frozenset[str] = True
@@ -106,6 +114,7 @@ class ProviderConfig:
     # `inject`: ask an openai-kind upstream for usage on streams the client did not ask it for (see
     # `streamusage.py`); `passthrough`: send streamed requests as they came.
     stream_usage: str = "inject"
+    auto_concurrency: AutoConcurrency | None = None  # `max_concurrent: auto`: each target's limit is learned
 
     @property
     def configured(self) -> bool:
@@ -115,10 +124,13 @@ class ProviderConfig:
 
 @dataclass(frozen=True, slots=True)
 class Member:
-    """One target of a chain step, with its share of the step's traffic."""
+    """One target of a chain step, with its share of the step's traffic, and (a pool member written as a
+    mapping) a limit of its own on the requests in flight to that target: fixed, or learned (`auto`)."""
 
     target: Target
     weight: float = 1.0
+    max_concurrent: int = 0  # 0: none of its own (its provider's applies)
+    auto_concurrency: AutoConcurrency | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -509,6 +521,8 @@ class _Parser:
             "headers",
             "timeouts",
             "max_concurrent",
+            "min_concurrent",
+            "max_concurrent_limit",
             "probe",
             "forward_headers",
             "stream_usage",
@@ -555,7 +569,7 @@ class _Parser:
         timeouts = Timeouts(
             **{k: float(self.number(v, f"{where}.timeouts.{k}", minimum=0.001)) for k, v in timeouts_raw.items()}
         )
-        max_concurrent = int(self.number(spec.get("max_concurrent", 0), f"{where}.max_concurrent", integer=True))
+        max_concurrent, auto_concurrency = self.concurrency(spec, where)
         forward_headers = self.forward_headers(spec.get("forward_headers", True), f"{where}.forward_headers")
         probe = None
         if spec.get("probe") is not None:
@@ -577,7 +591,24 @@ class _Parser:
             probe=probe,
             builtin=builtin,
             stream_usage=stream_usage,
+            auto_concurrency=auto_concurrency,
         )
+
+    def concurrency(self, spec: dict[str, Any], where: str) -> tuple[int, AutoConcurrency | None]:
+        """`max_concurrent` (a number, or `auto` with its bounds `min_concurrent` and `max_concurrent_limit`)."""
+        raw = spec.get("max_concurrent", 0)
+        bounds = [key for key in ("min_concurrent", "max_concurrent_limit") if key in spec]
+        if not (isinstance(raw, str) and raw.strip() == "auto"):
+            if bounds:
+                raise self.fail(f"{where}.{bounds[0]}", "applies only with max_concurrent: auto")
+            return int(self.number(raw, f"{where}.max_concurrent", integer=True)), None
+        low = int(self.number(spec.get("min_concurrent", 1), f"{where}.min_concurrent", minimum=1, integer=True))
+        high = int(
+            self.number(spec.get("max_concurrent_limit", 64), f"{where}.max_concurrent_limit", minimum=1, integer=True)
+        )
+        if high < low:
+            raise self.fail(f"{where}.max_concurrent_limit", f"must be >= min_concurrent ({low})")
+        return 0, AutoConcurrency(low, high)
 
     def forward_headers(self, value: Any, where: str) -> bool | frozenset[str]:
         if isinstance(value, bool):
@@ -634,14 +665,16 @@ class _Parser:
             if isinstance(entry, list):
                 raise self.fail(member_where, "pools cannot be nested")
             if isinstance(entry, dict):
-                spec = self.mapping(entry, member_where, ("target", "weight"))
+                keys = ("target", "weight", "max_concurrent", "min_concurrent", "max_concurrent_limit")
+                spec = self.mapping(entry, member_where, keys)
                 if "target" not in spec:
                     raise self.fail(member_where, "a pool member needs a target")
                 target = self.target(spec["target"], f"{member_where}.target", providers)
                 weight = float(self.number(spec.get("weight", 1), f"{member_where}.weight"))
                 if weight <= 0:
                     raise self.fail(f"{member_where}.weight", f"must be > 0, got {spec.get('weight')}")
-                members.append(Member(target, weight))
+                max_concurrent, auto_concurrency = self.concurrency(spec, member_where)
+                members.append(Member(target, weight, max_concurrent, auto_concurrency))
             else:
                 members.append(Member(self.target(entry, member_where, providers)))
         return Step(tuple(members), pool=True)

@@ -39,6 +39,7 @@ GAUGE_MODES: dict[str, Mode] = {
     "mana_llm_alias_healthy_targets": "livemin",
     "mana_llm_target_healthy": "livemin",
     "mana_llm_cache_bytes": "livesum",  # each worker's memory backend holds its own entries
+    "mana_llm_concurrency_limit": "livesum",  # each worker learns and keeps its own limit: the host's is their sum
 }
 # `mana_llm_provider_healthy` is a plain gauge the recorder sets: its mode is given where it is made.
 PROVIDER_HEALTHY_MODE: Mode = "livemin"

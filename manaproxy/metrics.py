@@ -34,9 +34,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from . import cache
-from .config import ALIAS_PREFIX, Config, Target
+from .config import ALIAS_PREFIX, Config, Member, Target
 from .failures import HEDGED_LOST, WON
 from .gateway import Gateway
+from .health import HealthTracker
 from .hostmetrics import PROVIDER_HEALTHY_MODE, SharedState, host_registry, shared_dir
 from .record import RequestRecord
 from .reload import Reloader
@@ -233,6 +234,9 @@ class StateCollector(Collector):
     `ManaLLMAliasAllEntriesUnhealthy` alert).
     `mana_llm_target_healthy{target}`: 1 while a chain entry can be used (provider and model breakers
     closed), for the `provider/model` entries of configured aliases only.
+    `mana_llm_concurrency_limit{target}`: the requests a chain entry may have in flight — learned
+    (`max_concurrent: auto`) or its provider's fixed `max_concurrent` — for entries of configured aliases that
+    have a limit.
     """
 
     def __init__(self, gateway: Gateway) -> None:
@@ -275,6 +279,21 @@ class StateCollector(Collector):
         )
         errors.add_metric([], self._gateway.limiter.errors)
         yield errors
+        limits = GaugeMetricFamily(
+            "mana_llm_concurrency_limit",
+            "Requests the chain entry (provider/model) may have in flight: learned (max_concurrent: auto) or fixed",
+            labels=["target"],
+        )
+        in_force: dict[Target, int] = {}
+        for alias in config.aliases.values():
+            for step in alias.steps:
+                for member in step.members:
+                    limit = _limit(config, health, member)
+                    if limit:
+                        in_force[member.target] = limit
+        for target, limit in in_force.items():
+            limits.add_metric([str(target)], limit)
+        yield limits
 
 
 class SharedStateCollector(Collector):
@@ -300,6 +319,19 @@ class SharedStateCollector(Collector):
         for feature, count in {cache.FEATURE: 0, **self._gateway.redis.errors}.items():
             errors.add_metric([feature], count)
         yield errors
+
+
+def _limit(config: Config, health: HealthTracker, member: Member) -> int:
+    """The limit in force on requests in flight to a chain entry: the member's own, else its provider's; fixed,
+    or learned (its `min_concurrent` until the target's first request); 0: none."""
+    provider = config.providers[member.target.provider]
+    if member.max_concurrent:
+        return member.max_concurrent
+    bounds = member.auto_concurrency or provider.auto_concurrency
+    if bounds is None:
+        return provider.max_concurrent
+    capacity = health.target(member.target.provider, member.target.model).capacity
+    return bounds.min_concurrent if capacity is None else capacity.allowed
 
 
 def _configured_targets(config: Config) -> frozenset[Target]:

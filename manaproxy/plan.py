@@ -3,7 +3,8 @@
 Rule of this module: it decides only which target comes next, reading health (what is kept out, what is
 in flight) and nothing else; sending, racing and committing are the proxy's.
 - A step that is one target is tried if health lets it be, else skipped.
-- In a pool, of the members not skipped (unconfigured, breaker open, rate-limited, saturated) the one with
+- In a pool, of the members not skipped (unconfigured, breaker open, rate-limited, saturated: its provider's
+  `max_concurrent`, or the member's own, fixed or learned) the one with
   the fewest requests in flight per unit of weight comes first; a tie is broken at random in proportion
   to weight, so that with no load a 3:1 pool sends 75 % / 25 % of its requests. A member that fails is
   followed by the pool's other members (chosen the same way), then by the next step.
@@ -73,7 +74,7 @@ class Plan:
         usable = []
         for member in self._pool:
             target = member.target
-            skip = health.skip_reason(self._config.providers[target.provider], target.model, self._kind)
+            skip = health.skip_reason(self._config.providers[target.provider], target.model, self._kind, member)
             if skip is None:
                 usable.append(member)
                 continue

@@ -32,10 +32,18 @@ from .auth import Identity, identity_of
 from .body import BodyBudget, parse, read_body
 from .cache import Lookup, Tee
 from .clients import model_allowed
-from .config import ALIAS_PREFIX, ClientSpec, Hedge, Target
+from .config import ALIAS_PREFIX, ClientSpec, Hedge, Member, Step, Target
 from .drain import Guard, shutting_down
 from .errors import JSON_CONTENT_TYPE, ProxyError, error_body
-from .failures import HEDGED_LOST, SHUTTING_DOWN, UPSTREAM_ERROR, WON, MidStreamFailure, UpstreamFailure
+from .failures import (
+    HEDGED_LOST,
+    SATURATED,
+    SHUTTING_DOWN,
+    UPSTREAM_ERROR,
+    WON,
+    MidStreamFailure,
+    UpstreamFailure,
+)
 from .gateway import GATEWAY, Gateway, Runtime
 from .health import Slot
 from .health.latency import HedgeBudget
@@ -413,20 +421,37 @@ class _Forwarder:
         if cached is not None and cached.hit is not None:
             return self.gateway.cache.replay(cached, record)
         self.kind = request_kind(path, raw)
-        plan = Plan(route.steps, config, self.gateway.health, record, _RNG, self.kind)
+        health = self.gateway.health
 
         def call_to(target: Target) -> Call:
             return Call(path, body, target, record.request_id, accept, protocol, headers)
 
-        if route.hedge is None:
-            while (target := plan.next()) is not None:
-                answer = await self._try(target, call_to(target))
+        steps = route.steps
+        deadline: float | None = None
+        while True:
+            plan = Plan(steps, config, health, record, _RNG, self.kind)
+            if route.hedge is None:
+                while (target := plan.next()) is not None:
+                    answer = await self._try(target, call_to(target))
+                    if answer is not None:
+                        return answer
+            else:
+                answer = await self._race(plan, route.hedge, call_to, first=deadline is None)
                 if answer is not None:
                     return answer
-        else:
-            answer = await self._race(plan, route.hedge, call_to)
-            if answer is not None:
-                return answer
+            # Entries skipped only for being at their limit: wait for the first place any of them frees (a
+            # request to a busy GPU is better late than refused), at most the first entry's first-byte timeout.
+            saturated = list(dict.fromkeys(a.target for a in record.attempts if a.reason == SATURATED))
+            if not saturated:
+                break
+            now = perf_counter()
+            if deadline is None:
+                deadline = now + config.providers[route.chain[0].provider].timeouts.first_byte
+            if now >= deadline or not await health.slot_freed(saturated, deadline - now):
+                break
+            record.attempts[:] = [attempt for attempt in record.attempts if attempt.reason != SATURATED]
+            members = {member.target: member for step in route.steps for member in step.members}
+            steps = tuple(Step((members.get(target) or Member(target),)) for target in saturated)
         record.error_type = "all_failed"
         raise exhausted(record.attempts, config.health.max_retry_after_seconds)
 
@@ -485,18 +510,24 @@ class _Forwarder:
             internal = UpstreamFailure.internal(f"provider error: {type(exc).__name__}")
             slot.failed(internal)
             return self._failed(target, internal)
-        slot.succeeded(perf_counter() - started)
+        # Unstreamed, the answer's time per output token (when its usage says) is what a learned limit reads.
+        tokens = reply.usage[1] if isinstance(reply, Reply) and reply.usage is not None else None
+        slot.succeeded(perf_counter() - started, tokens)
         return reply
 
-    async def _race(self, plan: Plan, hedge: Hedge, call_to: Callable[[Target], Call]) -> web.StreamResponse | None:
+    async def _race(
+        self, plan: Plan, hedge: Hedge, call_to: Callable[[Target], Call], *, first: bool = True
+    ) -> web.StreamResponse | None:
         """Walk the chain with hedging: once the attempt in flight has no first event (or, unstreamed, no
         answer) `hedge` seconds after it started, the next target starts beside it, at most `max_extra` at
         once. The first to answer is committed and every other cancelled at once (its upstream connection
         closed); a cancelled loser is neither a failure nor a fallback. A failure is followed by the next
-        target, as without hedging. Nothing is raced after the commit point."""
+        target, as without hedging. Nothing is raced after the commit point. A request earns its share of the
+        hedge budget once (`first`), however often it walks the chain again after waiting for a free place."""
         record = self.record
         budget = self.gateway.health.hedge_budget(record.alias or "", hedge.budget_percent)
-        budget.earn()
+        if first:
+            budget.earn()
         race = _Race(self, plan, hedge, call_to, budget)
         started = perf_counter()
         try:

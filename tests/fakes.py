@@ -1163,3 +1163,81 @@ class Restarting:
         await self.stop()
         await asyncio.sleep(seconds)
         await self.start()
+
+
+# -- a model server with a fixed number of places (learned concurrency) -------------------------------------------
+
+
+class Slots:
+    """A model server that answers `k` requests at once and queues the rest in arrival order, as Ollama does
+    with `OLLAMA_NUM_PARALLEL=k`: an answer streams its first event `prefill` seconds after it gets a place,
+    then `words` more events `per_word` apart (unstreamed: one JSON answer at the end). `k` may change
+    while it runs; `most` is the most requests it ever held at once (served and queued)."""
+
+    def __init__(self, k: int, *, model: str = "m1", prefill: float = 0.03, words: int = 8, per_word: float = 0.05):
+        self.k = k
+        self.model = model
+        self.prefill = prefill
+        self.words = words
+        self.per_word = per_word
+        self.serving = 0
+        self.held = 0
+        self.most = 0
+        self._queue: deque[asyncio.Future[None]] = deque()
+
+    def __repr__(self) -> str:
+        return f"<Slots k={self.k} serving={self.serving} queued={len(self._queue)} most={self.most}>"
+
+    async def _place(self) -> None:
+        if self.serving < self.k and not self._queue:
+            self.serving += 1
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._queue.append(waiter)
+        try:
+            await waiter  # the place was handed over: `serving` already counts it
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self._release()
+            elif waiter in self._queue:
+                self._queue.remove(waiter)
+            raise
+
+    def _release(self) -> None:
+        while self._queue and self.serving <= self.k:
+            waiter = self._queue.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return  # the place goes to the next in line
+        self.serving -= 1
+
+    def behavior(self) -> Behavior:
+        async def behave(request: web.Request, recorded: Recorded) -> web.StreamResponse:
+            self.held += 1
+            self.most = max(self.most, self.held)
+            try:
+                await self._place()
+                try:
+                    return await self._answer(request, recorded)
+                finally:
+                    self._release()
+            finally:
+                self.held -= 1
+
+        return behave
+
+    async def _answer(self, request: web.Request, recorded: Recorded) -> web.StreamResponse:
+        stream = isinstance(recorded.json, dict) and recorded.json.get("stream") is True
+        await asyncio.sleep(self.prefill)
+        if not stream:
+            await asyncio.sleep(self.per_word * self.words)
+            return web.json_response(chat_completion(self.model, usage=(5, self.words)))
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for index, chunk in enumerate(chat_chunks(self.model, ["w"] * self.words)):
+            if index > 1:
+                await asyncio.sleep(self.per_word)
+            await response.write(sse_event(chunk))
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response

@@ -342,7 +342,7 @@ async def varied_traffic(make_upstream: MakeUpstream, make_proxy: MakeProxy) -> 
     ollama.default = chat_answer("gemma3:4b", usage=(12, 30))
     google.default = chat_answer("gemini-2.0-flash", usage=(8, 21))
     providers = {
-        "ollama": {"base_url": ollama, "timeouts": FAST},
+        "ollama": {"base_url": ollama, "timeouts": FAST, "max_concurrent": "auto"},  # the local GPU
         "google": google,
         "groq": {"base_url": closed_port_url(), "timeouts": FAST},
         "openrouter": {"base_url": closed_port_url(), "api_key": ""},

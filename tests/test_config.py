@@ -16,6 +16,7 @@ import yaml
 
 from manaproxy.config import (
     Alias,
+    AutoConcurrency,
     ConfigError,
     HealthSettings,
     ServerSettings,
@@ -721,3 +722,42 @@ def test_server_workers_refuses_what_is_no_count(value: str, words: str) -> None
     message = config_error(f"{MANA_LLM_ALIASES}\nserver: {{workers: {value}}}\n", {})
     assert "server.workers" in message
     assert words in message
+
+
+def test_max_concurrent_auto_and_its_bounds():
+    provider = parse_config(provider_doc(max_concurrent="auto"), env={}).providers["a"]
+    assert (provider.max_concurrent, provider.auto_concurrency) == (0, AutoConcurrency(1, 64))
+    text = provider_doc(max_concurrent="auto", min_concurrent=2, max_concurrent_limit=8)
+    assert parse_config(text, env={}).providers["a"].auto_concurrency == AutoConcurrency(2, 8)
+    assert parse_config(provider_doc(max_concurrent=4), env={}).providers["a"].auto_concurrency is None
+
+
+@pytest.mark.parametrize(
+    ("spec", "where"),
+    [
+        ({"max_concurrent": 4, "min_concurrent": 2}, "providers.a.min_concurrent"),
+        ({"max_concurrent_limit": 8}, "providers.a.max_concurrent_limit"),
+        ({"max_concurrent": "auto", "min_concurrent": 0}, "providers.a.min_concurrent"),
+        (
+            {"max_concurrent": "auto", "min_concurrent": 4, "max_concurrent_limit": 2},
+            "providers.a.max_concurrent_limit",
+        ),
+        ({"max_concurrent": "many"}, "providers.a.max_concurrent"),
+    ],
+    ids=["min-without-auto", "limit-without-auto", "min-zero", "limit-under-min", "not-a-number"],
+)
+def test_max_concurrent_auto_refuses(spec, where):
+    assert where in config_error(provider_doc(**spec))
+
+
+def test_a_pool_member_may_have_a_limit_of_its_own():
+    chain = [
+        [{"target": "a/m", "max_concurrent": "auto", "max_concurrent_limit": 4}, {"target": "a/n", "max_concurrent": 2}]
+    ]
+    text = doc(providers={"a": {"base_url": "http://127.0.0.1:9/v1"}}, aliases={"mana/x": {"chain": chain}})
+    first, second = parse_config(text, env={}).aliases["mana/x"].steps[0].members
+    assert (first.max_concurrent, first.auto_concurrency) == (0, AutoConcurrency(1, 4))
+    assert (second.max_concurrent, second.auto_concurrency) == (2, None)
+    chain = [[{"target": "a/m", "min_concurrent": 2}]]
+    text = doc(providers={"a": {"base_url": "http://127.0.0.1:9/v1"}}, aliases={"mana/x": {"chain": chain}})
+    assert "aliases.mana/x.chain[0][0].min_concurrent" in config_error(text)

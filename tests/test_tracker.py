@@ -6,11 +6,12 @@ import asyncio
 import logging
 from collections.abc import Iterator
 from contextlib import ExitStack
+from dataclasses import replace
 
 import orjson
 import pytest
 
-from manaproxy.config import HealthSettings, ProviderConfig
+from manaproxy.config import AutoConcurrency, HealthSettings, ProviderConfig, Target
 from manaproxy.health import HealthTracker
 from manaproxy.providers.base import UpstreamFailure
 from manaproxy.views.health import snapshot
@@ -704,3 +705,60 @@ def test_since_is_when_the_present_status_began(tracker: HealthTracker, clock: F
     assert since("m1") == limited
     clock.advance(20)
     assert since("m1") == limited + 14  # healthy again since the window ended
+
+
+# -- load: probes hold a place, learned limits (`max_concurrent: auto`) -------------------------------------------
+
+
+def auto(name: str = "a", **bounds: int) -> ProviderConfig:
+    return ProviderConfig(
+        name=name, kind="openai", base_url="http://127.0.0.1:9/v1", auto_concurrency=AutoConcurrency(**bounds)
+    )
+
+
+def test_a_probe_holds_a_place_of_the_limit(tracker: HealthTracker) -> None:
+    with tracker.attempt(provider(max_concurrent=1), probe=True):
+        assert tracker.skip_reason(provider(max_concurrent=1)) == "saturated"
+        assert tracker.skip_reason(provider(max_concurrent=2)) is None
+    assert tracker.skip_reason(provider(max_concurrent=1)) is None
+
+
+def test_a_target_at_its_learned_limit_is_saturated_the_provider_s_other_models_are_not(
+    tracker: HealthTracker, requests: ExitStack
+) -> None:
+    requests.enter_context(tracker.attempt(auto(), "m1"))  # the limit starts at min_concurrent, 1
+    assert tracker.skip_reason(auto(), "m1") == "saturated"
+    assert tracker.skip_reason(auto(), "m2") is None
+    requests.enter_context(tracker.attempt(auto(min_concurrent=2), "m2"))
+    assert tracker.skip_reason(auto(min_concurrent=2), "m2") is None  # 1 of 2
+
+
+def test_a_probe_holds_a_place_of_a_learned_limit(tracker: HealthTracker) -> None:
+    with tracker.attempt(auto(), "m1"):
+        pass
+    with tracker.attempt(auto(), probe=True):
+        assert tracker.skip_reason(auto(), "m1") == "saturated"
+
+
+def test_answers_teach_the_learned_limit_and_it_survives_a_reload(tracker: HealthTracker, clock: FakeClock) -> None:
+    for _ in range(3):
+        with tracker.attempt(auto(), "m1", stream=True) as slot:
+            clock.advance(0.2)
+            slot.succeeded(0.2)
+    capacity = tracker.target("a", "m1").capacity
+    assert capacity is not None
+    assert capacity.allowed == 2
+    tracker.reconfigure(SETTINGS, {"a": auto(), "b": provider("b")})
+    assert tracker.target("a", "m1").capacity is capacity
+    tracker.reconfigure(SETTINGS, {"a": replace(auto(), base_url="http://127.0.0.1:10/v1")})
+    assert tracker.target("a", "m1").capacity is None  # another upstream: learned afresh
+
+
+async def test_a_freed_place_wakes_whoever_waits_for_one(tracker: HealthTracker) -> None:
+    target = Target("a", "m1")
+    with tracker.attempt(auto(), "m1"):
+        waiting = asyncio.create_task(tracker.slot_freed([target], 5.0))
+        await asyncio.sleep(0)
+        assert not waiting.done()
+    assert await waiting is True
+    assert await tracker.slot_freed([target], 0.01) is False

@@ -34,6 +34,11 @@ Target records exist for the models actually asked for, at most
 `MAX_TARGETS_PER_PROVIDER` per provider (a client may name any `provider/model`): past that, healthy
 records idle for the longest make room.
 
+Load is the tracker's too: `max_concurrent` caps a provider's requests and probes in flight; with
+`max_concurrent: auto` each target's own limit is learned (`capacity.py`) from the answers' times, and a
+target at its limit is skipped as `saturated`. Hedges and probes hold a place like any request. A freed
+place wakes whoever waits for one (`slot_freed`).
+
 A reload keeps each provider's record while its upstream stays the same (kind, base_url, key, headers);
 an outcome observed by a request still running on an older config is dropped when that provider has
 since been repointed or removed (`is_current`).
@@ -41,6 +46,7 @@ since been repointed or removed (`is_current`).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -48,7 +54,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
 from .. import logfmt
-from ..config import HealthSettings, ProviderConfig
+from ..config import AutoConcurrency, HealthSettings, Member, ProviderConfig, Target
 from ..failures import (
     CREDENTIALS,
     PROVIDER,
@@ -62,6 +68,7 @@ from ..failures import (
 from ..kinds import CHAT
 from ..redact import Redactor
 from .breaker import FIRST_RATE_LIMIT_DELAY, OPENED, Breaker
+from .capacity import ANSWER, PER_TOKEN, TTFB, Capacity
 from .latency import Client, HedgeBudget, LatencySample
 
 # Pinned, not `__name__`: operators grep for it (deploy/README.md, "Other lines worth knowing").
@@ -95,7 +102,7 @@ class TargetHealth:
     """Mutable health record of one model of a provider: `breaker` counts plain chat requests (`kinds.CHAT`)
     and holds the model's rate limit and last error; every other kind of request has a breaker in `kinds`."""
 
-    __slots__ = ("breaker", "in_flight", "kinds", "last_failures", "model", "ttfb")
+    __slots__ = ("breaker", "capacity", "in_flight", "kinds", "last_failures", "model", "ttfb")
 
     def __init__(self, model: str) -> None:
         self.model = model
@@ -106,6 +113,7 @@ class TargetHealth:
         self.in_flight = 0
         # Seconds to the answer (unstreamed) and to the first event (streamed) of the last answered requests.
         self.ttfb: tuple[LatencySample, LatencySample] = (LatencySample(), LatencySample())
+        self.capacity: Capacity | None = None  # `max_concurrent: auto`: the learned limit (made on first use)
 
     def __repr__(self) -> str:
         breaker = self.breaker
@@ -151,12 +159,22 @@ class TargetHealth:
 class ProviderHealth:
     """Mutable health record of one provider, and of the models of it that were asked for."""
 
-    __slots__ = ("breaker", "check_allowed_at", "check_wanted", "in_flight", "last_latency", "name", "targets")
+    __slots__ = (
+        "breaker",
+        "check_allowed_at",
+        "check_wanted",
+        "in_flight",
+        "last_latency",
+        "name",
+        "probing",
+        "targets",
+    )
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.breaker = Breaker()
         self.in_flight = 0
+        self.probing = 0  # probes in flight: they hold a place too (`max_concurrent`, learned limits)
         self.last_latency: float | None = None
         self.check_wanted = False  # a request got 401/403: a probe is to tell our key from the request
         self.check_allowed_at = 0.0  # monotonic; credential checks are at most this often
@@ -190,7 +208,18 @@ class Slot:
     breakers. Outcomes of a request that started on a config whose provider has since been repointed or
     removed are dropped: they are about an upstream the config no longer names."""
 
-    __slots__ = ("_client", "_kind", "_model", "_probe", "_provider", "_stream", "_tracker", "_trial")
+    __slots__ = (
+        "_client",
+        "_concurrency",
+        "_kind",
+        "_model",
+        "_probe",
+        "_provider",
+        "_started",
+        "_stream",
+        "_tracker",
+        "_trial",
+    )
 
     def __init__(
         self,
@@ -203,6 +232,8 @@ class Slot:
         client: Client = None,
         kind: str = CHAT,
         trial: bool = False,
+        started: float = 0.0,
+        concurrency: int = 0,
     ) -> None:
         self._tracker = tracker
         self._provider = provider
@@ -212,13 +243,16 @@ class Slot:
         self._client = client
         self._kind = kind
         self._trial = trial  # this request is its model's trial while that breaker is open
+        self._started = started  # the tracker's clock when the place was claimed
+        self._concurrency = concurrency  # requests in flight to the target then, this one included
 
     def __repr__(self) -> str:
         target = self._provider.name + (f"/{self._model}" if self._model else "")
         return f"<Slot {target}{' probe' if self._probe else ''}>"
 
-    def succeeded(self, latency: float | None = None) -> None:
-        """The provider answered (a request: its first byte or whole answer; a probe: its check)."""
+    def succeeded(self, latency: float | None = None, tokens: int | None = None) -> None:
+        """The provider answered (a request: its first byte or whole answer, of `tokens` output tokens when
+        its usage said; a probe: its check)."""
         if self._tracker.is_current(self._provider):
             self._tracker.succeeded(
                 self._provider.name,
@@ -229,6 +263,10 @@ class Slot:
                 client=self._client,
                 kind=self._kind,
             )
+            if latency is not None and self._model is not None and not self._probe:
+                self._tracker.timed(
+                    self._provider, self._model, latency, tokens, self._stream, self._started, self._concurrency
+                )
 
     def failed(self, failure: UpstreamFailure) -> None:
         """The provider failed before anything reached the client: the one failure → health mapping."""
@@ -287,6 +325,8 @@ class HealthTracker:
         self._listeners: list[Listener] = []
         self._probe_listeners: list[ProbeListener] = []
         self._hedge_budgets: dict[str, HedgeBudget] = {}  # by alias (configured names only)
+        # Set (and dropped) when a place of the target — (provider, None): of the provider — is given back.
+        self._freed: dict[tuple[str, str | None], asyncio.Event] = {}
 
     def __repr__(self) -> str:
         return f"<HealthTracker {list(self._providers.values())!r}>"
@@ -325,9 +365,9 @@ class HealthTracker:
                 logger.info("provider %s changed upstream: health state reset", name)
                 if not record.breaker.healthy:
                     recovered.append(name)
-                in_flight = record.in_flight
+                in_flight, probing = record.in_flight, record.probing
                 record = ProviderHealth(name)
-                record.in_flight = in_flight
+                record.in_flight, record.probing = in_flight, probing
             fresh[name] = record or ProviderHealth(name)
         self._providers = fresh
         self._identities = identities
@@ -381,9 +421,11 @@ class HealthTracker:
         return self._wall_clock() + (monotonic_time - (self._clock() if now is None else now))
 
     # -- decisions -------------------------------------------------------------------------------
-    def skip_reason(self, provider: ProviderConfig, model: str | None = None, kind: str = CHAT) -> SkipReason | None:
-        """Why this provider (and its `model`, if given, for a request of `kind`) must not be tried now, or
-        None when it may be."""
+    def skip_reason(
+        self, provider: ProviderConfig, model: str | None = None, kind: str = CHAT, member: Member | None = None
+    ) -> SkipReason | None:
+        """Why this provider (and its `model`, if given, for a request of `kind`; as the pool `member`, if
+        given, with a limit of its own) must not be tried now, or None when it may be."""
         if not provider.configured:
             return UNCONFIGURED
         record = self.get(provider.name)
@@ -395,9 +437,92 @@ class HealthTracker:
                 reason = target.skip_reason(kind, now)
         if reason is not None:
             return reason
-        if provider.max_concurrent and record.in_flight >= provider.max_concurrent:
+        if provider.max_concurrent and record.in_flight + record.probing >= provider.max_concurrent:
+            return SATURATED
+        if model is None:
+            return None
+        fixed = member.max_concurrent if member is not None else 0
+        bounds = member.auto_concurrency if member is not None else None
+        if not fixed and bounds is None:
+            bounds = provider.auto_concurrency
+        if not fixed and bounds is None:
+            return None
+        target = record.targets.get(model)
+        if target is None:
+            return None  # nothing in flight there yet
+        if not fixed:  # learned: a member's own `auto` makes the target learn from its first request on
+            capacity = self.capacity(provider, model, bounds)
+            fixed = capacity.allowed if capacity is not None else 0
+        if fixed and target.in_flight + record.probing >= fixed:
             return SATURATED
         return None
+
+    def capacity(self, provider: ProviderConfig, model: str, bounds: AutoConcurrency | None = None) -> Capacity | None:
+        """The learned limit of the target, made on first use with `bounds` (default: the provider's
+        `max_concurrent: auto`, or what it was made with); None when there are none, or for a model past the
+        tracking bound. What it learned stays when the bounds change (a reload, or a pool member's own)."""
+        record = self._providers.get(provider.name)
+        target = record.targets.get(model) if record is not None else None
+        if bounds is None:
+            if target is not None and target.capacity is not None and provider.auto_concurrency is None:
+                return target.capacity  # made by a pool member's own `auto`
+            bounds = provider.auto_concurrency
+        target = record.target(model) if bounds is not None and record is not None else None
+        if target is None or bounds is None:
+            return None
+        if target.capacity is None:
+            target.capacity = Capacity(bounds)
+        elif target.capacity.bounds != bounds:
+            target.capacity.rebound(bounds)
+        return target.capacity
+
+    def timed(
+        self,
+        provider: ProviderConfig,
+        model: str,
+        seconds: float,
+        tokens: int | None,
+        stream: bool,
+        started: float,
+        concurrency: int,
+    ) -> None:
+        """An answer of the target, started at `started` with `concurrency` in flight, came after `seconds`
+        (to its first event when streamed; `tokens` output tokens unstreamed, when its usage said): what its
+        learned limit learns from."""
+        capacity = self.capacity(provider, model)
+        if capacity is None:
+            return
+        if stream:
+            signal, value = TTFB, seconds
+        elif tokens:
+            signal, value = PER_TOKEN, seconds / tokens
+        else:
+            signal, value = ANSWER, seconds
+        capacity.observe(signal, value, started=started, concurrency=concurrency, now=self._clock())
+
+    async def slot_freed(self, targets: list[Target], timeout: float) -> bool:
+        """Wait until a place of any of `targets` (or of its provider) is given back, at most `timeout`
+        seconds; whether one was."""
+        events = set()
+        for target in targets:
+            for key in ((target.provider, target.model), (target.provider, None)):
+                event = self._freed.get(key)
+                if event is None:
+                    event = self._freed[key] = asyncio.Event()
+                events.add(event)
+        waits = [asyncio.ensure_future(event.wait()) for event in events]
+        try:
+            done, _ = await asyncio.wait(waits, timeout=max(0.0, timeout), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
+        return bool(done)
+
+    def _free(self, provider: str, model: str | None) -> None:
+        for key in ((provider, model), (provider, None)) if model is not None else ((provider, None),):
+            event = self._freed.pop(key, None)
+            if event is not None:
+                event.set()
 
     @contextmanager
     def attempt(
@@ -413,10 +538,11 @@ class HealthTracker:
         """Claim `provider` (and `model`, for a request of `kind`) for one request, or probe, while the block
         runs; record its outcome on the slot.
 
-        A request counts as in flight (for `max_concurrent`) until the block exits, however it exits —
-        a client that left must not hold a slot. When a breaker is half-open the first request to
-        claim it is its trial, and the others skip it until that is decided. Probes neither count nor
-        claim. `client` (a hash of the client's key) is whose answer a time to first byte is.
+        A request counts as in flight (for `max_concurrent`, learned or fixed) until the block exits,
+        however it exits — a client that left must not hold a slot; so does a probe, for the provider. When a
+        breaker is half-open the first request to claim it is its trial, and the others skip it until that is
+        decided; probes claim no trial. `client` (a hash of the client's key) is whose answer a time to first
+        byte is.
         """
         record = self._providers.get(provider.name)  # None: removed by a reload that raced this request
         if record is not None and probe:
@@ -424,24 +550,41 @@ class HealthTracker:
         target = record.target(model) if record is not None and model is not None and not probe else None
         now = self._clock()
         trial = target_trial = 0
-        if record is not None and not probe:
+        if record is not None and probe:
+            record.probing += 1
+        elif record is not None:
             record.in_flight += 1
             trial = record.breaker.claim_trial(now)
+        if target is not None and provider.auto_concurrency is not None and model is not None:
+            self.capacity(provider, model)  # its limit holds from the first request on
         kind_breaker = target.of_kind(kind) if target is not None else None
         if target is not None and kind_breaker is not None:
             target.in_flight += 1
             target_trial = kind_breaker.claim_trial(now)
+        concurrency = target.in_flight + (record.probing if record is not None else 0) if target is not None else 0
         try:
             yield Slot(
-                self, provider, model, probe=probe, stream=stream, client=client, kind=kind, trial=bool(target_trial)
+                self,
+                provider,
+                model,
+                probe=probe,
+                stream=stream,
+                client=client,
+                kind=kind,
+                trial=bool(target_trial),
+                started=now,
+                concurrency=concurrency,
             )
         finally:
-            if record is not None and not probe:
+            if record is not None and probe:
+                record.probing = max(0, record.probing - 1)
+            elif record is not None:
                 record.in_flight = max(0, record.in_flight - 1)
                 record.breaker.release_trial(trial)
             if target is not None and kind_breaker is not None:
                 target.in_flight = max(0, target.in_flight - 1)
                 kind_breaker.release_trial(target_trial)
+            self._free(provider.name, model if target is not None else None)
 
     # -- outcomes (what a Slot records) ------------------------------------------------------------
     def _breaker(self, provider: str, model: str | None, kind: str = CHAT) -> Breaker | None:

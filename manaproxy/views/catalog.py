@@ -133,7 +133,7 @@ def alias_view(config: Config, gateway: Gateway) -> dict[str, Any]:
         for position, step in enumerate(alias.steps):
             for member in step.members:
                 target = member.target
-                skip = health.skip_reason(config.providers[target.provider], target.model)
+                skip = health.skip_reason(config.providers[target.provider], target.model, member=member)
                 entry: dict[str, Any] = {"target": str(target), "available": skip is None, "reason": skip}
                 if skip is not None:
                     entry["until_unix"] = health.unavailable_until(target.provider, target.model)

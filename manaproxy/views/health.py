@@ -61,11 +61,15 @@ def snapshot(tracker: HealthTracker, providers: Iterable[ProviderConfig]) -> dic
             configured=provider.configured,
             in_flight=record.in_flight,
             max_concurrent=provider.max_concurrent,
+            max_concurrent_auto=provider.auto_concurrency is not None,
+            probes_in_flight=record.probing,
             last_latency_seconds=None if record.last_latency is None else round(record.last_latency, 4),
             models={
                 model: {
                     **_breaker_view(tracker, target.breaker, now),
                     "in_flight": target.in_flight,
+                    # `max_concurrent: auto`: the learned limit and the times it goes by (`health/capacity.py`).
+                    "concurrency": None if target.capacity is None else target.capacity.view(now),
                     # Breakers of the other kinds of request than plain chat (`kinds.py`): embeddings, chat+image ...
                     "kinds": {kind: _breaker_view(tracker, breaker, now) for kind, breaker in target.kinds.items()},
                 }

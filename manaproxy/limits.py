@@ -12,24 +12,30 @@ let in when every rule has at least 1 left, and then moves `tat` on by `T` per r
 exact (no sampling, no window edges where twice the limit passes), a burst of `limit` is allowed after a quiet
 `period`, the state is one number per client and rule, and a check-and-count is one atomic step — what a Redis
 Lua script does in one round trip, behind the same `LimitBackend` interface (`limits: {backend: redis}`).
-`gcra` is pure (the clock is an argument) and table-tested.
+`gcra` is pure (the clock is an argument) and table-tested; `RedisBackend`'s script is the same arithmetic in
+Lua, tested against it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import logging
 import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from aiohttp import web
 
 from .config import ClientSpec, LimitSettings
 from .errors import ProxyError
+from .redislink import DEGRADED, RedisLink
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
 
 logger = logging.getLogger("manaproxy.limits")  # pinned: deploy/README.md documents it
 
@@ -102,25 +108,29 @@ def gcra(
     added to the token rules, always "allowed" (an answer already given is never taken back).
     Returns the new tats (unchanged when refused) and the verdict.
     """
-    bases = [tat if tat > now else now for tat in tats]
+    # In offsets from `now` (`ahead`: how far a window's tat is past now): `tat - now` is exact for two clocks
+    # this close, and the arithmetic after it stays far from `now`'s magnitude, where an epoch clock (Redis's
+    # TIME) has only ~0.2 µs of resolution — enough noise to show a window one request short.
+    aheads = [tat - now if tat > now else 0.0 for tat in tats]
     allowed = True
     waits = [0.0] * len(rules)
     if requests > 0:
         for index, rule in enumerate(rules):
             need = requests if rule.kind == REQUESTS else 1
-            if (now + rule.period - bases[index]) / rule.interval + _EPSILON < need:
+            if (rule.period - aheads[index]) / rule.interval + _EPSILON < need:
                 allowed = False
-                waits[index] = max(bases[index] + need * rule.interval - rule.period - now, _EPSILON)
+                waits[index] = max(aheads[index] + need * rule.interval - rule.period, _EPSILON)
     new = list(tats)
     windows = []
     for index, rule in enumerate(rules):
-        base = bases[index]
+        ahead = aheads[index]
         if allowed:
             cost = requests if rule.kind == REQUESTS else tokens
             if cost:
-                new[index] = base = base + cost * rule.interval
-        left = math.floor((now + rule.period - base) / rule.interval + _EPSILON)
-        windows.append(Window(rule, left if left > 0 else 0, base - now, waits[index]))
+                ahead = ahead + cost * rule.interval
+                new[index] = now + ahead
+        left = math.floor((rule.period - ahead) / rule.interval + _EPSILON)
+        windows.append(Window(rule, left if left > 0 else 0, ahead, waits[index]))
     return new, Verdict(allowed, tuple(windows))
 
 
@@ -165,6 +175,132 @@ class MemoryBackend:
         for key, tat in zip(keys, tats, strict=True):
             if tat:
                 stored[key] = tat
+        return verdict
+
+
+# -- the shared backend: Redis ----------------------------------------------------------------------------------
+
+FEATURE = "limits"  # `feature` label of `mana_llm_redis_errors_total`
+# A client's windows: `manaproxy:limits:v1:{<client>}:<rule>`. Client names are labels, not secrets (keys never
+# reach Redis); the braces are a Redis Cluster hash tag, keeping one client's keys in one slot for the script.
+KEY_PREFIX = "manaproxy:limits:v1:"
+
+# `gcra` in Lua, operation for operation in the same doubles (so the same verdicts, to the last bit), run
+# atomically by Redis: one round trip checks and counts every rule of a client. The clock is Redis's own
+# (`TIME`), so the hosts' clocks do not matter; ARGV[1] is a clock for tests only (`now` of `redis_gcra`), empty
+# otherwise. A key lives until its tat has passed (after that it means "never used" anyway), so idle windows
+# expire. Numbers go back as strings: Redis would truncate a Lua number to an integer.
+GCRA_SCRIPT = """
+local now
+if ARGV[1] == '' then
+  if redis.replicate_commands then redis.replicate_commands() end
+  local time = redis.call('TIME')
+  now = tonumber(time[1]) + tonumber(time[2]) / 1000000
+else
+  now = tonumber(ARGV[1])
+end
+local requests = tonumber(ARGV[2])
+local tokens = tonumber(ARGV[3])
+local epsilon = 1e-9
+local count = #KEYS
+local kinds, periods, intervals, aheads, waits = {}, {}, {}, {}, {}
+local allowed = true
+for i = 1, count do
+  local at = 1 + 3 * i
+  kinds[i] = ARGV[at] == 'r'
+  periods[i] = tonumber(ARGV[at + 1])
+  intervals[i] = tonumber(ARGV[at + 2])
+  local tat = tonumber(redis.call('GET', KEYS[i]) or '0')
+  if tat > now then aheads[i] = tat - now else aheads[i] = 0.0 end
+  waits[i] = 0.0
+end
+if requests > 0 then
+  for i = 1, count do
+    local need = 1
+    if kinds[i] then need = requests end
+    if (periods[i] - aheads[i]) / intervals[i] + epsilon < need then
+      allowed = false
+      waits[i] = math.max(aheads[i] + need * intervals[i] - periods[i], epsilon)
+    end
+  end
+end
+local result = {allowed and 1 or 0}
+for i = 1, count do
+  local ahead = aheads[i]
+  if allowed then
+    local cost = tokens
+    if kinds[i] then cost = requests end
+    if cost ~= 0 then
+      ahead = ahead + cost * intervals[i]
+      redis.call('SET', KEYS[i], string.format('%.17g', now + ahead), 'PX', math.max(1, math.ceil(ahead * 1000)))
+    end
+  end
+  local left = math.floor((periods[i] - ahead) / intervals[i] + epsilon)
+  if left < 0 then left = 0 end
+  result[#result + 1] = left
+  result[#result + 1] = string.format('%.17g', ahead)
+  result[#result + 1] = string.format('%.17g', waits[i])
+end
+return result
+"""
+_SCRIPT_SHA = hashlib.sha1(GCRA_SCRIPT.encode()).hexdigest()  # how Redis names a script (EVALSHA)
+
+
+def redis_keys(client: str, rules: Sequence[Rule]) -> list[str]:
+    return [f"{KEY_PREFIX}{{{client}}}:{rule.name}" for rule in rules]
+
+
+async def redis_gcra(
+    redis: aioredis.Redis,
+    client: str,
+    rules: Sequence[Rule],
+    *,
+    requests: int,
+    tokens: int,
+    now: float | None = None,
+) -> Verdict:
+    """`gcra` on `client`'s windows kept in `redis`, in one round trip (EVALSHA; EVAL when Redis does not know
+    the script yet, after a restart). `now`: a clock for tests; None (manaproxy's every call): Redis's `TIME`.
+    Raises what redis-py raises."""
+    from redis.exceptions import NoScriptError
+
+    keys = redis_keys(client, rules)
+    args: list[Any] = ["" if now is None else repr(now), requests, tokens]
+    for rule in rules:
+        args += ("r" if rule.kind == REQUESTS else "t", repr(rule.period), repr(rule.interval))
+    try:
+        raw = await redis.evalsha(_SCRIPT_SHA, len(keys), *keys, *args)
+    except NoScriptError:
+        raw = await redis.eval(GCRA_SCRIPT, len(keys), *keys, *args)
+    windows = tuple(
+        Window(rule, int(raw[1 + 3 * index]), float(raw[2 + 3 * index]), float(raw[3 + 3 * index]))
+        for index, rule in enumerate(rules)
+    )
+    return Verdict(raw[0] == 1, windows)
+
+
+class LimitBackendUnavailable(Exception):
+    """The shared store did not check the request (down, slow, refusing): `limits.on_backend_error` decides."""
+
+
+class RedisBackend:
+    """The windows in Redis, through the one shared connection (`redislink.py`): shared by every process and
+    host using that Redis, exact across them (the script is atomic), one round trip per `take`."""
+
+    __slots__ = ("link",)
+
+    def __init__(self, link: RedisLink) -> None:
+        self.link = link
+
+    def __repr__(self) -> str:
+        return f"<RedisBackend {self.link!r}>"
+
+    async def take(self, client: str, rules: Sequence[Rule], *, requests: int, tokens: int) -> Verdict:
+        verdict = await self.link.run(
+            FEATURE, lambda redis: redis_gcra(redis, client, rules, requests=requests, tokens=tokens), write=True
+        )
+        if verdict is DEGRADED:  # the link logged why (once per outage) and counted it for `limits`
+            raise LimitBackendUnavailable("redis did not answer the limit check (see manaproxy.redis)")
         return verdict
 
 
@@ -248,23 +384,36 @@ async def ratelimit_headers(request: web.Request, response: web.StreamResponse) 
     headers.update(headers_of(verdict))
 
 
-_WARN_EVERY = 10.0  # seconds between two warnings that the backend is failing
+_WARN_EVERY = 10.0  # seconds: a backend that fails on and off is warned about at most this often
 
 
 class Limiter:
-    """The limits of every client, kept by one backend; what a backend failure means (`limits.on_backend_error`)."""
+    """The limits of every client, kept by one backend; what a backend failure means (`limits.on_backend_error`).
 
-    __slots__ = ("_last_warning", "_tasks", "backend", "errors", "settings")
+    `local` is this process's memory backend; `shared` (given by the gateway) the Redis one. Which one counts
+    is `settings.backend`'s, so a reload may switch them (the memory windows are kept meanwhile)."""
 
-    def __init__(self, backend: LimitBackend, settings: LimitSettings) -> None:
-        self.backend = backend
+    __slots__ = ("_failing", "_last_warning", "_tasks", "backend", "errors", "local", "settings", "shared")
+
+    def __init__(self, local: LimitBackend, settings: LimitSettings, *, shared: LimitBackend | None = None) -> None:
+        self.local = local
+        self.shared = shared
+        self.backend = local
         self.settings = settings
+        self.configure(settings)
         self.errors = 0  # backend failures (`mana_llm_client_limit_errors_total`)
+        self._failing = False  # the last check failed: warned when it started, told when it ends
         self._last_warning = -math.inf
         self._tasks: set[asyncio.Task[None]] = set()
 
     def __repr__(self) -> str:
         return f"<Limiter {self.backend!r} on_backend_error={self.settings.on_backend_error} errors={self.errors}>"
+
+    def configure(self, settings: LimitSettings) -> None:
+        """Take `settings` (at start and on reload): the policy, and which backend keeps the windows."""
+        self.settings = settings
+        shared = self.shared if settings.backend == "redis" else None
+        self.backend = shared if shared is not None else self.local
 
     async def admit(self, client: ClientSpec) -> Verdict | None:
         """Count a request of `client` against its limits: its verdict (None: no limits, or the backend failed
@@ -285,6 +434,8 @@ class Limiter:
                     headers={"Retry-After": "1"},
                 ) from None
             return None
+        if self._failing:
+            self._recovered()
         if not verdict.allowed:
             raise refusal(client, verdict)
         return verdict
@@ -299,20 +450,28 @@ class Limiter:
         if isinstance(backend, MemoryBackend):  # no I/O: counted now, before the next request can look
             backend.count_tokens(client.name, rules, tokens)
             return
-        task = asyncio.get_running_loop().create_task(self._spend(client.name, rules, tokens))
+        task = asyncio.get_running_loop().create_task(self._spend(backend, client.name, rules, tokens))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _spend(self, name: str, rules: tuple[Rule, ...], tokens: int) -> None:
+    async def _spend(self, backend: LimitBackend, name: str, rules: tuple[Rule, ...], tokens: int) -> None:
         try:
-            await self.backend.take(name, rules, requests=0, tokens=tokens)
+            await backend.take(name, rules, requests=0, tokens=tokens)
         except Exception as exc:
             self._failed(exc)
 
+    async def settle(self) -> None:
+        """Let the token counts under way finish (each is bounded by the backend's timeout): in tests, at shutdown."""
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
     def _failed(self, exc: Exception) -> None:
         self.errors += 1
+        if self._failing:
+            return  # one line per outage, not one per request
+        self._failing = True
         now = time.monotonic()
-        if now - self._last_warning >= _WARN_EVERY:  # one line per while, not one per request
+        if now - self._last_warning >= _WARN_EVERY:  # ... and one per while when it comes and goes
             self._last_warning = now
             logger.warning(
                 "client limit backend failed (%s: %s); requests are %s while it does",
@@ -320,3 +479,7 @@ class Limiter:
                 exc,
                 "let in" if self.settings.on_backend_error == "open" else "refused",
             )
+
+    def _recovered(self) -> None:
+        self._failing = False
+        logger.info("client limit backend answers again: limits are enforced (%d checks failed so far)", self.errors)

@@ -617,7 +617,7 @@ def test_defaults_without_clients():
         ("clients:\n  a: {key: k, requests_per_minute: 0}\n", "clients.a.requests_per_minute"),
         ("clients:\n  a: {key: k, tokens_per_day: 1.5}\n", "clients.a.tokens_per_day"),
         ("clients:\n  a: {key: k, budget: 5}\n", "clients.a: unknown key 'budget'"),
-        ("limits: {backend: redis}\n", "limits.backend: 'redis' is not available in this build"),
+        ("limits: {backend: redis}\n", "limits.backend: 'redis' needs redis.url"),
         ("limits: {backend: disk}\n", "limits.backend"),
         ("limits: {on_backend_error: maybe}\n", "limits.on_backend_error"),
         ("limits: {window: 5}\n", "limits: unknown key 'window'"),
@@ -702,3 +702,15 @@ def test_cache_and_redis_errors_name_their_place(top: dict[str, Any], aliases: A
     message = config_error(doc(aliases=aliases, **top))
     assert f"t.yaml: {place}" in message
     assert "hunter2" not in message
+
+
+# -- limits: {backend: redis} (issue 19) -----------------------------------------------------------------------
+
+
+def test_limits_backend_redis_uses_the_redis_section() -> None:
+    text = _with("redis: {url: '${REDIS_URL:-}'}\nlimits: {backend: redis, on_backend_error: closed}\n")
+    config = parse_config(text, env={"REDIS_URL": "redis://127.0.0.1:6379/0"})
+    assert (config.limits.backend, config.limits.on_backend_error) == ("redis", "closed")
+    with pytest.raises(ConfigError, match=re.escape("limits.backend: 'redis' needs redis.url")):
+        parse_config(text, env={})
+    assert parse_config(_with("limits: {backend: ''}\n"), env={}).limits.backend == "memory"

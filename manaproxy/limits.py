@@ -189,7 +189,7 @@ KEY_PREFIX = "manaproxy:limits:v1:"
 # atomically by Redis: one round trip checks and counts every rule of a client. The clock is Redis's own
 # (`TIME`), so the hosts' clocks do not matter; ARGV[1] is a clock for tests only (`now` of `redis_gcra`), empty
 # otherwise. A key lives until its tat has passed (after that it means "never used" anyway), so idle windows
-# expire. Numbers go back as strings: Redis would truncate a Lua number to an integer.
+# expire. The verdict goes back as one string of numbers (Redis would truncate a Lua number to an integer).
 GCRA_SCRIPT = """
 local now
 if ARGV[1] == '' then
@@ -224,7 +224,7 @@ if requests > 0 then
     end
   end
 end
-local result = {allowed and 1 or 0}
+local result = {allowed and '1' or '0'}
 for i = 1, count do
   local ahead = aheads[i]
   if allowed then
@@ -237,11 +237,11 @@ for i = 1, count do
   end
   local left = math.floor((periods[i] - ahead) / intervals[i] + epsilon)
   if left < 0 then left = 0 end
-  result[#result + 1] = left
+  result[#result + 1] = string.format('%d', left)
   result[#result + 1] = string.format('%.17g', ahead)
   result[#result + 1] = string.format('%.17g', waits[i])
 end
-return result
+return table.concat(result, ' ')
 """
 _SCRIPT_SHA = hashlib.sha1(GCRA_SCRIPT.encode()).hexdigest()  # how Redis names a script (EVALSHA)
 
@@ -272,11 +272,12 @@ async def redis_gcra(
         raw = await redis.evalsha(_SCRIPT_SHA, len(keys), *keys, *args)
     except NoScriptError:
         raw = await redis.eval(GCRA_SCRIPT, len(keys), *keys, *args)
+    fields = raw.split()  # one string: cheaper to parse than a reply of 1 + 3 per rule
     windows = tuple(
-        Window(rule, int(raw[1 + 3 * index]), float(raw[2 + 3 * index]), float(raw[3 + 3 * index]))
+        Window(rule, int(fields[1 + 3 * index]), float(fields[2 + 3 * index]), float(fields[3 + 3 * index]))
         for index, rule in enumerate(rules)
     )
-    return Verdict(raw[0] == 1, windows)
+    return Verdict(fields[0] == b"1", windows)
 
 
 class LimitBackendUnavailable(Exception):

@@ -127,3 +127,28 @@ async def test_redis_killed_mid_run_then_back(make_upstream, make_proxy, redis_s
     assert [(await post()).status for _ in range(3)] == [200, 200, 429]
     assert any("answers again" in r.getMessage() for r in caplog.records if r.name == "manaproxy.limits")
     assert up.calls == 2 + 2 + (4 if policy == "open" else 0)
+
+
+async def test_a_reload_moves_the_windows_to_redis_and_back(make_upstream, make_proxy, redis_server, tmp_path):
+    import redis.asyncio as aioredis
+
+    up = await make_upstream("up")
+    up.default = chat_answer("m1")
+    memory = shared_config(up, redis_server, {"requests_per_minute": 2}).replace("backend: redis", "backend: memory")
+    proxy = await make_proxy(memory)
+
+    async def status() -> int:
+        resp = await proxy.client.post(CHAT, json=chat("mana/x"), headers=AUTH)
+        await resp.read()
+        return resp.status
+
+    assert [await status() for _ in range(3)] == [200, 200, 429]  # this process's own minute
+    assert proxy.reload_to(tmp_path, shared_config(up, redis_server, {"requests_per_minute": 2}))
+    assert [await status() for _ in range(3)] == [200, 200, 429]  # Redis's minute, empty until now
+    store = aioredis.Redis.from_url(redis_server.url)
+    try:
+        assert await store.exists("manaproxy:limits:v1:{bot}:requests_per_minute")
+    finally:
+        await store.aclose()
+    assert proxy.reload_to(tmp_path, memory)
+    assert await status() == 429  # the memory windows were kept meanwhile

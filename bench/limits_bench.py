@@ -23,7 +23,8 @@ from collections.abc import Awaitable, Callable
 
 from manaproxy.clients import ClientTable, parse_env_clients
 from manaproxy.config import ClientSpec, LimitSettings, RedisSettings
-from manaproxy.limits import Limiter, MemoryBackend, RedisBackend, headers_of
+from manaproxy.limits import Limiter, MemoryBackend, headers_of
+from manaproxy.redislimits import RedisBackend
 from manaproxy.redislink import RedisLink
 
 

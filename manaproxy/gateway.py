@@ -29,11 +29,12 @@ from .clients import ClientTable
 from .config import ClientSpec, Config, LimitSettings
 from .drain import Drain
 from .health import HealthTracker
-from .limits import Limiter, MemoryBackend, RedisBackend
+from .limits import Limiter, MemoryBackend
 from .providers import build_provider
 from .providers.base import Provider
 from .record import Observer, RequestRecord
 from .redact import Redactor
+from .redislimits import RedisBackend
 from .redislink import RedisLink
 
 logger = logging.getLogger(__name__)

@@ -38,12 +38,13 @@ LAYERS: list[set[str]] = [
     {"plan", "providers"},  # which target next (reads health); the kinds
     {
         "redislink",
+        "redislimits",
         "cache",
         "gateway",
         "reload",
         "probe",
         "drain",
-    },  # shared state (Redis, the response cache), the runtime a reload swaps, the probe loop, the drain
+    },  # shared state (Redis, the response cache, shared limits), the runtime a reload swaps, the probe loop, the drain
     {"proxy"},  # the request path
     {"views"},  # the read-only HTTP surface
     {"metrics", "reqlog"},  # the metrics middleware and recorder, the request log

@@ -118,7 +118,7 @@ async def redis_gcra(
         Window(rule, int(fields[1 + 3 * index]), float(fields[2 + 3 * index]), float(fields[3 + 3 * index]))
         for index, rule in enumerate(rules)
     )
-    return Verdict(fields[0] == b"1", windows)
+    return Verdict(fields[0] in (b"1", "1"), windows)  # str: a `redis.url` asking for decode_responses
 
 
 class LimitBackendUnavailable(Exception):

@@ -142,5 +142,5 @@ class RedisBackend:
             FEATURE, lambda redis: redis_gcra(redis, client, rules, requests=requests, tokens=tokens), write=True
         )
         if verdict is DEGRADED:  # the link logged why (once per outage) and counted it for `limits`
-            raise LimitBackendUnavailable("redis did not answer the limit check (see manaproxy.redis)")
+            raise LimitBackendUnavailable("redis did not run the limit check (see manaproxy.redis)")
         return verdict

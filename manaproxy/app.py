@@ -131,6 +131,7 @@ def create_app(
         gateway.redis.open(gateway.config.redis)
         yield
         await gateway.cache.settle()
+        await gateway.limiter.settle()  # the last answers' tokens, counted before the link closes
         await gateway.redis.close()
 
     app.cleanup_ctx.append(shared_redis)

@@ -234,7 +234,7 @@ STREAM_USAGE_MODES = ("inject", "passthrough")
 # A client's name is a metric label and a log value: short, lower case, no separators of ours.
 CLIENT_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 ANONYMOUS = "anonymous"  # who a request is when auth is off: no client may be called that
-LIMIT_BACKENDS = ("memory",)  # `redis` comes with the shared Redis connection (issue 19)
+LIMIT_BACKENDS = ("memory", "redis")
 LIMIT_ERROR_POLICIES = ("open", "closed")
 
 
@@ -259,7 +259,7 @@ class ClientSpec:
 class LimitSettings:
     """`limits:`: where the per-client limit windows are kept, and what a backend failure means."""
 
-    backend: str = "memory"
+    backend: str = "memory"  # memory: per process | redis: shared by every process using `redis.url`
     on_backend_error: str = "open"  # open: let the request in (a WARNING and a metric); closed: refuse it
 
 
@@ -464,7 +464,7 @@ class _Parser:
             **shared,
             source=self.source,
             clients=MappingProxyType(self.clients(top.get("clients"), providers, aliases)),
-            limits=self.limits(top.get("limits")),
+            limits=self.limits(top.get("limits"), shared["redis"]),
         )
 
     def builtins(self, declared: Mapping[str, ProviderConfig], named: set[str]) -> dict[str, ProviderConfig]:
@@ -812,13 +812,13 @@ class _Parser:
             raise self.fail(where, f"{text!r} names undeclared provider {provider!r}")
         return text
 
-    def limits(self, raw: Any) -> LimitSettings:
+    def limits(self, raw: Any, redis: RedisSettings) -> LimitSettings:
         spec = self.mapping(raw, "limits", ("backend", "on_backend_error"))
-        backend = self.string(spec.get("backend", "memory"), "limits.backend").strip()
-        if backend == "redis":
-            raise self.fail("limits.backend", "'redis' is not available in this build (only 'memory')")
+        backend = self.string(spec.get("backend", "memory"), "limits.backend").strip() or "memory"
         if backend not in LIMIT_BACKENDS:
             raise self.fail("limits.backend", f"expected one of {', '.join(LIMIT_BACKENDS)}, got {backend!r}")
+        if backend == "redis" and not redis.url:
+            raise self.fail("limits.backend", "'redis' needs redis.url")
         policy = self.choice(spec.get("on_backend_error", "open"), "limits.on_backend_error", LIMIT_ERROR_POLICIES)
         return LimitSettings(backend, policy)
 

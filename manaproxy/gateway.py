@@ -34,6 +34,7 @@ from .providers import build_provider
 from .providers.base import Provider
 from .record import Observer, RequestRecord
 from .redact import Redactor
+from .redislimits import RedisBackend
 from .redislink import RedisLink
 
 logger = logging.getLogger(__name__)
@@ -93,6 +94,8 @@ class Gateway:
 
     def __post_init__(self) -> None:
         self.cache = ResponseCache(self.redis)
+        self.limiter.shared = RedisBackend(self.redis)  # `limits: {backend: redis}`, through the one connection
+        self.limiter.configure(self.limiter.settings)
 
     def __repr__(self) -> str:
         return f"<Gateway {self.runtime.config.summary()}>"
@@ -122,7 +125,7 @@ class Gateway:
         self.redactor.learn(config.providers.values())
         runtime = build_runtime(config, self.session, self.redactor, self.env_clients)
         self.health.reconfigure(config.health, config.providers)
-        self.limiter.settings = config.limits  # the windows stay: a reload does not give a client a fresh minute
+        self.limiter.configure(config.limits)  # the windows stay: a reload does not give a client a fresh minute
         replaced, self.runtime = self.runtime, runtime
         self._retire(replaced)
 

@@ -12,7 +12,8 @@ let in when every rule has at least 1 left, and then moves `tat` on by `T` per r
 exact (no sampling, no window edges where twice the limit passes), a burst of `limit` is allowed after a quiet
 `period`, the state is one number per client and rule, and a check-and-count is one atomic step — what a Redis
 Lua script does in one round trip, behind the same `LimitBackend` interface (`limits: {backend: redis}`).
-`gcra` is pure (the clock is an argument) and table-tested.
+`gcra` is pure (the clock is an argument) and table-tested; `redislimits.RedisBackend`'s script is the same
+arithmetic in Lua, tested against it.
 """
 
 from __future__ import annotations
@@ -102,25 +103,29 @@ def gcra(
     added to the token rules, always "allowed" (an answer already given is never taken back).
     Returns the new tats (unchanged when refused) and the verdict.
     """
-    bases = [tat if tat > now else now for tat in tats]
+    # In offsets from `now` (`ahead`: how far a window's tat is past now): `tat - now` is exact for two clocks
+    # this close, and the arithmetic after it stays far from `now`'s magnitude, where an epoch clock (Redis's
+    # TIME) has only ~0.2 µs of resolution — enough noise to show a window one request short.
+    aheads = [tat - now if tat > now else 0.0 for tat in tats]
     allowed = True
     waits = [0.0] * len(rules)
     if requests > 0:
         for index, rule in enumerate(rules):
             need = requests if rule.kind == REQUESTS else 1
-            if (now + rule.period - bases[index]) / rule.interval + _EPSILON < need:
+            if (rule.period - aheads[index]) / rule.interval + _EPSILON < need:
                 allowed = False
-                waits[index] = max(bases[index] + need * rule.interval - rule.period - now, _EPSILON)
+                waits[index] = max(aheads[index] + need * rule.interval - rule.period, _EPSILON)
     new = list(tats)
     windows = []
     for index, rule in enumerate(rules):
-        base = bases[index]
+        ahead = aheads[index]
         if allowed:
             cost = requests if rule.kind == REQUESTS else tokens
             if cost:
-                new[index] = base = base + cost * rule.interval
-        left = math.floor((now + rule.period - base) / rule.interval + _EPSILON)
-        windows.append(Window(rule, left if left > 0 else 0, base - now, waits[index]))
+                ahead = ahead + cost * rule.interval
+                new[index] = now + ahead
+        left = math.floor((rule.period - ahead) / rule.interval + _EPSILON)
+        windows.append(Window(rule, left if left > 0 else 0, ahead, waits[index]))
     return new, Verdict(allowed, tuple(windows))
 
 
@@ -248,23 +253,36 @@ async def ratelimit_headers(request: web.Request, response: web.StreamResponse) 
     headers.update(headers_of(verdict))
 
 
-_WARN_EVERY = 10.0  # seconds between two warnings that the backend is failing
+_WARN_EVERY = 10.0  # seconds: a backend that fails on and off is warned about at most this often
 
 
 class Limiter:
-    """The limits of every client, kept by one backend; what a backend failure means (`limits.on_backend_error`)."""
+    """The limits of every client, kept by one backend; what a backend failure means (`limits.on_backend_error`).
 
-    __slots__ = ("_last_warning", "_tasks", "backend", "errors", "settings")
+    `local` is this process's memory backend; `shared` (given by the gateway) the Redis one. Which one counts
+    is `settings.backend`'s, so a reload may switch them (the memory windows are kept meanwhile)."""
 
-    def __init__(self, backend: LimitBackend, settings: LimitSettings) -> None:
-        self.backend = backend
+    __slots__ = ("_failing", "_last_warning", "_tasks", "backend", "errors", "local", "settings", "shared")
+
+    def __init__(self, local: LimitBackend, settings: LimitSettings, *, shared: LimitBackend | None = None) -> None:
+        self.local = local
+        self.shared = shared
+        self.backend = local
         self.settings = settings
+        self.configure(settings)
         self.errors = 0  # backend failures (`mana_llm_client_limit_errors_total`)
+        self._failing = False  # the last check failed: warned when it started, told when it ends
         self._last_warning = -math.inf
         self._tasks: set[asyncio.Task[None]] = set()
 
     def __repr__(self) -> str:
         return f"<Limiter {self.backend!r} on_backend_error={self.settings.on_backend_error} errors={self.errors}>"
+
+    def configure(self, settings: LimitSettings) -> None:
+        """Take `settings` (at start and on reload): the policy, and which backend keeps the windows."""
+        self.settings = settings
+        shared = self.shared if settings.backend == "redis" else None
+        self.backend = shared if shared is not None else self.local
 
     async def admit(self, client: ClientSpec) -> Verdict | None:
         """Count a request of `client` against its limits: its verdict (None: no limits, or the backend failed
@@ -285,6 +303,8 @@ class Limiter:
                     headers={"Retry-After": "1"},
                 ) from None
             return None
+        if self._failing:
+            self._recovered()
         if not verdict.allowed:
             raise refusal(client, verdict)
         return verdict
@@ -299,20 +319,28 @@ class Limiter:
         if isinstance(backend, MemoryBackend):  # no I/O: counted now, before the next request can look
             backend.count_tokens(client.name, rules, tokens)
             return
-        task = asyncio.get_running_loop().create_task(self._spend(client.name, rules, tokens))
+        task = asyncio.get_running_loop().create_task(self._spend(backend, client.name, rules, tokens))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _spend(self, name: str, rules: tuple[Rule, ...], tokens: int) -> None:
+    async def _spend(self, backend: LimitBackend, name: str, rules: tuple[Rule, ...], tokens: int) -> None:
         try:
-            await self.backend.take(name, rules, requests=0, tokens=tokens)
+            await backend.take(name, rules, requests=0, tokens=tokens)
         except Exception as exc:
             self._failed(exc)
 
+    async def settle(self) -> None:
+        """Let the token counts under way finish (each is bounded by the backend's timeout): in tests, at shutdown."""
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
     def _failed(self, exc: Exception) -> None:
         self.errors += 1
+        if self._failing:
+            return  # one line per outage, not one per request
+        self._failing = True
         now = time.monotonic()
-        if now - self._last_warning >= _WARN_EVERY:  # one line per while, not one per request
+        if now - self._last_warning >= _WARN_EVERY:  # ... and one per while when it comes and goes
             self._last_warning = now
             logger.warning(
                 "client limit backend failed (%s: %s); requests are %s while it does",
@@ -320,3 +348,7 @@ class Limiter:
                 exc,
                 "let in" if self.settings.on_backend_error == "open" else "refused",
             )
+
+    def _recovered(self) -> None:
+        self._failing = False
+        logger.info("client limit backend answers again: limits are enforced (%d checks failed so far)", self.errors)

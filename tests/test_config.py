@@ -618,7 +618,7 @@ def test_defaults_without_clients():
         ("clients:\n  a: {key: k, requests_per_minute: 0}\n", "clients.a.requests_per_minute"),
         ("clients:\n  a: {key: k, tokens_per_day: 1.5}\n", "clients.a.tokens_per_day"),
         ("clients:\n  a: {key: k, budget: 5}\n", "clients.a: unknown key 'budget'"),
-        ("limits: {backend: redis}\n", "limits.backend: 'redis' is not available in this build"),
+        ("limits: {backend: redis}\n", "limits.backend: 'redis' needs redis.url"),
         ("limits: {backend: disk}\n", "limits.backend"),
         ("limits: {on_backend_error: maybe}\n", "limits.on_backend_error"),
         ("limits: {window: 5}\n", "limits: unknown key 'window'"),
@@ -761,3 +761,15 @@ def test_a_pool_member_may_have_a_limit_of_its_own():
     chain = [[{"target": "a/m", "min_concurrent": 2}]]
     text = doc(providers={"a": {"base_url": "http://127.0.0.1:9/v1"}}, aliases={"mana/x": {"chain": chain}})
     assert "aliases.mana/x.chain[0][0].min_concurrent" in config_error(text)
+
+
+# -- limits: {backend: redis} (issue 19) -----------------------------------------------------------------------
+
+
+def test_limits_backend_redis_uses_the_redis_section() -> None:
+    text = _with("redis: {url: '${REDIS_URL:-}'}\nlimits: {backend: redis, on_backend_error: closed}\n")
+    config = parse_config(text, env={"REDIS_URL": "redis://127.0.0.1:6379/0"})
+    assert (config.limits.backend, config.limits.on_backend_error) == ("redis", "closed")
+    with pytest.raises(ConfigError, match=re.escape("limits.backend: 'redis' needs redis.url")):
+        parse_config(text, env={})
+    assert parse_config(_with("limits: {backend: ''}\n"), env={}).limits.backend == "memory"

@@ -38,13 +38,14 @@ LAYERS: list[set[str]] = [
     {"plan", "providers"},  # which target next (reads health); the kinds
     {
         "redislink",
+        "redislimits",
         "cache",
         "gateway",
         "reload",
         "probe",
         "drain",
         "readtimer",
-    },  # shared state (Redis, the response cache), the runtime a reload swaps, the probe loop, the drain
+    },  # shared state (Redis, the response cache, shared limits), the runtime a reload swaps, the probe loop, the drain
     {"proxy"},  # the request path
     {"views"},  # the read-only HTTP surface
     {"metrics", "hostmetrics", "reqlog"},  # the metrics middleware and recorder (for the host too), the request log

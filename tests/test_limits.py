@@ -187,3 +187,18 @@ async def test_a_failing_backend_fails_closed_when_told_to():
     with pytest.raises(ProxyError) as caught:
         await limiter.admit(ClientSpec("bot", requests_per_minute=1))
     assert (caught.value.status, caught.value.code) == (503, "limits_unavailable")
+
+
+@pytest.mark.parametrize("now", [1000.0, 1_765_000_000.123456], ids=["small clock", "epoch clock"])
+def test_a_burst_gets_exactly_its_limit_whatever_the_clocks_magnitude(now):
+    # Redis's TIME is an epoch clock (≈0.2 µs of resolution at this magnitude): computed on absolute times, a
+    # fresh window of 9 a minute showed 7 left after its first request, and refused a request it had room for.
+    # Requests a microsecond apart (TIME's resolution; real ones are a round trip apart at least).
+    for limit in range(1, 120):
+        rules = rules_of(ClientSpec("c", requests_per_minute=limit))
+        tats = [0.0]
+        seen = []
+        for n in range(limit + 1):
+            tats, verdict = gcra(tats, rules, now + n * 1e-6, requests=1, tokens=0)
+            seen.append((verdict.allowed, verdict.windows[0].remaining))
+        assert seen == [(True, limit - 1 - n) for n in range(limit)] + [(False, 0)], limit

@@ -702,3 +702,11 @@ def test_cache_and_redis_errors_name_their_place(top: dict[str, Any], aliases: A
     message = config_error(doc(aliases=aliases, **top))
     assert f"t.yaml: {place}" in message
     assert "hunter2" not in message
+
+
+def test_shared_health_is_off_by_default_and_needs_redis() -> None:
+    assert parse_config(doc(), env={}, source="t.yaml").health.shared is False
+    shared = parse_config(doc(health={"shared": True}, redis={"url": "redis://127.0.0.1:6379/0"}), env={}, source="t")
+    assert shared.health.shared is True
+    assert "t.yaml: health.shared: true needs redis.url" in config_error(doc(health={"shared": True}))
+    assert "t.yaml: health.shared: expected true or false" in config_error(doc(health={"shared": "yes"}))

@@ -42,6 +42,7 @@ LAYERS: list[set[str]] = [
         "gateway",
         "reload",
         "probe",
+        "sharedhealth",
         "drain",
     },  # shared state (Redis, the response cache), the runtime a reload swaps, the probe loop, the drain
     {"proxy"},  # the request path

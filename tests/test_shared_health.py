@@ -1,0 +1,186 @@
+"""Breaker news across processes (`health: {shared: true}`): two real `manaproxy serve` processes and a real
+`redis-server`. What one process finds (a dead provider, its recovery) the other acts on without paying for it;
+Redis gone, each goes on with its own health; news never makes a request fail that local health would serve."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from manaproxy.health.news import DOWN, News
+
+from .fakes import FakeUpstream, chat_answer, drop_connection, status_reply, wait_for
+from .helpers import build_config, chat
+from .processes import RedisServer, ServeProcess, post_to
+
+RESOLVED = "X-Mana-LLM-Resolved"
+
+
+@dataclass
+class Pair:
+    dead: FakeUpstream  # provider d: the one that goes down
+    spare: FakeUpstream  # provider u: the fallback
+    a: ServeProcess
+    b: ServeProcess
+    redis: RedisServer
+    session: aiohttp.ClientSession
+
+
+def shared_config(dead: FakeUpstream, spare: FakeUpstream, redis: RedisServer) -> str:
+    """mana/x = [d/m1, u/m1], mana/solo = [d/m1]; breakers open after 2 failures; probes only for recovery
+    (the interval is long); health news through `redis`."""
+    aliases = {"mana/x": ["d/m1", "u/m1"], "mana/solo": ["d/m1"]}
+    health = {"failure_threshold": 2, "backoff_seconds": 60, "probe_interval_seconds": 300, "shared": True}
+    raw: dict[str, Any] = yaml.safe_load(build_config({"d": dead, "u": spare}, aliases, health=health))
+    raw["redis"] = {"url": redis.url, "timeout_seconds": 0.5}  # generous: a loaded machine passes
+    return yaml.safe_dump(raw, sort_keys=False)
+
+
+async def sample(pair: Pair, process: ServeProcess, name: str, **labels: str) -> float | None:
+    """The value of one sample of the process's `/metrics`, or None when it has none."""
+    async with pair.session.get(process.url + "/metrics") as resp:
+        text = await resp.text()
+    for family in text_string_to_metric_families(text):
+        for found in family.samples:
+            if found.name == name and found.labels == labels:
+                return float(found.value)
+    return None
+
+
+def listening(line: str) -> bool:
+    return "health news: listening" in line
+
+
+@pytest.fixture
+async def pair(
+    make_upstream: Callable[..., Awaitable[FakeUpstream]],
+    serve: Callable[..., Awaitable[ServeProcess]],
+    redis_server: RedisServer,
+) -> AsyncIterator[Pair]:
+    dead, spare = await make_upstream("d"), await make_upstream("u")
+    dead.default, spare.default = chat_answer("m1"), chat_answer("m1")
+    config = shared_config(dead, spare, redis_server)
+    a = await serve(config)
+    b = await serve(config)
+    for process in (a, b):
+        await process.wait_line(listening)
+    async with aiohttp.ClientSession() as session:
+        yield Pair(dead, spare, a, b, redis_server, session)
+
+
+async def kill_provider(pair: Pair) -> None:
+    """d drops every connection and fails its probes; A pays the 2 failures that open its breaker."""
+    pair.dead.default = drop_connection()
+    pair.dead.models_status = 503
+    for _ in range(2):
+        resp = await post_to(pair.session, pair.a.url, "mana/x")
+        assert resp.status == 200
+        assert resp.headers[RESOLVED] == "u/m1"
+    await pair.a.wait_line(lambda line: "provider d unhealthy after 2 consecutive failures" in line)
+
+
+async def test_a_provider_one_process_found_dead_is_skipped_by_the_other_at_once(pair):
+    await kill_provider(pair)
+    await pair.b.wait_line(lambda line: "provider d unhealthy per news from instance" in line)
+    calls = pair.dead.calls
+    resp = await post_to(pair.session, pair.b.url, "mana/x")
+    assert resp.status == 200
+    assert resp.headers[RESOLVED] == "u/m1"
+    assert pair.dead.calls == calls  # B paid no failure of its own: it never called d
+    assert await sample(pair, pair.b, "mana_llm_health_news_total", direction="heard", event="down") == 1
+    assert await sample(pair, pair.b, "mana_llm_provider_healthy", provider="d") == 0
+    assert await sample(pair, pair.a, "mana_llm_health_news_total", direction="sent", event="down") == 1
+
+
+async def test_after_the_first_successful_probe_both_use_the_provider_again(pair):
+    await kill_provider(pair)
+    await pair.b.wait_line(lambda line: "provider d unhealthy per news" in line)
+    pair.dead.default = chat_answer("m1")
+    pair.dead.models_status = 200
+    for process in (pair.a, pair.b):  # a probe of its own or the other's news, whichever came first
+        await process.wait_line(lambda line: "provider d recovered" in line, timeout=5)
+    for process in (pair.a, pair.b):
+        resp = await post_to(pair.session, process.url, "mana/x")
+        assert resp.status == 200
+        assert resp.headers[RESOLVED] == "d/m1"
+
+
+async def test_news_never_fails_a_request_that_local_health_would_serve(pair):
+    # d fails A's two requests, then answers again; B hears it is down, but a chain of d alone is still
+    # tried, as B's own health (no failure seen) would have it: the news only moves d to the end of a chain.
+    pair.dead.queue(drop_connection(), drop_connection())
+    pair.dead.models_status = 503
+    for _ in range(2):
+        assert (await post_to(pair.session, pair.a.url, "mana/x")).headers[RESOLVED] == "u/m1"
+    await pair.b.wait_line(lambda line: "provider d unhealthy per news" in line)
+    resp = await post_to(pair.session, pair.b.url, "mana/solo")
+    assert resp.status == 200
+    assert resp.headers[RESOLVED] == "d/m1"
+    # ... and in a longer chain it is skipped while another entry answers
+    assert (await post_to(pair.session, pair.b.url, "mana/x")).headers[RESOLVED] in ("u/m1", "d/m1")
+
+
+async def test_without_redis_each_process_goes_on_with_its_own_health(pair):
+    pair.redis.kill()
+    for process in (pair.a, pair.b):  # the subscription breaks: the one WARNING of the outage
+        await process.wait_line(lambda line: "is unreachable" in line)
+    await kill_provider(pair)
+    calls = pair.dead.calls
+    resp = await post_to(pair.session, pair.b.url, "mana/x")
+    assert resp.status == 200
+    assert resp.headers[RESOLVED] == "u/m1"
+    assert pair.dead.calls == calls + 1  # B heard nothing: it found d down itself
+    for process in (pair.a, pair.b):
+        assert len(process.lines_with("is unreachable")) == 1
+        assert not process.lines_with("per news")
+        errors = await sample(pair, process, "mana_llm_redis_errors_total", feature="health")
+        assert errors is not None
+        assert errors >= 1
+    # Redis back: news flows again
+    pair.redis.start()
+    for process in (pair.a, pair.b):
+        await process.wait_line(lambda line: " is back after " in line)
+        await wait_for(lambda process=process: len(process.lines_with("health news: listening")) == 2)
+
+
+# -- in one process: where news puts an entry in its chain -------------------------------------------------
+
+ORIGIN = "0123456789abcdef"
+
+
+async def test_an_entry_kept_out_by_news_alone_is_tried_after_the_rest_and_before_a_rate_limit(
+    make_upstream, make_proxy
+):
+    limited, heard, failing = await make_upstream("r"), await make_upstream("d"), await make_upstream("x")
+    limited.default = heard.default = chat_answer("m1")
+    failing.default = status_reply(500)
+    aliases = {"mana/x": ["r/m1", "d/m1", "x/m1"], "mana/two": ["d/m1", "x/m1"]}
+    proxy = await make_proxy(build_config({"r": limited, "d": heard, "x": failing}, aliases))
+    health = proxy.gateway.health
+    health.rate_limited("r", 30.0, "HTTP 429")
+    assert health.apply_news(News(DOWN, "d", seconds=60.0), ORIGIN)
+
+    resp = await proxy.client.post("/v1/chat/completions", json=chat("mana/x"))
+    assert resp.status == 200
+    assert resp.headers[RESOLVED] == "d/m1"  # x failed; then d (news only), before r (rate-limited)
+    assert (limited.calls, heard.calls, failing.calls) == (0, 1, 1)
+    # d answered: news is over for it here, and it is used first again
+    resp = await proxy.client.post("/v1/chat/completions", json=chat("mana/two"))
+    assert resp.headers[RESOLVED] == "d/m1"
+    assert failing.calls == 1
+
+
+async def test_an_entry_kept_out_by_news_is_skipped_while_another_answers(make_upstream, make_proxy):
+    heard, spare = await make_upstream("d"), await make_upstream("u")
+    heard.default = spare.default = chat_answer("m1")
+    proxy = await make_proxy(build_config({"d": heard, "u": spare}, {"mana/x": ["d/m1", "u/m1"]}))
+    proxy.gateway.health.apply_news(News(DOWN, "d", seconds=60.0), ORIGIN)
+    resp = await proxy.client.post("/v1/chat/completions", json=chat("mana/x"))
+    assert resp.headers[RESOLVED] == "u/m1"
+    assert heard.calls == 0

@@ -798,3 +798,14 @@ def test_a_reload_that_repoints_a_provider_forgets_the_news_about_it(tracker: He
     assert tracker.status("a") == "healthy"
     open_breaker(tracker)
     assert not tracker.heard_only("a")
+
+
+def test_a_refused_key_and_a_429_within_a_known_window_are_not_news(tracker: HealthTracker, clock: FakeClock) -> None:
+    news = told(tracker)
+    tracker.failed("a", "probe: HTTP 401", probe=True, at_once=True)  # another instance holds another key
+    tracker.rate_limited("b", 10.0, "HTTP 429")
+    clock.advance(1)
+    tracker.rate_limited("b", 9.5, "HTTP 429")  # ends 0.5 s later than known: nothing new
+    tracker.rate_limited("b", 20.0, "HTTP 429")
+    assert tracker.status("a") == "unhealthy"
+    assert news == [News(RATE_LIMITED, "b", None, "chat", 10.0), News(RATE_LIMITED, "b", None, "chat", 20.0)]

@@ -83,6 +83,9 @@ ProbeListener = Callable[[str], None]
 NewsListener = Callable[[News], None]
 
 MAX_TARGETS_PER_PROVIDER = 256
+# A 429 is news when it starts a rate-limit window or makes one longer by this much: a lone entry's client
+# retrying against its 429s does not publish one message per request.
+_NEWS_WORTHY_SECONDS = 1.0
 
 # llama.cpp's 500 "image input is not supported", vLLM's "... is not supported", "Not Implemented" ...
 _UNSUPPORTED_RE = re.compile(r"\bnot supported\b|\bunsupported\b|\bnot implemented\b", re.IGNORECASE)
@@ -553,7 +556,8 @@ class HealthTracker:
         )
         if change is None:
             return
-        self._tell(News(DOWN, provider, model, kind, settings.backoff_seconds))
+        if not at_once:  # our key refused says nothing of the key another instance holds
+            self._tell(News(DOWN, provider, model, kind, settings.backoff_seconds))
         what = f"provider {provider}" if model is None else f"model {provider}/{logfmt.value(model)}"
         if model is not None and kind != CHAT:
             what = f"{what} ({kind})"
@@ -598,8 +602,10 @@ class HealthTracker:
         breaker = self._breaker(provider, model)
         if breaker is not None:
             now = self._clock()
+            known = max(breaker.rate_limited_until, now)
             breaker.rate_limited(now, retry_after, self._redactor.line(error))
-            self._tell(News(RATE_LIMIT_NEWS, provider, model, CHAT, breaker.rate_limited_until - now))
+            if breaker.rate_limited_until - known >= _NEWS_WORTHY_SECONDS:  # a new window, or one much longer
+                self._tell(News(RATE_LIMIT_NEWS, provider, model, CHAT, breaker.rate_limited_until - now))
 
     def noted(self, provider: str, error: str, *, model: str | None = None) -> None:
         """An answer that says nothing about health (e.g. 404 model not served): only remembered."""

@@ -154,6 +154,7 @@ class RedisLink:
         own). While the link is down it waits for it to be back, then subscribes again; `on_subscribed` runs
         after each subscription (what was published meanwhile is lost: pub/sub keeps nothing). A subscription
         that breaks is counted for `feature` and marks the link down. `on_message` must not raise."""
+        task = asyncio.current_task()
         while self._client is not None:
             client = self._client
             if self._down_since is not None:
@@ -170,6 +171,8 @@ class RedisLink:
                     if message is not None and message.get("type") == "message":
                         on_message(message["data"])
             except (*self._unreachable, *self._refusals) as exc:
+                if task is not None and task.cancelling():  # redis-py may report a cancellation as a lost connection
+                    raise asyncio.CancelledError from exc
                 self._count(feature)
                 self._went_down(exc)
             finally:

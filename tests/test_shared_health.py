@@ -4,6 +4,8 @@ Redis gone, each goes on with its own health; news never makes a request fail th
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -13,7 +15,8 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from manaproxy.health.news import DOWN, News
+from manaproxy.health.news import DOWN, UP, Message, News, encode, upstream_digest
+from manaproxy.sharedhealth import CHANNEL, SHARED_HEALTH
 
 from .fakes import FakeUpstream, chat_answer, drop_connection, status_reply, wait_for
 from .helpers import build_config, chat
@@ -184,3 +187,52 @@ async def test_an_entry_kept_out_by_news_is_skipped_while_another_answers(make_u
     resp = await proxy.client.post("/v1/chat/completions", json=chat("mana/x"))
     assert resp.headers[RESOLVED] == "u/m1"
     assert heard.calls == 0
+
+
+async def test_only_news_of_another_instance_about_the_same_upstream_is_applied(
+    make_upstream, make_proxy, redis_server
+):
+    import redis.asyncio as aioredis
+
+    heard, spare = await make_upstream("d"), await make_upstream("u")
+    proxy = await make_proxy(shared_config(heard, spare, redis_server))
+    shared = proxy.app[SHARED_HEALTH]
+    health = proxy.gateway.health
+    publisher = aioredis.Redis.from_url(redis_server.url)
+    try:
+        await until_heard(lambda: publisher.publish(CHANNEL, b"hello"), 5.0)  # garbage: ignored, subscribed
+        digest = upstream_digest(proxy.config.providers["d"])
+        for message in (
+            Message(News(DOWN, "d", seconds=60.0), shared.instance, digest),  # our own: no echo
+            Message(News(DOWN, "d", seconds=60.0), ORIGIN, "0" * 16),  # d is another server there
+            Message(News(DOWN, "nope", seconds=60.0), ORIGIN, digest),  # a provider we do not have
+            Message(News(UP, "d"), ORIGIN, digest),  # nothing news opened here to close
+        ):
+            await publisher.publish(CHANNEL, encode(message))
+        await publisher.publish(CHANNEL, encode(Message(News(DOWN, "d", "m1", "embeddings", 9.0), ORIGIN, digest)))
+        await wait_for(lambda: health.skip_reason(proxy.config.providers["d"], "m1", "embeddings") is not None)
+        assert health.status("d") == "healthy"  # only the order of its own were applied: the model's breaker
+        assert shared.heard == {"down": 1}
+    finally:
+        await publisher.aclose()
+
+
+async def until_heard(publish, timeout: float) -> None:
+    """Publish until someone listens (the subscription is made in the background at startup)."""
+    async with asyncio.timeout(timeout):
+        for _ in range(100_000):
+            if await publish():
+                return
+            await asyncio.sleep(0.01)
+
+
+async def test_a_reload_that_changes_health_shared_says_it_waits_for_a_restart(
+    make_upstream, make_proxy, redis_server, tmp_path, caplog
+):
+    heard, spare = await make_upstream("d"), await make_upstream("u")
+    text = shared_config(heard, spare, redis_server)
+    proxy = await make_proxy(text)
+    caplog.set_level(logging.WARNING, logger="manaproxy.reload")
+    assert proxy.reload_to(tmp_path, text.replace("shared: true", "shared: false"))
+    warnings = [r.getMessage() for r in caplog.records if r.name == "manaproxy.reload"]
+    assert warnings == ["health.shared changed: it takes effect at the next restart"]

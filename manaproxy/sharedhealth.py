@@ -7,8 +7,10 @@ from another instance is applied to the tracker (`HealthTracker.apply_news`, whi
 our own (same instance id, one per process) are ignored. Redis down or slow: nothing is published or heard,
 each process goes on with what it sees itself; the link logs one WARNING per outage and every publish that did
 not run, and every broken subscription, is counted in `mana_llm_redis_errors_total{feature="health"}`.
-Pub/sub keeps nothing: a process that starts, or that reconnects after an outage, hears only news from then on
-(its own probes and requests tell it the rest, as without sharing).
+What is going on now is also kept in one Redis hash (`STATE_KEY`: a field per breaker or rate limit told, with
+when it ends; an "up" deletes its field; the hash expires `backoff_seconds` after its last write), read once
+each time the subscription is made: a process that starts, or that was cut off, catches up with the outages the
+others know of (pub/sub alone keeps nothing).
 
 The machinery runs for the application's lifetime when `health.shared` is set at startup (`shared_health`, a
 cleanup_ctx after the Redis link's); a reload that changes it takes effect at the next restart.
@@ -20,19 +22,28 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import AsyncIterator, Iterator
+import time
+from collections.abc import AsyncIterator, Coroutine, Iterator
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
+import orjson
 from aiohttp import web
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
 from .gateway import GATEWAY, Gateway
-from .health.news import EVENTS, Message, News, decode, encode, upstream_digest
+from .health.news import EVENTS, RATE_LIMITED, UP, Message, News, decode, encode, upstream_digest
+from .redislink import Degraded
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
 
 logger = logging.getLogger(__name__)
 
 FEATURE = "health"  # `feature` label of `mana_llm_redis_errors_total`
 CHANNEL = "manaproxy:health:v1"
+STATE_KEY = "manaproxy:health:v1:state"
 _MAX_PENDING = 256  # publishes waiting at once; past it news is dropped (Redis is slow: it would be late anyway)
 
 
@@ -57,21 +68,65 @@ class SharedHealth(Collector):
         if len(self._pending) >= _MAX_PENDING:
             self.gateway.redis.skipped(FEATURE)
             return
-        data = encode(Message(news, self.instance, upstream_digest(provider)))
-        task = asyncio.get_running_loop().create_task(self._publish(data, news.event))
+        digest = upstream_digest(provider)
+        data = encode(Message(news, self.instance, digest))
+        # The news's place in the state hash: one field per breaker, and one per rate limit.
+        state = RATE_LIMITED if news.event == RATE_LIMITED else "breaker"
+        field = orjson.dumps([digest, news.provider, news.model, news.kind, state])
+        until = time.time() + news.seconds
+        backoff = self.gateway.config.health.backoff_seconds
+        self._background(self._publish(data, news.event, field, until, backoff))
+
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 
-    async def _publish(self, data: bytes, event: str) -> None:
-        result = await self.gateway.redis.run(FEATURE, lambda client: client.publish(CHANNEL, data), write=True)
-        if isinstance(result, int):
+    async def _publish(self, data: bytes, event: str, field: bytes, until: float, backoff: float) -> None:
+        async def command(client: aioredis.Redis) -> list[Any]:
+            pipe = client.pipeline(transaction=False)
+            if event == UP:
+                pipe.hdel(STATE_KEY, field)
+            else:
+                pipe.hset(STATE_KEY, field, b"%.3f %s" % (until, data))
+                pipe.pexpire(STATE_KEY, int((backoff + 1) * 1000))
+            pipe.publish(CHANNEL, data)  # last: whoever hears it and then reads the state finds it there
+            return await pipe.execute()
+
+        result = await self.gateway.redis.run(FEATURE, command, write=True)
+        if not isinstance(result, Degraded):
             self.sent[event] = self.sent.get(event, 0) + 1
+
+    async def _catch_up(self) -> None:
+        """Apply what the state hash says is going on now (news told before we listened)."""
+        state = await self.gateway.redis.run(FEATURE, lambda client: client.hgetall(STATE_KEY))
+        if isinstance(state, Degraded):
+            return
+        now = time.time()
+        over = []
+        for field, value in state.items():
+            until, _, data = (value.encode() if isinstance(value, str) else value).partition(b" ")
+            message = decode(data)
+            try:
+                left = float(until) - now
+            except ValueError:
+                left = 0.0
+            if message is not None and left > 0:
+                self._apply(Message(replace(message.news, seconds=left), message.origin, message.upstream))
+            else:
+                over.append(field)
+        if over:  # windows that ended without an "up" (its teller stopped, or it was a rate limit)
+            await self.gateway.redis.run(FEATURE, lambda client: client.hdel(STATE_KEY, *over), write=True)
 
     def hear(self, data: bytes) -> None:
         """A message on the channel: applied when it is another instance's news of an upstream we know by that
         name; anything else is ignored."""
         message = decode(data)
-        if message is None or message.origin == self.instance:
+        if message is not None:
+            self._apply(message)
+
+    def _apply(self, message: Message) -> None:
+        if message.origin == self.instance:
             return
         news = message.news
         provider = self.gateway.config.providers.get(news.provider)
@@ -87,6 +142,7 @@ class SharedHealth(Collector):
 
     def subscribed(self) -> None:
         logger.info("health news: listening on redis as instance %s", self.instance)
+        self._background(self._catch_up())
 
     def collect(self) -> Iterator[CounterMetricFamily]:
         """`mana_llm_health_news_total{direction,event}`: news published (`sent`) and news from other instances

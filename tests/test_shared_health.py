@@ -236,3 +236,14 @@ async def test_a_reload_that_changes_health_shared_says_it_waits_for_a_restart(
     assert proxy.reload_to(tmp_path, text.replace("shared: true", "shared: false"))
     warnings = [r.getMessage() for r in caplog.records if r.name == "manaproxy.reload"]
     assert warnings == ["health.shared changed: it takes effect at the next restart"]
+
+
+async def test_a_process_that_starts_during_an_outage_knows_of_it_at_once(pair, serve):
+    await kill_provider(pair)
+    await pair.b.wait_line(lambda line: "provider d unhealthy per news" in line)
+    late = await serve(pair.a.config_path.read_text())
+    await late.wait_line(lambda line: "provider d unhealthy per news from instance" in line)
+    calls = pair.dead.calls
+    resp = await post_to(pair.session, late.url, "mana/x")
+    assert resp.headers[RESOLVED] == "u/m1"
+    assert pair.dead.calls == calls

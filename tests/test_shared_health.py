@@ -200,7 +200,7 @@ async def test_only_news_of_another_instance_about_the_same_upstream_is_applied(
     health = proxy.gateway.health
     publisher = aioredis.Redis.from_url(redis_server.url)
     try:
-        await until_heard(lambda: publisher.publish(CHANNEL, b"hello"), 5.0)  # garbage: ignored, subscribed
+        await until_true(lambda: publisher.publish(CHANNEL, b"hello"), 5.0)  # garbage: ignored, subscribed
         digest = upstream_digest(proxy.config.providers["d"])
         for message in (
             Message(News(DOWN, "d", seconds=60.0), shared.instance, digest),  # our own: no echo
@@ -217,11 +217,11 @@ async def test_only_news_of_another_instance_about_the_same_upstream_is_applied(
         await publisher.aclose()
 
 
-async def until_heard(publish, timeout: float) -> None:
-    """Publish until someone listens (the subscription is made in the background at startup)."""
+async def until_true(check, timeout: float) -> None:
+    """Await `check()` until it is true (a publish: until someone listens)."""
     async with asyncio.timeout(timeout):
         for _ in range(100_000):
-            if await publish():
+            if await check():
                 return
             await asyncio.sleep(0.01)
 
@@ -247,3 +247,18 @@ async def test_a_process_that_starts_during_an_outage_knows_of_it_at_once(pair, 
     resp = await post_to(pair.session, late.url, "mana/x")
     assert resp.headers[RESOLVED] == "u/m1"
     assert pair.dead.calls == calls
+
+
+async def test_a_rate_limit_one_process_was_given_is_kept_by_the_other(pair):
+    pair.dead.queue(status_reply(429, "slow down", headers={"Retry-After": "30"}))
+    resp = await post_to(pair.session, pair.a.url, "mana/x")
+    assert resp.headers[RESOLVED] == "u/m1"
+    await wait_for(lambda: pair.dead.calls == 1)
+
+    async def heard_rate_limit() -> bool:
+        return await sample(pair, pair.b, "mana_llm_health_news_total", direction="heard", event="rate_limited") == 1
+
+    await until_true(heard_rate_limit, 5.0)
+    resp = await post_to(pair.session, pair.b.url, "mana/x")
+    assert resp.headers[RESOLVED] == "u/m1"
+    assert pair.dead.calls == 1  # B never asked d: it knew d's window from A

@@ -16,7 +16,7 @@ from aiohttp.resolver import AsyncResolver
 from aiohttp.typedefs import Middleware
 from prometheus_client import CollectorRegistry
 
-from . import probe, proxy
+from . import probe, proxy, sharedhealth
 from .auth import auth_middleware
 from .cache import cache_header
 from .clients import parse_env_clients
@@ -136,6 +136,8 @@ def create_app(
 
     app.cleanup_ctx.append(shared_redis)
     app.cleanup_ctx.append(upstream_session)
+    if config.health.shared:  # breaker news through the Redis link (sharedhealth.py), read at startup
+        metrics.registry.register(sharedhealth.install(app))
     if probes:
         app.cleanup_ctx.append(probe.probe_loop)
     app.cleanup_ctx.append(metrics.sharing)  # with workers only (hostmetrics.py)

@@ -202,6 +202,7 @@ class HealthSettings:
     probe_timeout_seconds: float = 3.0
     credential_check_seconds: float = 5.0  # a request's 401/403 probes the provider at most this often
     max_retry_after_seconds: float = 5.0  # the most a `Retry-After` manaproxy writes ever says
+    shared: bool = False  # breaker news to and from other processes and hosts through `redis.url` (sharedhealth.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -708,7 +709,11 @@ class _Parser:
         spec = self.mapping(raw, "health", fields)
         values: dict[str, Any] = {}
         for key, value in spec.items():
-            if key == "failure_threshold":
+            if key == "shared":
+                if not isinstance(value, bool):
+                    raise self.fail("health.shared", f"expected true or false, got {value!r}"[:200])
+                values[key] = value
+            elif key == "failure_threshold":
                 values[key] = int(self.number(value, f"health.{key}", minimum=1, integer=True))
             else:
                 values[key] = float(self.number(value, f"health.{key}", minimum=0.001))
@@ -829,6 +834,9 @@ class _Parser:
         cache = self.cache(top.get("cache"))
         if cache.backend == "redis" and not redis.url:
             raise self.fail("cache.backend", "'redis' needs redis.url")
+        shared_health = top.get("health")
+        if isinstance(shared_health, dict) and shared_health.get("shared") is True and not redis.url:
+            raise self.fail("health.shared", "true needs redis.url (the news goes through it)")
         self.default_ttl = cache.ttl_seconds
         return {"redis": redis, "cache": cache}
 

@@ -11,6 +11,10 @@ in flight) and nothing else; sending, racing and committing are the proxy's.
 - An entry kept out only by a rate limit is skipped while another entry can be tried: once the rest of the
   chain has been tried or skipped, the one whose limit ends first is tried anyway (as a direct call would
   be), so a lone entry's 429 reaches the client as the provider's own, with its headers, on every try.
+- An entry kept out only by news from other processes (`health: {shared: true}`, `HealthTracker.heard_only`)
+  is skipped too, but once the rest of the chain has been tried or skipped it is tried after all, in chain
+  order and before an entry kept out by a rate limit: news makes an entry skipped sooner, never a request
+  fail that local health alone would serve.
 Every entry skipped is written to the request record once, with how long until it is really tried again
 (and, kept out by its breaker, the last error it answered: a lone entry answers with it).
 Health is read for the request's kind (`kinds.py`): a model's breakers count each kind apart.
@@ -25,7 +29,7 @@ import random
 from collections.abc import Iterator
 
 from .config import Config, Member, Step, Target
-from .health import RATE_LIMITED, UNHEALTHY, HealthTracker
+from .health import HALF_OPEN, RATE_LIMITED, UNHEALTHY, HealthTracker
 from .kinds import CHAT
 from .record import Attempt, RequestRecord
 
@@ -33,7 +37,7 @@ from .record import Attempt, RequestRecord
 class Plan:
     """The targets one request may try, handed out one at a time (`next()`)."""
 
-    __slots__ = ("_config", "_deferred", "_health", "_kind", "_pool", "_record", "_rng", "_steps")
+    __slots__ = ("_config", "_deferred", "_health", "_heard", "_kind", "_pool", "_record", "_rng", "_steps")
 
     def __init__(
         self,
@@ -52,6 +56,7 @@ class Plan:
         self._rng = rng
         self._kind = kind
         self._deferred: list[tuple[Attempt, Target]] = []  # skipped for a rate limit only, in chain order
+        self._heard: list[tuple[Attempt, Target]] = []  # skipped for news only, in chain order
 
     def __repr__(self) -> str:
         return f"<Plan left in step: {[str(member.target) for member in self._pool]}>"
@@ -83,6 +88,8 @@ class Plan:
             attempt = Attempt.skipped(target, skip, wait, last)
             if skip == RATE_LIMITED:
                 self._deferred.append((attempt, target))
+            elif skip in (UNHEALTHY, HALF_OPEN) and health.heard_only(target.provider, target.model, self._kind):
+                self._heard.append((attempt, target))
             self._record.attempts.append(attempt)
         if not usable:
             self._pool = []
@@ -93,12 +100,15 @@ class Plan:
         return chosen
 
     def _last_resort(self) -> Target | None:
-        """The chain has run out: the entry kept out by a rate limit that ends first, tried anyway (its skip
-        is struck from the record: it is tried after all), or None."""
-        if not self._deferred:
+        """The chain has run out: the next entry kept out by news only, else the entry kept out by a rate limit
+        that ends first, tried anyway (its skip is struck from the record: it is tried after all), or None."""
+        if self._heard:
+            attempt, target = self._heard.pop(0)
+        elif self._deferred:
+            attempt, target = min(self._deferred, key=lambda item: item[0].retry_after or 0.0)
+            self._deferred = []
+        else:
             return None
-        attempt, target = min(self._deferred, key=lambda item: item[0].retry_after or 0.0)
-        self._deferred = []
         attempts = self._record.attempts
         del attempts[next(index for index, item in enumerate(attempts) if item is attempt)]
         return target

@@ -1,4 +1,4 @@
-"""The one Redis connection manaproxy uses (response cache today; client limits and shared health later).
+"""The one Redis connection manaproxy uses (the response cache, client limits, shared health news).
 
 Rule of this module: Redis is never in the way. Every command is bounded by `redis.timeout_seconds`;
 when Redis is down, slow or refuses a command (full, read-only ...), the caller gets `DEGRADED` back —
@@ -9,6 +9,10 @@ is logged once as a WARNING when it starts and once as an INFO when it ends (for
 full or read-only: when a write succeeds again); each command that did not run is counted per feature
 (`errors`, exported as `mana_llm_redis_errors_total{feature}`). The URL may hold a password: only
 `RedisSettings.redacted_url` is ever shown.
+
+A subscription (`listen`, for news other processes publish) is a background task of the feature that wants
+it, on a connection of its own: it never waits in a request's way. A subscription that breaks marks the link
+down like a failed command (the same one WARNING) and is made again once the link is back.
 
 The `redis` package is imported only when a URL is configured (it costs ≈8 MB and 0.1 s that a process
 without Redis need not pay). The link is opened once at startup (`app.shared_redis`, a cleanup_ctx) from
@@ -46,6 +50,9 @@ DEGRADED = Degraded.DEGRADED
 # The background task's pace while Redis is down, and how long its ping may take (at least the commands').
 RECONNECT_SECONDS = 0.5
 _PING_TIMEOUT_FLOOR = 1.0
+# How often a subscription that hears nothing looks whether the link went down meanwhile (then it is made
+# again once the link is back: a silent connection may be one that is gone).
+LISTEN_POLL_SECONDS = 1.0
 
 
 class RedisLink:
@@ -135,6 +142,46 @@ class RedisLink:
             self._refusing = False
             logger.info("redis %s: writes succeed again", self.settings.redacted_url)
         return result
+
+    async def listen(
+        self,
+        feature: str,
+        channel: str,
+        on_message: Callable[[bytes], None],
+        on_subscribed: Callable[[], None] | None = None,
+    ) -> None:
+        """Hand every message published on `channel` to `on_message`, until cancelled (run it as a task of its
+        own). While the link is down it waits for it to be back, then subscribes again; `on_subscribed` runs
+        after each subscription (what was published meanwhile is lost: pub/sub keeps nothing). A subscription
+        that breaks is counted for `feature` and marks the link down. `on_message` must not raise."""
+        task = asyncio.current_task()
+        while self._client is not None:
+            client = self._client
+            if self._down_since is not None:
+                await asyncio.sleep(RECONNECT_SECONDS)
+                continue
+            pubsub = client.pubsub(ignore_subscribe_messages=True)
+            try:
+                async with asyncio.timeout(max(self.settings.timeout_seconds, _PING_TIMEOUT_FLOOR)):
+                    await pubsub.subscribe(channel)
+                if on_subscribed is not None:
+                    on_subscribed()
+                while self._down_since is None:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=LISTEN_POLL_SECONDS)
+                    if message is not None and message.get("type") == "message":
+                        on_message(message["data"])
+            except (*self._unreachable, *self._refusals) as exc:
+                if task is not None and task.cancelling():  # redis-py may report a cancellation as a lost connection
+                    raise asyncio.CancelledError from exc
+                self._count(feature)
+                self._went_down(exc)
+            finally:
+                with contextlib.suppress(*self._refusals, *self._unreachable):
+                    await pubsub.aclose()
+
+    def skipped(self, feature: str) -> None:
+        """Count a command `feature` chose not to send (a queue of its own full ...)."""
+        self._count(feature)
 
     def _count(self, feature: str) -> None:
         self.errors[feature] = self.errors.get(feature, 0) + 1

@@ -61,6 +61,7 @@ class Reloader:
             config = load_config(path)
             before = self.gateway.config.server
             redis_before = self.gateway.config.redis
+            shared_before = self.gateway.config.health.shared
             self.gateway.apply(config)
         except ConfigError as exc:
             logger.error("reload rejected, keeping the previous config: %s", exc)
@@ -75,6 +76,8 @@ class Reloader:
                     logger.warning("server.%s changed: it takes effect at the next restart", name)
             if redis_before != config.redis:  # the one Redis connection is opened at startup (redislink.py)
                 logger.warning("redis: changed: it takes effect at the next restart")
+            if shared_before != config.health.shared:  # the news machinery starts with the process
+                logger.warning("health.shared changed: it takes effect at the next restart")
             result = SUCCESS
         if error is not None:
             error = self.gateway.redactor.line(error, limit=500)

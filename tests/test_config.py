@@ -773,3 +773,11 @@ def test_limits_backend_redis_uses_the_redis_section() -> None:
     with pytest.raises(ConfigError, match=re.escape("limits.backend: 'redis' needs redis.url")):
         parse_config(text, env={})
     assert parse_config(_with("limits: {backend: ''}\n"), env={}).limits.backend == "memory"
+
+
+def test_shared_health_is_off_by_default_and_needs_redis() -> None:
+    assert parse_config(doc(), env={}, source="t.yaml").health.shared is False
+    shared = parse_config(doc(health={"shared": True}, redis={"url": "redis://127.0.0.1:6379/0"}), env={}, source="t")
+    assert shared.health.shared is True
+    assert "t.yaml: health.shared: true needs redis.url" in config_error(doc(health={"shared": True}))
+    assert "t.yaml: health.shared: expected true or false" in config_error(doc(health={"shared": "yes"}))

@@ -43,6 +43,7 @@ LAYERS: list[set[str]] = [
         "gateway",
         "reload",
         "probe",
+        "sharedhealth",
         "drain",
         "readtimer",
     },  # shared state (Redis, the response cache, shared limits), the runtime a reload swaps, the probe loop, the drain

@@ -13,6 +13,7 @@ import pytest
 
 from manaproxy.config import AutoConcurrency, HealthSettings, ProviderConfig, Target
 from manaproxy.health import HealthTracker
+from manaproxy.health.news import DOWN, RATE_LIMITED, UP, News
 from manaproxy.providers.base import UpstreamFailure
 from manaproxy.views.health import snapshot
 
@@ -762,3 +763,107 @@ async def test_a_freed_place_wakes_whoever_waits_for_one(tracker: HealthTracker)
         assert not waiting.done()
     assert await waiting is True
     assert await tracker.slot_freed([target], 0.01) is False
+
+
+# -- news from other processes (health.shared) ------------------------------------------------------
+
+ORIGIN = "0123456789abcdef"
+
+
+def told(tracker: HealthTracker) -> list[object]:
+    heard: list[object] = []
+    tracker.add_news_listener(heard.append)
+    return heard
+
+
+def test_first_hand_openings_rate_limits_and_recoveries_are_told(tracker: HealthTracker, clock: FakeClock) -> None:
+    news = told(tracker)
+    open_breaker(tracker)
+    tracker.rate_limited("b", 7.0, "HTTP 429", model="m1")
+    tracker.failed("b", "HTTP 500", model="m2", kind="embeddings")  # counted, not opened: nothing to tell
+    tracker.succeeded("a", probe=True)
+    assert news == [
+        News(DOWN, "a", None, "chat", 60.0),
+        News(RATE_LIMITED, "b", "m1", "chat", 7.0),
+        News(UP, "a"),
+    ]
+
+
+def test_news_of_an_opening_opens_a_closed_breaker_for_a_bounded_window(
+    tracker: HealthTracker, clock: FakeClock, transitions: list[tuple[str, bool]]
+) -> None:
+    news = told(tracker)
+    assert tracker.apply_news(News(DOWN, "a", seconds=3600.0), ORIGIN)
+    assert tracker.skip_reason(provider("a")) == "unhealthy"
+    assert tracker.heard_only("a", "m1")
+    assert transitions == [("a", False)]
+    assert news == []  # news heard is never told on: no echo
+    assert tracker.get("a").breaker.unhealthy_until == clock.now + SETTINGS.backoff_seconds  # bounded here
+    assert tracker.recovery_probes() == ([], clock.now + 1.0)  # probed here as after an opening of its own
+    assert not tracker.apply_news(News(DOWN, "zzz"), ORIGIN)  # a provider this config does not name
+
+
+def test_news_of_a_recovery_closes_only_what_news_opened(tracker: HealthTracker, clock: FakeClock) -> None:
+    tracker.apply_news(News(DOWN, "a", seconds=60.0), ORIGIN)
+    assert tracker.apply_news(News(UP, "a"), ORIGIN)
+    assert tracker.status("a") == "healthy"
+    open_breaker(tracker, "b")  # seen here: the news of another process neither reopens nor closes it
+    assert not tracker.apply_news(News(UP, "b"), ORIGIN)
+    assert not tracker.apply_news(News(DOWN, "b", seconds=5.0), ORIGIN)
+    assert tracker.status("b") == "unhealthy"
+    assert not tracker.heard_only("b")
+
+
+def test_failures_seen_here_make_a_breaker_that_news_opened_our_own(tracker: HealthTracker, clock: FakeClock) -> None:
+    tracker.apply_news(News(DOWN, "a", seconds=60.0), ORIGIN)
+    for i in range(SETTINGS.failure_threshold - 1):
+        tracker.failed("a", f"probe: refused #{i}", probe=True)
+        assert tracker.heard_only("a")  # fewer failures than would open it: local health alone would try it
+    tracker.failed("a", "probe: refused", probe=True)
+    assert not tracker.heard_only("a")
+    clock.advance(61)
+    tracker.failed("a", "probe: refused", probe=True)  # the window over: out again, on its own evidence
+    assert not tracker.apply_news(News(UP, "a"), ORIGIN)
+    assert tracker.status("a") == "unhealthy"
+
+
+def test_a_local_success_ends_what_news_said(tracker: HealthTracker) -> None:
+    tracker.apply_news(News(DOWN, "a", seconds=60.0), ORIGIN)
+    tracker.succeeded("a")
+    assert tracker.status("a") == "healthy"
+    open_breaker(tracker)
+    assert not tracker.heard_only("a")  # opened here this time: no stale word of the news
+
+
+def test_news_about_a_model_opens_its_kind_and_rate_limits_the_model(tracker: HealthTracker, clock: FakeClock) -> None:
+    assert tracker.apply_news(News(DOWN, "a", "m1", "embeddings", 30.0), ORIGIN)
+    assert tracker.skip_reason(provider("a"), "m1", "embeddings") == "unhealthy"
+    assert tracker.skip_reason(provider("a"), "m1") is None  # its plain chat is another breaker
+    assert tracker.heard_only("a", "m1", "embeddings")
+    assert tracker.apply_news(News(UP, "a", "m1", "embeddings"), ORIGIN)
+    assert tracker.skip_reason(provider("a"), "m1", "embeddings") is None
+    assert tracker.apply_news(News(RATE_LIMITED, "a", "m2", seconds=5.0), ORIGIN)
+    assert tracker.skip_reason(provider("a"), "m2") == "rate_limited"
+    assert not tracker.apply_news(News(RATE_LIMITED, "a", "m2", seconds=2.0), ORIGIN)  # within what it knows
+    clock.advance(5.1)
+    assert tracker.skip_reason(provider("a"), "m2") is None
+
+
+def test_a_reload_that_repoints_a_provider_forgets_the_news_about_it(tracker: HealthTracker) -> None:
+    tracker.apply_news(News(DOWN, "a", seconds=60.0), ORIGIN)
+    moved = ProviderConfig(name="a", kind="openai", base_url="http://127.0.0.1:10/v1")
+    tracker.reconfigure(SETTINGS, {"a": moved, "b": provider("b")})
+    assert tracker.status("a") == "healthy"
+    open_breaker(tracker)
+    assert not tracker.heard_only("a")
+
+
+def test_a_refused_key_and_a_429_within_a_known_window_are_not_news(tracker: HealthTracker, clock: FakeClock) -> None:
+    news = told(tracker)
+    tracker.failed("a", "probe: HTTP 401", probe=True, at_once=True)  # another instance holds another key
+    tracker.rate_limited("b", 10.0, "HTTP 429")
+    clock.advance(1)
+    tracker.rate_limited("b", 9.5, "HTTP 429")  # ends 0.5 s later than known: nothing new
+    tracker.rate_limited("b", 20.0, "HTTP 429")
+    assert tracker.status("a") == "unhealthy"
+    assert news == [News(RATE_LIMITED, "b", None, "chat", 10.0), News(RATE_LIMITED, "b", None, "chat", 20.0)]

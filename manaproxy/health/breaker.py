@@ -214,3 +214,20 @@ class Breaker:
         """An answer that says nothing about the upstream's health (e.g. 404 model not served)."""
         self.last_check = now
         self.last_error = error
+
+    # -- news from other processes (`news.py`) ---------------------------------------------------------
+    def heard_down(self, now: float, seconds: float, error: str) -> bool:
+        """Another process saw the upstream go down: a closed breaker opens for `seconds`, probed (or tried)
+        on the same growing interval as after an opening of its own. One already open is left as it is: what
+        this process saw itself wins. True if it opened."""
+        if not self.healthy:
+            return False
+        self.last_error = error
+        self._open(now, seconds)
+        self.healthy = False
+        self.since = now
+        return True
+
+    def heard_up(self, now: float) -> bool:
+        """Another process saw the upstream answer again: closes the breaker. True if it was open."""
+        return self._close(now)

@@ -39,6 +39,14 @@ Load is the tracker's too: `max_concurrent` caps a provider's requests and probe
 target at its limit is skipped as `saturated`. Hedges and probes hold a place like any request. A freed
 place wakes whoever waits for one (`slot_freed`).
 
+News (`news.py`, with `health: {shared: true}`): what this process sees first-hand — a breaker opening, a
+rate limit, a breaker closing — is told to the news listeners (`add_news_listener`; `manaproxy.sharedhealth`
+publishes it), and news other processes saw is applied here (`apply_news`) as if seen here: a breaker opens
+for a window bounded by `backoff_seconds` and is probed (or tried) as after an opening of its own; a rate
+limit is kept. News only makes a target skipped sooner or used sooner: it never changes a breaker this
+process opened itself, "up" closes only a breaker that news opened, and an entry kept out by news alone
+(`heard_only`) is still tried once the rest of its chain has failed (`plan.py`), as local health alone would.
+
 A reload keeps each provider's record while its upstream stays the same (kind, base_url, key, headers);
 an outcome observed by a request still running on an older config is dropped when that provider has
 since been repointed or removed (`is_current`).
@@ -70,6 +78,8 @@ from ..redact import Redactor
 from .breaker import FIRST_RATE_LIMIT_DELAY, OPENED, Breaker
 from .capacity import ANSWER, PER_TOKEN, TTFB, Capacity
 from .latency import Client, HedgeBudget, LatencySample
+from .news import DOWN, UP, News
+from .news import RATE_LIMITED as RATE_LIMIT_NEWS
 
 # Pinned, not `__name__`: operators grep for it (deploy/README.md, "Other lines worth knowing").
 logger = logging.getLogger("manaproxy.health")
@@ -77,8 +87,12 @@ logger = logging.getLogger("manaproxy.health")
 Clock = Callable[[], float]
 Listener = Callable[[str, bool], None]
 ProbeListener = Callable[[str], None]
+NewsListener = Callable[[News], None]
 
 MAX_TARGETS_PER_PROVIDER = 256
+# A 429 is news when it starts a rate-limit window or makes one longer by this much: a lone entry's client
+# retrying against its 429s does not publish one message per request.
+_NEWS_WORTHY_SECONDS = 1.0
 
 # llama.cpp's 500 "image input is not supported", vLLM's "... is not supported", "Not Implemented" ...
 _UNSUPPORTED_RE = re.compile(r"\bnot supported\b|\bunsupported\b|\bnot implemented\b", re.IGNORECASE)
@@ -327,6 +341,9 @@ class HealthTracker:
         self._hedge_budgets: dict[str, HedgeBudget] = {}  # by alias (configured names only)
         # Set (and dropped) when a place of the target — (provider, None): of the provider — is given back.
         self._freed: dict[tuple[str, str | None], asyncio.Event] = {}
+        self._news_listeners: list[NewsListener] = []
+        # Breakers (`News.key`) that news opened, and the instance it came from; a local outcome ends it.
+        self._heard: dict[tuple[str, str | None, str], str] = {}
 
     def __repr__(self) -> str:
         return f"<HealthTracker {list(self._providers.values())!r}>"
@@ -345,6 +362,13 @@ class HealthTracker:
 
     def remove_probe_listener(self, listener: ProbeListener) -> None:
         self._probe_listeners.remove(listener)
+
+    def add_news_listener(self, listener: NewsListener) -> None:
+        """Call `listener(news)` for what this process saw first-hand (never for news it was told)."""
+        self._news_listeners.append(listener)
+
+    def remove_news_listener(self, listener: NewsListener) -> None:
+        self._news_listeners.remove(listener)
 
     def reconfigure(self, settings: HealthSettings, providers: Mapping[str, ProviderConfig]) -> None:
         """After a reload: keep state of providers that still exist, add new ones, drop removed ones.
@@ -371,6 +395,7 @@ class HealthTracker:
             fresh[name] = record or ProviderHealth(name)
         self._providers = fresh
         self._identities = identities
+        self._heard = {key: origin for key, origin in self._heard.items() if previous.get(key[0]) is fresh.get(key[0])}
         for name in recovered:
             self._notify(name, True)
 
@@ -640,9 +665,11 @@ class HealthTracker:
                     target.breaker.rate_limit_delay = FIRST_RATE_LIMIT_DELAY
                 if target.of_kind(kind).succeeded(now):
                     logger.warning("model %s/%s recovered (%s): breaker closed", provider, logfmt.value(model), kind)
+                    self._tell(News(UP, provider, model, kind))
         if closed:
             logger.warning("provider %s recovered (%s): breaker closed", provider, why)
             self._notify(provider, True)
+            self._tell(News(UP, provider))
 
     def failed(
         self,
@@ -672,6 +699,8 @@ class HealthTracker:
         )
         if change is None:
             return
+        if not at_once:  # our key refused says nothing of the key another instance holds
+            self._tell(News(DOWN, provider, model, kind, settings.backoff_seconds))
         what = f"provider {provider}" if model is None else f"model {provider}/{logfmt.value(model)}"
         if model is not None and kind != CHAT:
             what = f"{what} ({kind})"
@@ -715,13 +744,95 @@ class HealthTracker:
         counting an outage."""
         breaker = self._breaker(provider, model)
         if breaker is not None:
-            breaker.rate_limited(self._clock(), retry_after, self._redactor.line(error))
+            now = self._clock()
+            known = max(breaker.rate_limited_until, now)
+            breaker.rate_limited(now, retry_after, self._redactor.line(error))
+            if breaker.rate_limited_until - known >= _NEWS_WORTHY_SECONDS:  # a new window, or one much longer
+                self._tell(News(RATE_LIMIT_NEWS, provider, model, CHAT, breaker.rate_limited_until - now))
 
     def noted(self, provider: str, error: str, *, model: str | None = None) -> None:
         """An answer that says nothing about health (e.g. 404 model not served): only remembered."""
         breaker = self._breaker(provider, model)
         if breaker is not None:
             breaker.noted(self._clock(), self._redactor.line(error))
+
+    # -- news (see the module's rule) ------------------------------------------------------------
+    def _tell(self, news: News) -> None:
+        """What this process saw first-hand: to the news listeners. A breaker it opened or closed itself is
+        its own from now on, whatever news opened it."""
+        if news.event != RATE_LIMIT_NEWS:
+            self._heard.pop(news.key, None)
+        for listener in self._news_listeners:
+            try:
+                listener(news)
+            except Exception:
+                logger.exception("news listener %r failed for provider %s", listener, news.provider)
+
+    def apply_news(self, news: News, origin: str) -> bool:
+        """News another process (`origin`) saw first-hand, applied as if seen here (bounded by
+        `backoff_seconds`); never told on. True if it changed anything."""
+        record = self._providers.get(news.provider)
+        if record is None:
+            return False
+        now = self._clock()
+        seconds = min(news.seconds, self.settings.backoff_seconds)
+        breaker: Breaker | None
+        if news.model is None:
+            breaker = record.breaker
+        elif news.event == UP:  # nothing to close where there is no record
+            target = record.targets.get(news.model)
+            breaker = None if target is None else target.breaker if news.kind == CHAT else target.kinds.get(news.kind)
+        else:  # a model's rate limit is its chat breaker's, whatever the kind
+            target = record.target(news.model)
+            breaker = None if target is None else target.of_kind(news.kind if news.event == DOWN else CHAT)
+        if breaker is None:
+            return False
+        what = (
+            f"provider {news.provider}" if news.model is None else f"model {news.provider}/{logfmt.value(news.model)}"
+        )
+        if news.model is not None and news.kind != CHAT:
+            what = f"{what} ({news.kind})"
+        if news.event == DOWN:
+            if not breaker.heard_down(now, seconds, f"news from instance {origin}: down there"):
+                return False
+            self._heard[news.key] = origin
+            logger.warning("%s unhealthy per news from instance %s, out for at most %gs", what, origin, seconds)
+            if news.model is None:
+                self._notify(news.provider, False)
+            return True
+        if news.event == UP:
+            if news.key not in self._heard or not breaker.heard_up(now):
+                return False  # open here for what this process saw itself: its own probes decide
+            del self._heard[news.key]
+            logger.warning("%s recovered (news from instance %s): breaker closed", what, origin)
+            if news.model is None:
+                self._notify(news.provider, True)
+            return True
+        if seconds <= 0 or breaker.rate_limited_until >= now + seconds:
+            return False
+        breaker.rate_limited(now, seconds, f"news from instance {origin}: rate-limited there")
+        return True
+
+    def heard_only(self, provider: str, model: str | None = None, kind: str = CHAT) -> bool:
+        """Whether the provider (and `model`, for a request of `kind`) is kept out by its breakers only because
+        of news, with fewer failures seen here than would open them: local health alone would try it."""
+        if not self._heard:
+            return False
+        record = self.get(provider)
+        breakers: list[tuple[tuple[str, str | None, str], Breaker]] = [((provider, None, CHAT), record.breaker)]
+        target = record.targets.get(model) if model is not None else None
+        if target is not None and model is not None:
+            breaker = target.breaker if kind == CHAT else target.kinds.get(kind)
+            if breaker is not None:
+                breakers.append(((provider, model, kind), breaker))
+        heard = False
+        for key, breaker in breakers:
+            if breaker.healthy:
+                continue
+            if key not in self._heard or breaker.consecutive_failures >= self.settings.failure_threshold:
+                return False
+            heard = True
+        return heard
 
     def _notify(self, provider: str, healthy: bool) -> None:
         for listener in self._listeners:

@@ -385,6 +385,7 @@ class Recorder:
         if record.cache is not None:
             self._child(m.cache_requests, self._cache_alias(record), _word(record.cache)).inc()
             if record.cache == cache.HIT:  # no provider answered: the LLM, health and fallback series stay as they are
+                self._client(record)  # but the client asked, and its request counted against its limits
                 return
         self._fallbacks(record)
         streaming = "true" if record.streaming else "false"

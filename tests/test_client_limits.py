@@ -262,3 +262,23 @@ def _write(tmp_path, text: str, env: dict[str, str]):
     path = tmp_path / "aliases.yaml"
     path.write_text(text)
     return path
+
+
+async def test_a_clients_own_refusals_stay_out_of_the_failures_ring_and_a_cache_hit_counts_for_it(
+    make_upstream, make_proxy
+):
+    up = await make_upstream("up")
+    up.default = chat_answer("m1")
+    text = config_with_clients(up, {"chat-backend": {"key": "${CHAT_KEY}", "requests_per_minute": 2}})
+    raw = yaml.safe_load(text)
+    raw["aliases"]["mana/x"] = {"chain": ["a/m1"], "cache": True}
+    proxy = await make_proxy(yaml.safe_dump(raw, sort_keys=False), env=ENV)
+
+    statuses = [(await post(proxy, CHAT_KEY)).status for _ in range(4)]  # a miss, a hit, then over the limit
+
+    assert statuses == [200, 200, 429, 429]
+    assert (
+        value(proxy, "mana_llm_client_requests_total", client="chat-backend", alias="mana/x", status_class="2xx") == 2
+    )
+    resp = await proxy.client.get("/v1/failures", headers={"Authorization": f"Bearer {CHAT_KEY}"})
+    assert (await resp.json())["failures"] == []  # its own limit: no provider failed, nothing fell back

@@ -23,6 +23,8 @@ MODEL_CHARS = 200  # a requested model name is the client's: cut, as in the requ
 
 _RACE_REASONS: frozenset[str] = frozenset(get_args(RaceReason))
 _FINE_OUTCOMES = (None, COMPLETED, CLIENT_DISCONNECTED)
+# Refusals a client earns itself (its request limits, its allow-list, its share of the body budget).
+_CLIENTS_OWN = frozenset({"rate_limit_exceeded", "model_not_allowed", "client_body_budget_exhausted"})
 
 Item = dict[str, Any]
 ItemListener = Callable[[Item], None]
@@ -30,7 +32,11 @@ ItemListener = Callable[[Item], None]
 
 def noteworthy(record: RequestRecord) -> bool:
     """A request that failed (5xx, 429, a stream cut by an upstream) or fell back (a chain entry skipped or
-    failed before the one that answered; a hedge that lost a race is neither)."""
+    failed before the one that answered; a hedge that lost a race is neither). A client refused by its own
+    limits, before any chain entry was looked at, is not: one client hammering its limit would push the
+    providers' failures out of the buffer and turn the page red for everyone."""
+    if record.error_type in _CLIENTS_OWN and not record.calls and not record.attempts:
+        return False
     if record.status >= 500 or record.status == 429 or record.outcome not in _FINE_OUTCOMES:
         return True
     return any(attempt.reason not in _RACE_REASONS for attempt in record.attempts)

@@ -150,7 +150,7 @@ def create_app(
     app.router.add_get("/v1/aliases", catalog.list_aliases)
     app.router.add_get("/v1/failures", failures.list_failures)
     app.router.add_get("/v1/events", events.event_stream)
-    app.router.add_get("/status", status.page_handler(auth=bool(api_keys)))
+    app.router.add_get("/status", status.page_handler())
     for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/{path:.+}"):
         app.router.add_post(path, proxy.forward, expect_handler=_expect_later)
     app.router.add_route("*", "/v1/{path:.+}", proxy.other_method, expect_handler=_expect_later)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import yaml
 from aiohttp import ClientResponse
 
 from manaproxy.record import Attempt, RequestRecord
@@ -242,3 +243,16 @@ async def test_the_page_needs_no_key_and_holds_no_data(make_upstream, make_proxy
     assert csp["script-src"].startswith("'sha256-")
     assert (await proxy.client.get("/v1/events")).status == 401
     assert (await proxy.client.get("/v1/failures")).status == 401
+
+
+async def test_the_page_asks_for_a_key_whenever_clients_are_declared_and_a_reload_can_change_it(
+    make_upstream, make_proxy, tmp_path: Path
+):
+    up = await make_upstream("up")
+    text = incident_config(up)
+    with_clients = text + yaml.safe_dump({"clients": {"ops": {"key": "key-ops-1234567"}}})
+    proxy = await make_proxy(with_clients)  # no MANAPROXY_API_KEYS: the clients come from the config alone
+
+    assert '<meta name="manaproxy-auth" content="on">' in await (await proxy.client.get("/status")).text()
+    assert proxy.reload_to(tmp_path, text)  # clients gone: auth off
+    assert '<meta name="manaproxy-auth" content="off">' in await (await proxy.client.get("/status")).text()

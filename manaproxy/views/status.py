@@ -61,13 +61,16 @@ def render(*, auth: bool) -> bytes:
     return page.replace("{style}", _STYLE, 1).replace("{script}", _SCRIPT, 1).encode("utf-8")
 
 
-def page_handler(*, auth: bool) -> Handler:
-    """The `GET /status` handler of an application with client keys on (`auth`) or off."""
-    body = render(auth=auth)
+def page_handler() -> Handler:
+    """The `GET /status` handler: the page as it is for the config in force, client keys on or off (a reload
+    may turn them on or off: both variants are rendered once, one is picked per request)."""
+    bodies = {auth: render(auth=auth) for auth in (False, True)}
 
     async def status_page(request: web.Request) -> web.Response:
-        if not request.app[GATEWAY].config.server.status_page:
+        gateway = request.app[GATEWAY]
+        if not gateway.config.server.status_page:
             raise ProxyError(404, "GET /status: the status page is off (server.status_page)", code="not_found")
+        body = bodies[gateway.runtime.clients.enabled]
         return web.Response(body=body, content_type="text/html", charset="utf-8", headers=_HEADERS)
 
     return status_page

@@ -5,6 +5,7 @@ dropped; ended at shutdown), `/v1/health`'s `since_unix`, `process` and `reloads
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import socket
 import time
@@ -144,6 +145,7 @@ async def test_transitions_failures_and_reloads_arrive_as_events(make_upstream, 
     assert health["providers"]["up"]["since_unix"] is None
     assert health["process"]["config"] == str(tmp_path / "aliases.yaml")
     assert health["process"]["uptime_seconds"] >= 0
+    assert (health["process"]["pid"], health["process"]["worker"]) == (os.getpid(), None)  # one process: no worker
     stream.close()
 
 

@@ -95,6 +95,12 @@ async def test_requests_spread_over_workers_are_counted_exactly_once(make_upstre
     assert await settled(proxy) == {"http": 120, "llm": 120, "in_flight": 0}
     for _ in range(4):  # whichever worker a scrape reaches, it reports the host
         assert await counted(proxy) == {"http": 120, "llm": 120, "in_flight": 0}
+    async with aiohttp.ClientSession() as session:  # the views are the answering worker's: it says which
+        for _ in range(4):
+            async with session.get(proxy.url + "/v1/health") as resp:
+                process = (await resp.json())["process"]
+            assert process["worker"] in (0, 1)
+            assert process["pid"] in pids
     proxy.signal(signal.SIGTERM)
     assert await proxy.wait_exit() == 0
 

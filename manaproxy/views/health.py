@@ -6,6 +6,7 @@ through the redactor when it was recorded, and so did a rejected reload's error.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -115,11 +116,15 @@ async def liveness(request: web.Request) -> web.Response:
 
 
 def process_view(request: web.Request) -> dict[str, Any]:
-    """The process: version, uptime, the config file serving now and when it was loaded."""
+    """The process: version, uptime, the config file serving now and when it was loaded; its pid and, under
+    `server.workers` > 1, which worker it is (every view is the answering worker's own)."""
     config = request.app[GATEWAY].config
     started = request.app[STARTED_UNIX]
+    worker = os.environ.get("MANAPROXY_WORKER")  # the worker's index, set by the supervisor (hostmetrics.WORKER_ENV)
     return {
         "version": __version__,
+        "pid": os.getpid(),
+        "worker": int(worker) if worker and worker.isdigit() else None,
         "started_unix": round(started, 3),
         "uptime_seconds": round(time.time() - started, 1),
         "config": config.source,

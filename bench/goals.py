@@ -18,6 +18,7 @@ from typing import Any
 Trial = dict[str, Any]
 IDLE_RSS_TARGET_MB = 50.0
 RSS_AFTER_TARGET = 1.10  # RSS after the scale wave ÷ RSS idle
+SCALE_CPU_PER_EVENT_TARGET = 1.2  # manaproxy's CPU per relayed event in the scale wave ÷ bare's (issue 22)
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,7 +168,11 @@ def goals_table(
 
 
 def _scale_rows(scale: Mapping[str, Any] | None) -> list[tuple[str, dict[str, Any]]]:
-    """The scale scenario's checkable figures: errors, added TTFT p99, RSS after ÷ idle."""
+    """The scale scenario's checkable figures: errors, added TTFT p99, RSS after ÷ idle, CPU per relayed event.
+
+    CPU per relayed event gets a row per manaproxy target: one process, and with `server.workers` (its
+    supervisor and workers summed, shown in the manaproxy column).
+    """
     if not scale or "targets" not in scale:
         return []
     waves = scale["targets"]
@@ -203,6 +208,25 @@ def _scale_rows(scale: Mapping[str, Any] | None) -> list[tuple[str, dict[str, An
                 f"| RSS after ÷ idle | {name} | — | {cells} | — | — | — | ≤ {RSS_AFTER_TARGET:.2f} "
                 f"| {'met' if met else f'**missed** by {gap:.2f}'} |",
                 {"label": "scale RSS after / idle", "figures": after, "met": met},
+            )
+        )
+    per_event = {t: w["proxy_us_per_event"] for t, w in waves.items() if "proxy_us_per_event" in w}
+    bare = per_event.get("bare", math.nan)
+    for target in sorted(t for t in per_event if t.startswith("manaproxy")):
+        ratio = _ratio(per_event[target], bare)
+        met = None if math.isnan(ratio) else ratio <= SCALE_CPU_PER_EVENT_TARGET
+        label = "CPU per relayed event" + ("" if target == "manaproxy" else f" ({target})")
+        rows.append(
+            (
+                f"| {label} | {name} | — | {_fmt(bare, 'µs', False)} | {_fmt(per_event[target], 'µs', False)} | — "
+                f"| {'—' if math.isnan(ratio) else f'{ratio:.2f}'} | — | ≤ {SCALE_CPU_PER_EVENT_TARGET:.2f} "
+                f"| {verdict(met, ratio, SCALE_CPU_PER_EVENT_TARGET, False)} |",
+                {
+                    "label": f"scale {label}",
+                    "figures_us": {"bare": bare, target: per_event[target]},
+                    "ratio": ratio,
+                    "met": met,
+                },
             )
         )
     return rows

@@ -101,6 +101,29 @@ def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def tree_memory_kib(pid: int) -> dict[str, int]:
+    """`memory_kib` summed over `pid` and its descendants (a supervisor and its workers).
+
+    VmHWM summed is the sum of each process's own peak: at least the peak of the sum, equal for one process.
+    A process that exits between the listing and the reading counts as 0.
+    """
+    total = {"VmRSS": 0, "VmHWM": 0}
+    for each in descendants(pid):
+        with contextlib.suppress(OSError):
+            for key, value in memory_kib(each).items():
+                total[key] += value
+    return total
+
+
+def tree_open_fds(pid: int) -> int:
+    """`open_fds` summed over `pid` and its descendants."""
+    total = 0
+    for each in descendants(pid):
+        with contextlib.suppress(OSError):
+            total += open_fds(each)
+    return total
+
+
 def fd_limit(pid: int) -> tuple[int, int]:
     """The (soft, hard) RLIMIT_NOFILE of `pid`: the soft one is what its accept() and connect() run into."""
     for line in Path(f"/proc/{pid}/limits").read_text().splitlines():

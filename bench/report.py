@@ -199,29 +199,42 @@ def profile_lines(summary: Mapping[str, Any], scenario: str) -> list[str]:
 
 
 def scale_lines(scale: Mapping[str, Any]) -> list[str]:
-    """The `scale` scenario: one column per target, manaproxy ÷ bare beside them."""
+    """The `scale` scenario: one column per target, each manaproxy ÷ bare beside them.
+
+    `manaproxy-w<auto|N>` is manaproxy with `server.workers`; its CPU, RSS and open files are summed over
+    the supervisor and its workers.
+    """
     settings = scale["settings"]
     waves = {name: dict(wave) for name, wave in scale["targets"].items()}  # a copy to add derived figures to
     lines = [
-        f"### scale: {scale['streams']:,} concurrent streams through one process "
+        f"### scale: {scale['streams']:,} concurrent streams through each proxy "
         f"({settings['chunks']} chunks {settings['interval_ms']:g} ms apart, opened over {settings['ramp_s']:g} s)",
         "",
     ]
     if scale.get("shortfall"):
         lines += [f"**{scale['shortfall']}**", ""]
     names = [n for n in ("direct", "bare", "manaproxy") if n in waves]
-    lines += ["| | " + " | ".join(names) + " | manaproxy ÷ bare |", "|---|" + "---:|" * (len(names) + 1)]
+    names += sorted(n for n in waves if n.startswith("manaproxy-w"))
+    manas = [n for n in names if n.startswith("manaproxy")]
+    lines += [
+        "| | " + " | ".join(names) + "".join(f" | {m} ÷ bare" for m in manas) + " |",
+        "|---|" + "---:|" * (len(names) + len(manas)),
+    ]
 
     def row(label: str, key: str, fmt: str, ratio: bool = True) -> None:
         values = {n: waves[n].get(key) for n in names}
         cells = [
             "—" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v) for v in values.values()
         ]
-        mana, bare = values.get("manaproxy"), values.get("bare")
-        quotient = "—"
-        if ratio and isinstance(mana, int | float) and isinstance(bare, int | float) and bare > 0:
-            quotient = _ratio(mana, bare)
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {quotient} |")
+        bare = values.get("bare")
+        quotients = []
+        for name in manas:
+            mana = values.get(name)
+            quotient = "—"
+            if ratio and isinstance(mana, int | float) and isinstance(bare, int | float) and bare > 0:
+                quotient = _ratio(mana, bare)
+            quotients.append(quotient)
+        lines.append(f"| {label} | " + " | ".join(cells + quotients) + " |")
 
     direct_ttft = waves.get("direct", {}).get("ttft_p99_ms", math.nan)
     for name in names:
@@ -249,8 +262,9 @@ def scale_lines(scale: Mapping[str, Any]) -> list[str]:
     row(f"events/s delivered (nominal {nominal_rate:,.0f} at full concurrency)", "events_per_s", "{:,.0f}")
     row("proxy CPU, cores (wave average)", "proxy_cores", "{:.2f}")
     row("proxy CPU, cores (busiest 0.5 s)", "proxy_peak_cores", "{:.2f}")
-    row("proxy CPU per event", "proxy_us_per_event", "{:,.1f} µs")
+    row("proxy CPU per relayed event (CPU s ÷ events delivered)", "proxy_us_per_event", "{:,.1f} µs")
     row("machine busy, cores (wave average)", "busy_cores", "{:.2f}", ratio=False)
+    row("proxy processes (summed below and in CPU)", "processes", "{:,}", ratio=False)
     row("proxy RSS idle MB", "rss_idle_mb", "{:.1f}")
     row("proxy RSS peak MB", "rss_peak_mb", "{:.1f}")
     if settings["settle_s"] > 5:

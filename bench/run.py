@@ -17,7 +17,8 @@ Method (docs/bench.md has the long version):
 - the issue's targets are ratios manaproxy ÷ bare of the same run (bench/goals.py);
 - `tail` and `pool` (bench/tail.py) then run on processes of their own: hedging a heavy-tailed first byte
   (plain chain, `hedge_after: 0.1`, `hedge_after: auto`) and a pool of a fast and a 3× slower upstream;
-- `scale` (bench/scale.py) runs last, on its own processes: 10,000 slow streams at once per target.
+- `scale` (bench/scale.py) runs last, on its own processes: 10,000 slow streams at once per target, manaproxy
+  with `server.workers: auto` among them.
 Everything listens on 127.0.0.1 and is stopped on exit, Ctrl-C or error. Results: bench/results/.
 """
 
@@ -90,6 +91,15 @@ ROUTING = (TAIL, POOL)  # their own processes and load generator: bench/tail.py
 PROFILE_SCENARIOS = ("stream50-c32", "chat-c32")
 
 
+def _workers(value: str) -> str:
+    """`--scale-workers`: "auto", a number of workers ≥ 1, or "none" (returned as "": no workers target)."""
+    if value in ("auto", "none"):
+        return "" if value == "none" else value
+    if value.isdigit() and int(value) >= 1:
+        return str(int(value))
+    raise argparse.ArgumentTypeError(f"expected auto, none or a number ≥ 1, not {value!r}")
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=3, help="timed runs per scenario and target (default 3)")
@@ -120,6 +130,13 @@ def parse_args() -> argparse.Namespace:
     scale.add_argument("--scale-interval-ms", type=float, default=100.0, help="between events (default 100)")
     scale.add_argument("--scale-ramp", type=float, help="seconds to open all streams (default 5)")
     scale.add_argument("--scale-settle", type=float, help="seconds after a wave to the 'after' reading (default 65)")
+    scale.add_argument(
+        "--scale-workers",
+        type=_workers,
+        default="auto",
+        metavar="auto|N|none",
+        help="also run manaproxy with server.workers: auto or N (default auto; none: only the single process)",
+    )
     parser.add_argument("--no-pin", dest="pin", action="store_false", help="do not pin processes to cores")
     lite = parser.add_mutually_exclusive_group()
     lite.add_argument("--with-litellm", action="store_true", help="install LiteLLM into bench/.venv-litellm if needed")
@@ -464,6 +481,7 @@ def main() -> int:
                     interval_ms=args.scale_interval_ms,
                     ramp_s=args.scale_ramp,
                     settle_s=args.scale_settle,
+                    workers=args.scale_workers,
                 )
                 print(f"scale: {settings.streams:,} streams × {settings.chunks} chunks per target ...", flush=True)
                 scale_dir = workdir / "scale"

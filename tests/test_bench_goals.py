@@ -131,3 +131,26 @@ def test_scale_rows(mana_errors: int, after_over_idle: float, errors_met: bool, 
     assert by_label["scale added TTFT p99"]["figures_ms"] == {"bare": 4.0, "manaproxy": 8.0}
     assert by_label["scale added TTFT p99"]["ratio"] == pytest.approx(2.0)
     assert by_label["scale RSS after / idle"]["met"] is rss_met
+
+
+@pytest.mark.parametrize(("workers_us", "met", "cell"), [(55.0, True, "met"), (70.0, False, "**missed** by 0.20")])
+def test_scale_cpu_per_relayed_event_per_manaproxy_target(workers_us: float, met: bool, cell: str) -> None:
+    wave = {"errors": 0, "ttft_p99_ms": 12.0}
+    scale = {
+        "streams": 1000,
+        "targets": {
+            "direct": wave,
+            "bare": {**wave, "proxy_us_per_event": 50.0},
+            "manaproxy": {**wave, "proxy_us_per_event": 75.0},
+            "manaproxy-wauto": {**wave, "proxy_us_per_event": workers_us},
+        },
+    }
+    lines, results = goals_table({}, {}, {}, scale)
+    by_label = {r["label"]: r for r in results}
+    assert by_label["scale CPU per relayed event"]["ratio"] == pytest.approx(1.5)
+    assert by_label["scale CPU per relayed event"]["met"] is False
+    workers = by_label["scale CPU per relayed event (manaproxy-wauto)"]
+    assert workers["ratio"] == pytest.approx(workers_us / 50.0)
+    assert workers["met"] is met
+    (row,) = [line for line in lines if line.startswith("| CPU per relayed event (manaproxy-wauto) |")]
+    assert row.rstrip(" |").endswith(cell)

@@ -159,3 +159,23 @@ def test_scale_lines(label: str, cells: list[str]) -> None:
 def test_scale_shortfall_is_said() -> None:
     scale = {**_scale(), "shortfall": "ran 900 streams"}
     assert "**ran 900 streams**" in scale_lines(scale)
+
+
+def test_scale_workers_target_gets_a_column_and_a_ratio() -> None:
+    scale = _scale()
+    workers = {**scale["targets"]["manaproxy"], "proxy_cores": 1.0, "processes": 3, "fds_peak": 2120}
+    scale["targets"]["manaproxy-wauto"] = workers
+    lines = scale_lines(scale)
+    header = next(line for line in lines if line.startswith("| | direct"))
+    assert [c.strip() for c in header.strip("|").split("|")][1:] == [
+        "direct",
+        "bare",
+        "manaproxy",
+        "manaproxy-wauto",
+        "manaproxy ÷ bare",
+        "manaproxy-wauto ÷ bare",
+    ]
+    (row,) = [line for line in lines if line.startswith("| proxy CPU, cores (wave average) |")]
+    assert [c.strip() for c in row.strip("|").split("|")][1:] == ["—", "0.50", "0.75", "1.00", "1.50×", "2.00×"]
+    (row,) = [line for line in lines if line.startswith("| peak streams inside the proxy")]
+    assert [c.strip() for c in row.strip("|").split("|")][1:] == ["—", "1,000", "900", "1,050", "—", "—"]

@@ -189,8 +189,10 @@ class _Race:
         return f"<_Race {[str(racer.target) for racer in self.racers.values()]} hedged={self.hedged}>"
 
     def start_next(self, *, hedge: bool = False) -> bool:
-        """Start the plan's next target (`hedge`: beside late attempts); False when the plan has run out."""
-        target = self._plan.next(last_resort=not hedge)  # a rate-limited entry never goes as a hedge
+        """Start the plan's next target (`hedge`: beside late attempts); False when the plan has run out.
+        The plan's last resort (an entry kept out by a rate limit or by news) only once nothing else is in
+        flight: never as a hedge, nor to replace a failed attempt beside one still running."""
+        target = self._plan.next(last_resort=not (hedge or self.racers))
         if target is None:
             self.hedging = False
             return False

@@ -644,14 +644,15 @@ class _Forwarder:
                 else:
                     message = f"upstream {target} failed mid-stream: {failure.detail}"
                 await response.write(protocol.error_event(message, code=failure.reason))
-            if reply.usage is not None:
-                record.prompt_tokens, record.completion_tokens = reply.usage
             await response.write_eof()
             if tee is not None and clean_end and self.cached is not None:
                 self.gateway.cache.store_stream(self.cached, tee, response.headers[RESOLVED_HEADER], protocol)
         except ConnectionError:
             record.outcome = record.outcome or CLIENT_DISCONNECTED
         finally:
+            # Tokens the usage event reported count however the stream ended (a client that left after it too).
+            if reply.usage is not None:
+                record.prompt_tokens, record.completion_tokens = reply.usage
             # Back to the pool only after a clean end; otherwise torn down so the provider stops generating.
             reply.close(reuse=clean_end)
         return response

@@ -430,8 +430,10 @@ class _Forwarder:
 
         steps = route.steps
         deadline: float | None = None
+        plans: list[Plan] = []
         while True:
             plan = Plan(steps, config, health, record, _RNG, self.kind)
+            plans.append(plan)
             if route.hedge is None:
                 while (target := plan.next()) is not None:
                     answer = await self._try(target, call_to(target))
@@ -454,6 +456,12 @@ class _Forwarder:
             record.attempts[:] = [attempt for attempt in record.attempts if attempt.reason != SATURATED]
             members = {member.target: member for step in route.steps for member in step.members}
             steps = tuple(Step((members.get(target) or Member(target),)) for target in saturated)
+        # A rate-limited entry held back while a saturated one was waited for: its turn, once the wait is over.
+        for plan in plans:
+            if (target := plan.held()) is not None:
+                answer = await self._try(target, call_to(target))
+                if answer is not None:
+                    return answer
         record.error_type = "all_failed"
         raise exhausted(record.attempts, config.health.max_retry_after_seconds)
 

@@ -20,7 +20,9 @@ in flight) and nothing else; sending, racing and committing are the proxy's.
   fail that local health alone would serve. It is not held back for a saturated entry: local health alone
   would have tried it at once, and it most likely answers.
 Every entry skipped is written to the request record once, with how long until it is really tried again
-(and, kept out by its breaker, the last error it answered: a lone entry answers with it).
+(and, kept out by its breaker, the last error it answered: a lone entry answers with it). An entry skipped
+while looking for a target beside attempts still in flight (a hedge) is written only once the request needs
+it (`settle`): an attempt started before that skip may still answer, and then nothing fell back past it.
 Health is read for the request's kind (`kinds.py`): a model's breakers count each kind apart.
 
 With hedging, when the next target starts is decided here too (`hedge_in`), from numbers the race hands in;
@@ -52,6 +54,7 @@ class Plan:
         "_rng",
         "_saturated",
         "_steps",
+        "_tentative",
     )
 
     def __init__(
@@ -73,24 +76,39 @@ class Plan:
         self._deferred: list[tuple[Attempt, Target]] = []  # skipped for a rate limit only, in chain order
         self._heard: list[tuple[Attempt, Target]] = []  # skipped for news only, in chain order
         self._saturated = False  # an entry was skipped as saturated: the rate-limited are held back
+        self._tentative: list[Attempt] = []  # skipped beside attempts in flight, not yet written (`settle`)
 
     def __repr__(self) -> str:
         return f"<Plan left in step: {[str(member.target) for member in self._pool]}>"
 
-    def next(self, *, last_resort: bool = True) -> Target | None:
-        """The next target to try, or None when the chain has run out. `last_resort=False`: not an entry
-        kept out by a rate limit (a hedge beside an attempt still running: another entry is being tried)."""
+    def next(self, *, beside: bool = False) -> Target | None:
+        """The next target to try, or None when the chain has run out. `beside`: beside attempts still in
+        flight (a hedge), so never the last resort (another entry is being tried), and the entries skipped are
+        held (`skipped_beside`) until `settle`; otherwise those held are written to the record first."""
+        if not beside:
+            self.settle()
         while True:
             if not self._pool:
                 step = next(self._steps, None)
                 if step is None:
-                    return self._last_resort() if last_resort else None
+                    return None if beside else self._last_resort()
                 self._pool = list(step.members)
-            member = self._pick()
+            member = self._pick(self._tentative if beside else self._record.attempts)
             if member is not None:
                 return member.target
 
-    def _pick(self) -> Member | None:
+    @property
+    def skipped_beside(self) -> int:
+        """How many skips looking beside attempts in flight are held, not yet written to the record."""
+        return len(self._tentative)
+
+    def settle(self, keep: int | None = None) -> None:
+        """Write the first `keep` held skips (all: None) to the record and forget the rest: an answer from
+        an attempt started before a skip means nothing fell back past that entry."""
+        self._record.attempts.extend(self._tentative[:keep])
+        self._tentative = []
+
+    def _pick(self, skipped: list[Attempt]) -> Member | None:
         health = self._health
         usable = []
         for member in self._pool:
@@ -108,7 +126,7 @@ class Plan:
                 self._deferred.append((attempt, target))
             elif skip in (UNHEALTHY, HALF_OPEN) and health.heard_only(target.provider, target.model, self._kind):
                 self._heard.append((attempt, target))
-            self._record.attempts.append(attempt)
+            skipped.append(attempt)
         if not usable:
             self._pool = []
             return None

@@ -158,6 +158,7 @@ class _Racer:
     stack: ExitStack
     started: float
     hedge: bool  # started beside a late attempt rather than first or after a failure
+    skips: int  # the plan's held skips when it started: passed over on its way, written if it wins
 
 
 _Result = Reply | StreamReply | web.Response | None  # what one attempt's `_Forwarder._send` comes back with
@@ -192,7 +193,8 @@ class _Race:
         """Start the plan's next target (`hedge`: beside late attempts); False when the plan has run out.
         The plan's last resort (an entry kept out by a rate limit or by news) only once nothing else is in
         flight: never as a hedge, nor to replace a failed attempt beside one still running."""
-        target = self._plan.next(last_resort=not (hedge or self.racers))
+        plan = self._plan
+        target = plan.next(beside=hedge or bool(self.racers))
         if target is None:
             self.hedging = False
             return False
@@ -204,7 +206,7 @@ class _Race:
         stack = ExitStack()
         slot = stack.enter_context(forwarder._claim(target, call.stream))
         task = asyncio.get_running_loop().create_task(forwarder._send(target, call, slot))
-        self.racers[task] = _Racer(target, call, slot, stack, perf_counter(), hedge=hedge)
+        self.racers[task] = _Racer(target, call, slot, stack, perf_counter(), hedge=hedge, skips=plan.skipped_beside)
         return True
 
     async def step(self) -> tuple[_Racer, Reply | StreamReply] | web.StreamResponse | None:
@@ -554,6 +556,7 @@ class _Forwarder:
                 await race.cancel()
                 record.upstream_wait += perf_counter() - started
                 started = 0.0  # counted
+                plan.settle(racer.skips)  # an entry skipped after the winner started was not fallen back past
                 if race.hedged:  # the request log shows the race: `attempts=gpu1/m:hedged_lost,gpu2/m:won`
                     record.hedge = HEDGE_WON if racer.hedge else PRIMARY_WON
                     record.attempts.extend(Attempt(target, HEDGED_LOST) for target in losers)
@@ -563,6 +566,7 @@ class _Forwarder:
             return None
         finally:
             await race.cancel()  # the client left, or the drain cut the request, mid-race
+            plan.settle()  # no answer: every entry skipped was passed over
             if started:
                 record.upstream_wait += perf_counter() - started
 

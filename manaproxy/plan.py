@@ -11,12 +11,18 @@ in flight) and nothing else; sending, racing and committing are the proxy's.
 - An entry kept out only by a rate limit is skipped while another entry can be tried: once the rest of the
   chain has been tried or skipped, the one whose limit ends first is tried anyway (as a direct call would
   be), so a lone entry's 429 reaches the client as the provider's own, with its headers, on every try.
+  But while an entry was skipped as saturated, the rate-limited entry is held back (`held()`): the request
+  first waits for a place at the saturated one (freed in seconds), and calls the entry that said when it
+  will be back (and would likely answer 429 again, lengthening its window) only once that wait is over.
 - An entry kept out only by news from other processes (`health: {shared: true}`, `HealthTracker.heard_only`)
   is skipped too, but once the rest of the chain has been tried or skipped it is tried after all, in chain
   order and before an entry kept out by a rate limit: news makes an entry skipped sooner, never a request
-  fail that local health alone would serve.
+  fail that local health alone would serve. It is not held back for a saturated entry: local health alone
+  would have tried it at once, and it most likely answers.
 Every entry skipped is written to the request record once, with how long until it is really tried again
-(and, kept out by its breaker, the last error it answered: a lone entry answers with it).
+(and, kept out by its breaker, the last error it answered: a lone entry answers with it). An entry skipped
+while looking for a target beside attempts still in flight (a hedge) is written only once the request needs
+it (`settle`): an attempt started before that skip may still answer, and then nothing fell back past it.
 Health is read for the request's kind (`kinds.py`): a model's breakers count each kind apart.
 
 With hedging, when the next target starts is decided here too (`hedge_in`), from numbers the race hands in;
@@ -29,7 +35,7 @@ import random
 from collections.abc import Iterator
 
 from .config import Config, Member, Step, Target
-from .health import HALF_OPEN, RATE_LIMITED, UNHEALTHY, HealthTracker
+from .health import HALF_OPEN, RATE_LIMITED, SATURATED, UNHEALTHY, HealthTracker
 from .kinds import CHAT
 from .record import Attempt, RequestRecord
 
@@ -37,7 +43,19 @@ from .record import Attempt, RequestRecord
 class Plan:
     """The targets one request may try, handed out one at a time (`next()`)."""
 
-    __slots__ = ("_config", "_deferred", "_health", "_heard", "_kind", "_pool", "_record", "_rng", "_steps")
+    __slots__ = (
+        "_config",
+        "_deferred",
+        "_health",
+        "_heard",
+        "_kind",
+        "_pool",
+        "_record",
+        "_rng",
+        "_saturated",
+        "_steps",
+        "_tentative",
+    )
 
     def __init__(
         self,
@@ -57,24 +75,40 @@ class Plan:
         self._kind = kind
         self._deferred: list[tuple[Attempt, Target]] = []  # skipped for a rate limit only, in chain order
         self._heard: list[tuple[Attempt, Target]] = []  # skipped for news only, in chain order
+        self._saturated = False  # an entry was skipped as saturated: the rate-limited are held back
+        self._tentative: list[Attempt] = []  # skipped beside attempts in flight, not yet written (`settle`)
 
     def __repr__(self) -> str:
         return f"<Plan left in step: {[str(member.target) for member in self._pool]}>"
 
-    def next(self, *, last_resort: bool = True) -> Target | None:
-        """The next target to try, or None when the chain has run out. `last_resort=False`: not an entry
-        kept out by a rate limit (a hedge beside an attempt still running: another entry is being tried)."""
+    def next(self, *, beside: bool = False) -> Target | None:
+        """The next target to try, or None when the chain has run out. `beside`: beside attempts still in
+        flight (a hedge), so never the last resort (another entry is being tried), and the entries skipped are
+        held (`skipped_beside`) until `settle`; otherwise those held are written to the record first."""
+        if not beside:
+            self.settle()
         while True:
             if not self._pool:
                 step = next(self._steps, None)
                 if step is None:
-                    return self._last_resort() if last_resort else None
+                    return None if beside else self._last_resort()
                 self._pool = list(step.members)
-            member = self._pick()
+            member = self._pick(self._tentative if beside else self._record.attempts)
             if member is not None:
                 return member.target
 
-    def _pick(self) -> Member | None:
+    @property
+    def skipped_beside(self) -> int:
+        """How many skips looking beside attempts in flight are held, not yet written to the record."""
+        return len(self._tentative)
+
+    def settle(self, keep: int | None = None) -> None:
+        """Write the first `keep` held skips (all: None) to the record and forget the rest: an answer from
+        an attempt started before a skip means nothing fell back past that entry."""
+        self._record.attempts.extend(self._tentative[:keep])
+        self._tentative = []
+
+    def _pick(self, skipped: list[Attempt]) -> Member | None:
         health = self._health
         usable = []
         for member in self._pool:
@@ -86,11 +120,13 @@ class Plan:
             wait = health.retry_in(target.provider, target.model, self._kind)
             last = health.last_failure(target.provider, target.model, self._kind) if skip == UNHEALTHY else None
             attempt = Attempt.skipped(target, skip, wait, last)
-            if skip == RATE_LIMITED:
+            if skip == SATURATED:
+                self._saturated = True
+            elif skip == RATE_LIMITED:
                 self._deferred.append((attempt, target))
             elif skip in (UNHEALTHY, HALF_OPEN) and health.heard_only(target.provider, target.model, self._kind):
                 self._heard.append((attempt, target))
-            self._record.attempts.append(attempt)
+            skipped.append(attempt)
         if not usable:
             self._pool = []
             return None
@@ -101,14 +137,23 @@ class Plan:
 
     def _last_resort(self) -> Target | None:
         """The chain has run out: the next entry kept out by news only, else the entry kept out by a rate limit
-        that ends first, tried anyway (its skip is struck from the record: it is tried after all), or None."""
+        that ends first, tried anyway (its skip is struck from the record: it is tried after all), or None.
+        The latter is held back (`held`) while an entry was skipped as saturated."""
         if self._heard:
             attempt, target = self._heard.pop(0)
-        elif self._deferred:
-            attempt, target = min(self._deferred, key=lambda item: item[0].retry_after or 0.0)
-            self._deferred = []
-        else:
+            return self._tried_after_all(attempt, target)
+        return None if self._saturated else self.held()
+
+    def held(self) -> Target | None:
+        """The rate-limited entry held back while a saturated one was waited for (see the module's rule), to
+        be tried once that wait is over; None when there is none (or it was handed out already)."""
+        if not self._deferred:
             return None
+        attempt, target = min(self._deferred, key=lambda item: item[0].retry_after or 0.0)
+        self._deferred = []
+        return self._tried_after_all(attempt, target)
+
+    def _tried_after_all(self, attempt: Attempt, target: Target) -> Target:
         attempts = self._record.attempts
         del attempts[next(index for index, item in enumerate(attempts) if item is attempt)]
         return target

@@ -158,6 +158,7 @@ class _Racer:
     stack: ExitStack
     started: float
     hedge: bool  # started beside a late attempt rather than first or after a failure
+    skips: int  # the plan's held skips when it started: passed over on its way, written if it wins
 
 
 _Result = Reply | StreamReply | web.Response | None  # what one attempt's `_Forwarder._send` comes back with
@@ -189,8 +190,11 @@ class _Race:
         return f"<_Race {[str(racer.target) for racer in self.racers.values()]} hedged={self.hedged}>"
 
     def start_next(self, *, hedge: bool = False) -> bool:
-        """Start the plan's next target (`hedge`: beside late attempts); False when the plan has run out."""
-        target = self._plan.next(last_resort=not hedge)  # a rate-limited entry never goes as a hedge
+        """Start the plan's next target (`hedge`: beside late attempts); False when the plan has run out.
+        The plan's last resort (an entry kept out by a rate limit or by news) only once nothing else is in
+        flight: never as a hedge, nor to replace a failed attempt beside one still running."""
+        plan = self._plan
+        target = plan.next(beside=hedge or bool(self.racers))
         if target is None:
             self.hedging = False
             return False
@@ -202,7 +206,7 @@ class _Race:
         stack = ExitStack()
         slot = stack.enter_context(forwarder._claim(target, call.stream))
         task = asyncio.get_running_loop().create_task(forwarder._send(target, call, slot))
-        self.racers[task] = _Racer(target, call, slot, stack, perf_counter(), hedge=hedge)
+        self.racers[task] = _Racer(target, call, slot, stack, perf_counter(), hedge=hedge, skips=plan.skipped_beside)
         return True
 
     async def step(self) -> tuple[_Racer, Reply | StreamReply] | web.StreamResponse | None:
@@ -428,8 +432,10 @@ class _Forwarder:
 
         steps = route.steps
         deadline: float | None = None
+        plans: list[Plan] = []
         while True:
             plan = Plan(steps, config, health, record, _RNG, self.kind)
+            plans.append(plan)
             if route.hedge is None:
                 while (target := plan.next()) is not None:
                     answer = await self._try(target, call_to(target))
@@ -452,6 +458,12 @@ class _Forwarder:
             record.attempts[:] = [attempt for attempt in record.attempts if attempt.reason != SATURATED]
             members = {member.target: member for step in route.steps for member in step.members}
             steps = tuple(Step((members.get(target) or Member(target),)) for target in saturated)
+        # A rate-limited entry held back while a saturated one was waited for: its turn, once the wait is over.
+        for plan in plans:
+            if (target := plan.held()) is not None:
+                answer = await self._try(target, call_to(target))
+                if answer is not None:
+                    return answer
         record.error_type = "all_failed"
         raise exhausted(record.attempts, config.health.max_retry_after_seconds)
 
@@ -544,6 +556,7 @@ class _Forwarder:
                 await race.cancel()
                 record.upstream_wait += perf_counter() - started
                 started = 0.0  # counted
+                plan.settle(racer.skips)  # an entry skipped after the winner started was not fallen back past
                 if race.hedged:  # the request log shows the race: `attempts=gpu1/m:hedged_lost,gpu2/m:won`
                     record.hedge = HEDGE_WON if racer.hedge else PRIMARY_WON
                     record.attempts.extend(Attempt(target, HEDGED_LOST) for target in losers)
@@ -553,6 +566,7 @@ class _Forwarder:
             return None
         finally:
             await race.cancel()  # the client left, or the drain cut the request, mid-race
+            plan.settle()  # no answer: every entry skipped was passed over
             if started:
                 record.upstream_wait += perf_counter() - started
 
@@ -642,14 +656,15 @@ class _Forwarder:
                 else:
                     message = f"upstream {target} failed mid-stream: {failure.detail}"
                 await response.write(protocol.error_event(message, code=failure.reason))
-            if reply.usage is not None:
-                record.prompt_tokens, record.completion_tokens = reply.usage
             await response.write_eof()
             if tee is not None and clean_end and self.cached is not None:
                 self.gateway.cache.store_stream(self.cached, tee, response.headers[RESOLVED_HEADER], protocol)
         except ConnectionError:
             record.outcome = record.outcome or CLIENT_DISCONNECTED
         finally:
+            # Tokens the usage event reported count however the stream ended (a client that left after it too).
+            if reply.usage is not None:
+                record.prompt_tokens, record.completion_tokens = reply.usage
             # Back to the pool only after a clean end; otherwise torn down so the provider stops generating.
             reply.close(reuse=clean_end)
         return response

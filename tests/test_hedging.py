@@ -387,3 +387,49 @@ async def test_a_rate_limited_entry_never_goes_as_a_hedge_but_still_as_the_last_
     assert (late_answer.status, late_answer.headers["X-Mana-LLM-Resolved"]) == (200, "a/m1")
     assert (last_resort.status, last_resort.headers["X-Mana-LLM-Resolved"]) == (200, "b/m2")
     assert b.calls == 2
+
+
+async def test_a_failed_hedge_is_not_replaced_by_a_rate_limited_entry_while_the_primary_runs(make_upstream, make_proxy):
+    a = await make_upstream("a")
+    b = await make_upstream("b")
+    c = await make_upstream("c")
+    b.queue(status_reply(429, "slow down", headers={"retry-after-ms": "30000"}))
+    b.default, a.default, c.default = chat_answer("m2"), chat_answer("m1"), chat_answer("m3")
+    spec = {"chain": ["b/m2", "a/m1", "c/m3"], "hedge_after": 0.1, "hedge_budget_percent": 100}
+    proxy = await make_proxy(build_config({"a": a, "b": b, "c": c}, {"mana/x": spec}))
+    assert (await proxy.client.post(CHAT, json=chat())).status == 200  # b: 429, rate-limited for 30 s
+    a.default = late("m1", 0.6)  # slow, but it will answer
+    c.default = status_reply(500)  # the hedge fails at once, while a still runs
+
+    resolved, _ = await answered_by(proxy, stream=False)
+
+    assert resolved == "a/m1"
+    assert (b.calls, c.calls) == (1, 1)  # b, the last resort, waits for nothing else to be in flight
+
+
+async def test_an_entry_a_hedge_skipped_is_a_fallback_only_when_the_answer_came_from_past_it(
+    make_upstream, make_proxy, caplog
+):
+    a = await make_upstream("a")
+    b = await make_upstream("b")
+    c = await make_upstream("c")
+    gate = asyncio.Event()
+    b.default = gated_stream(gate, "m2")  # holds b's only place
+    a.default, c.default = late("m1", 0.3), late("m3", 2)
+    providers = {"a": a, "b": {"base_url": b, "max_concurrent": 1}, "c": c}
+    spec = {"chain": ["a/m1", "b/m2", "c/m3"], "hedge_after": 0.1, "hedge_budget_percent": 100}
+    proxy = await make_proxy(build_config(providers, {"mana/x": spec}))
+    holder = asyncio.create_task(proxy.client.post(CHAT, json=chat("b/m2", stream=True)))
+    await wait_for(lambda: b.calls == 1)
+    caplog.set_level(logging.INFO, logger="manaproxy.request")
+
+    assert (await answered_by(proxy, stream=False))[0] == "a/m1"  # the hedge skipped b (full), went to c
+    a.default, c.default = late("m1", 2), chat_answer("m3")
+    assert (await answered_by(proxy, stream=False))[0] == "c/m3"  # now the hedge, past b, answers
+
+    primary_won, hedge_won = [r.getMessage() for r in caplog.records if "model=mana/x" in r.getMessage()]
+    assert "attempts=c/m3:hedged_lost,a/m1:won" in primary_won  # b was never fallen back past
+    assert "attempts=b/m2:saturated,a/m1:hedged_lost,c/m3:won" in hedge_won
+    assert value(proxy, "mana_llm_fallback_total", from_model="b/m2", to_model="c/m3", reason="saturated") == 1
+    gate.set()
+    await (await holder).read()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from .fakes import Slots, chat_answer, status_reply, wait_for
+from .fakes import Slots, chat_answer, gated_stream, status_reply, wait_for
 from .helpers import CHAT, build_config, chat
 
 AUTO = {"max_concurrent": "auto"}
@@ -192,3 +192,48 @@ async def test_an_unstreamed_answer_is_timed_per_output_token(make_upstream, mak
     floors = (await learned(proxy))["concurrency"]["floor_seconds"]
     assert set(floors) == {"per_token"}
     assert 0.02 <= floors["per_token"] < 0.1
+
+
+async def gpu_full_and_cloud_rate_limited(make_upstream, make_proxy, gate: asyncio.Event):
+    """mana/x = [gpu/m1 (one place, held by a stream until `gate`), cloud/m2 (rate-limited for 30 s)]."""
+    a = await make_upstream("gpu")
+    b = await make_upstream("cloud")
+    a.default = gated_stream(gate, "m1")
+    b.queue(status_reply(429, "slow down", headers={"retry-after-ms": "30000"}))
+    b.default = chat_answer("m2")
+    gpu = {"base_url": a, "max_concurrent": 1, "timeouts": {"first_byte": 0.6}}
+    proxy = await make_proxy(build_config({"gpu": gpu, "cloud": b}, {"mana/x": ["gpu/m1", "cloud/m2"]}))
+    assert (await proxy.client.post(CHAT, json=chat("cloud/m2"))).status == 429
+    holder = asyncio.create_task(proxy.client.post(CHAT, json=chat("gpu/m1", stream=True)))
+    await wait_for(lambda: a.calls == 1)
+    a.default = chat_answer("m1")
+    return a, b, proxy, holder
+
+
+async def test_a_full_entry_is_waited_for_before_a_rate_limited_one_is_called(make_upstream, make_proxy):
+    gate = asyncio.Event()
+    _a, b, proxy, holder = await gpu_full_and_cloud_rate_limited(make_upstream, make_proxy, gate)
+
+    waiting = asyncio.create_task(proxy.client.post(CHAT, json=chat()))
+    await asyncio.sleep(0.2)
+    assert b.calls == 1  # not called while the GPU's place may free any moment
+    gate.set()
+    await (await holder).read()
+    resp = await waiting
+
+    assert (resp.status, resp.headers["X-Mana-LLM-Resolved"]) == (200, "gpu/m1")
+    assert b.calls == 1
+
+
+async def test_a_rate_limited_entry_is_tried_once_the_wait_for_a_place_is_over(make_upstream, make_proxy):
+    gate = asyncio.Event()
+    _a, b, proxy, holder = await gpu_full_and_cloud_rate_limited(make_upstream, make_proxy, gate)
+    started = time.monotonic()
+
+    resp = await proxy.client.post(CHAT, json=chat())
+
+    assert (resp.status, resp.headers["X-Mana-LLM-Resolved"]) == (200, "cloud/m2")  # as its direct call would
+    assert time.monotonic() - started >= 0.5  # after the GPU's first-byte timeout, not before the wait
+    assert b.calls == 2
+    gate.set()
+    await (await holder).read()

@@ -11,6 +11,7 @@ import logging
 import uuid
 
 import pytest
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from manaproxy.app import create_app
@@ -583,3 +584,26 @@ def test_a_multiprocess_directory_in_the_environment_alone_changes_nothing(monke
     assert worker.shared is not None
     assert worker.scrape_registry is not worker.registry
     assert "process_cpu_seconds_total" not in generate_latest(worker.scrape_registry).decode()
+
+
+async def test_a_client_leaving_after_the_usage_chunk_still_counts_its_tokens(make_upstream, make_proxy):
+    a = await make_upstream("a")
+    a.default = sse_reply(chat_chunks("m1", ["a"], usage=(7, 3)), hang_after=4)  # usage sent, no [DONE] yet
+    clients = {"clients": {"app": {"key": "${APP_KEY}"}}}
+    config = build_config({"a": a}, {"mana/x": ["a/m1"]}) + yaml.safe_dump(clients, sort_keys=False)
+    proxy = await make_proxy(config, env={"APP_KEY": "sk-app-0123456789"})
+
+    headers = {"Authorization": "Bearer sk-app-0123456789"}
+    body = chat(stream=True, stream_options={"include_usage": True})
+    resp = await proxy.client.post(CHAT, json=body, headers=headers)
+    seen = b""
+    while b'"prompt_tokens"' not in seen:
+        seen += await resp.content.readuntil(b"\n\n")
+    resp.close()  # before the end of the stream
+
+    await wait_for(lambda: exists(proxy, "mana_llm_stream_outcomes_total", provider="a", outcome="client_disconnected"))
+    assert value(proxy, "mana_llm_tokens_total", provider="a", model="m1", type="prompt") == 7
+    assert value(proxy, "mana_llm_tokens_total", provider="a", model="m1", type="completion") == 3
+    labels = {"client": "app", "provider": "a", "model": "m1"}
+    assert value(proxy, "mana_llm_client_tokens_total", **labels, type="prompt") == 7
+    assert value(proxy, "mana_llm_client_tokens_total", **labels, type="completion") == 3

@@ -17,7 +17,8 @@ down like a failed command (the same one WARNING) and is made again once the lin
 
 The `redis` package is imported only when a URL is configured (it costs ≈8 MB and 0.1 s that a process
 without Redis need not pay). The link is opened once at startup (`app.shared_redis`, a cleanup_ctx) from
-the `redis:` section and closed at shutdown; a reload that changes `redis:` takes effect at the next restart.
+the `redis:` section and closed at shutdown; a reload that changes `redis:` takes effect at the next restart,
+and one that turns a feature on where no link was opened is refused (`Gateway.apply`).
 """
 
 from __future__ import annotations

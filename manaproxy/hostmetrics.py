@@ -74,6 +74,10 @@ class SharedState:
     def __repr__(self) -> str:
         return f"<SharedState gauges={sorted(self._gauges)} counters={sorted(self._counters)}>"
 
+    def add_source(self, source: Collector) -> None:
+        """Copy what `source` reports too, from the next publish on."""
+        self._sources.append(source)
+
     def publish(self) -> None:
         for source in self._sources:
             for family in source.collect():

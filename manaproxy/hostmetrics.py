@@ -96,8 +96,9 @@ class SharedState:
         series = (name, tuple(sorted(labels.items())))
         grown = value - self._counted.get(series, 0.0)
         self._counted[series] = value
+        child = counter.labels(**labels) if labels else counter  # a series at 0 exists, as in one process
         if grown > 0:
-            (counter.labels(**labels) if labels else counter).inc(grown)
+            child.inc(grown)
 
     def _gauge(self, name: str, documentation: str, labels: Iterable[str]) -> Gauge:
         gauge = self._gauges.get(name)

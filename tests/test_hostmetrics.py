@@ -55,7 +55,8 @@ def test_a_source_added_later_is_copied_from_the_next_publish_on() -> None:
     shared = SharedState([], registry)
     shared.publish()
     source = Scripted()
-    source.errors = {"health": 3.0}
+    source.errors = {"health": 3.0, "cache": 0.0}
     shared.add_source(source)
     shared.publish()
     assert registry.get_sample_value("redis_errors_total", {"feature": "health"}) == 3.0
+    assert registry.get_sample_value("redis_errors_total", {"feature": "cache"}) == 0.0  # at 0, as in one process

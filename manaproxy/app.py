@@ -137,7 +137,7 @@ def create_app(
     app.cleanup_ctx.append(shared_redis)
     app.cleanup_ctx.append(upstream_session)
     if config.health.shared:  # breaker news through the Redis link (sharedhealth.py), read at startup
-        metrics.registry.register(sharedhealth.install(app))
+        metrics.add_collector(sharedhealth.install(app))  # with workers: through the metric files
     if probes:
         app.cleanup_ctx.append(probe.probe_loop)
     app.cleanup_ctx.append(metrics.sharing)  # with workers only (hostmetrics.py)

@@ -7,7 +7,7 @@ Rules of this module:
 - A hit is the stored bytes as they were sent (`model` as it was answered), to the client identity that
   stored them only: the key (`cache_key`) holds the route, the requested model, the body canonicalised
   (`canonical_body`: key order and whitespace do not matter, number spelling does; `stream` is in the body,
-  so streamed and unstreamed requests never share an entry), the client's credentials (hashed) when client
+  so streamed and unstreamed requests never share an entry; a large body is canonicalised off the loop), the client's credentials (hashed) when client
   keys are set, and the generation of the route's config (`generation`: a reload that changes an alias's
   chain starts it afresh). Key names are hashes: no prompt text reaches Redis.
 - The cache is never in the way: a Redis lookup is bounded by `redis.timeout_seconds` (`redislink.py`), and
@@ -33,7 +33,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from .auth import CLIENT
-from .body import Body, RequestBody
+from .body import OFF_LOOP_BYTES, Body, RequestBody
 from .config import Config, ProviderConfig
 from .protocols import StreamProtocol
 from .providers.base import Reply, StreamReply
@@ -79,6 +79,14 @@ def canonical_body(raw: bytes | bytearray) -> bytes | None:
         return msgspec.json.encode(document, order="sorted")
     except (msgspec.EncodeError, RecursionError):
         return None
+
+
+async def canonicalise(raw: bytes | bytearray) -> bytes | None:
+    """`canonical_body`, in a worker thread when the body is larger than `OFF_LOOP_BYTES`: like its parse
+    (body.py), no large body is walked on the event loop."""
+    if len(raw) > OFF_LOOP_BYTES:
+        return await asyncio.to_thread(canonical_body, raw)
+    return canonical_body(raw)
 
 
 def generation(config: Config, route: Route) -> bytes:
@@ -251,7 +259,7 @@ class ResponseCache:
         settings = config.cache
         self.memory.max_bytes = settings.max_bytes  # a reload may change it
         look, store = directives(request.headers.get("Cache-Control"))
-        canonical = canonical_body(body.raw) if store and isinstance(body, RequestBody) else None
+        canonical = await canonicalise(body.raw) if store and isinstance(body, RequestBody) else None
         if canonical is None:
             _note(request, record, BYPASS)
             return None

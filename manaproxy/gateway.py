@@ -26,7 +26,7 @@ from aiohttp import web
 from .body import BodyBudget
 from .cache import ResponseCache
 from .clients import ClientTable
-from .config import ClientSpec, Config, LimitSettings
+from .config import ClientSpec, Config, ConfigError, LimitSettings
 from .drain import Drain
 from .health import HealthTracker
 from .limits import Limiter, MemoryBackend
@@ -120,14 +120,31 @@ class Gateway:
         self.runtime = build_runtime(self.runtime.config, session, self.redactor, self.env_clients)
 
     def apply(self, config: Config) -> None:
-        """Swap in a new, already validated config: one reference, so in-flight requests keep theirs."""
+        """Swap in a new, already validated config: one reference, so in-flight requests keep theirs. Raises
+        `ConfigError` (nothing changed) for a config this process cannot serve as it stands."""
         ClientTable(self.env_clients, config.clients)  # a name or key in both places: refused, nothing changed
+        self._check_redis(config)
         self.redactor.learn(config.providers.values())
         runtime = build_runtime(config, self.session, self.redactor, self.env_clients)
         self.health.reconfigure(config.health, config.providers)
         self.limiter.configure(config.limits)  # the windows stay: a reload does not give a client a fresh minute
         replaced, self.runtime = self.runtime, runtime
         self._retire(replaced)
+
+    def _check_redis(self, config: Config) -> None:
+        """Refuse a feature that needs the Redis link when none was opened: the link is opened once, at start,
+        from the `redis:` section then (redislink.py), so such a feature could never work until a restart.
+        (With a link open, a changed `redis:` keeps the old link: the reload warns and the features work.)"""
+        if self.redis.configured:
+            return
+        wanted = {
+            "limits.backend": config.limits.backend == "redis",
+            "cache.backend": config.cache.backend == "redis",
+            "health.shared": config.health.shared,
+        }
+        for place, needs_redis in wanted.items():
+            if needs_redis:
+                raise ConfigError(f"{config.source}: {place}: needs redis.url at start; restart to enable")
 
     def _retire(self, runtime: Runtime) -> None:
         """Close `runtime`'s providers once the requests that started on it have ended."""

@@ -74,6 +74,10 @@ class SharedState:
     def __repr__(self) -> str:
         return f"<SharedState gauges={sorted(self._gauges)} counters={sorted(self._counters)}>"
 
+    def add_source(self, source: Collector) -> None:
+        """Copy what `source` reports too, from the next publish on."""
+        self._sources.append(source)
+
     def publish(self) -> None:
         for source in self._sources:
             for family in source.collect():
@@ -92,8 +96,9 @@ class SharedState:
         series = (name, tuple(sorted(labels.items())))
         grown = value - self._counted.get(series, 0.0)
         self._counted[series] = value
+        child = counter.labels(**labels) if labels else counter  # a series at 0 exists, as in one process
         if grown > 0:
-            (counter.labels(**labels) if labels else counter).inc(grown)
+            child.inc(grown)
 
     def _gauge(self, name: str, documentation: str, labels: Iterable[str]) -> Gauge:
         gauge = self._gauges.get(name)

@@ -210,6 +210,14 @@ class Metrics:
 
         return measure
 
+    def add_collector(self, collector: Collector) -> None:
+        """Report a scrape-time collector of a part set up later (shared health): on `registry`, or with workers
+        among the sources `shared` copies into this worker's metric files (a scrape reads only those)."""
+        if self.shared is not None:
+            self.shared.add_source(collector)
+        else:
+            self.registry.register(collector)
+
     async def view(self, request: web.Request) -> web.Response:
         """`GET /metrics`: Prometheus' text format."""
         if self.shared is not None:

@@ -2,8 +2,9 @@
 
 Rule of this module: Redis is never in the way. Every command is bounded by `redis.timeout_seconds`;
 when Redis is down, slow or refuses a command (full, read-only ...), the caller gets `DEGRADED` back —
-never an exception, never a wait past the timeout — and goes on without the feature. A connection failure
-marks the link down: from then on commands return `DEGRADED` at once, without touching the network, while
+never an exception, never a wait past the timeout — and goes on without the feature. A command that times
+out costs that command only (one slow answer, a large entry, says nothing about the next command); a
+connection failure marks the link down: from then on commands return `DEGRADED` at once, without touching the network, while
 one background task pings Redis until it answers (reconnection is never paid for by a request). An outage
 is logged once as a WARNING when it starts and once as an INFO when it ends (for Redis refusing writes,
 full or read-only: when a write succeeds again); each command that did not run is counted per feature
@@ -16,7 +17,8 @@ down like a failed command (the same one WARNING) and is made again once the lin
 
 The `redis` package is imported only when a URL is configured (it costs ≈8 MB and 0.1 s that a process
 without Redis need not pay). The link is opened once at startup (`app.shared_redis`, a cleanup_ctx) from
-the `redis:` section and closed at shutdown; a reload that changes `redis:` takes effect at the next restart.
+the `redis:` section and closed at shutdown; a reload that changes `redis:` takes effect at the next restart,
+and one that turns a feature on where no link was opened is refused (`Gateway.apply`).
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ class RedisLink:
         # What a failed command raises, once the `redis` package is imported (`open`): the link is down, or
         # Redis answered with a refusal.
         self._unreachable: tuple[type[BaseException], ...] = (TimeoutError, OSError)
+        self._timeouts: tuple[type[BaseException], ...] = (TimeoutError,)
         self._refusals: tuple[type[BaseException], ...] = ()
 
     def __repr__(self) -> str:
@@ -96,6 +99,7 @@ class RedisLink:
         from redis.exceptions import TimeoutError as RedisTimeoutError
 
         self._unreachable = (TimeoutError, OSError, RedisConnectionError, RedisTimeoutError)
+        self._timeouts = (TimeoutError, RedisTimeoutError)
         self._refusals = (RedisError,)
         self._client = aioredis.Redis.from_url(
             settings.url,
@@ -130,6 +134,10 @@ class RedisLink:
         try:
             async with asyncio.timeout(self.settings.timeout_seconds):
                 result = await command(client)
+        except self._timeouts:  # this command was slow (Redis busy, a large value): the link is not down for it
+            self._count(feature)
+            logger.debug("redis %s: a %s command timed out", self.settings.redacted_url, feature)
+            return DEGRADED
         except self._unreachable as exc:
             self._count(feature)
             self._went_down(exc)

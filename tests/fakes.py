@@ -93,7 +93,7 @@ class FakeUpstream(ScriptedServer):
         self.models_status = 200
         self.models_delay = 0.0
         self.models_calls = 0
-        app = web.Application()
+        app = web.Application(client_max_size=64 * 1024 * 1024)  # as a real API: what the proxy lets through
         app.router.add_get("/v1/models", self._models)
         app.router.add_route("*", "/{tail:.*}", self._handle)
         super().__init__(app, json_reply(chat_completion("fake-model")))

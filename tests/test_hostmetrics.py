@@ -48,3 +48,15 @@ def test_counters_advance_by_what_they_grew_and_gauges_are_copied() -> None:
     assert registry.get_sample_value("redis_errors_total", {"feature": "limits"}) == 1.0
     assert registry.get_sample_value("held_bytes") == 40.0
     assert "counters=['redis_errors']" in repr(shared)
+
+
+def test_a_source_added_later_is_copied_from_the_next_publish_on() -> None:
+    registry = CollectorRegistry()
+    shared = SharedState([], registry)
+    shared.publish()
+    source = Scripted()
+    source.errors = {"health": 3.0, "cache": 0.0}
+    shared.add_source(source)
+    shared.publish()
+    assert registry.get_sample_value("redis_errors_total", {"feature": "health"}) == 3.0
+    assert registry.get_sample_value("redis_errors_total", {"feature": "cache"}) == 0.0  # at 0, as in one process

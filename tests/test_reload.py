@@ -15,6 +15,7 @@ import weakref
 import aiohttp
 import orjson
 import pytest
+import yaml
 from aiohttp import web
 
 from manaproxy.probe import probe_one
@@ -383,3 +384,35 @@ async def test_a_reload_builds_the_built_in_providers_from_the_environment_then(
     health = await (await proxy.client.get("/v1/health")).json()
     assert health["providers"]["groq"]["configured"] is True
     assert "test-key-after-reload" not in str(health)
+
+
+@pytest.mark.parametrize(
+    ("place", "section"),
+    [
+        ("limits.backend", {"limits": {"backend": "redis", "on_backend_error": "closed"}}),
+        ("cache.backend", {"cache": {"backend": "redis"}}),
+        ("health.shared", {"health": {"shared": True}}),
+    ],
+)
+async def test_a_reload_that_needs_a_redis_link_never_opened_is_refused(
+    make_upstream, make_proxy, redis_server, tmp_path, place, section
+):
+    """The link is opened at start from `redis:`: a feature turned on by a reload without one could never work
+    (limits would refuse every request with `closed`, the cache answer `error`), so the old config stays."""
+    up = await make_upstream("a")
+    up.default = json_reply(chat_completion("m1"))
+    proxy = await make_proxy(build_config({"a": up}, {"mana/x": ["a/m1"]}))
+    before = proxy.gateway.config
+    raw = yaml.safe_load(build_config({"a": up}, {"mana/x": {"chain": ["a/m1"], "cache": True}}))
+    raw.update({"redis": {"url": redis_server.url}, **section})
+    if place == "limits.backend":
+        raw["clients"] = {"web": {"keys": ["sk-web-123456789"], "requests_per_minute": 2}}
+
+    assert not proxy.reload_to(tmp_path, yaml.safe_dump(raw))
+    assert proxy.gateway.config is before
+    outcome = proxy.reloader.recent[-1]
+    assert outcome.result == "failure"
+    assert f"{place}: needs redis.url at start; restart to enable" in (outcome.error or "")
+    resp = await proxy.client.post(CHAT, json=chat())
+    assert resp.status == 200
+    assert "X-Mana-LLM-Cache" not in resp.headers  # the old config: mana/x did not cache

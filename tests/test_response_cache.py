@@ -5,6 +5,7 @@ they replay; the fake upstream numbers its answers, so a second upstream call ca
 from __future__ import annotations
 
 import asyncio
+import io
 import itertools
 import logging
 from pathlib import Path
@@ -15,6 +16,8 @@ import orjson
 import pytest
 import yaml
 from aiohttp import FormData, web
+
+from manaproxy.body import OFF_LOOP_BYTES
 
 from .fakes import (
     FakeUpstream,
@@ -486,3 +489,53 @@ async def test_the_memory_backend_reports_its_bytes(make_upstream, make_proxy):
     for index in range(20):  # more than 3000 bytes of entries: the least recently used go
         await post(proxy, chat(seed=index))
     assert 0 < value(proxy, "mana_llm_cache_bytes") <= 3000
+
+
+# -- a large body ---------------------------------------------------------------------------------------------
+
+
+def large_chat(marker: str, members: int) -> bytes:
+    """A chat body with `members` metadata members (500 000: ~7 MB, ~0.4 s to canonicalise)."""
+    metadata: dict[str, Any] = {f"k{index:07d}": 0.5 for index in range(members)}
+    metadata["marker"] = marker
+    return orjson.dumps({**chat(), "metadata": metadata})
+
+
+async def post_large(proxy: Proxy, raw: bytes) -> Any:
+    """`post` for a large body (streamed from a file object: aiohttp warns about large raw bytes)."""
+    resp = await proxy.client.post(CHAT, data=io.BytesIO(raw), headers={"Content-Type": "application/json"})
+    answer = await resp.read()
+    await proxy.gateway.cache.settle()
+    return resp, answer
+
+
+async def test_a_body_canonicalised_off_the_loop_hits_and_misses_as_a_small_one(cached):
+    up, proxy = cached
+    first, other = large_chat("one", 30_000), large_chat("two", 30_000)
+    assert len(first) > OFF_LOOP_BYTES
+    for raw, expected in ((first, "miss"), (first, "hit"), (other, "miss"), (other, "hit"), (first, "hit")):
+        resp, _ = await post_large(proxy, raw)
+        assert (resp.status, resp.headers[CACHE]) == (200, expected)
+    assert up.calls == 2
+
+
+async def test_the_loop_keeps_answering_while_large_bodies_are_canonicalised(make_upstream, make_proxy):
+    up = await make_upstream("a")
+    up.default = numbered()
+    proxy = await make_proxy(cache_config(up, "memory", None))
+    first = large_chat("one", 500_000)
+    await post_large(proxy, first)  # stored (the fake upstream reads it on this loop: not measured)
+
+    slowest = 0.0
+    hits = [asyncio.ensure_future(post_large(proxy, first)) for _ in range(2)]
+    while not all(task.done() for task in hits):  # a turn of the loop, then /health: a blocked loop shows
+        started = perf_counter()
+        await asyncio.sleep(0.01)
+        assert (await proxy.client.get("/health")).status == 200
+        slowest = max(slowest, perf_counter() - started)
+    for task in hits:
+        resp, body = task.result()
+        assert (resp.status, resp.headers[CACHE]) == (200, "hit")
+        assert b"answer 1" in body
+    # On the loop, /health waited behind both canonicalisations (~0.9 s idle); off it, ~0.1 s.
+    assert slowest < 0.4, slowest

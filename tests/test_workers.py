@@ -17,9 +17,10 @@ import sys
 
 import aiohttp
 import pytest
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from .fakes import chat_completion, gated_stream, json_reply
+from .fakes import chat_completion, gated_stream, json_reply, status_reply
 from .helpers import CHAT, build_config, chat
 from .processes import ServeProcess, next_datagram, read_datagrams
 
@@ -237,5 +238,37 @@ async def test_auto_starts_one_worker_per_cpu_the_process_may_use(make_upstream,
         os.sched_setaffinity(0, mine)
     assert len(await started(proxy)) == 2
     assert proxy.lines_with("with 2 workers")
+    proxy.signal(signal.SIGTERM)
+    assert await proxy.wait_exit() == 0
+
+
+async def test_breaker_news_is_counted_for_the_host(make_upstream, serve, redis_server):
+    """`mana_llm_health_news_total` is reported at scrape time by the shared health of each worker: with
+    workers it reaches `/metrics` through the metric files, like every other scrape-time series."""
+    dead, spare = await make_upstream("d"), await make_upstream("u")
+    dead.default = status_reply(503)
+    spare.default = json_reply(chat_completion("m1"))
+    health = {"failure_threshold": 2, "backoff_seconds": 60, "probe_interval_seconds": 300, "shared": True}
+    raw = yaml.safe_load(build_config({"d": dead, "u": spare}, {"mana/a": ["d/m1", "u/m1"]}, health=health, server=TWO))
+    raw["redis"] = {"url": redis_server.url, "timeout_seconds": 0.5}
+    proxy = await serve(yaml.safe_dump(raw), wait=False)
+    await started(proxy)
+    assert await spread(proxy, 20) == [200] * 20  # each worker's breaker for d opens: news sent
+
+    async def sent() -> float:
+        async with aiohttp.ClientSession() as session, session.get(proxy.url + "/metrics") as resp:
+            text = await resp.text()
+        return sum(
+            sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == "mana_llm_health_news_total" and sample.labels["direction"] == "sent"
+        )
+
+    for _ in range(40):  # each worker publishes its scrape-time series every second (hostmetrics.py)
+        if await sent() >= 1:
+            break
+        await asyncio.sleep(0.1)
+    assert await sent() >= 1
     proxy.signal(signal.SIGTERM)
     assert await proxy.wait_exit() == 0

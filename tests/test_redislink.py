@@ -1,0 +1,53 @@
+"""The one Redis link (redislink.py) against a real `redis-server` of the test's own: what a slow command costs."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from manaproxy.config import RedisSettings
+from manaproxy.redislink import DEGRADED, RedisLink
+
+from .fakes import wait_for
+
+pytestmark = pytest.mark.timeout(20)
+
+
+async def test_a_timed_out_command_costs_that_command_only(redis_server, caplog):
+    caplog.set_level(logging.DEBUG, logger="manaproxy.redis")
+    link = RedisLink()
+    link.open(RedisSettings(url=redis_server.url, timeout_seconds=0.05))
+    try:
+        assert await link.run("cache", lambda client: client.set("k", b"v")) is True  # connected
+        redis_server.pause()  # answers nothing: the next command times out
+        try:
+            assert await link.run("cache", lambda client: client.get("k")) is DEGRADED
+            assert link.up, link  # a slow answer is not an outage
+        finally:
+            redis_server.resume()
+        assert await link.run("limits", lambda client: client.get("k")) == b"v"  # another feature, at once
+        assert link.errors == {"cache": 1}
+        assert await link.run("cache", lambda client: client.get("k")) == b"v"
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    finally:
+        await link.close()
+
+
+async def test_a_connection_failure_still_marks_the_link_down(redis_server, caplog):
+    link = RedisLink()
+    link.open(RedisSettings(url=redis_server.url, timeout_seconds=0.5))
+    try:
+        assert await link.run("cache", lambda client: client.ping()) is True
+        redis_server.kill()
+        assert await link.run("cache", lambda client: client.ping()) is DEGRADED
+        assert not link.up
+        assert await link.run("limits", lambda client: client.ping()) is DEGRADED  # at once, without the network
+        assert link.errors == {"cache": 1, "limits": 1}
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == 1
+        assert "unreachable" in warnings[0]
+        redis_server.start()
+        await wait_for(lambda: link.up, timeout=5)
+    finally:
+        await link.close()

@@ -762,3 +762,14 @@ async def direct_and_through(
         _direct(case, launch, make_upstream), _through(case, launch, make_upstream, make_proxy)
     )
     return [Row(case.name, call, d, t) for call, d, t in zip(case.calls, direct, through, strict=True)]
+
+
+def assert_indistinguishable(case: RetryCase, rows: list[Row], table: list[Row]) -> None:
+    """Each call of `case` the same direct and through manaproxy (the allowed difference aside), and the error
+    through manaproxy the one the case expects; the rows go to `table`, printed at the module's end."""
+    table.extend(rows)
+    for row in rows:
+        print(row.line())
+    assert [row.differences for row in rows] == [[] for _ in rows]
+    expect = case.expect or ("-",) * len(rows)
+    assert [row.through.error for row in rows] == list(expect)

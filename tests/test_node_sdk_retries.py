@@ -25,6 +25,7 @@ from .helpers import (
     Outcome,
     RetryCase,
     Row,
+    assert_indistinguishable,
     direct_and_through,
     node_env,
     print_table,
@@ -84,9 +85,4 @@ async def test_direct_and_through_manaproxy_look_the_same_to_the_node_sdk(
 ):
     rows = await direct_and_through(case, node_app, make_upstream, make_proxy)
 
-    TABLE.extend(rows)
-    for row in rows:
-        print(row.line())
-    assert [row.differences for row in rows] == [[] for _ in rows]
-    expect = case.expect or ("-",) * len(rows)
-    assert [row.through.error for row in rows] == list(expect)
+    assert_indistinguishable(case, rows, TABLE)

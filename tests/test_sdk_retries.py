@@ -16,7 +16,16 @@ from typing import Any
 import openai
 import pytest
 
-from .helpers import RETRY_CASES, App, Outcome, RetryCase, Row, direct_and_through, print_table
+from .helpers import (
+    RETRY_CASES,
+    App,
+    Outcome,
+    RetryCase,
+    Row,
+    assert_indistinguishable,
+    direct_and_through,
+    print_table,
+)
 
 IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
 
@@ -85,9 +94,4 @@ def table() -> Iterator[list[Row]]:
 async def test_direct_and_through_manaproxy_look_the_same_to_the_sdk(case: RetryCase, make_upstream, make_proxy):
     rows = await direct_and_through(case, python_app, make_upstream, make_proxy)
 
-    TABLE.extend(rows)
-    for row in rows:
-        print(row.line())
-    assert [row.differences for row in rows] == [[] for _ in rows]
-    expect = case.expect or ("-",) * len(rows)
-    assert [row.through.error for row in rows] == list(expect)
+    assert_indistinguishable(case, rows, TABLE)

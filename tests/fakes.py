@@ -1128,9 +1128,10 @@ def is_embedding(recorded: Recorded) -> bool:
 
 
 class Restarting:
-    """An OpenAI-compatible upstream (model `m`) on a fixed port that can go away and come back (a restart)."""
+    """An OpenAI-compatible upstream (serving `model`) on a fixed port that can go away and come back (a restart)."""
 
-    def __init__(self) -> None:
+    def __init__(self, model: str = "m") -> None:
+        self.model = model
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             self.port = int(sock.getsockname()[1])
@@ -1142,10 +1143,10 @@ class Restarting:
 
     async def start(self) -> None:
         async def models(request: web.Request) -> web.Response:
-            return web.json_response({"object": "list", "data": [{"id": "m", "object": "model"}]})
+            return web.json_response({"object": "list", "data": [{"id": self.model, "object": "model"}]})
 
         async def complete(request: web.Request) -> web.Response:
-            return web.json_response(chat_completion("m"))
+            return web.json_response(chat_completion(self.model))
 
         app = web.Application()
         app.router.add_get("/v1/models", models)

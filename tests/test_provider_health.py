@@ -21,6 +21,7 @@ from manaproxy import __version__
 from manaproxy.probe import probe_one
 
 from .fakes import (
+    Restarting,
     chat_chunks,
     chat_completion,
     closed_port_url,
@@ -671,27 +672,11 @@ async def test_a_401_about_our_key_takes_the_provider_out_once_the_probe_confirm
 # -- a provider restart on a real process: used again within seconds, refusals counted -----------------------
 
 
-async def start_provider(port: int) -> web.AppRunner:
-    async def models(request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": "m1", "object": "model"}]})
-
-    async def complete(request: web.Request) -> web.Response:
-        return web.json_response(chat_completion("m1"))
-
-    app = web.Application()
-    app.router.add_get("/v1/models", models)
-    app.router.add_post("/v1/chat/completions", complete)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port, reuse_address=True).start()
-    return runner
-
-
 async def test_a_one_second_provider_restart_costs_seconds_not_the_backoff(serve):
-    port = free_port()
-    provider = await start_provider(port)
+    provider = Restarting("m1")
+    await provider.start()
     health = {"failure_threshold": 2, "backoff_seconds": 60, "probe_interval_seconds": 30, "probe_timeout_seconds": 1}
-    process = await serve(build_config({"p": f"http://127.0.0.1:{port}/v1"}, {"mana/x": ["p/m1"]}, health=health))
+    process = await serve(build_config({"p": provider.base_url}, {"mana/x": ["p/m1"]}, health=health))
     statuses: list[tuple[float, int]] = []
 
     async with aiohttp.ClientSession() as session:
@@ -702,18 +687,18 @@ async def test_a_one_second_provider_restart_costs_seconds_not_the_backoff(serve
                 statuses.append((time.monotonic(), resp.status))
 
         await ask()
-        await provider.cleanup()  # the provider goes away ...
+        await provider.stop()  # the provider goes away ...
         for _ in range(3):  # ... requests fail and open the breaker, the next are refused
             await ask()
         await asyncio.sleep(1.0)
-        provider = await start_provider(port)  # ... and is back one second later
+        await provider.start()  # ... and is back one second later
         back = time.monotonic()
         try:
             while time.monotonic() - back < 10 and statuses[-1][1] != 200:
                 await asyncio.sleep(0.1)
                 await ask()
         finally:
-            await provider.cleanup()
+            await provider.stop()
 
     assert [status for _, status in statuses[:4]] == [200, 503, 503, 503]
     answered_at, status = statuses[-1]

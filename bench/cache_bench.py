@@ -33,10 +33,9 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from procs import Service, free_port, machine_busy, unwind_on_signals
+from procs import Service, free_port, machine_busy, result_path, unwind_on_signals
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
 TOKENS = 20
 
 
@@ -254,8 +253,7 @@ def main() -> None:
         *table(results, targets),
     ]
     print("\n".join(lines))
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"cache-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path = result_path("cache")
     path.write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
     print(f"raw figures: {path.relative_to(ROOT)}")
 

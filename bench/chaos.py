@@ -49,11 +49,9 @@ from chaos_load import (
     plan,
     run_load,
 )
-from procs import Service, free_port, memory_kib, percentile, unwind_on_signals
+from procs import Service, free_port, memory_kib, percentile, result_path, unwind_on_signals
 from prometheus_client.parser import text_string_to_metric_families
 from targets import ROOT, child_env
-
-RESULTS = ROOT / "bench" / "results"
 
 # Provider timeouts and breaker: short, so that faults cost little time and the breaker moves a lot.
 TIMEOUTS = {"connect": 0.5, "first_byte": 0.5, "idle": 0.5, "total": 5}
@@ -508,7 +506,6 @@ def render(args: argparse.Namespace, commit: str, run: dict[str, Any], extra: di
 
 def main() -> int:
     args = parse_args()
-    RESULTS.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="manaproxy-chaos-"))
     chaos = Chaos(args, workdir)
     commit = git_commit()
@@ -573,7 +570,7 @@ def report(
         **extra,
         "not_complete": [asdict(o) for o in outcomes if o.category != COMPLETE or o.model_mismatch][:500],
     }
-    out = RESULTS / f"chaos-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out = result_path("chaos")
     out.write_text(json.dumps(document, indent=2))
     print(f"\nsaved {out.relative_to(ROOT)}")
     problems = bool(bad) or extra["log"]["tracebacks"] > 0 or extra["log"]["error_lines"] > 0

@@ -41,7 +41,7 @@ from typing import Any
 import aiohttp
 import orjson
 from aiohttp import web
-from procs import Service, free_port, percentile, unwind_on_signals
+from procs import Service, free_port, percentile, result_path, unwind_on_signals
 from targets import ROOT, child_env
 
 PREFILL = 0.03  # seconds from a place on the GPU to its first event
@@ -465,8 +465,7 @@ def main() -> None:
     try:
         with unwind_on_signals():
             result = asyncio.run(main_async(args, workdir))
-        out = ROOT / "bench" / "results" / f"gpu-{time.strftime('%Y%m%d-%H%M%S')}.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
+        out = result_path("gpu")
         out.write_text(json.dumps(result, indent=2))
         print(f"\nsaved {out.relative_to(ROOT)}", file=sys.stderr)
     finally:

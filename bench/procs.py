@@ -26,6 +26,15 @@ from typing import NoReturn
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
+RESULTS = Path(__file__).resolve().parent / "results"  # gitignored
+
+
+def result_path(kind: str, suffix: str = ".json") -> Path:
+    """A new file for a run's results, `bench/results/<kind>-<time><suffix>` (the folder made if missing)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    return RESULTS / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}{suffix}"
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as sock:

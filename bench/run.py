@@ -42,7 +42,7 @@ from typing import Any
 import aiohttp
 from goals import goals_table
 from hotspots import parse_raw, start_recording, summarize
-from procs import Service, children_cpu, machine_busy, memory_kib, set_affinity, unwind_on_signals
+from procs import Service, children_cpu, machine_busy, memory_kib, result_path, set_affinity, unwind_on_signals
 from promhist import Histogram
 from report import (
     Scenario,
@@ -74,7 +74,6 @@ from targets import (
 import manaproxy
 
 BENCH = ROOT / "bench"
-RESULTS = BENCH / "results"
 WRK_SCRIPT = BENCH / "wrk_post.lua"
 LOADGEN = BENCH / "loadgen.py"
 
@@ -329,7 +328,7 @@ class Bench:
             self.notes.append("Profile: py-spy not found (pip install py-spy); skipped.")
             return None
         self.place(mana, scenario)
-        raw_path = RESULTS / f"profile-{time.strftime('%Y%m%d-%H%M%S')}-{scenario.name}.txt"
+        raw_path = result_path("profile", f"-{scenario.name}.txt")
         recorder = start_recording(pyspy, mana.service.pid, seconds, raw_path)
         time.sleep(0.5)
         try:
@@ -428,7 +427,6 @@ def main() -> int:
     with_scale = (not wanted and not args.no_scale) or SCALE in wanted
     skipped = {TAIL: args.no_tail, POOL: args.no_pool}
     with_routing = [name for name in ROUTING if (not wanted and not skipped[name]) or name in wanted]
-    RESULTS.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="manaproxy-bench-"))
     bench = Bench(args, workdir)
     trials: dict[str, dict[str, list[Trial]]] = {s.name: {} for s in scenarios}
@@ -505,7 +503,7 @@ def main() -> int:
     text, document = render(bench, scenarios, trials, profiles, before, after_overhead.get("manaproxy"), scale, routing)
     print()
     print(text)
-    out = RESULTS / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out = result_path("bench")
     out.write_text(json.dumps(_finite(document), indent=2))
     print(f"\nsaved {out.relative_to(ROOT)}")
     return 0

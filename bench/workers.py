@@ -24,10 +24,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from procs import Service, children_cpu, free_port, machine_busy, unwind_on_signals
+from procs import Service, children_cpu, free_port, machine_busy, result_path, unwind_on_signals
 from targets import ROOT, Target, child_env, manaproxy_config, start_bare, start_upstream
 
-RESULTS = ROOT / "bench" / "results"
 LOADGEN = ROOT / "bench" / "loadgen.py"
 TOKENS = 50
 SCENARIOS = (("unstreamed", False), ("streamed", True))
@@ -132,7 +131,6 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
-    RESULTS.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="manaproxy-bench-workers-"))
     services: list[Service] = []
     auto = len(os.sched_getaffinity(0))
@@ -180,7 +178,7 @@ def main() -> int:
         "results": results,
         "table": text,
     }
-    out = RESULTS / f"workers-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out = result_path("workers")
     out.write_text(json.dumps(document, indent=2))
     print(f"\nsaved {out.relative_to(ROOT)}")
     return 0

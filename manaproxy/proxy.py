@@ -90,15 +90,15 @@ async def forward(request: web.Request) -> web.StreamResponse:
         endpoint=request.match_info.route.resource.canonical if request.match_info.route.resource else request.path,
         started=perf_counter(),
     )
+    # Who asks: the client it was let in as (its name), or without auth `anonymous` and its address.
+    identity = identity_of(request)
+    record.client = identity.name
     drain = gateway.drain
     guard = drain.guard()
     try:
         if drain.stopping:
             raise shutting_down()
-        # The body's share of the in-flight budget is held until the commit (see `_commit`) at most. The
-        # client is the one it was let in as, or without auth its address.
-        identity = identity_of(request)
-        record.client = identity.name
+        # The body's share of the in-flight budget is held until the commit (see `_commit`) at most.
         async with guard:
             server = runtime.config.server
             with gateway.body_budget.reserve(identity.share, server.max_inflight_body_bytes_per_client) as claim:
@@ -125,7 +125,7 @@ async def forward(request: web.Request) -> web.StreamResponse:
         raise
     finally:
         record.duration = perf_counter() - record.started
-        client = identity_of(request).client
+        client = identity.client
         if client is not None and record.prompt_tokens is not None:
             gateway.limiter.spend(client, record.prompt_tokens + (record.completion_tokens or 0))
         gateway.observe(record)

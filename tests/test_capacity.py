@@ -139,3 +139,14 @@ def test_rebound_keeps_what_was_learned_within_the_new_bounds():
     assert capacity.allowed == 2
     capacity.rebound(AutoConcurrency(min_concurrent=5, max_concurrent_limit=8))
     assert capacity.allowed == 5
+
+
+def test_a_slow_answer_that_had_the_target_to_itself_is_no_queue():
+    capacity, clock = Capacity(AutoConcurrency()), Clock()
+    answer(capacity, clock, FLOOR, 1)
+    answer(capacity, clock, QUEUED, 1)  # alone and slow: a long prompt, or another user of the GPU
+    assert capacity.ceiling is None
+    at_limit(capacity, clock, FLOOR, 1 + 2)
+    assert capacity.allowed == 3  # nothing held it at 1
+    answer(capacity, clock, QUEUED, 2)  # with another of ours in flight: it may have queued behind it
+    assert (capacity.allowed, capacity.ceiling) == (2, 3)

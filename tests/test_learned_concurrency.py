@@ -74,7 +74,9 @@ async def load_until(proxy, reached: Callable[[dict], bool], least: float = 2.0,
 
 
 async def test_the_limit_grows_at_the_floor_within_its_bounds_and_shrinks_when_latency_rises(make_upstream, make_proxy):
-    gpu = Slots(8, words=8, prefill=0.1)  # a floor well above scheduling noise: a busy CI machine jitters by tens of ms
+    # A floor (0.4 s) and a queue (a whole 0.9 s answer on top) each 0.45 s from the line between them (2 x the
+    # floor + 50 ms): a busy CI machine's scheduling stalls (seen: over 0.15 s) decide neither.
+    gpu = Slots(8, words=10, prefill=0.4)
     _a, _b, proxy = await gpu_and_cloud(make_upstream, make_proxy, gpu, {"max_concurrent_limit": 3})
 
     served = await load_until(proxy, lambda view: view["concurrency"]["limit"] == 3)

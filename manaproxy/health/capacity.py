@@ -14,7 +14,10 @@ an answer that did not queue). Each signal has its own floor: their units differ
 - **Queued** (a sample above `TOLERANCE` × floor + `SLACK`): the limit shrinks by one, or by a quarter when
   that is more (`BACKOFF`, Envoy's bounded multiplicative decrease) — at most once per round trip: only a request started after the last decrease
   can cause the next (TCP's one reduction per window), so the burst already queued behind a too-high limit
-  counts once. The limit it shrank from becomes the *ceiling*.
+  counts once. The limit it shrank from becomes the *ceiling*. A slow sample of a request that had the
+  target to itself (nothing else of ours in flight) did not queue behind ours: a long prompt, another user
+  of the GPU or a stall of our own made it slow, and it teaches nothing (without this, one such sample at
+  the start would hold the limit at 1 for `PROBE_HOLD`).
 - **Not queued, at the limit** (the request was started with the limit's worth in flight): the limit grows
   by 1/limit (one per limit's worth of such answers, TCP's additive increase). Answers that did not reach
   the limit say nothing about it ("app limited" in Netflix's words): a quiet target keeps its limit.
@@ -139,6 +142,8 @@ class Capacity:
             floor = seconds  # the first sample of a while: it is its own floor
         bounds = self.bounds
         if seconds > TOLERANCE * floor + SLACK:
+            if concurrency <= 1:
+                return  # it had the target to itself: slow for a reason of its own (a long prompt, another user)
             self.last_queued_at = now
             if started < self.decreased_at:
                 return  # sent under the limit before the last decrease: that one has answered for it

@@ -85,7 +85,7 @@ async def test_the_limit_grows_at_the_floor_within_its_bounds_and_shrinks_when_l
     assert view["concurrency"]["limit"] == 3  # grown from 1 while the first byte stayed at its floor: capped
     assert gpu.most == 3  # the bound held: the GPU never had more
     assert set(view["concurrency"]["floor_seconds"]) == {"ttfb"}
-    assert served.count("gpu/m1") >= 6
+    assert served.count("gpu/m1") >= 1 + 2  # the answers at the limit that grew it: one at 1, two at 2
 
     gpu.k = 1  # another process took most of the GPU: requests past the first queue there
     await load_until(proxy, lambda view: view["concurrency"]["limit"] == 1)

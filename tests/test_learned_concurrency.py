@@ -137,17 +137,18 @@ async def make_proxy_alone(make_upstream, make_proxy, gpu: Slots):
 
 
 async def test_a_failing_targets_limit_does_not_collapse_and_it_serves_again(make_upstream, make_proxy):
-    gpu = Slots(8, words=4)
+    gpu = Slots(8, words=4, prefill=0.3)  # a floor 0.35 s from the line of a queue: scheduling noise is none
     a, _b, proxy = await gpu_and_cloud(make_upstream, make_proxy, gpu, health={"failure_threshold": 1})
-    await load(proxy, clients=3, seconds=1.0)
+    await load(proxy, clients=3, seconds=1.5)
     grown = (await learned(proxy))["concurrency"]["limit"]
     assert grown >= 2
 
-    a.queue(*[status_reply(500)] * 3)  # the model breaks: its breaker keeps it out, the cloud answers
+    a.default = status_reply(500)  # the model breaks: its breaker keeps it out, the cloud answers
     served = await load(proxy, clients=3, seconds=0.5)
     assert served.count("cloud/m2") >= 3
     assert (await learned(proxy))["concurrency"]["limit"] == grown  # failures teach the limiter nothing
 
+    a.default = gpu.behavior()  # well again
     served = await load(proxy, clients=3, seconds=2.5)  # the breaker's trial (after 1 s) finds it well
     assert "gpu/m1" in served[-3:]
     assert (await learned(proxy))["concurrency"]["limit"] >= grown

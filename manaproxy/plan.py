@@ -49,6 +49,7 @@ class Plan:
         "_health",
         "_heard",
         "_kind",
+        "_lone",
         "_pool",
         "_record",
         "_rng",
@@ -65,8 +66,11 @@ class Plan:
         record: RequestRecord,
         rng: random.Random,
         kind: str = CHAT,
+        *,
+        lone: bool = False,
     ) -> None:
         self._steps: Iterator[Step] = iter(steps)
+        self._lone = lone  # the request's chain is one entry: its model's breaker lets it be the trial
         self._pool: list[Member] = []  # members of the current step not yet handed out nor skipped
         self._config = config
         self._health = health
@@ -113,11 +117,12 @@ class Plan:
         usable = []
         for member in self._pool:
             target = member.target
-            skip = health.skip_reason(self._config.providers[target.provider], target.model, self._kind, member)
+            provider = self._config.providers[target.provider]
+            skip = health.skip_reason(provider, target.model, self._kind, member, lone=self._lone)
             if skip is None:
                 usable.append(member)
                 continue
-            wait = health.retry_in(target.provider, target.model, self._kind)
+            wait = health.retry_in(target.provider, target.model, self._kind, lone=self._lone)
             last = health.last_failure(target.provider, target.model, self._kind) if skip == UNHEALTHY else None
             attempt = Attempt.skipped(target, skip, wait, last)
             if skip == SATURATED:

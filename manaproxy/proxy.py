@@ -361,7 +361,19 @@ def _refused(request: web.Request, record: RequestRecord, err: ProxyError) -> we
 class _Forwarder:
     """One request's walk down its chain."""
 
-    __slots__ = ("cached", "claim", "gateway", "guard", "identity", "kind", "raw", "record", "request", "runtime")
+    __slots__ = (
+        "cached",
+        "claim",
+        "gateway",
+        "guard",
+        "identity",
+        "kind",
+        "lone",
+        "raw",
+        "record",
+        "request",
+        "runtime",
+    )
 
     def __init__(
         self,
@@ -380,6 +392,7 @@ class _Forwarder:
         self.identity = identity
         self.raw = bytearray()
         self.kind = ""  # the request's kind, for health (`kinds.py`)
+        self.lone = False  # the request's chain is one entry (`Plan`'s `lone`)
         self.cached: Lookup | None = None  # the request's route caches (`cache.py`)
 
     async def run(self, claim: BodyBudget.Claim) -> web.StreamResponse:
@@ -425,6 +438,7 @@ class _Forwarder:
         if cached is not None and cached.hit is not None:
             return self.gateway.cache.replay(cached, record)
         self.kind = request_kind(path, raw)
+        self.lone = len(route.steps) == 1 and len(route.steps[0].members) == 1
         health = self.gateway.health
 
         def call_to(target: Target) -> Call:
@@ -434,7 +448,7 @@ class _Forwarder:
         deadline: float | None = None
         plans: list[Plan] = []
         while True:
-            plan = Plan(steps, config, health, record, _RNG, self.kind)
+            plan = Plan(steps, config, health, record, _RNG, self.kind, lone=self.lone)
             plans.append(plan)
             if route.hedge is None:
                 while (target := plan.next()) is not None:
@@ -488,7 +502,7 @@ class _Forwarder:
     def _claim(self, target: Target, stream: bool) -> AbstractContextManager[Slot]:
         provider = self.runtime.config.providers[target.provider]
         return self.gateway.health.attempt(
-            provider, target.model, stream=stream, client=self.identity.sample_key, kind=self.kind
+            provider, target.model, stream=stream, client=self.identity.sample_key, kind=self.kind, lone=self.lone
         )
 
     async def _try(self, target: Target, call: Call) -> web.StreamResponse | None:

@@ -5,12 +5,13 @@ openai SDK, whose retries depend on exactly that."""
 
 from __future__ import annotations
 
+import asyncio
 from urllib.parse import unquote
 
 import openai
 import pytest
 
-from .fakes import closed_port_url, status_reply
+from .fakes import after, chat_answer, closed_port_url, status_reply, wait_for
 from .helpers import CHAT, build_config, chat
 
 
@@ -121,7 +122,7 @@ async def test_a_model_name_cannot_forge_attempts(a_and_b, make_proxy, model):
 # -- issue 16: a lone entry kept out, and how long a Retry-After may say ----------------------------
 
 
-async def test_a_lone_entry_kept_out_answers_with_the_providers_last_error_and_when_it_is_tried_again(
+async def test_a_lone_entry_s_every_request_is_its_open_models_trial_as_a_direct_call_reaches_the_provider(
     a_and_b, make_proxy
 ):
     a, _ = a_and_b
@@ -131,16 +132,45 @@ async def test_a_lone_entry_kept_out_answers_with_the_providers_last_error_and_w
     for _ in range(2):  # the breaker opens
         assert (await proxy.client.post(CHAT, json=chat())).status == 500
 
+    resp = await proxy.client.post(CHAT, json=chat())  # nothing else to try: it is the trial, not 1 s later
+
+    assert resp.status == 500
+    error = (await resp.json())["error"]
+    assert (error["message"], error["type"], error["code"]) == ("a/m1: model crashed", "server_error", "500")
+    assert resp.headers["X-Mana-LLM-Attempts"] == "a/m1=HTTP 500"
+    assert a.calls == 3
+    a.default = chat_answer("m1")  # back: the next request finds it, as a direct call would
     resp = await proxy.client.post(CHAT, json=chat())
+    assert resp.status == 200
+    health_view = await (await proxy.client.get("/v1/health")).json()
+    assert health_view["providers"]["a"]["models"]["m1"]["status"] == "healthy"
+
+
+async def test_a_lone_entry_kept_out_while_its_trial_decides_answers_with_the_providers_last_error(a_and_b, make_proxy):
+    a, _ = a_and_b
+    crashed = status_reply(500, "model crashed", headers={"x-ratelimit-remaining-requests": "41"})
+    a.default = crashed
+    health = {"failure_threshold": 2, "backoff_seconds": 60}
+    proxy = await make_proxy(build_config({"a": a}, {"mana/x": ["a/m1"]}, health=health))
+    for _ in range(2):  # the breaker opens
+        assert (await proxy.client.post(CHAT, json=chat())).status == 500
+    decided = asyncio.Event()
+    a.default = after(decided, crashed)
+    trial = asyncio.create_task(proxy.client.post(CHAT, json=chat()))
+    await wait_for(lambda: a.calls == 3)
+
+    resp = await proxy.client.post(CHAT, json=chat())  # one trial at a time: this one is kept out
 
     assert resp.status == 500  # the provider's, not our 503
     error = (await resp.json())["error"]
     assert (error["message"], error["type"], error["code"]) == ("a/m1: model crashed", "server_error", "500")
     assert resp.headers["x-ratelimit-remaining-requests"] == "41"  # its headers
     assert resp.headers["X-Mana-LLM-Attempts"] == "a/m1=unhealthy"
-    assert resp.headers["Retry-After"] == "1"  # its first trial, not the 60 s window
-    assert 1000 <= int(resp.headers["retry-after-ms"]) <= 1200
-    assert a.calls == 2
+    assert resp.headers["Retry-After"] == "1"  # the trial under way decides now: then it is tried again
+    assert int(resp.headers["retry-after-ms"]) <= 1000
+    assert a.calls == 3
+    decided.set()
+    assert (await trial).status == 500
 
 
 @pytest.mark.parametrize(("setting", "retry_after", "millis"), [(None, "5", "5200"), (2, "2", "2200")])

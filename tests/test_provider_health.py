@@ -676,7 +676,9 @@ async def test_a_one_second_provider_restart_costs_seconds_not_the_backoff(serve
     provider = Restarting("m1")
     await provider.start()
     health = {"failure_threshold": 2, "backoff_seconds": 60, "probe_interval_seconds": 30, "probe_timeout_seconds": 1}
-    process = await serve(build_config({"p": provider.base_url}, {"mana/x": ["p/m1"]}, health=health))
+    # A second entry that is down for good: with nothing to fall back to, the breaker's refusals show.
+    providers = {"p": provider.base_url, "down": closed_port_url()}
+    process = await serve(build_config(providers, {"mana/x": ["p/m1", "down/m1"]}, health=health))
     statuses: list[tuple[float, int]] = []
 
     async with aiohttp.ClientSession() as session:
@@ -709,3 +711,29 @@ async def test_a_one_second_provider_restart_costs_seconds_not_the_backoff(serve
     assert all(" INFO " in line for line in refused_by_breaker)
     assert len(process.lines_with("provider p unhealthy")) == 1
     assert process.lines_with("provider p recovered (a probe succeeded)")
+
+
+async def test_a_lone_entry_whose_provider_restarts_answers_at_the_first_request_after_it_is_back(serve):
+    provider = Restarting("m1")
+    await provider.start()
+    health = {"failure_threshold": 2, "backoff_seconds": 60, "probe_interval_seconds": 30, "probe_timeout_seconds": 1}
+    process = await serve(build_config({"p": provider.base_url}, {"mana/x": ["p/m1"]}, health=health))
+
+    async with aiohttp.ClientSession() as session:
+
+        async def ask() -> int:
+            async with session.post(process.url + CHAT, json=chat()) as resp:
+                await resp.read()
+                return resp.status
+
+        await provider.stop()  # the provider goes away: the breaker opens ...
+        assert [await ask() for _ in range(3)] == [503, 503, 503]
+        await provider.start()  # ... and is back well before its first probe (1 s)
+        try:
+            status = await ask()  # nothing else to try: this request is the trial, as a direct call would be
+        finally:
+            await provider.stop()
+
+    assert status == 200
+    assert process.lines_with("provider p unhealthy")
+    assert not [line for line in process.lines if "p/m1:unhealthy" in line]  # each request reached it

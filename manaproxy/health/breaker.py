@@ -18,6 +18,10 @@ again): each close by a probe doubles the next outage's first probe delay; a rea
 resets it.
 A model's breakers (one per kind of request, `kinds.py`) also let a real request through as the trial at
 each of those times (`trials`): a model has no probe of its own, and a trial that fails doubles the wait.
+A lone chain entry's request (`anytime`: there is nothing else to try) is the trial of any breaker whenever
+none is under way: kept out, it could only be answered with an error, while a direct call would have reached
+the provider — and an SDK's retries, told to wait for a probe or a trial that fails and doubles its wait,
+would take seconds longer than direct. One trial at a time still keeps a burst off a failing upstream.
 
 A 429 is a rate limit, never an outage: it keeps the upstream out (`rate_limited_until`) for the provider's
 hint, or without one for a short default that doubles from 1 s to 30 s and a success resets.
@@ -86,9 +90,10 @@ class Breaker:
         return f"<Breaker {state} failures={self.consecutive_failures} last_error={self.last_error!r}>"
 
     # -- decisions -------------------------------------------------------------------------------
-    def skip_reason(self, now: float) -> SkipReason | None:
-        """Why the upstream must not be tried now, or None."""
-        if self.unhealthy_until > now and not self._trial_due(now):
+    def skip_reason(self, now: float, *, anytime: bool = False) -> SkipReason | None:
+        """Why the upstream must not be tried now, or None. `anytime`: for a lone chain entry's request, which
+        may be the trial whenever none is under way (`_trial_due`)."""
+        if self.unhealthy_until > now and not self._trial_due(now, anytime):
             return UNHEALTHY
         if self.rate_limited_until > now:
             return RATE_LIMITED
@@ -110,28 +115,37 @@ class Breaker:
         """Whether a recovery probe is due (the breaker is not closed and its probe time has come)."""
         return not self.healthy and self.probe_at <= now
 
-    def _trial_due(self, now: float) -> bool:
-        """A breaker with `trials`, open, whose next trial time has come and whose trial is not under way."""
-        return self.trials and not self.healthy and not self.trial_in_flight and self.probe_at <= now
+    def _trial_due(self, now: float, anytime: bool = False) -> bool:
+        """Open, its trial not under way, and either `anytime` (a lone entry's request) or a breaker with
+        `trials` whose next trial time has come."""
+        return not self.healthy and not self.trial_in_flight and (anytime or (self.trials and self.probe_at <= now))
 
     def unavailable_until(self) -> float:
         """Monotonic time until which the upstream is kept out (breaker or rate limit); 0 when it is not."""
         return max(self.unhealthy_until, self.rate_limited_until)
 
-    def retry_at(self, now: float) -> float:
+    def retry_at(self, now: float, *, anytime: bool = False) -> float:
         """Monotonic time at which the upstream will really be tried again (the next recovery probe or trial
-        request, or the end of a rate limit); 0 when it is not kept out."""
+        request, or the end of a rate limit); 0 when it is not kept out. `anytime`: as `skip_reason`'s (the
+        next such request after the trial under way is a trial)."""
         at = self.rate_limited_until if self.rate_limited_until > now else 0.0
-        if self.unhealthy_until > now:  # a probe (or trial) comes before the window's end
+        if anytime and not self.healthy:
+            at = max(at, now)  # kept out only while the trial under way decides
+        elif self.unhealthy_until > now:  # a probe (or trial) comes before the window's end
             at = max(at, min(self.probe_at, self.unhealthy_until), now)
         elif not self.healthy and self.trial_in_flight:
             at = max(at, now)  # a trial is deciding right now
         return at
 
     # -- trials ----------------------------------------------------------------------------------
-    def claim_trial(self, now: float) -> int:
-        """A trial number (> 0) when a request starting now is the half-open trial, else 0."""
-        if not self.healthy and not self.trial_in_flight and (self.unhealthy_until <= now or self._trial_due(now)):
+    def claim_trial(self, now: float, *, anytime: bool = False) -> int:
+        """A trial number (> 0) when a request starting now is the half-open trial, else 0 (`anytime`: as
+        `skip_reason`'s)."""
+        if (
+            not self.healthy
+            and not self.trial_in_flight
+            and (self.unhealthy_until <= now or self._trial_due(now, anytime))
+        ):
             self.trial += 1
             self.trial_in_flight = True
             return self.trial

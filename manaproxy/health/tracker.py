@@ -149,23 +149,24 @@ class TargetHealth:
             breaker = self.kinds[kind] = Breaker(trials=True)
         return breaker
 
-    def skip_reason(self, kind: str, now: float) -> SkipReason | None:
+    def skip_reason(self, kind: str, now: float, *, lone: bool = False) -> SkipReason | None:
         """Why a request of `kind` must not be sent to this model now: its kind's breaker, or the model's
-        rate limit."""
+        rate limit. `lone`: a lone chain entry's request (`Breaker.skip_reason`'s `anytime`)."""
         if kind == CHAT:
-            return self.breaker.skip_reason(now)
+            return self.breaker.skip_reason(now, anytime=lone)
         breaker = self.kinds.get(kind)
-        reason = breaker.skip_reason(now) if breaker is not None else None
+        reason = breaker.skip_reason(now, anytime=lone) if breaker is not None else None
         if reason is None and self.breaker.rate_limited_until > now:
             reason = RATE_LIMITED
         return reason
 
-    def retry_at(self, kind: str, now: float) -> float:
-        """When a request of `kind` will really be sent to this model again (0: it is not kept out)."""
+    def retry_at(self, kind: str, now: float, *, lone: bool = False) -> float:
+        """When a request of `kind` (`lone`: a lone chain entry's) will really be sent to this model again (0:
+        it is not kept out)."""
         if kind == CHAT:
-            return self.breaker.retry_at(now)
+            return self.breaker.retry_at(now, anytime=lone)
         breaker = self.kinds.get(kind)
-        at = breaker.retry_at(now) if breaker is not None else 0.0
+        at = breaker.retry_at(now, anytime=lone) if breaker is not None else 0.0
         limit = self.breaker.rate_limited_until
         return max(at, limit) if limit > now else at
 
@@ -447,19 +448,27 @@ class HealthTracker:
 
     # -- decisions -------------------------------------------------------------------------------
     def skip_reason(
-        self, provider: ProviderConfig, model: str | None = None, kind: str = CHAT, member: Member | None = None
+        self,
+        provider: ProviderConfig,
+        model: str | None = None,
+        kind: str = CHAT,
+        member: Member | None = None,
+        *,
+        lone: bool = False,
     ) -> SkipReason | None:
         """Why this provider (and its `model`, if given, for a request of `kind`; as the pool `member`, if
-        given, with a limit of its own) must not be tried now, or None when it may be."""
+        given, with a limit of its own) must not be tried now, or None when it may be. `lone`: the request's
+        chain is this one entry, so an open breaker (the provider's or the model's) lets it be the trial
+        whenever none is under way (`Breaker`'s module doc)."""
         if not provider.configured:
             return UNCONFIGURED
         record = self.get(provider.name)
         now = self._clock()
-        reason = record.breaker.skip_reason(now)
+        reason = record.breaker.skip_reason(now, anytime=lone)
         if reason is None and model is not None:
             target = record.targets.get(model)
             if target is not None:
-                reason = target.skip_reason(kind, now)
+                reason = target.skip_reason(kind, now, lone=lone)
         if reason is not None:
             return reason
         if provider.max_concurrent and record.in_flight + record.probing >= provider.max_concurrent:
@@ -559,9 +568,10 @@ class HealthTracker:
         stream: bool = False,
         client: Client = None,
         kind: str = CHAT,
+        lone: bool = False,
     ) -> Iterator[Slot]:
-        """Claim `provider` (and `model`, for a request of `kind`) for one request, or probe, while the block
-        runs; record its outcome on the slot.
+        """Claim `provider` (and `model`, for a request of `kind`; `lone`: as `skip_reason`'s) for one
+        request, or probe, while the block runs; record its outcome on the slot.
 
         A request counts as in flight (for `max_concurrent`, learned or fixed) until the block exits,
         however it exits — a client that left must not hold a slot; so does a probe, for the provider. When a
@@ -579,13 +589,13 @@ class HealthTracker:
             record.probing += 1
         elif record is not None:
             record.in_flight += 1
-            trial = record.breaker.claim_trial(now)
+            trial = record.breaker.claim_trial(now, anytime=lone)
         if target is not None and provider.auto_concurrency is not None and model is not None:
             self.capacity(provider, model)  # its limit holds from the first request on
         kind_breaker = target.of_kind(kind) if target is not None else None
         if target is not None and kind_breaker is not None:
             target.in_flight += 1
-            target_trial = kind_breaker.claim_trial(now)
+            target_trial = kind_breaker.claim_trial(now, anytime=lone)
         concurrency = target.in_flight + (record.probing if record is not None else 0) if target is not None else 0
         try:
             yield Slot(
@@ -879,13 +889,16 @@ class HealthTracker:
             until = max(until, self.target(provider, model).breaker.unavailable_until())
         return until
 
-    def retry_in(self, provider: str, model: str | None = None, kind: str = CHAT) -> float | None:
-        """Seconds until the provider (or, with `model`, that target, for a request of `kind`) will really be
-        tried again — its next recovery probe or trial, or the end of its rate limit — if it is kept out."""
+    def retry_in(
+        self, provider: str, model: str | None = None, kind: str = CHAT, *, lone: bool = False
+    ) -> float | None:
+        """Seconds until the provider (or, with `model`, that target, for a request of `kind`; `lone`: a lone
+        chain entry's) will really be tried again — its next recovery probe or trial, or the end of its rate
+        limit — if it is kept out."""
         now = self._clock()
-        at = self.get(provider).breaker.retry_at(now)
+        at = self.get(provider).breaker.retry_at(now, anytime=lone)
         if model is not None:
-            at = max(at, self.target(provider, model).retry_at(kind, now))
+            at = max(at, self.target(provider, model).retry_at(kind, now, lone=lone))
         return max(0.0, at - now) if at else None
 
     def unavailable_until(self, provider: str, model: str | None = None) -> float | None:

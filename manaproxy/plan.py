@@ -70,7 +70,7 @@ class Plan:
         lone: bool = False,
     ) -> None:
         self._steps: Iterator[Step] = iter(steps)
-        self._lone = lone  # the request's chain is one entry: its model's breaker lets it be the trial
+        self._lone = lone  # the request's chain is one entry: an open breaker lets it be the trial
         self._pool: list[Member] = []  # members of the current step not yet handed out nor skipped
         self._config = config
         self._health = health

@@ -392,7 +392,7 @@ class _Forwarder:
         self.identity = identity
         self.raw = bytearray()
         self.kind = ""  # the request's kind, for health (`kinds.py`)
-        self.lone = False  # the request's chain is one entry (`Plan`'s `lone`)
+        self.lone = False  # the request's chain is one target (`Route.lone`)
         self.cached: Lookup | None = None  # the request's route caches (`cache.py`)
 
     async def run(self, claim: BodyBudget.Claim) -> web.StreamResponse:
@@ -438,7 +438,7 @@ class _Forwarder:
         if cached is not None and cached.hit is not None:
             return self.gateway.cache.replay(cached, record)
         self.kind = request_kind(path, raw)
-        self.lone = len(route.steps) == 1 and len(route.steps[0].members) == 1
+        self.lone = route.lone
         health = self.gateway.health
 
         def call_to(target: Target) -> Call:

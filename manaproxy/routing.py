@@ -32,6 +32,12 @@ class Route:
         """Every target, in chain order."""
         return targets_of(self.steps)
 
+    @property
+    def lone(self) -> bool:
+        """The chain is one target: nothing to fall back to, so an open breaker lets it be the trial
+        (`health/breaker.py`)."""
+        return len(self.steps) == 1 and len(self.steps[0].members) == 1
+
     @classmethod
     def of_alias(cls, requested: str, alias: Alias) -> Route:
         return cls(requested, alias.name, alias.steps, alias.hedge)

@@ -204,6 +204,7 @@ def render(snapshot: Snapshot, url: str, *, colour: bool) -> list[str]:
         skipped = [
             f"{entry['target']} {entry['reason']}"
             + (f" until {_clock(entry['until_unix'])}" if entry.get("until_unix") else "")
+            + (f", next try {_clock(entry['retry_unix'])}" if entry.get("retry_unix") else "")
             for entry in alias["entries"]
             if not entry["available"]
         ]

@@ -22,6 +22,7 @@ from manaproxy.probe import probe_one
 
 from .fakes import (
     Restarting,
+    chat_answer,
     chat_chunks,
     chat_completion,
     closed_port_url,
@@ -109,6 +110,23 @@ async def test_breaker_opens_after_threshold_and_skips_without_calling(make_upst
     assert (first["target"], first["available"], first["reason"]) == ("a/m1", False, "unhealthy")
     assert first["until_unix"] == pytest.approx(detail["unhealthy_until_unix"], abs=0.05)
     assert (second["target"], second["available"], second["reason"]) == ("b/m2", True, None)
+
+
+async def test_the_aliases_view_says_when_a_kept_out_entry_is_really_tried_again(make_upstream, make_proxy):
+    a, b = await make_upstream("a"), await make_upstream("b")
+    a.default = status_reply(503, "model overloaded")
+    b.default = chat_answer("m2")
+    health = {"failure_threshold": 1, "backoff_seconds": 60}
+    proxy = await make_proxy(build_config({"a": a, "b": b}, {"mana/x": ["a/m1", "b/m2"]}, health=health))
+    assert await ask(proxy) == "b/m2"  # the breaker opens for 60 s; its first trial is 1 s away
+    opened = time.time()
+
+    (alias,) = (await get_json(proxy, "/v1/aliases"))["aliases"]
+    first, second = alias["entries"]
+
+    assert opened + 59 < first["until_unix"] <= opened + 60.3
+    assert opened + 0.5 < first["retry_unix"] <= opened + 1.3
+    assert "retry_unix" not in second
 
 
 async def test_last_error_is_short_and_has_no_key(make_upstream, make_proxy):

@@ -901,6 +901,12 @@ class HealthTracker:
             at = max(at, self.target(provider, model).retry_at(kind, now, lone=lone))
         return max(0.0, at - now) if at else None
 
+    def retry_unix(self, provider: str, model: str | None = None, kind: str = CHAT) -> float | None:
+        """Unix time at which the provider (or, with `model`, that target) will really be tried again — its
+        next recovery probe or trial, or the end of its rate limit — if it is kept out."""
+        wait = self.retry_in(provider, model, kind)
+        return None if wait is None else round(self._wall_clock() + wait, 3)
+
     def unavailable_until(self, provider: str, model: str | None = None) -> float | None:
         """Unix time until which the provider (or, with `model`, that target) is kept out, if it is."""
         until = self._kept_out_until(provider, model)

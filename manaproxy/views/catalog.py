@@ -137,6 +137,7 @@ def alias_view(config: Config, gateway: Gateway) -> dict[str, Any]:
                 entry: dict[str, Any] = {"target": str(target), "available": skip is None, "reason": skip}
                 if skip is not None:
                     entry["until_unix"] = health.unavailable_until(target.provider, target.model)
+                    entry["retry_unix"] = health.retry_unix(target.provider, target.model)  # sooner: a probe
                 elif serving is None:
                     serving = str(target)
                 if not alias.plain:

@@ -72,7 +72,8 @@
   }
   function entryChip(entry, serving) {
     const status = entryStatus(entry);
-    const until = entry.until_unix ? ' until ' + clock(entry.until_unix) : '';
+    const until = (entry.until_unix ? ' until ' + clock(entry.until_unix) : '')
+      + (entry.retry_unix ? ', next try ' + clock(entry.retry_unix) : '');
     const weight = entry.weight !== undefined && entry.weight !== 1 ? ' ×' + entry.weight : '';
     return el('span', {class: 'entry' + (serving ? ' serving' : ''), 'data-status': status, 'data-target': entry.target},
       el('span', {class: 'mono'}, entry.target + weight), ' ', pill(status), until ? el('span', {class: 'dim small'}, until) : null);

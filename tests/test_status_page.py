@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import re
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -196,6 +197,11 @@ async def test_an_incident_shows_on_the_open_page_within_5s(
     )
     assert red == "rgb(197, 48, 48)"
     assert await page.status_of("[data-alias='mana/fast-text']") == "degraded"
+    chip = await page.until(
+        "document.querySelector(\"[data-alias='mana/fast-text'] [data-status='unhealthy']\")?.textContent",
+        what="the kept-out entry",
+    )
+    assert re.search(r"until \S+, next try \S+", chip), chip
 
     # Another rate-limited: a request meets its 429 and falls back; the model and the failure both show.
     groq.queue(status_reply(429, "Rate limit reached", headers={"Retry-After": "30"}))

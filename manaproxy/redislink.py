@@ -2,10 +2,12 @@
 
 Rule of this module: Redis is never in the way. Every command is bounded by `redis.timeout_seconds`;
 when Redis is down, slow or refuses a command (full, read-only ...), the caller gets `DEGRADED` back —
-never an exception, never a wait past the timeout — and goes on without the feature. A command that times
-out costs that command only (one slow answer, a large entry, says nothing about the next command); a
-connection failure marks the link down: from then on commands return `DEGRADED` at once, without touching the network, while
-one background task pings Redis until it answers (reconnection is never paid for by a request). An outage
+never an exception, never a wait past the timeout — and goes on without the feature. One command that times
+out costs that command only (one slow answer, a large entry, says nothing about the next command), but
+`DOWN_AFTER_TIMEOUTS` in a row with no answer between are a Redis that answers nothing (stopped, a network
+that drops packets): like a connection failure, they mark the link down. From then on commands return
+`DEGRADED` at once, without touching the network, while one background task pings Redis until it answers
+(reconnection is never paid for by a request, nor is a timeout per command of a Redis that is gone). An outage
 is logged once as a WARNING when it starts and once as an INFO when it ends (for Redis refusing writes,
 full or read-only: when a write succeeds again); each command that did not run is counted per feature
 (`errors`, exported as `mana_llm_redis_errors_total{feature}`). The URL may hold a password: only
@@ -51,6 +53,8 @@ DEGRADED = Degraded.DEGRADED
 
 # The background task's pace while Redis is down, and how long its ping may take (at least the commands').
 RECONNECT_SECONDS = 0.5
+# Commands timed out in a row, no answer between, that mark the link down (one slow command does not).
+DOWN_AFTER_TIMEOUTS = 3
 _PING_TIMEOUT_FLOOR = 1.0
 # How often a subscription that hears nothing looks whether the link went down meanwhile (then it is made
 # again once the link is back: a silent connection may be one that is gone).
@@ -65,6 +69,7 @@ class RedisLink:
         self.errors: dict[str, int] = {}  # feature -> commands that did not run (failed, timed out, skipped)
         self._client: aioredis.Redis | None = None
         self._down_since: float | None = None  # monotonic; set while the link is down (no command is sent)
+        self._timeouts_in_a_row = 0  # commands timed out since Redis last answered
         self._refusing = False  # Redis refuses commands (full ...): warned once, until a write succeeds
         self._reconnect: asyncio.Task[None] | None = None
         # What a failed command raises, once the `redis` package is imported (`open`): the link is down, or
@@ -134,18 +139,24 @@ class RedisLink:
         try:
             async with asyncio.timeout(self.settings.timeout_seconds):
                 result = await command(client)
-        except self._timeouts:  # this command was slow (Redis busy, a large value): the link is not down for it
+        except self._timeouts as exc:  # slow (Redis busy, a large value): the link is not down for one
             self._count(feature)
-            logger.debug("redis %s: a %s command timed out", self.settings.redacted_url, feature)
+            self._timeouts_in_a_row += 1
+            if self._timeouts_in_a_row >= DOWN_AFTER_TIMEOUTS:
+                self._went_down(exc, f"{self._timeouts_in_a_row} commands in a row timed out")
+            else:
+                logger.debug("redis %s: a %s command timed out", self.settings.redacted_url, feature)
             return DEGRADED
         except self._unreachable as exc:
             self._count(feature)
             self._went_down(exc)
             return DEGRADED
         except self._refusals as exc:  # Redis answered, but refused: full (OOM), read-only replica, ...
+            self._timeouts_in_a_row = 0
             self._count(feature)
             self._refused(exc)
             return DEGRADED
+        self._timeouts_in_a_row = 0
         if write and self._refusing:
             self._refusing = False
             logger.info("redis %s: writes succeed again", self.settings.redacted_url)
@@ -194,14 +205,15 @@ class RedisLink:
     def _count(self, feature: str) -> None:
         self.errors[feature] = self.errors.get(feature, 0) + 1
 
-    def _went_down(self, exc: BaseException) -> None:
+    def _went_down(self, exc: BaseException, why: str | None = None) -> None:
         if self._down_since is not None:
             return
         self._down_since = monotonic()
+        self._timeouts_in_a_row = 0
         logger.warning(
             "redis %s is unreachable (%s): features that use it go on without it until it is back",
             self.settings.redacted_url,
-            _describe(exc),
+            why or _describe(exc),
         )
         self._reconnect = asyncio.get_running_loop().create_task(self._reconnect_loop(), name="manaproxy-redis")
 

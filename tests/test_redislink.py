@@ -7,7 +7,7 @@ import logging
 import pytest
 
 from manaproxy.config import RedisSettings
-from manaproxy.redislink import DEGRADED, RedisLink
+from manaproxy.redislink import DEGRADED, DOWN_AFTER_TIMEOUTS, RedisLink
 
 from .fakes import wait_for
 
@@ -30,6 +30,31 @@ async def test_a_timed_out_command_costs_that_command_only(redis_server, caplog)
         assert link.errors == {"cache": 1}
         assert await link.run("cache", lambda client: client.get("k")) == b"v"
         assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    finally:
+        await link.close()
+
+
+async def test_commands_timing_out_in_a_row_mark_the_link_down_until_redis_answers_again(redis_server, caplog):
+    link = RedisLink()
+    link.open(RedisSettings(url=redis_server.url, timeout_seconds=0.05))
+    try:
+        assert await link.run("cache", lambda client: client.set("k", b"v")) is True  # connected
+        redis_server.pause()  # answers nothing, as a network that drops packets
+        try:
+            for _ in range(DOWN_AFTER_TIMEOUTS - 1):
+                assert await link.run("cache", lambda client: client.get("k")) is DEGRADED
+            assert link.up  # slow answers so far
+            assert await link.run("limits", lambda client: client.get("k")) is DEGRADED
+            assert not link.up  # gone: the next commands degrade without waiting for their timeout
+            assert await link.run("cache", lambda client: client.get("k")) is DEGRADED
+            assert link.errors == {"cache": DOWN_AFTER_TIMEOUTS, "limits": 1}
+            warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+            assert len(warnings) == 1
+            assert f"unreachable ({DOWN_AFTER_TIMEOUTS} commands in a row timed out)" in warnings[0]
+        finally:
+            redis_server.resume()
+        await wait_for(lambda: link.up, timeout=5)  # the background ping found it answering
+        assert await link.run("cache", lambda client: client.get("k")) == b"v"
     finally:
         await link.close()
 

@@ -175,6 +175,12 @@ def targets_of(steps: tuple[Step, ...]) -> tuple[Target, ...]:
     return tuple(member.target for step in steps for member in step.members)
 
 
+def lone(steps: tuple[Step, ...]) -> bool:
+    """The chain is one target: nothing to fall back to, so an open breaker lets its request be the trial
+    (`health/breaker.py`)."""
+    return len(steps) == 1 and len(steps[0].members) == 1
+
+
 @dataclass(frozen=True, slots=True)
 class Alias:
     name: str

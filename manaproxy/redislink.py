@@ -5,7 +5,9 @@ when Redis is down, slow or refuses a command (full, read-only ...), the caller 
 never an exception, never a wait past the timeout — and goes on without the feature. One command that times
 out costs that command only (one slow answer, a large entry, says nothing about the next command), but
 `DOWN_AFTER_TIMEOUTS` in a row with no answer between are a Redis that answers nothing (stopped, a network
-that drops packets): like a connection failure, they mark the link down. From then on commands return
+that drops packets): like a connection failure, they mark the link down. "In a row" means one after the
+other: the commands in flight during one stall (a fork, a large value, a pause of our own loop) time out
+together and count once — each counted timeout must have been sent after the one before it timed out. From then on commands return
 `DEGRADED` at once, without touching the network, while one background task pings Redis until it answers
 (reconnection is never paid for by a request, nor is a timeout per command of a Redis that is gone). An outage
 is logged once as a WARNING when it starts and once as an INFO when it ends (for Redis refusing writes,
@@ -69,7 +71,8 @@ class RedisLink:
         self.errors: dict[str, int] = {}  # feature -> commands that did not run (failed, timed out, skipped)
         self._client: aioredis.Redis | None = None
         self._down_since: float | None = None  # monotonic; set while the link is down (no command is sent)
-        self._timeouts_in_a_row = 0  # commands timed out since Redis last answered
+        self._timeouts_in_a_row = 0  # commands timed out one after the other since Redis last answered
+        self._streak_at = 0.0  # monotonic: when the last counted timeout came (one sent before it is its twin)
         self._refusing = False  # Redis refuses commands (full ...): warned once, until a write succeeds
         self._reconnect: asyncio.Task[None] | None = None
         # What a failed command raises, once the `redis` package is imported (`open`): the link is down, or
@@ -136,16 +139,19 @@ class RedisLink:
         if client is None or self._down_since is not None:
             self._count(feature)
             return DEGRADED
+        sent = monotonic()
         try:
             async with asyncio.timeout(self.settings.timeout_seconds):
                 result = await command(client)
         except self._timeouts as exc:  # slow (Redis busy, a large value): the link is not down for one
             self._count(feature)
-            self._timeouts_in_a_row += 1
-            if self._timeouts_in_a_row >= DOWN_AFTER_TIMEOUTS:
-                self._went_down(exc, f"{self._timeouts_in_a_row} commands in a row timed out")
-            else:
-                logger.debug("redis %s: a %s command timed out", self.settings.redacted_url, feature)
+            if self._down_since is None and sent >= self._streak_at:
+                self._timeouts_in_a_row += 1
+                self._streak_at = monotonic()
+                if self._timeouts_in_a_row >= DOWN_AFTER_TIMEOUTS:
+                    self._went_down(exc, f"{self._timeouts_in_a_row} commands in a row timed out")
+                    return DEGRADED
+            logger.debug("redis %s: a %s command timed out", self.settings.redacted_url, feature)
             return DEGRADED
         except self._unreachable as exc:
             self._count(feature)
@@ -240,6 +246,8 @@ class RedisLink:
                 continue
             down_for = monotonic() - (self._down_since or monotonic())
             self._down_since = None
+            self._timeouts_in_a_row = 0
+            self._streak_at = monotonic()  # a command sent before now that times out is the outage's
             self._reconnect = None
             logger.info("redis %s is back after %.1fs", self.settings.redacted_url, down_for)
             return

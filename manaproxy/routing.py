@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import ALIAS_PREFIX, Alias, Config, Hedge, Step, Target, targets_of
+from .config import ALIAS_PREFIX, Alias, Config, Hedge, Step, Target, lone, targets_of
 from .errors import ProxyError
 
 # A bare model name (no "/") is served by this provider, as in the seed service.
@@ -34,9 +34,8 @@ class Route:
 
     @property
     def lone(self) -> bool:
-        """The chain is one target: nothing to fall back to, so an open breaker lets it be the trial
-        (`health/breaker.py`)."""
-        return len(self.steps) == 1 and len(self.steps[0].members) == 1
+        """The chain is one target (`config.lone`)."""
+        return lone(self.steps)
 
     @classmethod
     def of_alias(cls, requested: str, alias: Alias) -> Route:

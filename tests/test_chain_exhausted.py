@@ -166,8 +166,8 @@ async def test_a_lone_entry_kept_out_while_its_trial_decides_answers_with_the_pr
     assert (error["message"], error["type"], error["code"]) == ("a/m1: model crashed", "server_error", "500")
     assert resp.headers["x-ratelimit-remaining-requests"] == "41"  # its headers
     assert resp.headers["X-Mana-LLM-Attempts"] == "a/m1=unhealthy"
-    assert resp.headers["Retry-After"] == "1"  # the trial under way decides now: then it is tried again
-    assert int(resp.headers["retry-after-ms"]) <= 1000
+    assert resp.headers["Retry-After"] == "1"  # the trial under way decides: ask again in a second
+    assert 1000 <= int(resp.headers["retry-after-ms"]) <= 1200
     assert a.calls == 3
     decided.set()
     assert (await trial).status == 500

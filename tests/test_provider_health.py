@@ -124,8 +124,8 @@ async def test_the_aliases_view_says_when_a_kept_out_entry_is_really_tried_again
     (alias,) = (await get_json(proxy, "/v1/aliases"))["aliases"]
     first, second = alias["entries"]
 
-    assert opened + 59 < first["until_unix"] <= opened + 60.3
-    assert opened + 0.5 < first["retry_unix"] <= opened + 1.3
+    assert opened + 55 < first["until_unix"] <= opened + 60.5
+    assert opened < first["retry_unix"] < opened + 5  # its first trial, a second after it opened
     assert "retry_unix" not in second
 
 
@@ -685,6 +685,29 @@ async def test_a_401_about_our_key_takes_the_provider_out_once_the_probe_confirm
     assert resp.headers["X-Mana-LLM-Resolved"] == "b/m2"
     assert a.calls == 1  # every model of a is skipped now
     assert health.get("a").breaker.last_error == "probe: HTTP 401: models failed"
+    resp = await proxy.client.post("/v1/chat/completions", json=chat("a/m1"))  # a lone entry: no trial either
+    assert resp.status == 503
+    assert resp.headers["X-Mana-LLM-Attempts"] == "a/m1=unhealthy"
+    assert a.calls == 1  # our key is known refused: sending it again could only be refused
+
+
+async def test_a_lone_entry_s_failed_tries_do_not_push_back_the_trials_of_the_chains_that_have_a_fallback(
+    make_upstream, make_proxy
+):
+    a, b = await make_upstream("a"), await make_upstream("b")
+    a.default = status_reply(500, "model crashed")
+    b.default = chat_answer("m2")
+    health = {"failure_threshold": 1, "backoff_seconds": 60}
+    proxy = await make_proxy(build_config({"a": a, "b": b}, {"mana/x": ["a/m1", "b/m2"]}, health=health))
+    assert await ask(proxy) == "b/m2"  # the model's breaker opens; its first trial is a second away
+    opened = time.time()
+
+    for _ in range(6):  # an app calling the model directly retries, and each of its tries fails
+        assert (await proxy.client.post(CHAT, json=chat("a/m1"))).status == 500
+
+    (alias,) = (await get_json(proxy, "/v1/aliases"))["aliases"]
+    assert alias["entries"][0]["retry_unix"] < opened + 5  # still its first trial, not 2, 4 … 64 s out
+    assert a.calls == 1 + 6
 
 
 # -- a provider restart on a real process: used again within seconds, refusals counted -----------------------
@@ -754,4 +777,5 @@ async def test_a_lone_entry_whose_provider_restarts_answers_at_the_first_request
 
     assert status == 200
     assert process.lines_with("provider p unhealthy")
+    assert process.lines_with("provider p recovered (a request succeeded)")  # not a probe: the request itself
     assert not [line for line in process.lines if "p/m1:unhealthy" in line]  # each request reached it

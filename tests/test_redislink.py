@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import pytest
@@ -55,6 +56,24 @@ async def test_commands_timing_out_in_a_row_mark_the_link_down_until_redis_answe
             redis_server.resume()
         await wait_for(lambda: link.up, timeout=5)  # the background ping found it answering
         assert await link.run("cache", lambda client: client.get("k")) == b"v"
+    finally:
+        await link.close()
+
+
+async def test_commands_that_time_out_together_in_one_stall_count_once(redis_server, caplog):
+    link = RedisLink()
+    link.open(RedisSettings(url=redis_server.url, timeout_seconds=0.05))
+    try:
+        assert await link.run("cache", lambda client: client.set("k", b"v")) is True  # connected
+        redis_server.pause()  # one stall, with many commands in flight
+        try:
+            together = [link.run("cache", lambda client: client.get("k")) for _ in range(2 * DOWN_AFTER_TIMEOUTS)]
+            assert await asyncio.gather(*together) == [DEGRADED] * (2 * DOWN_AFTER_TIMEOUTS)
+            assert link.up, link  # sent before any of them timed out: one slow moment, not an outage
+        finally:
+            redis_server.resume()
+        assert await link.run("cache", lambda client: client.get("k")) == b"v"
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     finally:
         await link.close()
 

@@ -56,6 +56,7 @@ class Breaker:
     __slots__ = (
         "consecutive_failures",
         "healthy",
+        "key_refused",
         "last_check",
         "last_error",
         "probe_at",
@@ -73,6 +74,7 @@ class Breaker:
         # While open, a real request may be the trial at each probe time (a model's breaker: no probe of its own).
         self.trials = trials
         self.healthy = True  # closed; False from opening until a success closes it again
+        self.key_refused = False  # open because our key was refused: no lone request goes (`anytime`)
         self.consecutive_failures = 0
         self.unhealthy_until = 0.0  # monotonic; > now means open
         self.rate_limited_until = 0.0  # monotonic
@@ -116,9 +118,17 @@ class Breaker:
         return not self.healthy and self.probe_at <= now
 
     def _trial_due(self, now: float, anytime: bool = False) -> bool:
-        """Open, its trial not under way, and either `anytime` (a lone entry's request) or a breaker with
-        `trials` whose next trial time has come."""
-        return not self.healthy and not self.trial_in_flight and (anytime or (self.trials and self.probe_at <= now))
+        """Open, its trial not under way, and either `anytime` (a lone entry's request; not while our key is
+        refused: that request could only be refused too) or `scheduled`."""
+        if self.healthy or self.trial_in_flight:
+            return False
+        return (anytime and not self.key_refused) or (self.trials and self.probe_at <= now)
+
+    def scheduled(self, now: float) -> bool:
+        """A trial starting now would be one of the breaker's own (its window is over, or, with `trials`, its
+        next trial time has come) rather than a lone request's (`anytime`): only a failure of one of these
+        makes the next wait twice as long (a lone entry's retries must not push back every other chain's)."""
+        return self.unhealthy_until <= now or (self.trials and self.probe_at <= now)
 
     def unavailable_until(self) -> float:
         """Monotonic time until which the upstream is kept out (breaker or rate limit); 0 when it is not."""
@@ -129,8 +139,9 @@ class Breaker:
         request, or the end of a rate limit); 0 when it is not kept out. `anytime`: as `skip_reason`'s (the
         next such request after the trial under way is a trial)."""
         at = self.rate_limited_until if self.rate_limited_until > now else 0.0
-        if anytime and not self.healthy:
-            at = max(at, now)  # kept out only while the trial under way decides
+        if anytime and not self.healthy and not self.key_refused:
+            # Kept out only while the trial under way decides: ask again in a second, as after an opening.
+            at = max(at, now + FIRST_PROBE_DELAY)
         elif self.unhealthy_until > now:  # a probe (or trial) comes before the window's end
             at = max(at, min(self.probe_at, self.unhealthy_until), now)
         elif not self.healthy and self.trial_in_flight:
@@ -177,16 +188,21 @@ class Breaker:
         self.consecutive_failures = 0
         self.unhealthy_until = 0.0
         self.trial_in_flight = False  # decided (a streamed trial may run on; it holds no claim)
+        self.key_refused = False
         recovered = not self.healthy
         if recovered:
             self.since = now
         self.healthy = True
         return recovered
 
-    def failed(self, now: float, error: str, *, threshold: int, backoff: float, probe: bool = False) -> str | None:
+    def failed(
+        self, now: float, error: str, *, threshold: int, backoff: float, probe: bool = False, key_refused: bool = False
+    ) -> str | None:
         """Count a fault. Returns `opened` or `reopened` when it (re)opened the breaker, else None. `probe`: the
-        failure is a recovery probe's or a trial request's (the next one then waits twice as long)."""
+        failure is a recovery probe's or a trial request's (the next one then waits twice as long);
+        `key_refused`: our key was refused (until it closes, no lone request is let through either)."""
         self.last_check = now
+        self.key_refused = self.key_refused or key_refused
         self.last_error = error
         self.consecutive_failures += 1
         if not self.healthy:

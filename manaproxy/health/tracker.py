@@ -593,10 +593,13 @@ class HealthTracker:
         if target is not None and provider.auto_concurrency is not None and model is not None:
             self.capacity(provider, model)  # its limit holds from the first request on
         kind_breaker = target.of_kind(kind) if target is not None else None
+        scheduled = False  # the trial claimed is the breaker's own, not only a lone request's (`Breaker.scheduled`)
         if target is not None and kind_breaker is not None:
             target.in_flight += 1
+            scheduled = kind_breaker.scheduled(now)
             target_trial = kind_breaker.claim_trial(now, anytime=lone)
-        concurrency = target.in_flight + (record.probing if record is not None else 0) if target is not None else 0
+        # Requests of ours in flight to the target, this one included (probes ask the provider, not the model).
+        concurrency = target.in_flight if target is not None else 0
         try:
             yield Slot(
                 self,
@@ -606,7 +609,7 @@ class HealthTracker:
                 stream=stream,
                 client=client,
                 kind=kind,
-                trial=bool(target_trial),
+                trial=bool(target_trial) and scheduled,
                 started=now,
                 concurrency=concurrency,
             )
@@ -706,6 +709,7 @@ class HealthTracker:
             threshold=1 if at_once else settings.failure_threshold,
             backoff=settings.backoff_seconds,
             probe=probe,
+            key_refused=at_once,
         )
         if change is None:
             return
@@ -901,10 +905,13 @@ class HealthTracker:
             at = max(at, self.target(provider, model).retry_at(kind, now, lone=lone))
         return max(0.0, at - now) if at else None
 
-    def retry_unix(self, provider: str, model: str | None = None, kind: str = CHAT) -> float | None:
-        """Unix time at which the provider (or, with `model`, that target) will really be tried again — its
-        next recovery probe or trial, or the end of its rate limit — if it is kept out."""
-        wait = self.retry_in(provider, model, kind)
+    def retry_unix(
+        self, provider: str, model: str | None = None, kind: str = CHAT, *, lone: bool = False
+    ) -> float | None:
+        """Unix time at which the provider (or, with `model`, that target; `lone`: for a lone chain entry's
+        request) will really be tried again — its next recovery probe or trial, or the end of its rate limit
+        — if it is kept out."""
+        wait = self.retry_in(provider, model, kind, lone=lone)
         return None if wait is None else round(self._wall_clock() + wait, 3)
 
     def unavailable_until(self, provider: str, model: str | None = None) -> float | None:

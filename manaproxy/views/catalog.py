@@ -15,7 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
-from ..config import Alias, Config
+from ..config import Alias, Config, lone
 from ..errors import ProxyError
 from ..gateway import GATEWAY, Gateway, Runtime
 from ..health import HealthTracker
@@ -130,6 +130,7 @@ def alias_view(config: Config, gateway: Gateway) -> dict[str, Any]:
     for alias in config.aliases.values():
         entries = []
         serving = None
+        alone = lone(alias.steps)  # its request is the trial of an open breaker
         for position, step in enumerate(alias.steps):
             for member in step.members:
                 target = member.target
@@ -137,7 +138,7 @@ def alias_view(config: Config, gateway: Gateway) -> dict[str, Any]:
                 entry: dict[str, Any] = {"target": str(target), "available": skip is None, "reason": skip}
                 if skip is not None:
                     entry["until_unix"] = health.unavailable_until(target.provider, target.model)
-                    entry["retry_unix"] = health.retry_unix(target.provider, target.model)  # sooner: a probe
+                    entry["retry_unix"] = health.retry_unix(target.provider, target.model, lone=alone)
                 elif serving is None:
                     serving = str(target)
                 if not alias.plain:

@@ -65,7 +65,7 @@ ERROR_FIELDS = {"message", "type", "param", "code"}
 # Timeouts for a chain entry whose timing a test provokes: every wait fails in well under a second.
 FAST = {"connect": 0.5, "first_byte": 0.3, "idle": 0.3, "total": 2}
 # Health settings under which probes run many times a second.
-FAST_PROBES = {"probe_interval_seconds": 0.05, "probe_timeout_seconds": 0.3, "failure_threshold": 1}
+FAST_PROBES = {"probe_interval_seconds": 0.05, "probe_timeout_seconds": 1.0, "failure_threshold": 1}
 
 
 # -- the config and the proxy under test -----------------------------------------------------------------

@@ -484,7 +484,7 @@ async def scoped_proxy_with_probes(make_upstream, make_proxy):
 # -- active probes: dead and recovered providers, hanging probes, the startup round, our key -----------------
 
 
-FAST = {"probe_interval_seconds": 0.05, "probe_timeout_seconds": 0.3, "failure_threshold": 2, "backoff_seconds": 0.2}
+FAST = {"probe_interval_seconds": 0.05, "probe_timeout_seconds": 1.0, "failure_threshold": 2, "backoff_seconds": 0.2}
 
 
 async def provider_view(proxy, name: str):

@@ -150,7 +150,7 @@ async def incident_proxy(
         "mana/pooled": {"chain": [["gpu/llama-3.1-70b", "local/qwen2.5:7b"], "groq/llama-3.3-70b"], "hedge_after": 0.8},
         "mana/code": ["local/qwen2.5:7b"],
     }
-    health = {"failure_threshold": 1, "probe_interval_seconds": 0.5, "probe_timeout_seconds": 0.3}
+    health = {"failure_threshold": 1, "probe_interval_seconds": 0.5, "probe_timeout_seconds": 1.0}
     config = build_config(providers, aliases, default="mana/fast-text", health=health)
     return gpu, groq, await make_proxy(config, probes=True, **kwargs)
 

@@ -137,7 +137,7 @@ async def make_proxy_alone(make_upstream, make_proxy, gpu: Slots):
 
 
 async def test_a_failing_targets_limit_does_not_collapse_and_it_serves_again(make_upstream, make_proxy):
-    gpu = Slots(8, words=4, prefill=0.3)  # a floor 0.35 s from the line of a queue: scheduling noise is none
+    gpu = Slots(8, words=4, prefill=0.6)  # a floor 0.65 s from the line of a queue: a loaded machine's stalls are less
     a, _b, proxy = await gpu_and_cloud(make_upstream, make_proxy, gpu, health={"failure_threshold": 1})
     await load(proxy, clients=3, seconds=1.5)
     grown = (await learned(proxy))["concurrency"]["limit"]

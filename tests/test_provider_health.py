@@ -370,7 +370,8 @@ async def scoped_proxy(make_upstream, make_proxy):
     b = await make_upstream("b")
     b.default = json_reply(chat_completion("x"))
     aliases = {"mana/one": ["g/m1", "b/x"], "mana/two": ["g/m2", "b/x"]}
-    proxy = await make_proxy(build_config({"g": g, "b": b}, aliases, health=BREAKER))
+    # A window of 60 s: what is open stays open while the test looks, however slow the machine.
+    proxy = await make_proxy(build_config({"g": g, "b": b}, aliases, health={**BREAKER, "backoff_seconds": 60}))
     return g, b, proxy
 
 

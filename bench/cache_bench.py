@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from procs import Service, free_port, machine_busy, result_path, unwind_on_signals
+from procs import Service, free_port, machine_busy, save_results, unwind_on_signals
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKENS = 20
@@ -253,8 +253,7 @@ def main() -> None:
         *table(results, targets),
     ]
     print("\n".join(lines))
-    path = result_path("cache")
-    path.write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
+    path = save_results("cache", {"args": vars(args), "results": results}, indent=1)
     print(f"raw figures: {path.relative_to(ROOT)}")
 
 

@@ -49,7 +49,7 @@ from chaos_load import (
     plan,
     run_load,
 )
-from procs import Service, free_port, memory_kib, percentile, result_path, unwind_on_signals
+from procs import Service, free_port, memory_kib, percentile, save_results, unwind_on_signals
 from prometheus_client.parser import text_string_to_metric_families
 from targets import ROOT, child_env
 
@@ -570,8 +570,7 @@ def report(
         **extra,
         "not_complete": [asdict(o) for o in outcomes if o.category != COMPLETE or o.model_mismatch][:500],
     }
-    out = result_path("chaos")
-    out.write_text(json.dumps(document, indent=2))
+    out = save_results("chaos", document)
     print(f"\nsaved {out.relative_to(ROOT)}")
     problems = bool(bad) or extra["log"]["tracebacks"] > 0 or extra["log"]["error_lines"] > 0
     problems = problems or not all(check["equal"] for check in extra["crosschecks"])

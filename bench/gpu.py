@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import math
 import os
 import random
@@ -41,7 +40,7 @@ from typing import Any
 import aiohttp
 import orjson
 from aiohttp import web
-from procs import Service, free_port, percentile, result_path, unwind_on_signals
+from procs import Service, free_port, percentile, save_results, unwind_on_signals
 from targets import ROOT, child_env
 
 PREFILL = 0.03  # seconds from a place on the GPU to its first event
@@ -465,8 +464,7 @@ def main() -> None:
     try:
         with unwind_on_signals():
             result = asyncio.run(main_async(args, workdir))
-        out = result_path("gpu")
-        out.write_text(json.dumps(result, indent=2))
+        out = save_results("gpu", result)
         print(f"\nsaved {out.relative_to(ROOT)}", file=sys.stderr)
     finally:
         if args.keep_logs:

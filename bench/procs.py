@@ -9,6 +9,7 @@ and per token is measured without instrumenting it.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import resource
@@ -33,6 +34,13 @@ def result_path(kind: str, suffix: str = ".json") -> Path:
     """A new file for a run's results, `bench/results/<kind>-<time><suffix>` (the folder made if missing)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     return RESULTS / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}{suffix}"
+
+
+def save_results(kind: str, document: object, *, indent: int = 2) -> Path:
+    """Write a run's results as JSON to a new `result_path(kind)`; the path written."""
+    path = result_path(kind)
+    path.write_text(json.dumps(document, indent=indent))
+    return path
 
 
 def free_port() -> int:

@@ -42,7 +42,16 @@ from typing import Any
 import aiohttp
 from goals import goals_table
 from hotspots import parse_raw, start_recording, summarize
-from procs import Service, children_cpu, machine_busy, memory_kib, result_path, set_affinity, unwind_on_signals
+from procs import (
+    Service,
+    children_cpu,
+    machine_busy,
+    memory_kib,
+    result_path,
+    save_results,
+    set_affinity,
+    unwind_on_signals,
+)
 from promhist import Histogram
 from report import (
     Scenario,
@@ -503,8 +512,7 @@ def main() -> int:
     text, document = render(bench, scenarios, trials, profiles, before, after_overhead.get("manaproxy"), scale, routing)
     print()
     print(text)
-    out = result_path("bench")
-    out.write_text(json.dumps(_finite(document), indent=2))
+    out = save_results("bench", _finite(document))
     print(f"\nsaved {out.relative_to(ROOT)}")
     return 0
 

@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from procs import Service, children_cpu, free_port, machine_busy, percentile, result_path, unwind_on_signals
+from procs import Service, children_cpu, free_port, machine_busy, percentile, save_results, unwind_on_signals
 from prometheus_client.parser import text_string_to_metric_families
 from targets import ROOT, Pin, child_env
 
@@ -507,8 +507,7 @@ def main() -> int:
             shutil.rmtree(workdir, ignore_errors=True)
     print()
     print("\n".join(routing_lines(result)))
-    out = result_path("tail")
-    out.write_text(json.dumps(result, indent=1))
+    out = save_results("tail", result, indent=1)
     print(f"saved {out.relative_to(ROOT)}")
     return 0
 

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from procs import Service, children_cpu, free_port, machine_busy, result_path, unwind_on_signals
+from procs import Service, children_cpu, free_port, machine_busy, save_results, unwind_on_signals
 from targets import ROOT, Target, child_env, manaproxy_config, start_bare, start_upstream
 
 LOADGEN = ROOT / "bench" / "loadgen.py"
@@ -178,8 +178,7 @@ def main() -> int:
         "results": results,
         "table": text,
     }
-    out = result_path("workers")
-    out.write_text(json.dumps(document, indent=2))
+    out = save_results("workers", document)
     print(f"\nsaved {out.relative_to(ROOT)}")
     return 0
 
